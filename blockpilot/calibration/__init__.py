@@ -1,0 +1,1 @@
+"""Calibration sets drawn from replay sources."""

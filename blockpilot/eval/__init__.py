@@ -1,0 +1,1 @@
+"""Offline replay evaluation: sources, metrics, reports."""

@@ -1,0 +1,1 @@
+"""Model Optimizer quantization recipes and precision gates."""

@@ -1,0 +1,1 @@
+"""Thin ROS 2 lifecycle nodes around the Planner."""

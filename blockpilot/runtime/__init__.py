@@ -1,0 +1,1 @@
+"""Batch-one runtime: backends, KV-cache bookkeeping, decoders and the Planner."""

@@ -1,0 +1,1 @@
+"""Synthetic driving scenes and writers in real dataset formats."""

@@ -1,0 +1,1 @@
+"""Model definitions, configs, checkpoint loading, tokenizer and the output schemas."""
