@@ -41,6 +41,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         dim = config.head_dim
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.mrope_section = config.mrope_section
 
