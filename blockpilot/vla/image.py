@@ -1,0 +1,102 @@
+"""Camera image -> flattened vision patches + ``grid_thw``, as Qwen2-VL's image processor lays them out.
+
+Steps: resize so both sides are multiples of ``patch_size * spatial_merge_size`` with the pixel
+count inside ``[min_pixels, max_pixels]`` (aspect ratio kept as well as possible); rescale to
+[0, 1]; normalize with the CLIP mean/std; repeat the frame ``temporal_patch_size`` times; cut
+into patches ordered merged-token by merged-token (each run of ``spatial_merge_size²`` patches
+is one LM token), each patch flattened as (channel, time, row, col).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import VisionConfig
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Qwen2-VL processor defaults: at least 4 merged tokens, at most 1280 (28x28-pixel tokens).
+DEFAULT_MIN_PIXELS = 56 * 56
+DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+MAX_ASPECT_RATIO = 200
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int = DEFAULT_MIN_PIXELS,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """Target (height, width): multiples of ``factor``, pixel count within ``[min_pixels, max_pixels]``."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"image aspect ratio {max(height, width) / min(height, width):.1f} exceeds "
+                         f"{MAX_ASPECT_RATIO}")
+    # round() (half to even) rather than floor(x + 0.5): the reference processor rounds this way.
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / scale / factor) * factor)
+        w = max(factor, math.floor(width / scale / factor) * factor)
+    elif h * w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * scale / factor) * factor
+        w = math.ceil(width * scale / factor) * factor
+    return h, w
+
+
+def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Antialiased bicubic resize of an ``HxWx3`` uint8 image, rounded back to uint8.
+
+    torch's antialiased bicubic uses the same kernel as PIL's, so results stay within a grey
+    level or so of the reference processor while being deterministic and dependency-free.
+    """
+    if image.shape[:2] == (height, width):
+        return image
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def patchify(pixels: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int) -> torch.Tensor:
+    """``(C, H, W)`` normalized pixels -> ``(grid_h * grid_w, C * T * p * p)`` in merged-token order."""
+    c, h, w = pixels.shape
+    gh, gw = h // patch_size, w // patch_size
+    if h % (patch_size * merge_size) or w % (patch_size * merge_size):
+        raise ValueError(f"image {h}x{w} is not a multiple of patch_size * merge_size = {patch_size * merge_size}")
+    x = pixels.reshape(c, gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size)
+    # -> (merged row, merged col, row in merge, col in merge, channel, patch row, patch col)
+    x = x.permute(1, 4, 2, 5, 0, 3, 6)
+    # A still image is a clip of identical frames; the time axis sits between channel and rows.
+    x = x.unsqueeze(5).expand(-1, -1, -1, -1, -1, temporal_patch_size, -1, -1)
+    return x.reshape(gh * gw, c * temporal_patch_size * patch_size * patch_size)
+
+
+def preprocess_image(image: np.ndarray, vision: VisionConfig, min_pixels: int = DEFAULT_MIN_PIXELS,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``HxWx3`` uint8 RGB image -> float32 patches ``(N, C*T*p*p)`` and ``grid_thw`` ``(1, 3)``."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+    if vision.in_channels != 3:
+        raise ValueError(f"RGB preprocessing needs a 3-channel vision tower, config has {vision.in_channels}")
+    factor = vision.patch_size * vision.spatial_merge_size
+    h, w = smart_resize(image.shape[0], image.shape[1], factor, min_pixels, max_pixels)
+    resized = resize_bicubic(image, h, w)
+    x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float() * (1.0 / 255.0)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    x = (x - mean) / std
+    patches = patchify(x, vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
+    grid = torch.tensor([[1, h // vision.patch_size, w // vision.patch_size]], dtype=torch.long)
+    return patches, grid
+
+
+def preprocess_images(images: Sequence[np.ndarray], vision: VisionConfig, min_pixels: int = DEFAULT_MIN_PIXELS,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several images (sizes may differ) -> concatenated patches and ``grid_thw`` ``(num_images, 3)``."""
+    if not images:
+        raise ValueError("preprocess_images needs at least one image")
+    parts = [preprocess_image(im, vision, min_pixels, max_pixels) for im in images]
+    return torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts])
