@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from blockpilot.vla.checkpoint import load_weights
-from blockpilot.vla.config import VisionConfig, load_config
+from blockpilot.vla.config import VisionConfig
+from blockpilot.vla.hf_config import load_config
 from blockpilot.vla.image import CLIP_STD, preprocess_image, preprocess_images, smart_resize
 from blockpilot.vla.model import VLAModel
 from blockpilot.vla.rope_index import image_token_counts

@@ -134,13 +134,17 @@ def load_weights(model: nn.Module, checkpoint_dir: str | Path, architecture: str
                               + ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else ""))
     missing = sorted(n for n in expected if n not in staged and n not in tied)
     if missing:
-        raise CheckpointError(f"{checkpoint_dir}: missing tensor(s) " + ", ".join(missing[:5])
+        to_hf = renamer(SAVE_RULES[architecture])
+        named = [f"{to_hf(n)} (for {n})" for n in missing[:5]]
+        raise CheckpointError(f"{checkpoint_dir}: {len(missing)} missing tensor(s) " + ", ".join(named)
                               + (" ..." if len(missing) > 5 else ""))
     model.load_state_dict(staged, strict=False)
 
 
 def save_weights(model: nn.Module, checkpoint_dir: str | Path, architecture: str) -> Path:
     """Write ``model`` as ``model.safetensors`` in the HF layout of ``architecture``."""
+    if architecture not in SAVE_RULES:
+        raise CheckpointError(f"no checkpoint name mapping for architecture {architecture!r}")
     rename = renamer(SAVE_RULES[architecture])
     tied = _tied_names(model)
     tensors = {}
@@ -157,6 +161,8 @@ def save_weights(model: nn.Module, checkpoint_dir: str | Path, architecture: str
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(path)
+    # A leftover index would make readers take the old shards instead of the file just written.
+    (root / INDEX_FILE).unlink(missing_ok=True)
     return path
 
 

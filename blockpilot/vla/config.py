@@ -1,16 +1,13 @@
 """Frozen, validated model configuration.
 
-Configs are read from a Hugging Face ``config.json`` (Qwen2 for Fast_dLLM_v2, Qwen2.5-VL for
-Fast-dVLM / Fast-dDrive; both the flat layout of the original hub checkpoints and the nested
-``text_config`` layout that transformers 5 writes).  Block-diffusion settings (block size, mask
-token) live here and nowhere else: no other module may hard-code them.
+Translation from and to Hugging Face ``config.json`` lives in :mod:`blockpilot.vla.hf_config`.
+Block-diffusion settings (block size, mask token) live here and nowhere else: no other module may
+hard-code them.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 # Documented defaults of Fast-dLLM v2 / Fast-dDrive checkpoints (Qwen2 vocabulary).
@@ -25,7 +22,7 @@ class ConfigError(ValueError):
     """A configuration value is missing or inconsistent; the message names the field and file."""
 
 
-def _require(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
 
@@ -51,18 +48,22 @@ class LMConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "max_position"):
-            _require(getattr(self, name) > 0, f"LMConfig.{name} must be positive, got {getattr(self, name)}")
-        _require(self.num_heads % self.num_kv_heads == 0,
+            require(getattr(self, name) > 0, f"LMConfig.{name} must be positive, got {getattr(self, name)}")
+        require(self.num_heads % self.num_kv_heads == 0,
                  f"LMConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                  f"({self.num_kv_heads})")
+        require(self.head_dim >= 0, f"LMConfig.head_dim must be positive (or 0: derived), got {self.head_dim}")
         if self.head_dim == 0:
-            _require(self.hidden_size % self.num_heads == 0,
+            require(self.hidden_size % self.num_heads == 0,
                      f"LMConfig.hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads})")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        _require(self.head_dim % 2 == 0, f"LMConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        require(self.rope_theta > 0, f"LMConfig.rope_theta must be positive, got {self.rope_theta}")
+        require(self.rms_norm_eps > 0, f"LMConfig.rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        require(self.head_dim % 2 == 0, f"LMConfig.head_dim must be even for RoPE, got {self.head_dim}")
         if self.mrope_section is not None:
             object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
-            _require(len(self.mrope_section) == 3 and sum(self.mrope_section) == self.head_dim // 2,
+            require(len(self.mrope_section) == 3 and min(self.mrope_section) >= 0
+                     and sum(self.mrope_section) == self.head_dim // 2,
                      f"LMConfig.mrope_section {self.mrope_section} must have 3 parts summing to "
                      f"head_dim/2 = {self.head_dim // 2}")
 
@@ -87,13 +88,13 @@ class VisionConfig:
     def __post_init__(self) -> None:
         for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
                      "patch_size", "temporal_patch_size", "spatial_merge_size", "window_size"):
-            _require(getattr(self, name) > 0, f"VisionConfig.{name} must be positive")
-        _require(self.hidden_size % self.num_heads == 0,
+            require(getattr(self, name) > 0, f"VisionConfig.{name} must be positive")
+        require(self.hidden_size % self.num_heads == 0,
                  f"VisionConfig.hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads})")
         object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
-        _require(not bad, f"VisionConfig.fullatt_block_indexes {bad} outside 0..{self.depth - 1}")
-        _require(self.window_size % (self.patch_size * self.spatial_merge_size) == 0,
+        require(not bad, f"VisionConfig.fullatt_block_indexes {bad} outside 0..{self.depth - 1}")
+        require(self.window_size % (self.patch_size * self.spatial_merge_size) == 0,
                  "VisionConfig.window_size must be a multiple of patch_size * spatial_merge_size")
 
     @property
@@ -114,7 +115,7 @@ class SpecialTokens:
     vision_end: int | None = None
 
     def __post_init__(self) -> None:
-        _require(len({self.mask, self.null, self.end}) == 3,
+        require(len({self.mask, self.null, self.end}) == 3,
                  f"SpecialTokens: mask ({self.mask}), null ({self.null}) and end ({self.end}) must differ")
 
 
@@ -124,9 +125,9 @@ class BlockDiffusionConfig:
     sub_block_size: int = DEFAULT_SUB_BLOCK_SIZE
 
     def __post_init__(self) -> None:
-        _require(self.block_size > 0, f"block_size must be positive, got {self.block_size}")
-        _require(0 < self.sub_block_size <= self.block_size and self.block_size % self.sub_block_size == 0,
-                 f"sub_block_size ({self.sub_block_size}) must divide block_size ({self.block_size})")
+        require(self.block_size > 0, f"block_size (bd_size) must be positive, got {self.block_size}")
+        require(0 < self.sub_block_size <= self.block_size and self.block_size % self.sub_block_size == 0,
+                 f"sub_block_size ({self.sub_block_size}) must divide block_size (bd_size, {self.block_size})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,16 +141,16 @@ class ModelConfig:
     architecture: str = "qwen2"  # "qwen2" | "qwen2_5_vl": selects the checkpoint name mapping
 
     def __post_init__(self) -> None:
-        _require(self.architecture in ("qwen2", "qwen2_5_vl"),
+        require(self.architecture in ("qwen2", "qwen2_5_vl"),
                  f"architecture must be 'qwen2' or 'qwen2_5_vl', got {self.architecture!r}")
         if self.vision is not None:
-            _require(self.vision.out_hidden_size == self.lm.hidden_size,
+            require(self.vision.out_hidden_size == self.lm.hidden_size,
                      f"vision.out_hidden_size ({self.vision.out_hidden_size}) must equal lm.hidden_size "
                      f"({self.lm.hidden_size})")
-            _require(self.tokens.image is not None, "a model with a vision tower needs tokens.image")
+            require(self.tokens.image is not None, "a model with a vision tower needs tokens.image")
         for name in ("mask", "null", "end"):
             tid = getattr(self.tokens, name)
-            _require(0 <= tid < self.lm.vocab_size,
+            require(0 <= tid < self.lm.vocab_size,
                      f"tokens.{name} = {tid} is outside the vocabulary (size {self.lm.vocab_size})")
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,10 +160,10 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         vision = data.get("vision")
         return cls(
-            lm=_build(LMConfig, data["lm"], "lm"),
-            vision=_build(VisionConfig, vision, "vision") if vision else None,
-            tokens=_build(SpecialTokens, data.get("tokens", {}), "tokens"),
-            diffusion=_build(BlockDiffusionConfig, data.get("diffusion", {}), "diffusion"),
+            lm=build_section(LMConfig, data["lm"], "lm"),
+            vision=build_section(VisionConfig, vision, "vision") if vision else None,
+            tokens=build_section(SpecialTokens, data.get("tokens", {}), "tokens"),
+            diffusion=build_section(BlockDiffusionConfig, data.get("diffusion", {}), "diffusion"),
             architecture=data.get("architecture", "qwen2"),
         )
 
@@ -175,105 +176,11 @@ def _asdict(obj: Any) -> Any:
     return obj
 
 
-def _build(cls: Any, data: dict[str, Any], where: str) -> Any:
+def build_section(cls: Any, data: dict[str, Any], where: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
-    _require(not unknown, f"unknown field(s) {unknown} in {where}")
+    require(not unknown, f"unknown field(s) {unknown} in {where}")
     try:
         return cls(**data)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
-
-
-def _pick(d: dict[str, Any], *names: str, default: Any = None) -> Any:
-    for n in names:
-        if n in d and d[n] is not None:
-            return d[n]
-    return default
-
-
-def config_from_hf(hf: dict[str, Any], source: str = "config.json",
-                   token_overrides: dict[str, Any] | None = None) -> ModelConfig:
-    """Translate a Hugging Face ``config.json`` dict (Qwen2 or Qwen2.5-VL) into a :class:`ModelConfig`.
-
-    Block-diffusion fields are read when the checkpoint carries them (``bd_size`` / ``block_size``,
-    ``mask_token_id``, ``null_token_id``); otherwise the documented Fast-dLLM v2 defaults apply.
-    """
-    model_type = hf.get("model_type", "")
-    is_vl = model_type in ("qwen2_5_vl", "qwen2_vl") or "vision_config" in hf
-    text = dict(hf)
-    if isinstance(hf.get("text_config"), dict):
-        # transformers 5 nests the LM fields; top-level values still win where both exist.
-        text = {**hf["text_config"], **{k: v for k, v in hf.items() if k != "text_config"}}
-    rope = _pick(text, "rope_parameters", "rope_scaling", default={}) or {}
-    try:
-        lm = LMConfig(
-            vocab_size=int(text["vocab_size"]),
-            hidden_size=int(text["hidden_size"]),
-            intermediate_size=int(text["intermediate_size"]),
-            num_layers=int(text["num_hidden_layers"]),
-            num_heads=int(text["num_attention_heads"]),
-            num_kv_heads=int(_pick(text, "num_key_value_heads", "num_attention_heads")),
-            head_dim=int(_pick(text, "head_dim", default=0)) if not is_vl else 0,
-            rope_theta=float(_pick(rope, "rope_theta", default=_pick(text, "rope_theta", default=1e6))),
-            rms_norm_eps=float(_pick(text, "rms_norm_eps", default=1e-6)),
-            max_position=int(_pick(text, "max_position_embeddings", default=32768)),
-            tie_word_embeddings=bool(_pick(hf, "tie_word_embeddings", default=False)),
-            mrope_section=tuple(rope["mrope_section"]) if is_vl and "mrope_section" in rope else None,
-        )
-    except KeyError as exc:
-        raise ConfigError(f"{source}: required field {exc.args[0]!r} is missing") from exc
-    vision = None
-    if is_vl:
-        v = hf.get("vision_config") or {}
-        try:
-            vision = VisionConfig(
-                depth=int(v["depth"]),
-                hidden_size=int(v["hidden_size"]),
-                intermediate_size=int(v["intermediate_size"]),
-                num_heads=int(v["num_heads"]),
-                out_hidden_size=int(_pick(v, "out_hidden_size", default=lm.hidden_size)),
-                patch_size=int(_pick(v, "patch_size", "spatial_patch_size", default=14)),
-                temporal_patch_size=int(_pick(v, "temporal_patch_size", default=2)),
-                spatial_merge_size=int(_pick(v, "spatial_merge_size", default=2)),
-                window_size=int(_pick(v, "window_size", default=112)),
-                fullatt_block_indexes=tuple(_pick(v, "fullatt_block_indexes", default=())),
-                in_channels=int(_pick(v, "in_channels", "in_chans", default=3)),
-            )
-        except KeyError as exc:
-            raise ConfigError(f"{source}: vision_config field {exc.args[0]!r} is missing") from exc
-    eos = _pick(text, "end_token_id", "eos_token_id", default=DEFAULT_END_TOKEN_ID)
-    token_fields: dict[str, Any] = {
-        "mask": int(_pick(text, "mask_token_id", default=DEFAULT_MASK_TOKEN_ID)),
-        "null": int(_pick(text, "null_token_id", default=DEFAULT_NULL_TOKEN_ID)),
-        "end": int(eos[0] if isinstance(eos, list) else eos),
-        "pad": _pick(text, "pad_token_id"),
-        "image": _pick(text, "image_token_id", "image_token_index"),
-        "vision_start": _pick(text, "vision_start_token_id"),
-        "vision_end": _pick(text, "vision_end_token_id"),
-    }
-    token_fields.update(token_overrides or {})
-    tokens = _build(SpecialTokens, token_fields, f"{source}: special tokens")
-    diffusion = BlockDiffusionConfig(
-        block_size=int(_pick(hf, "bd_size", "block_size", default=DEFAULT_BLOCK_SIZE)),
-        sub_block_size=int(_pick(hf, "sub_block_size", default=DEFAULT_SUB_BLOCK_SIZE)),
-    )
-    try:
-        return ModelConfig(lm=lm, vision=vision, tokens=tokens, diffusion=diffusion,
-                           architecture="qwen2_5_vl" if is_vl else "qwen2")
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
-
-
-def load_config(checkpoint_dir: str | Path, token_overrides: dict[str, Any] | None = None) -> ModelConfig:
-    """Read ``config.json`` from a local checkpoint directory (``token_overrides``: e.g. ``{"mask": 5}``)."""
-    path = Path(checkpoint_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: no config.json in the checkpoint directory")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return config_from_hf(data, source=str(path), token_overrides=token_overrides)

@@ -39,24 +39,29 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: LMConfig) -> None:
         super().__init__()
-        dim = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.inv_freq: torch.Tensor
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim = config.head_dim
+        self.theta = config.rope_theta
         self.mrope_section = config.mrope_section
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        # Made per call in float32 rather than kept as a buffer, which a bf16 cast of the model
+        # would round (and which meta-device construction would leave empty).
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.theta**exponents)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``position_ids``: (B, T), or (3, B, T) for M-RoPE. Returns cos, sin of shape (B, T, head_dim)."""
+        inv_freq = self.inv_freq(position_ids.device)
         if self.mrope_section is None:
             if position_ids.dim() != 2:
                 raise ValueError(f"position_ids must be (batch, tokens), got shape {tuple(position_ids.shape)}")
-            freqs = position_ids[..., None].float() * self.inv_freq
+            freqs = position_ids[..., None].float() * inv_freq
         else:
             if position_ids.dim() == 2:
                 position_ids = position_ids[None].expand(3, -1, -1)
             if position_ids.dim() != 3 or position_ids.shape[0] != 3:
                 raise ValueError(f"M-RoPE position_ids must be (3, batch, tokens), got {tuple(position_ids.shape)}")
-            per_axis = position_ids[..., None].float() * self.inv_freq  # (3, B, T, D/2)
+            per_axis = position_ids[..., None].float() * inv_freq  # (3, B, T, D/2)
             chunks = per_axis.split(list(self.mrope_section), dim=-1)
             freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(chunks)], dim=-1)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -145,7 +150,11 @@ class DecoderLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the LM head with the embeddings when the config says so (again after ``to_empty``)."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:

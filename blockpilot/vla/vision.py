@@ -108,14 +108,15 @@ class VisionRotary(nn.Module):
 
     def __init__(self, head_dim: int) -> None:
         super().__init__()
-        quarter = head_dim // 2
-        inv_freq = 1.0 / (VISION_ROPE_THETA ** (torch.arange(0, quarter, 2, dtype=torch.float32) / quarter))
-        self.inv_freq: torch.Tensor
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.quarter = head_dim // 2
 
     def forward(self, hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``hw``: (N, 2) patch coordinates. Returns float32 cos, sin of shape (N, head_dim)."""
-        freqs = (hw[..., None].float() * self.inv_freq).flatten(1)  # (N, 2 * head_dim/4): rows then cols
+        # Frequencies are made here in float32 rather than kept as a buffer, which a bf16 cast
+        # of the module would round (and which meta-device construction would leave empty).
+        exponents = torch.arange(0, self.quarter, 2, dtype=torch.float32, device=hw.device) / self.quarter
+        inv_freq = 1.0 / (VISION_ROPE_THETA**exponents)
+        freqs = (hw[..., None].float() * inv_freq).flatten(1)  # (N, 2 * head_dim/4): rows then cols
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random checkpoints written by ``transformers`` itself, offline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+# A vocabulary small enough to be fast that still holds the block-diffusion ids the config names.
+TINY_QWEN2: dict[str, Any] = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "mask_token_id": 60,
+    "null_token_id": 61,
+    "eos_token_id": 62,
+    "bd_size": 4,
+    "sub_block_size": 2,
+}
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Weights large enough that attention is far from uniform and norms are not all ones, so a
+    dropped norm weight, a wrong head split or a mask that leaks shows up in the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.2 * noise if name.endswith("norm.weight") else 0.2 * noise)
+
+
+@pytest.fixture
+def qwen2_checkpoint(tmp_path: Path) -> Callable[..., tuple[Path, Any]]:
+    """``make(name="ckpt", seed=0, save_kwargs=None, **config_overrides) -> (dir, hf_model)``:
+    a random ``Qwen2ForCausalLM`` (fp32, eval mode) saved with ``save_pretrained``."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def make(name: str = "ckpt", seed: int = 0, save_kwargs: dict[str, Any] | None = None,
+             **overrides: Any) -> tuple[Path, Any]:
+        config = Qwen2Config(**{**TINY_QWEN2, **overrides})
+        model = Qwen2ForCausalLM(config).eval()
+        randomize_(model, seed)
+        path = tmp_path / name
+        model.save_pretrained(path, **(save_kwargs or {}))
+        return path, model
+
+    return make
+
+
+@pytest.fixture
+def tiny_lm() -> Callable[..., Any]:
+    """``make(seed=0, **lm_overrides) -> DecoderLM``: our decoder with random weights, eval mode."""
+    from blockpilot.vla.config import LMConfig
+    from blockpilot.vla.lm import DecoderLM
+
+    def make(seed: int = 0, **overrides: Any) -> DecoderLM:
+        fields = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_layers": 2,
+                  "num_heads": 4, "num_kv_heads": 2, "rope_theta": 10_000.0, "max_position": 256}
+        model = DecoderLM(LMConfig(**{**fields, **overrides})).eval()
+        randomize_(model, seed)
+        return model
+
+    return make
