@@ -29,7 +29,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_scaffold(args: argparse.Namespace) -> int:
     from .demo import print_scaffold
 
-    print_scaffold(schema_name=args.schema, tokenizer_path=Path(args.tokenizer) if args.tokenizer else None)
+    print_scaffold(schema_name=args.schema, checkpoint=Path(args.checkpoint) if args.checkpoint else None)
     return 0
 
 
@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     scaffold = sub.add_parser("scaffold", help="print the frozen answer scaffold of a schema")
     scaffold.add_argument("--schema", default="driving-nuscenes",
                           choices=["driving-nuscenes", "driving-wod", "robot"])
-    scaffold.add_argument("--tokenizer", default=None,
-                          help="tokenizer.json (default: the reference tokenizer)")
+    scaffold.add_argument("--checkpoint", default=None,
+                          help="checkpoint dir with config.json and tokenizer.json (default: reference tokenizer)")
     scaffold.set_defaults(func=_cmd_scaffold)
     return parser
 

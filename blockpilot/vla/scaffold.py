@@ -81,6 +81,18 @@ class Scaffold(Generic[PlanT]):
                 return span
         raise KeyError(f"no slot {path!r} in the scaffold")
 
+    def describe(self) -> str:
+        """The template as text: frozen structure decoded, each slot shown as ``<path:length>``."""
+        out: list[str] = []
+        pos = 0
+        for span in (*self.slots, None):
+            end = span.start if span is not None else len(self)
+            out.append(self.tokenizer.decode(self.token_ids[pos:end]))
+            if span is not None:
+                out.append(f"<{span.path}:{span.length}>")
+                pos = span.end
+        return "".join(out)
+
     def encode_sections(self, values: Mapping[str, object]) -> TokenIds:
         """Full token sequence of section-keyed values; raises :class:`SchemaError` if one does not fit."""
         ids = self.token_ids.copy()

@@ -1,0 +1,83 @@
+"""Build a :class:`VLAModel` from a local Hugging Face checkpoint directory, and write one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import checkpoint_files, load_weights, save_weights
+from .config import ModelConfig
+from .hf_config import config_to_hf, load_config
+from .model import VLAModel
+from .tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(
+    checkpoint_dir: str | Path,
+    dtype: str = "float32",
+    device: str = "cpu",
+    token_overrides: dict[str, Any] | None = None,
+) -> VLAModel:
+    """Read ``config.json`` and every weight of a Qwen2 or Qwen2.5-VL checkpoint; nothing is downloaded.
+
+    A Qwen2 (text-only) checkpoint becomes a :class:`VLAModel` without a vision tower, so the
+    runtime sees one model type.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    config = load_config(checkpoint_dir, token_overrides=token_overrides)
+    with torch.device("meta"):
+        model = VLAModel(config)
+    # Built on the meta device so a 3B model is not randomly initialised only to be overwritten.
+    model = model.to_empty(device="cpu")
+    model.lm.tie_weights()  # to_empty gives each parameter its own storage, untying the head
+    if config.architecture == "qwen2":
+        load_weights(model.lm, checkpoint_dir, "qwen2")
+    else:
+        load_weights(model, checkpoint_dir, config.architecture)
+    return model.to(device=device, dtype=DTYPES[dtype]).eval()
+
+
+def load_tokenizer(checkpoint_dir: str | Path, config: ModelConfig) -> Tokenizer:
+    """The checkpoint's ``tokenizer.json``, with special ids checked against ``config.tokens``."""
+    return Tokenizer.from_file(checkpoint_dir, config.tokens)
+
+
+def save_checkpoint(model: VLAModel, checkpoint_dir: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` in the HF layout of the model's architecture."""
+    root = Path(checkpoint_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    if config.architecture == "qwen2":
+        save_weights(model.lm, root, "qwen2")
+    else:
+        save_weights(model, root, config.architecture)
+    tmp = root / "config.json.tmp"
+    tmp.write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+    tmp.replace(root / "config.json")
+    return root
+
+
+def describe_checkpoint(checkpoint_dir: Path) -> str:
+    """Load a checkpoint fully (every tensor validated) and summarise it for ``blockpilot inspect``."""
+    model = load_model(checkpoint_dir)
+    config: ModelConfig = model.config
+    n_lm = sum(p.numel() for p in model.lm.parameters())
+    n_vis = sum(p.numel() for p in model.visual.parameters()) if model.visual is not None else 0
+    files = ", ".join(p.name for p in checkpoint_files(checkpoint_dir))
+    lines = [
+        f"checkpoint   {checkpoint_dir}",
+        f"files        {files}",
+        f"architecture {config.architecture}",
+        f"parameters   LM {n_lm / 1e6:.2f} M, vision {n_vis / 1e6:.2f} M",
+        f"lm           {json.dumps(config.to_dict()['lm'])}",
+        f"vision       {json.dumps(config.to_dict()['vision'])}",
+        f"tokens       {json.dumps(config.to_dict()['tokens'])}",
+        f"diffusion    {json.dumps(config.to_dict()['diffusion'])}",
+    ]
+    return "\n".join(lines)

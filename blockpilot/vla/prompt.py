@@ -1,0 +1,80 @@
+"""Prompt assembly: chat-formatted token ids with image placeholders and the ego state as text.
+
+The layout follows the Qwen2.5-VL chat format that Fast-dVLM / Fast-dDrive fine-tune on:
+``<|im_start|>system ... <|im_end|>``, a user turn holding
+``<|vision_start|><|image_pad|>*n<|vision_end|>`` per camera followed by the instruction, then
+the opened assistant turn the answer continues.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from .slots import FixedNumber
+from .tokenizer import Tokenizer
+
+IM_START = "<|im_start|>"
+ROUTE_COMMANDS = ("turn left", "go straight", "turn right")
+DRIVING_SYSTEM_PROMPT = "You are the planner of an autonomous car. Answer in the JSON layout you were trained on."
+ROBOT_SYSTEM_PROMPT = "You are the planner of a robot arm. Answer in the JSON layout you were trained on."
+
+
+class PromptError(ValueError):
+    """A prompt input is invalid; the message names the field."""
+
+
+@dataclass(frozen=True, eq=False)
+class EgoState:
+    """What the car knows about itself: past positions in the current ego frame (x forward, y left,
+    oldest first, metres), speed (m/s) and longitudinal acceleration (m/s²)."""
+
+    past_waypoints: npt.NDArray[np.float64]
+    speed_mps: float
+    accel_mps2: float
+
+    def __post_init__(self) -> None:
+        past = np.asarray(self.past_waypoints, dtype=np.float64)
+        if past.ndim != 2 or past.shape[1] != 2:
+            raise PromptError(f"EgoState.past_waypoints must have shape (K, 2), got {past.shape}")
+        if not (np.isfinite(past).all() and np.isfinite(self.speed_mps) and np.isfinite(self.accel_mps2)):
+            raise PromptError("EgoState holds a non-finite value (past_waypoints, speed_mps or accel_mps2)")
+        object.__setattr__(self, "past_waypoints", past)
+
+
+def driving_instruction(ego: EgoState, route_command: str, number: FixedNumber | None = None) -> str:
+    """The user-turn text for driving: ego state and route command, numbers in the answer's width."""
+    if route_command not in ROUTE_COMMANDS:
+        raise PromptError(f"route_command must be one of {ROUTE_COMMANDS}, got {route_command!r}")
+    number = number or FixedNumber(2, 2)
+
+    def fmt(value: float, what: str) -> str:
+        clipped = float(np.clip(value, -number.max_abs, number.max_abs))
+        return number.format_value(clipped, what)
+
+    past = ",".join(f"[{fmt(x, 'past.x')},{fmt(y, 'past.y')}]" for x, y in ego.past_waypoints)
+    return (f"Ego speed {fmt(ego.speed_mps, 'speed')} m/s, acceleration {fmt(ego.accel_mps2, 'accel')} m/s2. "
+            f"Past trajectory [{past}]. Route command: {route_command}. "
+            "Plan the future trajectory.")
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, system: str, user_text: str, image_token_counts: Sequence[int]) -> list[int]:
+    """Token ids of a one-turn chat prompt with ``image_token_counts[i]`` placeholders for image ``i``."""
+    special = tokenizer.special
+    im_start = tokenizer.token_to_id(IM_START)
+    if im_start is None:
+        raise PromptError(f"{tokenizer.source}: the tokenizer has no {IM_START} token for the chat format")
+    if image_token_counts and None in (special.image, special.vision_start, special.vision_end):
+        raise PromptError("images need tokens.image, tokens.vision_start and tokens.vision_end in the config")
+    ids = [im_start, *tokenizer.encode(f"system\n{system}"), special.end, *tokenizer.encode("\n"),
+           im_start, *tokenizer.encode("user\n")]
+    for count in image_token_counts:
+        if count <= 0:
+            raise PromptError(f"an image needs a positive number of image tokens, got {count}")
+        ids += [special.vision_start, *([special.image] * count), special.vision_end]  # type: ignore[list-item]
+    ids += [*tokenizer.encode(user_text), special.end, *tokenizer.encode("\n"),
+            im_start, *tokenizer.encode("assistant\n")]
+    return ids

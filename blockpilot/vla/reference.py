@@ -1,0 +1,45 @@
+"""The reference model: a small Qwen2.5-VL-shaped block-diffusion VLA this project defines itself.
+
+Tests, benchmarks and the default demo use it because no checkpoint can be downloaded here. Its
+architecture, checkpoint layout and tokenizer files are those of a real Fast-dDrive checkpoint,
+only smaller; until it is trained (``vla.train``) its weights are random.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import BlockDiffusionConfig, LMConfig, ModelConfig, SpecialTokens, VisionConfig
+from .loader import save_checkpoint
+from .model import VLAModel
+from .reference_tokenizer import build_reference_tokenizer
+from .tokenizer import Tokenizer
+
+
+def reference_config(vocab_size: int, tokens: SpecialTokens) -> ModelConfig:
+    lm = LMConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                  num_kv_heads=2, rope_theta=1_000_000.0, max_position=4096, tie_word_embeddings=True,
+                  mrope_section=(4, 6, 6))
+    # 56-pixel windows split a 112-pixel image into 2x2 windows, so windowed attention is exercised.
+    vision = VisionConfig(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                          window_size=56, fullatt_block_indexes=(3,))
+    return ModelConfig(lm=lm, vision=vision, tokens=tokens, diffusion=BlockDiffusionConfig(32, 8),
+                       architecture="qwen2_5_vl")
+
+
+def build_reference_model(seed: int = 0) -> tuple[VLAModel, Tokenizer]:
+    """A randomly initialised reference model and its tokenizer (deterministic in ``seed``)."""
+    tokenizer, tokens = build_reference_tokenizer()
+    torch.manual_seed(seed)
+    model = VLAModel(reference_config(tokenizer.vocab_size, tokens)).eval()
+    return model, tokenizer
+
+
+def write_reference_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` of the reference model."""
+    model, _ = build_reference_model(seed)
+    root = save_checkpoint(model, out_dir)
+    build_reference_tokenizer(root)
+    return root

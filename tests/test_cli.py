@@ -1,0 +1,63 @@
+"""The console script end to end: help, inspect, scaffold and the demo, in fresh processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blockpilot.cli import build_parser
+from blockpilot.vla.reference import write_reference_checkpoint
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "blockpilot.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_help_lists_every_command() -> None:
+    result = _run("--help")
+    assert result.returncode == 0
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert set(commands) == {"demo", "inspect", "scaffold"}
+    for name in commands:
+        assert name in result.stdout
+
+
+def test_inspect_reference_checkpoint(tmp_path: Path) -> None:
+    ckpt = write_reference_checkpoint(tmp_path / "ckpt")
+    result = _run("inspect", str(ckpt))
+    assert result.returncode == 0, result.stderr
+    assert "architecture qwen2_5_vl" in result.stdout
+    assert '"block_size": 32' in result.stdout
+
+
+def test_inspect_broken_checkpoint_names_the_file(tmp_path: Path) -> None:
+    ckpt = write_reference_checkpoint(tmp_path / "ckpt")
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    result = _run("inspect", str(ckpt))
+    assert result.returncode == 2
+    assert "model.safetensors" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("schema", ["driving-nuscenes", "driving-wod", "robot"])
+def test_scaffold_prints_slots(schema: str) -> None:
+    result = _run("scaffold", "--schema", schema)
+    assert result.returncode == 0, result.stderr
+    assert "value slots" in result.stdout
+    assert ("<trajectory.0.0:" in result.stdout) == schema.startswith("driving")
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    result = _run("demo", "--out", str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert summary["round_trip_exact"] is True
+    assert summary["image_grid_thw"] == [[1, 8, 8]]
+    assert 0 < summary["first_block_masked"] <= 32
+    assert set(summary["timings_ms"]) >= {"load_checkpoint", "prefill", "block_step"}
