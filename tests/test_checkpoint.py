@@ -202,7 +202,8 @@ def test_save_replaces_a_sharded_checkpoint(qwen2_checkpoint: MakeCheckpoint, ti
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_saved_checkpoint_loads_in_transformers(tiny_lm: MakeLM, tmp_path: Path, tied: bool) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from blockpilot.vla.config import BlockDiffusionConfig, ModelConfig, SpecialTokens
 
     model = tiny_lm(seed=4, tie_word_embeddings=tied, head_dim=16)

@@ -56,7 +56,7 @@ VL_TOKENS = {"image_token_id": 240, "vision_start_token_id": 241, "vision_end_to
 
 
 def transformers_vl_dict(**top: Any) -> dict[str, Any]:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     config = transformers.Qwen2_5_VLConfig(text_config=tiny_vl_text(), vision_config=dict(TINY_VISION),
                                            **VL_TOKENS, **top)
     data: dict[str, Any] = config.to_dict()
@@ -76,7 +76,7 @@ def test_flat_qwen2_hub_config() -> None:
 
 
 def test_transformers5_qwen2_config() -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf = transformers.Qwen2Config(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=1, head_dim=16, eos_token_id=[7, 9],
                                   pad_token_id=3, bd_size=8, mask_token_id=100, null_token_id=101).to_dict()
@@ -128,7 +128,7 @@ def test_documented_defaults_when_fields_are_absent() -> None:
 
 
 def test_our_fallbacks_agree_with_transformers() -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     assert transformers.Qwen2Config().rope_parameters["rope_theta"] == QWEN2_ROPE_THETA
     assert transformers.Qwen2_5_VLConfig().text_config.rope_parameters["rope_theta"] == QWEN2_5_VL_ROPE_THETA
     assert list(transformers.Qwen2_5_VLConfig().vision_config.fullatt_block_indexes) == [7, 15, 23, 31]
@@ -284,7 +284,7 @@ def test_config_to_hf_round_trips(config: ModelConfig) -> None:
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_qwen2_written_config_reads_the_same_through_transformers(tied: bool) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     config = config_from_hf(hub_qwen2(head_dim=16, tie_word_embeddings=tied, pad_token_id=7), SOURCE)
     written = config_to_hf(config)
     assert {"bd_size", "sub_block_size", "mask_token_id", "null_token_id", "eos_token_id"} <= written.keys()
@@ -293,7 +293,7 @@ def test_qwen2_written_config_reads_the_same_through_transformers(tied: bool) ->
 
 
 def test_qwen2_5_vl_written_config_reads_the_same_through_transformers() -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     config = config_from_hf(transformers_vl_dict(bd_size=8, sub_block_size=4, mask_token_id=250,
                                                  null_token_id=251, tie_word_embeddings=True), SOURCE)
     written = config_to_hf(config)

@@ -16,8 +16,6 @@ from blockpilot.vla.hf_config import load_config
 from blockpilot.vla.lm import DecoderLM
 from blockpilot.vla.modes import AttentionMode
 
-pytest.importorskip("transformers")
-
 ATOL = 1e-4
 MakeCheckpoint = Callable[..., tuple[Path, Any]]
 

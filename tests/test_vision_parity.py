@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from blockpilot.vla.checkpoint import load_weights
@@ -26,8 +27,6 @@ from blockpilot.vla.image import CLIP_STD, preprocess_image, preprocess_images, 
 from blockpilot.vla.model import VLAModel
 from blockpilot.vla.rope_index import image_token_counts
 from blockpilot.vla.vision import VisionTower, vision_layout
-
-transformers = pytest.importorskip("transformers")
 
 IMAGE, VIDEO, VISION_START, VISION_END, MASK, NULL, EOS, BOS = range(390, 398)
 # Both image sizes are multiples of patch*merge = 8 and larger than the 16-pixel windows, so
@@ -100,10 +99,8 @@ def _smooth_image(shape: tuple[int, int, int], seed: int) -> np.ndarray:
 
 
 def _reference_processor() -> Any:
-    try:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    except ImportError as exc:  # needs Pillow
-        pytest.skip(f"transformers' Qwen2-VL image processor is not usable here: {exc}")
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
     return Qwen2VLImageProcessorPil()
 
 
