@@ -9,7 +9,6 @@ is one LM token), each patch flattened as (channel, time, row, col).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,35 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import VisionConfig
+from .image_grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, smart_resize
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# Qwen2-VL processor defaults: at least 4 merged tokens, at most 1280 (28x28-pixel tokens).
-DEFAULT_MIN_PIXELS = 56 * 56
-DEFAULT_MAX_PIXELS = 28 * 28 * 1280
-MAX_ASPECT_RATIO = 200
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int = DEFAULT_MIN_PIXELS,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """Target (height, width): multiples of ``factor``, pixel count within ``[min_pixels, max_pixels]``."""
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(f"image aspect ratio {max(height, width) / min(height, width):.1f} exceeds "
-                         f"{MAX_ASPECT_RATIO}")
-    # round() (half to even) rather than floor(x + 0.5): the reference processor rounds this way.
-    h, w = round(height / factor) * factor, round(width / factor) * factor
-    if h * w > max_pixels:
-        scale = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / scale / factor) * factor)
-        w = max(factor, math.floor(width / scale / factor) * factor)
-    elif h * w < min_pixels:
-        scale = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * scale / factor) * factor
-        w = math.ceil(width * scale / factor) * factor
-    return h, w
-
 
 def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Antialiased bicubic resize of an ``HxWx3`` uint8 image, rounded back to uint8.

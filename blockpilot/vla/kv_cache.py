@@ -27,6 +27,18 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    @classmethod
+    def _wrap(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        cache = cls.__new__(cls)
+        cache.k, cache.v = k, v
+        return cache
+
+    def rows(self, n: int) -> KVCache:
+        """A cache over the first ``n`` batch rows of this one, sharing its storage."""
+        if not 0 < n <= self.batch:
+            raise ValueError(f"rows({n}) outside 1..{self.batch}")
+        return KVCache._wrap(self.k[:, :n], self.v[:, :n])
+
     @property
     def capacity(self) -> int:
         return self.k.shape[3]

@@ -89,6 +89,7 @@ class Attention(nn.Module):
         cache: KVCache | None,
         start: int,
         write_kv: bool,
+        kv_end: int,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
@@ -100,7 +101,7 @@ class Attention(nn.Module):
         if cache is not None:
             if write_kv:
                 cache.write(self.layer, start, k, v)
-                k, v = cache.view(self.layer, start + t)
+                k, v = cache.view(self.layer, kv_end)
             elif start > 0:
                 k_prev, v_prev = cache.view(self.layer, start)
                 k, v = torch.cat((k_prev, k), dim=2), torch.cat((v_prev, v), dim=2)
@@ -128,8 +129,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: KVCache | None, start: int, write_kv: bool) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, write_kv)
+                cache: KVCache | None, start: int, write_kv: bool, kv_end: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, write_kv, kv_end)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -172,19 +173,30 @@ class DecoderLM(nn.Module):
         mode: AttentionMode = AttentionMode.CAUSAL,
         block_size: int | None = None,
         write_kv: bool = True,
+        kv_end: int | None = None,
     ) -> torch.Tensor:
-        """Return the final normed hidden states ``(B, T, hidden)``; see :meth:`logits`."""
+        """Return the final normed hidden states ``(B, T, hidden)``; see :meth:`logits`.
+
+        ``kv_end`` (with ``write_kv``) widens the keys to cache slots ``0 .. kv_end-1`` even past the
+        window: Fast-dLLM v2's sub-block cache lets the active sub-block see the rest of its block
+        as cached when the block was last run whole.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t, _ = x.shape
         device = x.device
         q_slots = torch.arange(start, start + t, device=device)
+        end = start + t
+        if kv_end is not None:
+            if cache is None or not write_kv or kv_end < end:
+                raise ValueError(f"kv_end={kv_end} needs a cache, write_kv=True and kv_end >= start + tokens ({end})")
+            end = kv_end
         if cache is not None:
-            cache.check_room(start, t if write_kv else 0)
+            cache.check_room(start, end - start if write_kv else 0)
             if cache.batch != b:
                 raise ValueError(f"KV cache holds batch {cache.batch}, input has batch {b}")
-            k_slots = torch.arange(0, start + t, device=device)
+            k_slots = torch.arange(0, end, device=device)
         else:
             k_slots = q_slots
         if position_ids is None:
@@ -192,7 +204,7 @@ class DecoderLM(nn.Module):
         mask = attention_mask(q_slots, k_slots, AttentionMode(mode), block_size)
         cos, sin = self.rotary(position_ids, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, start, write_kv)
+            x = layer(x, cos, sin, mask, cache, start, write_kv, end)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,7 @@ class VLAModel(nn.Module):
         mode: AttentionMode = AttentionMode.CAUSAL,
         block_size: int | None = None,
         write_kv: bool = True,
+        kv_end: int | None = None,
     ) -> torch.Tensor:
         """Final normed hidden states ``(B, T, hidden)``; see :meth:`logits`.
 
@@ -94,7 +95,7 @@ class VLAModel(nn.Module):
             inputs_embeds = self.embed(input_ids, self.encode_images(pixel_values, grid_thw))
             input_ids = None
         return self.lm(input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, cache=cache,
-                       start=start, mode=mode, block_size=block_size, write_kv=write_kv)
+                       start=start, mode=mode, block_size=block_size, write_kv=write_kv, kv_end=kv_end)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm.logits(hidden)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .config import BlockDiffusionConfig, LMConfig, ModelConfig, SpecialTokens, VisionConfig
 from .loader import save_checkpoint
@@ -29,11 +30,28 @@ def reference_config(vocab_size: int, tokens: SpecialTokens) -> ModelConfig:
                        architecture="qwen2_5_vl")
 
 
-def build_reference_model(seed: int = 0) -> tuple[VLAModel, Tokenizer]:
+def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Normal(0, ``std``) matrices and embeddings, zero biases, unit norms (the Qwen2 initialisation).
+
+    A larger ``std`` gives random models peaked, input-dependent predictions, which decoder tests
+    need; the default is what training starts from.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def build_reference_model(seed: int = 0, std: float = 0.02) -> tuple[VLAModel, Tokenizer]:
     """A randomly initialised reference model and its tokenizer (deterministic in ``seed``)."""
     tokenizer, tokens = build_reference_tokenizer()
-    torch.manual_seed(seed)
     model = VLAModel(reference_config(tokenizer.vocab_size, tokens)).eval()
+    init_weights(model, std, seed)
     return model, tokenizer
 
 

@@ -1,0 +1,131 @@
+"""The backend protocol every decoder runs over, and the plain data that crosses it.
+
+Torch-free on purpose: decoders, the planner and the ONNX Runtime / TensorRT backends import this
+without pulling torch in. Only per-position results (top-1 id, its probability, an optional
+sampled id) cross from the device to the host, never full-vocabulary logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from ..vla.modes import AttentionMode
+
+TokenArray = npt.NDArray[np.int64]
+
+
+class BackendError(RuntimeError):
+    """Base of the runtime's typed errors."""
+
+
+class CacheFullError(BackendError):
+    """A forward would write past the KV cache capacity of the backend."""
+
+
+class PromptError(BackendError):
+    """A prompt cannot be run as given (too long for the cache, images in the wrong place, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Draw one token per position at ``temperature``, one ``seed`` per batch row.
+
+    The noise of position ``slot`` in row ``r`` depends only on ``(seeds[r], slot, token id)``
+    (a counter-based hash, :func:`blockpilot.runtime.sampling.gumbel_keys`), so a position
+    re-verified after a rejected draft draws the same token, and every backend draws alike.
+    """
+
+    temperature: float
+    seeds: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"sampling temperature must be positive, got {self.temperature}")
+        if not self.seeds:
+            raise ValueError("sampling needs one seed per batch row")
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """Token ids of one prompt plus its camera images (``HxWx3`` uint8 RGB, in prompt order)."""
+
+    token_ids: TokenArray
+    images: tuple[npt.NDArray[np.uint8], ...] = ()
+
+    def __post_init__(self) -> None:
+        ids = np.asarray(self.token_ids, dtype=np.int64)
+        if ids.ndim != 1 or ids.size == 0:
+            raise PromptError(f"prompt token_ids must be a non-empty 1-D array, got shape {ids.shape}")
+        object.__setattr__(self, "token_ids", ids)
+        object.__setattr__(self, "images", tuple(self.images))
+
+    def __len__(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """Per-position results of one forward, shape ``(batch, tokens)``.
+
+    Position ``i`` holds the prediction made *at* ``i``, i.e. for the token at ``i + 1``
+    (Fast-dLLM v2's shifted logits); decoders do the shifting.
+    """
+
+    top1: TokenArray
+    prob: npt.NDArray[np.float32]
+    sampled: TokenArray | None = None
+    stage_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """One model instance with one static KV cache, at batch one (or N rows after :meth:`fork`).
+
+    ``length`` is the number of valid cache slots; ``capacity`` the allocated slots.
+    """
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def capacity(self) -> int: ...
+
+    def prefill(self, prompt: Prompt, *, length: int | None = None,
+                mode: AttentionMode = AttentionMode.CAUSAL) -> StepResult:
+        """Reset to batch one, encode the images, write KV for ``prompt[:length]`` (default all)
+        from slot 0, and return the prediction at the last prefilled position, shape ``(1, 1)``."""
+        ...
+
+    def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
+             kv_end: int | None = None, sampling: Sampling | None = None) -> StepResult:
+        """Forward ``tokens`` ``(batch, T)`` at slots ``start ..``; they see cache slots ``[0, start)``
+        (``[0, kv_end)`` with ``kv_end``) and each other under ``mode``. With ``write_kv`` the cache
+        length becomes ``max(start + T, kv_end)``; without, the cache is untouched."""
+        ...
+
+    def fork(self, n: int) -> None:
+        """Copy the batch-one cache into ``n`` rows that share its prefix."""
+        ...
+
+    def truncate(self, length: int) -> None:
+        """Forget cache slots from ``length`` on (static buffers: nothing moves)."""
+        ...
+
+
+def check_tokens(tokens: npt.ArrayLike, vocab_size: int, batch: int) -> TokenArray:
+    """Tokens as an ``(batch, T)`` int64 array, with a clear error for a bad shape or id."""
+    arr = np.asarray(tokens, dtype=np.int64)
+    if arr.ndim != 2 or arr.shape[0] != batch or arr.shape[1] == 0:
+        raise ValueError(f"step tokens must have shape ({batch}, T>0), got {arr.shape}")
+    if arr.min() < 0 or arr.max() >= vocab_size:
+        raise ValueError(f"step token ids must lie in [0, {vocab_size}), got range [{arr.min()}, {arr.max()}]")
+    return arr
+
+
+def row_seeds(seed: int, rows: int) -> Sequence[int]:
+    """Distinct, reproducible per-row seeds derived from one user seed."""
+    return [int((seed * 1_000_003 + r * 7_919) % (2**31 - 1)) for r in range(rows)]

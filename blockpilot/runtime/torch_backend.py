@@ -1,0 +1,149 @@
+"""The torch backend: a :class:`VLAModel` with one static KV cache, on CPU or CUDA."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..vla.image import preprocess_images
+from ..vla.kv_cache import CacheCapacityError
+from ..vla.model import VLAModel
+from ..vla.modes import AttentionMode
+from ..vla.rope_index import continuation_positions
+from .backend import CacheFullError, Prompt, PromptError, Sampling, StepResult, TokenArray, check_tokens
+from .sampling import gumbel_keys
+
+
+class TorchBackend:
+    """Implements :class:`blockpilot.runtime.backend.Backend` over the plain-``nn.Module`` model.
+
+    The cache is allocated once for ``capacity`` slots and ``max_batch`` rows; :meth:`fork` copies
+    row 0 into the first ``n`` rows of a second preallocated cache, so no plan allocates.
+    """
+
+    def __init__(self, model: VLAModel, capacity: int, max_batch: int = 1) -> None:
+        if capacity <= 0 or max_batch <= 0:
+            raise ValueError(f"capacity and max_batch must be positive, got {capacity}, {max_batch}")
+        self.model = model.eval()
+        self.config = model.config
+        self._single = model.new_cache(capacity, 1)
+        self._multi = model.new_cache(capacity, max_batch) if max_batch > 1 else None
+        self._cache = self._single
+        self._length = 0
+        self._batch = 1
+        p = next(model.parameters())
+        self.device = p.device
+        # Multimodal RoPE: a generated token at slot s has position s + delta (delta from the prompt).
+        self._rope_delta = torch.zeros(1, dtype=torch.long, device=self.device)
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def capacity(self) -> int:
+        return self._single.capacity
+
+    @property
+    def max_batch(self) -> int:
+        return self._multi.batch if self._multi is not None else 1
+
+    @torch.inference_mode()
+    def prefill(self, prompt: Prompt, *, length: int | None = None,
+                mode: AttentionMode = AttentionMode.CAUSAL) -> StepResult:
+        n = len(prompt) if length is None else length
+        if not 0 < n <= len(prompt):
+            raise PromptError(f"prefill length {n} outside 1..{len(prompt)}")
+        if len(prompt) > self.capacity:
+            raise PromptError(f"prompt of {len(prompt)} tokens does not fit the KV cache ({self.capacity} slots)")
+        self._cache, self._batch, self._length = self._single, 1, 0
+        stage: dict[str, float] = {}
+        ids = torch.from_numpy(prompt.token_ids).to(self.device)[None]
+        vision = self.config.vision
+        image_id = self.config.tokens.image if self.config.tokens.image is not None else -1
+        n_image_tokens = int((ids == image_id).sum())
+        if prompt.images:
+            if vision is None or self.model.visual is None:
+                raise PromptError("the prompt has images but the model has no vision tower")
+            t0 = time.perf_counter()
+            patches, grid = preprocess_images(list(prompt.images), vision)
+            features = self.model.encode_images(patches.to(self.device), grid.to(self.device))
+            stage["vision"] = (time.perf_counter() - t0) * 1e3
+            if bool((ids[0, n:] == image_id).any()):
+                raise PromptError(f"image tokens lie past the prefill length {n}; prefill through the images")
+            positions, self._rope_delta = self.model.rope_index(ids, grid)
+            embeds = self.model.embed(ids, features)
+        else:
+            if n_image_tokens:
+                raise PromptError(f"the prompt holds {n_image_tokens} image tokens but no images were given")
+            positions = None
+            self._rope_delta = torch.zeros(1, dtype=torch.long, device=self.device)
+            embeds = self.model.lm.embed_tokens(ids)
+        t0 = time.perf_counter()
+        if positions is None and self.config.lm.mrope_section is not None:
+            positions = continuation_positions(0, len(prompt), self._rope_delta)
+        pos = positions[..., :n] if positions is not None else None
+        hidden = self.model(inputs_embeds=embeds[:, :n], position_ids=pos, cache=self._cache, start=0, mode=mode,
+                            block_size=self.config.diffusion.block_size)
+        result = self._predict(hidden[:, -1:], None, None)
+        stage["prefill"] = (time.perf_counter() - t0) * 1e3
+        self._length = n
+        return StepResult(result.top1, result.prob, None, stage)
+
+    @torch.inference_mode()
+    def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
+             kv_end: int | None = None, sampling: Sampling | None = None) -> StepResult:
+        arr = check_tokens(tokens, self.config.lm.vocab_size, self._batch)
+        t = arr.shape[1]
+        if start > self._length:
+            raise ValueError(f"step at slot {start} leaves a gap: the cache holds {self._length} slots")
+        if kv_end is not None and kv_end > self._length and kv_end > start + t:
+            raise ValueError(f"kv_end {kv_end} reaches past the valid cache ({self._length} slots)")
+        ids = torch.from_numpy(arr).to(self.device)
+        pos = None
+        if self.config.lm.mrope_section is not None:
+            pos = continuation_positions(start, t, self._rope_delta.expand(self._batch))
+        try:
+            hidden = self.model(ids, position_ids=pos, cache=self._cache, start=start, mode=mode,
+                                block_size=self.config.diffusion.block_size, write_kv=write_kv, kv_end=kv_end)
+        except CacheCapacityError as exc:
+            raise CacheFullError(str(exc)) from exc
+        if write_kv:
+            self._length = max(start + t, kv_end or 0)
+        slots = torch.arange(start, start + t, device=self.device)
+        return self._predict(hidden, sampling, slots)
+
+    def fork(self, n: int) -> None:
+        if self._batch != 1:
+            raise ValueError("fork() needs a batch-one cache; prefill first")
+        if n == 1:
+            return
+        if self._multi is None or n > self._multi.batch:
+            raise ValueError(f"fork({n}) exceeds this backend's max_batch {self.max_batch}")
+        end = self._length
+        with torch.inference_mode():
+            self._multi.k[:, :n, :, :end] = self._single.k[:, :1, :, :end]
+            self._multi.v[:, :n, :, :end] = self._single.v[:, :1, :, :end]
+        self._cache = self._multi.rows(n)
+        self._batch = n
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self._length:
+            raise ValueError(f"truncate({length}) outside 0..{self._length}")
+        self._length = length
+
+    def _predict(self, hidden: torch.Tensor, sampling: Sampling | None, slots: torch.Tensor | None) -> StepResult:
+        # Top-1, its probability and the optional sample are reduced on the device; only
+        # (batch, tokens) values travel to the host.
+        logits = self.model.logits(hidden).float()
+        prob, top1 = logits.softmax(-1).max(-1)
+        sampled = None
+        if sampling is not None:
+            if len(sampling.seeds) != logits.shape[0] or slots is None:
+                raise ValueError(f"sampling needs {logits.shape[0]} seeds (one per row), got {len(sampling.seeds)}")
+            seeds = torch.tensor(sampling.seeds, dtype=torch.int64, device=logits.device)
+            keys = gumbel_keys(seeds, slots, logits.shape[-1])
+            sampled = (logits / sampling.temperature + keys).argmax(-1).cpu().numpy().astype(np.int64)
+        return StepResult(top1.cpu().numpy().astype(np.int64), prob.cpu().numpy().astype(np.float32), sampled)
