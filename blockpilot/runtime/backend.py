@@ -73,7 +73,7 @@ class StepResult:
     """Per-position results of one forward, shape ``(batch, tokens)``.
 
     Position ``i`` holds the prediction made *at* ``i``, i.e. for the token at ``i + 1``
-    (Fast-dLLM v2's shifted logits); decoders do the shifting.
+    (Fast-dLLM v2's shifted logits); decoders do the shifting. The mask token is never predicted.
     """
 
     top1: TokenArray
@@ -97,7 +97,8 @@ class Backend(Protocol):
     def prefill(self, prompt: Prompt, *, length: int | None = None,
                 mode: AttentionMode = AttentionMode.CAUSAL) -> StepResult:
         """Reset to batch one, encode the images, write KV for ``prompt[:length]`` (default all)
-        from slot 0, and return the prediction at the last prefilled position, shape ``(1, 1)``."""
+        from slot 0, and return the prediction at the last prefilled position, shape ``(1, 1)``.
+        ``length=0`` only resets (no forward; the result is empty, shape ``(1, 0)``)."""
         ...
 
     def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,

@@ -54,8 +54,8 @@ class TorchBackend:
     def prefill(self, prompt: Prompt, *, length: int | None = None,
                 mode: AttentionMode = AttentionMode.CAUSAL) -> StepResult:
         n = len(prompt) if length is None else length
-        if not 0 < n <= len(prompt):
-            raise PromptError(f"prefill length {n} outside 1..{len(prompt)}")
+        if not 0 <= n <= len(prompt):
+            raise PromptError(f"prefill length {n} outside 0..{len(prompt)}")
         if len(prompt) > self.capacity:
             raise PromptError(f"prompt of {len(prompt)} tokens does not fit the KV cache ({self.capacity} slots)")
         self._cache, self._batch, self._length = self._single, 1, 0
@@ -85,6 +85,9 @@ class TorchBackend:
         if positions is None and self.config.lm.mrope_section is not None:
             positions = continuation_positions(0, len(prompt), self._rope_delta)
         pos = positions[..., :n] if positions is not None else None
+        if n == 0:
+            empty = np.zeros((1, 0), dtype=np.int64)
+            return StepResult(empty, np.zeros((1, 0), dtype=np.float32), None, stage)
         hidden = self.model(inputs_embeds=embeds[:, :n], position_ids=pos, cache=self._cache, start=0, mode=mode,
                             block_size=self.config.diffusion.block_size)
         result = self._predict(hidden[:, -1:], None, None)
@@ -138,6 +141,8 @@ class TorchBackend:
         # Top-1, its probability and the optional sample are reduced on the device; only
         # (batch, tokens) values travel to the host.
         logits = self.model.logits(hidden).float()
+        # The mask token is an input marker, never an answer: no decoder may predict it.
+        logits[..., self.config.tokens.mask] = float("-inf")
         prob, top1 = logits.softmax(-1).max(-1)
         sampled = None
         if sampling is not None:

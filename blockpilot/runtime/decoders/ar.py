@@ -1,0 +1,36 @@
+"""``ar_greedy``: the baseline, one token per forward pass."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...vla.modes import AttentionMode
+from ..backend import Backend, Prompt
+from .common import CountingBackend, Decoded, ScaffoldLike
+
+
+def ar_greedy(backend: Backend, prompt: Prompt, *, max_new_tokens: int, end_id: int,
+              scaffold: ScaffoldLike | None = None) -> Decoded:
+    """Greedy causal decoding. With ``scaffold``, frozen positions take the template's token and
+    value slots the argmax, and the answer is exactly the scaffold long (no end token)."""
+    fw = CountingBackend(backend)
+    start = len(prompt)
+    pending = int(fw.prefill(prompt).top1[0, -1])
+    if scaffold is not None:
+        template, frozen = scaffold.token_ids, scaffold.frozen
+        n = len(template)
+        out = np.empty(n, dtype=np.int64)
+        for j in range(n):
+            out[j] = template[j] if frozen[j] else pending
+            if j + 1 < n:
+                pending = int(fw.step(out[None, j: j + 1], start + j, mode=AttentionMode.CAUSAL,
+                                      write_kv=True).top1[0, 0])
+        return fw.result(out, "scaffold")
+    tokens: list[int] = []
+    while pending != end_id:
+        tokens.append(pending)
+        if len(tokens) >= max_new_tokens:
+            return fw.result(tokens, "max_new_tokens")
+        step = fw.step(np.array([[pending]]), start + len(tokens) - 1, mode=AttentionMode.CAUSAL, write_kv=True)
+        pending = int(step.top1[0, 0])
+    return fw.result(tokens, "end")

@@ -1,0 +1,99 @@
+"""What every decoder shares: the result type, forward counting and the scaffold view."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from ...vla.modes import AttentionMode
+from ..backend import Backend, Prompt, Sampling, StepResult, TokenArray
+
+
+class ScaffoldLike(Protocol):
+    """The parts of :class:`blockpilot.vla.scaffold.Scaffold` decoders use (template, frozen, sections)."""
+
+    @property
+    def token_ids(self) -> TokenArray: ...
+
+    @property
+    def frozen(self) -> npt.NDArray[np.bool_]: ...
+
+    @property
+    def sections(self) -> Sequence[SectionLike]: ...
+
+
+class SectionLike(Protocol):
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def start(self) -> int: ...
+
+    @property
+    def end(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """Answer tokens ``(rows, n)`` (no end token) and the forward passes that made them.
+
+    ``forwards`` counts backend calls (prefill included); ``row_forwards`` weighs each call by its
+    batch rows, so N forked rollouts in one batched call count N.
+    """
+
+    tokens: TokenArray
+    forwards: int
+    row_forwards: int
+    prefill_forwards: int
+    stop: str  # "end" | "max_new_tokens" | "scaffold"
+
+    @property
+    def decode_forwards(self) -> int:
+        return self.forwards - self.prefill_forwards
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens.shape[1] / max(self.decode_forwards, 1)
+
+
+class CountingBackend:
+    """Forwards calls to a backend and counts them; decoders report these counts."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.forwards = 0
+        self.row_forwards = 0
+        self.prefill_forwards = 0
+
+    @property
+    def length(self) -> int:
+        return self.backend.length
+
+    def prefill(self, prompt: Prompt, *, length: int | None = None,
+                mode: AttentionMode = AttentionMode.CAUSAL) -> StepResult:
+        if length != 0:  # length 0 only resets the backend (and encodes no tokens)
+            self.forwards += 1
+            self.row_forwards += 1
+            self.prefill_forwards += 1
+        return self.backend.prefill(prompt, length=length, mode=mode)
+
+    def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
+             kv_end: int | None = None, sampling: Sampling | None = None) -> StepResult:
+        self.forwards += 1
+        self.row_forwards += int(np.asarray(tokens).shape[0])
+        return self.backend.step(tokens, start, mode=mode, write_kv=write_kv, kv_end=kv_end, sampling=sampling)
+
+    def fork(self, n: int) -> None:
+        self.backend.fork(n)
+
+    def truncate(self, length: int) -> None:
+        self.backend.truncate(length)
+
+    def result(self, tokens: npt.ArrayLike, stop: str) -> Decoded:
+        arr = np.asarray(tokens, dtype=np.int64)
+        return Decoded(arr[None] if arr.ndim == 1 else arr, self.forwards, self.row_forwards,
+                       self.prefill_forwards, stop)

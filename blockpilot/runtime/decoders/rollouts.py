@@ -1,0 +1,51 @@
+"""``shared_prefix_rollouts``: decode the answer greedily up to one section (the trajectory),
+fork the KV cache N ways and decode that section in every fork with seeded sampling.
+
+The prefix is computed once; the N rollouts run as one batched forward per step, which at batch
+one on a GPU costs about what a single row does (decoding is bandwidth-bound).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import Backend, Prompt, Sampling, row_seeds
+from .common import CountingBackend, Decoded, ScaffoldLike
+from .speculative import SpeculativeOptions, speculate
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutOptions:
+    speculative: SpeculativeOptions
+    rollouts: int = 4
+    temperature: float = 0.5
+    seed: int = 0
+    fork_section: str = "trajectory"
+
+    def __post_init__(self) -> None:
+        if self.rollouts < 1:
+            raise ValueError(f"rollouts must be at least 1, got {self.rollouts}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+
+
+def shared_prefix_rollouts(backend: Backend, prompt: Prompt, scaffold: ScaffoldLike,
+                           options: RolloutOptions) -> Decoded:
+    """``Decoded.tokens`` has one row per rollout; rows agree before the forked section."""
+    starts = {s.key: s.start for s in scaffold.sections}
+    if options.fork_section not in starts:
+        raise ValueError(f"the scaffold has no section {options.fork_section!r} to fork at "
+                         f"(sections: {sorted(starts)})")
+    fork_at, n = starts[options.fork_section], len(scaffold.token_ids)
+    fw = CountingBackend(backend)
+    pending = fw.prefill(prompt).top1[:, -1]
+    prefix = np.empty((1, n), dtype=np.int64)
+    pending = speculate(fw, scaffold, options.speculative, len(prompt), prefix, pending, 0, fork_at)
+    fw.fork(options.rollouts)
+    out = np.repeat(prefix, options.rollouts, axis=0)
+    sampling = Sampling(options.temperature, tuple(row_seeds(options.seed, options.rollouts)))
+    speculate(fw, scaffold, options.speculative, len(prompt), out, np.repeat(pending, options.rollouts), fork_at, n,
+              sampling)
+    return fw.result(out, "scaffold")
