@@ -70,6 +70,11 @@ class Road:
     speed_limit: float
     lanes: tuple[FloatArray, ...] = ()
     stop_line_s: float | None = None  # arc length along the ego lane of a stop line, if any
+    # Map extras (all optional): junction areas and pedestrian crossings as (4, 2) corner polygons,
+    # and the speed limits along the ego lane as (arc length where it starts, limit m/s), ascending.
+    junctions: tuple[FloatArray, ...] = ()
+    crosswalks: tuple[FloatArray, ...] = ()
+    speed_limits: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
