@@ -6,6 +6,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .vla.prompt import EgoState
 
 
 class UserError(Exception):
@@ -33,6 +37,77 @@ def _cmd_scaffold(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_ego(value: str) -> EgoState:
+    """``--ego``: inline JSON (``{"past": [[x, y], ...], "speed": m/s, "accel": m/s2}``) or a file of it."""
+    import json
+
+    import numpy as np
+
+    from .vla.prompt import EgoState, PromptError
+
+    text = value
+    if not value.lstrip().startswith("{"):
+        path = Path(value)
+        if not path.is_file():
+            raise UserError(f"--ego: {value!r} is neither inline JSON nor an existing file")
+        text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--ego: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError("--ego: expected a JSON object with keys past, speed, accel")
+    missing, unknown = {"past", "speed", "accel"} - set(data), set(data) - {"past", "speed", "accel"}
+    if missing or unknown:
+        raise UserError(f"--ego: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}; "
+                        "expected past, speed, accel")
+    try:
+        return EgoState(np.asarray(data["past"], dtype=np.float64), float(data["speed"]), float(data["accel"]))
+    except (PromptError, TypeError, ValueError) as exc:
+        raise UserError(f"--ego: {exc}") from None
+
+
+def _read_images(value: str) -> list[Any]:
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    images: list[Any] = []
+    for name in value.split(","):
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"--image: no such file {name!r}")
+        try:
+            with Image.open(path) as im:
+                images.append(np.array(im.convert("RGB"), dtype=np.uint8))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"--image: cannot read {name!r} as an image ({exc})") from None
+    return images
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .runtime.backend import BackendError
+    from .runtime.plan_types import DecoderSettings, Observation
+    from .runtime.planner import Planner
+
+    ego = _read_ego(args.ego)
+    images = _read_images(args.image)
+    try:
+        settings = DecoderSettings(name=args.decoder, threshold=args.threshold, rollouts=args.rollouts,
+                                   temperature=args.temperature, seed=args.seed,
+                                   sub_block_cache=args.sub_block_cache)
+        planner = Planner.from_checkpoint(Path(args.checkpoint), decoder=settings, device=args.device,
+                                          max_prompt_tokens=args.max_prompt_tokens)
+        plan = planner.plan(Observation(images, ego, args.route_command))
+    except BackendError as exc:
+        raise UserError(str(exc)) from None
+    print(json.dumps(plan.to_dict(), indent=2))
+    if plan.error is not None:
+        print(f"blockpilot plan: the answer did not parse: {plan.error}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blockpilot",
@@ -56,6 +131,27 @@ def build_parser() -> argparse.ArgumentParser:
     scaffold.add_argument("--checkpoint", default=None,
                           help="checkpoint dir with config.json and tokenizer.json (default: reference tokenizer)")
     scaffold.set_defaults(func=_cmd_scaffold)
+
+    plan = sub.add_parser("plan", help="plan once from camera images, ego state and route command; print JSON")
+    plan.add_argument("--checkpoint", required=True, help="checkpoint dir (config.json, safetensors, tokenizer.json)")
+    plan.add_argument("--image", required=True, help="camera image file(s), comma-separated, in prompt order")
+    plan.add_argument("--ego", required=True,
+                      help='ego state as JSON or a JSON file: {"past": [[-2.5, 0], [0, 0]], "speed": 5.0, '
+                           '"accel": 0.0} (past positions in the ego frame, x forward, y left, oldest first)')
+    plan.add_argument("--command", dest="route_command", default="go straight",
+                      help="route command: turn left, go straight, turn right (default: go straight)")
+    plan.add_argument("--decoder", default="scaffold", choices=["ar", "ar_free", "block", "scaffold", "rollouts"],
+                      help="ar: scaffold-constrained greedy baseline; ar_free / block: free text; scaffold: "
+                           "Fast-dDrive speculative; rollouts: N sampled trajectories (default: scaffold)")
+    plan.add_argument("--rollouts", type=int, default=4, help="trajectories for --decoder rollouts")
+    plan.add_argument("--temperature", type=float, default=0.5, help="sampling temperature for rollouts")
+    plan.add_argument("--threshold", type=float, default=None,
+                      help="confidence threshold (default: 0.9 for block, 0.0 for scaffold and rollouts)")
+    plan.add_argument("--sub-block-cache", action="store_true", help="block decoder: reuse the block's KV")
+    plan.add_argument("--seed", type=int, default=0, help="rollout sampling seed")
+    plan.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    plan.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt budget the KV cache is sized for")
+    plan.set_defaults(func=_cmd_plan)
     return parser
 
 

@@ -2,7 +2,9 @@
 
 Reference checkpoint written in the HF layout -> loaded back through the real loader -> camera
 image preprocessed -> driving prompt assembled -> answer scaffold built -> prompt prefilled into
-the static KV cache -> one bidirectional block-diffusion step over the first answer block.
+the static KV cache -> one bidirectional block-diffusion step over the first answer block -> a
+whole plan through the :class:`~blockpilot.runtime.planner.Planner` with the scaffold decoder,
+checked against the scaffold-constrained AR baseline (same answer, fewer forwards).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .runtime.plan_types import DecoderSettings, Observation
+from .runtime.planner import Planner
 from .vla.config import SpecialTokens
 from .vla.image import preprocess_image
 from .vla.loader import load_model, load_tokenizer
@@ -72,8 +76,9 @@ def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112) -> dict[str, o
     schema = DrivingSchema.nuscenes()
     with timer.stage("build_scaffold"):
         scaffold = build_scaffold(schema, tokenizer)
+    image = road_image(image_size)
     with timer.stage("preprocess_image"):
-        patches, grid = preprocess_image(road_image(image_size), config.vision)
+        patches, grid = preprocess_image(image, config.vision)
     ego = EgoState(past_waypoints=np.array([[-5.0 + 1.25 * i, 0.0] for i in range(4)]), speed_mps=5.0,
                    accel_mps2=0.0)
     instruction = driving_instruction(ego, "go straight")
@@ -93,6 +98,11 @@ def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112) -> dict[str, o
             # Shifted prediction: the state before a position predicts the token at it.
             logits = model.logits(torch.cat((hidden[:, -1:], step[:, :-1]), dim=1))[0]
             probs, top1 = logits.softmax(-1).max(-1)
+    observation = Observation([image], ego, "go straight")
+    with timer.stage("plan"):
+        plan = Planner.from_model(model, tokenizer, decoder=DecoderSettings(name="scaffold")).plan(observation)
+    baseline = Planner.from_model(model, tokenizer, decoder=DecoderSettings(name="ar")).plan(observation)
+    same_answer = bool(np.array_equal(plan.tokens, baseline.tokens))
     masked = ~scaffold.frozen[:block]
     example = DrivingPlan(waypoints=np.array([[2.5 * (i + 1), 0.0] for i in range(schema.num_waypoints)]),
                           longitudinal="keep_speed", lateral="straight",
@@ -110,6 +120,7 @@ def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112) -> dict[str, o
         "first_block_above_threshold": int((probs.numpy()[masked] > PROBABILITY_THRESHOLD).sum()),
         "round_trip_exact": bool(np.array_equal(round_trip.waypoints, example.waypoints)),
         "timings_ms": {k: round(v, 2) for k, v in timer.ms.items()},
+        "plan": {**plan.to_dict(), "ar_forwards": baseline.stats.forwards, "same_answer_as_ar": same_answer},
     }
     print(f"reference checkpoint   {ckpt}  (random weights: values decoded below are not a plan yet)")
     print(f"prompt                 {len(prompt)} tokens, image grid {grid.tolist()[0]}")
@@ -120,6 +131,12 @@ def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112) -> dict[str, o
           f"{summary['first_block_above_threshold']} above p={PROBABILITY_THRESHOLD}")
     print("top-1 in masked slots  " + tokenizer.decode(top1.numpy()[masked].tolist()).replace("\n", " ")[:80])
     print(f"schema round trip      plan -> tokens -> plan exact: {summary['round_trip_exact']}")
+    stats = plan.stats
+    print(f"plan (scaffold)        {stats.forwards} forwards vs {baseline.stats.forwards} for AR, "
+          f"{stats.tokens_per_forward:.2f} tokens/forward, same answer as AR: {same_answer}")
+    print("plan stages (ms)       " + ", ".join(f"{k} {v:.1f}" for k, v in stats.stage_ms.items()))
+    outcome = "parsed" if plan.ok else f"did not parse ({plan.error})"
+    print(f"plan answer            {outcome}: " + plan.text.replace("\n", " ")[:60])
     print("timings (ms)           " + ", ".join(f"{k} {v:.1f}" for k, v in timer.ms.items()))
     (out_dir / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

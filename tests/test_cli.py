@@ -22,7 +22,7 @@ def test_help_lists_every_command() -> None:
     result = _run("--help")
     assert result.returncode == 0
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert set(commands) == {"demo", "inspect", "scaffold"}
+    assert set(commands) == {"demo", "inspect", "plan", "scaffold"}
     for name in commands:
         assert name in result.stdout
 
@@ -60,4 +60,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert summary["round_trip_exact"] is True
     assert summary["image_grid_thw"] == [[1, 8, 8]]
     assert 0 < summary["first_block_masked"] <= 32
-    assert set(summary["timings_ms"]) >= {"load_checkpoint", "prefill", "block_step"}
+    assert set(summary["timings_ms"]) >= {"load_checkpoint", "prefill", "block_step", "plan"}
+    # The scaffold decoder is lossless: the planner's answer is the constrained AR baseline's.
+    assert summary["plan"]["same_answer_as_ar"] is True
+    assert summary["plan"]["stats"]["decoder"] == "scaffold"

@@ -11,7 +11,7 @@ from ..vla.image import preprocess_images
 from ..vla.kv_cache import CacheCapacityError
 from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
-from ..vla.rope_index import continuation_positions
+from ..vla.rope_index import continuation_positions, image_token_counts
 from .backend import CacheFullError, Prompt, PromptError, Sampling, StepResult, TokenArray, check_tokens
 from .sampling import gumbel_keys
 
@@ -69,10 +69,14 @@ class TorchBackend:
                 raise PromptError("the prompt has images but the model has no vision tower")
             t0 = time.perf_counter()
             patches, grid = preprocess_images(list(prompt.images), vision)
-            features = self.model.encode_images(patches.to(self.device), grid.to(self.device))
-            stage["vision"] = (time.perf_counter() - t0) * 1e3
+            needed = sum(image_token_counts(grid, vision.spatial_merge_size))
+            if n_image_tokens != needed:
+                raise PromptError(f"the prompt holds {n_image_tokens} image tokens but its {len(prompt.images)} "
+                                  f"image(s) need {needed}")
             if bool((ids[0, n:] == image_id).any()):
                 raise PromptError(f"image tokens lie past the prefill length {n}; prefill through the images")
+            features = self.model.encode_images(patches.to(self.device), grid.to(self.device))
+            stage["vision"] = (time.perf_counter() - t0) * 1e3
             positions, self._rope_delta = self.model.rope_index(ids, grid)
             embeds = self.model.embed(ids, features)
         else:
@@ -100,8 +104,12 @@ class TorchBackend:
              kv_end: int | None = None, sampling: Sampling | None = None) -> StepResult:
         arr = check_tokens(tokens, self.config.lm.vocab_size, self._batch)
         t = arr.shape[1]
-        if start > self._length:
-            raise ValueError(f"step at slot {start} leaves a gap: the cache holds {self._length} slots")
+        if start < 0 or start > self._length:
+            raise ValueError(f"step at slot {start} outside 0..{self._length}: the cache holds {self._length} slots "
+                             "and a later start would leave a gap")
+        if sampling is not None and len(sampling.seeds) != self._batch:
+            # Checked before the forward, which may write KV: a refused call changes nothing.
+            raise ValueError(f"sampling needs {self._batch} seeds (one per row), got {len(sampling.seeds)}")
         if kv_end is not None and kv_end > self._length and kv_end > start + t:
             raise ValueError(f"kv_end {kv_end} reaches past the valid cache ({self._length} slots)")
         ids = torch.from_numpy(arr).to(self.device)
@@ -121,6 +129,8 @@ class TorchBackend:
     def fork(self, n: int) -> None:
         if self._batch != 1:
             raise ValueError("fork() needs a batch-one cache; prefill first")
+        if n < 1:
+            raise ValueError(f"fork({n}) needs at least one row")
         if n == 1:
             return
         if self._multi is None or n > self._multi.batch:

@@ -29,7 +29,7 @@ def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """
     if image.shape[:2] == (height, width):
         return image
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = torch.tensor(image).permute(2, 0, 1)[None].float()
     x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
     return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
@@ -58,7 +58,7 @@ def preprocess_image(image: np.ndarray, vision: VisionConfig, min_pixels: int = 
     factor = vision.patch_size * vision.spatial_merge_size
     h, w = smart_resize(image.shape[0], image.shape[1], factor, min_pixels, max_pixels)
     resized = resize_bicubic(image, h, w)
-    x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float() * (1.0 / 255.0)
+    x = torch.tensor(resized).permute(2, 0, 1).float() * (1.0 / 255.0)  # copies: ROS buffers are read-only
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     x = (x - mean) / std

@@ -174,12 +174,17 @@ class DecoderLM(nn.Module):
         block_size: int | None = None,
         write_kv: bool = True,
         kv_end: int | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return the final normed hidden states ``(B, T, hidden)``; see :meth:`logits`.
 
         ``kv_end`` (with ``write_kv``) widens the keys to cache slots ``0 .. kv_end-1`` even past the
         window: Fast-dLLM v2's sub-block cache lets the active sub-block see the rest of its block
         as cached when the block was last run whole.
+
+        ``attn_mask`` (boolean, ``(T, keys)`` or ``(B, T, keys)``, True = may attend) replaces the
+        mode's mask, for layouts no mode describes: block-diffusion training packs a noisy copy of
+        the answer beside the clean one.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -201,7 +206,10 @@ class DecoderLM(nn.Module):
             k_slots = q_slots
         if position_ids is None:
             position_ids = q_slots[None].expand(b, -1)
-        mask = attention_mask(q_slots, k_slots, AttentionMode(mode), block_size)
+        if attn_mask is None:
+            mask = attention_mask(q_slots, k_slots, AttentionMode(mode), block_size)
+        else:
+            mask = _checked_mask(attn_mask, b, t, k_slots.shape[0])
         cos, sin = self.rotary(position_ids, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, start, write_kv, end)
@@ -209,3 +217,12 @@ class DecoderLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+
+def _checked_mask(mask: torch.Tensor, batch: int, queries: int, keys: int) -> torch.Tensor:
+    if mask.dtype != torch.bool:
+        raise ValueError(f"attn_mask must be boolean (True = may attend), got {mask.dtype}")
+    if mask.shape not in ((queries, keys), (batch, queries, keys)):
+        raise ValueError(f"attn_mask must have shape ({queries}, {keys}) or ({batch}, {queries}, {keys}), "
+                         f"got {tuple(mask.shape)}")
+    return mask if mask.dim() == 2 else mask[:, None]

@@ -77,13 +77,15 @@ class VLAModel(nn.Module):
         block_size: int | None = None,
         write_kv: bool = True,
         kv_end: int | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final normed hidden states ``(B, T, hidden)``; see :meth:`logits`.
 
         With ``pixel_values`` (and ``grid_thw``) the images are encoded and scattered into the
         image tokens of ``input_ids``; unless ``position_ids`` is given, the 3-D positions are
         computed for a prompt that starts at slot 0. Tokens after a prompt with images need
-        explicit positions (:func:`blockpilot.vla.rope_index.continuation_positions`).
+        explicit positions (:func:`blockpilot.vla.rope_index.continuation_positions`). ``attn_mask``
+        overrides the mode's mask (see :meth:`DecoderLM.forward`).
         """
         if pixel_values is not None:
             if input_ids is None or grid_thw is None:
@@ -95,7 +97,8 @@ class VLAModel(nn.Module):
             inputs_embeds = self.embed(input_ids, self.encode_images(pixel_values, grid_thw))
             input_ids = None
         return self.lm(input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, cache=cache,
-                       start=start, mode=mode, block_size=block_size, write_kv=write_kv, kv_end=kv_end)
+                       start=start, mode=mode, block_size=block_size, write_kv=write_kv, kv_end=kv_end,
+                       attn_mask=attn_mask)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm.logits(hidden)

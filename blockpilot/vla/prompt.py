@@ -37,11 +37,12 @@ class EgoState:
     accel_mps2: float
 
     def __post_init__(self) -> None:
-        past = np.asarray(self.past_waypoints, dtype=np.float64)
+        past = np.array(self.past_waypoints, dtype=np.float64)  # a private, read-only copy
         if past.ndim != 2 or past.shape[1] != 2:
             raise PromptError(f"EgoState.past_waypoints must have shape (K, 2), got {past.shape}")
         if not (np.isfinite(past).all() and np.isfinite(self.speed_mps) and np.isfinite(self.accel_mps2)):
             raise PromptError("EgoState holds a non-finite value (past_waypoints, speed_mps or accel_mps2)")
+        past.flags.writeable = False
         object.__setattr__(self, "past_waypoints", past)
 
 

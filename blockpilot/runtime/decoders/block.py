@@ -74,6 +74,8 @@ def block_threshold(backend: Backend, prompt: Prompt, options: BlockOptions) -> 
     aligned = (p // size) * size
     if aligned == p:
         seed = int(fw.prefill(prompt, mode=AttentionMode.BLOCK).top1[0, -1])
+        if seed == end:  # as after a commit: no block to denoise
+            return fw.result([], "end")
         block_start, block, generated_from = p, np.full(size, mask, dtype=np.int64), 0
         block[0] = seed
     else:

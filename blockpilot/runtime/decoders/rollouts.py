@@ -1,5 +1,6 @@
 """``shared_prefix_rollouts``: decode the answer greedily up to one section (the trajectory),
-fork the KV cache N ways and decode that section in every fork with seeded sampling.
+fork the KV cache N ways and decode that section in every fork with seeded sampling (its first
+token included: each row draws it, so rows may differ from the section's first value on).
 
 The prefix is computed once; the N rollouts run as one batched forward per step, which at batch
 one on a GPU costs about what a single row does (decoding is bandwidth-bound).
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...vla.modes import AttentionMode
 from ..backend import Backend, Prompt, Sampling, row_seeds
 from .common import CountingBackend, Decoded, ScaffoldLike
 from .speculative import SpeculativeOptions, speculate
@@ -46,6 +48,16 @@ def shared_prefix_rollouts(backend: Backend, prompt: Prompt, scaffold: ScaffoldL
     fw.fork(options.rollouts)
     out = np.repeat(prefix, options.rollouts, axis=0)
     sampling = Sampling(options.temperature, tuple(row_seeds(options.seed, options.rollouts)))
-    speculate(fw, scaffold, options.speculative, len(prompt), out, np.repeat(pending, options.rollouts), fork_at, n,
-              sampling)
+    pending = np.repeat(pending, options.rollouts)
+    if fork_at < n and not scaffold.frozen[fork_at]:
+        # The section opens with a value: it is a draw too, made by the last position before the
+        # fork, so that position runs again in every row (same tokens, same KV) with sampling.
+        slot = len(prompt) + fork_at - 1
+        last = prefix[0, fork_at - 1] if fork_at > 0 else prompt.token_ids[-1]
+        fw.truncate(slot)
+        drawn = fw.step(np.full((options.rollouts, 1), last), slot, mode=AttentionMode.CAUSAL, write_kv=True,
+                        sampling=sampling).sampled
+        assert drawn is not None
+        pending = drawn[:, 0]
+    speculate(fw, scaffold, options.speculative, len(prompt), out, pending, fork_at, n, sampling)
     return fw.result(out, "scaffold")

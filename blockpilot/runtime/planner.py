@@ -1,0 +1,265 @@
+"""The ``Planner``: observation in, driving plan out, over any :class:`~blockpilot.runtime.backend.Backend`.
+
+One plan: check the observation, assemble the chat prompt (image placeholders counted without
+touching pixels), check that prompt plus answer fits the KV cache, run the configured decoder,
+decode and parse the answer. The module is torch-free; :meth:`Planner.from_checkpoint` imports
+the torch backend only when asked for it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..vla.answer_parser import PlanParseError, parse_plan
+from ..vla.config import ConfigError, ModelConfig
+from ..vla.image_grid import image_token_count
+from ..vla.modes import AttentionMode
+from ..vla.plans import DrivingPlan, DrivingSchema
+from ..vla.prompt import (
+    DRIVING_SYSTEM_PROMPT,
+    PromptError,
+    chat_prompt_ids,
+    driving_instruction,
+)
+from ..vla.scaffold import Scaffold, build_scaffold
+from ..vla.slots import FixedNumber
+from ..vla.tokenizer import Tokenizer
+from .backend import Backend, Prompt, TokenArray
+from .decoders import (
+    BlockOptions,
+    Decoded,
+    RolloutOptions,
+    SpeculativeOptions,
+    ar_greedy,
+    block_threshold,
+    scaffold_speculative,
+    shared_prefix_rollouts,
+)
+from .plan_types import (
+    DecoderSettings,
+    Observation,
+    Plan,
+    PlannerSetupError,
+    PromptTooLongError,
+    VlaPlan,
+    check_observation,
+)
+from .stats import PlanStats, StageClock, rollout_spread
+
+if TYPE_CHECKING:
+    from ..vla.model import VLAModel
+
+BACKENDS = ("torch",)
+DEFAULT_MAX_PROMPT_TOKENS = 1024
+
+
+def cache_capacity(max_prompt_tokens: int, answer_tokens: int, block_size: int) -> int:
+    """KV slots one plan may need: the block decoder may write up to one block past the answer."""
+    return max_prompt_tokens + answer_tokens + block_size
+
+
+class Planner:
+    """Plans with one backend and one decoder; reusable after any error it raises.
+
+    ``max_prompt_tokens`` is the prompt budget the cache was sized for (see :func:`cache_capacity`);
+    a longer prompt is refused before any forward with :class:`PromptTooLongError`.
+    """
+
+    def __init__(self, backend: Backend, config: ModelConfig, tokenizer: Tokenizer, *,
+                 decoder: DecoderSettings | None = None, schema: DrivingSchema | None = None) -> None:
+        self.backend = backend
+        self.config = config
+        self.tokenizer = tokenizer
+        self.schema = schema or DrivingSchema.nuscenes()
+        if not isinstance(self.schema, DrivingSchema):
+            raise PlannerSetupError(f"the Planner assembles driving prompts; got a {type(self.schema).__name__}")
+        self.scaffold: Scaffold[DrivingPlan] = build_scaffold(self.schema, tokenizer)
+        self.settings = (decoder or DecoderSettings()).resolve(config.diffusion, len(self.scaffold))
+        assert self.settings.max_new_tokens is not None and self.settings.block_size is not None
+        self.answer_budget = self.settings.max_new_tokens + self.settings.block_size
+        if backend.capacity <= self.answer_budget:
+            raise PlannerSetupError(f"the backend's KV cache ({backend.capacity} slots) cannot hold even the answer "
+                                    f"budget of {self.answer_budget} slots ({self.settings.name} decoder)")
+        max_batch = getattr(backend, "max_batch", None)
+        if self.settings.name == "rollouts" and max_batch is not None and max_batch < self.settings.rollouts:
+            raise PlannerSetupError(f"{self.settings.rollouts} rollouts need a backend with max_batch >= "
+                                    f"{self.settings.rollouts}, this one has {max_batch}")
+        self._number = FixedNumber(self.schema.int_digits, self.schema.frac_digits)
+        try:  # a tokenizer without the chat tokens fails here, not on the first observation
+            chat_prompt_ids(tokenizer, DRIVING_SYSTEM_PROMPT, "", [1] if config.vision is not None else [])
+        except PromptError as exc:
+            raise PlannerSetupError(str(exc)) from exc
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.backend.capacity - self.answer_budget
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path, *, decoder: DecoderSettings | None = None,
+                        schema: DrivingSchema | None = None, backend: str = "torch", device: str = "cpu",
+                        dtype: str = "float32", max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> Planner:
+        """Load a local HF checkpoint (config, tokenizer, weights) onto ``backend``; the answer schema
+        defaults to the checkpoint's ``blockpilot.json`` (nuScenes driving without one). Raises
+        :class:`PlannerSetupError` naming the file for an unusable checkpoint."""
+        import torch
+
+        from ..vla.checkpoint import CheckpointError
+        from ..vla.hf_config import load_config
+        from ..vla.loader import load_model, load_tokenizer
+        from ..vla.schema_io import load_schema
+
+        if backend not in BACKENDS:
+            raise PlannerSetupError(f"backend {backend!r} is not available; choose from {BACKENDS}")
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as exc:  # an unparseable device string
+            raise PlannerSetupError(f"device {device!r}: {exc}") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise PlannerSetupError(f"device {device!r} asked for, but this torch build sees no CUDA device")
+        try:
+            # Config and tokenizer first: a wrong special id fails before gigabytes of weights load.
+            config = load_config(checkpoint_dir)
+            tokenizer = load_tokenizer(checkpoint_dir, config)
+            if schema is None:
+                loaded = load_schema(checkpoint_dir)
+                if not isinstance(loaded, DrivingSchema):
+                    raise PlannerSetupError(f"{checkpoint_dir}: the checkpoint answers in the "
+                                            f"{type(loaded).__name__} layout; the Planner plans driving")
+                schema = loaded
+            model = load_model(checkpoint_dir, dtype=dtype, device=device)
+        except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:  # ValueError: dtype
+            raise PlannerSetupError(str(exc)) from exc
+        return cls.from_model(model, tokenizer, decoder=decoder, schema=schema, max_prompt_tokens=max_prompt_tokens)
+
+    @classmethod
+    def from_model(cls, model: VLAModel, tokenizer: Tokenizer, *, decoder: DecoderSettings | None = None,
+                   schema: DrivingSchema | None = None,
+                   max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> Planner:
+        """A planner on the torch backend over an in-memory model, its cache sized for the decoder."""
+        from .torch_backend import TorchBackend
+
+        settings = decoder or DecoderSettings()
+        answer = len(build_scaffold(schema or DrivingSchema.nuscenes(), tokenizer))
+        resolved = settings.resolve(model.config.diffusion, answer)
+        assert resolved.max_new_tokens is not None and resolved.block_size is not None
+        capacity = cache_capacity(max_prompt_tokens, resolved.max_new_tokens, resolved.block_size)
+        rows = settings.rollouts if settings.name == "rollouts" else 1
+        return cls(TorchBackend(model, capacity, max_batch=rows), model.config, tokenizer, decoder=settings,
+                   schema=schema)
+
+    def prompt(self, observation: Observation) -> tuple[Prompt, int]:
+        """The checked prompt of ``observation`` and how many of its tokens are image tokens."""
+        images = check_observation(observation, self.config)
+        counts = [image_token_count(im.shape[0], im.shape[1], self.config.vision) for im in images] \
+            if self.config.vision is not None else []
+        text = driving_instruction(observation.ego, observation.route_command, self._number)
+        ids = chat_prompt_ids(self.tokenizer, DRIVING_SYSTEM_PROMPT, text, counts)
+        return Prompt(np.asarray(ids, dtype=np.int64), tuple(images)), sum(counts)
+
+    def plan(self, observation: Observation) -> Plan:
+        """Plan once. Raises only :class:`~blockpilot.runtime.backend.BackendError` subclasses for
+        bad input or a full cache; an answer that does not parse comes back as ``Plan.error``."""
+        t0 = time.perf_counter()
+        prompt, image_tokens = self.prompt(observation)
+        if len(prompt) > self.max_prompt_tokens:
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt)} tokens ({image_tokens} of them for {len(prompt.images)} image(s)); "
+                f"with the {self.settings.name} decoder's answer budget of {self.answer_budget} slots the KV cache "
+                f"({self.backend.capacity} slots) fits at most {self.max_prompt_tokens}: build the planner with a "
+                f"larger max_prompt_tokens or send smaller images")
+        clock = StageClock(self.backend)
+        t1 = time.perf_counter()
+        decoded = self.decode(clock, prompt)
+        t2 = time.perf_counter()
+        stage_ms = {"prompt": (t1 - t0) * 1e3, "vision": clock.stage_ms.get("vision", 0.0),
+                    "prefill": clock.stage_ms.get("prefill", 0.0)}
+        stage_ms["decode"] = (t2 - t1) * 1e3 - stage_ms["vision"] - stage_ms["prefill"]
+        return self.finish(decoded, stage_ms, prompt_tokens=len(prompt), image_tokens=image_tokens, started=t0)
+
+    def decode(self, backend: Backend, prompt: Prompt) -> Decoded:
+        """Run the configured decoder on ``prompt`` (answer tokens and forward counts)."""
+        s, tokens = self.settings, self.config.tokens
+        assert s.block_size is not None and s.sub_block_size is not None and s.max_new_tokens is not None
+        if s.name == "ar":
+            return ar_greedy(backend, prompt, max_new_tokens=s.max_new_tokens, end_id=tokens.end,
+                             scaffold=self.scaffold)
+        if s.name == "ar_free":
+            return ar_greedy(backend, prompt, max_new_tokens=s.max_new_tokens, end_id=tokens.end)
+        threshold = s.threshold if s.threshold is not None else 0.0
+        if s.name == "block":
+            options = BlockOptions(mask_id=tokens.mask, end_id=tokens.end, block_size=s.block_size,
+                                   sub_block_size=s.sub_block_size, threshold=threshold,
+                                   max_new_tokens=s.max_new_tokens, commit_mode=AttentionMode(s.commit_mode),
+                                   sub_block_cache=s.sub_block_cache)
+            return block_threshold(backend, prompt, options)
+        speculative = SpeculativeOptions(mask_id=tokens.mask, block_size=s.block_size, threshold=threshold)
+        if s.name == "scaffold":
+            return scaffold_speculative(backend, prompt, self.scaffold, speculative)
+        # The last section (the trajectory) is the one worth sampling: everything before it is shared.
+        rollouts = RolloutOptions(speculative, rollouts=s.rollouts, temperature=s.temperature, seed=s.seed,
+                                  fork_section=self.scaffold.sections[-1].key)
+        return shared_prefix_rollouts(backend, prompt, self.scaffold, rollouts)
+
+    def finish(self, decoded: Decoded, stage_ms: dict[str, float], *, prompt_tokens: int = 0,
+               image_tokens: int = 0, started: float | None = None) -> Plan:
+        """Parse ``decoded``'s rows into a :class:`Plan` with its statistics (never raises on bad text)."""
+        t0 = time.perf_counter()
+        answers = [self.read_answer(row) for row in decoded.tokens]
+        parsed = [a for a, _, _ in answers if a is not None]
+        spread = None
+        single = len(answers) == 1 and self.settings.name != "rollouts"
+        if single:
+            plan, error, text = answers[0]
+        else:
+            error = next((e for _, e, _ in answers if e is not None), None) if not parsed else None
+            text = answers[0][2]
+            plan = None
+            if parsed:
+                spread = rollout_spread([p.waypoints for p in parsed])
+                # Rollouts share every section before the trajectory; the plan carries their mean.
+                plan = replace(parsed[0], waypoints=spread.mean)
+        t1 = time.perf_counter()
+        timings = {**stage_ms, "parse": (t1 - t0) * 1e3}
+        timings["total"] = (t1 - started) * 1e3 if started is not None else sum(timings.values())
+        stats = PlanStats(
+            decoder=self.settings.name, settings=self.settings.to_dict(), forwards=decoded.forwards,
+            row_forwards=decoded.row_forwards, prefill_forwards=decoded.prefill_forwards,
+            decode_forwards=decoded.decode_forwards, tokens=int(decoded.tokens.shape[1]),
+            rows=int(decoded.tokens.shape[0]), tokens_per_forward=decoded.tokens_per_forward,
+            prompt_tokens=prompt_tokens, image_tokens=image_tokens, stop=decoded.stop, stage_ms=timings)
+        if single:
+            return Plan(plan, error, text, stats, decoded.tokens)
+        return Plan(plan, error, text, stats, decoded.tokens, spread, tuple(a for a, _, _ in answers),
+                    tuple(t for _, _, t in answers), tuple(e for _, e, _ in answers))
+
+    def read_answer(self, tokens: Sequence[int] | TokenArray) -> tuple[VlaPlan | None, PlanParseError | None, str]:
+        """``(plan, None, text)`` or ``(None, error, text)`` for one row of answer tokens."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        vocab = self.tokenizer.vocab_size
+        outside = np.flatnonzero((ids < 0) | (ids >= vocab))
+        # The model's embedding table may be larger than the tokenizer's vocabulary.
+        text = self.tokenizer.decode(ids[(ids >= 0) & (ids < vocab)])
+        null = self.scaffold.null_text
+        clean = text.replace(null, "")
+        if outside.size:
+            pos = int(outside[0])
+            offset = len(self.tokenizer.decode(ids[:pos]))
+            return None, PlanParseError("answer", offset, f"token id {int(ids[pos])} at position {pos} is outside "
+                                                          f"the tokenizer's vocabulary ({vocab})"), clean
+        try:
+            if self.settings.uses_scaffold and ids.shape == self.scaffold.token_ids.shape:
+                return self.scaffold.decode_plan(ids), None, clean
+            return parse_plan(text, self.schema, null_text=null), None, clean
+        except PlanParseError as exc:
+            return None, exc, clean
+
+    def describe(self) -> dict[str, Any]:
+        """Decoder settings and cache sizes, for logs."""
+        return {"decoder": self.settings.to_dict(), "cache_slots": self.backend.capacity,
+                "max_prompt_tokens": self.max_prompt_tokens, "answer_tokens": len(self.scaffold)}

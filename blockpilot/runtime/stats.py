@@ -1,0 +1,97 @@
+"""Plan statistics and rollout spread (torch-free)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..vla.modes import AttentionMode
+from .backend import Backend, Prompt, Sampling, StepResult, TokenArray
+
+
+@dataclass(frozen=True, eq=False)
+class RolloutSpread:
+    """How N sampled trajectories disagree. ``waypoints`` ``(R, K, D)`` holds the rollouts that
+    parsed; ``std`` and ``max_deviation`` ``(K,)`` are the root-mean-square and the largest
+    distance of a rollout's waypoint from the mean, per waypoint."""
+
+    waypoints: npt.NDArray[np.float64]
+    mean: npt.NDArray[np.float64]
+    std: npt.NDArray[np.float64]
+    max_deviation: npt.NDArray[np.float64]
+
+    @property
+    def count(self) -> int:
+        return int(self.waypoints.shape[0])
+
+
+def rollout_spread(waypoints: Sequence[npt.ArrayLike]) -> RolloutSpread:
+    """Mean and spread of one or more ``(K, D)`` trajectories of the same shape."""
+    stack = np.stack([np.asarray(w, dtype=np.float64) for w in waypoints])
+    mean = stack.mean(axis=0)
+    dist = np.linalg.norm(stack - mean, axis=-1)
+    return RolloutSpread(stack, mean, np.sqrt((dist**2).mean(axis=0)), dist.max(axis=0))
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    """Cost of one plan. ``forwards`` counts backend calls (the NFE, prefill included);
+    ``row_forwards`` weighs each by its batch rows; ``tokens`` counts answer tokens per row;
+    ``stage_ms`` holds prompt, vision, prefill, decode, parse and total."""
+
+    decoder: str
+    settings: Mapping[str, Any]
+    forwards: int
+    row_forwards: int
+    prefill_forwards: int
+    decode_forwards: int
+    tokens: int
+    rows: int
+    tokens_per_forward: float
+    prompt_tokens: int
+    image_tokens: int
+    stop: str
+    stage_ms: Mapping[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["settings"] = dict(self.settings)
+        out["tokens_per_forward"] = round(self.tokens_per_forward, 3)
+        out["stage_ms"] = {k: round(v, 3) for k, v in self.stage_ms.items()}
+        return out
+
+
+class StageClock:
+    """A backend pass-through that keeps the stage timings of the last prefill (vision, prefill)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.stage_ms: dict[str, float] = {}
+
+    @property
+    def length(self) -> int:
+        return self.backend.length
+
+    @property
+    def capacity(self) -> int:
+        return self.backend.capacity
+
+    def prefill(self, prompt: Prompt, *, length: int | None = None,
+                mode: AttentionMode = AttentionMode.CAUSAL) -> StepResult:
+        result = self.backend.prefill(prompt, length=length, mode=mode)
+        self.stage_ms = dict(result.stage_ms)
+        return result
+
+    def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
+             kv_end: int | None = None, sampling: Sampling | None = None) -> StepResult:
+        return self.backend.step(tokens, start, mode=mode, write_kv=write_kv, kv_end=kv_end, sampling=sampling)
+
+    def fork(self, n: int) -> None:
+        self.backend.fork(n)
+
+    def truncate(self, length: int) -> None:
+        self.backend.truncate(length)

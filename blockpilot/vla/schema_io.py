@@ -1,0 +1,75 @@
+"""The answer schema a checkpoint was trained with, kept beside it in ``blockpilot.json``.
+
+A checkpoint directory in the HF layout says nothing about the answer layout its model learned;
+a model trained on a shorter explanation slot, for one, needs that scaffold to decode. The file
+holds ``{"schema": {"kind": "driving" | "robot", <schema fields>}, ...}``; other top-level keys
+(training provenance) are kept for readers that want them. Without the file a checkpoint is
+taken to answer in the nuScenes driving layout, as Fast-dDrive checkpoints do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+from .plans import DrivingSchema, RobotActionSchema
+
+SCHEMA_FILE = "blockpilot.json"
+_KINDS: dict[str, type[DrivingSchema] | type[RobotActionSchema]] = {
+    "driving": DrivingSchema, "robot": RobotActionSchema,
+}
+
+
+def schema_to_dict(schema: DrivingSchema | RobotActionSchema) -> dict[str, Any]:
+    kind = "driving" if isinstance(schema, DrivingSchema) else "robot"
+    out: dict[str, Any] = {"kind": kind}
+    for f in fields(schema):
+        if f.init:
+            value = getattr(schema, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def schema_from_dict(data: dict[str, Any], where: str = SCHEMA_FILE) -> DrivingSchema | RobotActionSchema:
+    kind = data.get("kind")
+    if kind not in _KINDS:
+        raise ConfigError(f"{where}: schema.kind must be one of {sorted(_KINDS)}, got {kind!r}")
+    cls = _KINDS[kind]
+    known = {f.name for f in fields(cls) if f.init}
+    params = {k: v for k, v in data.items() if k != "kind"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown {kind} schema field(s) {unknown}")
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: invalid {kind} schema ({exc})") from exc
+
+
+def save_schema(checkpoint_dir: str | Path, schema: DrivingSchema | RobotActionSchema,
+                **extra: Any) -> Path:
+    """Write ``blockpilot.json`` with the schema and any ``extra`` top-level entries."""
+    path = Path(checkpoint_dir) / SCHEMA_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"schema": schema_to_dict(schema), **extra}, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_schema(checkpoint_dir: str | Path) -> DrivingSchema | RobotActionSchema:
+    """The checkpoint's answer schema; :meth:`DrivingSchema.nuscenes` when it has no ``blockpilot.json``."""
+    path = Path(checkpoint_dir) / SCHEMA_FILE
+    if not path.is_file():
+        return DrivingSchema.nuscenes()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("schema"), dict):
+        raise ConfigError(f"{path}: expected an object with a 'schema' object")
+    return schema_from_dict(data["schema"], str(path))
