@@ -7,7 +7,6 @@ that version (in a throwaway venv) to keep the runtime floor; any protoc gives t
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
@@ -34,4 +33,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

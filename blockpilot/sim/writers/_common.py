@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 
+from blockpilot.sim.cameras import CameraLike
 from blockpilot.sim.types import FloatArray, Scene, Track
 
 SYNTHETIC_LABEL = "SYNTHETIC (blockpilot sim)"
@@ -18,34 +19,6 @@ SYNTHETIC_LABEL = "SYNTHETIC (blockpilot sim)"
 BASE_TIME_US = 1_700_000_000_000_000
 SCENE_SPACING_US = 3_600_000_000
 JPEG_QUALITY = 90
-
-
-class CameraLike(Protocol):
-    """A pinhole camera mounted on the ego: intrinsics in pixels, mount in the ego frame (x forward,
-    y left, z up, metres) and yaw (radians, counter-clockwise from forward)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def width(self) -> int: ...
-    @property
-    def height(self) -> int: ...
-    @property
-    def fx(self) -> float: ...
-    @property
-    def fy(self) -> float: ...
-    @property
-    def cx(self) -> float: ...
-    @property
-    def cy(self) -> float: ...
-    @property
-    def x(self) -> float: ...
-    @property
-    def y(self) -> float: ...
-    @property
-    def z(self) -> float: ...
-    @property
-    def yaw(self) -> float: ...
 
 
 RenderFn = Callable[[Scene, int, CameraLike], npt.NDArray[np.uint8]]
