@@ -108,6 +108,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_reference(args: argparse.Namespace) -> int:
+    from .vla.train.trainer import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blockpilot",
@@ -152,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     plan.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt budget the KV cache is sized for")
     plan.set_defaults(func=_cmd_plan)
+    train = sub.add_parser("train-reference",
+                           help="train the reference model on generated scenes (block-diffusion recipe)")
+    from .vla.train.trainer import add_arguments
+
+    add_arguments(train)
+    train.set_defaults(func=_cmd_train_reference)
     return parser
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from .config import BlockDiffusionConfig, LMConfig, ModelConfig, SpecialTokens, VisionConfig
 from .loader import save_checkpoint
 from .model import VLAModel
+from .plans import DrivingSchema
 from .reference_tokenizer import build_reference_tokenizer
 from .tokenizer import Tokenizer
 
@@ -28,6 +29,15 @@ def reference_config(vocab_size: int, tokens: SpecialTokens) -> ModelConfig:
                           window_size=56, fullatt_block_indexes=(3,))
     return ModelConfig(lm=lm, vision=vision, tokens=tokens, diffusion=BlockDiffusionConfig(32, 8),
                        architecture="qwen2_5_vl")
+
+
+def reference_schema() -> DrivingSchema:
+    """The answer layout the reference model is trained on: nuScenes horizon, a 16-token explanation.
+
+    The short explanation slot keeps the answer (and CPU training) small; a trained checkpoint
+    records its layout in ``blockpilot.json`` (:mod:`blockpilot.vla.schema_io`).
+    """
+    return DrivingSchema(num_waypoints=6, rate_hz=2.0, explanation_tokens=16)
 
 
 def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:

@@ -100,7 +100,9 @@ class Scaffold(Generic[PlanT]):
         special = self.tokenizer.special
         for span, text in zip(self.slots, texts, strict=True):
             value_ids = self.tokenizer.encode(text)
-            clash = {special.mask, special.null, special.end} & set(value_ids)
+            # Any special token inside a value would be stripped or misread by the parser.
+            reserved = {special.mask, special.null, special.end} | set(getattr(self.tokenizer, "special_ids", ()))
+            clash = reserved & set(value_ids)
             if clash:
                 raise SchemaError(f"{span.path}: value {text[:40]!r} contains special token ids {sorted(clash)}")
             if len(value_ids) > span.length:

@@ -93,6 +93,11 @@ class Tokenizer:
             raise ValueError(f"{self.source}: token ids {bad[:8]} are outside the vocabulary (size {n})")
         return str(self._backend.decode(id_list, skip_special_tokens=skip_special_tokens))
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of every added special token (chat markers, image tokens, mask, null, ...)."""
+        return frozenset(i for i, t in self._backend.get_added_tokens_decoder().items() if t.special)
+
     def token_to_id(self, token: str) -> int | None:
         found = self._backend.token_to_id(token)
         return None if found is None else int(found)

@@ -1,0 +1,270 @@
+"""Train the reference model on synthetic scenes and write it as a checkpoint the loader reads.
+
+AdamW with a warmup + cosine schedule and gradient clipping; bf16 autocast on CUDA, fp32 on the
+CPU. Every random draw (weights, data order, masks) comes from ``seed``, so a CPU run repeats
+exactly. The output directory holds the HF-layout checkpoint, ``tokenizer.json``,
+``blockpilot.json`` (answer schema and provenance), ``train_log.json`` and ``DATA_CARD.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..loader import save_checkpoint
+from ..model import VLAModel
+from ..plans import DrivingPlan, DrivingSchema
+from ..reference import init_weights, reference_config, reference_schema
+from ..reference_tokenizer import build_reference_tokenizer
+from ..scaffold import Scaffold, build_scaffold
+from ..schema_io import save_schema
+from .card import write_data_card
+from .data import CameraFn, ExampleSet, KeyframesFn, SceneFn, answer_sections, build_examples
+from .objective import AnswerLayout, ObjectiveConfig, TrainBatch, block_diffusion_loss, make_batch, maskable
+
+EVAL_SEED_BASE = 1_000_000  # held-out scenes are drawn far from the training seeds
+
+
+def lr_factor(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
+    """Linear warmup to 1, then cosine decay to ``floor`` at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(steps - warmup, 1)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _batch(examples: ExampleSet, idx: Sequence[int], layout: AnswerLayout, model: VLAModel,
+           objective: ObjectiveConfig, device: torch.device) -> TrainBatch:
+    return make_batch([examples.images[i] for i in idx], [examples.prompts[i] for i in idx],
+                      [examples.answers[i] for i in idx], layout, model.config, objective).to(device)
+
+
+def _autocast(device: torch.device) -> Any:
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: VLAModel, examples: ExampleSet, scaffold: Scaffold[DrivingPlan], layout: AnswerLayout,
+             objective: ObjectiveConfig, device: torch.device, batch: int = 8) -> dict[str, float | None]:
+    """Held-out losses and one-step, teacher-forced accuracy with every answer block fully masked.
+
+    ``acc_<section>``: share of value tokens (slots, null padding included) predicted right;
+    ``traj_ade_m``: mean waypoint error of the
+    predicted trajectory slots read back (other sections from the label; ``traj_parse_fail``: the
+    share unreadable); ``parse_fail``: share of answers unreadable with every slot predicted.
+    """
+    model.eval()
+    block = model.config.diffusion.block_size
+    value_tokens = (layout.section_ids == layout.names.index("trajectory")) & ~layout.frozen
+    sections = len(layout.names)
+    totals = {"loss": 0.0, "diffusion": 0.0, "ar": 0.0}
+    correct, counted = np.zeros(sections), np.zeros(sections)
+    parse_fail = traj_fail = 0
+    errors: list[float] = []
+    gen = torch.Generator().manual_seed(0)
+    for lo in range(0, len(examples), batch):
+        idx = list(range(lo, min(lo + batch, len(examples))))
+        tb = _batch(examples, idx, layout, model, objective, device)
+        views = [[maskable(p, n, block)] for p, n in zip(tb.prompt_lens, tb.lengths, strict=True)]
+        with _autocast(device):
+            parts = block_diffusion_loss(model, tb, objective, gen, views=views)
+        for key, value in (("loss", parts.total), ("diffusion", parts.diffusion), ("ar", parts.ar)):
+            totals[key] += float(value) * len(idx)
+        rows, slots, pred = parts.rows.cpu().numpy(), parts.slots.cpu().numpy(), parts.predicted.cpu().numpy()
+        for j, i in enumerate(idx):
+            pos = slots[rows == j] - tb.prompt_lens[j]
+            guess = pred[rows == j][pos < len(scaffold)]
+            pos = pos[pos < len(scaffold)]
+            answer = examples.answers[i][:len(scaffold)]
+            full = scaffold.token_ids.copy()  # every slot from the predictions
+            full[pos[~scaffold.frozen[pos]]] = guess[~scaffold.frozen[pos]]
+            traj_only = answer.copy()  # the trajectory from the predictions, the rest from the label
+            traj_only[pos[value_tokens[pos]]] = guess[value_tokens[pos]]
+            values = ~scaffold.frozen[pos]
+            section = layout.section_ids[pos][values]
+            correct += np.bincount(section, weights=guess[values] == answer[pos][values], minlength=sections)
+            counted += np.bincount(section, minlength=sections)
+            parse_fail += not _parses(scaffold, full)
+            if _parses(scaffold, traj_only):
+                waypoints = scaffold.decode_plan(traj_only).waypoints
+                errors.append(float(np.linalg.norm(waypoints - examples.waypoints[i], axis=1).mean()))
+            else:
+                traj_fail += 1
+    model.train()
+    n = len(examples)
+    accuracy = {f"acc_{name}": float(c / k) for name, c, k in zip(layout.names, correct, counted, strict=True) if k}
+    return {**{k: v / n for k, v in totals.items()}, **accuracy,
+            "traj_ade_m": float(np.mean(errors)) if errors else None, "traj_parse_fail": traj_fail / n,
+            "parse_fail": parse_fail / n}
+
+
+def _parses(scaffold: Scaffold[DrivingPlan], ids: np.ndarray) -> bool:
+    try:
+        scaffold.decode_plan(ids)
+    except ValueError:
+        return False
+    return True
+
+
+def train_reference(
+    out_dir: str | Path,
+    train_seeds: Sequence[int],
+    steps: int = 2000,
+    batch: int = 8,
+    lr: float = 3e-3,
+    seed: int = 0,
+    device: str | None = None,
+    *,
+    eval_seeds: Sequence[int] | None = None,
+    cache_dir: str | Path | None = None,
+    eval_every: int = 250,
+    max_eval_examples: int = 64,
+    keyframe_stride: int = 2,
+    warmup: int | None = None,
+    weight_decay: float = 0.01,
+    grad_clip: float = 1.0,
+    objective: ObjectiveConfig | None = None,
+    schema: DrivingSchema | None = None,
+    sim: tuple[SceneFn, KeyframesFn, CameraFn] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train the reference VLA with the block-diffusion objective; returns the run's metrics."""
+    t_start = time.perf_counter()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    objective = objective or ObjectiveConfig()
+    schema = schema or reference_schema()
+    eval_seeds = list(eval_seeds) if eval_seeds is not None else [EVAL_SEED_BASE + seed + i for i in range(8)]
+    if set(eval_seeds) & set(train_seeds):
+        raise ValueError("eval_seeds overlap train_seeds; held-out scenes must be unseen")
+    torch.manual_seed(seed)
+    tokenizer, tokens = build_reference_tokenizer()
+    model = VLAModel(reference_config(tokenizer.vocab_size, tokens))
+    init_weights(model, seed=seed)
+    model.to(dev).train()
+    scaffold = build_scaffold(schema, tokenizer)
+    names, section_ids, frozen = answer_sections(scaffold)
+    layout = AnswerLayout(names, section_ids, frozen)
+    vision = model.config.vision
+    assert vision is not None  # the reference model is a VLA
+    t0 = time.perf_counter()
+    train = build_examples(train_seeds, tokenizer, scaffold, vision, cache_dir=cache_dir, stride=keyframe_stride,
+                           sim=sim)
+    held_out = build_examples(eval_seeds, tokenizer, scaffold, vision, cache_dir=cache_dir, stride=keyframe_stride,
+                              sim=sim)
+    held_out = held_out.subset(max_eval_examples)
+    data_s = time.perf_counter() - t0
+    log(f"data: {len(train)} train / {len(held_out)} held-out examples in {data_s:.1f} s")
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    warmup = warmup if warmup is not None else max(1, steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
+    order_gen = torch.Generator().manual_seed(seed + 1)
+    mask_gen = torch.Generator().manual_seed(seed + 2)
+    order: list[int] = []
+    history: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
+    train_s = 0.0
+    for step in range(steps):
+        if len(order) < batch:
+            order += torch.randperm(len(train), generator=order_gen).tolist()
+        idx, order = order[:batch], order[batch:]
+        t_step = time.perf_counter()
+        tb = _batch(train, idx, layout, model, objective, dev)
+        with _autocast(dev):
+            parts = block_diffusion_loss(model, tb, objective, mask_gen)
+        optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        optimizer.step()
+        scheduler.step()
+        train_s += time.perf_counter() - t_step
+        history.append({"step": step + 1, "loss": parts.total.item(), "diffusion": float(parts.diffusion),
+                        "ar": float(parts.ar), "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]})
+        if (step + 1) % max(eval_every // 4, 1) == 0 or step == 0:
+            log(f"step {step + 1}/{steps} loss {history[-1]['loss']:.4f} (diffusion {history[-1]['diffusion']:.4f},"
+                f" ar {history[-1]['ar']:.4f}) {batch * (step + 1) / train_s:.2f} ex/s")
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            evals.append({"step": step + 1, **evaluate(model, held_out, scaffold, layout, objective, dev, batch)})
+            log(f"eval step {step + 1}: " + ", ".join(f"{k} {v:.4g}" if v is not None else f"{k} -"
+                                                     for k, v in evals[-1].items() if k != "step"))
+
+    root = Path(out_dir)
+    model_cpu = model.to("cpu", torch.float32).eval()
+    save_checkpoint(model_cpu, root)
+    tokenizer.save(root)
+    tail = history[-min(len(history), 20):]
+    metrics: dict[str, Any] = {
+        "steps": steps, "batch": batch, "lr": lr, "seed": seed, "device": str(dev), "warmup": warmup,
+        "train_examples": len(train), "eval_examples": len(held_out), "data_seconds": round(data_s, 2),
+        "train_seconds": round(train_s, 2), "examples_per_second": round(steps * batch / max(train_s, 1e-9), 3),
+        "final_train_loss": float(np.mean([h["loss"] for h in tail])), "final_eval": evals[-1] if evals else {},
+        "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "wall_seconds": round(time.perf_counter() - t_start, 2),
+    }
+    recipe = {"objective": {**asdict(replace(objective)), "section_weights": dict(objective.section_weights)},
+              "optimizer": {"name": "AdamW", "betas": [0.9, 0.95], "weight_decay": weight_decay,
+                            "grad_clip": grad_clip, "schedule": "linear warmup + cosine to 0.1 x lr"},
+              "block_size": model.config.diffusion.block_size}
+    save_schema(root, schema, training={"recipe": recipe, "metrics": metrics, "train_stats": train.stats,
+                                        "eval_stats": held_out.stats})
+    (root / "train_log.json").write_text(json.dumps({"metrics": metrics, "recipe": recipe, "history": history,
+                                                     "evals": evals}, indent=1) + "\n")
+    write_data_card(root / "DATA_CARD.md", train_seeds, eval_seeds, train.stats, held_out.stats, recipe, metrics)
+    log(f"wrote {root} ({metrics['examples_per_second']} ex/s, final loss {metrics['final_train_loss']:.4f})")
+    return metrics
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0:200"`` (a range), ``"3,5,9"`` or ``"40"`` (that many scenes from seed 0)."""
+    if ":" in text:
+        lo, hi = (int(x) for x in text.split(":"))
+        return list(range(lo, hi))
+    if "," in text:
+        return [int(x) for x in text.split(",")]
+    return list(range(int(text)))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``train-reference`` options, for the CLI's subcommand parser."""
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--train-seeds", default="0:320", help="scene seeds: 'lo:hi', 'a,b,c' or a count")
+    p.add_argument("--eval-seeds", default=None, help=f"held-out scene seeds (default: 8 from {EVAL_SEED_BASE})")
+    p.add_argument("--keyframe-stride", type=int, default=2, help="use every n-th 2 Hz keyframe of a scene")
+    p.add_argument("--cache-dir", default="runs/cache/examples", help="tokenized example cache ('' to disable)")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--ar-weight", type=float, default=ObjectiveConfig.ar_weight, help="auxiliary causal loss weight")
+
+
+def run(args: argparse.Namespace) -> int:
+    train_reference(args.out, parse_seeds(args.train_seeds), steps=args.steps, batch=args.batch, lr=args.lr,
+                    seed=args.seed, device=args.device,
+                    eval_seeds=parse_seeds(args.eval_seeds) if args.eval_seeds else None,
+                    cache_dir=args.cache_dir or None, eval_every=args.eval_every, keyframe_stride=args.keyframe_stride,
+                    objective=ObjectiveConfig(ar_weight=args.ar_weight))
+    return 0
+
+
+def main_train_reference(argv: Sequence[str] | None = None) -> int:
+    """``blockpilot train-reference ...`` as a function of its arguments."""
+    p = argparse.ArgumentParser(prog="blockpilot train-reference",
+                                description="Train the reference block-diffusion VLA on synthetic scenes.")
+    add_arguments(p)
+    return run(p.parse_args(argv))
