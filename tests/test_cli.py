@@ -22,7 +22,7 @@ def test_help_lists_every_command() -> None:
     result = _run("--help")
     assert result.returncode == 0
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert set(commands) == {"demo", "inspect", "plan", "scaffold"}
+    assert set(commands) == {"demo", "inspect", "plan", "scaffold", "train-reference"}
     for name in commands:
         assert name in result.stdout
 
