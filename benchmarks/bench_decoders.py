@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from blockpilot.demo import road_image
-from blockpilot.runtime.plan_types import DecoderSettings, Observation
+from blockpilot.eval.synthetic import heldout_keyframes, observation
+from blockpilot.runtime.plan_types import DecoderSettings
 from blockpilot.runtime.planner import Planner
-from blockpilot.vla.prompt import EgoState
+from blockpilot.vla.schema_io import load_schema
 
 CASES: tuple[tuple[str, DecoderSettings], ...] = (
     ("ar (scaffold)", DecoderSettings(name="ar")),
@@ -61,11 +60,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, what = _load(args)
-    obs = Observation([road_image(args.image_size)], EgoState(np.array([[-5.0, 0.0], [-2.5, 0.0], [0.0, 0.0]]),
-                                                               speed_mps=5.0, accel_mps2=0.0), "go straight")
+    # A held-out generated scene: the input distribution the reference model is trained on.
+    obs = observation(heldout_keyframes(1, stride=8)[1])
+    schema = load_schema(args.checkpoint) if args.checkpoint else None
     rows = []
     for label, settings in CASES:
-        planner = Planner.from_model(model, tokenizer, decoder=settings)
+        planner = Planner.from_model(model, tokenizer, decoder=settings, schema=schema)
         plan = planner.plan(obs)  # warm-up; counts are deterministic
         best = float("inf")
         for _ in range(args.repeats):
