@@ -19,7 +19,7 @@ class UserError(Exception):
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=Path(args.out), seed=args.seed, image_size=args.image_size)
+    run_demo(out_dir=Path(args.out), seed=args.seed, image_size=args.image_size, heldout_scenes=args.heldout_scenes)
     return 0
 
 
@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="directory for the demo checkpoint and outputs")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--image-size", type=int, default=112, help="camera image side in pixels")
+    demo.add_argument("--heldout-scenes", type=int, default=10,
+                      help="held-out generated scenes to evaluate the shipped reference model on (0: skip)")
     demo.set_defaults(func=_cmd_demo)
 
     inspect = sub.add_parser("inspect", help="validate and load a local HF checkpoint, print its config")

@@ -63,7 +63,28 @@ def road_image(size: int) -> np.ndarray:
     return img
 
 
-def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112) -> dict[str, object]:
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "reference"
+
+
+def heldout_summary(scenes: int) -> dict[str, float | int | str]:
+    """The shipped reference model on held-out generated scenes against constant velocity."""
+    from .eval.synthetic import evaluate, heldout_keyframes
+    from .runtime.plan_types import DecoderSettings
+    from .runtime.planner import Planner
+
+    planner = Planner.from_checkpoint(SHIPPED_MODEL, decoder=DecoderSettings(name="scaffold"))
+    report = evaluate(planner, heldout_keyframes(scenes, stride=4))
+    print(f"held-out scenes        {scenes} scenes, {report.samples} keyframes, shipped model {SHIPPED_MODEL.name}, "
+          f"scaffold decoder")
+    print(f"L2 at 3 s              model {report.l2_3s_model:.2f} m vs constant velocity {report.l2_3s_cv:.2f} m "
+          f"({report.improvement_3s:+.0%} better); averaged 1-3 s {report.l2_avg_model:.2f} vs "
+          f"{report.l2_avg_cv:.2f} m")
+    print(f"parse rate             {report.parse_rate:.1%}; {report.forwards_per_plan:.1f} forwards per plan, "
+          f"{report.tokens_per_forward:.2f} tokens per forward, {report.ms_per_plan:.0f} ms per plan (median)")
+    return report.to_dict()
+
+
+def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112, heldout_scenes: int = 10) -> dict[str, object]:
     timer = StageTimer()
     out_dir.mkdir(parents=True, exist_ok=True)
     with timer.stage("write_checkpoint"):
@@ -138,6 +159,8 @@ def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112) -> dict[str, o
     outcome = "parsed" if plan.ok else f"did not parse ({plan.error})"
     print(f"plan answer            {outcome}: " + plan.text.replace("\n", " ")[:60])
     print("timings (ms)           " + ", ".join(f"{k} {v:.1f}" for k, v in timer.ms.items()))
+    if heldout_scenes > 0 and SHIPPED_MODEL.is_dir():
+        summary["heldout"] = heldout_summary(heldout_scenes)
     (out_dir / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
