@@ -25,10 +25,10 @@ from sim_writer_fixtures import (
     render_any,
 )
 
+from blockpilot.formats.tfrecord import crc32c, read_tfrecord, write_tfrecord
 from blockpilot.sim.types import Scene, to_ego_frame
 from blockpilot.sim.writers import nuscenes as nus
 from blockpilot.sim.writers.mcap_writer import write_rosbag2
-from blockpilot.sim.writers.tfrecord import crc32c, read_tfrecord, write_tfrecord
 from blockpilot.sim.writers.wod_e2e import write_wod_e2e
 
 DEVKIT = "nuscenes-devkit==1.2.0"
@@ -63,8 +63,8 @@ def test_crc32c_and_framing(tmp_path: Path) -> None:
 
 
 def test_protos_keep_official_field_numbers() -> None:
-    from blockpilot.sim.protos import dataset_pb2
-    from blockpilot.sim.protos import end_to_end_driving_data_pb2 as e2e
+    from blockpilot.formats.wod import dataset_pb2
+    from blockpilot.formats.wod import end_to_end_driving_data_pb2 as e2e
 
     numbers = {
         e2e.E2EDFrame: {"frame": 1, "future_states": 5, "past_states": 6, "intent": 7, "preference_trajectories": 8},
@@ -86,8 +86,8 @@ def test_committed_protos_match_sources(tmp_path: Path) -> None:
     from google.protobuf import descriptor_pb2
     from grpc_tools import protoc
 
-    from blockpilot.sim.protos import compile as proto_compile
-    from blockpilot.sim.protos import dataset_pb2, end_to_end_driving_data_pb2
+    from blockpilot.formats.wod import compile as proto_compile
+    from blockpilot.formats.wod import dataset_pb2, end_to_end_driving_data_pb2
 
     out = tmp_path / "set.pb"
     assert protoc.main(proto_compile.protoc_args(f"--descriptor_set_out={out}")) == 0
@@ -107,7 +107,7 @@ def test_committed_protos_match_sources(tmp_path: Path) -> None:
 
 
 def test_wod_e2e_frames(tmp_path: Path, scenes: list[Scene]) -> None:
-    from blockpilot.sim.protos import end_to_end_driving_data_pb2 as e2e
+    from blockpilot.formats.wod import end_to_end_driving_data_pb2 as e2e
 
     path = write_wod_e2e(scenes, tmp_path, cameras=WOD, render=render, frame_rate_hz=1.0)
     frames = [e2e.E2EDFrame.FromString(r) for r in independent_records(path)]
@@ -137,8 +137,8 @@ def test_wod_e2e_frames(tmp_path: Path, scenes: list[Scene]) -> None:
 
 
 def test_wod_e2e_generated_scene_all_cameras(tmp_path: Path, generated: list[Scene]) -> None:
+    from blockpilot.formats.wod import end_to_end_driving_data_pb2 as e2e
     from blockpilot.sim.cameras import WOD_CAMERAS
-    from blockpilot.sim.protos import end_to_end_driving_data_pb2 as e2e
 
     frames = [e2e.E2EDFrame.FromString(r) for r in read_tfrecord(write_wod_e2e(generated[:1], tmp_path))]
     assert len(frames) == 2 and frames[0].frame.context.name == f"{generated[0].name}-0038"

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from blockpilot.sim.protos import dataset_pb2 as wod
-from blockpilot.sim.protos import end_to_end_driving_data_pb2 as e2e
+from blockpilot.formats.tfrecord import write_tfrecord
+from blockpilot.formats.wod import dataset_pb2 as wod
+from blockpilot.formats.wod import end_to_end_driving_data_pb2 as e2e
 from blockpilot.sim.types import FloatArray, Scene, to_ego_frame
 from blockpilot.sim.writers._common import (
     CameraLike,
@@ -30,7 +31,6 @@ from blockpilot.sim.writers._common import (
     synthetic_name,
     yaw_rate,
 )
-from blockpilot.sim.writers.tfrecord import write_tfrecord
 
 STATE_HZ = 4.0
 PAST_STATES = 16  # t = -3.75 s .. 0 s

@@ -1,6 +1,6 @@
 # ruff: noqa
 # mypy: ignore-errors
-from blockpilot.sim.protos import dataset_pb2 as _dataset_pb2
+from blockpilot.formats.wod import dataset_pb2 as _dataset_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
