@@ -115,6 +115,12 @@ def _cmd_train_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blockpilot",
@@ -167,18 +173,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(train)
     train.set_defaults(func=_cmd_train_reference)
+
+    evaluate = sub.add_parser("eval", help="replay nuScenes / WOD-E2E / rosbag2 logs through the planner; "
+                                           "metrics and report (eval compare A B: two runs side by side)")
+    from .eval.cli import add_arguments as add_eval_arguments
+
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=_cmd_eval)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    from .eval.cli import USER_ERRORS
+    from .eval.records import ResultsFileError
+    from .runtime.backend import BackendError
     from .vla.checkpoint import CheckpointError
     from .vla.config import ConfigError
 
+    reported: tuple[type[Exception], ...] = (UserError, CheckpointError, ConfigError, FileNotFoundError,
+                                             ResultsFileError, BackendError, *USER_ERRORS)
     try:
         return func(args)
-    except (UserError, CheckpointError, ConfigError, FileNotFoundError) as exc:
+    except reported as exc:
         print(f"blockpilot {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

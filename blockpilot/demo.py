@@ -10,6 +10,7 @@ checked against the scaffold-constrained AR baseline (same answer, fewer forward
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -66,22 +67,28 @@ def road_image(size: int) -> np.ndarray:
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "reference"
 
 
-def heldout_summary(scenes: int) -> dict[str, float | int | str]:
-    """The shipped reference model on held-out generated scenes against constant velocity."""
-    from .eval.synthetic import evaluate, heldout_keyframes
-    from .runtime.plan_types import DecoderSettings
-    from .runtime.planner import Planner
+def heldout_summary(scenes: int, out_dir: Path) -> dict[str, object]:
+    """The shipped reference model replayed on held-out generated scenes written in the nuScenes
+    format, through the same reader, evaluator and report as a real dataroot."""
+    from .eval.cli import evaluate_and_report, run_header
+    from .eval.nuscenes import NuScenesSource
+    from .eval.synthetic import HELDOUT_SEED_BASE
+    from .sim.generator import generate_scene
+    from .sim.writers.nuscenes import write_nuscenes
 
+    dataroot = out_dir / "heldout-nuscenes"
+    if dataroot.exists():
+        shutil.rmtree(dataroot)
+    write_nuscenes([generate_scene(HELDOUT_SEED_BASE + i) for i in range(scenes)], dataroot)
+    source = NuScenesSource(dataroot)
     planner = Planner.from_checkpoint(SHIPPED_MODEL, decoder=DecoderSettings(name="scaffold"))
-    report = evaluate(planner, heldout_keyframes(scenes, stride=4))
-    print(f"held-out scenes        {scenes} scenes, {report.samples} keyframes, shipped model {SHIPPED_MODEL.name}, "
-          f"scaffold decoder")
-    print(f"L2 at 3 s              model {report.l2_3s_model:.2f} m vs constant velocity {report.l2_3s_cv:.2f} m "
-          f"({report.improvement_3s:+.0%} better); averaged 1-3 s {report.l2_avg_model:.2f} vs "
-          f"{report.l2_avg_cv:.2f} m")
-    print(f"parse rate             {report.parse_rate:.1%}; {report.forwards_per_plan:.1f} forwards per plan, "
-          f"{report.tokens_per_forward:.2f} tokens per forward, {report.ms_per_plan:.0f} ms per plan (median)")
-    return report.to_dict()
+    run_dir = out_dir / "eval"
+    print(f"held-out replay        {scenes} generated scenes written as nuScenes ({dataroot}), {len(source)} "
+          f"keyframes, shipped model {SHIPPED_MODEL.name}, scaffold decoder")
+    evaluate_and_report(planner, source, run_dir, header=run_header(source, SHIPPED_MODEL, planner),
+                        overwrite=True)
+    metrics: dict[str, object] = json.loads((run_dir / "report" / "metrics.json").read_text())
+    return metrics
 
 
 def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112, heldout_scenes: int = 10) -> dict[str, object]:
@@ -160,7 +167,7 @@ def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112, heldout_scenes
     print(f"plan answer            {outcome}: " + plan.text.replace("\n", " ")[:60])
     print("timings (ms)           " + ", ".join(f"{k} {v:.1f}" for k, v in timer.ms.items()))
     if heldout_scenes > 0 and SHIPPED_MODEL.is_dir():
-        summary["heldout"] = heldout_summary(heldout_scenes)
+        summary["heldout"] = heldout_summary(heldout_scenes, out_dir)
     (out_dir / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -22,7 +22,7 @@ def test_help_lists_every_command() -> None:
     result = _run("--help")
     assert result.returncode == 0
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert set(commands) == {"demo", "inspect", "plan", "scaffold", "train-reference"}
+    assert set(commands) == {"demo", "eval", "inspect", "plan", "scaffold", "train-reference"}
     for name in commands:
         assert name in result.stdout
 
@@ -54,8 +54,12 @@ def test_scaffold_prints_slots(schema: str) -> None:
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    result = _run("demo", "--out", str(tmp_path / "demo"))
+    result = _run("demo", "--out", str(tmp_path / "demo"), "--heldout-scenes", "1")
     assert result.returncode == 0, result.stderr
+    # The held-out replay went through the nuScenes reader, the evaluator and the report.
+    report = tmp_path / "demo" / "eval" / "report"
+    assert (report / "summary.html").is_file() and (report / "metrics.json").is_file()
+    assert "L2" in (report / "summary.md").read_text()
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert summary["round_trip_exact"] is True
     assert summary["image_grid_thw"] == [[1, 8, 8]]

@@ -1,0 +1,152 @@
+"""``blockpilot eval``: replay a recorded dataset through the planner and write the report;
+``blockpilot eval compare A B``: two runs side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .types import DatasetError, Source
+
+SOURCES = ("nuscenes", "wod", "mcap")
+DECODERS = ("ar", "ar_free", "block", "scaffold", "rollouts")
+
+
+class EvalUsageError(ValueError):
+    """A bad ``blockpilot eval`` invocation (missing option, unknown source)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", choices=SOURCES, help="dataset format of --dataroot")
+    parser.add_argument("--dataroot", help="nuScenes dataroot, WOD-E2E TFRecord file or folder, rosbag2 folder")
+    parser.add_argument("--checkpoint", help="model checkpoint dir (config.json, safetensors, tokenizer.json)")
+    parser.add_argument("--decoder", default="scaffold", choices=DECODERS, help="decoder (default: scaffold)")
+    parser.add_argument("--threshold", type=float, default=None, help="decoder confidence threshold")
+    parser.add_argument("--rollouts", type=int, default=4, help="trajectories for --decoder rollouts")
+    parser.add_argument("--out", default="runs/eval", help="run directory: results.jsonl and report/")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming results.jsonl")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt budget of the KV cache")
+    nus = parser.add_argument_group("nuScenes")
+    nus.add_argument("--version", default="auto", help="table folder, e.g. v1.0-trainval (default: the only one)")
+    nus.add_argument("--frame", default="ego", choices=["ego", "lidar"],
+                     help="ground-truth frame: ego (x forward, y left) or LIDAR_TOP as ST-P3/UniAD/VAD")
+    nus.add_argument("--scenes", default=None, help="comma-separated scene names (default: all)")
+    nus.add_argument("--stride", type=int, default=1, help="every n-th keyframe")
+    parser.add_argument("--cameras", default=None,
+                        help="comma-separated cameras in prompt order (default: CAM_FRONT / FRONT)")
+    bag = parser.add_argument_group("rosbag2 (MCAP)")
+    bag.add_argument("--image-topic", default="/camera/front/image_raw/compressed")
+    bag.add_argument("--odom-topic", default="/odom")
+    bag.add_argument("--route-topic", default="/route_command")
+    sub = parser.add_subparsers(dest="eval_command", metavar="{compare}")
+    compare = sub.add_parser("compare", help="compare two runs (e.g. fp32 vs fp8) with deltas")
+    compare.add_argument("run_a", help="run directory or results.jsonl (baseline)")
+    compare.add_argument("run_b", help="run directory or results.jsonl (candidate)")
+    compare.add_argument("--out", dest="compare_out", default=None, help="write compare.md / compare.json here")
+
+
+def build_source(args: argparse.Namespace) -> Source:
+    if not args.source or not args.dataroot:
+        raise EvalUsageError("--source and --dataroot are required")
+    cameras = tuple(c.strip() for c in args.cameras.split(",")) if args.cameras else None
+    if args.source == "nuscenes":
+        from .nuscenes import NuScenesSource
+
+        scenes = [s.strip() for s in args.scenes.split(",")] if args.scenes else None
+        return NuScenesSource(args.dataroot, args.version, frame=args.frame, cameras=cameras or ("CAM_FRONT",),
+                              scenes=scenes, keyframe_stride=args.stride)
+    if args.source == "wod":
+        from .wod import WodE2ESource
+
+        return WodE2ESource(args.dataroot, cameras=cameras or ("FRONT",))
+    from .mcap import Rosbag2Source
+
+    return Rosbag2Source(args.dataroot, image_topic=args.image_topic, odom_topic=args.odom_topic,
+                         route_topic=args.route_topic)
+
+
+def run_header(source: Source, checkpoint: Path, planner: Any) -> dict[str, Any]:
+    """The settings a results file is tied to (a resume must match them)."""
+    import blockpilot
+
+    return {
+        "source": {"name": source.name, **source.describe()},
+        "checkpoint": str(checkpoint.resolve()),
+        "decoder": planner.settings.to_dict(),
+        "schema": {"num_waypoints": int(planner.schema.num_waypoints), "rate_hz": float(planner.schema.rate_hz)},
+        "blockpilot": getattr(blockpilot, "__version__", "dev"),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.eval_command == "compare":
+        from .compare import compare_runs, format_comparison
+
+        result = compare_runs(args.run_a, args.run_b, out_dir=args.compare_out)
+        print(format_comparison(result))
+        return 0
+    if not args.checkpoint:
+        raise EvalUsageError("--checkpoint is required (a local model directory)")
+    source = build_source(args)
+    from ..runtime.plan_types import DecoderSettings
+    from ..runtime.planner import Planner
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    checkpoint = Path(args.checkpoint)
+    settings = DecoderSettings(name=args.decoder, threshold=args.threshold, rollouts=args.rollouts)
+    planner = Planner.from_checkpoint(checkpoint, decoder=settings, device=args.device,
+                                      max_prompt_tokens=args.max_prompt_tokens)
+    return evaluate_and_report(planner, source, Path(args.out), header=run_header(source, checkpoint, planner),
+                               limit=args.limit, overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def evaluate_and_report(planner: Any, source: Source, out: Path, *, header: dict[str, Any], limit: int | None = None,
+                        overwrite: bool = False, progress: bool = True, quiet: bool = False) -> int:
+    from .evaluator import REPORT_DIR, run_evaluation
+    from .report import write_report
+
+    summary = run_evaluation(planner, source, out, header=header, limit=limit, overwrite=overwrite,
+                             progress=progress)
+    report = write_report(summary.results, out / REPORT_DIR)
+    if not quiet:
+        metrics = json.loads((report / "metrics.json").read_text())
+        print(headline(metrics))
+        print(f"{summary.written} samples evaluated, {summary.resumed} resumed; counts {summary.counts}")
+        print(f"results: {summary.results}\nreport:  {report / 'summary.md'} (and summary.html, plots/)")
+    return 0
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    """Two lines for a terminal: L2 both conventions, collisions and parse rate, model vs CV."""
+    def fmt(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    lines = []
+    for who in ("model", "cv"):
+        m = metrics.get(who) or {}
+        l2 = m.get("l2", {})
+        avg = l2.get("stp3_vad", {}) or {}
+        at = l2.get("uniad", {}) or {}
+        coll = (m.get("collision", {}) or {}).get("stp3_vad", {}) or {}
+        lines.append(f"{who:5s} L2 avg-up-to-t 1/2/3 s {fmt(avg.get('1'))}/{fmt(avg.get('2'))}/{fmt(avg.get('3'))} m"
+                     f"  at-t {fmt(at.get('1'))}/{fmt(at.get('2'))}/{fmt(at.get('3'))} m"
+                     f"  collision(ST-P3) 3 s {fmt(coll.get('3'))} %")
+    return "\n".join(lines)
+
+
+def report_error(exc: Exception) -> int:
+    print(f"blockpilot eval: error: {exc}", file=sys.stderr)
+    return 2
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (EvalUsageError, DatasetError)
