@@ -19,26 +19,36 @@ class EvalUsageError(ValueError):
     """A bad ``blockpilot eval`` invocation (missing option, unknown source)."""
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", choices=SOURCES, help="dataset format of --dataroot")
     parser.add_argument("--dataroot", help="nuScenes dataroot, WOD-E2E TFRecord file or folder, rosbag2 folder")
     parser.add_argument("--checkpoint", help="model checkpoint dir (config.json, safetensors, tokenizer.json)")
     parser.add_argument("--decoder", default="scaffold", choices=DECODERS, help="decoder (default: scaffold)")
     parser.add_argument("--threshold", type=float, default=None, help="decoder confidence threshold")
-    parser.add_argument("--rollouts", type=int, default=4, help="trajectories for --decoder rollouts")
+    parser.add_argument("--rollouts", type=positive_int, default=4, help="trajectories for --decoder rollouts")
     parser.add_argument("--out", default="runs/eval", help="run directory: results.jsonl and report/")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N samples")
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming results.jsonl")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt budget of the KV cache")
     nus = parser.add_argument_group("nuScenes")
     nus.add_argument("--version", default="auto", help="table folder, e.g. v1.0-trainval (default: the only one)")
     nus.add_argument("--frame", default="ego", choices=["ego", "lidar"],
                      help="ground-truth frame: ego (x forward, y left) or LIDAR_TOP as ST-P3/UniAD/VAD")
     nus.add_argument("--scenes", default=None, help="comma-separated scene names (default: all)")
-    nus.add_argument("--stride", type=int, default=1, help="every n-th keyframe")
+    nus.add_argument("--stride", type=positive_int, default=1, help="every n-th keyframe")
     parser.add_argument("--cameras", default=None,
                         help="comma-separated cameras in prompt order (default: CAM_FRONT / FRONT)")
     bag = parser.add_argument_group("rosbag2 (MCAP)")

@@ -20,6 +20,15 @@ Conventions shared by every function here:
   centred ``box_offset_m`` ahead of the waypoint along it (see :func:`trajectory_headings`).
 * WOD-E2E Rater Feedback Score: see :func:`rater_feedback_score`; rater and predicted trajectories
   are at 4 Hz from 0.25 s.
+
+Where the collision grids depart from the published scripts, on purpose and pixel-sized: those
+scripts fill agent polygons with OpenCV from rounded corners, move the ST-P3 template by truncating
+``p / 0.5`` (and flip one image axis), and clamp footprint cells that leave the grid onto its border
+(so a far-off plan can "hit" an agent at the edge). Here membership is the cell-centre rule, the
+move rounds to the nearest cell, and off-grid cells are dropped. Grid, resolution, ego box, offset,
+heading rule and the exclusion of steps where the logged ego itself collides are the scripts'.
+BEV-Planner's script works in the IMU frame and so puts the box 0.5 + 0.985793 m ahead; callers pass
+the offset that fits their frame (``EvalSample.ego_box_offset_m``).
 """
 
 from __future__ import annotations
