@@ -185,3 +185,14 @@ def test_eval_cli_runs_reports_and_compares(nuscenes_root: Path, tmp_path: Path,
     assert main(["eval", "--source", "nuscenes", "--dataroot", str(tmp_path / "missing"), "--checkpoint",
                  str(SHIPPED_MODEL), "--out", str(tmp_path / "c")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("left", "valid", "command"), [
+    (2.0, [True, True], "turn left"), (1.99, [True, True], "go straight"), (-2.0, [True, True], "turn right"),
+    (5.0, [True, False], "go straight"),  # the last VALID point decides: here it is the first, 0.5 m left
+    (5.0, [False, False], "go straight"),
+])
+def test_route_command_from_the_logged_future(left: float, valid: list[bool], command: str) -> None:
+    from blockpilot.eval.types import route_command_from_future
+
+    assert route_command_from_future([[10.0, 0.5], [20.0, left]], valid) == command

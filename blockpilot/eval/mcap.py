@@ -23,16 +23,16 @@ from typing import Any
 import numpy as np
 
 from ..vla.prompt import ROUTE_COMMANDS, EgoState
+from .geometry import quaternion_yaw
 from .images import decode_image, decode_raw
 from .mcap_track import OdomTrack, latest_at_or_before, nearest_value, select_keyframes
-from .types import DatasetError, EvalSample, ImageArray, SampleFailure, Trajectory
+from .types import DatasetError, EvalSample, ImageArray, SampleFailure, Trajectory, route_command_from_future
 
 DEFAULT_FUTURE_TIMES_S = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 PAST_TIMES_S = (-2.0, -1.5, -1.0, -0.5)
 HISTORY_NS = 2_000_000_000
 ACCEL_WINDOW_S = 0.5  # backward difference of the speed when there is no IMU
 IMU_MAX_GAP_NS = 500_000_000  # an IMU message further than this from t0 is not used
-TURN_THRESHOLD_M = 2.0  # lateral offset of the last valid future point that makes a turn command
 IMAGE_TYPES = ("sensor_msgs/msg/CompressedImage", "sensor_msgs/msg/Image")
 ODOM_TYPE, IMU_TYPE, ROUTE_TYPE = "nav_msgs/msg/Odometry", "sensor_msgs/msg/Imu", "std_msgs/msg/String"
 
@@ -164,7 +164,7 @@ class Rosbag2Source:
                 msg = reader.deserialize(raw, conn.msgtype)
                 if conn.topic == self.odom_topic:
                     pose, q = msg.pose.pose.position, msg.pose.pose.orientation
-                    yaw = math.atan2(2 * (q.w * q.z + q.x * q.y), 1 - 2 * (q.y * q.y + q.z * q.z))
+                    yaw = quaternion_yaw((q.w, q.x, q.y, q.z))
                     odom.append((_stamp_ns(msg), pose.x, pose.y, yaw, msg.twist.twist.linear.x))
                 elif conn.topic == self.image_topic:
                     image_ns.append(_stamp_ns(msg))
@@ -225,9 +225,7 @@ class Rosbag2Source:
         if command is not None:
             extra["route_command_from"] = "topic"
         else:
-            lateral = float(last_valid[1])
-            command = ("turn left" if lateral >= TURN_THRESHOLD_M else
-                       "turn right" if lateral <= -TURN_THRESHOLD_M else "go straight")
+            command = route_command_from_future(future_xy, valid)
             extra["route_command_from"] = "gt_future"
         sample_id = f"mcap/{bag.name}/{stamp}"
         return EvalSample(

@@ -40,7 +40,17 @@ import numpy as np
 from ..vla.prompt import EgoState
 from .geometry import Pose, matrix_yaw, quarter_turn, rot_z
 from .images import decode_image
-from .types import FRAMES, AgentBoxes, DatasetError, EvalSample, ImageArray, SampleError, SampleFailure, Trajectory
+from .types import (
+    FRAMES,
+    AgentBoxes,
+    DatasetError,
+    EvalSample,
+    ImageArray,
+    SampleError,
+    SampleFailure,
+    Trajectory,
+    route_command_from_future,
+)
 
 PAST_TIMES_S = (-2.0, -1.5, -1.0, -0.5)
 FUTURE_TIMES_S = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
@@ -49,7 +59,6 @@ LIDAR = "LIDAR_TOP"
 REQUIRED_TABLES = ("sample", "sample_data", "ego_pose", "calibrated_sensor", "sensor", "scene")
 AGENT_TABLES = ("instance", "category", "sample_annotation")
 AGENT_KINDS = (("vehicle.", "vehicle"), ("human.pedestrian.", "pedestrian"))
-TURN_THRESHOLD_M = 2.0
 STP3_OFFSET_M = 0.5  # ST-P3 puts the ego footprint's centre this far ahead of the lidar
 Row = dict[str, Any]
 
@@ -326,10 +335,7 @@ class NuScenesSource:
             valid[k], future_tokens[k] = True, ftok
         for j in np.flatnonzero(~valid):  # repeat the last valid point (zeros before any)
             xy_eval[j], xy_ego[j] = (xy_eval[j - 1], xy_ego[j - 1]) if j else (0.0, 0.0)
-        route = "go straight"
-        if valid.any():
-            left = float(xy_ego[np.flatnonzero(valid)[-1], 1])
-            route = "turn left" if left >= TURN_THRESHOLD_M else "turn right" if left <= -TURN_THRESHOLD_M else route
+        route = route_command_from_future(xy_ego, valid)
 
         speed, accel = self._ego_state(scene.name, t0, past, past_ts, extra)
         files = [str(_field(channels[c], "sample_data", "filename")) for c in self.cameras]

@@ -21,6 +21,18 @@ FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 ImageArray = npt.NDArray[np.uint8]
 FRAMES = ("ego", "lidar")
+TURN_THRESHOLD_M = 2.0  # VAD / UniAD: the logged future's lateral offset that makes a turn command
+
+
+def route_command_from_future(xy: npt.ArrayLike, valid: npt.ArrayLike) -> str:
+    """The route command nuScenes-style planners derive from the logged future (VAD, UniAD): the
+    last valid point's left offset (ego frame) >= 2 m "turn left", <= -2 m "turn right", else (or
+    with no valid point) "go straight"."""
+    points, ok = np.asarray(xy, dtype=np.float64), np.asarray(valid, dtype=bool)
+    if not ok.any():
+        return "go straight"
+    left = float(points[np.flatnonzero(ok)[-1], 1])
+    return "turn left" if left >= TURN_THRESHOLD_M else "turn right" if left <= -TURN_THRESHOLD_M else "go straight"
 
 
 class DatasetError(ValueError):
