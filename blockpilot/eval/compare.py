@@ -57,12 +57,15 @@ def _rows(sa: dict[str, Any], sb: dict[str, Any]) -> list[dict[str, Any]]:
     ma, mb = sa["model"], sb["model"]
     keys = [hkey(t) for t in HORIZONS_S] + ["avg"]
     rows: list[dict[str, Any]] = []
+
+    def name(label: str, k: str) -> str:
+        return f"{label.split(' ')[0]} Avg. of 1-3 s" if k == "avg" else f"{label} {k} s"
+
     for conv, label in (("stp3_vad", "ST-P3/VAD avg to"), ("uniad", "UniAD at")):
-        rows += [_row(f"L2 (m) {label} {k if k == 'avg' else k + ' s'}", ma["l2"][conv][k], mb["l2"][conv][k])
-                 for k in keys]
+        rows += [_row(f"L2 (m) {name(label, k)}", ma["l2"][conv][k], mb["l2"][conv][k]) for k in keys]
     for conv, label in (("stp3_vad", "ST-P3/VAD avg to"), ("uniad", "UniAD at"), ("bev_planner", "BEV-Planner to")):
-        rows += [_row(f"Collision (%) {label} {k if k == 'avg' else k + ' s'}", ma["collision"][conv][k],
-                      mb["collision"][conv][k]) for k in keys]
+        rows += [_row(f"Collision (%) {name(label, k)}", ma["collision"][conv][k], mb["collision"][conv][k])
+                 for k in keys]
     for h in ADE_HORIZONS_S:
         for k in ("ade", "fde"):
             rows.append(_row(f"{k.upper()} (m) {h:g} s", ma["ade_fde"][hkey(h)][k], mb["ade_fde"][hkey(h)][k]))
