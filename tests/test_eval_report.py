@@ -167,7 +167,7 @@ def test_compare_runs_known_delta(tmp_path: Path) -> None:
     assert (cmp["a"]["dropped"], cmp["a"]["dropped_not_in_other"]) == (1, 1)
     assert (cmp["b"]["dropped"], cmp["b"]["dropped_unscored"]) == (1, 1)
     rows = {r["metric"]: r for r in cmp["rows"]}
-    for key in ("L2 (m) ST-P3/VAD avg to 1 s", "L2 (m) UniAD at 3 s", "L2 (m) UniAD at avg", "ADE (m) 3 s"):
+    for key in ("L2 (m) ST-P3/VAD avg to 1 s", "L2 (m) UniAD at 3 s", "L2 (m) UniAD Avg. of 1-3 s", "ADE (m) 3 s"):
         assert rows[key]["a"] == pytest.approx(0.0) and rows[key]["delta"] == pytest.approx(1.0), key
         assert rows[key]["rel_pct"] is None  # relative to zero
     assert rows["FDE (m) 5 s"]["delta"] is None
