@@ -28,7 +28,6 @@ each scene's ``first_sample_token``/``next`` chain. Conventions:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,13 +38,12 @@ import numpy as np
 
 from ..vla.prompt import EgoState
 from .geometry import Pose, matrix_yaw, quarter_turn, rot_z
-from .images import decode_image
+from .nuscenes_tables import field, find_version, load_table, read_can_pose, read_image
 from .types import (
     FRAMES,
     AgentBoxes,
     DatasetError,
     EvalSample,
-    ImageArray,
     SampleError,
     SampleFailure,
     Trajectory,
@@ -65,51 +63,6 @@ Row = dict[str, Any]
 
 class _Skip(Exception):
     """A sample left out by design (too little history)."""
-
-
-def _load_table(path: Path) -> dict[str, Row]:
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: nuScenes table not found") from None
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{path}: cannot read the table ({exc})") from None
-    if not isinstance(rows, list):
-        raise DatasetError(f"{path}: a nuScenes table is a JSON list of records, got {type(rows).__name__}")
-    out: dict[str, Row] = {}
-    for n, row in enumerate(rows):
-        if not isinstance(row, dict) or not isinstance(row.get("token"), str):
-            raise DatasetError(f"{path}: record {n} is not an object with a string token")
-        out[row["token"]] = row
-    return out
-
-
-def _find_version(root: Path, version: str) -> str:
-    if version != "auto":
-        if not (root / version).is_dir():
-            raise DatasetError(f"{root / version}: nuScenes version folder not found")
-        return version
-    found = sorted(p.name for p in root.glob("v1.0-*") if (p / "sample.json").is_file())
-    if len(found) != 1:
-        folders = sorted(p.name for p in root.glob("v1.0-*") if p.is_dir())
-        what = "no v1.0-* folder with sample.json" if not found else f"several versions {found}"
-        raise DatasetError(f"{root}: {what} (folders: {folders or 'none'}); pass version= explicitly")
-    return found[0]
-
-
-def _field(row: Row, table: str, key: str) -> Any:
-    if key not in row:
-        raise SampleError(f"{table} {row.get('token')}: no field {key!r}")
-    return row[key]
-
-
-def _read_image(root: Path, rel: str) -> ImageArray:
-    path = root / rel
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise SampleError(f"{path}: cannot read the image ({exc.strerror or exc})") from None
-    return decode_image(data, str(path))
 
 
 @dataclass(frozen=True)
@@ -137,11 +90,11 @@ class NuScenesSource:
         self.dataroot = Path(dataroot)
         if not self.dataroot.is_dir():
             raise DatasetError(f"{self.dataroot}: nuScenes dataroot not found")
-        self.version = _find_version(self.dataroot, version)
+        self.version = find_version(self.dataroot, version)
         self.frame, self.cameras, self.keyframe_stride = frame, cameras, keyframe_stride
         self.scene_filter = None if scenes is None else ((scenes,) if isinstance(scenes, str) else tuple(scenes))
         table_dir = self.dataroot / self.version
-        t = {name: _load_table(table_dir / f"{name}.json") for name in REQUIRED_TABLES}
+        t = {name: load_table(table_dir / f"{name}.json") for name in REQUIRED_TABLES}
         self._samples, self._calib, self._sensors = t["sample"], t["calibrated_sensor"], t["sensor"]
         self._keyframes: dict[str, list[Row]] = {}
         for row in t["sample_data"].values():
@@ -154,9 +107,9 @@ class NuScenesSource:
         self._instances: dict[str, Row] = {}
         self._categories: dict[str, Row] = {}
         if self._agents_on:
-            self._instances = _load_table(table_dir / "instance.json")
-            self._categories = _load_table(table_dir / "category.json")
-            for row in _load_table(table_dir / "sample_annotation.json").values():
+            self._instances = load_table(table_dir / "instance.json")
+            self._categories = load_table(table_dir / "category.json")
+            for row in load_table(table_dir / "sample_annotation.json").values():
                 self._annotations.setdefault(str(row.get("sample_token")), []).append(row)
         self._scenes = self._walk_scenes(list(t["scene"].values()), table_dir / "scene.json")
         self._can: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray] | str | None] = {}
@@ -212,7 +165,7 @@ class NuScenesSource:
                 yield item
 
     def _timestamp(self, tok: str) -> int:
-        value = _field(self._samples[tok], "sample", "timestamp")
+        value = field(self._samples[tok], "sample", "timestamp")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise SampleError(f"sample {tok}: timestamp {value!r} is not a finite number")
         return int(value)
@@ -221,15 +174,15 @@ class NuScenesSource:
         """The keyframe sample_data rows of a sample by channel (calibrated_sensor -> sensor.channel)."""
         out: dict[str, Row] = {}
         for row in self._keyframes.get(tok, []):
-            calib_tok = _field(row, "sample_data", "calibrated_sensor_token")
+            calib_tok = field(row, "sample_data", "calibrated_sensor_token")
             if calib_tok not in self._calib:
                 raise SampleError(f"sample_data {row['token']}.calibrated_sensor_token: "
                                   f"the calibrated_sensor table has no token {calib_tok}")
-            sensor_tok = _field(self._calib[calib_tok], "calibrated_sensor", "sensor_token")
+            sensor_tok = field(self._calib[calib_tok], "calibrated_sensor", "sensor_token")
             if sensor_tok not in self._sensors:
                 raise SampleError(f"calibrated_sensor {calib_tok}.sensor_token: "
                                   f"the sensor table has no token {sensor_tok}")
-            out.setdefault(str(_field(self._sensors[sensor_tok], "sensor", "channel")), row)
+            out.setdefault(str(field(self._sensors[sensor_tok], "sensor", "channel")), row)
         return out
 
     def _pose_row(self, tok: str, channels: dict[str, Row] | None = None) -> Row:
@@ -253,7 +206,7 @@ class NuScenesSource:
             raise SampleError(f"keyframe at {offset:+.1f} s: {exc}") from None
 
     def _ego_pose(self, sd: Row) -> Pose:
-        tok = _field(sd, "sample_data", "ego_pose_token")
+        tok = field(sd, "sample_data", "ego_pose_token")
         if tok not in self._poses:
             raise SampleError(f"sample_data {sd['token']}.ego_pose_token: the ego_pose table has no token {tok}")
         return self._record_pose(self._poses[tok], "ego_pose")
@@ -264,7 +217,7 @@ class NuScenesSource:
     @staticmethod
     def _record_pose(row: Row, table: str) -> Pose:
         try:
-            return Pose.from_record(_field(row, table, "translation"), _field(row, table, "rotation"))
+            return Pose.from_record(field(row, table, "translation"), field(row, table, "rotation"))
         except (ValueError, TypeError) as exc:
             raise SampleError(f"{table} {row.get('token')}: {exc}") from None
 
@@ -272,18 +225,7 @@ class NuScenesSource:
         """(utime, vel[0], accel[0]) arrays of the scene's CAN pose messages; None without a file, or
         the reason the file cannot be used."""
         if scene not in self._can:
-            path = self.dataroot / "can_bus" / f"{scene}_pose.json"
-            try:
-                msgs = json.loads(path.read_text(encoding="utf-8"))
-                arr = np.array([[m["utime"], m["vel"][0], m["accel"][0]] for m in msgs], dtype=np.float64)
-                if arr.ndim != 2 or len(arr) == 0:
-                    raise ValueError("no messages")
-                arr = arr[np.argsort(arr[:, 0], kind="stable")]
-                self._can[scene] = (arr[:, 0], arr[:, 1], arr[:, 2])
-            except FileNotFoundError:
-                self._can[scene] = None
-            except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
-                self._can[scene] = f"{path}: unusable ({type(exc).__name__}: {exc})"
+            self._can[scene] = read_can_pose(self.dataroot / "can_bus" / f"{scene}_pose.json")
         return self._can[scene]
 
     def _build(self, scene: _Scene, i: int) -> EvalSample:
@@ -338,12 +280,12 @@ class NuScenesSource:
         route = route_command_from_future(xy_ego, valid)
 
         speed, accel = self._ego_state(scene.name, t0, past, past_ts, extra)
-        files = [str(_field(channels[c], "sample_data", "filename")) for c in self.cameras]
+        files = [str(field(channels[c], "sample_data", "filename")) for c in self.cameras]
         root = self.dataroot
         return EvalSample(
             sample_id=f"nuscenes/{tok}", source=self.name, scene=scene.name, timestamp_us=t0,
             ego=EgoState(past_waypoints=past, speed_mps=speed, accel_mps2=accel), route_command=route,
-            load_images=lambda: [_read_image(root, f) for f in files],
+            load_images=lambda: [read_image(root, f) for f in files],
             future=Trajectory(times_s=np.array(FUTURE_TIMES_S), xy=xy_eval, valid=valid),
             agents=self._agents(tok, future_tokens, eval_frame) if self._agents_on else None,
             image_names=tuple(files), frame=self.frame, ego_box_offset_m=box_offset, extra=extra)
@@ -372,16 +314,16 @@ class NuScenesSource:
     def _agents(self, tok: str, future_tokens: list[str | None], frame: Pose) -> AgentBoxes:
         tracked: dict[str, tuple[int, str]] = {}
         for ann in self._annotations.get(tok, []):
-            inst_tok = _field(ann, "sample_annotation", "instance_token")
+            inst_tok = field(ann, "sample_annotation", "instance_token")
             inst = self._instances.get(inst_tok)
             if inst is None:
                 raise SampleError(f"sample_annotation {ann['token']}.instance_token: "
                                   f"the instance table has no token {inst_tok}")
-            cat = self._categories.get(_field(inst, "instance", "category_token"))
+            cat = self._categories.get(field(inst, "instance", "category_token"))
             if cat is None:
                 raise SampleError(f"instance {inst_tok}.category_token: the category table has no token "
                                   f"{inst['category_token']}")
-            name = str(_field(cat, "category", "name"))
+            name = str(field(cat, "category", "name"))
             kind = next((k for prefix, k in AGENT_KINDS if name.startswith(prefix)), None)
             if kind is not None and inst_tok not in tracked:
                 tracked[inst_tok] = (len(tracked), kind)
@@ -394,7 +336,7 @@ class NuScenesSource:
             out = np.zeros((len(rows), 5))
             for r, ann in enumerate(rows):
                 pose = self._record_pose(ann, "sample_annotation")
-                size = np.asarray(_field(ann, "sample_annotation", "size"), dtype=np.float64)
+                size = np.asarray(field(ann, "sample_annotation", "size"), dtype=np.float64)
                 if size.shape != (3,) or not np.isfinite(size).all():
                     raise SampleError(f"sample_annotation {ann['token']}: size {size.tolist()} is not 3 finite numbers")
                 centre = frame.to_local(pose.translation[None])[0]
