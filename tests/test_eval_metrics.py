@@ -90,53 +90,66 @@ def test_percentiles_linear() -> None:
 def test_stp3_template_is_32_cells() -> None:
     cells = stp3_ego_template(0.5)
     assert cells.shape == (32, 2)
-    xs = sorted({-50 + 0.5 * (i + 0.5) for i in cells[:, 0]})
-    ys = sorted({-50 + 0.5 * (j + 0.5) for j in cells[:, 1]})
-    # x in [0.5 - 2.042, 0.5 + 2.042] = [-1.542, 2.542]; y in [-0.925, 0.925]
-    assert xs == [-1.25, -0.75, -0.25, 0.25, 0.75, 1.25, 1.75, 2.25]
-    assert ys == [-0.75, -0.25, 0.25, 0.75]
+    # Rows count 0.5 m cells from -49.75 m along the length: [0.5 - 2.042, 0.5 + 2.042] = [-1.542, 2.542] m
+    # -> (x + 49.75) / 0.5 in [96.42, 104.58] -> 97 .. 104; columns across the width [-0.925, 0.925] -> 98 .. 101.
+    assert sorted(set(cells[:, 0].tolist())) == list(range(97, 105))
+    assert sorted(set(cells[:, 1].tolist())) == list(range(98, 102))
+    # A boundary exactly on a cell centre counts (offset 0.292: -1.75 m -> index 96.0): 9 rows.
+    assert len(set(stp3_ego_template(0.292)[:, 0].tolist())) == 9
     assert (EGO_LENGTH_M, EGO_WIDTH_M) == (4.084, 1.85)
 
 
-def test_stp3_box_ahead_hit_at_one_step_only() -> None:
-    ahead = box(6.0, 0.0, 2.0, 2.0)  # covers x in [5, 7]: cell centres 5.25 .. 6.75
-    # (2, 0): shift 4 cells = 2 m, footprint x centres up to 4.25 -> miss
-    # (4, 0): shift 8 cells = 4 m, x centres up to 6.25 -> hit at 5.25
+def test_stp3_box_ahead_and_the_truncated_move() -> None:
+    # Image pixels: row v = 100 - 2 f, column u = 100 - 2 l. The agent's corners f in [5, 7], l in [-1, 1]
+    # are whole pixels: rows 86 .. 90, columns 98 .. 102, all drawn.
+    ahead = box(6.0, 0.0, 2.0, 2.0)
+    # Ego at f: footprint rows trunc(200 - (2 f + r)) for template rows r = 97 .. 104.
+    # f = 2: rows 92 .. 99 (miss); f = 4: rows 88 .. 95 (hit on 88 .. 90)
     assert collisions_stp3([[2.0, 0.0], [4.0, 0.0]], [ahead, ahead]).tolist() == [False, True]
-    # rint: 2.6 / 0.5 = 5.2 -> 5 cells, front centre 4.75 (miss); 2.9 / 0.5 = 5.8 -> 6 cells, front 5.25 (hit)
-    assert collisions_stp3([[2.6, 0.0], [2.9, 0.0]], [ahead, ahead]).tolist() == [False, True]
+    # f = 2.4: trunc(195.2 - r) = 91 .. 98 (miss); f = 2.6: trunc(194.8 - r) = 90 .. 97 (hit on row 90)
+    assert collisions_stp3([[2.4, 0.0], [2.6, 0.0]], [ahead, ahead]).tolist() == [False, True]
 
 
-@pytest.mark.parametrize(("y", "hit"), [(1.935, False), (1.80, False), (1.74, True)])
-def test_stp3_box_beside(y: float, hit: bool) -> None:
-    # Agent 4 m x 2 m at x = 0.5 covers the footprint's x centres; its near edge is y - 1.
-    # 1.935: edge 0.935 > 0.925 + 0, outside the ego box itself.
-    # 1.80: edge 0.80 < 0.925 (the rectangles overlap) but above the footprint's top centre 0.75 -> no hit.
-    # 1.74: edge 0.74 <= 0.75 -> the cell centred at y = 0.75 is occupied -> hit.
+@pytest.mark.parametrize(("y", "hit"), [(2.3, False), (2.2, True), (-1.8, False), (-1.7, True)])
+def test_stp3_box_beside_is_asymmetric_like_the_scripts(y: float, hit: bool) -> None:
+    # Ego at the origin: columns trunc(0 + c) = 98 .. 101, i.e. l = 1.0 .. -0.5 (a quarter cell to the left).
+    # Agent 4 m x 2 m beside it: columns [98 - 2 y, 102 - 2 y], corners rounded half to even.
+    # y = 2.3: 102 - 4.6 = 97.4 -> 97 < 98 miss; y = 2.2: 97.6 -> 98 hit.
+    # y = -1.8: 98 + 3.6 = 101.6 -> 102 > 101 miss; y = -1.7: 101.4 -> 101 hit.
     assert collisions_stp3([[0.0, 0.0]], [box(0.5, y, 4.0, 2.0)]).tolist() == [hit]
 
 
-def test_stp3_ignores_cells_outside_grid() -> None:
-    # Ego and agent both at x = 60: every footprint cell lies outside [-50, 50) -> no collision
+def test_stp3_clamps_the_footprint_onto_the_border_as_the_scripts_do() -> None:
+    # Ego at f = 60: rows trunc(80 - r) < 0 -> clamped to row 0 (f = 50); columns 98 .. 101.
+    # An agent at f in [58, 62] (rows -24 .. -16) draws nothing on the image -> no hit.
     assert collisions_stp3([[60.0, 0.0]], [box(60.0, 0.0, 4.0, 2.0)]).tolist() == [False]
-    # Ego at x = 49 (shift 98 cells): x centres 47.75 .. 51.25, those <= 49.75 lie inside the grid.
-    # Agent x in [50, 51]: only centres outside the grid -> no hit; agent x in [49.25, 50.25] holds 49.25, 49.75 -> hit
-    assert collisions_stp3([[49.0, 0.0]], [box(50.5, 0.0, 1.0, 1.0)]).tolist() == [False]
-    assert collisions_stp3([[49.0, 0.0]], [box(49.75, 0.0, 1.0, 1.0)]).tolist() == [True]
-    # Ego at x = 52: x centres 50.75 .. 54.25, all off the grid; they are dropped, not clamped onto the edge
-    # column x = 49.75 that the agent occupies -> no hit
-    assert collisions_stp3([[52.0, 0.0]], [box(49.75, 0.0, 1.0, 1.0)]).tolist() == [False]
+    # An agent on the border, f in [49.25, 50.25] -> rows rint(-0.5) = 0 .. rint(1.5) = 2, columns 99 .. 101:
+    # the clamped footprint meets it although the ego is 10 m away (the scripts' behaviour).
+    assert collisions_stp3([[60.0, 0.0]], [box(49.75, 0.0, 1.0, 1.0)]).tolist() == [True]
 
 
 def test_stp3_footprint_never_rotates() -> None:
     traj = [[0.0, 2.0], [0.0, 4.0]]  # heading left (pi/2)
-    # At (0, 4) the unrotated footprint has x centres -1.25 .. 2.25 and y centres 3.25 .. 4.75.
-    front = box(0.0, 6.0, 0.6, 0.6)  # y in [5.7, 6.3]: only a rotated footprint (y up to 6.542) reaches it
-    side = box(2.0, 4.0, 1.0, 1.0)  # x in [1.5, 2.5] holds centres 1.75, 2.25: only the unrotated one reaches it
+    # At (0, 4): rows 96 .. 103 (f -1.5 .. 2.0), columns trunc(-8 + c) = 90 .. 93 (l 5.0 .. 3.5).
+    front = box(0.0, 6.0, 0.6, 0.6)  # l in [5.7, 6.3] -> columns 87 .. 89: only a rotated footprint reaches it
+    side = box(2.0, 4.0, 1.0, 1.0)  # f in [1.5, 2.5] -> rows 95 .. 97, columns 91 .. 93: only the unrotated one
     assert collisions_stp3(traj, [front, front]).tolist() == [False, False]
     assert collisions_stp3(traj, [side, side]).tolist() == [False, True]
     assert collisions_bev_planner(traj, [front, front]).tolist() == [False, True]
     assert collisions_bev_planner(traj, [side, side]).tolist() == [False, False]
+
+
+def test_opencv_line_and_fill_rules() -> None:
+    from blockpilot.eval.stp3_grid import line_pixels, polygon_pixels
+
+    # 8-connected line (0, 0) -> (10, 3): err = 10 - 6 = 4, then -6 per column, +20 on a diagonal step
+    # (err < 0 before the step): diagonals after columns 1, 5 and 8.
+    assert line_pixels(0, 0, 10, 3) == [(0, 0), (0, 1), (1, 2), (1, 3), (1, 4), (1, 5), (2, 6), (2, 7), (2, 8),
+                                        (3, 9), (3, 10)]
+    assert line_pixels(10, 3, 0, 0) == line_pixels(0, 0, 10, 3)  # always drawn left to right
+    # A diamond with corners 5 pixels from (10, 10): exactly the pixels with |u - 10| + |v - 10| <= 5.
+    diamond = polygon_pixels([[10, 5], [15, 10], [10, 15], [5, 10]])
+    assert diamond == {(v, u) for v in range(5, 16) for u in range(5, 16) if abs(u - 10) + abs(v - 10) <= 5}
 
 
 def test_stp3_empty_boxes_and_mismatch() -> None:
