@@ -185,6 +185,11 @@ def test_eval_cli_runs_reports_and_compares(nuscenes_root: Path, tmp_path: Path,
     assert main(["eval", "--source", "nuscenes", "--dataroot", str(tmp_path / "missing"), "--checkpoint",
                  str(SHIPPED_MODEL), "--out", str(tmp_path / "c")]) == 2
     assert "missing" in capsys.readouterr().err
+    # A camera no sample has: every sample fails, the report says why, and the run does not pass as a success.
+    assert main([*args, "--out", str(tmp_path / "d"), "--cameras", "CAM_BACK"]) == 1
+    err = capsys.readouterr().err
+    assert "no sample of 6 could be planned on" in err and "CAM_BACK" in err
+    assert "CAM_BACK" in (tmp_path / "d" / "report" / "summary.md").read_text()
 
 
 @pytest.mark.parametrize(("left", "valid", "command"), [

@@ -128,11 +128,20 @@ def evaluate_and_report(planner: Any, source: Source, out: Path, *, header: dict
     summary = run_evaluation(planner, source, out, header=header, limit=limit, overwrite=overwrite,
                              progress=progress)
     report = write_report(summary.results, out / REPORT_DIR)
+    metrics = json.loads((report / "metrics.json").read_text())
+    counts = metrics["counts"]
     if not quiet:
-        metrics = json.loads((report / "metrics.json").read_text())
         print(headline(metrics))
         print(f"{summary.written} samples evaluated, {summary.resumed} resumed; counts {summary.counts}")
         print(f"results: {summary.results}\nreport:  {report / 'summary.md'} (and summary.html, plots/)")
+    if counts["failed"]:
+        first = next(f for f in counts["failures"] if f["status"] == "failed")
+        print(f"blockpilot eval: {counts['failed']} of {counts['total']} samples failed; first: "
+              f"{first['sample_id']}: {first['error']}", file=sys.stderr)
+    if counts["total"] and not counts["ok"] + counts["parse_error"]:
+        print(f"blockpilot eval: error: no sample of {counts['total']} could be planned on "
+              f"({counts['failed']} failed, {counts['skipped']} skipped); the report lists why", file=sys.stderr)
+        return 1
     return 0
 
 
