@@ -115,6 +115,19 @@ def _cmd_train_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .calibration.sets import CalibrationError
+    from .quant.apply import QuantizedCheckpointError
+    from .quant.cli import run
+    from .quant.recipes import RecipeError
+    from .quant.targets import TargetError
+
+    try:
+        return run(args)
+    except (RecipeError, TargetError, CalibrationError, QuantizedCheckpointError) as exc:
+        raise UserError(str(exc)) from None
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval.cli import run
 
@@ -180,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
+
+    quantize = sub.add_parser("quantize", help="quantize a checkpoint with modelopt (fp8, nvfp4, w4a8, int8_sq, "
+                                               "mixed, auto) for a target; optional replay quality gate")
+    from .quant.cli import add_arguments as add_quant_arguments
+
+    add_quant_arguments(quantize)
+    quantize.set_defaults(func=_cmd_quantize)
     return parser
 
 

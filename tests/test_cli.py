@@ -22,7 +22,7 @@ def test_help_lists_every_command() -> None:
     result = _run("--help")
     assert result.returncode == 0
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert set(commands) == {"demo", "eval", "inspect", "plan", "scaffold", "train-reference"}
+    assert set(commands) == {"demo", "eval", "inspect", "plan", "quantize", "scaffold", "train-reference"}
     for name in commands:
         assert name in result.stdout
 

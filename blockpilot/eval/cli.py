@@ -65,21 +65,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_source(args: argparse.Namespace) -> Source:
     if not args.source or not args.dataroot:
         raise EvalUsageError("--source and --dataroot are required")
-    cameras = tuple(c.strip() for c in args.cameras.split(",")) if args.cameras else None
-    if args.source == "nuscenes":
+    return open_source(args.source, args.dataroot,
+                       cameras=tuple(c.strip() for c in args.cameras.split(",")) if args.cameras else None,
+                       version=args.version, frame=args.frame,
+                       scenes=[s.strip() for s in args.scenes.split(",")] if args.scenes else None,
+                       stride=args.stride, image_topic=args.image_topic, odom_topic=args.odom_topic,
+                       route_topic=args.route_topic)
+
+
+def open_source(kind: str, dataroot: str | Path, *, cameras: tuple[str, ...] | None = None, version: str = "auto",
+                frame: str = "ego", scenes: list[str] | None = None, stride: int = 1,
+                image_topic: str = "/camera/front/image_raw/compressed", odom_topic: str = "/odom",
+                route_topic: str = "/route_command") -> Source:
+    """A replay source of ``kind`` (nuscenes, wod, mcap) over a local dataset copy."""
+    if kind == "nuscenes":
         from .nuscenes import NuScenesSource
 
-        scenes = [s.strip() for s in args.scenes.split(",")] if args.scenes else None
-        return NuScenesSource(args.dataroot, args.version, frame=args.frame, cameras=cameras or ("CAM_FRONT",),
-                              scenes=scenes, keyframe_stride=args.stride)
-    if args.source == "wod":
+        return NuScenesSource(dataroot, version, frame=frame, cameras=cameras or ("CAM_FRONT",), scenes=scenes,
+                              keyframe_stride=stride)
+    if kind == "wod":
         from .wod import WodE2ESource
 
-        return WodE2ESource(args.dataroot, cameras=cameras or ("FRONT",))
-    from .mcap import Rosbag2Source
+        return WodE2ESource(dataroot, cameras=cameras or ("FRONT",))
+    if kind == "mcap":
+        from .mcap import Rosbag2Source
 
-    return Rosbag2Source(args.dataroot, image_topic=args.image_topic, odom_topic=args.odom_topic,
-                         route_topic=args.route_topic)
+        return Rosbag2Source(dataroot, image_topic=image_topic, odom_topic=odom_topic, route_topic=route_topic)
+    raise EvalUsageError(f"unknown source {kind!r}; expected one of {SOURCES}")
 
 
 def run_header(source: Source, checkpoint: Path, planner: Any) -> dict[str, Any]:

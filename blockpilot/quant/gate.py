@@ -62,15 +62,15 @@ def decide(cmp: dict[str, Any], *, l2_bound: float = DEFAULT_L2_BOUND,
 
 def run_gate(fp32_planner: Any, quant_planner: Any, make_source: Callable[[], Source], out_dir: Path, *,
              checkpoint: Path, precision: str, l2_bound: float = DEFAULT_L2_BOUND,
-             parse_drop: float = DEFAULT_PARSE_DROP, progress: bool = False) -> GateResult:
+             parse_drop: float = DEFAULT_PARSE_DROP, progress: bool = False, limit: int | None = None) -> GateResult:
     """Replay ``make_source()`` through both planners into ``out_dir/fp32`` and ``out_dir/<precision>``,
     compare them into ``out_dir/compare`` and decide."""
     runs = {}
     for name, planner in (("fp32", fp32_planner), (precision, quant_planner)):
         source = make_source()
         header = {**run_header(source, checkpoint, planner), "precision": name}
-        evaluate_and_report(planner, source, out_dir / name, header=header, overwrite=True, progress=progress,
-                            quiet=True)
+        evaluate_and_report(planner, source, out_dir / name, header=header, limit=limit, overwrite=True,
+                            progress=progress, quiet=True)
         runs[name] = out_dir / name
     cmp = compare_runs(runs["fp32"], runs[precision], out_dir=out_dir / "compare")
     return decide(cmp, l2_bound=l2_bound, parse_drop=parse_drop)

@@ -1,0 +1,146 @@
+"""``blockpilot quantize``: recipe -> target gate -> calibration -> modelopt -> saved model, with an
+optional sensitivity report and the replay quality gate against the full-precision model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+RECIPE_NAMES = ("fp8", "nvfp4", "w4a8", "int8_sq", "mixed", "auto")
+TARGET_NAMES = ("cpu", "orin", "thor", "h100", "rtx-ada")
+SOURCES = ("synthetic", "nuscenes", "wod", "mcap")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..eval.cli import positive_int
+
+    parser.add_argument("--checkpoint", required=True, help="full-precision checkpoint dir")
+    parser.add_argument("--recipe", required=True, choices=RECIPE_NAMES)
+    parser.add_argument("--target", default="cpu", choices=TARGET_NAMES,
+                        help="deployment target whose precisions the recipe must fit (default: cpu, fake quantization)")
+    parser.add_argument("--allow-emulated", action="store_true",
+                        help="accept formats the target runs only as fake quantization (accuracy studies)")
+    knobs = parser.add_argument_group("recipe knobs")
+    knobs.add_argument("--vision", default=None, help="vision tower format (fp8, nvfp4, int8_sq, none)")
+    knobs.add_argument("--first-last-layers", default=None, help="format of the first and last decoder layer")
+    knobs.add_argument("--kv-cache", default=None, choices=["fp8"], help="FP8 KV cache")
+    knobs.add_argument("--effective-bits", type=float, default=None, help="auto: weight-bits budget (default 6.0)")
+    calib = parser.add_argument_group("calibration")
+    calib.add_argument("--calib", type=positive_int, default=64, help="calibration samples (default 64)")
+    calib.add_argument("--calib-source", default="synthetic", choices=SOURCES)
+    calib.add_argument("--calib-dataroot", default=None, help="dataset for --calib-source nuscenes/wod/mcap")
+    calib.add_argument("--calib-scenes", type=positive_int, default=8, help="generated scenes for synthetic")
+    calib.add_argument("--cache-dir", default=None, help="calibration cache (default ~/.cache/blockpilot)")
+    parser.add_argument("--sensitivity", action="store_true", help="write a per-group sensitivity report")
+    parser.add_argument("--keep-sensitive", type=int, default=0,
+                        help="with --sensitivity: the K most sensitive groups go to fp8 (auto: out of the search)")
+    gate = parser.add_argument_group("quality gate")
+    gate.add_argument("--gate", action="store_true", help="replay fp32 and quantized; fail on a quality drop")
+    gate.add_argument("--gate-bound", type=float, default=0.05, help="allowed relative L2@3s growth (default 0.05)")
+    gate.add_argument("--gate-parse-drop", type=float, default=0.0, help="allowed parse-rate drop (default 0)")
+    gate.add_argument("--gate-source", default="synthetic", choices=SOURCES)
+    gate.add_argument("--gate-dataroot", default=None, help="dataset for --gate-source nuscenes/wod/mcap")
+    gate.add_argument("--gate-scenes", type=positive_int, default=4, help="held-out generated scenes for synthetic")
+    gate.add_argument("--gate-limit", type=positive_int, default=None, help="replay only the first N samples")
+    parser.add_argument("--decoder", default="scaffold", choices=["ar", "block", "scaffold"])
+    parser.add_argument("--out", default=None, help="output dir (default runs/quant/<recipe>)")
+
+
+def _knobs(args: argparse.Namespace) -> dict[str, Any]:
+    given = {"vision": args.vision, "first_last_layers": args.first_last_layers, "kv_cache": args.kv_cache,
+             "effective_bits": args.effective_bits}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _source(kind: str, dataroot: str | None, scenes: int, what: str, heldout_dir: Path | None = None) -> Any:
+    from ..eval.cli import EvalUsageError, open_source
+
+    if kind != "synthetic":
+        if not dataroot:
+            raise EvalUsageError(f"--{what}-source {kind} needs --{what}-dataroot")
+        return open_source(kind, dataroot)
+    if heldout_dir is None:
+        from ..calibration import synthetic_calibration_source
+
+        return synthetic_calibration_source(scenes)
+    from ..eval.nuscenes import NuScenesSource
+    from ..eval.synthetic import HELDOUT_SEED_BASE
+    from ..sim.generator import generate_scene
+    from ..sim.writers.nuscenes import write_nuscenes
+
+    if not (heldout_dir / "v1.0-synthetic").is_dir():
+        if heldout_dir.exists():
+            shutil.rmtree(heldout_dir)
+        write_nuscenes([generate_scene(HELDOUT_SEED_BASE + i) for i in range(scenes)], heldout_dir)
+    return NuScenesSource(heldout_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..runtime.plan_types import DecoderSettings
+    from .pipeline import QUANTIZED_DIR, load_planner, quantize_checkpoint
+    from .recipes import resolve_recipe
+    from .targets import check_recipe, resolve_target
+
+    checkpoint = Path(args.checkpoint)
+    out = Path(args.out or f"runs/quant/{args.recipe}")
+    recipe = resolve_recipe(args.recipe, **_knobs(args))
+    target = resolve_target(args.target)
+    check_recipe(recipe, target, allow_emulated=args.allow_emulated)  # refuse before any work
+    decoder = DecoderSettings(name=args.decoder)
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    calib_source = _source(args.calib_source, args.calib_dataroot, args.calib_scenes, "calib")
+    if args.sensitivity:
+        recipe = _sensitivity(args, checkpoint, decoder, recipe, calib_source, cache, out)
+    outcome = quantize_checkpoint(checkpoint, recipe, calib_source, args.calib, out, target=target,
+                                  allow_emulated=args.allow_emulated, decoder=decoder, cache_dir=cache)
+    report = outcome.report.to_dict()
+    print(f"recipe        {recipe.name}: {recipe.description}")
+    for note in outcome.notes:
+        print(f"target        {target.name} ({target.sm}): {note}")
+    print(f"calibration   {outcome.calibration.get('selected')} samples "
+          f"({'cache' if outcome.calibration.get('from_cache') else 'built'}), hash "
+          f"{str(outcome.calibration.get('content_hash'))[:12]}")
+    print(f"quantized     {report['quantized_modules']} modules, formats {json.dumps(report['formats'])}"
+          + (f"; {report['emulation']}" if report.get("emulation") else ""))
+    if outcome.auto is not None:
+        print(f"auto search   {outcome.auto['effective_bits']:.3f} effective bits (budget {outcome.auto['budget']})")
+    print(f"saved         {out / QUANTIZED_DIR} (modelopt_state.pth, quantized_weights.pth, precision_map.json)")
+    if not args.gate:
+        return 0
+    from .gate import run_gate
+
+    gate_dir = out / "gate"
+
+    def make() -> Any:
+        return _source(args.gate_source, args.gate_dataroot, args.gate_scenes, "gate", gate_dir / "heldout")
+
+    fp32 = load_planner(checkpoint, decoder)
+    result = run_gate(fp32, outcome.planner, make, gate_dir, checkpoint=checkpoint, precision=recipe.name,
+                      l2_bound=args.gate_bound, parse_drop=args.gate_parse_drop, limit=args.gate_limit)
+    print(result.table)
+    (gate_dir / "gate.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    verdict = "PASSED" if result.passed else "FAILED: " + "; ".join(result.reasons)
+    print(f"quality gate  {verdict} (L2@3s {result.l2_3s_fp32} -> {result.l2_3s_quant} m on {result.samples} "
+          f"samples, bound {args.gate_bound:.0%})")
+    return 0 if result.passed else 1
+
+
+def _sensitivity(args: argparse.Namespace, checkpoint: Path, decoder: Any, recipe: Any, calib_source: Any,
+                 cache: Path | None, out: Path) -> Any:
+    from ..calibration import build_calibration_set
+    from .pipeline import load_planner
+    from .recipes import FORMATS, NONE
+    from .sensitivity import demote_sensitive, sensitivity_report
+
+    formats = [f for f in (recipe.auto.formats if recipe.auto else recipe.formats_used) if f != NONE]
+    narrowest = min(formats, key=lambda f: FORMATS[f].effective_bits)
+    calib = build_calibration_set(calib_source, args.calib, cache_dir=cache)
+    report = sensitivity_report(lambda: load_planner(checkpoint, decoder), calib, narrowest)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sensitivity.json").write_text(report.to_json())
+    (out / "sensitivity.md").write_text(report.to_markdown())
+    print(report.to_markdown())
+    return demote_sensitive(recipe, report, args.keep_sensitive)

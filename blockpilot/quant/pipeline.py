@@ -1,0 +1,83 @@
+"""From a checkpoint and a recipe to a saved quantized model: target gate, calibration set, modelopt
+(``mtq.quantize`` or ``mtq.auto_quantize``), precision map, save; the planner around the result.
+
+The model is quantized inside a :class:`~blockpilot.runtime.planner.Planner`, so calibration runs the
+same prompt, vision and block-diffusion decode path the car runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..calibration import build_calibration_set
+from ..calibration.loop import calibration_batches, make_forward_loop, planner_model
+from ..eval.types import Source
+from ..runtime.plan_types import DecoderSettings
+from ..runtime.planner import Planner
+from .apply import QuantReport, is_emulated, modelopt_version, quantize_model, save_quantized
+from .auto import auto_quantize_model
+from .recipes import Recipe, RecipeError, quantizable_modules
+from .targets import Target, check_recipe
+
+QUANTIZED_DIR = "quantized"
+
+
+@dataclass
+class QuantizeOutcome:
+    planner: Planner  # around the quantized model
+    report: QuantReport
+    notes: list[str]
+    saved: Path
+    calibration: dict[str, Any]
+    auto: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_planner(checkpoint: Path, decoder: DecoderSettings, device: str = "cpu",
+                 max_prompt_tokens: int = 1024) -> Planner:
+    return Planner.from_checkpoint(checkpoint, decoder=decoder, device=device, max_prompt_tokens=max_prompt_tokens)
+
+
+def quantize_planner(planner: Planner, recipe: Recipe, calib_source: Source, calib_size: int, *,
+                     target: Target | str = "cpu", allow_emulated: bool = False, cache_dir: Path | None = None,
+                     progress: bool = False) -> tuple[QuantReport, list[str], dict[str, Any], dict[str, Any] | None]:
+    """Quantize ``planner``'s model in place: (report, target notes, calibration manifest, auto result)."""
+    model = planner_model(planner)
+    notes = check_recipe(recipe, target, allow_emulated=allow_emulated, module_names=model)
+    calib = build_calibration_set(calib_source, calib_size, cache_dir=cache_dir)
+    auto_result: dict[str, Any] | None = None
+    if recipe.auto is not None:
+        if recipe.kv_cache is not None:
+            raise RecipeError("the auto recipe searches weight formats only; run it without kv_cache")
+        kwargs = recipe.auto_quantize_kwargs()
+        batches = calibration_batches(planner, calib)
+        result = auto_quantize_model(model, formats=kwargs["quantization_formats"],
+                                     effective_bits=float(kwargs["constraints"]["effective_bits"]),
+                                     batches=batches, disabled_layers=kwargs["disabled_layers"])
+        auto_result = result.to_dict()
+        report = QuantReport(result.precision, {"auto": recipe.to_dict()}, is_emulated(model, result.precision),
+                             modelopt_version())
+    else:
+        loop = make_forward_loop(planner, calib, progress=progress)
+        report = quantize_model(model, recipe.modelopt_config(quantizable_modules(model)), loop)
+    manifest = {k: calib.manifest.get(k) for k in ("cache_key", "content_hash", "selected", "strata", "source")}
+    manifest["from_cache"] = calib.from_cache
+    return report, notes, manifest, auto_result
+
+
+def quantize_checkpoint(checkpoint: Path, recipe: Recipe, calib_source: Source, calib_size: int, out_dir: Path, *,
+                        target: Target | str = "cpu", allow_emulated: bool = False,
+                        decoder: DecoderSettings | None = None, device: str = "cpu",
+                        cache_dir: Path | None = None, progress: bool = False) -> QuantizeOutcome:
+    """Load ``checkpoint`` into a planner, quantize it with ``recipe`` and save it in ``out_dir/quantized``."""
+    planner = load_planner(checkpoint, decoder or DecoderSettings(name="scaffold"), device)
+    report, notes, manifest, auto_result = quantize_planner(
+        planner, recipe, calib_source, calib_size, target=target, allow_emulated=allow_emulated,
+        cache_dir=cache_dir, progress=progress)
+    target_name = target if isinstance(target, str) else target.name
+    extra = {"recipe": recipe.to_dict(), "target": target_name, "target_notes": notes, "calibration": manifest,
+             "checkpoint": str(Path(checkpoint).resolve()), "auto_search": auto_result}
+    saved = save_quantized(planner_model(planner), out_dir / QUANTIZED_DIR, report, extra=extra)
+    return QuantizeOutcome(planner, report, notes, saved, manifest, auto_result, extra)
