@@ -123,8 +123,12 @@ def run(args: argparse.Namespace) -> int:
     print(result.table)
     (gate_dir / "gate.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     verdict = "PASSED" if result.passed else "FAILED: " + "; ".join(result.reasons)
-    print(f"quality gate  {verdict} (L2@3s {result.l2_3s_fp32} -> {result.l2_3s_quant} m on {result.samples} "
-          f"samples, bound {args.gate_bound:.0%})")
+    def metres(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    print(f"quality gate  {verdict} (L2@3s {metres(result.l2_3s_fp32)} -> {metres(result.l2_3s_quant)} m on "
+          f"{result.samples} samples, bound {args.gate_bound:.0%}; CPU latencies of fake-quantized models are not "
+          "deployment latencies)")
     return 0 if result.passed else 1
 
 
