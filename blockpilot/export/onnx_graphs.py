@@ -1,0 +1,232 @@
+"""Export a :class:`VLAModel` to the ONNX graphs the ONNX Runtime backend runs.
+
+Three artifacts land in ``out_dir``:
+
+``vision.onnx``
+    ``patches`` ``(N, C*T*p*p)`` float32 -> ``features`` ``(N / merge², hidden)`` for ONE image of
+    the grid fixed at export (``image_hw``, default the size of the model's cameras). The window
+    layout depends only on the grid, so it is baked into the graph as constants. Images are
+    independent inside the tower (attention never crosses an image), so a prompt with several
+    cameras runs the graph once per image and concatenates the features.
+``lm_step.onnx``
+    One decoder forward over a window of ``T`` tokens (dynamic) at cache slots ``start ..``:
+    inputs ``inputs_embeds`` ``(1, T, hidden)``, ``position_ids`` ``(3, 1, T)`` (M-RoPE; text-only
+    LMs get the same three rows), ``start``, ``key_end`` and ``mode`` (int64 scalars) and the whole
+    fixed-capacity cache ``past_k`` / ``past_v`` ``(layers, 1, kv_heads, capacity, head_dim)``.
+    Outputs ``top1`` / ``prob`` ``(1, T)`` (argmax and its softmax probability, the mask token
+    excluded) and ``present_k`` / ``present_v``: the cache with the window's K/V written at
+    ``start``. Queries see key slots ``< key_end`` allowed by ``mode`` (0 causal, 1 block,
+    2 bidirectional; the same slot rules as :func:`blockpilot.vla.masks.attention_mask`), so a
+    ``write_kv=False`` step is the same graph with ``key_end = start + T`` and the present dropped.
+``embed_tokens.npy``
+    The token embedding table; the backend looks ids up on the host and writes image features
+    over the image tokens before the LM graph runs.
+
+``onnx_spec.json`` records the I/O spec and the few config values the backend needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..vla.config import ModelConfig
+from ..vla.image_grid import smart_resize
+from ..vla.lm import DecoderLayer, DecoderLM, rotate_half
+from ..vla.model import VLAModel
+from ..vla.vision import VisionTower, vision_layout
+from .onnx_io import EMBED_FILE, LM_FILE, MODE_IDS, SPEC_FILE, VISION_FILE
+
+OPSET = 17
+DEFAULT_IMAGE_HW = (112, 112)
+
+
+class LMStep(nn.Module):
+    """The decoder forward with a decomposed attention (MatMul, additive mask, Softmax) that writes
+    the window into the fixed-capacity cache and reads back only the visible slots ``[0, key_end)``."""
+
+    vocab_bias: torch.Tensor
+
+    def __init__(self, lm: DecoderLM, mask_id: int, block_size: int) -> None:
+        super().__init__()
+        self.lm = lm
+        self.block_size = block_size
+        cfg = lm.config
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        bias = torch.zeros(cfg.vocab_size)
+        bias[mask_id] = float("-inf")  # the mask token is an input marker, never an answer
+        self.register_buffer("vocab_bias", bias, persistent=False)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, start: torch.Tensor,
+                key_end: torch.Tensor, mode: torch.Tensor, past_k: torch.Tensor,
+                past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = inputs_embeds
+        t = x.shape[1]
+        capacity = past_k.shape[3]
+        offsets = torch.arange(t, device=x.device)
+        q_slots = start + offsets  # (T,)
+        k_slots = torch.arange(capacity, device=x.device)  # (C,)
+        # Attention reads only the visible slots [0, key_end): a Range + Gather, dynamic like T.
+        visible = torch.arange(key_end, device=x.device)  # type: ignore[call-overload]  # a tensor end traces as Range
+        q, k = q_slots[:, None], visible[None, :]
+        causal = k <= q
+        block = torch.div(k, self.block_size, rounding_mode="floor") <= torch.div(q, self.block_size,
+                                                                                  rounding_mode="floor")
+        # Boolean Where has no ONNX Runtime CPU kernel: select the mode's rule with and/or instead.
+        allowed = ((mode == 0) & causal) | ((mode == 1) & block) | (mode == 2)
+        neg = torch.full_like(allowed, float("-inf"), dtype=x.dtype)
+        mask = torch.where(allowed, torch.zeros_like(neg), neg)  # (T, key_end) additive
+        # Cache slot c takes the window's row c - start when start <= c < start + T.
+        rel = k_slots - start
+        in_window = ((rel >= 0) & (rel < t))[None, None, :, None]
+        gather = rel.clamp(0, t - 1)
+        # The graph always takes (3, 1, T); a 1-D RoPE LM reads the first row.
+        pos = position_ids if self.lm.config.mrope_section is not None else position_ids[0]
+        cos, sin = self.lm.rotary(pos, x.dtype)
+        cos, sin = cos[:, None], sin[:, None]
+        scale = 1.0 / math.sqrt(self.head_dim)
+        groups = self.num_heads // self.num_kv_heads
+        presents_k, presents_v = [], []
+        for i, module in enumerate(self.lm.layers):
+            layer = cast(DecoderLayer, module)
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            qh = attn.q_proj(h).view(1, t, self.num_heads, self.head_dim).transpose(1, 2)
+            kh = attn.k_proj(h).view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            vh = attn.v_proj(h).view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            qh = qh * cos + rotate_half(qh) * sin
+            kh = kh * cos + rotate_half(kh) * sin
+            new_k = torch.where(in_window, kh.index_select(2, gather), past_k[i])
+            new_v = torch.where(in_window, vh.index_select(2, gather), past_v[i])
+            presents_k.append(new_k)
+            presents_v.append(new_v)
+            keys, values = new_k.index_select(2, visible), new_v.index_select(2, visible)
+            if groups > 1:
+                keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+            scores = torch.matmul(qh, keys.transpose(2, 3)) * scale + mask
+            out = torch.matmul(torch.softmax(scores, dim=-1), values)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        logits = self.lm.logits(self.lm.norm(x)).float() + self.vocab_bias
+        prob, top1 = torch.softmax(logits, dim=-1).max(dim=-1)
+        return top1, prob, torch.stack(presents_k), torch.stack(presents_v)
+
+
+class VisionStep(nn.Module):
+    """The vision tower for one image of a fixed grid, its window layout baked in."""
+
+    def __init__(self, tower: VisionTower, grid_thw: torch.Tensor) -> None:
+        super().__init__()
+        self.tower = tower
+        self.grid = grid_thw
+        self.layout = vision_layout(grid_thw, tower.config)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.tower(patches, self.grid, layout=self.layout)
+        return out
+
+
+def image_grid(config: ModelConfig, image_hw: tuple[int, int]) -> tuple[int, int, int]:
+    """``(t, h, w)`` patch grid of one ``image_hw`` camera image after the processor's resize."""
+    vision = config.vision
+    if vision is None:
+        raise ValueError("the model has no vision tower")
+    h, w = smart_resize(image_hw[0], image_hw[1], vision.patch_size * vision.spatial_merge_size)
+    return 1, h // vision.patch_size, w // vision.patch_size
+
+
+def _spec(name: str, shape: list[int | str], dtype: str) -> dict[str, Any]:
+    return {"name": name, "shape": shape, "dtype": dtype}
+
+
+def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
+                image_hw: tuple[int, int] = DEFAULT_IMAGE_HW, opset: int = OPSET) -> dict[str, Any]:
+    """Write ``vision.onnx`` (models with a vision tower), ``lm_step.onnx``, ``embed_tokens.npy`` and
+    ``onnx_spec.json`` into ``out_dir``; check each graph with ``onnx.checker``; return the spec."""
+    import onnx
+
+    if capacity <= 0:
+        raise ValueError(f"capacity must be positive, got {capacity}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    model = model.eval().float()
+    lm_cfg = config.lm
+    cache_dims = [lm_cfg.num_layers, 1, lm_cfg.num_kv_heads, capacity, lm_cfg.head_dim]
+    cache_shape: list[int | str] = list(cache_dims)
+    step = LMStep(model.lm, config.tokens.mask, config.diffusion.block_size).eval()
+    t = 5
+    example = (
+        torch.zeros(1, t, lm_cfg.hidden_size), torch.arange(t).view(1, 1, t).expand(3, 1, t).contiguous(),
+        torch.tensor(0, dtype=torch.int64), torch.tensor(t, dtype=torch.int64), torch.tensor(0, dtype=torch.int64),
+        torch.zeros(cache_dims), torch.zeros(cache_dims),
+    )
+    lm_inputs = ["inputs_embeds", "position_ids", "start", "key_end", "mode", "past_k", "past_v"]
+    lm_outputs = ["top1", "prob", "present_k", "present_v"]
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer flags shape checks it folds to constants; the graph's dynamic axes are only T.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(step, example, str(out / LM_FILE), input_names=lm_inputs, output_names=lm_outputs,
+                          dynamic_axes={"inputs_embeds": {1: "T"}, "position_ids": {2: "T"}, "top1": {1: "T"},
+                                        "prob": {1: "T"}},
+                          opset_version=opset, dynamo=False)
+    onnx.checker.check_model(str(out / LM_FILE))
+    np.save(out / EMBED_FILE, model.lm.embed_tokens.weight.detach().float().numpy())
+    spec: dict[str, Any] = {
+        "format": 1,
+        "opset": opset,
+        "capacity": capacity,
+        "batch": 1,
+        "mode_ids": MODE_IDS,
+        "block_size": config.diffusion.block_size,
+        "vocab_size": lm_cfg.vocab_size,
+        "hidden_size": lm_cfg.hidden_size,
+        "mask_id": config.tokens.mask,
+        "image_token_id": config.tokens.image,
+        "embed_file": EMBED_FILE,
+        "lm_step": {
+            "file": LM_FILE,
+            "inputs": [_spec("inputs_embeds", [1, "T", lm_cfg.hidden_size], "float32"),
+                       _spec("position_ids", [3, 1, "T"], "int64"), _spec("start", [], "int64"),
+                       _spec("key_end", [], "int64"), _spec("mode", [], "int64"),
+                       _spec("past_k", cache_shape, "float32"), _spec("past_v", cache_shape, "float32")],
+            "outputs": [_spec("top1", [1, "T"], "int64"), _spec("prob", [1, "T"], "float32"),
+                        _spec("present_k", cache_shape, "float32"), _spec("present_v", cache_shape, "float32")],
+        },
+        "vision": None,
+    }
+    vision = config.vision
+    if vision is not None and model.visual is not None:
+        grid = image_grid(config, image_hw)
+        patches = grid[0] * grid[1] * grid[2]
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        tokens = patches // vision.spatial_merge_size ** 2
+        wrapper = VisionStep(model.visual, torch.tensor([grid], dtype=torch.long)).eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(wrapper, (torch.zeros(patches, width),), str(out / VISION_FILE),
+                              input_names=["patches"], output_names=["features"], opset_version=opset,
+                              dynamo=False)
+        onnx.checker.check_model(str(out / VISION_FILE))
+        spec["vision"] = {
+            "file": VISION_FILE,
+            "grid_thw": list(grid),
+            "image_hw": list(image_hw),
+            "patch_size": vision.patch_size,
+            "temporal_patch_size": vision.temporal_patch_size,
+            "spatial_merge_size": vision.spatial_merge_size,
+            "inputs": [_spec("patches", [patches, width], "float32")],
+            "outputs": [_spec("features", [tokens, vision.out_hidden_size], "float32")],
+        }
+    (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    return spec
+

@@ -1,0 +1,103 @@
+"""Torch-free helpers shared by the ONNX export and the ONNX Runtime backend.
+
+File names and the spec loader, plus numpy versions of the two host-side steps a prompt with
+images needs before the LM graph: image preprocessing (normalize + patchify, the layout of
+:mod:`blockpilot.vla.image`) and Qwen2.5-VL's 3-D RoPE positions (:mod:`blockpilot.vla.rope_index`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..vla.image_grid import smart_resize
+
+SPEC_FILE = "onnx_spec.json"
+VISION_FILE = "vision.onnx"
+LM_FILE = "lm_step.onnx"
+EMBED_FILE = "embed_tokens.npy"
+MODE_IDS = {"causal": 0, "block": 1, "bidirectional": 2}
+
+# The CLIP normalization of blockpilot.vla.image, repeated here so this module stays torch-free.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+
+
+def load_spec(onnx_dir: str | Path) -> dict[str, Any]:
+    """The spec :func:`blockpilot.export.onnx_graphs.export_onnx` wrote into ``onnx_dir``."""
+    path = Path(onnx_dir) / SPEC_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no ONNX export here (run blockpilot.export.export_onnx first)")
+    spec: dict[str, Any] = json.loads(path.read_text())
+    return spec
+
+
+def image_patches(image: npt.NDArray[np.uint8], patch_size: int, merge_size: int,
+                  temporal_patch_size: int) -> tuple[FloatArray, tuple[int, int, int]]:
+    """One ``HxWx3`` uint8 image -> float32 patches ``(N, 3*T*p*p)`` in merged-token order, and its grid.
+
+    An image already at the processor's target size is handled in numpy alone; one that needs the
+    antialiased bicubic resize falls back to :func:`blockpilot.vla.image.resize_bicubic`, which uses torch.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+    factor = patch_size * merge_size
+    h, w = smart_resize(image.shape[0], image.shape[1], factor)
+    if image.shape[:2] != (h, w):
+        from ..vla.image import resize_bicubic  # torch: only for images not already at the target size
+
+        image = resize_bicubic(image, h, w)
+    x = image.transpose(2, 0, 1).astype(np.float32) * np.float32(1.0 / 255.0)
+    x = (x - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]
+    gh, gw = h // patch_size, w // patch_size
+    x = x.reshape(3, gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size)
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # merged row, merged col, row/col in merge, channel, patch row/col
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal_patch_size, *x.shape[5:]))
+    patches = np.ascontiguousarray(x.reshape(gh * gw, 3 * temporal_patch_size * patch_size * patch_size))
+    return patches.astype(np.float32, copy=False), (1, gh, gw)
+
+
+def mrope_positions_np(token_ids: IntArray, grids: list[tuple[int, int, int]], image_token_id: int,
+                       merge_size: int) -> tuple[IntArray, int]:
+    """3-D positions ``(3, 1, T)`` and the rope delta of one prompt (batch one), as
+    :func:`blockpilot.vla.rope_index.mrope_positions` computes them."""
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    counts = [t * h * w // (merge_size * merge_size) for t, h, w in grids]
+    is_image = ids == image_token_id
+    if int(is_image.sum()) != sum(counts):
+        raise ValueError(f"the prompt holds {int(is_image.sum())} image token(s) but the images need {sum(counts)}")
+    length = ids.shape[0]
+    positions = np.empty((3, length), dtype=np.int64)
+    slot = pos = image = 0
+    while slot < length:
+        if not is_image[slot]:
+            run = slot
+            while run < length and not is_image[run]:
+                run += 1
+            positions[:, slot:run] = np.arange(pos, pos + run - slot)
+            pos += run - slot
+            slot = run
+            continue
+        t, h, w = grids[image]
+        gh, gw = h // merge_size, w // merge_size
+        n = counts[image]
+        if slot + n > length or not is_image[slot:slot + n].all():
+            raise ValueError(f"image {image} needs {n} consecutive image tokens at token {slot}")
+        ti, ri, ci = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+        positions[:, slot:slot + n] = np.stack((ti.reshape(-1), ri.reshape(-1), ci.reshape(-1))) + pos
+        slot, pos = slot + n, pos + max(t, gh, gw)
+        image += 1
+    return positions[:, None, :], pos - length
+
+
+def continuation_positions_np(start: int, length: int, delta: int) -> IntArray:
+    """Positions ``(3, 1, length)`` of slots ``start .. start+length-1`` after a prompt of rope delta ``delta``."""
+    row = np.arange(start + delta, start + delta + length, dtype=np.int64)
+    return np.broadcast_to(row, (3, 1, length)).copy()

@@ -1,0 +1,178 @@
+"""ONNX export of the shipped model and the ONNX Runtime backend against the torch backend."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import onnx
+
+from blockpilot.demo import SHIPPED_MODEL
+from blockpilot.eval.synthetic import heldout_keyframes, observation
+from blockpilot.export import export_onnx
+from blockpilot.export.onnx_io import image_patches, mrope_positions_np
+from blockpilot.runtime.backend import Prompt, PromptError, Sampling
+from blockpilot.runtime.ort_backend import OrtBackend, OrtUnsupportedError, ort_planner
+from blockpilot.runtime.plan_types import DecoderSettings, Observation, PlannerSetupError
+from blockpilot.runtime.planner import Planner
+from blockpilot.runtime.torch_backend import TorchBackend
+from blockpilot.vla.modes import AttentionMode
+
+pytestmark = pytest.mark.skipif(not SHIPPED_MODEL.is_dir(), reason="the shipped reference model is missing")
+
+CAPACITY = 512
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    from blockpilot.vla.loader import load_model
+
+    out = tmp_path_factory.mktemp("onnx")
+    spec = export_onnx(load_model(SHIPPED_MODEL), out, CAPACITY)
+    return out, spec
+
+
+@pytest.fixture(scope="module")
+def observations() -> list[Observation]:
+    return [observation(k) for k in heldout_keyframes(2)[:3]]
+
+
+@pytest.fixture(scope="module")
+def torch_planner() -> Planner:
+    return Planner.from_checkpoint(SHIPPED_MODEL, decoder=DecoderSettings(name="scaffold"),
+                                   max_prompt_tokens=CAPACITY - 200)
+
+
+def _ort(exported: tuple[Path, dict[str, Any]], name: str) -> Planner:
+    return ort_planner(SHIPPED_MODEL, exported[0], decoder=DecoderSettings(name=name))
+
+
+def test_graphs_pass_the_checker_and_spec_names_their_io(exported: tuple[Path, dict[str, Any]]) -> None:
+    out, spec = exported
+    for name in ("vision.onnx", "lm_step.onnx"):
+        onnx.checker.check_model(str(out / name))
+    assert (out / "onnx_spec.json").is_file() and (out / "embed_tokens.npy").is_file()
+    lm = onnx.load(str(out / "lm_step.onnx"))
+    assert [i.name for i in lm.graph.input] == [i["name"] for i in spec["lm_step"]["inputs"]]
+    assert [o.name for o in lm.graph.output] == [o["name"] for o in spec["lm_step"]["outputs"]]
+    ops = {n.op_type for n in lm.graph.node}
+    assert {"MatMul", "Softmax", "ArgMax"} <= ops
+    assert spec["capacity"] == CAPACITY and spec["vision"]["grid_thw"] == [1, 8, 8]
+
+
+def test_numpy_prompt_helpers_match_the_torch_ones(observations: list[Observation]) -> None:
+    import torch
+
+    from blockpilot.vla.image import preprocess_images
+    from blockpilot.vla.rope_index import mrope_positions
+
+    image = observations[0].images[0]
+    ref, grid = preprocess_images([image], _vision_config())
+    patches, np_grid = image_patches(image, 14, 2, 2)
+    assert np_grid == tuple(grid[0].tolist())
+    np.testing.assert_allclose(patches, ref.numpy(), atol=1e-6)
+    ids = np.array([1, 5] + [7] * 16 + [6, 9, 7, 7, 7, 7, 3], dtype=np.int64)
+    grids = [(1, 8, 8), (1, 4, 4)]
+    pos, delta = mrope_positions_np(ids, grids, 7, 2)
+    ref_pos, ref_delta = mrope_positions(torch.from_numpy(ids)[None], torch.tensor(grids), 7, 2)
+    np.testing.assert_array_equal(pos, ref_pos.numpy())
+    assert delta == int(ref_delta[0])
+
+
+def _vision_config() -> Any:
+    from blockpilot.vla.hf_config import load_config
+
+    return load_config(SHIPPED_MODEL).vision
+
+
+def test_prefill_and_block_steps_match_torch(exported: tuple[Path, dict[str, Any]], torch_planner: Planner,
+                                             observations: list[Observation]) -> None:
+    prompt, _ = torch_planner.prompt(observations[0])
+    from blockpilot.vla.loader import load_model
+
+    tb = TorchBackend(load_model(SHIPPED_MODEL), CAPACITY)
+    ob = OrtBackend(exported[0])
+    a, b = tb.prefill(prompt), ob.prefill(prompt)
+    np.testing.assert_array_equal(a.top1, b.top1)
+    np.testing.assert_allclose(a.prob, b.prob, atol=1e-4)
+    assert ob.length == tb.length == len(prompt) and "vision" in b.stage_ms
+    template = torch_planner.scaffold.token_ids[None, :32]
+    n = len(prompt)
+    for mode, write in [(AttentionMode.BIDIRECTIONAL, False), (AttentionMode.BLOCK, False),
+                        (AttentionMode.CAUSAL, True), (AttentionMode.BIDIRECTIONAL, False)]:
+        a = tb.step(template, n, mode=mode, write_kv=write)
+        b = ob.step(template, n, mode=mode, write_kv=write)
+        np.testing.assert_array_equal(a.top1, b.top1)
+        np.testing.assert_allclose(a.prob, b.prob, atol=1e-4)
+        assert ob.length == tb.length
+    # A draft after a commit sees the committed block; truncate only moves the length.
+    tb.truncate(n + 8)
+    ob.truncate(n + 8)
+    a = tb.step(template[:, 8:16], n + 8, mode=AttentionMode.BIDIRECTIONAL, write_kv=False)
+    b = ob.step(template[:, 8:16], n + 8, mode=AttentionMode.BIDIRECTIONAL, write_kv=False)
+    np.testing.assert_array_equal(a.top1, b.top1)
+    np.testing.assert_allclose(a.prob, b.prob, atol=1e-4)
+    assert ob.length == n + 8
+    # Sub-block cache: re-run the first 8 slots seeing the whole previously written block (kv_end).
+    for backend in (tb, ob):
+        backend.step(template, n, mode=AttentionMode.CAUSAL, write_kv=True)
+    a = tb.step(template[:, :8], n, mode=AttentionMode.BIDIRECTIONAL, write_kv=True, kv_end=n + 32)
+    b = ob.step(template[:, :8], n, mode=AttentionMode.BIDIRECTIONAL, write_kv=True, kv_end=n + 32)
+    np.testing.assert_array_equal(a.top1, b.top1)
+    np.testing.assert_allclose(a.prob, b.prob, atol=1e-4)
+    assert ob.length == tb.length == n + 32
+
+
+def test_scaffold_plans_match_torch_and_ar(exported: tuple[Path, dict[str, Any]], torch_planner: Planner,
+                                           observations: list[Observation]) -> None:
+    scaffold, ar = _ort(exported, "scaffold"), _ort(exported, "ar")
+    assert len(observations) == 3
+    for obs in observations:
+        ref = torch_planner.plan(obs)
+        got = scaffold.plan(obs)
+        np.testing.assert_array_equal(got.tokens, ref.tokens)
+        assert got.stats.forwards == ref.stats.forwards
+        assert got.error is None and got.plan is not None
+        np.testing.assert_array_equal(ar.plan(obs).tokens, got.tokens)
+
+
+def test_sampling_fork_and_bad_images_raise_clearly(exported: tuple[Path, dict[str, Any]],
+                                                    torch_planner: Planner, observations: list[Observation]) -> None:
+    ob = OrtBackend(exported[0])
+    prompt, _ = torch_planner.prompt(observations[0])
+    ob.prefill(prompt)
+    tokens = torch_planner.scaffold.token_ids[None, :4]
+    with pytest.raises(OrtUnsupportedError, match="rollouts need the torch backend"):
+        ob.step(tokens, len(prompt), mode=AttentionMode.CAUSAL, write_kv=True, sampling=Sampling(1.0, (1,)))
+    assert ob.length == len(prompt)
+    with pytest.raises(OrtUnsupportedError, match="rollouts need the torch backend"):
+        ob.fork(2)
+    ob.fork(1)
+    with pytest.raises(PlannerSetupError, match="rollouts need the torch backend"):
+        _ort(exported, "rollouts")
+    big = np.zeros((224, 224, 3), dtype=np.uint8)
+    with pytest.raises(PromptError, match="exported for"):
+        ob.prefill(Prompt(prompt.token_ids, (big,)))
+    with pytest.raises(PromptError, match="no images"):
+        ob.prefill(Prompt(prompt.token_ids))
+
+
+def test_ort_planner_runs_without_importing_torch(exported: tuple[Path, dict[str, Any]]) -> None:
+    code = ("import sys\n"
+            "from blockpilot.eval.synthetic import heldout_keyframes, observation\n"
+            "from blockpilot.runtime.ort_backend import ort_planner\n"
+            "from blockpilot.runtime.plan_types import DecoderSettings\n"
+            f"p = ort_planner({str(SHIPPED_MODEL)!r}, {str(exported[0])!r}, decoder=DecoderSettings(name='scaffold'))\n"
+            "plan = p.plan(observation(heldout_keyframes(1)[0]))\n"
+            "assert plan.error is None, plan.error\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
