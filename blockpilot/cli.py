@@ -24,9 +24,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    path = Path(args.checkpoint)
+    if (path / "manifest.json").is_file():
+        from .formats.bundle import BundleError, describe_bundle
+
+        try:
+            print(describe_bundle(path))
+        except BundleError as exc:
+            raise UserError(str(exc)) from None
+        return 0
     from .vla.loader import describe_checkpoint
 
-    print(describe_checkpoint(Path(args.checkpoint)))
+    print(describe_checkpoint(path))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export.build import export_bundle
+    from .formats.bundle import BundleError
+
+    try:
+        summary = export_bundle(Path(args.checkpoint), Path(args.out), max_prompt_tokens=args.max_prompt_tokens,
+                                with_weights=args.with_weights, overwrite=args.overwrite)
+    except BundleError as exc:
+        raise UserError(str(exc)) from None
+    print(summary.table())
     return 0
 
 
@@ -149,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="held-out generated scenes to evaluate the shipped reference model on (0: skip)")
     demo.set_defaults(func=_cmd_demo)
 
-    inspect = sub.add_parser("inspect", help="validate and load a local HF checkpoint, print its config")
-    inspect.add_argument("checkpoint", help="checkpoint directory (config.json + safetensors)")
+    inspect = sub.add_parser("inspect", help="validate a local HF checkpoint or a bundle (hashes checked), describe it")
+    inspect.add_argument("checkpoint", help="checkpoint directory (config.json + safetensors) or bundle directory")
     inspect.set_defaults(func=_cmd_inspect)
 
     scaffold = sub.add_parser("scaffold", help="print the frozen answer scaffold of a schema")
@@ -186,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(train)
     train.set_defaults(func=_cmd_train_reference)
+
+    export = sub.add_parser("export", help="export a checkpoint to a verified bundle (ONNX graphs for the "
+                                           "ONNX Runtime backend, config, tokenizer, schema, sha256 manifest)")
+    export.add_argument("--checkpoint", required=True, help="checkpoint dir (config.json, safetensors, tokenizer.json)")
+    export.add_argument("--out", required=True, help="bundle directory to create")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
+    export.add_argument("--with-weights", action="store_true", help="also copy the safetensors (torch backend)")
+    export.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt budget the KV cache is sized for")
+    export.set_defaults(func=_cmd_export)
 
     evaluate = sub.add_parser("eval", help="replay nuScenes / WOD-E2E / rosbag2 logs through the planner; "
                                            "metrics and report (eval compare A B: two runs side by side)")

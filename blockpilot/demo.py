@@ -68,25 +68,32 @@ SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "reference"
 
 
 def heldout_summary(scenes: int, out_dir: Path) -> dict[str, object]:
-    """The shipped reference model replayed on held-out generated scenes written in the nuScenes
-    format, through the same reader, evaluator and report as a real dataroot."""
+    """The shipped reference model exported to a verified bundle and replayed on the ONNX Runtime
+    backend over held-out generated scenes written in the nuScenes format, through the same reader,
+    evaluator and report as a real dataroot."""
     from .eval.cli import evaluate_and_report, run_header
     from .eval.nuscenes import NuScenesSource
     from .eval.synthetic import HELDOUT_SEED_BASE
+    from .export.build import export_bundle
+    from .runtime.bundle_planner import planner_from_bundle
     from .sim.generator import generate_scene
     from .sim.writers.nuscenes import write_nuscenes
 
+    bundle_dir = out_dir / "bundle"
+    export = export_bundle(SHIPPED_MODEL, bundle_dir, overwrite=True)
+    print(f"exported bundle        {bundle_dir}: {len(export.files)} files, "
+          f"{sum(export.files.values()) / 1e6:.1f} MB, ONNX graphs with KV-cache I/O, sha256 manifest")
     dataroot = out_dir / "heldout-nuscenes"
     if dataroot.exists():
         shutil.rmtree(dataroot)
     write_nuscenes([generate_scene(HELDOUT_SEED_BASE + i) for i in range(scenes)], dataroot)
     source = NuScenesSource(dataroot)
-    planner = Planner.from_checkpoint(SHIPPED_MODEL, decoder=DecoderSettings(name="scaffold"))
+    planner = planner_from_bundle(bundle_dir, decoder=DecoderSettings(name="scaffold"))
     run_dir = out_dir / "eval"
     print(f"held-out replay        {scenes} generated scenes written as nuScenes ({dataroot}), {len(source)} "
-          f"keyframes, shipped model {SHIPPED_MODEL.name}, scaffold decoder")
-    evaluate_and_report(planner, source, run_dir, header=run_header(source, SHIPPED_MODEL, planner),
-                        overwrite=True)
+          f"keyframes, bundle on ONNX Runtime (CPU), scaffold decoder")
+    header = {**run_header(source, bundle_dir, planner), "backend": "onnxruntime"}
+    evaluate_and_report(planner, source, run_dir, header=header, overwrite=True)
     metrics: dict[str, object] = json.loads((run_dir / "report" / "metrics.json").read_text())
     return metrics
 

@@ -22,7 +22,7 @@ def test_help_lists_every_command() -> None:
     result = _run("--help")
     assert result.returncode == 0
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert set(commands) == {"demo", "eval", "inspect", "plan", "quantize", "scaffold", "train-reference"}
+    assert set(commands) == {"demo", "eval", "export", "inspect", "plan", "quantize", "scaffold", "train-reference"}
     for name in commands:
         assert name in result.stdout
 
@@ -56,7 +56,11 @@ def test_scaffold_prints_slots(schema: str) -> None:
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     result = _run("demo", "--out", str(tmp_path / "demo"), "--heldout-scenes", "1")
     assert result.returncode == 0, result.stderr
-    # The held-out replay went through the nuScenes reader, the evaluator and the report.
+    # The shipped model went into a verified bundle, replayed on ONNX Runtime through the nuScenes
+    # reader, the evaluator and the report.
+    assert (tmp_path / "demo" / "bundle" / "manifest.json").is_file()
+    header = json.loads((tmp_path / "demo" / "eval" / "results.jsonl").read_text().splitlines()[0])["header"]
+    assert header["backend"] == "onnxruntime"
     report = tmp_path / "demo" / "eval" / "report"
     assert (report / "summary.html").is_file() and (report / "metrics.json").is_file()
     assert "L2" in (report / "summary.md").read_text()

@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", choices=SOURCES, help="dataset format of --dataroot")
     parser.add_argument("--dataroot", help="nuScenes dataroot, WOD-E2E TFRecord file or folder, rosbag2 folder")
     parser.add_argument("--checkpoint", help="model checkpoint dir (config.json, safetensors, tokenizer.json)")
+    parser.add_argument("--bundle", help="exported bundle dir (verified, run on ONNX Runtime) instead of --checkpoint")
     parser.add_argument("--decoder", default="scaffold", choices=DECODERS, help="decoder (default: scaffold)")
     parser.add_argument("--threshold", type=float, default=None, help="decoder confidence threshold")
     parser.add_argument("--rollouts", type=positive_int, default=4, help="trajectories for --decoder rollouts")
@@ -114,22 +115,31 @@ def run(args: argparse.Namespace) -> int:
         result = compare_runs(args.run_a, args.run_b, out_dir=args.compare_out)
         print(format_comparison(result))
         return 0
-    if not args.checkpoint:
-        raise EvalUsageError("--checkpoint is required (a local model directory)")
+    if bool(args.checkpoint) == bool(args.bundle):
+        raise EvalUsageError("pass exactly one of --checkpoint (torch) and --bundle (ONNX Runtime)")
     source = build_source(args)
     from ..runtime.plan_types import DecoderSettings
-    from ..runtime.planner import Planner
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    checkpoint = Path(args.checkpoint)
     settings = DecoderSettings(name=args.decoder, threshold=args.threshold, rollouts=args.rollouts)
-    planner = Planner.from_checkpoint(checkpoint, decoder=settings, device=args.device,
-                                      max_prompt_tokens=args.max_prompt_tokens)
-    return evaluate_and_report(planner, source, Path(args.out), header=run_header(source, checkpoint, planner),
-                               limit=args.limit, overwrite=args.overwrite, progress=not args.no_progress)
+    if args.bundle:
+        from ..runtime.bundle_planner import planner_from_bundle
+
+        model_path = Path(args.bundle)
+        planner = planner_from_bundle(model_path, decoder=settings, threads=args.threads or 1)
+    else:
+        from ..runtime.planner import Planner
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        model_path = Path(args.checkpoint)
+        planner = Planner.from_checkpoint(model_path, decoder=settings, device=args.device,
+                                          max_prompt_tokens=args.max_prompt_tokens)
+    header = run_header(source, model_path, planner)
+    header["backend"] = "onnxruntime" if args.bundle else "torch"
+    return evaluate_and_report(planner, source, Path(args.out), header=header, limit=args.limit,
+                               overwrite=args.overwrite, progress=not args.no_progress)
 
 
 def evaluate_and_report(planner: Any, source: Source, out: Path, *, header: dict[str, Any], limit: int | None = None,

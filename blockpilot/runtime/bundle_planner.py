@@ -1,0 +1,31 @@
+"""A :class:`Planner` from a verified bundle: the car's entry point (no checkpoint, no torch for ONNX Runtime)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..formats.bundle import BundleError, load_bundle
+from .plan_types import DecoderSettings, PlannerSetupError
+from .planner import Planner
+
+BACKENDS = ("onnxruntime",)
+
+
+def planner_from_bundle(path: str | Path, *, decoder: DecoderSettings | None = None, backend: str = "onnxruntime",
+                        threads: int = 1, verify: bool = True) -> Planner:
+    """Load ``path`` (every file's size and sha256 checked against the manifest unless ``verify=False``)
+    and build a planner on ``backend`` over its graphs; a tampered or incomplete bundle is refused."""
+    if backend not in BACKENDS:
+        raise PlannerSetupError(f"bundle backend {backend!r}: this build runs bundles on {', '.join(BACKENDS)}; "
+                                "TensorRT engines arrive with the engine build")
+    try:
+        bundle = load_bundle(path, verify=verify)
+    except BundleError as exc:
+        raise PlannerSetupError(f"bundle refused: {exc}") from exc
+    graphs = {a.role: a for a in bundle.graphs(variant="decomposed")}
+    if "lm_step" not in graphs:
+        raise PlannerSetupError(f"{bundle.path / 'manifest.json'}: no decomposed lm_step graph for ONNX Runtime")
+    from .ort_backend import ort_planner
+
+    return ort_planner(bundle.path / "model", bundle.file(graphs["lm_step"].path).parent, decoder=decoder,
+                       threads=threads)

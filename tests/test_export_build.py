@@ -1,0 +1,71 @@
+"""Checkpoint -> bundle -> planner on ONNX Runtime: the export command, the bundle as the car loads it,
+replay evaluation of a bundle, and refusal of a tampered one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from runtime_fixtures import torch_threads
+
+from blockpilot.cli import main
+from blockpilot.demo import SHIPPED_MODEL
+from blockpilot.eval.synthetic import heldout_keyframes, observation
+from blockpilot.export.build import export_bundle
+from blockpilot.runtime.bundle_planner import planner_from_bundle
+from blockpilot.runtime.plan_types import DecoderSettings, PlannerSetupError
+from blockpilot.runtime.planner import Planner
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    with torch_threads(1):
+        return export_bundle(SHIPPED_MODEL, tmp_path_factory.mktemp("b") / "bundle").bundle
+
+
+def test_bundle_lists_graphs_and_model_files(bundle: Path) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    listed = set(manifest["files"])
+    assert {"model/config.json", "model/tokenizer.json", "model/blockpilot.json", "graphs/decomposed/lm_step.onnx",
+            "graphs/decomposed/vision.onnx", "graphs/decomposed/embed_tokens.npy"} <= listed
+    assert not any(p.endswith(".safetensors") for p in listed)  # graphs carry the weights; --with-weights adds them
+    assert manifest["precision_map"] == {}
+
+
+def test_bundle_planner_answers_like_the_torch_planner(bundle: Path) -> None:
+    with torch_threads(1):
+        torch_planner = Planner.from_checkpoint(SHIPPED_MODEL, decoder=DecoderSettings(name="scaffold"))
+        ort = planner_from_bundle(bundle, decoder=DecoderSettings(name="scaffold"))
+        for frame in heldout_keyframes(1, stride=12)[:2]:
+            obs = observation(frame)
+            assert np.array_equal(ort.plan(obs).tokens, torch_planner.plan(obs).tokens)
+
+
+def test_tampered_bundle_is_refused(bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    graph = copy / "graphs" / "decomposed" / "lm_step.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(PlannerSetupError, match=r"lm_step\.onnx.*modified"):
+        planner_from_bundle(copy)
+
+
+def test_export_inspect_and_eval_commands(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from blockpilot.sim.generator import generate_scene
+    from blockpilot.sim.writers.nuscenes import write_nuscenes
+
+    assert main(["export", "--checkpoint", str(SHIPPED_MODEL), "--out", str(bundle)]) == 2  # exists: refused
+    assert "exists" in capsys.readouterr().err
+    assert main(["inspect", str(bundle)]) == 0
+    assert "sha256 verified" in capsys.readouterr().out
+    root = write_nuscenes([generate_scene(1_000_321, duration_s=6.0)], tmp_path / "nus")
+    args = ["eval", "--source", "nuscenes", "--dataroot", str(root), "--limit", "6", "--no-progress"]
+    assert main([*args, "--bundle", str(bundle), "--out", str(tmp_path / "run")]) == 0
+    header = json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[0])["header"]
+    assert header["backend"] == "onnxruntime"
+    assert main([*args, "--bundle", str(bundle), "--checkpoint", str(SHIPPED_MODEL), "--out", str(tmp_path / "x")]) == 2
