@@ -18,7 +18,7 @@ import onnx
 from blockpilot.demo import SHIPPED_MODEL
 from blockpilot.eval.synthetic import heldout_keyframes, observation
 from blockpilot.export import export_onnx
-from blockpilot.export.onnx_io import image_patches, mrope_positions_np
+from blockpilot.formats.onnx_io import image_patches, mrope_positions_np
 from blockpilot.runtime.backend import Prompt, PromptError, Sampling
 from blockpilot.runtime.ort_backend import OrtBackend, OrtUnsupportedError, ort_planner
 from blockpilot.runtime.plan_types import DecoderSettings, Observation, PlannerSetupError

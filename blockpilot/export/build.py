@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..formats.bundle import BundleWriter, load_bundle
-from .onnx_io import EMBED_FILE, LM_FILE, SPEC_FILE, VISION_FILE
+from ..formats.onnx_io import EMBED_FILE, LM_FILE, SPEC_FILE, VISION_FILE
 
 DEFAULT_MAX_PROMPT_TOKENS = 1024
 VARIANT = "decomposed"

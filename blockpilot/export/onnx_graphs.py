@@ -37,12 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..formats.onnx_io import EMBED_FILE, LM_FILE, MODE_IDS, SPEC_FILE, VISION_FILE
 from ..vla.config import ModelConfig
 from ..vla.image_grid import smart_resize
 from ..vla.lm import DecoderLayer, DecoderLM, rotate_half
 from ..vla.model import VLAModel
 from ..vla.vision import VisionTower, vision_layout
-from .onnx_io import EMBED_FILE, LM_FILE, MODE_IDS, SPEC_FILE, VISION_FILE
 
 OPSET = 17
 DEFAULT_IMAGE_HW = (112, 112)

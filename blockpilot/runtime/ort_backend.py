@@ -7,7 +7,7 @@ drops it, and :meth:`OrtBackend.truncate` only moves the length. Batch one and g
 sampling and :meth:`OrtBackend.fork` with more than one row raise :class:`OrtUnsupportedError`.
 
 Torch is imported only to resize an image that is not already at the processor's target size
-(:func:`blockpilot.export.onnx_io.image_patches`); the shipped cameras never need it.
+(:func:`blockpilot.formats.onnx_io.image_patches`); the shipped cameras never need it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..export.onnx_io import (
+from ..formats.onnx_io import (
     MODE_IDS,
     continuation_positions_np,
     image_patches,
