@@ -130,3 +130,14 @@ def check_tokens(tokens: npt.ArrayLike, vocab_size: int, batch: int) -> TokenArr
 def row_seeds(seed: int, rows: int) -> Sequence[int]:
     """Distinct, reproducible per-row seeds derived from one user seed."""
     return [int((seed * 1_000_003 + r * 7_919) % (2**31 - 1)) for r in range(rows)]
+
+
+def prefill_length(prompt: Prompt, length: int | None, capacity: int) -> int:
+    """How many prompt tokens a prefill writes (all unless ``length``), checked against the prompt and
+    a cache of ``capacity`` slots; raises :class:`PromptError`."""
+    n = len(prompt) if length is None else length
+    if not 0 <= n <= len(prompt):
+        raise PromptError(f"prefill length {n} outside 0..{len(prompt)}")
+    if len(prompt) > capacity:
+        raise PromptError(f"prompt of {len(prompt)} tokens does not fit the KV cache ({capacity} slots)")
+    return n

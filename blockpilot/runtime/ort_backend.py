@@ -28,7 +28,17 @@ from ..formats.onnx_io import (
 )
 from ..vla.modes import AttentionMode
 from ..vla.plans import DrivingSchema
-from .backend import BackendError, CacheFullError, Prompt, PromptError, Sampling, StepResult, TokenArray, check_tokens
+from .backend import (
+    BackendError,
+    CacheFullError,
+    Prompt,
+    PromptError,
+    Sampling,
+    StepResult,
+    TokenArray,
+    check_tokens,
+    prefill_length,
+)
 from .plan_types import DecoderSettings, PlannerSetupError
 from .planner import Planner
 
@@ -82,11 +92,7 @@ class OrtBackend:
 
     def prefill(self, prompt: Prompt, *, length: int | None = None,
                 mode: AttentionMode = AttentionMode.CAUSAL) -> StepResult:
-        n = len(prompt) if length is None else length
-        if not 0 <= n <= len(prompt):
-            raise PromptError(f"prefill length {n} outside 0..{len(prompt)}")
-        if len(prompt) > self.capacity:
-            raise PromptError(f"prompt of {len(prompt)} tokens does not fit the KV cache ({self.capacity} slots)")
+        n = prefill_length(prompt, length, self.capacity)
         self._length = 0
         stage: dict[str, float] = {}
         ids = prompt.token_ids

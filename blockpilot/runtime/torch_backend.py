@@ -12,7 +12,7 @@ from ..vla.kv_cache import CacheCapacityError
 from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
 from ..vla.rope_index import continuation_positions, image_token_counts
-from .backend import CacheFullError, Prompt, PromptError, Sampling, StepResult, TokenArray, check_tokens
+from .backend import CacheFullError, Prompt, PromptError, Sampling, StepResult, TokenArray, check_tokens, prefill_length
 from .sampling import gumbel_keys
 
 
@@ -53,11 +53,7 @@ class TorchBackend:
     @torch.inference_mode()
     def prefill(self, prompt: Prompt, *, length: int | None = None,
                 mode: AttentionMode = AttentionMode.CAUSAL) -> StepResult:
-        n = len(prompt) if length is None else length
-        if not 0 <= n <= len(prompt):
-            raise PromptError(f"prefill length {n} outside 0..{len(prompt)}")
-        if len(prompt) > self.capacity:
-            raise PromptError(f"prompt of {len(prompt)} tokens does not fit the KV cache ({self.capacity} slots)")
+        n = prefill_length(prompt, length, self.capacity)
         self._cache, self._batch, self._length = self._single, 1, 0
         stage: dict[str, float] = {}
         ids = torch.from_numpy(prompt.token_ids).to(self.device)[None]
