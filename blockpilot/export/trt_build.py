@@ -1,0 +1,398 @@
+"""Ahead-of-time TensorRT engine builds from the exported ONNX graphs (no GPU needed with TensorRT-RTX).
+
+Two flavors share one code path: ``tensorrt`` proper (JetPack's TensorRT 10.x on the car, builds for the GPU
+it runs on) and ``tensorrt_rtx`` (TensorRT-RTX: builds on a CPU-only workstation for chosen compute
+capabilities; its engines run on SM 8.0/8.6/8.9/12.x). Networks are always STRONGLY TYPED: the precision comes
+from the graph's tensor types and Q/DQ nodes, never from builder precision flags, so an fp16 engine needs an
+fp16 graph (:func:`to_fp16_graph`).
+
+TensorRT-RTX builds no plugin layers, and its ONNX parser aborts the whole process on a node in a custom
+domain, so such graphs are refused before the parser sees them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+Shape = Sequence[int]
+Profiles = Mapping[str, tuple[Shape, Shape, Shape]]
+
+
+class TrtUnavailableError(ImportError):
+    """Neither ``tensorrt`` nor ``tensorrt_rtx`` can be imported here."""
+
+
+class PluginGraphError(ValueError):
+    """The graph holds nodes in a non-standard ONNX domain (plugin layers) that this TensorRT cannot build."""
+
+
+class EngineBuildError(RuntimeError):
+    """Parsing or building failed; the message carries the parser's errors or points at the TensorRT log."""
+
+
+@dataclass(frozen=True)
+class TensorRT:
+    """The imported TensorRT module plus which flavor it is; attribute access falls through to the module."""
+
+    module: ModuleType
+    flavor: str  # "tensorrt" | "tensorrt-rtx"
+    version: str
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+    @property
+    def is_rtx(self) -> bool:
+        return self.flavor == "tensorrt-rtx"
+
+
+def load_tensorrt(prefer: Sequence[str] = ("tensorrt", "tensorrt_rtx")) -> TensorRT:
+    """The first importable TensorRT module of ``prefer`` (TensorRT proper first, as on a Jetson)."""
+    errors: list[str] = []
+    for name in prefer:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:  # also catches a broken install that fails half-way
+            errors.append(f"{name}: {exc}")
+            continue
+        flavor = "tensorrt-rtx" if name == "tensorrt_rtx" else "tensorrt"
+        return TensorRT(module, flavor, str(getattr(module, "__version__", "unknown")))
+    raise TrtUnavailableError("no TensorRT here: install tensorrt-rtx-cu13 (workstation, CPU-only builds) or use "
+                              "JetPack's tensorrt (Jetson); tried " + "; ".join(errors))
+
+
+# -- small helpers that hide the API differences -------------------------------------------------------------
+
+
+def _strongly_typed_network(trt: TensorRT, builder: Any) -> Any:
+    flag = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return builder.create_network(flag)
+
+
+def _set_compute_capability(trt: TensorRT, config: Any, cc: str | None) -> str:
+    """Target ``cc`` ("8.9", "12.0", "sm89"); returns what the engine is built for."""
+    if not trt.is_rtx:
+        return "current-gpu"  # TensorRT proper builds for the GPU it runs on
+    if cc is None:
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(trt.ComputeCapability.CURRENT, 0)
+        return "current-gpu"
+    digits = cc.lower().removeprefix("sm").replace(".", "").replace("_", "")
+    member = getattr(trt.ComputeCapability, f"SM{digits}", None)
+    if member is None:
+        known = [m for m in dir(trt.ComputeCapability) if m.startswith("SM")]
+        raise ValueError(f"compute capability {cc!r} is not one TensorRT-RTX {trt.version} builds for: {known}")
+    config.num_compute_capabilities = 1
+    if not config.set_compute_capability(member, 0):
+        raise EngineBuildError(f"TensorRT-RTX refused compute capability {cc}")
+    return f"{digits[:-1]}.{digits[-1]}"
+
+
+def _attach_timing_cache(trt: TensorRT, config: Any, path: Path | None) -> tuple[Any, str]:
+    """(cache object or None, a note for the report). TensorRT-RTX made timing caches no-ops (since 1.2)."""
+    if path is None:
+        return None, "not requested"
+    if trt.is_rtx:
+        return None, "unsupported: timing cache operations are no-ops in TensorRT-RTX (it caches at runtime)"
+    blob = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    config.set_timing_cache(cache, False)
+    return cache, "reused" if blob else "created"
+
+
+def _save_timing_cache(config: Any, path: Path) -> None:
+    _atomic_write(path, bytes(config.get_timing_cache().serialize()))
+
+
+def _atomic_write(path: Path, data: bytes | memoryview) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cuda_device_present() -> bool:
+    """A cheap guess (device nodes of a desktop driver, WSL or Jetson) so CPU-only hosts skip a noisy failure."""
+    return any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/dxg", "/dev/nvhost-gpu", "/dev/nvgpu/igpu0"))
+
+
+def _inspect(trt: TensorRT, logger: Any, engine_bytes: Any, out: Path) -> tuple[Path | None, str, int | None]:
+    """Write the inspector's layer JSON; needs a CUDA device to deserialize, so on CPU it says why not."""
+    if trt.is_rtx and not _cuda_device_present():
+        return None, "skipped: the engine inspector needs a CUDA device to deserialize the engine; none here", None
+    try:
+        engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)
+    except Exception as exc:  # any failure here only means no inspector output
+        return None, f"engine could not be deserialized here: {exc}", None
+    if engine is None:
+        return None, "engine inspector needs a CUDA device (deserialization failed on this machine)", None
+    info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    _atomic_write(out, info.encode())
+    layers = json.loads(info).get("Layers")
+    return out, "written", len(layers) if isinstance(layers, list) else None
+
+
+# -- graph checks and profiles -------------------------------------------------------------------------------
+
+
+def _all_nodes(graph: Any) -> Iterator[Any]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:  # If/Loop/Scan bodies
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_nodes(sub)
+
+
+def custom_domain_nodes(model: Any) -> list[str]:
+    """``"domain::OpType (name)"`` of every node (subgraphs and local functions too) outside the standard domains."""
+    nodes = list(_all_nodes(model.graph)) + [n for f in model.functions for n in f.node]
+    return [f"{n.domain}::{n.op_type} ({n.name or 'unnamed'})" for n in nodes if n.domain not in STANDARD_DOMAINS]
+
+
+FP8_CAPABLE = ("8.9", "12.0", "12.1")  # Ada and Blackwell; Ampere (8.0/8.6) has no fp8 tensor cores
+
+
+def uses_fp8(model: Any) -> bool:
+    """Whether any initializer, constant or Cast target of the graph is a float8 type (FP8 Q/DQ)."""
+    from onnx import TensorProto
+
+    fp8 = {TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2}
+    if any(t.data_type in fp8 for t in model.graph.initializer):
+        return True
+    for node in _all_nodes(model.graph):
+        for attr in node.attribute:
+            if (attr.name == "to" and attr.i in fp8) or (attr.HasField("t") and attr.t.data_type in fp8):
+                return True
+    return False
+
+
+def check_buildable(onnx_path: str | Path, flavor: str, compute_capability: str | None = None) -> None:
+    """Refuse, without calling the TensorRT parser, a graph with plugin nodes when the flavor is TensorRT-RTX,
+    and an FP8 graph for a compute capability without fp8 (the builder fails late on those)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    found = custom_domain_nodes(model)
+    if found and flavor == "tensorrt-rtx":
+        listed = ", ".join(found[:5]) + (" ..." if len(found) > 5 else "")
+        raise PluginGraphError(f"{onnx_path}: TensorRT-RTX builds no plugin layers, and this graph holds "
+                               f"{len(found)} node(s) in a custom domain ({listed}); export the decomposed variant")
+    if flavor == "tensorrt-rtx" and compute_capability is not None and uses_fp8(model):
+        cc = compute_capability.lower().removeprefix("sm").replace(".", "")
+        if f"{cc[:-1]}.{cc[-1]}" not in FP8_CAPABLE:
+            raise ValueError(f"{onnx_path}: an FP8 graph needs compute capability {' / '.join(FP8_CAPABLE)}, "
+                             f"not {compute_capability}")
+
+
+def profiles_from_spec(spec: Mapping[str, Any], role: str, opt_tokens: int | None = None) -> dict[str, Any]:
+    """Profile ranges for a graph of :func:`blockpilot.export.onnx_graphs.export_onnx`: for ``lm_step``, T from 1
+    to the cache capacity (opt: one block) and the shape-tensor input ``key_end`` over the same range."""
+    if role == "vision":
+        return {}  # the vision graph is fully static (its grid is fixed at export)
+    if role != "lm_step":
+        raise ValueError(f"unknown graph role {role!r}")
+    cap, hidden = int(spec["capacity"]), int(spec["hidden_size"])
+    opt = min(cap, opt_tokens or int(spec["block_size"]))
+    return {"inputs_embeds": ((1, 1, hidden), (1, opt, hidden), (1, cap, hidden)),
+            "position_ids": ((3, 1, 1), (3, 1, opt), (3, 1, cap)),
+            "key_end": ((1,), (opt,), (cap,))}
+
+
+def _add_profile(builder: Any, config: Any, network: Any, profiles: Profiles) -> None:
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    dynamic = [t.name for t in inputs if t.is_shape_tensor or any(d < 0 for d in t.shape)]
+    missing = [n for n in dynamic if n not in profiles]
+    unknown = [n for n in profiles if n not in {t.name for t in inputs}]
+    if missing or unknown:
+        raise ValueError(f"profiles: missing ranges for {missing}, unknown inputs {unknown}")
+    if not dynamic:
+        return
+    profile = builder.create_optimization_profile()
+    for tensor in inputs:
+        if tensor.name not in profiles:
+            continue
+        lo, opt, hi = (tuple(int(v) for v in s) for s in profiles[tensor.name])
+        if tensor.is_shape_tensor:  # the values it takes (key_end feeds a Range), not its shape
+            profile.set_shape_input(tensor.name, lo, opt, hi)
+        else:
+            profile.set_shape(tensor.name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+
+
+# -- the build -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildReport:
+    engine: Path
+    seconds: float
+    engine_bytes: int
+    flavor: str
+    version: str
+    compute_capability: str
+    network_layers: int
+    engine_layers: int | None
+    inspector: Path | None
+    inspector_note: str
+    timing_cache: Path | None
+    timing_cache_note: str
+    profiles: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("engine", "inspector", "timing_cache"):
+            out[key] = None if out[key] is None else str(out[key])
+        out["profiles"] = {k: [list(s) for s in v] for k, v in self.profiles.items()}
+        return out
+
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profiles: Profiles | None = None,
+                 compute_capability: str | None = "8.9", timing_cache: Path | None = None,
+                 trt: TensorRT | None = None, log_level: str = "ERROR") -> BuildReport:
+    """Parse ``onnx_path`` into a strongly typed network, build it and write ``engine_path`` atomically.
+
+    ``profiles`` maps each dynamic input to ``(min, opt, max)`` shapes; for a shape-tensor input (``key_end``)
+    the triples are its values. The inspector's layer JSON lands at ``<engine>.layers.json`` when a GPU can
+    deserialize the engine; otherwise the report says why.
+    """
+    trt = trt or load_tensorrt()
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    check_buildable(onnx_path, trt.flavor, compute_capability)
+    t0 = time.perf_counter()
+    logger = trt.Logger(getattr(trt.Logger, log_level))
+    builder = trt.Builder(logger)
+    network = _strongly_typed_network(trt, builder)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineBuildError(f"{onnx_path}: the ONNX parser failed: {errors}")
+    config = builder.create_builder_config()
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer names + tactics for the inspector
+    cc = _set_compute_capability(trt, config, compute_capability)
+    cache, cache_note = _attach_timing_cache(trt, config, timing_cache)
+    _add_profile(builder, config, network, profiles or {})
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise EngineBuildError(f"{onnx_path}: build_serialized_network failed (see the TensorRT log above)")
+    seconds = time.perf_counter() - t0
+    _atomic_write(engine_path, memoryview(blob))
+    if cache is not None and timing_cache is not None:
+        _save_timing_cache(config, timing_cache)
+    layers_json = engine_path.with_name(engine_path.name + ".layers.json")
+    inspector, note, engine_layers = _inspect(trt, logger, blob, layers_json)
+    return BuildReport(engine_path, seconds, engine_path.stat().st_size, trt.flavor, trt.version, cc,
+                       network.num_layers, engine_layers, inspector, note,
+                       timing_cache if cache is not None else None, cache_note, dict(profiles or {}))
+
+
+# -- fp16 graphs ---------------------------------------------------------------------------------------------
+
+# Kept fp32 by default: softmax (the attention and the top-1 probability), RoPE angles (position * inv_freq
+# reaches ~1e3 rad, far past fp16's resolution) and the RMS norms (sum of squares overflows fp16).
+KEEP_FP32_OPS = ("Softmax", "Cos", "Sin")
+KEEP_FP32_NAMES = ("rotary", "norm")
+
+
+def to_fp16_graph(onnx_in: str | Path, onnx_out: str | Path, *, keep_fp32_ops: Iterable[str] = KEEP_FP32_OPS,
+                  keep_fp32_names: Iterable[str] = KEEP_FP32_NAMES) -> dict[str, int]:
+    """Rewrite a float32 graph so it computes in float16, with the ``onnx`` package only.
+
+    Float initializers and constants become float16, ``Cast(to=float)`` becomes ``Cast(to=float16)``. Nodes whose
+    op type is in ``keep_fp32_ops`` or whose name contains one of ``keep_fp32_names`` stay float32, with Casts
+    inserted where a tensor crosses between the two. Graph inputs and outputs keep their float32 types (a Cast
+    right after each input, one right before each output), so the engine's I/O bindings do not change.
+    Returns counts of what changed.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(onnx_in))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = model.graph
+    if any(n.op_type in ("If", "Loop", "Scan") for n in _all_nodes(graph)):
+        raise ValueError(f"{onnx_in}: graphs with control-flow subgraphs are not supported by to_fp16_graph")
+    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    types: dict[str, int] = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        types[vi.name] = vi.type.tensor_type.elem_type
+    for init in graph.initializer:
+        types[init.name] = init.data_type
+    ops, names = frozenset(keep_fp32_ops), tuple(keep_fp32_names)
+    counts = {"initializers": 0, "constants": 0, "casts_retyped": 0, "casts_inserted": 0, "kept_fp32": 0}
+
+    for init in graph.initializer:
+        if init.data_type == f32:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype("float16"), init.name))
+            counts["initializers"] += 1
+    # Where each float tensor's current dtype lives: graph inputs stay f32, initializers are now f16.
+    now: dict[str, int] = {i.name: f32 for i in graph.input if types.get(i.name) == f32}
+    now.update({i.name: f16 for i in graph.initializer if i.data_type == f16})
+    out_names = {o.name for o in graph.output if types.get(o.name) == f32}
+    rename = {name: f"{name}__fp" for name in out_names}  # producers write here; a final Cast restores the name
+    made: dict[tuple[str, int], str] = {}
+    new_nodes: list[Any] = []
+
+    def converted(name: str, dtype: int) -> str:
+        key = (name, dtype)
+        if key not in made:
+            made[key] = f"{name}__to{'16' if dtype == f16 else '32'}"
+            new_nodes.append(helper.make_node("Cast", [name], [made[key]], to=dtype, name=f"{made[key]}_cast"))
+            counts["casts_inserted"] += 1
+        return made[key]
+
+    for node in graph.node:
+        keep = node.op_type in ops or any(s in node.name for s in names)
+        want = f32 if keep else f16
+        counts["kept_fp32"] += int(keep)
+        for i, name in enumerate(node.input):
+            name = rename.get(name, name)
+            node.input[i] = name
+            if name and now.get(name, want) != want:
+                node.input[i] = converted(name, want)
+        _retype_node(node, want, counts, helper, numpy_helper, f32)
+        for i, name in enumerate(node.output):
+            node.output[i] = rename.get(name, name)
+            if types.get(name) == f32:
+                now[node.output[i]] = want
+        new_nodes.append(node)
+    for name in out_names:
+        src = rename[name]
+        new_nodes.append(helper.make_node("Cast", [src], [name], to=f32, name=f"{name}_to_fp32"))
+        now[name] = f32
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.value_info[:]  # stale float32 annotations; TensorRT and the checker infer them again
+    onnx.checker.check_model(model)
+    onnx.save(model, str(onnx_out))
+    return counts
+
+
+def _retype_node(node: Any, want: int, counts: dict[str, int], helper: Any, numpy_helper: Any, f32: int) -> None:
+    """Retarget the attributes that fix a node's float output type (Cast ``to``, Constant ``value``)."""
+    if want == f32:
+        return
+    for attr in node.attribute:
+        if node.op_type == "Cast" and attr.name == "to" and attr.i == f32:
+            attr.i = want
+            counts["casts_retyped"] += 1
+        elif node.op_type in ("Constant", "ConstantOfShape") and attr.name == "value" and attr.t.data_type == f32:
+            attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype("float16"), attr.t.name))
+            counts["constants"] += 1
+

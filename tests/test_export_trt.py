@@ -1,0 +1,212 @@
+"""TensorRT(-RTX) ahead-of-time engine builds of the exported graphs (CPU only, for compute capability 8.9)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+onnx = pytest.importorskip("onnx")
+
+from blockpilot.export import trt_build  # noqa: E402
+from blockpilot.export.trt_build import (  # noqa: E402
+    PluginGraphError,
+    TensorRT,
+    TrtUnavailableError,
+    build_engine,
+    load_tensorrt,
+    profiles_from_spec,
+    to_fp16_graph,
+)
+
+CAPACITY = 128
+
+
+def _trt_or_skip() -> TensorRT:
+    try:
+        return load_tensorrt()
+    except TrtUnavailableError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    _trt_or_skip()
+    from blockpilot.export.onnx_graphs import export_onnx
+    from blockpilot.vla.loader import load_model
+
+    out = tmp_path_factory.mktemp("onnx")
+    spec = export_onnx(load_model("models/reference"), out, capacity=CAPACITY)
+    return out, spec
+
+
+def _check_report(report: trt_build.BuildReport, engine: Path, trt: TensorRT) -> None:
+    assert engine.is_file() and engine.stat().st_size > 0
+    assert report.engine == engine and report.engine_bytes == engine.stat().st_size
+    assert report.seconds > 0 and report.network_layers > 0
+    assert report.flavor == trt.flavor and report.version == trt.version
+    if trt.is_rtx:
+        assert report.compute_capability == "8.9"
+    assert (report.inspector is not None) == (report.inspector_note == "written")
+    if report.inspector is not None:
+        assert report.inspector.name == engine.name + ".layers.json" and report.inspector.is_file()
+    else:
+        assert "CUDA" in report.inspector_note
+    as_dict = report.to_dict()
+    assert as_dict["engine"] == str(engine) and as_dict["engine_bytes"] == report.engine_bytes
+    assert not list(engine.parent.glob(".*.tmp"))  # the atomic write left nothing behind
+
+
+def test_profiles_from_spec(graphs: tuple[Path, dict[str, Any]]) -> None:
+    _, spec = graphs
+    prof = profiles_from_spec(spec, "lm_step")
+    hidden, block = spec["hidden_size"], spec["block_size"]
+    assert prof["inputs_embeds"] == ((1, 1, hidden), (1, block, hidden), (1, CAPACITY, hidden))
+    assert prof["position_ids"][2] == (3, 1, CAPACITY)
+    assert prof["key_end"] == ((1,), (block,), (CAPACITY,))
+    assert profiles_from_spec(spec, "vision") == {}
+    with pytest.raises(ValueError, match="unknown graph role"):
+        profiles_from_spec(spec, "decoder")
+
+
+@pytest.mark.parametrize("role", ["lm_step", "vision"])
+def test_build_fp32_and_fp16(graphs: tuple[Path, dict[str, Any]], tmp_path: Path, role: str) -> None:
+    trt = _trt_or_skip()
+    onnx_dir, spec = graphs
+    profiles = profiles_from_spec(spec, role)
+    cache = tmp_path / "timing.cache"
+    engine = tmp_path / f"{role}.fp32.engine"
+    first = build_engine(onnx_dir / f"{role}.onnx", engine, profiles=profiles, timing_cache=cache, trt=trt)
+    _check_report(first, engine, trt)
+    if trt.is_rtx:  # timing caches are no-ops in TensorRT-RTX: say so instead of writing an empty file
+        assert first.timing_cache is None and "no-op" in first.timing_cache_note and not cache.exists()
+    else:
+        assert first.timing_cache_note == "created" and cache.is_file()
+    second = build_engine(onnx_dir / f"{role}.onnx", engine, profiles=profiles, timing_cache=cache, trt=trt)
+    _check_report(second, engine, trt)
+    assert second.timing_cache_note == ("reused" if not trt.is_rtx else first.timing_cache_note)
+
+    fp16_onnx = tmp_path / f"{role}.fp16.onnx"
+    counts = to_fp16_graph(onnx_dir / f"{role}.onnx", fp16_onnx)
+    assert counts["initializers"] > 0 and counts["kept_fp32"] > 0
+    model = onnx.load(str(fp16_onnx))
+    f32 = onnx.TensorProto.FLOAT
+    assert all(i.data_type != f32 for i in model.graph.initializer)
+    io_types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    assert set(io_types) == {v["name"] for v in spec[role]["inputs"] + spec[role]["outputs"]}
+    assert all(io_types[v["name"]] == f32 for v in spec[role]["inputs"] + spec[role]["outputs"]
+               if v["dtype"] == "float32")  # the engine's I/O bindings stay float32
+    fp16_engine = tmp_path / f"{role}.fp16.engine"
+    report = build_engine(fp16_onnx, fp16_engine, profiles=profiles, trt=trt)
+    _check_report(report, fp16_engine, trt)
+    assert report.engine_bytes < first.engine_bytes  # fp16 weights
+
+
+def test_missing_profile_is_refused(graphs: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    trt = _trt_or_skip()
+    onnx_dir, spec = graphs
+    profiles = dict(profiles_from_spec(spec, "lm_step"))
+    del profiles["key_end"]
+    with pytest.raises(ValueError, match="key_end"):
+        build_engine(onnx_dir / "lm_step.onnx", tmp_path / "x.engine", profiles=profiles, trt=trt)
+    assert not (tmp_path / "x.engine").exists()
+
+
+def _plugin_graph(path: Path) -> Path:
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("BlockDiffusionAttention", ["q", "k", "v"], ["out"], domain="blockpilot.plugins",
+                            name="attn0")
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8, 16]) for n in ("q", "k", "v", "out")]
+    graph = helper.make_graph([node], "plugin", vi[:3], vi[3:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("blockpilot.plugins", 1)])
+    onnx.save(model, str(path))
+    return path
+
+
+def test_plugin_graph_refused_before_parsing(tmp_path: Path) -> None:
+    def never(*_: Any, **__: Any) -> Any:
+        raise AssertionError("the parser must not see a plugin graph: TensorRT-RTX aborts the process")
+
+    fake = TensorRT(cast(Any, SimpleNamespace(OnnxParser=never, Builder=never, Logger=never)), "tensorrt-rtx", "1.7.1")
+    graph = _plugin_graph(tmp_path / "plugin.onnx")
+    with pytest.raises(PluginGraphError, match="TensorRT-RTX builds no plugin layers") as info:
+        build_engine(graph, tmp_path / "plugin.engine", trt=fake)
+    assert "blockpilot.plugins::BlockDiffusionAttention" in str(info.value)
+    assert not (tmp_path / "plugin.engine").exists()
+    assert trt_build.custom_domain_nodes(onnx.load(str(graph))) == [
+        "blockpilot.plugins::BlockDiffusionAttention (attn0)"]
+
+
+def test_load_tensorrt_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.import_module
+
+    def fake_import(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name in ("tensorrt", "tensorrt_rtx"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+    with pytest.raises(TrtUnavailableError, match="no TensorRT here") as info:
+        load_tensorrt()
+    assert "tensorrt_rtx" in str(info.value) and isinstance(info.value, ImportError)
+
+
+def test_load_tensorrt_flavor() -> None:
+    trt = _trt_or_skip()
+    assert trt.flavor in ("tensorrt", "tensorrt-rtx") and trt.version
+    assert trt.Builder is trt.module.Builder  # attribute access falls through to the module
+
+
+def test_fp16_graph_matches_fp32_on_onnxruntime(graphs: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    onnx_dir, spec = graphs
+    to_fp16_graph(onnx_dir / "lm_step.onnx", tmp_path / "lm16.onnx")
+    t, rng = 16, np.random.default_rng(0)
+    cache = [int(d) for d in spec["lm_step"]["inputs"][5]["shape"]]
+    feeds = {"inputs_embeds": rng.standard_normal((1, t, spec["hidden_size"])).astype(np.float32),
+             "position_ids": np.broadcast_to(np.arange(t), (3, 1, t)).copy(), "start": np.array(0),
+             "key_end": np.array(t), "mode": np.array(1), "past_k": np.zeros(cache, np.float32),
+             "past_v": np.zeros(cache, np.float32)}
+    runs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)
+            for p in (onnx_dir / "lm_step.onnx", tmp_path / "lm16.onnx")]
+    (top_a, prob_a, k_a, _), (top_b, prob_b, k_b, _) = runs
+    assert (top_a == top_b).mean() >= 0.9
+    assert np.abs(prob_a - prob_b).max() < 0.05 and np.abs(k_a - k_b).max() < 0.05
+
+
+def _fp8_graph(path: Path) -> Path:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0.05, np.float32), "xs"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "ws"),
+             helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], [0.0])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "zp"], ["xd"]),
+             helper.make_node("QuantizeLinear", ["w", "ws", "zp"], ["wq"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "zp"], ["wd"]),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"])]
+    graph = helper.make_graph(nodes, "fp8", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", 64])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    return path
+
+
+def test_fp8_qdq_graph_builds_strongly_typed(tmp_path: Path) -> None:
+    trt = _trt_or_skip()
+    graph = _fp8_graph(tmp_path / "fp8.onnx")
+    assert trt_build.uses_fp8(onnx.load(str(graph)))
+    profiles = {"x": ((1, 1, 64), (1, 8, 64), (1, 32, 64))}
+    report = build_engine(graph, tmp_path / "fp8.engine", profiles=profiles, trt=trt)
+    _check_report(report, tmp_path / "fp8.engine", trt)
+    if trt.is_rtx:  # Ampere has no fp8: refused up front rather than failing deep in the builder
+        with pytest.raises(ValueError, match="FP8 graph needs compute capability"):
+            build_engine(graph, tmp_path / "fp8.sm86.engine", profiles=profiles, compute_capability="8.6", trt=trt)
