@@ -45,7 +45,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     try:
         summary = export_bundle(Path(args.checkpoint), Path(args.out), max_prompt_tokens=args.max_prompt_tokens,
-                                with_weights=args.with_weights, overwrite=args.overwrite)
+                                with_weights=args.with_weights, overwrite=args.overwrite,
+                                targets=tuple(t for t in (args.target or "").split(",") if t),
+                                engine_precision=args.engine_precision)
     except BundleError as exc:
         raise UserError(str(exc)) from None
     print(summary.table())
@@ -216,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
     export.add_argument("--with-weights", action="store_true", help="also copy the safetensors (torch backend)")
     export.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt budget the KV cache is sized for")
+    export.add_argument("--target", default=None,
+                        help="also build TensorRT-RTX engines: rtx-ada, rtx-blackwell (comma-separated)")
+    export.add_argument("--engine-precision", default="fp16", choices=["fp32", "fp16"], help="engine precision")
     export.set_defaults(func=_cmd_export)
 
     evaluate = sub.add_parser("eval", help="replay nuScenes / WOD-E2E / rosbag2 logs through the planner; "

@@ -69,3 +69,18 @@ def test_export_inspect_and_eval_commands(bundle: Path, tmp_path: Path, capsys: 
     header = json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[0])["header"]
     assert header["backend"] == "onnxruntime"
     assert main([*args, "--bundle", str(bundle), "--checkpoint", str(SHIPPED_MODEL), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_export_builds_tensorrt_rtx_engines_into_the_bundle(tmp_path: Path) -> None:
+    from blockpilot.formats.bundle import BundleError, load_bundle
+
+    with torch_threads(1):
+        summary = export_bundle(SHIPPED_MODEL, tmp_path / "b", targets=("rtx-ada",), engine_precision="fp16")
+    bundle = load_bundle(summary.bundle)
+    engines = {(a.role, a.target, a.sm, a.precision) for a in bundle.engines()}
+    assert engines == {("vision", "rtx-ada", "8.9", "fp16"), ("lm_step", "rtx-ada", "8.9", "fp16")}
+    assert all(summary.files[a.path] > 100_000 for a in bundle.engines())
+    assert "tensorrt_rtx" in bundle.tools
+    with pytest.raises(BundleError, match="TensorRT proper"):
+        export_bundle(SHIPPED_MODEL, tmp_path / "c", targets=("orin",))
+    assert not (tmp_path / "c").exists()

@@ -10,11 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..formats.bundle import BundleWriter, load_bundle
+from ..formats.bundle import BundleError, BundleWriter, load_bundle
 from ..formats.onnx_io import EMBED_FILE, LM_FILE, SPEC_FILE, VISION_FILE
 
 DEFAULT_MAX_PROMPT_TOKENS = 1024
 VARIANT = "decomposed"
+# Engine targets buildable from this tool chain. TensorRT-RTX builds ahead of time on a machine without
+# a GPU for these compute capabilities; Orin / Thor / H100 engines need TensorRT proper (JetPack on the
+# Jetson itself, TensorRT 10/11 on an x86 GPU box).
+ENGINE_TARGETS = {"rtx-ada": "8.9", "rtx-blackwell": "12.0"}
+ENGINE_PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -32,12 +37,19 @@ class ExportSummary:
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
-                  with_weights: bool = False, overwrite: bool = False) -> ExportSummary:
+                  with_weights: bool = False, overwrite: bool = False, targets: tuple[str, ...] = (),
+                  engine_precision: str = "fp16") -> ExportSummary:
     """Export ``checkpoint`` (fp32) into the bundle directory ``out`` and verify it by loading it back.
 
     The KV cache capacity is the one a planner with the scaffold decoder sizes for ``max_prompt_tokens``.
-    ``with_weights`` also copies the safetensors (for the torch backend on the car).
+    ``with_weights`` also copies the safetensors (for the torch backend on the car). ``targets`` (keys
+    of :data:`ENGINE_TARGETS`) adds TensorRT engines of the graphs in ``engine_precision``.
     """
+    unknown = [t for t in targets if t not in ENGINE_TARGETS]
+    if unknown or engine_precision not in ENGINE_PRECISIONS:
+        raise BundleError(f"engine targets {unknown} / precision {engine_precision!r}: this tool chain builds "
+                          f"{sorted(ENGINE_TARGETS)} in {ENGINE_PRECISIONS}; Orin, Thor and H100 engines need "
+                          "TensorRT proper (build on the Jetson or a GPU workstation)")
     from ..runtime.plan_types import DecoderSettings
     from ..runtime.planner import Planner
     from .onnx_graphs import export_onnx
@@ -61,10 +73,37 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
                 writer.add_graph(Path(tmp) / VISION_FILE, role="vision", variant=VARIANT, precision="fp32", io=io)
             writer.add_graph(Path(tmp) / LM_FILE, role="lm_step", variant=VARIANT, precision="fp32", io=io,
                              extra_files=[Path(tmp) / EMBED_FILE, Path(tmp) / SPEC_FILE])
+            if targets:
+                t1 = time.perf_counter()
+                _add_engines(writer, Path(tmp), spec, targets, engine_precision)
+                seconds["engines"] = time.perf_counter() - t1
         seconds["bundle"] = time.perf_counter() - t0
     bundle = load_bundle(out)  # hashes checked once more, as the car will
     files = {rel: int(info["bytes"]) for rel, info in bundle.files.items()}
     return ExportSummary(bundle.path, files, capacity, seconds)
+
+
+def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], targets: tuple[str, ...],
+                 precision: str) -> None:
+    from .trt_build import build_engine, load_tensorrt, profiles_from_spec, to_fp16_graph
+
+    trt = load_tensorrt()
+    for role, graph in (("vision", tmp / VISION_FILE), ("lm_step", tmp / LM_FILE)):
+        if not graph.is_file():
+            continue
+        source = graph
+        if precision == "fp16":
+            source = tmp / f"{graph.stem}.fp16.onnx"
+            to_fp16_graph(graph, source)
+        for target in targets:
+            cc = ENGINE_TARGETS[target]
+            engine = tmp / target / f"{role}.{precision}.engine"
+            engine.parent.mkdir(exist_ok=True)
+            report = build_engine(source, engine, profiles=profiles_from_spec(spec, role), compute_capability=cc,
+                                  trt=trt)
+            inspector = report.inspector if report.inspector is not None and report.inspector.is_file() else None
+            writer.add_engine(engine, target=target, sm=cc, role=role, variant=VARIANT, precision=precision,
+                              io={"build": report.to_dict()}, inspector=inspector)
 
 
 def graphs_dir(bundle_path: str | Path) -> Path:
