@@ -152,6 +152,23 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from .export.verify import verify_bundle
+    from .formats.bundle import BundleError
+    from .runtime.backend import BackendError
+
+    try:
+        report = verify_bundle(Path(args.bundle), args.checkpoint, samples=args.samples, tolerance=args.tolerance)
+    except (BundleError, BackendError) as exc:
+        raise UserError(str(exc)) from None
+    print(report.text())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0 if report.passed else 1
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval.cli import run
 
@@ -222,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also build TensorRT-RTX engines: rtx-ada, rtx-blackwell (comma-separated)")
     export.add_argument("--engine-precision", default="fp16", choices=["fp32", "fp16"], help="engine precision")
     export.set_defaults(func=_cmd_export)
+
+    verify = sub.add_parser("verify", help="check a bundle's ONNX Runtime backend against the torch backend")
+    verify.add_argument("bundle", help="bundle directory")
+    verify.add_argument("--checkpoint", default=None, help="reference checkpoint (default: the bundle's weights)")
+    verify.add_argument("--samples", type=int, default=8, help="held-out observations to compare")
+    verify.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed probability difference")
+    verify.add_argument("--json", default=None, help="also write the report here")
+    verify.set_defaults(func=_cmd_verify)
 
     evaluate = sub.add_parser("eval", help="replay nuScenes / WOD-E2E / rosbag2 logs through the planner; "
                                            "metrics and report (eval compare A B: two runs side by side)")

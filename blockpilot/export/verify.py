@@ -1,0 +1,70 @@
+"""``blockpilot verify BUNDLE``: the bundle's ONNX Runtime backend against the torch backend on the
+same checkpoint, over held-out generated observations. Reported, not hidden: per-plan answer equality,
+the prefill's top-1 agreement and the largest probability difference. (Where TensorRT runs, the same
+comparison extends to the engines; this build has no TensorRT runtime.)"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_PROB_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    bundle: str
+    reference: str
+    samples: int
+    identical_plans: int
+    prefill_top1_agreement: float
+    max_prefill_prob_diff: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.identical_plans == self.samples and self.prefill_top1_agreement == 1.0 and \
+            self.max_prefill_prob_diff <= self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+    def text(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        return (f"verify   {self.bundle} (onnxruntime) against {self.reference} (torch)\n"
+                f"plans    {self.identical_plans}/{self.samples} identical answers (scaffold decoder)\n"
+                f"prefill  top-1 agreement {self.prefill_top1_agreement:.2%}, max |prob diff| "
+                f"{self.max_prefill_prob_diff:.2e} (tolerance {self.tolerance:.0e})\n{verdict}")
+
+
+def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, samples: int = 8,
+                  tolerance: float = DEFAULT_PROB_TOLERANCE) -> VerifyReport:
+    """Compare the bundle on ONNX Runtime with the torch planner of ``checkpoint`` (default: the
+    bundle's own ``model/`` when it was exported ``--with-weights``)."""
+    from ..eval.synthetic import heldout_keyframes, observation
+    from ..formats.bundle import BundleError, load_bundle
+    from ..runtime.bundle_planner import planner_from_bundle
+    from ..runtime.plan_types import DecoderSettings
+    from ..runtime.planner import Planner
+
+    loaded = load_bundle(bundle)
+    reference = Path(checkpoint) if checkpoint is not None else loaded.path / "model"
+    if not any(reference.glob("*.safetensors")):
+        raise BundleError(f"{reference}: no weights to compare against; pass --checkpoint or export --with-weights")
+    settings = DecoderSettings(name="scaffold")
+    ort = planner_from_bundle(loaded.path, decoder=settings)
+    torch_planner = Planner.from_checkpoint(reference, decoder=settings)
+    frames = heldout_keyframes(max(1, (samples + 9) // 10), stride=4)[:samples]
+    identical, agree, worst = 0, [], 0.0
+    for frame in frames:
+        obs = observation(frame)
+        identical += int(np.array_equal(ort.plan(obs).tokens, torch_planner.plan(obs).tokens))
+        prompt, _ = torch_planner.prompt(obs)
+        a, b = ort.backend.prefill(prompt), torch_planner.backend.prefill(prompt)
+        agree.append(float((a.top1 == b.top1).mean()))
+        worst = max(worst, float(np.abs(a.prob - b.prob).max()))
+    return VerifyReport(str(loaded.path), str(reference), len(frames), identical, float(np.mean(agree)), worst,
+                        tolerance)
