@@ -29,7 +29,7 @@ def _trt_or_skip() -> TensorRT:
     try:
         return load_tensorrt()
     except TrtUnavailableError as exc:
-        pytest.skip(str(exc))
+        pytest.skip(f"no TensorRT / TensorRT-RTX here: {exc}")
 
 
 @pytest.fixture(scope="module")
