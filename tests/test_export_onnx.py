@@ -8,12 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
-
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-
 import onnx
+import pytest
 
 from blockpilot.demo import SHIPPED_MODEL
 from blockpilot.eval.synthetic import heldout_keyframes, observation

@@ -7,12 +7,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import onnx
 import pytest
 
-onnx = pytest.importorskip("onnx")
-
-from blockpilot.export import trt_build  # noqa: E402
-from blockpilot.export.trt_build import (  # noqa: E402
+from blockpilot.export import trt_build
+from blockpilot.export.trt_build import (
     PluginGraphError,
     TensorRT,
     TrtUnavailableError,
@@ -163,8 +162,8 @@ def test_load_tensorrt_flavor() -> None:
 
 
 def test_fp16_graph_matches_fp32_on_onnxruntime(graphs: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
-    ort = pytest.importorskip("onnxruntime")
     import numpy as np
+    import onnxruntime as ort
 
     onnx_dir, spec = graphs
     to_fp16_graph(onnx_dir / "lm_step.onnx", tmp_path / "lm16.onnx")

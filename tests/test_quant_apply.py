@@ -8,15 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import modelopt.torch.quantization as mtq
 import numpy as np
 import pytest
 import torch
 
-mtq = pytest.importorskip("modelopt.torch.quantization")
-
-from blockpilot.calibration.loop import observation_batches  # noqa: E402
-from blockpilot.demo import SHIPPED_MODEL  # noqa: E402
-from blockpilot.quant.apply import (  # noqa: E402
+from blockpilot.calibration.loop import observation_batches
+from blockpilot.demo import SHIPPED_MODEL
+from blockpilot.quant.apply import (
     MAP_FILE,
     STATE_FILE,
     WEIGHTS_FILE,
@@ -29,15 +28,15 @@ from blockpilot.quant.apply import (  # noqa: E402
     quantize_model,
     save_quantized,
 )
-from blockpilot.quant.auto import auto_quantize_model, weight_bits  # noqa: E402
-from blockpilot.quant.emulation import (  # noqa: E402
+from blockpilot.quant.auto import auto_quantize_model, weight_bits
+from blockpilot.quant.emulation import (
     NVFP4_OP_ARGS,
     compare_with_cuda,
     emulation_active,
     enable_cpu_nvfp4_emulation,
 )
-from blockpilot.runtime.plan_types import DecoderSettings, Observation  # noqa: E402
-from blockpilot.runtime.planner import Planner  # noqa: E402
+from blockpilot.runtime.plan_types import DecoderSettings, Observation
+from blockpilot.runtime.planner import Planner
 
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 pytestmark = pytest.mark.skipif(not SHIPPED_MODEL.is_dir(), reason="the shipped reference model is not checked out")

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import modelopt.torch.quantization as mtq
 import pytest
 import torch
 
@@ -25,8 +26,6 @@ from blockpilot.quant.recipes import (
 from blockpilot.quant.targets import TARGETS, PrecisionNotSupportedError, TargetError, check_recipe, resolve_target
 from blockpilot.vla.loader import load_model
 from blockpilot.vla.model import VLAModel
-
-mtq = pytest.importorskip("modelopt.torch.quantization")
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "reference"
 PRESETS = ("FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG", "W4A8_NVFP4_FP8_CFG", "INT8_SMOOTHQUANT_CFG", "FP8_KV_CFG")
