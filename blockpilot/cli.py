@@ -42,13 +42,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export.build import export_bundle
     from .formats.bundle import BundleError
+    from .quant.recipes import RecipeError
+    from .quant.targets import TargetError
 
     try:
         summary = export_bundle(Path(args.checkpoint), Path(args.out), max_prompt_tokens=args.max_prompt_tokens,
                                 with_weights=args.with_weights, overwrite=args.overwrite,
                                 targets=tuple(t for t in (args.target or "").split(",") if t),
-                                engine_precision=args.engine_precision)
-    except BundleError as exc:
+                                engine_precision=args.engine_precision, recipe=args.recipe, calib=args.calib)
+    except (BundleError, RecipeError, TargetError) as exc:
         raise UserError(str(exc)) from None
     print(summary.table())
     return 0
@@ -238,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--target", default=None,
                         help="also build TensorRT-RTX engines: rtx-ada, rtx-blackwell (comma-separated)")
     export.add_argument("--engine-precision", default="fp16", choices=["fp32", "fp16"], help="engine precision")
+    export.add_argument("--recipe", default=None, choices=["fp8"],
+                        help="quantize with modelopt first (FP8 Q/DQ graphs and engines)")
+    export.add_argument("--calib", type=int, default=32, help="calibration samples for --recipe")
     export.set_defaults(func=_cmd_export)
 
     verify = sub.add_parser("verify", help="check a bundle's ONNX Runtime backend against the torch backend")

@@ -96,3 +96,19 @@ def test_verify_compares_the_bundle_with_torch(bundle: Path, tmp_path: Path,
     assert "2/2 identical answers" in capsys.readouterr().out
     assert main(["verify", str(bundle)]) == 2  # exported without weights: nothing to compare against
     assert "--with-weights" in capsys.readouterr().err
+
+
+def test_fp8_bundle_runs_on_onnx_runtime(tmp_path: Path) -> None:
+    from blockpilot.formats.bundle import load_bundle
+
+    with torch_threads(1):
+        summary = export_bundle(SHIPPED_MODEL, tmp_path / "fp8", recipe="fp8", calib=4)
+        bundle = load_bundle(summary.bundle)
+        assert bundle.recipe is not None and bundle.recipe["name"] == "fp8"
+        assert {a.precision for a in bundle.graphs()} == {"fp8"}
+        assert {r.get("weight") for r in bundle.precision_map.values()} == {"fp8_e4m3"}
+        planner = planner_from_bundle(summary.bundle, decoder=DecoderSettings(name="scaffold"))
+        plan = planner.plan(observation(heldout_keyframes(1, stride=12)[1]))
+    assert plan.ok, plan.error
+    with pytest.raises(Exception, match="NVFP4"):
+        export_bundle(SHIPPED_MODEL, tmp_path / "nv", recipe="nvfp4")

@@ -38,13 +38,18 @@ class ExportSummary:
 
 def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
                   with_weights: bool = False, overwrite: bool = False, targets: tuple[str, ...] = (),
-                  engine_precision: str = "fp16") -> ExportSummary:
+                  engine_precision: str = "fp16", recipe: str | None = None, calib: int = 32) -> ExportSummary:
     """Export ``checkpoint`` (fp32) into the bundle directory ``out`` and verify it by loading it back.
 
     The KV cache capacity is the one a planner with the scaffold decoder sizes for ``max_prompt_tokens``.
     ``with_weights`` also copies the safetensors (for the torch backend on the car). ``targets`` (keys
-    of :data:`ENGINE_TARGETS`) adds TensorRT engines of the graphs in ``engine_precision``.
+    of :data:`ENGINE_TARGETS`) adds TensorRT engines of the graphs in ``engine_precision``. ``recipe``
+    ("fp8") quantizes first with modelopt, calibrated on ``calib`` generated calibration samples, and
+    exports standard FP8 Q/DQ graphs (their engines are strongly typed FP8; ``engine_precision`` is ignored).
     """
+    if recipe not in (None, "fp8"):
+        raise BundleError(f"export --recipe {recipe!r}: bundles carry fp32 or fp8 graphs today (NVFP4 graphs hold "
+                          "modelopt's custom nodes, which neither ONNX Runtime nor TensorRT-RTX runs)")
     unknown = [t for t in targets if t not in ENGINE_TARGETS]
     if unknown or engine_precision not in ENGINE_PRECISIONS:
         raise BundleError(f"engine targets {unknown} / precision {engine_precision!r}: this tool chain builds "
@@ -60,27 +65,54 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
                                       max_prompt_tokens=max_prompt_tokens)
     capacity = planner.backend.capacity
     seconds["load"] = time.perf_counter() - t0
+    quant_report: dict[str, Any] | None = None
+    if recipe is not None:
+        t0 = time.perf_counter()
+        quant_report = _quantize(planner, recipe, calib, targets)
+        seconds["quantize"] = time.perf_counter() - t0
+    precision = recipe or "fp32"
     with tempfile.TemporaryDirectory(prefix="blockpilot-export-") as tmp:
         t0 = time.perf_counter()
-        spec = export_onnx(planner.backend.model, tmp, capacity)  # type: ignore[attr-defined]
+        if recipe is None:
+            spec = export_onnx(planner.backend.model, tmp, capacity)  # type: ignore[attr-defined]
+        else:
+            from .quant_onnx import export_quantized_onnx
+
+            spec = export_quantized_onnx(planner.backend.model, tmp, capacity)["spec"]  # type: ignore[attr-defined]
         seconds["onnx"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         with BundleWriter(out, overwrite=overwrite) as writer:
             writer.add_model(checkpoint, weights=with_weights)
-            writer.precision_map = {}
+            writer.precision_map = quant_report["precision"] if quant_report else {}
+            if quant_report:
+                writer.recipe = quant_report["recipe"]
             io: dict[str, Any] = {"spec": spec}
             if (Path(tmp) / VISION_FILE).is_file():
-                writer.add_graph(Path(tmp) / VISION_FILE, role="vision", variant=VARIANT, precision="fp32", io=io)
-            writer.add_graph(Path(tmp) / LM_FILE, role="lm_step", variant=VARIANT, precision="fp32", io=io,
+                writer.add_graph(Path(tmp) / VISION_FILE, role="vision", variant=VARIANT, precision=precision, io=io)
+            writer.add_graph(Path(tmp) / LM_FILE, role="lm_step", variant=VARIANT, precision=precision, io=io,
                              extra_files=[Path(tmp) / EMBED_FILE, Path(tmp) / SPEC_FILE])
             if targets:
                 t1 = time.perf_counter()
-                _add_engines(writer, Path(tmp), spec, targets, engine_precision)
+                _add_engines(writer, Path(tmp), spec, targets, "fp8" if recipe else engine_precision)
                 seconds["engines"] = time.perf_counter() - t1
         seconds["bundle"] = time.perf_counter() - t0
     bundle = load_bundle(out)  # hashes checked once more, as the car will
     files = {rel: int(info["bytes"]) for rel, info in bundle.files.items()}
     return ExportSummary(bundle.path, files, capacity, seconds)
+
+
+def _quantize(planner: Any, recipe: str, calib: int, targets: tuple[str, ...]) -> dict[str, Any]:
+    """Quantize the planner's model in place with ``recipe``; the recipe is checked against every target."""
+    from ..calibration import synthetic_calibration_source
+    from ..quant.pipeline import quantize_planner
+    from ..quant.recipes import resolve_recipe
+    from ..quant.targets import check_recipe
+
+    resolved = resolve_recipe(recipe)
+    for target in targets:
+        check_recipe(resolved, "rtx-ada" if target == "rtx-ada" else "cpu")
+    report, _, _, _ = quantize_planner(planner, resolved, synthetic_calibration_source(4), calib)
+    return {"precision": report.precision, "recipe": resolved.to_dict()}
 
 
 def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], targets: tuple[str, ...],
@@ -92,7 +124,7 @@ def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], targets:
         if not graph.is_file():
             continue
         source = graph
-        if precision == "fp16":
+        if precision == "fp16":  # fp32 and fp8 (Q/DQ) graphs build as they are
             source = tmp / f"{graph.stem}.fp16.onnx"
             to_fp16_graph(graph, source)
         for target in targets:
