@@ -45,7 +45,15 @@ def _fakes(root: Path) -> dict[str, Path]:
 
 
 def build(out: Path, scratch: Path, *, overwrite: bool = False, precision: dict[str, Any] | None = None) -> Path:
+    """A bundle whose tool record does not depend on what this machine has installed (TensorRT-RTX or not):
+    detection is pinned to torch only, and the engine says it was built with TensorRT 10.3 on the car."""
     fakes = _fakes(scratch)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("blockpilot.formats.bundle.tool_versions", lambda: {"torch": "2.13.0+cpu"})
+        return _write(out, fakes, overwrite, precision)
+
+
+def _write(out: Path, fakes: dict[str, Path], overwrite: bool, precision: dict[str, Any] | None) -> Path:
     with BundleWriter(out, overwrite=overwrite, tools={"tensorrt": "10.3.0.30"}) as writer:
         writer.add_model(REFERENCE)
         writer.add_graph(fakes["graph"], role="lm_step", variant="decomposed", precision="fp8", io=IO_SPEC,
