@@ -49,7 +49,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         summary = export_bundle(Path(args.checkpoint), Path(args.out), max_prompt_tokens=args.max_prompt_tokens,
                                 with_weights=args.with_weights, overwrite=args.overwrite,
                                 targets=tuple(t for t in (args.target or "").split(",") if t),
-                                engine_precision=args.engine_precision, recipe=args.recipe, calib=args.calib)
+                                engine_precision=args.engine_precision, recipe=args.recipe, calib=args.calib,
+                                attention=args.attention)
     except (BundleError, RecipeError, TargetError) as exc:
         raise UserError(str(exc)) from None
     print(summary.table())
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--recipe", default=None, choices=["fp8"],
                         help="quantize with modelopt first (FP8 Q/DQ graphs and engines)")
     export.add_argument("--calib", type=int, default=32, help="calibration samples for --recipe")
+    export.add_argument("--attention", default="decomposed", choices=["decomposed", "native"],
+                        help="LM-step engines from decomposed attention or TensorRT's attention layer (ONNX Attention)")
     export.set_defaults(func=_cmd_export)
 
     verify = sub.add_parser("verify", help="check a bundle's ONNX Runtime backend against the torch backend")

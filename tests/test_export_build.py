@@ -81,6 +81,12 @@ def test_export_builds_tensorrt_rtx_engines_into_the_bundle(tmp_path: Path) -> N
     assert engines == {("vision", "rtx-ada", "8.9", "fp16"), ("lm_step", "rtx-ada", "8.9", "fp16")}
     assert all(summary.files[a.path] > 100_000 for a in bundle.engines())
     assert "tensorrt_rtx" in bundle.tools
+    with torch_threads(1):
+        native = load_bundle(export_bundle(SHIPPED_MODEL, tmp_path / "n", targets=("rtx-ada",),
+                                           attention="native").bundle)
+    assert {(a.role, a.variant, a.precision) for a in native.engines()} == {
+        ("lm_step", "native", "fp16"), ("vision", "decomposed", "fp16")}
+    assert {a.variant for a in native.graphs()} == {"decomposed"}  # ONNX Runtime keeps the decomposed graphs
     with pytest.raises(BundleError, match="TensorRT proper"):
         export_bundle(SHIPPED_MODEL, tmp_path / "c", targets=("orin",))
     assert not (tmp_path / "c").exists()
@@ -102,9 +108,13 @@ def test_fp8_bundle_runs_on_onnx_runtime(tmp_path: Path) -> None:
     from blockpilot.formats.bundle import load_bundle
 
     with torch_threads(1):
-        summary = export_bundle(SHIPPED_MODEL, tmp_path / "fp8", recipe="fp8", calib=4)
+        summary = export_bundle(SHIPPED_MODEL, tmp_path / "fp8", recipe="fp8", calib=4, targets=("rtx-ada",),
+                                attention="native")
         bundle = load_bundle(summary.bundle)
         assert bundle.recipe is not None and bundle.recipe["name"] == "fp8"
+        # FP8 engines: the LM step through TensorRT's attention layer (ONNX Attention, opset 23).
+        assert {(a.role, a.variant, a.precision) for a in bundle.engines()} == {
+            ("lm_step", "native", "fp8"), ("vision", "decomposed", "fp8")}
         assert {a.precision for a in bundle.graphs()} == {"fp8"}
         assert {r.get("weight") for r in bundle.precision_map.values()} == {"fp8_e4m3"}
         planner = planner_from_bundle(summary.bundle, decoder=DecoderSettings(name="scaffold"))

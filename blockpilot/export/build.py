@@ -38,7 +38,8 @@ class ExportSummary:
 
 def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
                   with_weights: bool = False, overwrite: bool = False, targets: tuple[str, ...] = (),
-                  engine_precision: str = "fp16", recipe: str | None = None, calib: int = 32) -> ExportSummary:
+                  engine_precision: str = "fp16", recipe: str | None = None, calib: int = 32,
+                  attention: str = "decomposed") -> ExportSummary:
     """Export ``checkpoint`` (fp32) into the bundle directory ``out`` and verify it by loading it back.
 
     The KV cache capacity is the one a planner with the scaffold decoder sizes for ``max_prompt_tokens``.
@@ -46,7 +47,11 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
     of :data:`ENGINE_TARGETS`) adds TensorRT engines of the graphs in ``engine_precision``. ``recipe``
     ("fp8") quantizes first with modelopt, calibrated on ``calib`` generated calibration samples, and
     exports standard FP8 Q/DQ graphs (their engines are strongly typed FP8; ``engine_precision`` is ignored).
+    ``attention="native"`` builds the LM-step engines from the graph rewritten to ONNX ``Attention``
+    (opset 23), TensorRT's attention layer; the bundle's ONNX graphs stay decomposed for ONNX Runtime.
     """
+    if attention not in ("decomposed", "native"):
+        raise BundleError(f"attention must be decomposed or native, got {attention!r}")
     if recipe not in (None, "fp8"):
         raise BundleError(f"export --recipe {recipe!r}: bundles carry fp32 or fp8 graphs today (NVFP4 graphs hold "
                           "modelopt's custom nodes, which neither ONNX Runtime nor TensorRT-RTX runs)")
@@ -93,7 +98,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
                              extra_files=[Path(tmp) / EMBED_FILE, Path(tmp) / SPEC_FILE])
             if targets:
                 t1 = time.perf_counter()
-                _add_engines(writer, Path(tmp), spec, targets, "fp8" if recipe else engine_precision)
+                _add_engines(writer, Path(tmp), spec, targets, "fp8" if recipe else engine_precision, attention)
                 seconds["engines"] = time.perf_counter() - t1
         seconds["bundle"] = time.perf_counter() - t0
     bundle = load_bundle(out)  # hashes checked once more, as the car will
@@ -116,7 +121,8 @@ def _quantize(planner: Any, recipe: str, calib: int, targets: tuple[str, ...]) -
 
 
 def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], targets: tuple[str, ...],
-                 precision: str) -> None:
+                 precision: str, attention: str = "decomposed") -> None:
+    from .native_attention import build_native_engine, to_native_attention
     from .trt_build import build_engine, load_tensorrt, profiles_from_spec, to_fp16_graph
 
     trt = load_tensorrt()
@@ -124,18 +130,33 @@ def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], targets:
         if not graph.is_file():
             continue
         source = graph
+        native = attention == "native" and role == "lm_step"
+        if native:  # rewrite the attention first: the pattern is matched on the exported float32 graph
+            source = tmp / f"{graph.stem}.native.onnx"
+            to_native_attention(graph, source)
         if precision == "fp16":  # fp32 and fp8 (Q/DQ) graphs build as they are
-            source = tmp / f"{graph.stem}.fp16.onnx"
-            to_fp16_graph(graph, source)
+            half = tmp / f"{source.stem}.fp16.onnx"
+            to_fp16_graph(source, half)
+            source = half
+        variant = "native" if native else VARIANT
         for target in targets:
             cc = ENGINE_TARGETS[target]
-            engine = tmp / target / f"{role}.{precision}.engine"
+            engine = tmp / target / f"{role}.{precision}.{variant}.engine"
             engine.parent.mkdir(exist_ok=True)
-            report = build_engine(source, engine, profiles=profiles_from_spec(spec, role), compute_capability=cc,
-                                  trt=trt)
-            inspector = report.inspector if report.inspector is not None and report.inspector.is_file() else None
-            writer.add_engine(engine, target=target, sm=cc, role=role, variant=VARIANT, precision=precision,
-                              io={"build": report.to_dict()}, inspector=inspector)
+            profiles = profiles_from_spec(spec, role)
+            inspector = None
+            if native:  # fused attention kernels exist for fp16; fp32 / fp8-linear graphs may decompose it
+                built = build_native_engine(source, engine, profiles=profiles, compute_capability=cc,
+                                            decomposable=precision != "fp16")
+                report: dict[str, Any] = {"seconds": built.seconds, "engine_bytes": built.engine_bytes,
+                                          "attention_layers": built.attention_layers,
+                                          "decomposable": built.decomposable, "compute_capability": cc}
+            else:
+                result = build_engine(source, engine, profiles=profiles, compute_capability=cc, trt=trt)
+                report = result.to_dict()
+                inspector = result.inspector if result.inspector is not None and result.inspector.is_file() else None
+            writer.add_engine(engine, target=target, sm=cc, role=role, variant=variant, precision=precision,
+                              io={"build": report}, inspector=inspector)
 
 
 def graphs_dir(bundle_path: str | Path) -> Path:
