@@ -12,6 +12,7 @@ import onnx
 import onnxruntime
 import pytest
 
+from blockpilot.export.fp16_graph import to_fp16_graph
 from blockpilot.export.native_attention import (
     NATIVE_OPSET,
     attention_layer_types,
@@ -25,7 +26,6 @@ from blockpilot.export.trt_build import (
     build_engine,
     load_tensorrt,
     profiles_from_spec,
-    to_fp16_graph,
 )
 from blockpilot.vla.loader import load_model
 

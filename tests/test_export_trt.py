@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 from blockpilot.export import trt_build
+from blockpilot.export.fp16_graph import to_fp16_graph
 from blockpilot.export.trt_build import (
     PluginGraphError,
     TensorRT,
@@ -18,7 +19,6 @@ from blockpilot.export.trt_build import (
     build_engine,
     load_tensorrt,
     profiles_from_spec,
-    to_fp16_graph,
 )
 
 CAPACITY = 128

@@ -122,8 +122,9 @@ def _quantize(planner: Any, recipe: str, calib: int, targets: tuple[str, ...]) -
 
 def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], targets: tuple[str, ...],
                  precision: str, attention: str = "decomposed") -> None:
+    from .fp16_graph import to_fp16_graph
     from .native_attention import build_native_engine, to_native_attention
-    from .trt_build import build_engine, load_tensorrt, profiles_from_spec, to_fp16_graph
+    from .trt_build import build_engine, load_tensorrt, profiles_from_spec
 
     trt = load_tensorrt()
     for role, graph in (("vision", tmp / VISION_FILE), ("lm_step", tmp / LM_FILE)):

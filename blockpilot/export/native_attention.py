@@ -19,22 +19,13 @@ Everything else of the graph (cache writes, RoPE, the MLPs, the top-1 head) is u
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .trt_build import (
-    EngineBuildError,
-    _add_profile,
-    _atomic_write,
-    _set_compute_capability,
-    _strongly_typed_network,
-    check_buildable,
-    load_tensorrt,
-)
+from .trt_build import build_engine, check_buildable, load_tensorrt, parse_network
 
 NATIVE_OPSET = 23
 
@@ -236,13 +227,7 @@ def attention_layer_types(onnx_path: str | Path) -> dict[str, int]:
     each ``Attention`` node shows up as one ``ATTENTION_INPUT`` plus one ``ATTENTION_OUTPUT`` layer."""
     trt = load_tensorrt()
     check_buildable(onnx_path, trt.flavor)
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    network = _strongly_typed_network(trt, builder)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"{onnx_path}: the ONNX parser failed: {errors}")
+    _, network = parse_network(trt, trt.Logger(trt.Logger.ERROR), Path(onnx_path))
     return _layer_types(trt, network, None)
 
 
@@ -269,28 +254,15 @@ def build_native_engine(onnx_path: str | Path, engine_path: str | Path, *, profi
     ("Attention operation was not supported by a dedicated kernel") unless the layer may be decomposed back into
     MatMul/Softmax. An fp16 graph (:func:`blockpilot.export.trt_build.to_fp16_graph`) builds either way.
     """
-    trt = load_tensorrt()
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    check_buildable(onnx_path, trt.flavor, compute_capability)
-    t0 = time.perf_counter()
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    network = _strongly_typed_network(trt, builder)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"{onnx_path}: the ONNX parser failed: {errors}")
-    types = _layer_types(trt, network, decomposable)
-    config = builder.create_builder_config()
-    cc = _set_compute_capability(trt, config, compute_capability)
-    _add_profile(builder, config, network, profiles or {})
-    blob = builder.build_serialized_network(network, config)
-    if blob is None:
-        raise EngineBuildError(f"{onnx_path}: build_serialized_network failed (see the TensorRT log above)")
-    seconds = time.perf_counter() - t0
-    _atomic_write(engine_path, memoryview(blob))
-    return NativeBuild(engine_path, seconds, engine_path.stat().st_size, cc, network.num_layers,
-                       types.get("ATTENTION_INPUT", 0), decomposable, types)
+    types: dict[str, int] = {}
+
+    def mark(trt: Any, network: Any) -> None:
+        types.update(_layer_types(trt, network, decomposable))
+
+    report = build_engine(onnx_path, engine_path, profiles=profiles, compute_capability=compute_capability,
+                         network_hook=mark)
+    return NativeBuild(report.engine, report.seconds, report.engine_bytes, report.compute_capability,
+                       report.network_layers, types.get("ATTENTION_INPUT", 0), decomposable, types)
 
 
 def _layer_types(trt: Any, network: Any, decomposable: bool | None) -> dict[str, int]:

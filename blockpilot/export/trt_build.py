@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -152,17 +152,17 @@ def _inspect(trt: TensorRT, logger: Any, engine_bytes: Any, out: Path) -> tuple[
 # -- graph checks and profiles -------------------------------------------------------------------------------
 
 
-def _all_nodes(graph: Any) -> Iterator[Any]:
+def all_nodes(graph: Any) -> Iterator[Any]:
     for node in graph.node:
         yield node
         for attr in node.attribute:  # If/Loop/Scan bodies
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _all_nodes(sub)
+                yield from all_nodes(sub)
 
 
 def custom_domain_nodes(model: Any) -> list[str]:
     """``"domain::OpType (name)"`` of every node (subgraphs and local functions too) outside the standard domains."""
-    nodes = list(_all_nodes(model.graph)) + [n for f in model.functions for n in f.node]
+    nodes = list(all_nodes(model.graph)) + [n for f in model.functions for n in f.node]
     return [f"{n.domain}::{n.op_type} ({n.name or 'unnamed'})" for n in nodes if n.domain not in STANDARD_DOMAINS]
 
 
@@ -176,7 +176,7 @@ def uses_fp8(model: Any) -> bool:
     fp8 = {TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2}
     if any(t.data_type in fp8 for t in model.graph.initializer):
         return True
-    for node in _all_nodes(model.graph):
+    for node in all_nodes(model.graph):
         for attr in node.attribute:
             if (attr.name == "to" and attr.i in fp8) or (attr.HasField("t") and attr.t.data_type in fp8):
                 return True
@@ -263,10 +263,24 @@ class BuildReport:
         return out
 
 
+def parse_network(trt: TensorRT, logger: Any, onnx_path: Path) -> tuple[Any, Any]:
+    """(builder, strongly typed network) parsed from ``onnx_path`` (call :func:`check_buildable` first)."""
+    builder = trt.Builder(logger)
+    network = _strongly_typed_network(trt, builder)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineBuildError(f"{onnx_path}: the ONNX parser failed: {errors}")
+    return builder, network
+
+
 def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profiles: Profiles | None = None,
                  compute_capability: str | None = "8.9", timing_cache: Path | None = None,
-                 trt: TensorRT | None = None, log_level: str = "ERROR") -> BuildReport:
+                 trt: TensorRT | None = None, log_level: str = "ERROR",
+                 network_hook: Callable[[TensorRT, Any], None] | None = None) -> BuildReport:
     """Parse ``onnx_path`` into a strongly typed network, build it and write ``engine_path`` atomically.
+
+    ``network_hook(trt, network)`` may adjust the parsed network's layers before the build.
 
     ``profiles`` maps each dynamic input to ``(min, opt, max)`` shapes; for a shape-tensor input (``key_end``)
     the triples are its values. The inspector's layer JSON lands at ``<engine>.layers.json`` when a GPU can
@@ -277,12 +291,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profiles: Pr
     check_buildable(onnx_path, trt.flavor, compute_capability)
     t0 = time.perf_counter()
     logger = trt.Logger(getattr(trt.Logger, log_level))
-    builder = trt.Builder(logger)
-    network = _strongly_typed_network(trt, builder)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"{onnx_path}: the ONNX parser failed: {errors}")
+    builder, network = parse_network(trt, logger, onnx_path)
+    if network_hook is not None:
+        network_hook(trt, network)
     config = builder.create_builder_config()
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer names + tactics for the inspector
     cc = _set_compute_capability(trt, config, compute_capability)
@@ -300,99 +311,3 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profiles: Pr
     return BuildReport(engine_path, seconds, engine_path.stat().st_size, trt.flavor, trt.version, cc,
                        network.num_layers, engine_layers, inspector, note,
                        timing_cache if cache is not None else None, cache_note, dict(profiles or {}))
-
-
-# -- fp16 graphs ---------------------------------------------------------------------------------------------
-
-# Kept fp32 by default: softmax (the attention and the top-1 probability), RoPE angles (position * inv_freq
-# reaches ~1e3 rad, far past fp16's resolution) and the RMS norms (sum of squares overflows fp16).
-KEEP_FP32_OPS = ("Softmax", "Cos", "Sin")
-KEEP_FP32_NAMES = ("rotary", "norm")
-
-
-def to_fp16_graph(onnx_in: str | Path, onnx_out: str | Path, *, keep_fp32_ops: Iterable[str] = KEEP_FP32_OPS,
-                  keep_fp32_names: Iterable[str] = KEEP_FP32_NAMES) -> dict[str, int]:
-    """Rewrite a float32 graph so it computes in float16, with the ``onnx`` package only.
-
-    Float initializers and constants become float16, ``Cast(to=float)`` becomes ``Cast(to=float16)``. Nodes whose
-    op type is in ``keep_fp32_ops`` or whose name contains one of ``keep_fp32_names`` stay float32, with Casts
-    inserted where a tensor crosses between the two. Graph inputs and outputs keep their float32 types (a Cast
-    right after each input, one right before each output), so the engine's I/O bindings do not change.
-    Returns counts of what changed.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    model = onnx.load(str(onnx_in))
-    inferred = onnx.shape_inference.infer_shapes(model)
-    graph = model.graph
-    if any(n.op_type in ("If", "Loop", "Scan") for n in _all_nodes(graph)):
-        raise ValueError(f"{onnx_in}: graphs with control-flow subgraphs are not supported by to_fp16_graph")
-    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
-    types: dict[str, int] = {}
-    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        types[vi.name] = vi.type.tensor_type.elem_type
-    for init in graph.initializer:
-        types[init.name] = init.data_type
-    ops, names = frozenset(keep_fp32_ops), tuple(keep_fp32_names)
-    counts = {"initializers": 0, "constants": 0, "casts_retyped": 0, "casts_inserted": 0, "kept_fp32": 0}
-
-    for init in graph.initializer:
-        if init.data_type == f32:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype("float16"), init.name))
-            counts["initializers"] += 1
-    # Where each float tensor's current dtype lives: graph inputs stay f32, initializers are now f16.
-    now: dict[str, int] = {i.name: f32 for i in graph.input if types.get(i.name) == f32}
-    now.update({i.name: f16 for i in graph.initializer if i.data_type == f16})
-    out_names = {o.name for o in graph.output if types.get(o.name) == f32}
-    rename = {name: f"{name}__fp" for name in out_names}  # producers write here; a final Cast restores the name
-    made: dict[tuple[str, int], str] = {}
-    new_nodes: list[Any] = []
-
-    def converted(name: str, dtype: int) -> str:
-        key = (name, dtype)
-        if key not in made:
-            made[key] = f"{name}__to{'16' if dtype == f16 else '32'}"
-            new_nodes.append(helper.make_node("Cast", [name], [made[key]], to=dtype, name=f"{made[key]}_cast"))
-            counts["casts_inserted"] += 1
-        return made[key]
-
-    for node in graph.node:
-        keep = node.op_type in ops or any(s in node.name for s in names)
-        want = f32 if keep else f16
-        counts["kept_fp32"] += int(keep)
-        for i, name in enumerate(node.input):
-            name = rename.get(name, name)
-            node.input[i] = name
-            if name and now.get(name, want) != want:
-                node.input[i] = converted(name, want)
-        _retype_node(node, want, counts, helper, numpy_helper, f32)
-        for i, name in enumerate(node.output):
-            node.output[i] = rename.get(name, name)
-            if types.get(name) == f32:
-                now[node.output[i]] = want
-        new_nodes.append(node)
-    for name in out_names:
-        src = rename[name]
-        new_nodes.append(helper.make_node("Cast", [src], [name], to=f32, name=f"{name}_to_fp32"))
-        now[name] = f32
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    del graph.value_info[:]  # stale float32 annotations; TensorRT and the checker infer them again
-    onnx.checker.check_model(model)
-    onnx.save(model, str(onnx_out))
-    return counts
-
-
-def _retype_node(node: Any, want: int, counts: dict[str, int], helper: Any, numpy_helper: Any, f32: int) -> None:
-    """Retarget the attributes that fix a node's float output type (Cast ``to``, Constant ``value``)."""
-    if want == f32:
-        return
-    for attr in node.attribute:
-        if node.op_type == "Cast" and attr.name == "to" and attr.i == f32:
-            attr.i = want
-            counts["casts_retyped"] += 1
-        elif node.op_type in ("Constant", "ConstantOfShape") and attr.name == "value" and attr.t.data_type == f32:
-            attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype("float16"), attr.t.name))
-            counts["constants"] += 1
-

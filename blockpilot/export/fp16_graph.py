@@ -1,0 +1,103 @@
+"""Float32 ONNX graphs rewritten to compute in float16 (``onnx`` package only): TensorRT-RTX networks are
+strongly typed, so an fp16 engine needs an fp16 graph."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .trt_build import all_nodes
+
+# Kept fp32 by default: softmax (the attention and the top-1 probability), RoPE angles (position * inv_freq
+# reaches ~1e3 rad, far past fp16's resolution) and the RMS norms (sum of squares overflows fp16).
+KEEP_FP32_OPS = ("Softmax", "Cos", "Sin")
+KEEP_FP32_NAMES = ("rotary", "norm")
+
+
+def to_fp16_graph(onnx_in: str | Path, onnx_out: str | Path, *, keep_fp32_ops: Iterable[str] = KEEP_FP32_OPS,
+                  keep_fp32_names: Iterable[str] = KEEP_FP32_NAMES) -> dict[str, int]:
+    """Rewrite a float32 graph so it computes in float16, with the ``onnx`` package only.
+
+    Float initializers and constants become float16, ``Cast(to=float)`` becomes ``Cast(to=float16)``. Nodes whose
+    op type is in ``keep_fp32_ops`` or whose name contains one of ``keep_fp32_names`` stay float32, with Casts
+    inserted where a tensor crosses between the two. Graph inputs and outputs keep their float32 types (a Cast
+    right after each input, one right before each output), so the engine's I/O bindings do not change.
+    Returns counts of what changed.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(onnx_in))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = model.graph
+    if any(n.op_type in ("If", "Loop", "Scan") for n in all_nodes(graph)):
+        raise ValueError(f"{onnx_in}: graphs with control-flow subgraphs are not supported by to_fp16_graph")
+    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    types: dict[str, int] = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        types[vi.name] = vi.type.tensor_type.elem_type
+    for init in graph.initializer:
+        types[init.name] = init.data_type
+    ops, names = frozenset(keep_fp32_ops), tuple(keep_fp32_names)
+    counts = {"initializers": 0, "constants": 0, "casts_retyped": 0, "casts_inserted": 0, "kept_fp32": 0}
+
+    for init in graph.initializer:
+        if init.data_type == f32:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype("float16"), init.name))
+            counts["initializers"] += 1
+    # Where each float tensor's current dtype lives: graph inputs stay f32, initializers are now f16.
+    now: dict[str, int] = {i.name: f32 for i in graph.input if types.get(i.name) == f32}
+    now.update({i.name: f16 for i in graph.initializer if i.data_type == f16})
+    out_names = {o.name for o in graph.output if types.get(o.name) == f32}
+    rename = {name: f"{name}__fp" for name in out_names}  # producers write here; a final Cast restores the name
+    made: dict[tuple[str, int], str] = {}
+    new_nodes: list[Any] = []
+
+    def converted(name: str, dtype: int) -> str:
+        key = (name, dtype)
+        if key not in made:
+            made[key] = f"{name}__to{'16' if dtype == f16 else '32'}"
+            new_nodes.append(helper.make_node("Cast", [name], [made[key]], to=dtype, name=f"{made[key]}_cast"))
+            counts["casts_inserted"] += 1
+        return made[key]
+
+    for node in graph.node:
+        keep = node.op_type in ops or any(s in node.name for s in names)
+        want = f32 if keep else f16
+        counts["kept_fp32"] += int(keep)
+        for i, name in enumerate(node.input):
+            name = rename.get(name, name)
+            node.input[i] = name
+            if name and now.get(name, want) != want:
+                node.input[i] = converted(name, want)
+        _retype_node(node, want, counts, helper, numpy_helper, f32)
+        for i, name in enumerate(node.output):
+            node.output[i] = rename.get(name, name)
+            if types.get(name) == f32:
+                now[node.output[i]] = want
+        new_nodes.append(node)
+    for name in out_names:
+        src = rename[name]
+        new_nodes.append(helper.make_node("Cast", [src], [name], to=f32, name=f"{name}_to_fp32"))
+        now[name] = f32
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.value_info[:]  # stale float32 annotations; TensorRT and the checker infer them again
+    onnx.checker.check_model(model)
+    onnx.save(model, str(onnx_out))
+    return counts
+
+
+def _retype_node(node: Any, want: int, counts: dict[str, int], helper: Any, numpy_helper: Any, f32: int) -> None:
+    """Retarget the attributes that fix a node's float output type (Cast ``to``, Constant ``value``)."""
+    if want == f32:
+        return
+    for attr in node.attribute:
+        if node.op_type == "Cast" and attr.name == "to" and attr.i == f32:
+            attr.i = want
+            counts["casts_retyped"] += 1
+        elif node.op_type in ("Constant", "ConstantOfShape") and attr.name == "value" and attr.t.data_type == f32:
+            attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype("float16"), attr.t.name))
+            counts["constants"] += 1
+
