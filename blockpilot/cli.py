@@ -41,6 +41,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export.build import export_bundle
+    from .export.progress import Progress
+    from .export.targets import EngineTargetError
+    from .export.trt_build import TrtUnavailableError
     from .formats.bundle import BundleError
     from .quant.recipes import RecipeError
     from .quant.targets import TargetError
@@ -48,10 +51,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         summary = export_bundle(Path(args.checkpoint), Path(args.out), max_prompt_tokens=args.max_prompt_tokens,
                                 with_weights=args.with_weights, overwrite=args.overwrite,
-                                targets=tuple(t for t in (args.target or "").split(",") if t),
+                                targets=tuple(t.strip() for t in (args.target or "").split(",") if t.strip()),
                                 engine_precision=args.engine_precision, recipe=args.recipe, calib=args.calib,
-                                attention=args.attention)
-    except (BundleError, RecipeError, TargetError) as exc:
+                                attention=args.attention, progress=Progress(enabled=False if args.quiet else None))
+    except (BundleError, RecipeError, TargetError, EngineTargetError, TrtUnavailableError) as exc:
         raise UserError(str(exc)) from None
     print(summary.table())
     return 0
@@ -239,13 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--with-weights", action="store_true", help="also copy the safetensors (torch backend)")
     export.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt budget the KV cache is sized for")
     export.add_argument("--target", default=None,
-                        help="also build TensorRT-RTX engines: rtx-ada, rtx-blackwell (comma-separated)")
+                        help="also build TensorRT engines (comma-separated): rtx, rtx-blackwell (TensorRT-RTX, ahead "
+                             "of time on any machine); orin, thor, h100 (TensorRT proper, on that device)")
     export.add_argument("--engine-precision", default="fp16", choices=["fp32", "fp16"], help="engine precision")
     export.add_argument("--recipe", default=None, choices=["fp8"],
                         help="quantize with modelopt first (FP8 Q/DQ graphs and engines)")
     export.add_argument("--calib", type=int, default=32, help="calibration samples for --recipe")
-    export.add_argument("--attention", default="decomposed", choices=["decomposed", "native"],
-                        help="LM-step engines from decomposed attention or TensorRT's attention layer (ONNX Attention)")
+    export.add_argument("--attention", default="auto", choices=["auto", "decomposed", "native", "plugin"],
+                        help="LM-step engines' attention: TensorRT's attention layer (native), the "
+                             "BlockDiffusionAttention plugin, or plain ops (decomposed); auto: the target's")
+    export.add_argument("--quiet", action="store_true", help="no progress bars (they draw only on a terminal)")
     export.set_defaults(func=_cmd_export)
 
     verify = sub.add_parser("verify", help="check a bundle's ONNX Runtime backend against the torch backend")

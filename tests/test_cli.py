@@ -61,7 +61,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     # reader, the evaluator and the report.
     manifest = json.loads((tmp_path / "demo" / "bundle" / "manifest.json").read_text())
     assert {f for f in manifest["files"] if f.startswith("engines/")} == {
-        "engines/rtx-ada/lm_step.fp16.native.engine", "engines/rtx-ada/vision.fp16.decomposed.engine"}
+        "engines/rtx/lm_step.fp16.native.engine", "engines/rtx/vision.fp16.decomposed.engine"}
     header = json.loads((tmp_path / "demo" / "eval" / "results.jsonl").read_text().splitlines()[0])["header"]
     assert header["backend"] == "onnxruntime"
     report = tmp_path / "demo" / "eval" / "report"

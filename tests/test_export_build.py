@@ -72,23 +72,40 @@ def test_export_inspect_and_eval_commands(bundle: Path, tmp_path: Path, capsys: 
 
 
 def test_export_builds_tensorrt_rtx_engines_into_the_bundle(tmp_path: Path) -> None:
-    from blockpilot.formats.bundle import BundleError, load_bundle
+    from blockpilot.formats.bundle import load_bundle
 
     with torch_threads(1):
-        summary = export_bundle(SHIPPED_MODEL, tmp_path / "b", targets=("rtx-ada",), engine_precision="fp16")
+        summary = export_bundle(SHIPPED_MODEL, tmp_path / "b", targets=("rtx",), engine_precision="fp16",
+                                attention="decomposed")
     bundle = load_bundle(summary.bundle)
-    engines = {(a.role, a.target, a.sm, a.precision) for a in bundle.engines()}
-    assert engines == {("vision", "rtx-ada", "8.9", "fp16"), ("lm_step", "rtx-ada", "8.9", "fp16")}
+    engines = {(a.role, a.target, a.sm, a.precision, a.variant) for a in bundle.engines()}
+    assert engines == {("vision", "rtx", "8.9", "fp16", "decomposed"), ("lm_step", "rtx", "8.9", "fp16", "decomposed")}
     assert all(summary.files[a.path] > 100_000 for a in bundle.engines())
     assert "tensorrt_rtx" in bundle.tools
-    with torch_threads(1):
-        native = load_bundle(export_bundle(SHIPPED_MODEL, tmp_path / "n", targets=("rtx-ada",),
-                                           attention="native").bundle)
-    assert {(a.role, a.variant, a.precision) for a in native.engines()} == {
-        ("lm_step", "native", "fp16"), ("vision", "decomposed", "fp16")}
+    # The closing table names every graph and engine with its size and build time.
+    table = summary.table()
+    for a in bundle.artifacts:
+        assert a.path in table
+    assert table.count(" s\n") >= 2 and "stages     load" in table
+    with torch_threads(1):  # "rtx-ada" is an alias of "rtx"; auto attention is the target's: native
+        native = load_bundle(export_bundle(SHIPPED_MODEL, tmp_path / "n", targets=("rtx-ada",)).bundle)
+    assert {(a.role, a.variant, a.precision, a.target) for a in native.engines()} == {
+        ("lm_step", "native", "fp16", "rtx"), ("vision", "decomposed", "fp16", "rtx")}
     assert {a.variant for a in native.graphs()} == {"decomposed"}  # ONNX Runtime keeps the decomposed graphs
-    with pytest.raises(BundleError, match="TensorRT proper"):
+
+
+def test_export_refuses_targets_this_machine_cannot_build(tmp_path: Path) -> None:
+    from blockpilot.export.targets import EngineTargetError
+    from blockpilot.quant.targets import PrecisionNotSupportedError
+
+    with pytest.raises(EngineTargetError, match="TensorRT proper"):  # Orin engines are built on the Orin
         export_bundle(SHIPPED_MODEL, tmp_path / "c", targets=("orin",))
+    with pytest.raises(PrecisionNotSupportedError, match="orin"):  # the gate speaks before any work is done
+        export_bundle(SHIPPED_MODEL, tmp_path / "c", targets=("orin",), recipe="fp8")
+    with pytest.raises(EngineTargetError, match="no plugin layers"):
+        export_bundle(SHIPPED_MODEL, tmp_path / "c", targets=("rtx",), attention="plugin")
+    with pytest.raises(EngineTargetError, match=r"unknown engine target 'jetson'.*rtx, rtx-blackwell, orin"):
+        export_bundle(SHIPPED_MODEL, tmp_path / "c", targets=("jetson",))
     assert not (tmp_path / "c").exists()
 
 
@@ -108,8 +125,7 @@ def test_fp8_bundle_runs_on_onnx_runtime(tmp_path: Path) -> None:
     from blockpilot.formats.bundle import load_bundle
 
     with torch_threads(1):
-        summary = export_bundle(SHIPPED_MODEL, tmp_path / "fp8", recipe="fp8", calib=4, targets=("rtx-ada",),
-                                attention="native")
+        summary = export_bundle(SHIPPED_MODEL, tmp_path / "fp8", recipe="fp8", calib=4, targets=("rtx",))
         bundle = load_bundle(summary.bundle)
         assert bundle.recipe is not None and bundle.recipe["name"] == "fp8"
         # FP8 engines: the LM step through TensorRT's attention layer (ONNX Attention, opset 23).

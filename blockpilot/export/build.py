@@ -5,159 +5,260 @@ answer schema; TensorRT engines and quantized graphs join the same bundle layout
 from __future__ import annotations
 
 import tempfile
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..formats.bundle import BundleError, BundleWriter, load_bundle
 from ..formats.onnx_io import EMBED_FILE, LM_FILE, SPEC_FILE, VISION_FILE
+from .progress import Progress
+from .targets import (
+    ATTENTION_ROUTES,
+    EngineTarget,
+    EngineTargetError,
+    attention_route,
+    check_buildable_here,
+    current_compute_capability,
+    resolve_engine_target,
+)
 
 DEFAULT_MAX_PROMPT_TOKENS = 1024
 VARIANT = "decomposed"
-# Engine targets buildable from this tool chain. TensorRT-RTX builds ahead of time on a machine without
-# a GPU for these compute capabilities; Orin / Thor / H100 engines need TensorRT proper (JetPack on the
-# Jetson itself, TensorRT 10/11 on an x86 GPU box).
-ENGINE_TARGETS = {"rtx-ada": "8.9", "rtx-blackwell": "12.0"}
 ENGINE_PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
 class ExportSummary:
+    """What an export wrote, read back from the verified bundle, for the closing table."""
+
     bundle: Path
     files: dict[str, int]  # relative path -> bytes
     capacity: int
     seconds: dict[str, float]
+    artifacts: tuple[dict[str, Any], ...] = ()  # kind, path, role, variant, precision, target, bytes, build_s
+    precision_counts: dict[str, int] = field(default_factory=dict)  # quantized format -> modules
+    recipe: str = "fp32"
 
     def table(self) -> str:
-        rows = [f"bundle   {self.bundle}  (KV cache capacity {self.capacity} slots)"]
-        rows += [f"  {rel:<40s} {size / 1e6:8.2f} MB" for rel, size in sorted(self.files.items())]
-        rows.append("stages   " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
+        total = sum(self.files.values())
+        rows = [f"bundle     {self.bundle}  ({len(self.files)} files, {total / 1e6:.2f} MB, KV cache "
+                f"{self.capacity} slots, {self.recipe})"]
+        width = max([len(a["path"]) for a in self.artifacts] + [8])
+        head = (f"  {'artifact':<{width}} {'role':<8} {'variant':<10} {'precision':<9} {'target':<13} "
+                f"{'size':>9} {'build':>7}")
+        rows += [head, "  " + "-" * (len(head) - 2)]
+        for a in self.artifacts:
+            build = f"{a['build_s']:.1f} s" if a.get("build_s") is not None else "-"
+            rows.append(f"  {a['path']:<{width}} {a['role']:<8} {a['variant']:<10} {a['precision']:<9} "
+                        f"{a.get('target') or '-':<13} {a['bytes'] / 1e6:>6.2f} MB {build:>7}")
+        if self.precision_counts:
+            rows.append("precision  " + ", ".join(f"{fmt} {n}" for fmt, n in sorted(self.precision_counts.items()))
+                        + " modules (modelopt)")
+        rows.append("stages     " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
         return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class _EnginePlan:
+    target: EngineTarget
+    precision: str
+    route: str  # LM-step attention: decomposed | native | plugin
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
                   with_weights: bool = False, overwrite: bool = False, targets: tuple[str, ...] = (),
                   engine_precision: str = "fp16", recipe: str | None = None, calib: int = 32,
-                  attention: str = "decomposed") -> ExportSummary:
+                  attention: str = "auto", progress: Progress | None = None) -> ExportSummary:
     """Export ``checkpoint`` (fp32) into the bundle directory ``out`` and verify it by loading it back.
 
     The KV cache capacity is the one a planner with the scaffold decoder sizes for ``max_prompt_tokens``.
-    ``with_weights`` also copies the safetensors (for the torch backend on the car). ``targets`` (keys
-    of :data:`ENGINE_TARGETS`) adds TensorRT engines of the graphs in ``engine_precision``. ``recipe``
-    ("fp8") quantizes first with modelopt, calibrated on ``calib`` generated calibration samples, and
+    ``with_weights`` also copies the safetensors (for the torch backend on the car). ``targets`` (names of
+    :data:`blockpilot.export.targets.ENGINE_TARGETS`) adds TensorRT engines of the graphs in
+    ``engine_precision``; each target's quantization gate checks ``recipe`` and its TensorRT must be the one
+    here (TensorRT-RTX builds ``rtx`` targets ahead of time; ``orin``/``thor``/``h100`` build on the device).
+    ``recipe`` ("fp8") quantizes first with modelopt, calibrated on ``calib`` generated calibration samples, and
     exports standard FP8 Q/DQ graphs (their engines are strongly typed FP8; ``engine_precision`` is ignored).
-    ``attention="native"`` builds the LM-step engines from the graph rewritten to ONNX ``Attention``
-    (opset 23), TensorRT's attention layer; the bundle's ONNX graphs stay decomposed for ONNX Runtime.
+    ``attention`` picks the LM-step engines' attention route (``auto``: the target's, see
+    :func:`blockpilot.export.targets.attention_route`); the bundle's ONNX graphs stay decomposed for ONNX Runtime,
+    and a plugin route also ships the plugin graph. Stages draw on ``progress`` (default: bars on a terminal).
     """
-    if attention not in ("decomposed", "native"):
-        raise BundleError(f"attention must be decomposed or native, got {attention!r}")
     if recipe not in (None, "fp8"):
         raise BundleError(f"export --recipe {recipe!r}: bundles carry fp32 or fp8 graphs today (NVFP4 graphs hold "
                           "modelopt's custom nodes, which neither ONNX Runtime nor TensorRT-RTX runs)")
-    unknown = [t for t in targets if t not in ENGINE_TARGETS]
-    if unknown or engine_precision not in ENGINE_PRECISIONS:
-        raise BundleError(f"engine targets {unknown} / precision {engine_precision!r}: this tool chain builds "
-                          f"{sorted(ENGINE_TARGETS)} in {ENGINE_PRECISIONS}; Orin, Thor and H100 engines need "
-                          "TensorRT proper (build on the Jetson or a GPU workstation)")
+    if engine_precision not in ENGINE_PRECISIONS:
+        raise BundleError(f"engine precision {engine_precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)} "
+                          "(fp8 engines come from --recipe fp8)")
+    plans = _plan_engines(targets, "fp8" if recipe else engine_precision, recipe, attention)
     from ..runtime.plan_types import DecoderSettings
     from ..runtime.planner import Planner
     from .onnx_graphs import export_onnx
 
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    planner = Planner.from_checkpoint(Path(checkpoint), decoder=DecoderSettings(name="scaffold"),
-                                      max_prompt_tokens=max_prompt_tokens)
+    progress = progress or Progress(enabled=False)
+    progress.stages = 3 + int(recipe is not None) + int(bool(plans))
+    with progress.stage("load"):
+        planner = Planner.from_checkpoint(Path(checkpoint), decoder=DecoderSettings(name="scaffold"),
+                                          max_prompt_tokens=max_prompt_tokens)
     capacity = planner.backend.capacity
-    seconds["load"] = time.perf_counter() - t0
+    model = planner.backend.model  # type: ignore[attr-defined]
     quant_report: dict[str, Any] | None = None
     if recipe is not None:
-        t0 = time.perf_counter()
-        quant_report = _quantize(planner, recipe, calib, targets)
-        seconds["quantize"] = time.perf_counter() - t0
+        with progress.stage("quantize"):
+            quant_report = _quantize(planner, recipe, calib)
     precision = recipe or "fp32"
+    plugin = any(p.route == "plugin" for p in plans)
     with tempfile.TemporaryDirectory(prefix="blockpilot-export-") as tmp:
-        t0 = time.perf_counter()
-        if recipe is None:
-            spec = export_onnx(planner.backend.model, tmp, capacity)  # type: ignore[attr-defined]
-        else:
-            from .quant_onnx import export_quantized_onnx
+        root = Path(tmp)
+        with progress.stage("onnx", total=1 + int(plugin)) as stage:
+            if recipe is None:
+                spec = export_onnx(model, root, capacity)
+            else:
+                from .quant_onnx import export_quantized_onnx
 
-            spec = export_quantized_onnx(planner.backend.model, tmp, capacity)["spec"]  # type: ignore[attr-defined]
-        seconds["onnx"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+                spec = export_quantized_onnx(model, root, capacity)["spec"]
+            progress.advance(stage, "decomposed")
+            if plugin:
+                from .plugin_attention import export_plugin_graph
+
+                export_plugin_graph(model, root / "plugin", capacity)
+                progress.advance(stage, "plugin")
         with BundleWriter(out, overwrite=overwrite) as writer:
             writer.add_model(checkpoint, weights=with_weights)
             writer.precision_map = quant_report["precision"] if quant_report else {}
             if quant_report:
                 writer.recipe = quant_report["recipe"]
             io: dict[str, Any] = {"spec": spec}
-            if (Path(tmp) / VISION_FILE).is_file():
-                writer.add_graph(Path(tmp) / VISION_FILE, role="vision", variant=VARIANT, precision=precision, io=io)
-            writer.add_graph(Path(tmp) / LM_FILE, role="lm_step", variant=VARIANT, precision=precision, io=io,
-                             extra_files=[Path(tmp) / EMBED_FILE, Path(tmp) / SPEC_FILE])
-            if targets:
-                t1 = time.perf_counter()
-                _add_engines(writer, Path(tmp), spec, targets, "fp8" if recipe else engine_precision, attention)
-                seconds["engines"] = time.perf_counter() - t1
-        seconds["bundle"] = time.perf_counter() - t0
-    bundle = load_bundle(out)  # hashes checked once more, as the car will
+            if (root / VISION_FILE).is_file():
+                writer.add_graph(root / VISION_FILE, role="vision", variant=VARIANT, precision=precision, io=io)
+            writer.add_graph(root / LM_FILE, role="lm_step", variant=VARIANT, precision=precision, io=io,
+                             extra_files=[root / EMBED_FILE, root / SPEC_FILE])
+            if plugin:
+                writer.add_graph(root / "plugin" / LM_FILE, role="lm_step", variant="plugin", precision=precision,
+                                 io=io)
+            if plans:
+                roles = 1 + int((root / VISION_FILE).is_file())
+                with progress.stage("engines", total=roles * len(plans)) as stage:
+                    _add_engines(writer, root, spec, plans, lambda what: progress.advance(stage, what))
+            with progress.stage("bundle"):
+                writer.finish()  # hashes, manifest, atomic rename
+                bundle = load_bundle(out)  # hashes checked once more, as the car will
+    return _summary(bundle, capacity, dict(progress.seconds), precision)
+
+
+def _summary(bundle: Any, capacity: int, seconds: dict[str, float], recipe: str) -> ExportSummary:
+    artifacts = []
+    for a in bundle.artifacts:
+        build = a.io.get("build", {}) if isinstance(a.io, dict) else {}
+        artifacts.append({"kind": a.kind, "path": a.path, "role": a.role, "variant": a.variant,
+                          "precision": a.precision, "target": a.target, "bytes": int(bundle.files[a.path]["bytes"]),
+                          "build_s": build.get("seconds") if isinstance(build, dict) else None})
+    counts: dict[str, int] = {}
+    for labels in bundle.precision_map.values():
+        for label in (labels.values() if isinstance(labels, dict) else [labels]):
+            counts[str(label)] = counts.get(str(label), 0) + 1
     files = {rel: int(info["bytes"]) for rel, info in bundle.files.items()}
-    return ExportSummary(bundle.path, files, capacity, seconds)
+    return ExportSummary(bundle.path, files, capacity, seconds, tuple(artifacts), counts, recipe)
 
 
-def _quantize(planner: Any, recipe: str, calib: int, targets: tuple[str, ...]) -> dict[str, Any]:
-    """Quantize the planner's model in place with ``recipe``; the recipe is checked against every target."""
+def _plan_engines(targets: tuple[str, ...], precision: str, recipe: str | None, attention: str) -> list[_EnginePlan]:
+    """Resolve and check every target before any work: the recipe gate, the precision, the TensorRT here."""
+    if attention not in ("auto", *ATTENTION_ROUTES):
+        raise BundleError(f"attention must be auto or one of {', '.join(ATTENTION_ROUTES)}, got {attention!r}")
+    if not targets:
+        return []
+    from ..quant.recipes import resolve_recipe
+    from ..quant.targets import check_recipe
+    from .trt_build import load_tensorrt
+
+    resolved = [resolve_engine_target(t) for t in targets]
+    for target in resolved:
+        if recipe is not None:
+            check_recipe(resolve_recipe(recipe), target.gate)
+        if precision not in target.precisions:
+            raise EngineTargetError(f"target {target.name} builds {', '.join(target.precisions)} engines, not "
+                                    f"{precision}")
+    trt = load_tensorrt()
+    here = current_compute_capability()
+    plans = []
+    for target in resolved:
+        check_buildable_here(target, trt, here)
+        plans.append(_EnginePlan(target, precision, attention_route(target, trt.flavor, trt.version, attention)))
+    return plans
+
+
+def _quantize(planner: Any, recipe: str, calib: int) -> dict[str, Any]:
+    """Quantize the planner's model in place with ``recipe`` (targets' gates were checked before)."""
     from ..calibration import synthetic_calibration_source
     from ..quant.pipeline import quantize_planner
     from ..quant.recipes import resolve_recipe
-    from ..quant.targets import check_recipe
 
-    resolved = resolve_recipe(recipe)
-    for target in targets:
-        check_recipe(resolved, "rtx-ada" if target == "rtx-ada" else "cpu")
-    report, _, _, _ = quantize_planner(planner, resolved, synthetic_calibration_source(4), calib)
-    return {"precision": report.precision, "recipe": resolved.to_dict()}
+    report, _, _, _ = quantize_planner(planner, resolve_recipe(recipe), synthetic_calibration_source(4), calib)
+    return {"precision": report.precision, "recipe": resolve_recipe(recipe).to_dict()}
 
 
-def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], targets: tuple[str, ...],
-                 precision: str, attention: str = "decomposed") -> None:
+def _lm_source(tmp: Path, route: str, precision: str) -> Path:
+    """The graph the LM-step engine is built from for ``route`` in ``precision`` (rewritten once, cached in tmp)."""
     from .fp16_graph import to_fp16_graph
-    from .native_attention import build_native_engine, to_native_attention
+    from .native_attention import to_native_attention
+
+    source = tmp / "plugin" / LM_FILE if route == "plugin" else tmp / LM_FILE
+    if route == "native":
+        native = tmp / f"{source.stem}.native.onnx"
+        if not native.is_file():  # the pattern is matched on the exported float32 graph
+            to_native_attention(source, native)
+        source = native
+    if precision == "fp16":  # fp32 and fp8 (Q/DQ) graphs build as they are
+        half = source.with_name(f"{source.stem}.fp16.onnx")
+        if not half.is_file():
+            to_fp16_graph(source, half)
+        source = half
+    return source
+
+
+def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], plans: list[_EnginePlan],
+                 advance: Any) -> None:
+    from .fp16_graph import to_fp16_graph
+    from .native_attention import build_native_engine
     from .trt_build import build_engine, load_tensorrt, profiles_from_spec
 
     trt = load_tensorrt()
-    for role, graph in (("vision", tmp / VISION_FILE), ("lm_step", tmp / LM_FILE)):
-        if not graph.is_file():
-            continue
-        source = graph
-        native = attention == "native" and role == "lm_step"
-        if native:  # rewrite the attention first: the pattern is matched on the exported float32 graph
-            source = tmp / f"{graph.stem}.native.onnx"
-            to_native_attention(graph, source)
-        if precision == "fp16":  # fp32 and fp8 (Q/DQ) graphs build as they are
-            half = tmp / f"{source.stem}.fp16.onnx"
-            to_fp16_graph(source, half)
-            source = half
-        variant = "native" if native else VARIANT
-        for target in targets:
-            cc = ENGINE_TARGETS[target]
-            engine = tmp / target / f"{role}.{precision}.{variant}.engine"
+    for plan in plans:
+        target, precision = plan.target, plan.precision
+        cc = target.sm if target.ahead_of_time else None
+        for role in ("vision", "lm_step"):
+            graph = tmp / (VISION_FILE if role == "vision" else LM_FILE)
+            if not graph.is_file():
+                continue
+            route = plan.route if role == "lm_step" else VARIANT
+            if role == "lm_step":
+                source = _lm_source(tmp, route, precision)
+            else:
+                source = graph
+                if precision == "fp16":
+                    source = tmp / f"{graph.stem}.fp16.onnx"
+                    if not source.is_file():
+                        to_fp16_graph(graph, source)
+            engine = tmp / target.name / f"{role}.{precision}.{route}.engine"
             engine.parent.mkdir(exist_ok=True)
             profiles = profiles_from_spec(spec, role)
             inspector = None
-            if native:  # fused attention kernels exist for fp16; fp32 / fp8-linear graphs may decompose it
+            if route == "native":  # fused attention kernels exist for fp16; fp32 / fp8-linear graphs may decompose
                 built = build_native_engine(source, engine, profiles=profiles, compute_capability=cc,
                                             decomposable=precision != "fp16")
                 report: dict[str, Any] = {"seconds": built.seconds, "engine_bytes": built.engine_bytes,
                                           "attention_layers": built.attention_layers,
-                                          "decomposable": built.decomposable, "compute_capability": cc}
+                                          "decomposable": built.decomposable, "compute_capability": target.sm}
+            elif route == "plugin":
+                from .trt_plugin import build_plugin_engine
+
+                result = build_plugin_engine(source, engine, profiles=profiles, trt=trt)
+                report = result.to_dict()
             else:
                 result = build_engine(source, engine, profiles=profiles, compute_capability=cc, trt=trt)
                 report = result.to_dict()
                 inspector = result.inspector if result.inspector is not None and result.inspector.is_file() else None
-            writer.add_engine(engine, target=target, sm=cc, role=role, variant=variant, precision=precision,
-                              io={"build": report}, inspector=inspector)
+            writer.add_engine(engine, target=target.name, sm=target.sm, role=role, variant=route,
+                              precision=precision, io={"build": report}, inspector=inspector)
+            advance(f"{role} {target.name}")
 
 
 def graphs_dir(bundle_path: str | Path) -> Path:
