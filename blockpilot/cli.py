@@ -53,7 +53,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                 with_weights=args.with_weights, overwrite=args.overwrite,
                                 targets=tuple(t.strip() for t in (args.target or "").split(",") if t.strip()),
                                 engine_precision=args.engine_precision, recipe=args.recipe, calib=args.calib,
-                                attention=args.attention, progress=Progress(enabled=False if args.quiet else None))
+                                attention=args.attention, progress=Progress(enabled=False if args.quiet else None),
+                                timing_cache=Path(args.timing_cache) if args.timing_cache else None)
     except (BundleError, RecipeError, TargetError, EngineTargetError, TrtUnavailableError) as exc:
         raise UserError(str(exc)) from None
     print(summary.table())
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LM-step engines' attention: TensorRT's attention layer (native), the "
                              "BlockDiffusionAttention plugin, or plain ops (decomposed); auto: the target's")
     export.add_argument("--quiet", action="store_true", help="no progress bars (they draw only on a terminal)")
+    export.add_argument("--timing-cache", default=None,
+                        help="TensorRT timing cache file, read and updated by every engine build (TensorRT proper)")
     export.set_defaults(func=_cmd_export)
 
     verify = sub.add_parser("verify", help="check a bundle's ONNX Runtime backend against the torch backend")

@@ -68,7 +68,8 @@ class _EnginePlan:
 def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
                   with_weights: bool = False, overwrite: bool = False, targets: tuple[str, ...] = (),
                   engine_precision: str = "fp16", recipe: str | None = None, calib: int = 32,
-                  attention: str = "auto", progress: Progress | None = None) -> ExportSummary:
+                  attention: str = "auto", progress: Progress | None = None,
+                  timing_cache: Path | None = None) -> ExportSummary:
     """Export ``checkpoint`` (fp32) into the bundle directory ``out`` and verify it by loading it back.
 
     The KV cache capacity is the one a planner with the scaffold decoder sizes for ``max_prompt_tokens``.
@@ -80,7 +81,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
     exports standard FP8 Q/DQ graphs (their engines are strongly typed FP8; ``engine_precision`` is ignored).
     ``attention`` picks the LM-step engines' attention route (``auto``: the target's, see
     :func:`blockpilot.export.targets.attention_route`); the bundle's ONNX graphs stay decomposed for ONNX Runtime,
-    and a plugin route also ships the plugin graph. Stages draw on ``progress`` (default: bars on a terminal).
+    and a plugin route also ships the plugin graph. Stages draw on ``progress`` (default: none).
+    ``timing_cache`` is a TensorRT timing cache file read and updated by every build (TensorRT proper; a no-op
+    in TensorRT-RTX, which caches at run time), so rebuilding on a Jetson skips tactic timing.
     """
     if recipe not in (None, "fp8"):
         raise BundleError(f"export --recipe {recipe!r}: bundles carry fp32 or fp8 graphs today (NVFP4 graphs hold "
@@ -137,7 +140,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
             if plans:
                 roles = 1 + int((root / VISION_FILE).is_file())
                 with progress.stage("engines", total=roles * len(plans)) as stage:
-                    _add_engines(writer, root, spec, plans, lambda what: progress.advance(stage, what))
+                    _add_engines(writer, root, spec, plans, lambda what: progress.advance(stage, what),
+                                 timing_cache)
             with progress.stage("bundle"):
                 writer.finish()  # hashes, manifest, atomic rename
                 bundle = load_bundle(out)  # hashes checked once more, as the car will
@@ -215,7 +219,7 @@ def _lm_source(tmp: Path, route: str, precision: str) -> Path:
 
 
 def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], plans: list[_EnginePlan],
-                 advance: Any) -> None:
+                 advance: Any, timing_cache: Path | None = None) -> None:
     from .fp16_graph import to_fp16_graph
     from .native_attention import build_native_engine
     from .trt_build import build_engine, load_tensorrt, profiles_from_spec
@@ -243,17 +247,18 @@ def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], plans: l
             inspector = None
             if route == "native":  # fused attention kernels exist for fp16; fp32 / fp8-linear graphs may decompose
                 built = build_native_engine(source, engine, profiles=profiles, compute_capability=cc,
-                                            decomposable=precision != "fp16")
+                                            decomposable=precision != "fp16", timing_cache=timing_cache)
                 report: dict[str, Any] = {"seconds": built.seconds, "engine_bytes": built.engine_bytes,
                                           "attention_layers": built.attention_layers,
                                           "decomposable": built.decomposable, "compute_capability": target.sm}
             elif route == "plugin":
                 from .trt_plugin import build_plugin_engine
 
-                result = build_plugin_engine(source, engine, profiles=profiles, trt=trt)
+                result = build_plugin_engine(source, engine, profiles=profiles, trt=trt, timing_cache=timing_cache)
                 report = result.to_dict()
             else:
-                result = build_engine(source, engine, profiles=profiles, compute_capability=cc, trt=trt)
+                result = build_engine(source, engine, profiles=profiles, compute_capability=cc, trt=trt,
+                                      timing_cache=timing_cache)
                 report = result.to_dict()
                 inspector = result.inspector if result.inspector is not None and result.inspector.is_file() else None
             writer.add_engine(engine, target=target.name, sm=target.sm, role=role, variant=route,

@@ -246,7 +246,8 @@ class NativeBuild:
 
 
 def build_native_engine(onnx_path: str | Path, engine_path: str | Path, *, profiles: Any = None,
-                        compute_capability: str | None = "8.9", decomposable: bool = True) -> NativeBuild:
+                        compute_capability: str | None = "8.9", decomposable: bool = True,
+                        timing_cache: Path | None = None) -> NativeBuild:
     """Build a graph of :func:`to_native_attention` like :func:`blockpilot.export.trt_build.build_engine`, with
     each parsed ``IAttention`` marked ``decomposable`` first.
 
@@ -260,7 +261,7 @@ def build_native_engine(onnx_path: str | Path, engine_path: str | Path, *, profi
         types.update(_layer_types(trt, network, decomposable))
 
     report = build_engine(onnx_path, engine_path, profiles=profiles, compute_capability=compute_capability,
-                         network_hook=mark)
+                          network_hook=mark, timing_cache=timing_cache)
     return NativeBuild(report.engine, report.seconds, report.engine_bytes, report.compute_capability,
                        report.network_layers, types.get("ATTENTION_INPUT", 0), decomposable, types)
 
