@@ -92,6 +92,12 @@ def test_export_builds_tensorrt_rtx_engines_into_the_bundle(tmp_path: Path) -> N
     assert {(a.role, a.variant, a.precision, a.target) for a in native.engines()} == {
         ("lm_step", "native", "fp16", "rtx"), ("vision", "decomposed", "fp16", "rtx")}
     assert {a.variant for a in native.graphs()} == {"decomposed"}  # ONNX Runtime keeps the decomposed graphs
+    # Beside each engine: the parsed network's layers and precisions (the engine inspector needs a GPU).
+    lm = next(a for a in native.engines() if a.role == "lm_step")
+    network = json.loads(native.file(lm.extra_files[0]).read_text())
+    assert lm.extra_files[0].endswith(".network.json") and lm.io["build"]["network"] == Path(lm.extra_files[0]).name
+    assert network["attention_layers"] == lm.io["build"]["attention_layers"] > 0 and network["plugin_layers"] == 0
+    assert network["output_precisions"].get("HALF", 0) > 0 and "/tmp" not in json.dumps(lm.io)
 
 
 def test_export_refuses_targets_this_machine_cannot_build(tmp_path: Path) -> None:

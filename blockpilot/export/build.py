@@ -244,25 +244,31 @@ def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], plans: l
             engine = tmp / target.name / f"{role}.{precision}.{route}.engine"
             engine.parent.mkdir(exist_ok=True)
             profiles = profiles_from_spec(spec, role)
-            inspector = None
+            inspector, network = None, None
             if route == "native":  # fused attention kernels exist for fp16; fp32 / fp8-linear graphs may decompose
                 built = build_native_engine(source, engine, profiles=profiles, compute_capability=cc,
                                             decomposable=precision != "fp16", timing_cache=timing_cache)
-                report: dict[str, Any] = {"seconds": built.seconds, "engine_bytes": built.engine_bytes,
-                                          "attention_layers": built.attention_layers,
-                                          "decomposable": built.decomposable, "compute_capability": target.sm}
+                assert built.build is not None
+                report: dict[str, Any] = {**built.build.to_dict(), "attention_layers": built.attention_layers,
+                                          "decomposable": built.decomposable}
+                network = built.build.network
             elif route == "plugin":
                 from .trt_plugin import build_plugin_engine
 
                 result = build_plugin_engine(source, engine, profiles=profiles, trt=trt, timing_cache=timing_cache)
-                report = result.to_dict()
+                report, network = result.to_dict(), result.network
             else:
                 result = build_engine(source, engine, profiles=profiles, compute_capability=cc, trt=trt,
                                       timing_cache=timing_cache)
-                report = result.to_dict()
-                inspector = result.inspector if result.inspector is not None and result.inspector.is_file() else None
+                report, network = result.to_dict(), result.network
+            if report.get("inspector"):
+                inspector = Path(report["inspector"])
+            for key in ("engine", "inspector", "network"):  # the manifest names files, not the build's temp dir
+                if report.get(key):
+                    report[key] = Path(report[key]).name
             writer.add_engine(engine, target=target.name, sm=target.sm, role=role, variant=route,
-                              precision=precision, io={"build": report}, inspector=inspector)
+                              precision=precision, io={"build": report}, inspector=inspector,
+                              extra_files=[network] if network is not None and network.is_file() else [])
             advance(f"{role} {target.name}")
 
 

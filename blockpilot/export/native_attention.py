@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .trt_build import build_engine, check_buildable, load_tensorrt, parse_network
+from .trt_build import BuildReport, build_engine, check_buildable, load_tensorrt, parse_network
 
 NATIVE_OPSET = 23
 
@@ -243,6 +243,7 @@ class NativeBuild:
     attention_layers: int
     decomposable: bool
     layer_types: dict[str, int]
+    build: BuildReport | None = None  # the full report (inspector, network summary, timing cache)
 
 
 def build_native_engine(onnx_path: str | Path, engine_path: str | Path, *, profiles: Any = None,
@@ -263,7 +264,7 @@ def build_native_engine(onnx_path: str | Path, engine_path: str | Path, *, profi
     report = build_engine(onnx_path, engine_path, profiles=profiles, compute_capability=compute_capability,
                           network_hook=mark, timing_cache=timing_cache)
     return NativeBuild(report.engine, report.seconds, report.engine_bytes, report.compute_capability,
-                       report.network_layers, types.get("ATTENTION_INPUT", 0), decomposable, types)
+                       report.network_layers, types.get("ATTENTION_INPUT", 0), decomposable, types, report)
 
 
 def _layer_types(trt: Any, network: Any, decomposable: bool | None) -> dict[str, int]:

@@ -149,6 +149,27 @@ def _inspect(trt: TensorRT, logger: Any, engine_bytes: Any, out: Path) -> tuple[
     return out, "written", len(layers) if isinstance(layers, list) else None
 
 
+def network_summary(trt: TensorRT, network: Any) -> dict[str, Any]:
+    """What the parsed (strongly typed) network holds before the build: every layer's type and output types,
+    counts per layer type and per output precision, and the attention / plugin / Q-DQ layers found. Written
+    beside each engine, it is the build-side half of the inspector (the engine inspector needs a GPU)."""
+    layers: list[dict[str, Any]] = []
+    types: dict[str, int] = {}
+    precisions: dict[str, int] = {}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        kind = str(layer.type).split(".")[-1]
+        outs = [str(layer.get_output(j).dtype).split(".")[-1] for j in range(layer.num_outputs)]
+        layers.append({"name": layer.name, "type": kind, "outputs": outs})
+        types[kind] = types.get(kind, 0) + 1
+        if outs:
+            precisions[outs[0]] = precisions.get(outs[0], 0) + 1
+    return {"flavor": trt.flavor, "version": trt.version, "layers": len(layers), "layer_types": types,
+            "output_precisions": precisions, "attention_layers": types.get("ATTENTION_INPUT", 0),
+            "plugin_layers": types.get("PLUGIN_V3", 0) + types.get("PLUGIN_V2", 0) + types.get("PLUGIN", 0),
+            "qdq_layers": types.get("QUANTIZE", 0) + types.get("DEQUANTIZE", 0), "per_layer": layers}
+
+
 # -- graph checks and profiles -------------------------------------------------------------------------------
 
 
@@ -254,10 +275,11 @@ class BuildReport:
     timing_cache: Path | None
     timing_cache_note: str
     profiles: dict[str, Any] = field(default_factory=dict)
+    network: Path | None = None  # <engine>.network.json: the parsed network's layers and precisions
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("engine", "inspector", "timing_cache"):
+        for key in ("engine", "inspector", "timing_cache", "network"):
             out[key] = None if out[key] is None else str(out[key])
         out["profiles"] = {k: [list(s) for s in v] for k, v in self.profiles.items()}
         return out
@@ -284,7 +306,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profiles: Pr
 
     ``profiles`` maps each dynamic input to ``(min, opt, max)`` shapes; for a shape-tensor input (``key_end``)
     the triples are its values. The inspector's layer JSON lands at ``<engine>.layers.json`` when a GPU can
-    deserialize the engine; otherwise the report says why.
+    deserialize the engine (otherwise the report says why); the parsed network's summary
+    (:func:`network_summary`) always lands at ``<engine>.network.json``.
     """
     trt = trt or load_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -294,6 +317,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profiles: Pr
     builder, network = parse_network(trt, logger, onnx_path)
     if network_hook is not None:
         network_hook(trt, network)
+    summary = network_summary(trt, network)
     config = builder.create_builder_config()
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer names + tactics for the inspector
     cc = _set_compute_capability(trt, config, compute_capability)
@@ -304,10 +328,12 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profiles: Pr
         raise EngineBuildError(f"{onnx_path}: build_serialized_network failed (see the TensorRT log above)")
     seconds = time.perf_counter() - t0
     _atomic_write(engine_path, memoryview(blob))
+    network_json = engine_path.with_name(engine_path.name + ".network.json")
+    _atomic_write(network_json, (json.dumps(summary, indent=1) + "\n").encode())
     if cache is not None and timing_cache is not None:
         _save_timing_cache(config, timing_cache)
     layers_json = engine_path.with_name(engine_path.name + ".layers.json")
     inspector, note, engine_layers = _inspect(trt, logger, blob, layers_json)
     return BuildReport(engine_path, seconds, engine_path.stat().st_size, trt.flavor, trt.version, cc,
                        network.num_layers, engine_layers, inspector, note,
-                       timing_cache if cache is not None else None, cache_note, dict(profiles or {}))
+                       timing_cache if cache is not None else None, cache_note, dict(profiles or {}), network_json)

@@ -201,10 +201,12 @@ class BundleWriter:
 
     def add_engine(self, src: str | Path, *, target: str, sm: str | int, role: str, variant: str, precision: str,
                    io: Mapping[str, Any] | None = None, inspector: str | Path | None = None,
-                   tools: Mapping[str, str] | None = None) -> Artifact:
-        """Copy an engine (+ inspector JSON) to ``engines/<target>/``; ``tools`` built it (default: ours)."""
+                   tools: Mapping[str, str] | None = None, extra_files: Sequence[str | Path] = ()) -> Artifact:
+        """Copy an engine (+ inspector JSON and other ``extra_files``, e.g. the network summary) to
+        ``engines/<target>/``; ``tools`` built it (default: ours)."""
         rel = self.add_file(src, "engine", f"{target}/{Path(src).name}")
-        extra = () if inspector is None else (self.add_file(inspector, "engine", f"{target}/{Path(inspector).name}"),)
+        sidecars = [*([] if inspector is None else [inspector]), *extra_files]
+        extra = tuple(self.add_file(p, "engine", f"{target}/{Path(p).name}") for p in sidecars)
         built = dict(tools) if tools is not None else {k: v for k, v in self.tools.items() if k.startswith("tensorrt")}
         self.artifacts.append(Artifact("engine", rel, role, variant, precision, dict(io or {}), target, str(sm),
                                        extra, built))
