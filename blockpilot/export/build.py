@@ -255,7 +255,7 @@ def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], plans: l
             elif route == "plugin":
                 from .trt_plugin import build_plugin_engine
 
-                result = build_plugin_engine(source, engine, profiles=profiles, trt=trt, timing_cache=timing_cache)
+                result = build_plugin_engine(source, engine, spec=spec, trt=trt, timing_cache=timing_cache)
                 report, network = result.to_dict(), result.network
             else:
                 result = build_engine(source, engine, profiles=profiles, compute_capability=cc, trt=trt,

@@ -46,18 +46,25 @@ from ..vla.vision import VisionTower, vision_layout
 
 OPSET = 17
 DEFAULT_IMAGE_HW = (112, 112)
+ATTENTION_VARIANTS = ("decomposed", "plugin")
 
 
 class LMStep(nn.Module):
     """The decoder forward with a decomposed attention (MatMul, additive mask, Softmax) that writes
-    the window into the fixed-capacity cache and reads back only the visible slots ``[0, key_end)``."""
+    the window into the fixed-capacity cache and reads back only the visible slots ``[0, key_end)``.
+
+    With ``attention="plugin"`` each layer's cache write + attention is instead one custom
+    ``blockpilot::BlockDiffusionAttention`` node (:mod:`blockpilot.export.plugin_attention`)."""
 
     vocab_bias: torch.Tensor
 
-    def __init__(self, lm: DecoderLM, mask_id: int, block_size: int) -> None:
+    def __init__(self, lm: DecoderLM, mask_id: int, block_size: int, attention: str = "decomposed") -> None:
         super().__init__()
+        if attention not in ATTENTION_VARIANTS:
+            raise ValueError(f"attention must be one of {ATTENTION_VARIANTS}, got {attention!r}")
         self.lm = lm
         self.block_size = block_size
+        self.attention = attention
         cfg = lm.config
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = torch.zeros(cfg.vocab_size)
@@ -94,6 +101,10 @@ class LMStep(nn.Module):
         scale = 1.0 / math.sqrt(self.head_dim)
         groups = self.num_heads // self.num_kv_heads
         presents_k, presents_v = [], []
+        if self.attention == "plugin":
+            from .plugin_attention import plugin_attention, plugin_scalars
+
+            scalars = plugin_scalars(start, key_end, mode)
         for i, module in enumerate(self.lm.layers):
             layer = cast(DecoderLayer, module)
             attn = layer.self_attn
@@ -103,15 +114,19 @@ class LMStep(nn.Module):
             vh = attn.v_proj(h).view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
             qh = qh * cos + rotate_half(qh) * sin
             kh = kh * cos + rotate_half(kh) * sin
-            new_k = torch.where(in_window, kh.index_select(2, gather), past_k[i])
-            new_v = torch.where(in_window, vh.index_select(2, gather), past_v[i])
+            if self.attention == "plugin":
+                out, new_k, new_v = plugin_attention(qh, kh, vh, past_k[i], past_v[i], *scalars,
+                                                     block_size=self.block_size, scale=scale)
+            else:
+                new_k = torch.where(in_window, kh.index_select(2, gather), past_k[i])
+                new_v = torch.where(in_window, vh.index_select(2, gather), past_v[i])
+                keys, values = new_k.index_select(2, visible), new_v.index_select(2, visible)
+                if groups > 1:
+                    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+                scores = torch.matmul(qh, keys.transpose(2, 3)) * scale + mask
+                out = torch.matmul(torch.softmax(scores, dim=-1), values)
             presents_k.append(new_k)
             presents_v.append(new_v)
-            keys, values = new_k.index_select(2, visible), new_v.index_select(2, visible)
-            if groups > 1:
-                keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-            scores = torch.matmul(qh, keys.transpose(2, 3)) * scale + mask
-            out = torch.matmul(torch.softmax(scores, dim=-1), values)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = self.lm.logits(self.lm.norm(x)).float() + self.vocab_bias
@@ -147,9 +162,13 @@ def _spec(name: str, shape: list[int | str], dtype: str) -> dict[str, Any]:
 
 
 def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
-                image_hw: tuple[int, int] = DEFAULT_IMAGE_HW, opset: int = OPSET) -> dict[str, Any]:
+                image_hw: tuple[int, int] = DEFAULT_IMAGE_HW, opset: int = OPSET,
+                attention: str = "decomposed") -> dict[str, Any]:
     """Write ``vision.onnx`` (models with a vision tower), ``lm_step.onnx``, ``embed_tokens.npy`` and
-    ``onnx_spec.json`` into ``out_dir``; check each graph with ``onnx.checker``; return the spec."""
+    ``onnx_spec.json`` into ``out_dir``; check each graph with ``onnx.checker``; return the spec.
+
+    ``attention="plugin"`` writes the LM step with custom attention nodes instead (use
+    :func:`blockpilot.export.plugin_attention.export_plugin_graph`, which also records the variant)."""
     import onnx
 
     if capacity <= 0:
@@ -161,7 +180,12 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
     lm_cfg = config.lm
     cache_dims = [lm_cfg.num_layers, 1, lm_cfg.num_kv_heads, capacity, lm_cfg.head_dim]
     cache_shape: list[int | str] = list(cache_dims)
-    step = LMStep(model.lm, config.tokens.mask, config.diffusion.block_size).eval()
+    step = LMStep(model.lm, config.tokens.mask, config.diffusion.block_size, attention).eval()
+    extra: dict[str, Any] = {}
+    if attention == "plugin":
+        from .plugin_attention import PLUGIN_DOMAIN, PLUGIN_OPSET
+
+        extra["custom_opsets"] = {PLUGIN_DOMAIN: PLUGIN_OPSET}
     t = 5
     example = (
         torch.zeros(1, t, lm_cfg.hidden_size), torch.arange(t).view(1, 1, t).expand(3, 1, t).contiguous(),
@@ -177,7 +201,7 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
         torch.onnx.export(step, example, str(out / LM_FILE), input_names=lm_inputs, output_names=lm_outputs,
                           dynamic_axes={"inputs_embeds": {1: "T"}, "position_ids": {2: "T"}, "top1": {1: "T"},
                                         "prob": {1: "T"}},
-                          opset_version=opset, dynamo=False)
+                          opset_version=opset, dynamo=False, **extra)
     onnx.checker.check_model(str(out / LM_FILE))
     np.save(out / EMBED_FILE, model.lm.embed_tokens.weight.detach().float().numpy())
     spec: dict[str, Any] = {

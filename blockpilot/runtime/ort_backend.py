@@ -60,6 +60,10 @@ class OrtBackend:
 
         root = Path(onnx_dir)
         self.spec: dict[str, Any] = load_spec(root)
+        if self.spec.get("variant", "decomposed") != "decomposed":
+            raise PlannerSetupError(f"{root}: the {self.spec['variant']} graphs are for TensorRT (custom "
+                              f"{self.spec.get('plugin', {}).get('op_type', 'plugin')} nodes); ONNX Runtime runs "
+                              "the decomposed export")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -1,0 +1,93 @@
+"""The block-diffusion attention of one LM step in plain torch: what every kernel and plugin is checked against.
+
+Shapes (batch one): ``q`` ``(1, H, T, D)`` holds the window's queries (after RoPE) at cache slots
+``start .. start + T - 1``; the caches ``(1, Hkv, C, D)`` already hold the window's K/V (see
+:func:`write_window`). Query ``i`` sees key slot ``k < key_end`` when ``mode`` allows it for the query slot
+``q = start + i``: 0 causal ``k <= q``, 1 block ``k // block_size <= q // block_size``, 2 bidirectional.
+Grouped-query attention maps query head ``h`` to K/V head ``h // (H // Hkv)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import MODE_BIDIRECTIONAL, MODE_BLOCK, MODE_CAUSAL
+
+IntLike = int | torch.Tensor
+
+
+def as_int(value: IntLike, name: str) -> int:
+    """``value`` as a Python int; a tensor must hold exactly one element (a scalar or a ``(1,)`` tensor)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must hold one element, got shape {tuple(value.shape)}")
+        return int(value.reshape(-1)[0].item())
+    return int(value)
+
+
+def allowed_keys(q_slots: torch.Tensor, key_end: int, mode: int, block_size: int) -> torch.Tensor:
+    """Boolean ``(len(q_slots), key_end)``: True where the query slot may see the key slot."""
+    k = torch.arange(key_end, device=q_slots.device)[None, :]
+    q = q_slots[:, None]
+    if mode == MODE_CAUSAL:
+        return k <= q
+    if mode == MODE_BLOCK:
+        if block_size <= 0:
+            raise ValueError(f"block mode needs a positive block_size, got {block_size}")
+        return torch.div(k, block_size, rounding_mode="floor") <= torch.div(q, block_size, rounding_mode="floor")
+    if mode == MODE_BIDIRECTIONAL:
+        return torch.ones(q.shape[0], key_end, dtype=torch.bool, device=q_slots.device)
+    raise ValueError(f"mode must be 0 (causal), 1 (block) or 2 (bidirectional), got {mode}")
+
+
+def check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """``(H, Hkv, T, C, D)`` of a valid call, else ``ValueError`` naming the mismatch."""
+    if q.dim() != 4 or k_cache.dim() != 4 or q.shape[0] != 1 or k_cache.shape[0] != 1:
+        raise ValueError(f"expected q (1, H, T, D) and caches (1, Hkv, C, D), got {tuple(q.shape)} and "
+                         f"{tuple(k_cache.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    _, heads, t, d = q.shape
+    _, kv_heads, capacity, d_kv = k_cache.shape
+    if d != d_kv:
+        raise ValueError(f"head_dim of q ({d}) and of the caches ({d_kv}) differ")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"num_heads {heads} is not a multiple of num_kv_heads {kv_heads}")
+    return heads, kv_heads, t, capacity, d
+
+
+def block_diffusion_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: IntLike,
+                                  key_end: IntLike, mode: IntLike, block_size: int, scale: float) -> torch.Tensor:
+    """Attention of the window's queries over the cache slots ``[0, key_end)``; returns float32 ``(1, H, T, D)``.
+
+    ``start``, ``key_end`` and ``mode`` are ints or one-element tensors. The math runs in float32 whatever the
+    input dtype. A query that sees no key at all (only possible with ``key_end <= start`` in causal or block
+    mode) gets NaN, as a softmax over nothing does.
+    """
+    heads, kv_heads, t, capacity, _ = check_shapes(q, k_cache, v_cache)
+    start_i, end_i, mode_i = as_int(start, "start"), as_int(key_end, "key_end"), as_int(mode, "mode")
+    if not 0 <= end_i <= capacity or start_i < 0:
+        raise ValueError(f"need start >= 0 and 0 <= key_end <= capacity {capacity}, got start {start_i}, "
+                         f"key_end {end_i}")
+    groups = heads // kv_heads
+    keys = k_cache[:, :, :end_i].float().repeat_interleave(groups, dim=1)
+    values = v_cache[:, :, :end_i].float().repeat_interleave(groups, dim=1)
+    q_slots = start_i + torch.arange(t, device=q.device)
+    allowed = allowed_keys(q_slots, end_i, mode_i, block_size)
+    scores = torch.matmul(q.float(), keys.transpose(2, 3)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), values)
+
+
+def write_window(past: torch.Tensor, new: torch.Tensor, start: IntLike) -> torch.Tensor:
+    """A copy of the cache ``past`` ``(1, Hkv, C, D)`` with the window ``new`` ``(1, Hkv, T, D)`` at slots
+    ``start .. start + T - 1`` (cast to the cache's dtype)."""
+    start_i = as_int(start, "start")
+    t, capacity = new.shape[2], past.shape[2]
+    if past.dim() != 4 or new.dim() != 4 or past.shape[:2] != new.shape[:2] or past.shape[3] != new.shape[3]:
+        raise ValueError(f"window {tuple(new.shape)} does not fit cache {tuple(past.shape)}")
+    if start_i < 0 or start_i + t > capacity:
+        raise ValueError(f"window slots {start_i}..{start_i + t - 1} fall outside the cache capacity {capacity}")
+    out = past.clone()
+    out[:, :, start_i:start_i + t] = new.to(past.dtype)
+    return out
