@@ -167,7 +167,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .runtime.backend import BackendError
 
     try:
-        report = verify_bundle(Path(args.bundle), args.checkpoint, samples=args.samples, tolerance=args.tolerance)
+        report = verify_bundle(Path(args.bundle), args.checkpoint, samples=args.samples, tolerance=args.tolerance,
+                               backend=args.backend)
     except (BundleError, BackendError) as exc:
         raise UserError(str(exc)) from None
     print(report.text())
@@ -257,12 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TensorRT timing cache file, read and updated by every engine build (TensorRT proper)")
     export.set_defaults(func=_cmd_export)
 
-    verify = sub.add_parser("verify", help="check a bundle's ONNX Runtime backend against the torch backend")
+    verify = sub.add_parser("verify", help="check a bundle: its TensorRT engines against its ONNX graphs (Polygraphy, "
+                                           "on a GPU), or its ONNX Runtime backend against the torch backend")
     verify.add_argument("bundle", help="bundle directory")
     verify.add_argument("--checkpoint", default=None, help="reference checkpoint (default: the bundle's weights)")
     verify.add_argument("--samples", type=int, default=8, help="held-out observations to compare")
     verify.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed probability difference")
     verify.add_argument("--json", default=None, help="also write the report here")
+    verify.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+                        help="tensorrt: the bundle's engines against its ONNX graphs through Polygraphy (needs a GPU "
+                             "that runs them); onnxruntime: ONNX Runtime against torch; auto: tensorrt where it runs")
     verify.set_defaults(func=_cmd_verify)
 
     evaluate = sub.add_parser("eval", help="replay nuScenes / WOD-E2E / rosbag2 logs through the planner; "

@@ -85,7 +85,7 @@ def heldout_summary(scenes: int, out_dir: Path) -> dict[str, object]:
     except ImportError as exc:  # no TensorRT of any kind installed: the bundle still carries the ONNX graphs
         print(f"engines                skipped: {exc}")
         export = export_bundle(SHIPPED_MODEL, bundle_dir, overwrite=True)
-    engines = [f for f in export.files if f.startswith("engines/")]
+    engines = [f for f in export.files if f.startswith("engines/") and f.endswith(".engine")]
     print(f"exported bundle        {bundle_dir}: {len(export.files)} files, "
           f"{sum(export.files.values()) / 1e6:.1f} MB: ONNX graphs with KV-cache I/O, {len(engines)} TensorRT-RTX "
           f"fp16 engines for sm 8.9 (LM step on TensorRT's attention layer), sha256 manifest")

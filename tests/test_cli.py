@@ -22,8 +22,8 @@ def test_help_lists_every_command() -> None:
     result = _run("--help")
     assert result.returncode == 0
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert set(commands) == {"demo", "eval", "export", "inspect", "plan", "quantize", "scaffold", "train-reference",
-                             "verify"}
+    assert set(commands) == {"demo", "eval", "export", "inspect", "plan", "quantize", "ros", "scaffold",
+                             "train-reference", "verify"}
     for name in commands:
         assert name in result.stdout
 
@@ -60,7 +60,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     # The shipped model went into a verified bundle, replayed on ONNX Runtime through the nuScenes
     # reader, the evaluator and the report.
     manifest = json.loads((tmp_path / "demo" / "bundle" / "manifest.json").read_text())
-    assert {f for f in manifest["files"] if f.startswith("engines/")} == {
+    assert {f for f in manifest["files"] if f.startswith("engines/") and f.endswith(".engine")} == {
         "engines/rtx/lm_step.fp16.native.engine", "engines/rtx/vision.fp16.decomposed.engine"}
     header = json.loads((tmp_path / "demo" / "eval" / "results.jsonl").read_text().splitlines()[0])["header"]
     assert header["backend"] == "onnxruntime"

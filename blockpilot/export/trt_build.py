@@ -320,6 +320,12 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profiles: Pr
     summary = network_summary(trt, network)
     config = builder.create_builder_config()
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer names + tactics for the inspector
+    if hasattr(trt.BuilderFlag, "TF32"):  # float32 layers stay IEEE float32, as ONNX Runtime and torch compute them
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if trt.is_rtx and hasattr(trt.BuilderFlag, "REQUIRE_USER_ALLOCATION"):
+        # The runtime hands TensorRT-RTX its scratch memory; without this flag the context is not capturable
+        # into a CUDA graph.
+        config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
     cc = _set_compute_capability(trt, config, compute_capability)
     cache, cache_note = _attach_timing_cache(trt, config, timing_cache)
     _add_profile(builder, config, network, profiles or {})

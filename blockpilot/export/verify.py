@@ -1,17 +1,22 @@
 """``blockpilot verify BUNDLE``: the bundle's ONNX Runtime backend against the torch backend on the
 same checkpoint, over held-out generated observations. Reported, not hidden: per-plan answer equality,
-the prefill's top-1 agreement and the largest probability difference. (Where TensorRT runs, the same
-comparison extends to the engines; this build has no TensorRT runtime.)"""
+the prefill's top-1 agreement and the largest probability difference. Where TensorRT and a GPU that runs
+the bundle's engines are present, the engines are compared with their ONNX graphs through Polygraphy
+instead (:mod:`blockpilot.export.verify_trt`)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from .verify_trt import EngineVerifyReport
+
 DEFAULT_PROB_TOLERANCE = 1e-4
+VERIFY_BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,7 @@ class VerifyReport:
     prefill_top1_agreement: float
     max_prefill_prob_diff: float
     tolerance: float
+    note: str = ""  # why the engines were not compared instead (auto, on a bundle with engines)
 
     @property
     def passed(self) -> bool:
@@ -30,27 +36,43 @@ class VerifyReport:
             self.max_prefill_prob_diff <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
+        return {**asdict(self), "backend": "onnxruntime", "reference_backend": "torch", "passed": self.passed}
 
     def text(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
+        note = f"tensorrt not compared: {self.note}\n" if self.note else ""
         return (f"verify   {self.bundle} (onnxruntime) against {self.reference} (torch)\n"
                 f"plans    {self.identical_plans}/{self.samples} identical answers (scaffold decoder)\n"
                 f"prefill  top-1 agreement {self.prefill_top1_agreement:.2%}, max |prob diff| "
-                f"{self.max_prefill_prob_diff:.2e} (tolerance {self.tolerance:.0e})\n{verdict}")
+                f"{self.max_prefill_prob_diff:.2e} (tolerance {self.tolerance:.0e})\n{note}{verdict}")
 
 
 def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, samples: int = 8,
-                  tolerance: float = DEFAULT_PROB_TOLERANCE) -> VerifyReport:
-    """Compare the bundle on ONNX Runtime with the torch planner of ``checkpoint`` (default: the
-    bundle's own ``model/`` when it was exported ``--with-weights``)."""
+                  tolerance: float = DEFAULT_PROB_TOLERANCE,
+                  backend: str = "auto") -> VerifyReport | EngineVerifyReport:
+    """``backend="onnxruntime"``: compare the bundle on ONNX Runtime with the torch planner of ``checkpoint``
+    (default: the bundle's own ``model/`` when it was exported ``--with-weights``). ``"tensorrt"``: compare the
+    bundle's engines for this GPU with their ONNX graphs (:func:`blockpilot.export.verify_trt.verify_engines`;
+    raises :class:`~blockpilot.export.verify_trt.EngineVerifyError` where that cannot run). ``"auto"``: the
+    engines where they can run here, else ONNX Runtime against torch (the report says why)."""
     from ..eval.synthetic import heldout_keyframes, observation
     from ..formats.bundle import BundleError, load_bundle
     from ..runtime.bundle_planner import planner_from_bundle
     from ..runtime.plan_types import DecoderSettings
     from ..runtime.planner import Planner
+    from .verify_trt import EngineVerifyError, tensorrt_unavailable, verify_engines
 
+    if backend not in VERIFY_BACKENDS:
+        raise BundleError(f"verify backend {backend!r}: choose one of {', '.join(VERIFY_BACKENDS)}")
     loaded = load_bundle(bundle)
+    note = ""
+    if backend != "onnxruntime":
+        why = tensorrt_unavailable(loaded)
+        if why is None:
+            return verify_engines(loaded, samples=samples)
+        if backend == "tensorrt":
+            raise EngineVerifyError(f"verify --backend tensorrt: {why}")
+        note = why if loaded.engines() else ""
     reference = Path(checkpoint) if checkpoint is not None else loaded.path / "model"
     if not any(reference.glob("*.safetensors")):
         raise BundleError(f"{reference}: no weights to compare against; pass --checkpoint or export --with-weights")
@@ -67,4 +89,4 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, s
         agree.append(float((a.top1 == b.top1).mean()))
         worst = max(worst, float(np.abs(a.prob - b.prob).max()))
     return VerifyReport(str(loaded.path), str(reference), len(frames), identical, float(np.mean(agree)), worst,
-                        tolerance)
+                        tolerance, note)

@@ -8,16 +8,20 @@ from ..formats.bundle import BundleError, load_bundle
 from .plan_types import DecoderSettings, PlannerSetupError
 from .planner import Planner
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def planner_from_bundle(path: str | Path, *, decoder: DecoderSettings | None = None, backend: str = "onnxruntime",
                         threads: int = 1, verify: bool = True) -> Planner:
     """Load ``path`` (every file's size and sha256 checked against the manifest unless ``verify=False``)
-    and build a planner on ``backend`` over its graphs; a tampered or incomplete bundle is refused."""
+    and build a planner on ``backend``: ``onnxruntime`` over its graphs, ``tensorrt`` over its engines for this
+    GPU (:func:`blockpilot.runtime.trt_backend.trt_planner`); a tampered or incomplete bundle is refused."""
     if backend not in BACKENDS:
-        raise PlannerSetupError(f"bundle backend {backend!r}: this build runs bundles on {', '.join(BACKENDS)}; "
-                                "TensorRT engines arrive with the engine build")
+        raise PlannerSetupError(f"bundle backend {backend!r}: this build runs bundles on {', '.join(BACKENDS)}")
+    if backend == "tensorrt":
+        from .trt_backend import trt_planner
+
+        return trt_planner(path, decoder=decoder, verify=verify)
     try:
         bundle = load_bundle(path, verify=verify)
     except BundleError as exc:

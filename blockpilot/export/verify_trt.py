@@ -1,0 +1,269 @@
+"""Polygraphy comparisons for ``blockpilot verify``: a bundle's TensorRT engines against its ONNX graphs on ONNX
+Runtime, over REAL feeds, with every tolerance and difference reported.
+
+Feeds are the exact inputs of the LM-step graph during real plans: the bundle's ONNX Runtime planner plans
+held-out generated observations (:func:`blockpilot.eval.synthetic.heldout_keyframes`) and the feeds of its
+prefill and first decode steps are recorded (prompt embeddings with image features, M-RoPE positions, the
+KV cache as it stands). The vision engine gets the observations' camera images as patches.
+``Comparator.run`` runs both runners on them; :class:`polygraphy.comparator.SimpleCompareFunc` (the
+non-deprecated form of ``CompareFunc.simple``) checks each output's largest absolute difference against its
+``atol`` (or largest relative difference against ``rtol``); ``top1`` is judged by its agreement rate instead.
+
+:func:`compare_graphs` runs two ONNX graphs on ONNX Runtime the same way (CPU), e.g. the decomposed LM step
+against its fp16 rewrite; :func:`compare_engine` puts a ``TrtRunner`` on the engine where a GPU runs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..formats.bundle import Bundle, load_bundle
+from ..runtime.backend import BackendError
+
+Feed = dict[str, np.ndarray]
+# Per engine precision: (absolute tolerance per output, the smallest top-1 agreement that passes).
+TOLERANCES: dict[str, tuple[dict[str, float], float]] = {
+    "fp32": ({"prob": 1e-3, "present_k": 1e-3, "present_v": 1e-3, "features": 1e-3}, 0.99),
+    "fp16": ({"prob": 5e-2, "present_k": 5e-2, "present_v": 5e-2, "features": 5e-2}, 0.9),
+    "fp8": ({"prob": 0.15, "present_k": 0.25, "present_v": 0.25, "features": 0.25}, 0.8),
+}
+
+
+class EngineVerifyError(BackendError):
+    """The engines cannot be compared here (no GPU, no TensorRT, no engine for this GPU, no Polygraphy)."""
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    """One output's differences over all feeds (largest over iterations; mean of the per-feed means)."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    atol: float
+    rtol: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class GraphComparison:
+    role: str
+    reference: str
+    candidate: str
+    feeds: int
+    outputs: tuple[OutputDiff, ...]
+    top1_agreement: float | None  # None where the graph has no top1 output
+    top1_positions: int
+    min_top1_agreement: float
+
+    @property
+    def passed(self) -> bool:
+        top1 = self.top1_agreement is None or self.top1_agreement >= self.min_top1_agreement
+        return top1 and all(o.passed for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+    def text(self) -> str:
+        rows = [f"{self.role:<8} {self.candidate}  vs  {self.reference}  ({self.feeds} feeds)",
+                f"  {'output':<10} {'max|diff|':>10} {'max rel':>10} {'mean|diff|':>10} {'atol':>8} {'rtol':>8}"]
+        rows += [f"  {o.name:<10} {o.max_abs:>10.2e} {o.max_rel:>10.2e} {o.mean_abs:>10.2e} {o.atol:>8.0e} "
+                 f"{o.rtol:>8.0e}  {'ok' if o.passed else 'EXCEEDS'}" for o in self.outputs]
+        if self.top1_agreement is not None:
+            ok = self.top1_agreement >= self.min_top1_agreement
+            rows.append(f"  top1 agreement {self.top1_agreement:.2%} of {self.top1_positions} positions (needs >= "
+                        f"{self.min_top1_agreement:.0%})  {'ok' if ok else 'BELOW'}")
+        return "\n".join(rows)
+
+
+def _runner_outputs(run_results: Any) -> list[list[Mapping[str, np.ndarray]]]:
+    return [[{k: np.asarray(v) for k, v in it.items()} for it in iterations] for _, iterations in run_results]
+
+
+def _compare(role: str, runners: Sequence[Any], names: tuple[str, str], feeds: Sequence[Feed],
+             atol: Mapping[str, float], rtol: Mapping[str, float] | float, min_top1: float) -> GraphComparison:
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    if not feeds:
+        raise ValueError(f"{role}: no feeds to compare on")
+    atol = {**atol, "top1": float("inf")}  # judged by agreement below, not by an id difference
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # the comparison is reported here, not logged
+            results = Comparator.run(list(runners), data_loader=list(feeds))
+            accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(
+                atol={"": 0.0, **atol}, rtol=rtol, check_error_stat="max"))
+    except PolygraphyException as exc:
+        raise EngineVerifyError(f"{role}: Polygraphy could not run {names[1]} against {names[0]}: {exc}") from exc
+    (per_iteration,) = accuracy[0].values()
+    diffs = []
+    for name in (n for n in per_iteration[0] if n != "top1"):
+        stats = [it[name] for it in per_iteration]
+        threshold = stats[0].thresholds
+        diffs.append(OutputDiff(name, max(s.max_absdiff for s in stats), max(s.max_reldiff for s in stats),
+                                float(np.mean([s.mean_absdiff for s in stats])), float(threshold.atol),
+                                float(threshold.rtol), all(bool(s) for s in stats)))
+    reference, candidate = _runner_outputs(results)
+    agreement, positions = None, 0
+    if "top1" in reference[0]:
+        same = [np.asarray(a["top1"]) == np.asarray(b["top1"]) for a, b in zip(reference, candidate, strict=True)]
+        positions = sum(s.size for s in same)
+        agreement = float(sum(int(s.sum()) for s in same)) / max(positions, 1)
+    return GraphComparison(role, names[0], names[1], len(feeds), tuple(diffs), agreement, positions, min_top1)
+
+
+def compare_graphs(reference: str | Path, candidate: str | Path, feeds: Sequence[Feed], *, role: str = "lm_step",
+                   atol: Mapping[str, float] | None = None, rtol: Mapping[str, float] | float = 0.0,
+                   min_top1_agreement: float = 1.0) -> GraphComparison:
+    """Two ONNX graphs with the same I/O on ONNX Runtime (CPU) through Polygraphy, over ``feeds``."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    runners = [OnnxrtRunner(SessionFromOnnx(str(p), providers=["cpu"]), name=f"onnxruntime:{Path(p).name}")
+               for p in (reference, candidate)]
+    return _compare(role, runners, (str(reference), str(candidate)), feeds, atol or TOLERANCES["fp32"][0], rtol,
+                    min_top1_agreement)
+
+
+def compare_engine(reference: str | Path, engine: str | Path, feeds: Sequence[Feed], *, flavor: str = "tensorrt",
+                   role: str = "lm_step", atol: Mapping[str, float] | None = None,
+                   rtol: Mapping[str, float] | float = 0.0, min_top1_agreement: float = 1.0) -> GraphComparison:
+    """An ONNX graph on ONNX Runtime against a TensorRT engine (``flavor``: ``tensorrt`` or ``tensorrt_rtx``, the
+    module that built it) through Polygraphy's ``TrtRunner``, over ``feeds``; needs a GPU that runs the engine."""
+    from polygraphy import config
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    rtx = flavor == "tensorrt_rtx"
+    if "polygraphy.backend.trt" in sys.modules and rtx != config.USE_TENSORRT_RTX:
+        raise EngineVerifyError(f"Polygraphy's TensorRT backend is already loaded for the other flavor; a {flavor} "
+                                "engine needs a fresh process (or POLYGRAPHY_USE_TENSORRT_RTX set accordingly)")
+    config.USE_TENSORRT_RTX = rtx  # read when polygraphy.backend.trt is first imported
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    runners = [OnnxrtRunner(SessionFromOnnx(str(reference), providers=["cpu"]), name="onnxruntime"),
+               TrtRunner(EngineFromBytes(Path(engine).read_bytes()), name=flavor)]
+    return _compare(role, runners, (str(reference), str(engine)), feeds, atol or TOLERANCES["fp32"][0], rtol,
+                    min_top1_agreement)
+
+
+class _FeedRecorder:
+    """Stands in for the ONNX Runtime backend's LM session: records the first ``budget`` feeds, then runs them."""
+
+    def __init__(self, session: Any) -> None:
+        self.session, self.budget = session, 0
+        self.feeds: list[Feed] = []
+
+    def run(self, names: Any, feeds: Mapping[str, np.ndarray]) -> Any:
+        if self.budget > 0:
+            self.budget -= 1
+            self.feeds.append({k: np.array(v, copy=True) for k, v in feeds.items()})
+        return self.session.run(names, feeds)
+
+
+def lm_feeds(bundle: str | Path, observations: Sequence[Any], *, steps: int = 2) -> list[Feed]:
+    """LM-step feeds of real plans: for each observation the prefill and the first ``steps`` decode forwards of
+    the bundle's ONNX Runtime planner (scaffold decoder), KV cache state included."""
+    from ..runtime.bundle_planner import planner_from_bundle
+    from ..runtime.ort_backend import OrtBackend
+    from ..runtime.plan_types import DecoderSettings
+
+    planner = planner_from_bundle(bundle, decoder=DecoderSettings(name="scaffold"), verify=False)
+    backend = planner.backend
+    assert isinstance(backend, OrtBackend)
+    recorder = _FeedRecorder(backend._lm)
+    backend._lm = recorder  # the backend's own session: its feeds are exactly what a plan runs
+    for obs in observations:
+        recorder.budget = 1 + steps
+        planner.plan(obs)
+    return recorder.feeds
+
+
+def vision_feeds(spec: Mapping[str, Any], observations: Sequence[Any], *, limit: int = 8) -> list[Feed]:
+    """``{"patches": ...}`` of the observations' camera images (at most ``limit``), preprocessed as the backends do."""
+    from ..formats.onnx_io import image_patches
+
+    vision = spec["vision"]
+    images = [image for obs in observations for image in obs.images][:limit]
+    return [{"patches": image_patches(np.asarray(image, dtype=np.uint8), int(vision["patch_size"]),
+                                      int(vision["spatial_merge_size"]), int(vision["temporal_patch_size"]))[0]}
+            for image in images]
+
+
+@dataclass(frozen=True)
+class EngineVerifyReport:
+    bundle: str
+    compute_capability: str
+    flavor: str
+    samples: int
+    comparisons: tuple[GraphComparison, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bundle": self.bundle, "backend": "tensorrt", "reference": "onnxruntime",
+                "compute_capability": self.compute_capability, "flavor": self.flavor, "samples": self.samples,
+                "comparisons": [c.to_dict() for c in self.comparisons], "passed": self.passed}
+
+    def text(self) -> str:
+        head = (f"verify   {self.bundle} (tensorrt engines, {self.flavor}, sm {self.compute_capability}) against its "
+                f"ONNX graphs (onnxruntime), Polygraphy over real feeds of {self.samples} held-out observations")
+        return "\n".join([head, *(c.text() for c in self.comparisons), "PASSED" if self.passed else "FAILED"])
+
+
+def tensorrt_unavailable(bundle: Bundle) -> str | None:
+    """Why the engines of ``bundle`` cannot be verified here, or ``None`` when they can."""
+    from ..runtime.cuda_memory import CudaUnavailableError, compute_capability
+    from ..runtime.trt_backend import EngineSelectionError, engine_flavor, select_engines
+
+    if not bundle.engines():
+        return "the bundle holds no engines"
+    try:
+        engines = select_engines(bundle, compute_capability())
+    except (CudaUnavailableError, EngineSelectionError) as exc:
+        return str(exc)
+    for module in (engine_flavor(engines["lm_step"]), "polygraphy"):
+        if importlib.util.find_spec(module) is None:
+            return f"the {module} module is not installed"
+    return None
+
+
+def verify_engines(bundle: str | Path | Bundle, *, samples: int = 8, steps: int = 2, precision: str | None = None,
+                   variant: str | None = None) -> EngineVerifyReport:
+    """Each engine of ``bundle`` for this GPU (:func:`blockpilot.runtime.trt_backend.select_engines`) against the
+    graph it came from, over real feeds of ``samples`` held-out observations, with :data:`TOLERANCES` of the
+    engine's precision."""
+    from ..eval.synthetic import heldout_keyframes, observation
+    from ..formats.onnx_io import load_spec
+    from ..runtime.cuda_memory import CudaUnavailableError, compute_capability
+    from ..runtime.trt_backend import EngineSelectionError, engine_flavor, select_engines
+
+    loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    try:
+        cc = compute_capability()
+        engines = select_engines(loaded, cc, precision=precision, variant=variant)
+    except (CudaUnavailableError, EngineSelectionError) as exc:
+        raise EngineVerifyError(f"verify --backend tensorrt: {exc}") from exc
+    graphs = {a.role: a for a in loaded.graphs(variant="decomposed")}
+    frames = heldout_keyframes(max(1, (samples + 9) // 10), stride=4)[:samples]
+    observations = [observation(f) for f in frames]
+    spec = load_spec(loaded.file(graphs["lm_step"].path).parent)
+    feeds = {"lm_step": lm_feeds(loaded.path, observations, steps=steps)}
+    if "vision" in engines:
+        feeds["vision"] = vision_feeds(spec, observations)
+    comparisons = []
+    for role, engine in engines.items():
+        atol, min_top1 = TOLERANCES.get(engine.precision, TOLERANCES["fp16"])
+        comparisons.append(compare_engine(loaded.file(graphs[role].path), loaded.file(engine.path), feeds[role],
+                                          flavor=engine_flavor(engine), role=role, atol=atol,
+                                          min_top1_agreement=min_top1))
+    return EngineVerifyReport(str(loaded.path), cc, engine_flavor(engines["lm_step"]), len(frames), tuple(comparisons))

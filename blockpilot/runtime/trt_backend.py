@@ -1,0 +1,449 @@
+"""The TensorRT backend: a bundle's ``vision`` and ``lm_step`` engines on the GPU, batch one, greedy (the same
+contract as :class:`blockpilot.runtime.ort_backend.OrtBackend` over the same graphs; sampling and ``fork(n>1)``
+raise :class:`TrtUnsupportedError`).
+
+Memory. Every device buffer comes from one :class:`~blockpilot.runtime.cuda_memory.CudaMemory` and is allocated
+once, at the largest shape the engine's optimization profile admits (T = the cache capacity); a step with fewer
+tokens uses the front of each buffer. All execution contexts are created with user-managed device memory and
+share one scratch allocation (they never run at the same time: one stream). Token embeddings are looked up on
+the host from the bundle's ``embed_tokens.npy`` (image features written over the image tokens) and staged in
+pinned memory; only ``top1``/``prob``, ``(1, T)``, come back per forward.
+
+KV cache. The engine reads the whole cache (``past_k``/``past_v``) and writes the whole cache with the window
+written (``present_k``/``present_v``); an input and an output may not share memory in a plain engine, so the
+cache lives in two fixed device buffers used ping-pong. Addresses are set once, never per call: there is one
+execution context per parity, context ``p`` reading buffer ``p`` as past and writing buffer ``1 - p`` as
+present. A committed step (``write_kv=True``) flips the parity, so the present becomes the next past; a draft
+(``write_kv=False``) keeps it, and its present is scratch that the next forward overwrites.
+
+``key_end`` is a shape tensor (``ICudaEngine.is_shape_inference_io``: it feeds the ``Range`` of visible keys),
+so its address points at host memory, set once; TensorRT reads the value on the host at enqueue time.
+
+CUDA graphs. A captured graph freezes the input shapes, the host value of ``key_end`` (hence the kernels' grid
+sizes) and every tensor address, so graphs are keyed by ``(T, key_end, parity)``: the denoising drafts and the
+commit of one block share a key and replay. A block step's key is captured at first sight, a one-token step's
+at its second (an AR decoder never repeats one), each in its own execution context (an enqueue may stage
+shape-dependent parameters that a later enqueue with other shapes would overwrite), which runs that call
+eagerly and is then captured; at most ``cuda_graphs`` graphs are kept, least recently used dropped. Prefills
+change T every plan and always run eagerly. Capture is off when ``cuda_graphs=0``, through pycuda, or when
+TensorRT reports the context not stream-capturable (TensorRT-RTX engines need to be built to use
+application-provided memory); an engine whose output shapes depend on data cannot use fixed buffers at all and
+is refused. :attr:`TrtBackend.graph_note` says which applies.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..formats.bundle import Artifact, Bundle, BundleError, load_bundle
+from ..formats.onnx_io import MODE_IDS, continuation_positions_np, image_patches, load_spec, mrope_positions_np
+from ..vla.modes import AttentionMode
+from ..vla.plans import DrivingSchema
+from .backend import (
+    BackendError,
+    CacheFullError,
+    Prompt,
+    PromptError,
+    Sampling,
+    StepResult,
+    TokenArray,
+    check_tokens,
+    prefill_length,
+)
+from .cuda_memory import CudaMemory, CudaUnavailableError, DeviceBuffer
+from .plan_types import DecoderSettings, PlannerSetupError
+from .planner import Planner
+from .trt_engine import StepGraphs, TrtEngine, bind, enqueue
+
+PRECISION_ORDER = ("fp8", "fp16", "fp32")
+VARIANT_ORDER = ("native", "decomposed", "plugin")  # plugin engines write the cache in place: TrtBackend refuses them
+LM_INPUTS = ("inputs_embeds", "position_ids", "start", "key_end", "mode", "past_k", "past_v")
+LM_OUTPUTS = ("top1", "prob", "present_k", "present_v")
+
+
+class TrtUnsupportedError(BackendError):
+    """A call the TensorRT backend does not implement (sampling, forked rows)."""
+
+
+class EngineSelectionError(PlannerSetupError):
+    """No engine of the bundle runs on this GPU (or none matches the requested precision / variant)."""
+
+
+def normalize_cc(value: str | tuple[int, int]) -> str:
+    """``"8.9"`` from ``"8.9"``, ``"sm89"``, ``"sm_89"``, ``"89"`` or ``(8, 9)``."""
+    if isinstance(value, tuple):
+        return f"{int(value[0])}.{int(value[1])}"
+    text = value.strip().lower().removeprefix("sm").lstrip("_")
+    if "." in text:
+        major, minor = text.split(".", 1)
+        return f"{int(major)}.{int(minor)}"
+    if not text.isdigit() or len(text) < 2:
+        raise ValueError(f"not a compute capability: {value!r}")
+    return f"{int(text[:-1])}.{int(text[-1])}"
+
+
+def select_engines(bundle: Bundle, compute_capability: str | tuple[int, int], *, precision: str | None = None,
+                   variant: str | None = None) -> dict[str, Artifact]:
+    """The engine per role (``lm_step``, and ``vision`` when the bundle has a vision graph) built for this GPU's
+    compute capability, preferring fp8 > fp16 > fp32 and, for ``lm_step``, native > decomposed > plugin attention;
+    ``precision`` / ``variant`` (the latter for ``lm_step``) pin one. Raises :class:`EngineSelectionError`
+    listing what the bundle holds when none fits."""
+    cc = normalize_cc(compute_capability)
+    roles = ["lm_step"] + (["vision"] if any(a.role == "vision" for a in bundle.artifacts) else [])
+    chosen: dict[str, Artifact] = {}
+    for role in roles:
+        fits = [a for a in bundle.engines() if a.role == role and a.sm is not None and _same_cc(a.sm, cc)
+                and precision in (None, a.precision) and (role != "lm_step" or variant in (None, a.variant))]
+        if not fits:
+            asked = "".join(f", {k} {v}" for k, v in (("precision", precision), ("variant", variant)) if v)
+            raise EngineSelectionError(f"{bundle.path}: no {role} engine for compute capability {cc}{asked}; "
+                                       f"the bundle holds {describe_engines(bundle)}")
+        chosen[role] = min(fits, key=lambda a: (_rank(PRECISION_ORDER, a.precision), _rank(VARIANT_ORDER, a.variant)))
+    return chosen
+
+
+def describe_engines(bundle: Bundle) -> str:
+    engines = [f"{a.role} {a.precision} {a.variant} for {a.target} (sm {a.sm})" for a in bundle.engines()]
+    return "; ".join(engines) if engines else "no engines (export with --target to build some)"
+
+
+def _same_cc(a: str, b: str) -> bool:
+    try:
+        return normalize_cc(a) == normalize_cc(b)
+    except ValueError:
+        return False
+
+
+def _rank(order: tuple[str, ...], value: str) -> int:
+    return order.index(value) if value in order else len(order)
+
+
+def engine_flavor(artifact: Artifact) -> str:
+    """The TensorRT module that deserializes ``artifact`` (engines of TensorRT-RTX need ``tensorrt_rtx``)."""
+    return "tensorrt_rtx" if "tensorrt_rtx" in artifact.tools else "tensorrt"
+
+
+class TrtBackend:
+    """Implements :class:`blockpilot.runtime.backend.Backend` over TensorRT engines (see the module docstring).
+
+    ``onnx_dir`` holds the export's ``onnx_spec.json`` and ``embed_tokens.npy``; ``flavor`` is the module that
+    built the engines (``tensorrt`` or ``tensorrt_rtx``). ``memory`` is created here unless given; :meth:`close`
+    closes it when it was created here or ``own_memory`` hands it over. ``cuda_graphs``: how many step graphs
+    to keep (0: none).
+    """
+
+    def __init__(self, lm_engine: str | Path, onnx_dir: str | Path, *, vision_engine: str | Path | None = None,
+                 memory: CudaMemory | None = None, own_memory: bool = False, flavor: str = "tensorrt",
+                 cuda_graphs: int = 4) -> None:
+        self.memory = memory if memory is not None else CudaMemory()
+        self._owns_memory = memory is None or own_memory
+        try:
+            self._setup(Path(lm_engine), Path(onnx_dir), vision_engine, flavor, cuda_graphs)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, lm_path: Path, onnx_dir: Path, vision_path: str | Path | None, flavor: str,
+               cuda_graphs: int) -> None:
+        m = self.memory
+        self.spec: dict[str, Any] = load_spec(onnx_dir)
+        self._embed: npt.NDArray[np.float32] = np.load(onnx_dir / self.spec["embed_file"]).astype(np.float32)
+        self._vocab, self._hidden, cap = int(self.spec["vocab_size"]), int(self.spec["hidden_size"]), self.capacity
+        image_id = self.spec.get("image_token_id")
+        self._image_id = int(image_id) if image_id is not None else -1
+        paths = [lm_path] + ([Path(vision_path)] if vision_path is not None else [])
+        engines = TrtEngine.load(flavor, paths, m.compute_capability)
+        lm, self._vision = engines[0], (engines[1] if len(engines) > 1 else None)
+        self._lm = lm
+        missing = [n for n in (*LM_INPUTS, *LM_OUTPUTS) if n not in lm.names]
+        if missing:
+            raise PlannerSetupError(f"{lm_path}: not an lm_step engine of this export (no {', '.join(missing)})")
+        if any(lm.aliased_input(n) for n in ("present_k", "present_v")):
+            raise PlannerSetupError(f"{lm_path}: the engine writes the KV cache in place (aliased past/present, the "
+                                    "plugin variant); this backend runs separate past/present buffers (a draft must "
+                                    "leave the cache as it was): select the native or decomposed engine")
+        if [n for n in lm.inputs if lm.is_host(n)] != ["key_end"]:
+            raise PlannerSetupError(f"{lm_path}: expected key_end as the only host (shape tensor) input")
+        scratch = m.alloc("context scratch", max(e.scratch_bytes for e in engines))
+        for engine in engines:
+            engine.use_scratch(scratch)
+        self._key_end_host = np.zeros(1, dtype=lm.dtype("key_end"))  # a shape tensor: its value stays on the host
+        self._buf = {n: m.alloc(n, lm.nbytes(n, lm.max_shape(n))) for n in ("inputs_embeds", "position_ids",
+                                                                         "start", "mode")}
+        self._kv = [(m.alloc(f"k{p}", lm.nbytes("past_k", lm.max_shape("past_k"))),
+                     m.alloc(f"v{p}", lm.nbytes("past_v", lm.max_shape("past_v")))) for p in (0, 1)]
+        for k, v in self._kv:  # never read before written, but no stale NaN ever reaches a masked product
+            m.memset(k)
+            m.memset(v)
+        for name in ("top1", "prob"):  # (1, T): the export's spec, checked against the engine below
+            self._buf[name] = m.alloc(name, lm.nbytes(name, (1, cap)))
+        self._contexts = [lm.context() for _ in (0, 1)]  # one per parity, its addresses set once
+        for parity, context in enumerate(self._contexts):
+            bind(context, self._addresses(parity), lm_path)
+        self._set_shapes(self._contexts[0], cap, cap)
+        for name in ("top1", "prob", "present_k"):
+            shape = tuple(int(d) for d in self._contexts[0].get_tensor_shape(name))
+            if shape != ((1, cap) if name != "present_k" else lm.max_shape("past_k")):
+                raise PlannerSetupError(f"{lm_path}: output {name} has shape {shape} at T = capacity; fixed buffers "
+                                        "(and CUDA graphs) need the export's output shapes, known from the inputs")
+        self._shape_of: dict[int, int] = {}
+        self._embeds_host = m.pinned((cap, self._hidden), lm.dtype("inputs_embeds"))
+        self._pos_host = m.pinned(3 * cap, lm.dtype("position_ids"))
+        self._start_host, self._mode_host = m.pinned(1, lm.dtype("start")), m.pinned(1, lm.dtype("mode"))
+        self._top1_host, self._prob_host = m.pinned(cap, lm.dtype("top1")), m.pinned(cap, lm.dtype("prob"))
+        self.graphs = StepGraphs(m, cuda_graphs)
+        self._vision_io = self._vision_setup(self._vision) if self._vision is not None else None
+        self._parity = self._length = self._rope_delta = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def capacity(self) -> int:
+        return int(self.spec["capacity"])
+
+    @property
+    def max_batch(self) -> int:
+        return 1
+
+    @property
+    def graph_note(self) -> str:
+        """Why CUDA graphs are off, or ``""`` while they are on."""
+        return self.graphs.note
+
+    def prefill(self, prompt: Prompt, *, length: int | None = None,
+                mode: AttentionMode = AttentionMode.CAUSAL) -> StepResult:
+        n = prefill_length(prompt, length, self.capacity)
+        self._length = 0
+        stage: dict[str, float] = {}
+        ids = prompt.token_ids
+        is_image = ids == self._image_id
+        embeds = self._embed[ids]
+        if prompt.images:
+            t0 = time.perf_counter()
+            features, grids = self._encode_images(prompt.images, int(is_image.sum()))
+            if bool(is_image[n:].any()):
+                raise PromptError(f"image tokens lie past the prefill length {n}; prefill through the images")
+            stage["vision"] = (time.perf_counter() - t0) * 1e3
+            try:
+                positions, self._rope_delta = mrope_positions_np(ids, grids, self._image_id,
+                                                                 int(self.spec["vision"]["spatial_merge_size"]))
+            except ValueError as exc:
+                raise PromptError(str(exc)) from exc
+            embeds[is_image] = features
+        else:
+            if is_image.any():
+                raise PromptError(f"the prompt holds {int(is_image.sum())} image tokens but no images were given")
+            self._rope_delta = 0
+            positions = continuation_positions_np(0, len(prompt), 0)
+        if n == 0:
+            return StepResult(np.zeros((1, 0), dtype=np.int64), np.zeros((1, 0), dtype=np.float32), None, stage)
+        t0 = time.perf_counter()
+        top1, prob = self._forward(embeds[:n], positions[..., :n], 0, n, mode, commit=True, graph=False)
+        stage["prefill"] = (time.perf_counter() - t0) * 1e3
+        self._length = n
+        return StepResult(top1[:, -1:], prob[:, -1:], None, stage)
+
+    def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
+             kv_end: int | None = None, sampling: Sampling | None = None) -> StepResult:
+        if sampling is not None:
+            raise TrtUnsupportedError("sampled decoding on the TensorRT backend: rollouts need the torch backend")
+        arr = check_tokens(tokens, self._vocab, 1)
+        t = arr.shape[1]
+        if start < 0 or start > self._length:
+            raise ValueError(f"step at slot {start} outside 0..{self._length}: the cache holds {self._length} slots "
+                             "and a later start would leave a gap")
+        end = start + t
+        if kv_end is not None:
+            if not write_kv or kv_end < end:
+                raise ValueError(f"kv_end={kv_end} needs write_kv=True and kv_end >= start + tokens ({end})")
+            if kv_end > self._length:
+                raise ValueError(f"kv_end {kv_end} reaches past the valid cache ({self._length} slots)")
+            end = kv_end
+        if end > self.capacity:  # the engine writes the window into its present cache even for a draft
+            raise CacheFullError(f"KV cache write of {end - start} token(s) at slot {start} exceeds capacity "
+                                 f"{self.capacity}")
+        positions = continuation_positions_np(start, t, self._rope_delta)
+        top1, prob = self._forward(self._embed[arr[0]], positions, start, end, mode, commit=write_kv, graph=True)
+        if write_kv:
+            self._length = max(start + t, kv_end or 0)
+        return StepResult(top1, prob)
+
+    def fork(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"fork({n}) needs at least one row")
+        if n > 1:
+            raise TrtUnsupportedError(f"fork({n}) on the TensorRT backend (batch one only): rollouts need the "
+                                      "torch backend")
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self._length:
+            raise ValueError(f"truncate({length}) outside 0..{self._length}")
+        self._length = length
+
+    def close(self) -> None:
+        """Drop contexts and engines, then free every buffer (closing the memory layer when it is ours)."""
+        if "graphs" in self.__dict__:
+            self.graphs.clear()
+        for name in ("graphs", "_contexts", "_vision_io", "_lm", "_vision"):  # contexts before engines
+            self.__dict__.pop(name, None)
+        if self._owns_memory:
+            self.memory.close()
+
+    def __enter__(self) -> TrtBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _forward(self, embeds: npt.NDArray[np.float32], positions: npt.NDArray[np.int64], start: int, key_end: int,
+                 mode: AttentionMode, *, commit: bool, graph: bool) -> tuple[TokenArray, npt.NDArray[np.float32]]:
+        m, t, p = self.memory, embeds.shape[0], self._parity
+        self._embeds_host[:t] = embeds
+        self._pos_host[: 3 * t] = np.asarray(positions).reshape(-1)
+        self._start_host[0], self._mode_host[0] = start, MODE_IDS[AttentionMode(mode).value]
+        self._key_end_host[0] = key_end  # read on the host when the work is enqueued
+        m.upload(self._buf["inputs_embeds"], self._embeds_host[:t])
+        m.upload(self._buf["position_ids"], self._pos_host[: 3 * t])
+        m.upload(self._buf["start"], self._start_host)
+        m.upload(self._buf["mode"], self._mode_host)
+        key = (t, key_end, p)
+        if not (graph and self.graphs.enabled and self.graphs.replay(key)):
+            fresh = graph and self.graphs.wanted(key)  # a repeated key: its own context, run eagerly, then captured
+            context = self._lm.context() if fresh else self._contexts[p]
+            if fresh:
+                bind(context, self._addresses(p), self._lm.path)
+            if fresh or self._shape_of.get(p) != t:
+                self._set_shapes(context, t, key_end)
+                if not fresh:
+                    self._shape_of[p] = t
+            enqueue(context, m.stream, f"lm_step T={t} key_end={key_end}")
+            if fresh:
+                self.graphs.capture(key, context)
+        m.download(self._top1_host[:t], self._buf["top1"])
+        m.download(self._prob_host[:t], self._buf["prob"])
+        m.synchronize()
+        if commit:  # the present buffer becomes the past; a draft leaves the cache as it was
+            self._parity ^= 1
+        top1 = self._top1_host[:t].astype(np.int64)[None]
+        return top1, self._prob_host[:t].astype(np.float32)[None]
+
+    def _encode_images(self, images: tuple[npt.NDArray[np.uint8], ...],
+                       n_image_tokens: int) -> tuple[npt.NDArray[np.float32], list[tuple[int, int, int]]]:
+        """Image features for the image tokens, one vision-engine run per image (as the ONNX Runtime backend)."""
+        vision = self.spec.get("vision")
+        if vision is None or self._vision_io is None:
+            raise PromptError("the prompt has images but the bundle has no vision engine")
+        expected, merge = tuple(vision["grid_thw"]), int(vision["spatial_merge_size"])
+        grids: list[tuple[int, int, int]] = []
+        features = []
+        for i, image in enumerate(images):
+            patches, grid = image_patches(image, int(vision["patch_size"]), merge, int(vision["temporal_patch_size"]))
+            if grid != expected:
+                raise PromptError(f"image {i} ({image.shape[0]}x{image.shape[1]}) makes a {grid} patch grid; the "
+                                  f"vision engine was built for {expected} (image size {vision['image_hw']})")
+            grids.append(grid)
+            features.append(self._encode(patches))
+        needed = sum(g[0] * g[1] * g[2] // (merge * merge) for g in grids)
+        if n_image_tokens != needed:
+            raise PromptError(f"the prompt holds {n_image_tokens} image tokens but its {len(images)} image(s) "
+                              f"need {needed}")
+        return np.concatenate(features), grids
+
+    def _encode(self, patches: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        assert self._vision_io is not None and self._vision is not None
+        context, inp, out, out_shape = self._vision_io
+        self.memory.upload(inp, np.ascontiguousarray(patches, dtype=self._vision.dtype(inp.name)))
+        enqueue(context, self.memory.stream, "vision")
+        features = np.empty(out_shape, dtype=self._vision.dtype(out.name))
+        self.memory.download(features, out)
+        self.memory.synchronize()
+        return features.astype(np.float32, copy=False)
+
+    def _vision_setup(self, engine: TrtEngine) -> tuple[Any, DeviceBuffer, DeviceBuffer, tuple[int, ...]]:
+        if len(engine.inputs) != 1 or len(engine.outputs) != 1:
+            raise PlannerSetupError(f"{engine.path}: inputs {engine.inputs}, outputs {engine.outputs}; expected one "
+                                    "each (patches -> features)")
+        (name_in,), (name_out,) = engine.inputs, engine.outputs
+        shape_in, shape_out = (tuple(int(d) for d in engine.engine.get_tensor_shape(n)) for n in (name_in, name_out))
+        if any(d < 0 for d in (*shape_in, *shape_out)):
+            raise PlannerSetupError(f"{engine.path}: dynamic shapes {shape_in} -> {shape_out}; the vision engine "
+                                    "of an export is static (one image grid)")
+        inp = self.memory.alloc(name_in, engine.nbytes(name_in, shape_in))
+        out = self.memory.alloc(name_out, engine.nbytes(name_out, shape_out))
+        context = engine.context()
+        bind(context, {name_in: inp.ptr, name_out: out.ptr}, engine.path)
+        return context, inp, out, shape_out
+
+    def _addresses(self, parity: int) -> dict[str, int]:
+        """Every LM tensor's address for ``parity``: past = cache buffer ``parity``, present = the other one."""
+        (k_past, v_past), (k_present, v_present) = self._kv[parity], self._kv[1 - parity]
+        return {**{n: b.ptr for n, b in self._buf.items()}, "key_end": int(self._key_end_host.ctypes.data),
+                "past_k": k_past.ptr, "past_v": v_past.ptr, "present_k": k_present.ptr, "present_v": v_present.ptr}
+
+    def _set_shapes(self, context: Any, t: int, key_end: int) -> None:
+        self._key_end_host[0] = key_end
+        for name, shape in (("inputs_embeds", (1, t, self._hidden)), ("position_ids", (3, 1, t))):
+            if not context.set_input_shape(name, shape):
+                raise BackendError(f"set_input_shape({name}, {shape}) refused: outside the engine's profile")
+
+
+def trt_planner(bundle_path: str | Path, *, decoder: DecoderSettings | None = None, verify: bool = True,
+                precision: str | None = None, variant: str | None = None, cuda_graphs: int = 4,
+                device: int = 0) -> Planner:
+    """A :class:`Planner` on :class:`TrtBackend` over the bundle's engines for this GPU (:func:`select_engines`);
+    config, tokenizer and schema from the bundle's ``model/``. Raises :class:`PlannerSetupError` naming what is
+    missing: the GPU, a matching engine, the TensorRT module."""
+    settings = decoder or DecoderSettings()
+    if settings.name == "rollouts":
+        raise PlannerSetupError("the rollouts decoder on the TensorRT backend: rollouts need the torch backend")
+    try:
+        bundle = load_bundle(bundle_path, verify=verify)
+    except BundleError as exc:
+        raise PlannerSetupError(f"bundle refused: {exc}") from exc
+    try:
+        memory = CudaMemory(device)
+    except CudaUnavailableError as exc:
+        raise PlannerSetupError(f"the tensorrt backend needs an NVIDIA GPU: {exc}") from exc
+    try:
+        engines = select_engines(bundle, memory.compute_capability, precision=precision, variant=variant)
+        graphs = {a.role: a for a in bundle.graphs(variant="decomposed")}
+        if "lm_step" not in graphs:
+            raise PlannerSetupError(f"{bundle.path}: no decomposed lm_step graph (its spec and embeddings)")
+        config, tokenizer, schema = _model_files(bundle.path / "model")
+        vision = engines.get("vision")
+        backend = TrtBackend(bundle.file(engines["lm_step"].path), bundle.file(graphs["lm_step"].path).parent,
+                             vision_engine=None if vision is None else bundle.file(vision.path), memory=memory,
+                             own_memory=True, flavor=engine_flavor(engines["lm_step"]), cuda_graphs=cuda_graphs)
+    except ImportError as exc:
+        memory.close()
+        raise PlannerSetupError(f"the bundle's engines need the {exc.name} module: {exc}") from exc
+    except BaseException:
+        memory.close()
+        raise
+    return Planner(backend, config, tokenizer, decoder=settings, schema=schema)
+
+
+def _model_files(model_dir: Path) -> tuple[Any, Any, DrivingSchema]:
+    """Config, tokenizer and driving schema of a bundle's ``model/`` (no weights read), as ``ort_planner`` has it."""
+    from ..vla.config import ConfigError
+    from ..vla.hf_config import load_config
+    from ..vla.schema_io import load_schema
+    from ..vla.tokenizer import Tokenizer
+
+    try:
+        config = load_config(model_dir)
+        tokenizer = Tokenizer.from_file(model_dir, config.tokens)
+        schema = load_schema(model_dir)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        raise PlannerSetupError(str(exc)) from exc
+    if not isinstance(schema, DrivingSchema):
+        raise PlannerSetupError(f"{model_dir}: the model answers in the {type(schema).__name__} layout; the Planner "
+                                "plans driving")
+    return config, tokenizer, schema
