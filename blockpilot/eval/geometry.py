@@ -17,6 +17,14 @@ import numpy.typing as npt
 FloatArray = npt.NDArray[np.float64]
 
 
+def to_ego_frame(points: npt.ArrayLike, origin_xy: npt.ArrayLike, origin_yaw: float) -> FloatArray:
+    """Parent-frame points ``(N, 2)`` into the ego frame at ``origin_xy`` heading ``origin_yaw`` (x forward,
+    y left): the frame every plan and ground-truth trajectory is written in."""
+    c, s = math.cos(origin_yaw), math.sin(origin_yaw)
+    d = np.asarray(points, dtype=np.float64) - np.asarray(origin_xy, dtype=np.float64)
+    return np.column_stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]])
+
+
 def quaternion_matrix(q: Sequence[float] | FloatArray) -> FloatArray:
     """The rotation matrix (3, 3) of a quaternion [w, x, y, z]; it is normalised first.
 

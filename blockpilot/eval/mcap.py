@@ -13,7 +13,6 @@ then for the chosen images, whose bytes are kept only in the samples built from 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..vla.prompt import ROUTE_COMMANDS, EgoState
-from .geometry import quaternion_yaw
+from .geometry import quaternion_yaw, to_ego_frame
 from .images import decode_image, decode_raw
 from .mcap_track import OdomTrack, latest_at_or_before, nearest_value, select_keyframes
 from .types import DatasetError, EvalSample, ImageArray, SampleFailure, Trajectory, route_command_from_future
@@ -51,7 +50,7 @@ def find_bags(path: str | Path) -> list[Path]:
 
 
 @contextmanager
-def _open_bag(bag: Path) -> Iterator[Any]:
+def open_bag(bag: Path) -> Iterator[Any]:
     """An open ``AnyReader`` on ``bag``; reader failures become :class:`DatasetError` naming the bag."""
     from rosbags.highlevel import AnyReader, AnyReaderError
     from rosbags.rosbag2 import ReaderError
@@ -66,12 +65,6 @@ def _open_bag(bag: Path) -> Iterator[Any]:
 
 def _stamp_ns(msg: Any) -> int:
     return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
-
-
-def _to_ego(points: np.ndarray, origin: np.ndarray, yaw: float) -> np.ndarray:
-    c, s = math.cos(yaw), math.sin(yaw)
-    d = points - origin
-    return np.column_stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]])
 
 
 @dataclass(frozen=True)
@@ -114,7 +107,7 @@ class Rosbag2Source:
         self._scans: dict[Path, _BagScan] = {}
         self._types: dict[Path, dict[str, str]] = {}
         for bag in self.bags:
-            with _open_bag(bag) as reader:
+            with open_bag(bag) as reader:
                 self._types[bag] = self._check_topics(bag, {c.topic: c.msgtype for c in reader.connections})
 
     def _check_topics(self, bag: Path, types: dict[str, str]) -> dict[str, str]:
@@ -159,7 +152,7 @@ class Rosbag2Source:
         use_imu = self.imu_topic is not None and self.imu_topic in types
         topics = {self.odom_topic, self.image_topic, *([self.imu_topic] if use_imu else []),
                   *([self.route_topic] if self.route_topic in types else [])}
-        with _open_bag(bag) as reader:
+        with open_bag(bag) as reader:
             for conn, log_ns, raw in reader.messages([c for c in reader.connections if c.topic in topics]):
                 msg = reader.deserialize(raw, conn.msgtype)
                 if conn.topic == self.odom_topic:
@@ -189,7 +182,7 @@ class Rosbag2Source:
         scan = self._scan(bag)
         if not scan.keyframes:
             return
-        with _open_bag(bag) as reader:
+        with open_bag(bag) as reader:
             conns = [c for c in reader.connections if c.topic == self.image_topic]
             for index, (conn, _, raw) in enumerate(reader.messages(conns)):
                 stamp = scan.keyframes.get(index)
@@ -207,10 +200,10 @@ class Rosbag2Source:
         odom = scan.odom
         x0, y0, yaw0, speed = odom.at(stamp)
         origin = np.array([x0, y0])
-        past = _to_ego(odom.xy_at([stamp + round(t * 1e9) for t in PAST_TIMES_S]), origin, yaw0)
+        past = to_ego_frame(odom.xy_at([stamp + round(t * 1e9) for t in PAST_TIMES_S]), origin, yaw0)
         future_ns = [stamp + round(t * 1e9) for t in self.future_times_s]
         valid = np.array([t <= odom.last_ns for t in future_ns])
-        future_xy = _to_ego(odom.xy_at(future_ns), origin, yaw0)
+        future_xy = to_ego_frame(odom.xy_at(future_ns), origin, yaw0)
         last_valid = future_xy[valid][-1] if valid.any() else np.zeros(2)
         future_xy[~valid] = last_valid
         future = Trajectory(times_s=np.array(self.future_times_s), xy=future_xy, valid=valid)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from ..eval.geometry import to_ego_frame as to_ego_frame  # re-exported for the sim writers
+
 FloatArray = npt.NDArray[np.float64]
 ROUTE_COMMANDS = ("turn left", "go straight", "turn right")
 AGENT_KINDS = ("vehicle", "pedestrian", "cyclist")
@@ -108,10 +110,3 @@ class Scene:
         if not 0 <= i < self.num_steps:
             raise ValueError(f"time {t:.2f} s outside scene {self.name} (0..{self.duration_s:.2f} s)")
         return i
-
-
-def to_ego_frame(points: FloatArray, origin_xy: FloatArray, origin_yaw: float) -> FloatArray:
-    """World points (N, 2) into the ego frame at ``origin`` (x forward, y left)."""
-    c, s = np.cos(origin_yaw), np.sin(origin_yaw)
-    d = np.asarray(points, dtype=np.float64) - np.asarray(origin_xy, dtype=np.float64)
-    return np.stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]], axis=1)
