@@ -183,6 +183,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_ros(args: argparse.Namespace) -> int:
+    from .ros_nodes.cli import run, user_errors
+
+    try:
+        return run(args)
+    except user_errors() as exc:
+        raise UserError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blockpilot",
@@ -283,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_quant_arguments(quantize)
     quantize.set_defaults(func=_cmd_quantize)
+
+    ros = sub.add_parser("ros", help="ROS 2 nodes: planner (lifecycle), replay a rosbag2, record a run; "
+                                     "score a recorded run against its source bag")
+    from .ros_nodes.cli import add_arguments as add_ros_arguments
+
+    add_ros_arguments(ros)
+    ros.set_defaults(func=_cmd_ros)
     return parser
 
 

@@ -1,0 +1,126 @@
+"""``blockpilot ros``: run the planner, replay or recorder node, or score a recorded run.
+
+The argument definitions live here, free of ROS imports, so that ``blockpilot --help`` works without
+rclpy; the node modules' own ``main`` functions (the colcon entry points) use the same definitions.
+Arguments after ``--ros-args`` go to rclpy unchanged (``-p name:=value``, ``-r from:=to``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+PARAMS_RESOURCE = ("config", "planner.yaml")
+RECORDED_TOPICS = ("path_topic", "plan_json_topic", "diagnostics_topic", "odometry_topic")
+
+
+def default_params_file() -> Path:
+    """The planner params YAML shipped inside the package (``ros/blockpilot_ros/config/planner.yaml`` too)."""
+    return Path(str(resources.files("blockpilot.ros_nodes").joinpath(*PARAMS_RESOURCE)))
+
+
+def add_ros_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ros-args", dest="ros_args", nargs=argparse.REMAINDER, default=None,
+                        help="everything after this goes to rclpy (-p name:=value, -r from:=to, ...)")
+
+
+def ros_args_of(args: argparse.Namespace) -> list[str]:
+    extra = getattr(args, "ros_args", None)
+    return [] if extra is None else ["--ros-args", *extra]
+
+
+def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bag", help="rosbag2 directory (metadata.yaml + .mcap) or an .mcap file")
+    parser.add_argument("--rate", type=float, default=1.0, help="playback speed; 0: as fast as possible")
+    parser.add_argument("--loop", action="store_true", help="repeat until interrupted")
+    parser.add_argument("--loops", type=int, default=None, help="play this many times (overrides --loop)")
+    parser.add_argument("--topics", nargs="+", default=(), help="play only these bag topics")
+    parser.add_argument("--remap", nargs="+", default=(), help="FROM:=TO renames of bag topics")
+    parser.add_argument("--clock", action="store_true", help="also publish /clock with the bag stamps")
+    parser.add_argument("--wait-for-subscribers", type=int, default=0,
+                        help="first wait until every played topic has this many subscribers")
+    parser.add_argument("--wait-timeout", type=float, default=30.0, help="seconds to wait for subscribers")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before the first message")
+    add_ros_args(parser)
+
+
+def add_record_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="rosbag2 directory to create (must not exist)")
+    parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)")
+    for name in RECORDED_TOPICS:
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                            help="topic to record (default: the planner's; '' leaves it out)")
+    parser.add_argument("--best-effort", action="store_true", help="subscribe best-effort (matches any publisher)")
+    add_ros_args(parser)
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recorded", required=True, help="bag written by the recorder")
+    parser.add_argument("--source", required=True, help="bag that was replayed (its odometry is the truth)")
+    parser.add_argument("--path-topic", default=None, help="nav_msgs/Path topic (default: the planner's)")
+    parser.add_argument("--odometry-topic", default="/odom", help="odometry topic of the source bag")
+    parser.add_argument("--plan-json-topic", default=None, help="plan JSON topic (default: the planner's)")
+    parser.add_argument("--waypoint-rate-hz", type=float, default=2.0,
+                        help="waypoints per second of the planner's schema (2 for driving-nuscenes)")
+    parser.add_argument("--json", default=None, help="also write the summary here")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="ros_command", metavar="NODE", required=True)
+    planner = sub.add_parser("planner", help="the planner lifecycle node (configures and activates at start)")
+    planner.add_argument("--params", default=None,
+                         help="ROS 2 params file (default: the shipped planner.yaml, see `ros params`)")
+    planner.add_argument("--autostart", action=argparse.BooleanOptionalAction, default=True,
+                         help="configure and activate at start (default on)")
+    add_ros_args(planner)
+    add_replay_arguments(sub.add_parser("replay", help="play a rosbag2 MCAP onto its topics"))
+    add_record_arguments(sub.add_parser("record", help="record planner outputs and odometry to a rosbag2 MCAP"))
+    add_score_arguments(sub.add_parser("score", help="L2 of recorded paths against a source bag's odometry"))
+    sub.add_parser("params", help="print the path of the shipped planner params YAML")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch ``blockpilot ros NODE``. Raises :class:`~blockpilot.ros_nodes.score.BagError` (replay,
+    score) or :class:`~blockpilot.ros_nodes.recorder_node.RecorderError` for the caller to report."""
+    command = args.ros_command
+    if command == "params":
+        print(default_params_file())
+        return 0
+    if command == "planner":
+        from .planner_node import main as planner_main
+
+        params = args.params or str(default_params_file())
+        return planner_main(["--params", params, "--autostart" if args.autostart else "--no-autostart",
+                             *ros_args_of(args)])
+    result: dict[str, Any]
+    if command == "replay":
+        from .replay_node import run as replay
+
+        result = replay(args, ros_args_of(args)).to_dict()
+    elif command == "record":
+        from .recorder_node import run as record
+
+        result = record(args, ros_args_of(args))
+    else:
+        from .score import score_run
+
+        result = score_run(args.recorded, args.source, path_topic=args.path_topic,
+                           odometry_topic=args.odometry_topic, plan_json_topic=args.plan_json_topic,
+                           waypoint_rate_hz=args.waypoint_rate_hz)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        result = {k: v for k, v in result.items() if k not in ("model", "cv")}  # the full breakdown: --json
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors ``run`` raises that are the user's to fix (reported without a traceback); the replay
+    and recorder errors are bag errors too."""
+    from .params import ParamsError
+    from .score import BagError
+
+    return BagError, ParamsError

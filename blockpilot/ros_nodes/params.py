@@ -1,0 +1,252 @@
+"""The planner node's parameters: one frozen, validated dataclass and its ROS 2 params-file loader.
+
+Every field is a ROS parameter of the same name. A params file in the ROS 2 layout, for example::
+
+    blockpilot_planner:
+      ros__parameters:
+        checkpoint: models/reference      # or bundle: path/to/bundle (exactly one of the two)
+        backend: auto                     # auto | torch | onnxruntime | tensorrt
+        threads: 1
+        decoder: scaffold                 # ar | ar_free | block | scaffold | rollouts
+        rollouts: 4                       # used by the rollouts decoder only
+        deadline_ms: 500.0                # frame received -> plan ready; a later plan is not published
+        max_odom_age_ms: 250.0            # camera stamp minus newest odometry stamp
+        default_route_command: go straight
+        output_frame: base_link
+        output_kind: path                 # path | pose_array | both
+        image_topic: /camera/front/image_raw                        # "" turns the raw subscription off
+        compressed_image_topic: /camera/front/image_raw/compressed  # "" turns it off
+        odometry_topic: /odom
+        route_topic: /route_command
+        path_topic: /blockpilot/plan/path
+        pose_array_topic: /blockpilot/plan/poses
+        plan_json_topic: /blockpilot/plan/json
+        diagnostics_topic: /diagnostics
+        processing_time_topic: /blockpilot/plan/processing_time_ms
+        camera_queue_depth: 5             # best effort, as rclpy's sensor-data profile
+        diagnostics_period_s: 1.0
+        use_sim_time: false               # declared by rclpy itself; passed on to the node
+
+Paths are used as written (relative ones from the working directory, as ROS does). A section named
+``/**`` applies to every node and is read first. Integers are accepted for float fields; anything
+else of the wrong type, an unknown key or an invalid value raises :class:`ParamsError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..runtime.plan_types import DECODERS, DecoderSettings, PlannerSetupError
+from ..vla.prompt import ROUTE_COMMANDS
+
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+CHECKPOINT_BACKENDS = ("auto", "torch")
+BUNDLE_BACKENDS = ("auto", "onnxruntime", "tensorrt")
+OUTPUT_KINDS = ("path", "pose_array", "both")
+DEFAULT_NODE_NAME = "blockpilot_planner"
+# Declared by every rclpy node itself; the planner node passes it on as an override.
+ROS_NODE_PARAMETERS = ("use_sim_time",)
+# One line per parameter, for the ROS parameter descriptors.
+PARAM_DESCRIPTIONS = {
+    "checkpoint": "local checkpoint directory (torch); exactly one of checkpoint and bundle",
+    "bundle": "bundle directory (onnxruntime, tensorrt); exactly one of checkpoint and bundle",
+    "backend": "auto | torch | onnxruntime | tensorrt (auto: torch for a checkpoint, onnxruntime for a bundle)",
+    "device": "torch device of a checkpoint planner (cpu, cuda:0)",
+    "threads": "CPU threads of the backend",
+    "decoder": "ar | ar_free | block | scaffold | rollouts",
+    "rollouts": "rollouts of the rollouts decoder",
+    "deadline_ms": "frame received -> plan ready; a later plan is diagnosed, not published",
+    "max_odom_age_ms": "largest camera stamp minus newest odometry stamp that still plans",
+    "default_route_command": "route command until one arrives: turn left | go straight | turn right",
+    "output_frame": "frame id of the published path and poses (the ego frame)",
+    "output_kind": "path (nav_msgs/Path) | pose_array (geometry_msgs/PoseArray) | both",
+    "camera_queue_depth": "subscription depth of the camera topics (best effort); frames the middleware "
+                          "overwrites before the node takes them are never seen, so they cannot be counted",
+    "diagnostics_period_s": "period of the diagnostics published between frames",
+}
+_NAME_TOKEN = r"[A-Za-z_][A-Za-z0-9_]*"
+_TOPIC = re.compile(rf"^(~/|/)?{_NAME_TOKEN}(/{_NAME_TOKEN})*$")
+_FRAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
+
+
+class ParamsError(ValueError):
+    """A parameter value, a params file or a set of parameters is unusable; ``field`` names the culprit."""
+
+    def __init__(self, field: str, reason: str, source: str | None = None) -> None:
+        self.field, self.reason, self.source = field, reason, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{field}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerParams:
+    """Everything the planner node reads. A value that is valid on its own but not with the others
+    (a checkpoint on onnxruntime, both a checkpoint and a bundle) is refused here; having neither a
+    checkpoint nor a bundle is allowed until configure (see :meth:`require_model`)."""
+
+    checkpoint: str = ""
+    bundle: str = ""
+    backend: str = "auto"
+    device: str = "cpu"
+    threads: int = 1
+    decoder: str = "scaffold"
+    rollouts: int = 4
+    deadline_ms: float = 500.0
+    max_odom_age_ms: float = 250.0
+    default_route_command: str = "go straight"
+    output_frame: str = "base_link"
+    output_kind: str = "path"
+    image_topic: str = "/camera/front/image_raw"
+    compressed_image_topic: str = "/camera/front/image_raw/compressed"
+    odometry_topic: str = "/odom"
+    route_topic: str = "/route_command"
+    path_topic: str = "/blockpilot/plan/path"
+    pose_array_topic: str = "/blockpilot/plan/poses"
+    plan_json_topic: str = "/blockpilot/plan/json"
+    diagnostics_topic: str = "/diagnostics"
+    processing_time_topic: str = "/blockpilot/plan/processing_time_ms"
+    camera_queue_depth: int = 5
+    diagnostics_period_s: float = 1.0
+    use_sim_time: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_types()
+
+        def need(cond: bool, name: str, reason: str) -> None:
+            if not cond:
+                raise ParamsError(name, reason)
+
+        if self.checkpoint and self.bundle:
+            raise ParamsError("checkpoint", f"give a checkpoint or a bundle, not both (bundle is {self.bundle!r})")
+        need(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}, got {self.backend!r}")
+        if self.checkpoint:
+            need(self.backend in CHECKPOINT_BACKENDS, "backend",
+                 f"a checkpoint runs on torch; {self.backend!r} needs a bundle (export one first)")
+        if self.bundle:
+            need(self.backend in BUNDLE_BACKENDS, "backend",
+                 f"a bundle runs on {' or '.join(BUNDLE_BACKENDS[1:])}, not {self.backend!r}")
+        need(bool(self.device.strip()), "device", "must not be empty (cpu, cuda, cuda:0)")
+        need(self.threads >= 1, "threads", f"must be at least 1, got {self.threads}")
+        need(self.decoder in DECODERS, "decoder", f"must be one of {DECODERS}, got {self.decoder!r}")
+        need(self.rollouts >= 1, "rollouts", f"must be at least 1, got {self.rollouts}")
+        for name in ("deadline_ms", "max_odom_age_ms", "diagnostics_period_s"):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value > 0, name, f"must be a positive finite number, got {value}")
+        need(self.default_route_command in ROUTE_COMMANDS, "default_route_command",
+             f"must be one of {ROUTE_COMMANDS}, got {self.default_route_command!r}")
+        need(bool(_FRAME.match(self.output_frame)), "output_frame",
+             f"must be a frame id without a leading slash or spaces, got {self.output_frame!r}")
+        need(self.output_kind in OUTPUT_KINDS, "output_kind",
+             f"must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
+        need(self.camera_queue_depth >= 1, "camera_queue_depth", f"must be at least 1, got {self.camera_queue_depth}")
+        optional = {"image_topic", "compressed_image_topic"}
+        for name in (*optional, "odometry_topic", "route_topic", "plan_json_topic", "diagnostics_topic",
+                     "processing_time_topic", "path_topic", "pose_array_topic"):
+            topic = getattr(self, name)
+            if topic == "" and name in optional:
+                continue
+            need(bool(_TOPIC.match(topic)), name, f"{topic!r} is not a valid ROS topic name")
+        need(bool(self.image_topic or self.compressed_image_topic), "image_topic",
+             "image_topic and compressed_image_topic are both empty; the node needs a camera")
+        try:
+            self.decoder_settings()
+        except PlannerSetupError as exc:
+            raise ParamsError("decoder", str(exc)) from None
+
+    def _check_types(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+                continue
+            expected = {"str": str, "int": int, "float": float, "bool": bool}[kind]
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ParamsError(f.name, f"expected {kind}, got {type(value).__name__} {value!r}")
+
+    @property
+    def model_path(self) -> str:
+        return self.checkpoint or self.bundle
+
+    @property
+    def resolved_backend(self) -> str:
+        """The backend the node loads: ``auto`` is torch for a checkpoint, onnxruntime for a bundle."""
+        if self.backend != "auto":
+            return self.backend
+        return "onnxruntime" if self.bundle else "torch"
+
+    def require_model(self) -> PlannerParams:
+        """``self`` if exactly one of checkpoint and bundle is set, else :class:`ParamsError`."""
+        if not self.model_path:
+            raise ParamsError("checkpoint", "set checkpoint (a local checkpoint directory) or bundle (a bundle "
+                                            "directory); neither is set")
+        return self
+
+    def decoder_settings(self) -> DecoderSettings:
+        return DecoderSettings(name=self.decoder, rollouts=self.rollouts)
+
+    def ros_parameters(self) -> list[tuple[str, Any, str]]:
+        """``(name, value, description)`` of every parameter the node declares (not those rclpy declares)."""
+        return [(f.name, getattr(self, f.name), PARAM_DESCRIPTIONS.get(f.name, f.name.replace("_", " ")))
+                for f in fields(self) if f.name not in ROS_NODE_PARAMETERS]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_changes(self, changes: Mapping[str, Any]) -> PlannerParams:
+        """A validated copy with ``changes`` applied; unknown names raise :class:`ParamsError`."""
+        known = {f.name for f in fields(self)}
+        for name in changes:
+            if name not in known:
+                raise ParamsError(str(name), f"unknown parameter; known: {', '.join(sorted(known))}")
+        return replace(self, **dict(changes))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> PlannerParams:
+        return cls().with_changes(values)
+
+
+def _section(data: Any, node_name: str, source: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ParamsError("<file>", f"expected a mapping of node names, got {type(data).__name__}", source)
+    merged: dict[str, Any] = {}
+    found = False
+    for key in ("/**", node_name, f"/{node_name}"):
+        if key not in data:
+            continue
+        found = True
+        section = data[key]
+        params = section.get("ros__parameters") if isinstance(section, dict) else None
+        if not isinstance(params, dict):
+            raise ParamsError(key, "expected a mapping with a 'ros__parameters' mapping inside", source)
+        merged.update(params)
+    if not found:
+        raise ParamsError("<file>", f"no section for node {node_name!r} (nor '/**'); sections: "
+                                    f"{', '.join(map(str, data)) or 'none'}", source)
+    return merged
+
+
+def load_params_file(path: str | Path, node_name: str = DEFAULT_NODE_NAME) -> PlannerParams:
+    """The validated parameters of ``node_name`` in the ROS 2 params file ``path``; the file must name
+    exactly one of checkpoint and bundle. Raises :class:`ParamsError` (a ValueError) naming the field."""
+    import yaml
+
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ParamsError("<file>", f"cannot read: {exc.strerror or exc}", source) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError("<file>", f"not valid YAML: {exc}", source) from None
+    values = _section(data, node_name, source)
+    try:
+        return PlannerParams.from_mapping(values).require_model()
+    except ParamsError as exc:
+        raise ParamsError(exc.field, exc.reason, source) from None
