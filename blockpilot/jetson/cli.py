@@ -1,0 +1,224 @@
+"""``blockpilot jetson``: platform info, on-device engine builds, power modes and device benchmarks.
+
+Argument definitions import nothing heavy, so ``blockpilot --help`` stays fast; each action imports its work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from .power import STATE_FILE, PowerControl
+
+DECODERS = ("ar", "ar_free", "block", "scaffold", "rollouts")
+NOT_A_JETSON = ("not a Jetson (no NVIDIA Tegra device tree under {root}); on a workstation build TensorRT-RTX "
+                "engines ahead of time with `blockpilot export --target rtx`")
+
+
+class JetsonUsageError(ValueError):
+    """A ``blockpilot jetson`` action that cannot run here (for example a device build off-Jetson)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="jetson_command", metavar="ACTION", required=True)
+    root_help = "filesystem root holding etc/nv_tegra_release and proc/device-tree (default /; another root " \
+                "skips the dpkg query)"
+
+    info = sub.add_parser("info", help="platform, L4T / JetPack / TensorRT / CUDA versions, the engine profile and "
+                                       "the recommended export command")
+    info.add_argument("--root", default="/", help=root_help)
+    info.add_argument("--checkpoint", default="CHECKPOINT_DIR", help="checkpoint shown in the export command")
+    info.add_argument("--out", default="BUNDLE_DIR", help="bundle shown in the export command")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    build = sub.add_parser("build", help="build this Jetson's engines on the device (blockpilot export with the "
+                                         "platform's target, recipe and attention route)")
+    build.add_argument("--checkpoint", required=True, help="checkpoint dir (config.json, safetensors, tokenizer.json)")
+    build.add_argument("--out", required=True, help="bundle directory to create")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
+    build.add_argument("--with-weights", action="store_true", help="also copy the safetensors (torch backend)")
+    build.add_argument("--calib", type=int, default=32, help="calibration samples for a quantized recipe (Thor fp8)")
+    build.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt budget the KV cache is sized for")
+    build.add_argument("--timing-cache", default=None,
+                       help="TensorRT timing cache (default ~/.cache/blockpilot/tensorrt-timing.cache; '' for none)")
+    build.add_argument("--root", default="/", help=root_help)
+    build.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    power = sub.add_parser("power", help="show the power mode; set one (--mode, saving the current mode and clocks) "
+                                         "or put the saved one back (--restore); needs root")
+    action = power.add_mutually_exclusive_group()
+    action.add_argument("--mode", default=None, help="nvpmodel mode id or name from /etc/nvpmodel.conf (MAXN, ...)")
+    action.add_argument("--restore", action="store_true", help="restore the mode and clocks saved by --mode")
+    power.add_argument("--max-clocks", action="store_true", help="with --mode: also pin clocks (jetson_clocks)")
+    power.add_argument("--state", default=str(STATE_FILE), help=f"saved power state (default {STATE_FILE})")
+
+    bench = sub.add_parser("bench", help="latency p50/p90/p99 per stage over held-out generated observations, with "
+                                         "tegrastats power and temperature")
+    model = bench.add_mutually_exclusive_group(required=True)
+    model.add_argument("--bundle", help="bundle directory (TensorRT on a Jetson, ONNX Runtime elsewhere)")
+    model.add_argument("--checkpoint", help="checkpoint directory (torch backend)")
+    bench.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+                       help="backend for --bundle (auto: tensorrt on a Jetson, onnxruntime elsewhere)")
+    bench.add_argument("--device", default="cpu", help="torch device for --checkpoint (cpu, cuda)")
+    bench.add_argument("--threads", type=int, default=1, help="CPU threads of the ONNX Runtime backend")
+    bench.add_argument("--decoder", default="scaffold", choices=DECODERS, help="decoder (default: scaffold)")
+    bench.add_argument("--samples", type=int, default=20, help="timed plans, one held-out observation each")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed plans first (CUDA graphs, caches)")
+    bench.add_argument("--tegrastats", action="store_true", help="record tegrastats over the timed window")
+    bench.add_argument("--interval-ms", type=int, default=100, help="tegrastats sampling interval")
+    bench.add_argument("--json", default=None, help="also write the result as JSON here")
+    bench.add_argument("--root", default="/", help=root_help)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors ``run`` raises that are the user's to fix (reported as one line, exit 2)."""
+    from ..export.targets import EngineTargetError
+    from ..export.trt_build import TrtUnavailableError
+    from ..formats.bundle import BundleError
+    from .bench import BenchError
+    from .commands import CommandError, ToolMissingError
+    from .platform import PlatformError
+    from .power import PowerError
+    from .profiles import ProfileError
+    from .tegrastats import TegrastatsError
+
+    return (JetsonUsageError, PlatformError, ProfileError, PowerError, CommandError, ToolMissingError, BenchError,
+            TegrastatsError, EngineTargetError, TrtUnavailableError, BundleError)
+
+
+def power_control() -> PowerControl:
+    """The power controller the CLI uses (a seam for tests)."""
+    return PowerControl()
+
+
+def _detect(root: str) -> Any:
+    """The platform under ``root``; the dpkg query describes this machine, so it runs only for ``/``."""
+    from .commands import run_command
+    from .platform import detect_platform
+
+    return detect_platform(root, runner=run_command if Path(root).resolve() == Path("/") else None)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .profiles import engine_profile, recommended_export_args
+
+    platform = _detect(args.root)
+    if platform is None:
+        message = NOT_A_JETSON.format(root=args.root)
+        print(json.dumps({"jetson": False, "reason": message}, indent=2) if args.json else message)
+        return 0
+    profile = engine_profile(platform)
+    command = recommended_export_args(platform, args.checkpoint, args.out)
+    if args.json:
+        print(json.dumps({"jetson": True, "platform": platform.to_dict(), "profile": profile.to_dict(),
+                          "export_command": command}, indent=2))
+        return 0
+    print(platform.describe())
+    print(f"profile   target {profile.target}, recipe {profile.recipe or 'none'}, {profile.engine_precision} engines, "
+          f"attention {profile.attention}")
+    for note in profile.notes:
+        print(f"note      {note}")
+    print(f"export    {shlex.join(command)}")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from ..export.build import export_bundle
+    from ..export.progress import Progress
+    from ..quant.recipes import RecipeError
+    from ..quant.targets import TargetError
+    from .profiles import check_gate, default_timing_cache, engine_profile
+
+    platform = _detect(args.root)
+    if platform is None:
+        raise JetsonUsageError("jetson build runs on the Jetson itself (TensorRT builds for the GPU it runs on); "
+                               + NOT_A_JETSON.format(root=args.root))
+    profile = engine_profile(platform)
+    try:
+        check_gate(profile)
+    except (RecipeError, TargetError) as exc:
+        raise JetsonUsageError(str(exc)) from None
+    cache = default_timing_cache() if args.timing_cache is None else args.timing_cache
+    if cache:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+    print(f"building {profile.target} engines on {platform.module} (TensorRT {platform.tensorrt or 'unknown'}): "
+          f"recipe {profile.recipe or 'none'}, {profile.engine_precision}, attention {profile.attention}")
+    summary = export_bundle(Path(args.checkpoint), Path(args.out), max_prompt_tokens=args.max_prompt_tokens,
+                            with_weights=args.with_weights, overwrite=args.overwrite, targets=(profile.target,),
+                            engine_precision="fp16" if profile.recipe else profile.engine_precision,
+                            recipe=profile.recipe, calib=args.calib, attention=profile.attention,
+                            progress=Progress(enabled=False if args.quiet else None),
+                            timing_cache=Path(cache) if cache else None)
+    print(summary.table())
+    return 0
+
+
+def _power(args: argparse.Namespace) -> int:
+    from .power import restore_state, save_state
+
+    control = power_control()
+    if args.restore:
+        mode = restore_state(control, args.state)
+        print(f"restored power mode {mode.id} ({mode.name}) and the saved clocks")
+        return 0
+    if args.mode is None:
+        if args.max_clocks:
+            raise JetsonUsageError("--max-clocks goes with --mode")
+        current = control.query()
+        modes = control.modes()
+        print(f"power mode {current.id} ({current.name})")
+        if modes:
+            print("modes      " + ", ".join(f"{i} {n}" for i, n in sorted(modes.items())))
+        return 0
+    target = control.resolve(args.mode)
+    state = save_state(control, args.state)
+    control.set_mode(target)
+    if args.max_clocks:
+        control.max_clocks()
+    print(f"power mode {target} set (was {state['mode']} {state['name']}; saved to {args.state})"
+          + ("; clocks pinned" if args.max_clocks else ""))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ..runtime.plan_types import DecoderSettings
+    from .bench import BenchError, heldout_observations, run_bench
+    from .tegrastats import TegrastatsRecorder
+
+    if args.samples < 1 or args.warmup < 0:
+        raise BenchError("--samples must be at least 1 and --warmup at least 0")
+    platform = _detect(args.root)
+    settings = DecoderSettings(name=args.decoder)
+    if args.bundle:
+        from ..runtime.bundle_planner import planner_from_bundle
+
+        backend = args.backend if args.backend != "auto" else ("tensorrt" if platform is not None else "onnxruntime")
+        planner = planner_from_bundle(args.bundle, decoder=settings, backend=backend, threads=args.threads)
+        describe = {"model": args.bundle, "backend": backend, "decoder": args.decoder}
+    else:
+        from ..runtime.planner import Planner
+
+        planner = Planner.from_checkpoint(Path(args.checkpoint), decoder=settings, device=args.device)
+        describe = {"model": args.checkpoint, "backend": f"torch ({args.device})", "decoder": args.decoder}
+    recorder, note = None, "not requested (--tegrastats)"
+    if args.tegrastats:
+        if platform is None:
+            note = "absent: not a Jetson, latency only"
+        elif not TegrastatsRecorder.available():
+            note = "absent: no tegrastats on PATH, latency only"
+        else:
+            recorder = TegrastatsRecorder(args.interval_ms)
+    result = run_bench(planner, heldout_observations(args.samples), warmup=args.warmup, recorder=recorder,
+                       recorder_note=note, describe=describe, platform=platform.to_dict() if platform else None)
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    actions = {"info": _info, "build": _build, "power": _power, "bench": _bench}
+    return actions[args.jetson_command](args)
