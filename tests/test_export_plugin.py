@@ -2,7 +2,8 @@
 
 The shipped plugin graph cannot run anywhere but TensorRT proper, so its wiring is checked numerically on a
 test-only copy whose custom op gets a model-local ONNX function in standard ops, run in ONNX Runtime against the
-decomposed graph. The plugin's Python side is exercised through the TensorRT(-RTX) bindings installed here;
+decomposed graph. The plugin's Python side (:mod:`blockpilot.trt.plugin`, shared with the runtime) is exercised
+through the TensorRT(-RTX) bindings installed here;
 building a plugin engine needs TensorRT proper (a Jetson) and running the plugin needs a GPU.
 """
 
@@ -22,17 +23,20 @@ import torch
 from onnx import TensorProto
 
 from blockpilot.export.onnx_graphs import export_onnx
-from blockpilot.export.plugin_attention import (
+from blockpilot.export.plugin_attention import export_plugin_graph, plugin_nodes, with_reference_function
+from blockpilot.export.trt_build import PluginGraphError, check_buildable
+from blockpilot.export.trt_plugin import build_plugin_engine, plugin_profiles
+from blockpilot.formats.onnx_io import (
+    EMBED_FILE,
+    LM_FILE,
     PLUGIN_DOMAIN,
     PLUGIN_NAME,
     PLUGIN_NAMESPACE,
     PLUGIN_VERSION,
-    export_plugin_graph,
-    plugin_nodes,
-    with_reference_function,
+    SPEC_FILE,
 )
-from blockpilot.export.trt_build import PluginGraphError, TensorRT, TrtUnavailableError, check_buildable, load_tensorrt
-from blockpilot.export.trt_plugin import (
+from blockpilot.trt.compat import TensorRT, TrtUnavailableError, load_tensorrt
+from blockpilot.trt.plugin import (
     ALIASES,
     PARSER_FIELDS,
     AttentionAttrs,
@@ -40,17 +44,14 @@ from blockpilot.export.trt_plugin import (
     PluginShapeError,
     attrs_from_fields,
     attrs_to_fields,
-    build_plugin_engine,
     check_input_shapes,
     output_shapes,
     output_types,
     plugin_classes,
-    plugin_profiles,
     register_plugin,
     run_plugin,
     supports_combination,
 )
-from blockpilot.formats.onnx_io import EMBED_FILE, LM_FILE, SPEC_FILE
 from blockpilot.vla.loader import load_model
 
 REFERENCE = Path(__file__).resolve().parents[1] / "models" / "reference"

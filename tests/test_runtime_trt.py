@@ -1,13 +1,18 @@
 """The TensorRT backend: its memory layer, engine selection over a real bundle of TensorRT-RTX engines built on
-the CPU, the planner route of ``planner_from_bundle(backend="tensorrt")``, and (``gpu``) the engines planning
-like ONNX Runtime, fp16 top-1 agreement through Polygraphy, and CUDA-graph replay equal to eager execution."""
+the CPU, the planner route of ``planner_from_bundle(backend="tensorrt")``, how the backend feeds ``key_end`` (host
+shape tensor or device input) over stand-ins for the engine and the device memory, and (``gpu``) the engines
+planning like ONNX Runtime (plugin engines too, with TensorRT proper), fp16 top-1 agreement through Polygraphy,
+and CUDA-graph replay equal to eager execution."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import importlib.util
 import re
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,10 +22,12 @@ from blockpilot.demo import SHIPPED_MODEL
 from blockpilot.eval.synthetic import heldout_keyframes, observation
 from blockpilot.export.build import export_bundle
 from blockpilot.formats.bundle import Artifact, Bundle, load_bundle
+from blockpilot.runtime.backend import Prompt
 from blockpilot.runtime.bundle_planner import planner_from_bundle
-from blockpilot.runtime.cuda_memory import CudaMemory, CudaUnavailableError
+from blockpilot.runtime.cuda_memory import CudaMemory, CudaUnavailableError, DeviceBuffer
 from blockpilot.runtime.plan_types import DecoderSettings, PlannerSetupError
-from blockpilot.runtime.trt_backend import EngineSelectionError, normalize_cc, select_engines, trt_planner
+from blockpilot.runtime.trt_backend import EngineSelectionError, TrtBackend, normalize_cc, select_engines, trt_planner
+from blockpilot.runtime.trt_engine import TrtEngine
 from blockpilot.vla.modes import AttentionMode
 
 
@@ -128,6 +135,146 @@ def test_verify_auto_says_why_the_engines_were_not_compared(rtx_bundle: Bundle) 
     assert report.to_dict()["backend"] == "onnxruntime"
 
 
+# -- key_end on the host or the device: the backend over stand-ins for TensorRT's engine and the device memory ------
+
+
+class _Memory:
+    """Device memory stand-in: buffers are addresses, pinned arrays are numpy; uploads and graphs are recorded."""
+
+    compute_capability, stream, supports_graphs, api = "8.7", 7, True, "stand-in"
+
+    def __init__(self) -> None:
+        self.next, self.capturing = 1 << 20, False
+        self.uploads: list[tuple[str, np.ndarray]] = []
+        self.launched: list[object] = []
+
+    def alloc(self, name: str, nbytes: int) -> DeviceBuffer:
+        self.next += max(nbytes, 1) + 256
+        return DeviceBuffer(name, self.next, nbytes)
+
+    def pinned(self, shape: Any, dtype: Any) -> np.ndarray:
+        return np.zeros(shape, dtype)
+
+    def upload(self, dst: DeviceBuffer, host: np.ndarray) -> None:
+        self.uploads.append((dst.name, host.copy()))
+
+    def capture(self, work: Any) -> object:
+        self.capturing = True  # the enqueue is recorded into the graph, not run
+        work()
+        self.capturing = False
+        return object()
+
+    def launch(self, graph: object) -> None:
+        self.launched.append(graph)
+
+    def memset(self, *_: Any) -> None: ...
+    def download(self, *_: Any) -> None: ...
+    def synchronize(self) -> None: ...
+    def drop_graph(self, _: object) -> None: ...
+    def close(self) -> None: ...
+
+
+class _Engine:
+    """An ``ICudaEngine`` stand-in with the export's LM-step I/O; ``key_end`` a shape tensor or not. Its contexts
+    record, at each enqueue that runs, the ``key_end`` TensorRT would read: the host value at its address for a
+    shape tensor, else the last value uploaded to its device buffer."""
+
+    def __init__(self, spec: dict[str, Any], memory: _Memory, key_end_on_host: bool) -> None:
+        cache = tuple(spec["lm_step"]["inputs"][5]["shape"])
+        cap, hidden = spec["capacity"], spec["hidden_size"]
+        scalar: tuple[tuple[int, ...], str, tuple[int, ...]] = ((), "INT64", ())
+        self.io: dict[str, tuple[tuple[int, ...], str, Any]] = {
+            "inputs_embeds": ((1, -1, hidden), "FLOAT", (1, cap, hidden)),
+            "position_ids": ((3, 1, -1), "INT64", (3, 1, cap)), "start": scalar, "key_end": scalar, "mode": scalar,
+            "past_k": (cache, "FLOAT", cache), "past_v": (cache, "FLOAT", cache), "top1": ((1, -1), "INT64", None),
+            "prob": ((1, -1), "FLOAT", None), "present_k": (cache, "FLOAT", None), "present_v": (cache, "FLOAT", None)}
+        self.names, self.memory, self.host = list(self.io), memory, key_end_on_host
+        self.num_io_tensors, self.device_memory_size_v2 = len(self.names), 4096
+        self.key_ends: list[int] = []
+
+    def get_tensor_name(self, i: int) -> str:
+        return self.names[i]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return "input" if self.io[name][2] is not None else "output"
+
+    def is_shape_inference_io(self, name: str) -> bool:
+        return self.host and name == "key_end"
+
+    def get_tensor_dtype(self, name: str) -> str:
+        return f"DataType.{self.io[name][1]}"
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.io[name][0]
+
+    def get_tensor_profile_shape(self, name: str, profile: int) -> tuple[Any, ...]:
+        return (None, None, self.io[name][2])
+
+    def get_aliased_input_tensor(self, name: str) -> None:
+        return None
+
+    def create_execution_context(self) -> Any:
+        addresses: dict[str, int] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def run(stream: int) -> bool:
+            if not self.memory.capturing:
+                self.key_ends.append(ctypes.c_int64.from_address(addresses["key_end"]).value if self.host else
+                                     int(next(v for n, v in reversed(self.memory.uploads) if n == "key_end")[0]))
+            return True
+
+        return SimpleNamespace(
+            addresses=addresses, execute_async_v3=run, is_stream_capturable=lambda stream: True,
+            set_tensor_address=lambda name, ptr: addresses.__setitem__(name, ptr) or True,
+            set_input_shape=lambda name, shape: shapes.__setitem__(name, shape) or True,
+            get_tensor_shape=lambda name: (1, shapes["inputs_embeds"][1]) if name in ("top1", "prob")
+            else self.io[name][0])
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from blockpilot.export.onnx_graphs import export_onnx
+    from blockpilot.vla.loader import load_model
+
+    out = tmp_path_factory.mktemp("onnx")
+    export_onnx(load_model(SHIPPED_MODEL), out, 64)
+    return out
+
+
+@pytest.mark.parametrize("plugin", [False, True])
+def test_key_end_is_fed_where_the_engine_reads_it(onnx_dir: Path, plugin: bool, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from blockpilot.formats.onnx_io import load_spec
+
+    memory = _Memory()
+    engine = _Engine(load_spec(onnx_dir), memory, key_end_on_host=not plugin)
+    loads: list[dict[str, Any]] = []
+
+    def load(flavor: str, paths: list[Path], cc: str, *, plugin: bool = False) -> list[TrtEngine]:
+        loads.append({"flavor": flavor, "plugin": plugin})
+        runtime = SimpleNamespace(deserialize_cuda_engine=lambda blob: engine)
+        module = SimpleNamespace(TensorIOMode=SimpleNamespace(INPUT="input"), __name__="stand-in", __version__="0")
+        return [TrtEngine(module, runtime, p, cc) for p in paths]
+
+    monkeypatch.setattr(TrtEngine, "load", staticmethod(load))
+    (tmp_path / "lm.engine").write_bytes(b"")
+    backend = TrtBackend(tmp_path / "lm.engine", onnx_dir, memory=memory, plugin=plugin)  # type: ignore[arg-type]
+    assert loads == [{"flavor": "tensorrt", "plugin": plugin}]
+    assert backend.layout.key_end_on_host is not plugin and ("key_end" in backend._buf) is plugin
+    bound = backend._contexts[0].addresses["key_end"]
+    assert bound == (backend._buf["key_end"].ptr if plugin else backend._staged["key_end"].ctypes.data)
+    backend.prefill(Prompt(np.arange(10, 30)))
+    block = np.full((1, 32), 5, dtype=np.int64)
+    for _ in range(2):  # a denoising draft twice: one key, captured at first sight, then replayed
+        backend.step(block, 20, mode=AttentionMode.BIDIRECTIONAL, write_kv=False)
+    for start in (20, 19):  # one-token steps: their key repeats only where key_end is not part of it
+        backend.step(block[:, :1], start, mode=AttentionMode.CAUSAL, write_kv=False)
+    assert engine.key_ends == [20, 52, 21, 20] and len(memory.launched) == 1
+    assert backend.graphs.captures == 1 + int(plugin)  # (1, -1, parity) repeats with a device key_end
+    assert [int(v[0]) for n, v in memory.uploads if n == "key_end"] == ([20, 52, 52, 21, 20] if plugin else [])
+    backend.close()
+
+
 # -- on a GPU (the lent device): engines for its compute capability, built there --------------------------------
 
 
@@ -185,16 +332,22 @@ def test_cuda_memory_round_trip_and_graph_replay(gpu_cc: str) -> None:
         assert memory.allocated_bytes == 2 * data.nbytes
 
 
-@pytest.mark.gpu
-def test_tensorrt_plans_equal_onnxruntime_plans_fp32(fp32_bundle: Path) -> None:
+def _plans_match_onnxruntime(bundle: Path, frames: int) -> Any:
+    """The bundle's TensorRT planner, after planning ``frames`` held-out observations to the same tokens as its
+    ONNX Runtime planner (the caller closes its backend)."""
     settings = DecoderSettings(name="scaffold")
-    trt = planner_from_bundle(fp32_bundle, decoder=settings, backend="tensorrt")
-    ort = planner_from_bundle(fp32_bundle, decoder=settings)
-    for frame in heldout_keyframes(2, stride=12)[::3][:3]:
+    trt = planner_from_bundle(bundle, decoder=settings, backend="tensorrt")
+    ort = planner_from_bundle(bundle, decoder=settings)
+    for frame in heldout_keyframes(2, stride=12)[::3][:frames]:
         obs = observation(frame)
         got, want = trt.plan(obs), ort.plan(obs)
         assert np.array_equal(got.tokens, want.tokens), (got.text, want.text)
-    trt.backend.close()
+    return trt
+
+
+@pytest.mark.gpu
+def test_tensorrt_plans_equal_onnxruntime_plans_fp32(fp32_bundle: Path) -> None:
+    _plans_match_onnxruntime(fp32_bundle, 3).backend.close()
 
 
 @pytest.mark.gpu
@@ -207,6 +360,27 @@ def test_fp16_engines_top1_agreement_is_reported(tmp_path_factory: pytest.TempPa
     lm = next(c for c in report.comparisons if c.role == "lm_step")
     assert lm.top1_agreement is not None and lm.top1_agreement >= TOLERANCES["fp16"][1]
     assert "top1 agreement" in report.text() and report.passed, report.text()
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_plugin_engine_plans_equal_onnxruntime_plans(tmp_path_factory: pytest.TempPathFactory, gpu_cc: str) -> None:
+    """A plugin LM engine (built here with TensorRT proper) on the TensorRT backend: the plugin is registered
+    from the runtime's load path, key_end is a device input, and plans match ONNX Runtime's."""
+    from blockpilot.export.targets import ENGINE_TARGETS
+
+    if importlib.util.find_spec("tensorrt") is None:
+        pytest.skip("plugin engines need TensorRT proper")
+    target = next((t for t in ENGINE_TARGETS.values() if t.sm == gpu_cc and not t.ahead_of_time), None)
+    if target is None:
+        pytest.skip(f"no TensorRT-proper target for sm {gpu_cc}")
+    with torch_threads(1):
+        path = export_bundle(SHIPPED_MODEL, tmp_path_factory.mktemp("plugin") / "b", targets=(target.name,),
+                             engine_precision="fp32", attention="plugin").bundle
+    assert select_engines(load_bundle(path), gpu_cc)["lm_step"].variant == "plugin"
+    trt = _plans_match_onnxruntime(path, 2)
+    assert not trt.backend.layout.key_end_on_host
+    trt.backend.close()
 
 
 @pytest.mark.gpu

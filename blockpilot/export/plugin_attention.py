@@ -1,7 +1,7 @@
 """The ``plugin`` variant of ``lm_step.onnx``: each layer's KV-cache write + attention as ONE custom node.
 
 Node contract (domain ``blockpilot``, op ``BlockDiffusionAttention``, opset 1), shared with the TensorRT plugin
-of :mod:`blockpilot.export.trt_plugin`:
+of :mod:`blockpilot.trt.plugin` (the names: :mod:`blockpilot.formats.onnx_io`):
 
 inputs
     ``q`` ``(1, H, T, D)`` and ``k_new`` / ``v_new`` ``(1, Hkv, T, D)``: the window's projections after RoPE, in
@@ -40,19 +40,25 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..formats.onnx_io import LM_FILE, SPEC_FILE
+from ..formats.onnx_io import (  # the node's constants belong to the graph format; re-exported here
+    LM_FILE,
+    PLUGIN_DOMAIN,
+    PLUGIN_INPUTS,
+    PLUGIN_NAME,
+    PLUGIN_NAMESPACE,
+    PLUGIN_OPSET,
+    PLUGIN_OUTPUTS,
+    PLUGIN_VERSION,
+    SPEC_FILE,
+)
 from ..kernels.reference import block_diffusion_attention_ref, write_window
 
 if TYPE_CHECKING:
     from ..vla.model import VLAModel
 
-PLUGIN_DOMAIN = "blockpilot"
-PLUGIN_NAME = "BlockDiffusionAttention"
-PLUGIN_VERSION = "1"
-PLUGIN_NAMESPACE = "blockpilot"
-PLUGIN_OPSET = 1
-PLUGIN_INPUTS = ("q", "k_new", "v_new", "past_k", "past_v", "start", "key_end", "mode")
-PLUGIN_OUTPUTS = ("attn", "present_k", "present_v")
+__all__ = ["PLUGIN_DOMAIN", "PLUGIN_INPUTS", "PLUGIN_NAME", "PLUGIN_NAMESPACE", "PLUGIN_OPSET", "PLUGIN_OUTPUTS",
+           "PLUGIN_VERSION", "export_plugin_graph", "plugin_attention", "plugin_nodes", "plugin_scalars",
+           "with_reference_function"]
 
 
 @contextmanager

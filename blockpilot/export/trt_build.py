@@ -12,7 +12,6 @@ domain, so such graphs are refused before the parser sees them.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import tempfile
@@ -20,16 +19,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from ..trt.compat import TensorRT, load_tensorrt
+from ..trt.compat import TrtUnavailableError as TrtUnavailableError  # moved to blockpilot.trt; re-exported here
 
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 Shape = Sequence[int]
 Profiles = Mapping[str, tuple[Shape, Shape, Shape]]
-
-
-class TrtUnavailableError(ImportError):
-    """Neither ``tensorrt`` nor ``tensorrt_rtx`` can be imported here."""
 
 
 class PluginGraphError(ValueError):
@@ -38,37 +35,6 @@ class PluginGraphError(ValueError):
 
 class EngineBuildError(RuntimeError):
     """Parsing or building failed; the message carries the parser's errors or points at the TensorRT log."""
-
-
-@dataclass(frozen=True)
-class TensorRT:
-    """The imported TensorRT module plus which flavor it is; attribute access falls through to the module."""
-
-    module: ModuleType
-    flavor: str  # "tensorrt" | "tensorrt-rtx"
-    version: str
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.module, name)
-
-    @property
-    def is_rtx(self) -> bool:
-        return self.flavor == "tensorrt-rtx"
-
-
-def load_tensorrt(prefer: Sequence[str] = ("tensorrt", "tensorrt_rtx")) -> TensorRT:
-    """The first importable TensorRT module of ``prefer`` (TensorRT proper first, as on a Jetson)."""
-    errors: list[str] = []
-    for name in prefer:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as exc:  # also catches a broken install that fails half-way
-            errors.append(f"{name}: {exc}")
-            continue
-        flavor = "tensorrt-rtx" if name == "tensorrt_rtx" else "tensorrt"
-        return TensorRT(module, flavor, str(getattr(module, "__version__", "unknown")))
-    raise TrtUnavailableError("no TensorRT here: install tensorrt-rtx-cu13 (workstation, CPU-only builds) or use "
-                              "JetPack's tensorrt (Jetson); tried " + "; ".join(errors))
 
 
 # -- small helpers that hide the API differences -------------------------------------------------------------
@@ -96,6 +62,16 @@ def _set_compute_capability(trt: TensorRT, config: Any, cc: str | None) -> str:
     if not config.set_compute_capability(member, 0):
         raise EngineBuildError(f"TensorRT-RTX refused compute capability {cc}")
     return f"{digits[:-1]}.{digits[-1]}"
+
+
+def _enable_preview_features(trt: TensorRT, config: Any, names: Sequence[str]) -> None:
+    """Turn on each ``trt.PreviewFeature`` of ``names``; an unknown name raises, naming the ones there are."""
+    for name in names:
+        member = getattr(trt.PreviewFeature, name, None)
+        if member is None:
+            known = [m for m in dir(trt.PreviewFeature) if m.isupper()]
+            raise ValueError(f"{trt.flavor} {trt.version} has no preview feature {name!r} (it has {known})")
+        config.set_preview_feature(member, True)
 
 
 def _attach_timing_cache(trt: TensorRT, config: Any, path: Path | None) -> tuple[Any, str]:
@@ -299,10 +275,12 @@ def parse_network(trt: TensorRT, logger: Any, onnx_path: Path) -> tuple[Any, Any
 def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profiles: Profiles | None = None,
                  compute_capability: str | None = "8.9", timing_cache: Path | None = None,
                  trt: TensorRT | None = None, log_level: str = "ERROR",
-                 network_hook: Callable[[TensorRT, Any], None] | None = None) -> BuildReport:
+                 network_hook: Callable[[TensorRT, Any], None] | None = None,
+                 preview_features: Sequence[str] = ()) -> BuildReport:
     """Parse ``onnx_path`` into a strongly typed network, build it and write ``engine_path`` atomically.
 
-    ``network_hook(trt, network)`` may adjust the parsed network's layers before the build.
+    ``network_hook(trt, network)`` may adjust the parsed network's layers before the build;
+    ``preview_features`` names ``trt.PreviewFeature`` members to enable (the plugin build's aliasing).
 
     ``profiles`` maps each dynamic input to ``(min, opt, max)`` shapes; for a shape-tensor input (``key_end``)
     the triples are its values. The inspector's layer JSON lands at ``<engine>.layers.json`` when a GPU can
@@ -326,6 +304,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profiles: Pr
         # The runtime hands TensorRT-RTX its scratch memory; without this flag the context is not capturable
         # into a CUDA graph.
         config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+    _enable_preview_features(trt, config, preview_features)
     cc = _set_compute_capability(trt, config, compute_capability)
     cache, cache_note = _attach_timing_cache(trt, config, timing_cache)
     _add_profile(builder, config, network, profiles or {})

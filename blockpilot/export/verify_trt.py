@@ -135,9 +135,11 @@ def compare_graphs(reference: str | Path, candidate: str | Path, feeds: Sequence
 
 def compare_engine(reference: str | Path, engine: str | Path, feeds: Sequence[Feed], *, flavor: str = "tensorrt",
                    role: str = "lm_step", atol: Mapping[str, float] | None = None,
-                   rtol: Mapping[str, float] | float = 0.0, min_top1_agreement: float = 1.0) -> GraphComparison:
+                   rtol: Mapping[str, float] | float = 0.0, min_top1_agreement: float = 1.0,
+                   plugin: bool = False) -> GraphComparison:
     """An ONNX graph on ONNX Runtime against a TensorRT engine (``flavor``: ``tensorrt`` or ``tensorrt_rtx``, the
-    module that built it) through Polygraphy's ``TrtRunner``, over ``feeds``; needs a GPU that runs the engine."""
+    module that built it) through Polygraphy's ``TrtRunner``, over ``feeds``; needs a GPU that runs the engine.
+    ``plugin``: the engine holds ``BlockDiffusionAttention`` layers (registered here before it is loaded)."""
     from polygraphy import config
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
@@ -148,29 +150,21 @@ def compare_engine(reference: str | Path, engine: str | Path, feeds: Sequence[Fe
     config.USE_TENSORRT_RTX = rtx  # read when polygraphy.backend.trt is first imported
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
+    if plugin:
+        from ..trt.compat import load_tensorrt
+        from ..trt.plugin import register_plugin
+
+        register_plugin(load_tensorrt(prefer=(flavor,)))
     runners = [OnnxrtRunner(SessionFromOnnx(str(reference), providers=["cpu"]), name="onnxruntime"),
                TrtRunner(EngineFromBytes(Path(engine).read_bytes()), name=flavor)]
     return _compare(role, runners, (str(reference), str(engine)), feeds, atol or TOLERANCES["fp32"][0], rtol,
                     min_top1_agreement)
 
 
-class _FeedRecorder:
-    """Stands in for the ONNX Runtime backend's LM session: records the first ``budget`` feeds, then runs them."""
-
-    def __init__(self, session: Any) -> None:
-        self.session, self.budget = session, 0
-        self.feeds: list[Feed] = []
-
-    def run(self, names: Any, feeds: Mapping[str, np.ndarray]) -> Any:
-        if self.budget > 0:
-            self.budget -= 1
-            self.feeds.append({k: np.array(v, copy=True) for k, v in feeds.items()})
-        return self.session.run(names, feeds)
-
-
 def lm_feeds(bundle: str | Path, observations: Sequence[Any], *, steps: int = 2) -> list[Feed]:
     """LM-step feeds of real plans: for each observation the prefill and the first ``steps`` decode forwards of
-    the bundle's ONNX Runtime planner (scaffold decoder), KV cache state included."""
+    the bundle's ONNX Runtime planner (scaffold decoder), KV cache state included, recorded through the
+    backend's :attr:`~blockpilot.runtime.ort_backend.OrtBackend.feed_observer`."""
     from ..runtime.bundle_planner import planner_from_bundle
     from ..runtime.ort_backend import OrtBackend
     from ..runtime.plan_types import DecoderSettings
@@ -178,12 +172,21 @@ def lm_feeds(bundle: str | Path, observations: Sequence[Any], *, steps: int = 2)
     planner = planner_from_bundle(bundle, decoder=DecoderSettings(name="scaffold"), verify=False)
     backend = planner.backend
     assert isinstance(backend, OrtBackend)
-    recorder = _FeedRecorder(backend._lm)
-    backend._lm = recorder  # the backend's own session: its feeds are exactly what a plan runs
+    feeds: list[Feed] = []
+    budget = 0
+
+    def record(feed: Mapping[str, np.ndarray]) -> None:
+        nonlocal budget
+        if budget > 0:
+            budget -= 1
+            feeds.append({k: np.array(v, copy=True) for k, v in feed.items()})
+
+    backend.feed_observer = record
     for obs in observations:
-        recorder.budget = 1 + steps
+        budget = 1 + steps
         planner.plan(obs)
-    return recorder.feeds
+    backend.feed_observer = None
+    return feeds
 
 
 def vision_feeds(spec: Mapping[str, Any], observations: Sequence[Any], *, limit: int = 8) -> list[Feed]:
@@ -231,7 +234,8 @@ def tensorrt_unavailable(bundle: Bundle) -> str | None:
         engines = select_engines(bundle, compute_capability())
     except (CudaUnavailableError, EngineSelectionError) as exc:
         return str(exc)
-    for module in (engine_flavor(engines["lm_step"]), "polygraphy"):
+    plugin = ("torch", "triton") if engines["lm_step"].variant == "plugin" else ()  # the plugin's kernel
+    for module in (engine_flavor(engines["lm_step"]), "polygraphy", *plugin):
         if importlib.util.find_spec(module) is None:
             return f"the {module} module is not installed"
     return None
@@ -265,5 +269,5 @@ def verify_engines(bundle: str | Path | Bundle, *, samples: int = 8, steps: int 
         atol, min_top1 = TOLERANCES.get(engine.precision, TOLERANCES["fp16"])
         comparisons.append(compare_engine(loaded.file(graphs[role].path), loaded.file(engine.path), feeds[role],
                                           flavor=engine_flavor(engine), role=role, atol=atol,
-                                          min_top1_agreement=min_top1))
+                                          min_top1_agreement=min_top1, plugin=engine.variant == "plugin"))
     return EngineVerifyReport(str(loaded.path), cc, engine_flavor(engines["lm_step"]), len(frames), tuple(comparisons))

@@ -1,7 +1,7 @@
-"""Torch-free helpers shared by the ONNX export and the ONNX Runtime backend.
+"""Torch-free helpers shared by the ONNX export and the ONNX Runtime / TensorRT backends.
 
-File names and the spec loader, plus numpy versions of the two host-side steps a prompt with
-images needs before the LM graph: image preprocessing (normalize + patchify, the layout of
+File names, the spec loader and the plugin node's constants, plus numpy versions of the two host-side steps a
+prompt with images needs before the LM graph: image preprocessing (normalize + patchify, the layout of
 :mod:`blockpilot.vla.image`) and Qwen2.5-VL's 3-D RoPE positions (:mod:`blockpilot.vla.rope_index`).
 """
 
@@ -21,6 +21,16 @@ VISION_FILE = "vision.onnx"
 LM_FILE = "lm_step.onnx"
 EMBED_FILE = "embed_tokens.npy"
 MODE_IDS = {"causal": 0, "block": 1, "bidirectional": 2}
+
+# The plugin variant's custom node (blockpilot.export.plugin_attention writes it, blockpilot.trt.plugin runs it):
+# part of the graph format, so the exporter, the TensorRT plugin and the runtime read one definition.
+PLUGIN_DOMAIN = "blockpilot"
+PLUGIN_NAME = "BlockDiffusionAttention"  # the op type, and the name TensorRT finds the plugin creator by
+PLUGIN_VERSION = "1"
+PLUGIN_NAMESPACE = "blockpilot"
+PLUGIN_OPSET = 1
+PLUGIN_INPUTS = ("q", "k_new", "v_new", "past_k", "past_v", "start", "key_end", "mode")
+PLUGIN_OUTPUTS = ("attn", "present_k", "present_v")
 
 # The CLIP normalization of blockpilot.vla.image, repeated here so this module stays torch-free.
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)

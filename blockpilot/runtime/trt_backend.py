@@ -16,14 +16,21 @@ execution context per parity, context ``p`` reading buffer ``p`` as past and wri
 present. A committed step (``write_kv=True``) flips the parity, so the present becomes the next past; a draft
 (``write_kv=False``) keeps it, and its present is scratch that the next forward overwrites.
 
-``key_end`` is a shape tensor (``ICudaEngine.is_shape_inference_io``: it feeds the ``Range`` of visible keys),
-so its address points at host memory, set once; TensorRT reads the value on the host at enqueue time.
+``key_end``: in decomposed and native engines a shape tensor (``ICudaEngine.is_shape_inference_io``: it feeds
+the ``Range`` of visible keys), so its address points at pinned host memory, set once, and TensorRT reads the
+value on the host at enqueue time; in plugin engines it only reaches the plugins (``Cast`` + ``Reshape`` to
+int32 ``(1,)``), an ordinary device input uploaded like ``start`` (:func:`~blockpilot.runtime.trt_engine.lm_layout`
+decides from the engine). Plugin engines (``TrtBackend(plugin=True)``, selected by the artifact's variant)
+have the same network I/O as decomposed ones: each plugin writes its layer's slice of the cache in place, but
+those slices are tensors inside the network (``Gather`` of ``past_k`` in, ``Concat`` into ``present_k`` out),
+so past and present stay two network tensors and the ping-pong buffers hold.
 
-CUDA graphs. A captured graph freezes the input shapes, the host value of ``key_end`` (hence the kernels' grid
-sizes) and every tensor address, so graphs are keyed by ``(T, key_end, parity)``: the denoising drafts and the
-commit of one block share a key and replay. A block step's key is captured at first sight, a one-token step's
-at its second (an AR decoder never repeats one), each in its own execution context (an enqueue may stage
-shape-dependent parameters that a later enqueue with other shapes would overwrite), which runs that call
+CUDA graphs. A captured graph freezes the input shapes, a host value of ``key_end`` (hence the kernels' grid
+sizes) and every tensor address, so graphs are keyed by ``(T, key_end, parity)`` (``key_end`` as ``-1`` where
+it lives on the device, which a graph does not freeze): the denoising drafts and the commit of one block share
+a key and replay. A block step's key is captured at first sight, a one-token step's at its second (an AR
+decoder never repeats one where ``key_end`` is in the key), each in its own execution context (an enqueue may
+stage shape-dependent parameters that a later enqueue with other shapes would overwrite), which runs that call
 eagerly and is then captured; at most ``cuda_graphs`` graphs are kept, least recently used dropped. Prefills
 change T every plan and always run eagerly. Capture is off when ``cuda_graphs=0``, through pycuda, or when
 TensorRT reports the context not stream-capturable (TensorRT-RTX engines need to be built to use
@@ -33,7 +40,6 @@ is refused. :attr:`TrtBackend.graph_note` says which applies.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,29 +47,17 @@ import numpy as np
 import numpy.typing as npt
 
 from ..formats.bundle import Artifact, Bundle, BundleError, load_bundle
-from ..formats.onnx_io import MODE_IDS, continuation_positions_np, image_patches, load_spec, mrope_positions_np
+from ..formats.onnx_io import MODE_IDS, load_spec
 from ..vla.modes import AttentionMode
-from ..vla.plans import DrivingSchema
-from .backend import (
-    BackendError,
-    CacheFullError,
-    Prompt,
-    PromptError,
-    Sampling,
-    StepResult,
-    TokenArray,
-    check_tokens,
-    prefill_length,
-)
+from .backend import BackendError, TokenArray
 from .cuda_memory import CudaMemory, CudaUnavailableError, DeviceBuffer
+from .graph_backend import GraphBackend, GraphInputs, driving_model_files
 from .plan_types import DecoderSettings, PlannerSetupError
 from .planner import Planner
 from .trt_engine import StepGraphs, TrtEngine, bind, enqueue
 
 PRECISION_ORDER = ("fp8", "fp16", "fp32")
-VARIANT_ORDER = ("native", "decomposed", "plugin")  # plugin engines write the cache in place: TrtBackend refuses them
-LM_INPUTS = ("inputs_embeds", "position_ids", "start", "key_end", "mode", "past_k", "past_v")
-LM_OUTPUTS = ("top1", "prob", "present_k", "present_v")
+VARIANT_ORDER = ("native", "decomposed", "plugin")  # fused attention first; the Python plugin last
 
 
 class TrtUnsupportedError(BackendError):
@@ -128,53 +122,54 @@ def engine_flavor(artifact: Artifact) -> str:
     return "tensorrt_rtx" if "tensorrt_rtx" in artifact.tools else "tensorrt"
 
 
-class TrtBackend:
-    """Implements :class:`blockpilot.runtime.backend.Backend` over TensorRT engines (see the module docstring).
+class TrtBackend(GraphBackend):
+    """Implements :class:`blockpilot.runtime.backend.Backend` over TensorRT engines (see the module docstring;
+    prefill / step / fork / truncate: :class:`~blockpilot.runtime.graph_backend.GraphBackend`).
 
     ``onnx_dir`` holds the export's ``onnx_spec.json`` and ``embed_tokens.npy``; ``flavor`` is the module that
-    built the engines (``tensorrt`` or ``tensorrt_rtx``). ``memory`` is created here unless given; :meth:`close`
-    closes it when it was created here or ``own_memory`` hands it over. ``cuda_graphs``: how many step graphs
-    to keep (0: none).
+    built the engines (``tensorrt`` or ``tensorrt_rtx``); ``plugin``: the LM engine was built from the plugin
+    graph (its plugin is registered before deserialization). ``memory`` is created here unless given;
+    :meth:`close` closes it when it was created here or ``own_memory`` hands it over. ``cuda_graphs``: how many
+    step graphs to keep (0: none).
     """
+
+    backend_name = "TensorRT"
+    rollouts_note = "rollouts need the torch backend"
+    unsupported = TrtUnsupportedError
 
     def __init__(self, lm_engine: str | Path, onnx_dir: str | Path, *, vision_engine: str | Path | None = None,
                  memory: CudaMemory | None = None, own_memory: bool = False, flavor: str = "tensorrt",
-                 cuda_graphs: int = 4) -> None:
+                 plugin: bool = False, cuda_graphs: int = 4) -> None:
         self.memory = memory if memory is not None else CudaMemory()
         self._owns_memory = memory is None or own_memory
         try:
-            self._setup(Path(lm_engine), Path(onnx_dir), vision_engine, flavor, cuda_graphs)
+            self._setup(Path(lm_engine), Path(onnx_dir), vision_engine, flavor, plugin, cuda_graphs)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, lm_path: Path, onnx_dir: Path, vision_path: str | Path | None, flavor: str,
+    def _setup(self, lm_path: Path, onnx_dir: Path, vision_path: str | Path | None, flavor: str, plugin: bool,
                cuda_graphs: int) -> None:
         m = self.memory
         self.spec: dict[str, Any] = load_spec(onnx_dir)
-        self._embed: npt.NDArray[np.float32] = np.load(onnx_dir / self.spec["embed_file"]).astype(np.float32)
-        self._vocab, self._hidden, cap = int(self.spec["vocab_size"]), int(self.spec["hidden_size"]), self.capacity
-        image_id = self.spec.get("image_token_id")
-        self._image_id = int(image_id) if image_id is not None else -1
+        self._inputs = GraphInputs(self.spec, onnx_dir, vision="engine")
+        cap = self.capacity
         paths = [lm_path] + ([Path(vision_path)] if vision_path is not None else [])
-        engines = TrtEngine.load(flavor, paths, m.compute_capability)
+        engines = TrtEngine.load(flavor, paths, m.compute_capability, plugin=plugin)
         lm, self._vision = engines[0], (engines[1] if len(engines) > 1 else None)
         self._lm = lm
-        missing = [n for n in (*LM_INPUTS, *LM_OUTPUTS) if n not in lm.names]
-        if missing:
-            raise PlannerSetupError(f"{lm_path}: not an lm_step engine of this export (no {', '.join(missing)})")
+        self.layout = layout = lm.lm_layout()
         if any(lm.aliased_input(n) for n in ("present_k", "present_v")):
-            raise PlannerSetupError(f"{lm_path}: the engine writes the KV cache in place (aliased past/present, the "
-                                    "plugin variant); this backend runs separate past/present buffers (a draft must "
-                                    "leave the cache as it was): select the native or decomposed engine")
-        if [n for n in lm.inputs if lm.is_host(n)] != ["key_end"]:
-            raise PlannerSetupError(f"{lm_path}: expected key_end as the only host (shape tensor) input")
+            raise PlannerSetupError(f"{lm_path}: the engine aliases its present_k / present_v outputs to its past "
+                                    "inputs; this backend runs separate past/present buffers (a draft must leave "
+                                    "the cache as it was)")
         scratch = m.alloc("context scratch", max(e.scratch_bytes for e in engines))
         for engine in engines:
             engine.use_scratch(scratch)
-        self._key_end_host = np.zeros(1, dtype=lm.dtype("key_end"))  # a shape tensor: its value stays on the host
-        self._buf = {n: m.alloc(n, lm.nbytes(n, lm.max_shape(n))) for n in ("inputs_embeds", "position_ids",
-                                                                         "start", "mode")}
+        device_inputs = ["inputs_embeds", "position_ids", "start", "mode"]
+        if not layout.key_end_on_host:  # plugin engines: key_end is data like start
+            device_inputs.append("key_end")
+        self._buf = {n: m.alloc(n, lm.nbytes(n, lm.max_shape(n))) for n in device_inputs}
         self._kv = [(m.alloc(f"k{p}", lm.nbytes("past_k", lm.max_shape("past_k"))),
                      m.alloc(f"v{p}", lm.nbytes("past_v", lm.max_shape("past_v")))) for p in (0, 1)]
         for k, v in self._kv:  # never read before written, but no stale NaN ever reaches a masked product
@@ -182,6 +177,7 @@ class TrtBackend:
             m.memset(v)
         for name in ("top1", "prob"):  # (1, T): the export's spec, checked against the engine below
             self._buf[name] = m.alloc(name, lm.nbytes(name, (1, cap)))
+        self._staged = {n: m.pinned(1, layout.dtypes[n]) for n in ("start", "mode", "key_end")}
         self._contexts = [lm.context() for _ in (0, 1)]  # one per parity, its addresses set once
         for parity, context in enumerate(self._contexts):
             bind(context, self._addresses(parity), lm_path)
@@ -192,100 +188,18 @@ class TrtBackend:
                 raise PlannerSetupError(f"{lm_path}: output {name} has shape {shape} at T = capacity; fixed buffers "
                                         "(and CUDA graphs) need the export's output shapes, known from the inputs")
         self._shape_of: dict[int, int] = {}
-        self._embeds_host = m.pinned((cap, self._hidden), lm.dtype("inputs_embeds"))
-        self._pos_host = m.pinned(3 * cap, lm.dtype("position_ids"))
-        self._start_host, self._mode_host = m.pinned(1, lm.dtype("start")), m.pinned(1, lm.dtype("mode"))
-        self._top1_host, self._prob_host = m.pinned(cap, lm.dtype("top1")), m.pinned(cap, lm.dtype("prob"))
+        self._embeds_host = m.pinned((cap, self._inputs.hidden), layout.dtypes["inputs_embeds"])
+        self._pos_host = m.pinned(3 * cap, layout.dtypes["position_ids"])
+        self._top1_host, self._prob_host = m.pinned(cap, layout.dtypes["top1"]), m.pinned(cap, layout.dtypes["prob"])
         self.graphs = StepGraphs(m, cuda_graphs)
         self._vision_io = self._vision_setup(self._vision) if self._vision is not None else None
+        self._image_encoder = None if self._vision_io is None else self._encode
         self._parity = self._length = self._rope_delta = 0
-
-    @property
-    def length(self) -> int:
-        return self._length
-
-    @property
-    def capacity(self) -> int:
-        return int(self.spec["capacity"])
-
-    @property
-    def max_batch(self) -> int:
-        return 1
 
     @property
     def graph_note(self) -> str:
         """Why CUDA graphs are off, or ``""`` while they are on."""
         return self.graphs.note
-
-    def prefill(self, prompt: Prompt, *, length: int | None = None,
-                mode: AttentionMode = AttentionMode.CAUSAL) -> StepResult:
-        n = prefill_length(prompt, length, self.capacity)
-        self._length = 0
-        stage: dict[str, float] = {}
-        ids = prompt.token_ids
-        is_image = ids == self._image_id
-        embeds = self._embed[ids]
-        if prompt.images:
-            t0 = time.perf_counter()
-            features, grids = self._encode_images(prompt.images, int(is_image.sum()))
-            if bool(is_image[n:].any()):
-                raise PromptError(f"image tokens lie past the prefill length {n}; prefill through the images")
-            stage["vision"] = (time.perf_counter() - t0) * 1e3
-            try:
-                positions, self._rope_delta = mrope_positions_np(ids, grids, self._image_id,
-                                                                 int(self.spec["vision"]["spatial_merge_size"]))
-            except ValueError as exc:
-                raise PromptError(str(exc)) from exc
-            embeds[is_image] = features
-        else:
-            if is_image.any():
-                raise PromptError(f"the prompt holds {int(is_image.sum())} image tokens but no images were given")
-            self._rope_delta = 0
-            positions = continuation_positions_np(0, len(prompt), 0)
-        if n == 0:
-            return StepResult(np.zeros((1, 0), dtype=np.int64), np.zeros((1, 0), dtype=np.float32), None, stage)
-        t0 = time.perf_counter()
-        top1, prob = self._forward(embeds[:n], positions[..., :n], 0, n, mode, commit=True, graph=False)
-        stage["prefill"] = (time.perf_counter() - t0) * 1e3
-        self._length = n
-        return StepResult(top1[:, -1:], prob[:, -1:], None, stage)
-
-    def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
-             kv_end: int | None = None, sampling: Sampling | None = None) -> StepResult:
-        if sampling is not None:
-            raise TrtUnsupportedError("sampled decoding on the TensorRT backend: rollouts need the torch backend")
-        arr = check_tokens(tokens, self._vocab, 1)
-        t = arr.shape[1]
-        if start < 0 or start > self._length:
-            raise ValueError(f"step at slot {start} outside 0..{self._length}: the cache holds {self._length} slots "
-                             "and a later start would leave a gap")
-        end = start + t
-        if kv_end is not None:
-            if not write_kv or kv_end < end:
-                raise ValueError(f"kv_end={kv_end} needs write_kv=True and kv_end >= start + tokens ({end})")
-            if kv_end > self._length:
-                raise ValueError(f"kv_end {kv_end} reaches past the valid cache ({self._length} slots)")
-            end = kv_end
-        if end > self.capacity:  # the engine writes the window into its present cache even for a draft
-            raise CacheFullError(f"KV cache write of {end - start} token(s) at slot {start} exceeds capacity "
-                                 f"{self.capacity}")
-        positions = continuation_positions_np(start, t, self._rope_delta)
-        top1, prob = self._forward(self._embed[arr[0]], positions, start, end, mode, commit=write_kv, graph=True)
-        if write_kv:
-            self._length = max(start + t, kv_end or 0)
-        return StepResult(top1, prob)
-
-    def fork(self, n: int) -> None:
-        if n < 1:
-            raise ValueError(f"fork({n}) needs at least one row")
-        if n > 1:
-            raise TrtUnsupportedError(f"fork({n}) on the TensorRT backend (batch one only): rollouts need the "
-                                      "torch backend")
-
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self._length:
-            raise ValueError(f"truncate({length}) outside 0..{self._length}")
-        self._length = length
 
     def close(self) -> None:
         """Drop contexts and engines, then free every buffer (closing the memory layer when it is ours)."""
@@ -307,13 +221,15 @@ class TrtBackend:
         m, t, p = self.memory, embeds.shape[0], self._parity
         self._embeds_host[:t] = embeds
         self._pos_host[: 3 * t] = np.asarray(positions).reshape(-1)
-        self._start_host[0], self._mode_host[0] = start, MODE_IDS[AttentionMode(mode).value]
-        self._key_end_host[0] = key_end  # read on the host when the work is enqueued
+        staged = self._staged
+        staged["start"][0], staged["mode"][0] = start, MODE_IDS[AttentionMode(mode).value]
+        staged["key_end"][0] = key_end  # on the host: read when the work is enqueued
         m.upload(self._buf["inputs_embeds"], self._embeds_host[:t])
         m.upload(self._buf["position_ids"], self._pos_host[: 3 * t])
-        m.upload(self._buf["start"], self._start_host)
-        m.upload(self._buf["mode"], self._mode_host)
-        key = (t, key_end, p)
+        for name in ("start", "mode", "key_end"):
+            if name in self._buf:
+                m.upload(self._buf[name], staged[name])
+        key = (t, key_end if self.layout.key_end_on_host else -1, p)
         if not (graph and self.graphs.enabled and self.graphs.replay(key)):
             fresh = graph and self.graphs.wanted(key)  # a repeated key: its own context, run eagerly, then captured
             context = self._lm.context() if fresh else self._contexts[p]
@@ -334,29 +250,8 @@ class TrtBackend:
         top1 = self._top1_host[:t].astype(np.int64)[None]
         return top1, self._prob_host[:t].astype(np.float32)[None]
 
-    def _encode_images(self, images: tuple[npt.NDArray[np.uint8], ...],
-                       n_image_tokens: int) -> tuple[npt.NDArray[np.float32], list[tuple[int, int, int]]]:
-        """Image features for the image tokens, one vision-engine run per image (as the ONNX Runtime backend)."""
-        vision = self.spec.get("vision")
-        if vision is None or self._vision_io is None:
-            raise PromptError("the prompt has images but the bundle has no vision engine")
-        expected, merge = tuple(vision["grid_thw"]), int(vision["spatial_merge_size"])
-        grids: list[tuple[int, int, int]] = []
-        features = []
-        for i, image in enumerate(images):
-            patches, grid = image_patches(image, int(vision["patch_size"]), merge, int(vision["temporal_patch_size"]))
-            if grid != expected:
-                raise PromptError(f"image {i} ({image.shape[0]}x{image.shape[1]}) makes a {grid} patch grid; the "
-                                  f"vision engine was built for {expected} (image size {vision['image_hw']})")
-            grids.append(grid)
-            features.append(self._encode(patches))
-        needed = sum(g[0] * g[1] * g[2] // (merge * merge) for g in grids)
-        if n_image_tokens != needed:
-            raise PromptError(f"the prompt holds {n_image_tokens} image tokens but its {len(images)} image(s) "
-                              f"need {needed}")
-        return np.concatenate(features), grids
-
     def _encode(self, patches: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """One image's features: one vision-engine run (as the ONNX Runtime backend runs its graph)."""
         assert self._vision_io is not None and self._vision is not None
         context, inp, out, out_shape = self._vision_io
         self.memory.upload(inp, np.ascontiguousarray(patches, dtype=self._vision.dtype(inp.name)))
@@ -382,14 +277,16 @@ class TrtBackend:
         return context, inp, out, shape_out
 
     def _addresses(self, parity: int) -> dict[str, int]:
-        """Every LM tensor's address for ``parity``: past = cache buffer ``parity``, present = the other one."""
+        """Every LM tensor's address for ``parity``: past = cache buffer ``parity``, present = the other one;
+        ``key_end`` the pinned host value where it is a shape tensor."""
         (k_past, v_past), (k_present, v_present) = self._kv[parity], self._kv[1 - parity]
-        return {**{n: b.ptr for n, b in self._buf.items()}, "key_end": int(self._key_end_host.ctypes.data),
-                "past_k": k_past.ptr, "past_v": v_past.ptr, "present_k": k_present.ptr, "present_v": v_present.ptr}
+        host = {"key_end": int(self._staged["key_end"].ctypes.data)} if self.layout.key_end_on_host else {}
+        return {**{n: b.ptr for n, b in self._buf.items()}, **host, "past_k": k_past.ptr, "past_v": v_past.ptr,
+                "present_k": k_present.ptr, "present_v": v_present.ptr}
 
     def _set_shapes(self, context: Any, t: int, key_end: int) -> None:
-        self._key_end_host[0] = key_end
-        for name, shape in (("inputs_embeds", (1, t, self._hidden)), ("position_ids", (3, 1, t))):
+        self._staged["key_end"][0] = key_end
+        for name, shape in (("inputs_embeds", (1, t, self._inputs.hidden)), ("position_ids", (3, 1, t))):
             if not context.set_input_shape(name, shape):
                 raise BackendError(f"set_input_shape({name}, {shape}) refused: outside the engine's profile")
 
@@ -416,11 +313,12 @@ def trt_planner(bundle_path: str | Path, *, decoder: DecoderSettings | None = No
         graphs = {a.role: a for a in bundle.graphs(variant="decomposed")}
         if "lm_step" not in graphs:
             raise PlannerSetupError(f"{bundle.path}: no decomposed lm_step graph (its spec and embeddings)")
-        config, tokenizer, schema = _model_files(bundle.path / "model")
+        config, tokenizer, schema = driving_model_files(bundle.path / "model")
         vision = engines.get("vision")
         backend = TrtBackend(bundle.file(engines["lm_step"].path), bundle.file(graphs["lm_step"].path).parent,
                              vision_engine=None if vision is None else bundle.file(vision.path), memory=memory,
-                             own_memory=True, flavor=engine_flavor(engines["lm_step"]), cuda_graphs=cuda_graphs)
+                             own_memory=True, flavor=engine_flavor(engines["lm_step"]),
+                             plugin=engines["lm_step"].variant == "plugin", cuda_graphs=cuda_graphs)
     except ImportError as exc:
         memory.close()
         raise PlannerSetupError(f"the bundle's engines need the {exc.name} module: {exc}") from exc
@@ -428,22 +326,3 @@ def trt_planner(bundle_path: str | Path, *, decoder: DecoderSettings | None = No
         memory.close()
         raise
     return Planner(backend, config, tokenizer, decoder=settings, schema=schema)
-
-
-def _model_files(model_dir: Path) -> tuple[Any, Any, DrivingSchema]:
-    """Config, tokenizer and driving schema of a bundle's ``model/`` (no weights read), as ``ort_planner`` has it."""
-    from ..vla.config import ConfigError
-    from ..vla.hf_config import load_config
-    from ..vla.schema_io import load_schema
-    from ..vla.tokenizer import Tokenizer
-
-    try:
-        config = load_config(model_dir)
-        tokenizer = Tokenizer.from_file(model_dir, config.tokens)
-        schema = load_schema(model_dir)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        raise PlannerSetupError(str(exc)) from exc
-    if not isinstance(schema, DrivingSchema):
-        raise PlannerSetupError(f"{model_dir}: the model answers in the {type(schema).__name__} layout; the Planner "
-                                "plans driving")
-    return config, tokenizer, schema

@@ -1,26 +1,70 @@
 """Engine-level plumbing of the TensorRT backend: one deserialized engine with its tensor dtypes and shapes,
-execution contexts that share one scratch allocation, and the CUDA graphs of LM steps.
+where the LM step's inputs live (:func:`lm_layout`), execution contexts that share one scratch allocation, and
+the CUDA graphs of LM steps.
 
 Works with ``tensorrt`` (TensorRT 10.x / 11.x, JetPack) and ``tensorrt_rtx`` alike: only the name-based I/O
 API of TensorRT 10 (``get_tensor_name``, ``set_tensor_address``, ``set_input_shape``, ``execute_async_v3``).
+Engines of the plugin graph need the ``BlockDiffusionAttention`` plugin registered before they are
+deserialized (``TrtEngine.load(..., plugin=True)``; :mod:`blockpilot.trt.plugin`).
 """
 
 from __future__ import annotations
 
-import importlib
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..trt.compat import load_tensorrt
 from .backend import BackendError
 from .cuda_memory import CudaMemory, DeviceBuffer
 from .plan_types import PlannerSetupError
 
 _NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_,
           "INT8": np.int8, "UINT8": np.uint8}
-StepKey = tuple[int, int, int]  # (T, key_end, parity)
+LM_INPUTS = ("inputs_embeds", "position_ids", "start", "key_end", "mode", "past_k", "past_v")
+LM_OUTPUTS = ("top1", "prob", "present_k", "present_v")
+StepKey = tuple[int, int, int]  # (T, key_end or -1 where key_end lives on the device, parity)
+
+
+def dtype_name(dtype: Any) -> str:
+    """``"INT64"`` from ``DataType.INT64`` (an engine's or a network tensor's data type)."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def numpy_dtype(kind: str, where: Path | str, name: str) -> Any:
+    if kind not in _NUMPY:
+        raise PlannerSetupError(f"{where}: tensor {name} is {kind}; the backend moves {', '.join(_NUMPY)}")
+    return _NUMPY[kind]
+
+
+@dataclass(frozen=True)
+class LmLayout:
+    """Where the LM step's tensors live and their numpy dtypes. ``key_end_on_host``: a shape tensor (it feeds the
+    ``Range`` of visible keys in decomposed and native engines; its address is host memory, read when work is
+    enqueued); otherwise an ordinary device input (plugin engines: it only reaches the plugins, as int32 data)."""
+
+    dtypes: dict[str, Any]
+    key_end_on_host: bool
+
+
+def lm_layout(inputs: Sequence[str], outputs: Sequence[str], is_host: Callable[[str], bool],
+              kind: Callable[[str], str], where: Path | str) -> LmLayout:
+    """:class:`LmLayout` of an LM-step engine from its I/O names, whether each input is read on the host
+    (``ICudaEngine.is_shape_inference_io``; a parsed network's ``ITensor.is_shape_tensor``) and each tensor's
+    data type name. Raises :class:`PlannerSetupError` for an engine of another graph, or one with any host input
+    other than ``key_end``."""
+    missing = [n for n in LM_INPUTS if n not in inputs] + [n for n in LM_OUTPUTS if n not in outputs]
+    if missing:
+        raise PlannerSetupError(f"{where}: not an lm_step engine of this export (no {', '.join(missing)})")
+    host = [n for n in inputs if is_host(n)]
+    if host not in ([], ["key_end"]):
+        raise PlannerSetupError(f"{where}: host (shape tensor) inputs {host}; the backend reads only key_end on "
+                                "the host (decomposed and native engines) or none (plugin engines)")
+    return LmLayout({n: numpy_dtype(kind(n), where, n) for n in (*LM_INPUTS, *LM_OUTPUTS)}, host == ["key_end"])
 
 
 class TrtEngine:
@@ -40,9 +84,16 @@ class TrtEngine:
         self._scratch: DeviceBuffer | None = None
 
     @staticmethod
-    def load(flavor: str, paths: list[Path], compute_capability: str) -> list[TrtEngine]:
-        """Import ``flavor`` and deserialize each of ``paths`` with one runtime."""
-        module = importlib.import_module(flavor)
+    def load(flavor: str, paths: list[Path], compute_capability: str, *, plugin: bool = False) -> list[TrtEngine]:
+        """Import ``flavor`` (``tensorrt`` or ``tensorrt_rtx``; :class:`blockpilot.trt.TrtUnavailableError`, an
+        ``ImportError``, where it is missing) and deserialize each of ``paths`` with one runtime. ``plugin``:
+        the engines hold ``BlockDiffusionAttention`` layers, so the plugin is registered first (once per module)."""
+        module = load_tensorrt(prefer=(flavor,)).module
+        if plugin:
+            from ..trt.plugin import check_run_requirements, register_plugin
+
+            check_run_requirements()
+            register_plugin(module)
         runtime = module.Runtime(module.Logger(module.Logger.WARNING))
         return [TrtEngine(module, runtime, p, compute_capability) for p in paths]
 
@@ -80,10 +131,14 @@ class TrtEngine:
         return (query(name) or None) if query is not None else None
 
     def dtype(self, name: str) -> Any:
-        kind = str(self.engine.get_tensor_dtype(name)).rsplit(".", 1)[-1]
-        if kind not in _NUMPY:
-            raise PlannerSetupError(f"{self.path}: tensor {name} is {kind}; the backend moves {', '.join(_NUMPY)}")
-        return _NUMPY[kind]
+        return numpy_dtype(self.kind(name), self.path, name)
+
+    def kind(self, name: str) -> str:
+        """The TensorRT data type name of tensor ``name`` (``"FLOAT"``, ``"INT64"``, ...)."""
+        return dtype_name(self.engine.get_tensor_dtype(name))
+
+    def lm_layout(self) -> LmLayout:
+        return lm_layout(self.inputs, self.outputs, self.is_host, self.kind, self.path)
 
     def max_shape(self, name: str) -> tuple[int, ...]:
         """An input's shape, its dynamic dimensions at the maximum of optimization profile 0."""

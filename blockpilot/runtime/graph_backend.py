@@ -1,0 +1,235 @@
+"""What the ONNX Runtime and TensorRT backends share: both run the graphs of one export
+(:func:`blockpilot.export.export_onnx`) at batch one, greedy, and differ only in how they execute them.
+
+:class:`GraphInputs` is the host side of a forward: token embeddings looked up from ``embed_tokens.npy`` with the
+vision features written over the image tokens, Qwen2.5-VL's M-RoPE positions, and the ``start`` / ``key_end`` of
+a step checked against the cache. :class:`GraphBackend` is the :class:`~blockpilot.runtime.backend.Backend`
+surface over it (prefill, step, fork, truncate, the cache length and rope delta); a subclass supplies how it runs
+the vision graph on one image's patches and the LM step itself. Torch-free (like
+:mod:`blockpilot.formats.onnx_io`).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from ..formats.onnx_io import continuation_positions_np, image_patches, mrope_positions_np
+from ..vla.modes import AttentionMode
+from .backend import BackendError, CacheFullError, PromptError, StepResult, TokenArray, check_tokens, prefill_length
+
+if TYPE_CHECKING:
+    from ..vla.config import ModelConfig
+    from ..vla.plans import DrivingSchema
+    from ..vla.tokenizer import Tokenizer
+    from .backend import Prompt, Sampling
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+Encode = Callable[[FloatArray], FloatArray]  # one image's patches -> its features
+Forward = Callable[[FloatArray, IntArray], tuple[TokenArray, FloatArray]]  # (T, hidden), (3, 1, T) -> top1, prob
+# What a prompt with images hears when the backend has no vision model, and what its vision model was made for.
+VISION_WORDS = {"graph": ("the export has no vision graph", "the vision graph was exported for"),
+                "engine": ("the bundle has no vision engine", "the vision engine was built for")}
+
+
+@dataclass(frozen=True)
+class StepWindow:
+    """A checked block step: its embeddings ``(T, hidden)``, positions ``(3, 1, T)``, the visible key end and the
+    cache length after it is committed."""
+
+    embeds: FloatArray
+    positions: IntArray
+    key_end: int
+    committed_length: int
+
+
+class GraphInputs:
+    """Embeddings, positions and step checks for the export in ``onnx_dir`` (its ``spec``, already loaded).
+
+    ``vision`` (``"graph"`` or ``"engine"``) only picks the words of the errors about images."""
+
+    def __init__(self, spec: dict[str, Any], onnx_dir: str | Path, *, vision: str = "graph") -> None:
+        self.spec = spec
+        self.embed: FloatArray = np.load(Path(onnx_dir) / spec["embed_file"]).astype(np.float32)
+        self.vocab, self.hidden, self.capacity = int(spec["vocab_size"]), int(spec["hidden_size"]), \
+            int(spec["capacity"])
+        image_id = spec.get("image_token_id")
+        self.image_id = int(image_id) if image_id is not None else -1
+        self._no_vision, self._made_for = VISION_WORDS[vision]
+
+    def prefill(self, prompt: Prompt, n: int, encode: Encode | None, forward: Forward) -> tuple[StepResult, int]:
+        """Run ``forward`` over the first ``n`` tokens of ``prompt`` (images encoded through ``encode``, ``None``
+        where there is no vision model); returns the prefill's result and the prompt's rope delta."""
+        stage: dict[str, float] = {}
+        ids = prompt.token_ids
+        is_image = ids == self.image_id
+        embeds = self.embed[ids]
+        if prompt.images:
+            t0 = time.perf_counter()
+            features, grids = self._encode_images(prompt.images, int(is_image.sum()), encode)
+            if bool(is_image[n:].any()):
+                raise PromptError(f"image tokens lie past the prefill length {n}; prefill through the images")
+            stage["vision"] = (time.perf_counter() - t0) * 1e3
+            try:
+                positions, rope_delta = mrope_positions_np(ids, grids, self.image_id,
+                                                           int(self.spec["vision"]["spatial_merge_size"]))
+            except ValueError as exc:
+                raise PromptError(str(exc)) from exc
+            embeds[is_image] = features
+        else:
+            if is_image.any():
+                raise PromptError(f"the prompt holds {int(is_image.sum())} image tokens but no images were given")
+            rope_delta = 0
+            positions = continuation_positions_np(0, len(prompt), 0)
+        if n == 0:
+            return StepResult(np.zeros((1, 0), dtype=np.int64), np.zeros((1, 0), dtype=np.float32), None,
+                              stage), rope_delta
+        t0 = time.perf_counter()
+        top1, prob = forward(embeds[:n], positions[..., :n])
+        stage["prefill"] = (time.perf_counter() - t0) * 1e3
+        return StepResult(top1[:, -1:], prob[:, -1:], None, stage), rope_delta
+
+    def step(self, tokens: TokenArray, start: int, *, length: int, write_kv: bool, kv_end: int | None,
+             rope_delta: int) -> StepWindow:
+        """Check a step of ``tokens`` ``(1, T)`` at ``start`` over a cache holding ``length`` slots (the
+        :meth:`blockpilot.runtime.backend.Backend.step` contract) and return its inputs."""
+        arr = check_tokens(tokens, self.vocab, 1)
+        t = arr.shape[1]
+        if start < 0 or start > length:
+            raise ValueError(f"step at slot {start} outside 0..{length}: the cache holds {length} slots "
+                             "and a later start would leave a gap")
+        end = start + t
+        if kv_end is not None:
+            if not write_kv or kv_end < end:
+                raise ValueError(f"kv_end={kv_end} needs write_kv=True and kv_end >= start + tokens ({end})")
+            if kv_end > length:
+                raise ValueError(f"kv_end {kv_end} reaches past the valid cache ({length} slots)")
+            end = kv_end
+        if end > self.capacity:  # the graph writes the window into its present cache even for a draft
+            raise CacheFullError(f"KV cache write of {end - start} token(s) at slot {start} exceeds capacity "
+                                 f"{self.capacity}")
+        return StepWindow(self.embed[arr[0]], continuation_positions_np(start, t, rope_delta), end,
+                          max(start + t, kv_end or 0))
+
+    def _encode_images(self, images: tuple[npt.NDArray[np.uint8], ...], n_image_tokens: int,
+                       encode: Encode | None) -> tuple[FloatArray, list[tuple[int, int, int]]]:
+        """Image features for the image tokens (one ``encode`` per image) and each image's patch grid."""
+        vision = self.spec.get("vision")
+        if vision is None or encode is None:
+            raise PromptError(f"the prompt has images but {self._no_vision}")
+        expected, merge = tuple(vision["grid_thw"]), int(vision["spatial_merge_size"])
+        grids: list[tuple[int, int, int]] = []
+        patch_sets = []
+        for i, image in enumerate(images):
+            patches, grid = image_patches(image, int(vision["patch_size"]), merge, int(vision["temporal_patch_size"]))
+            if grid != expected:
+                raise PromptError(f"image {i} ({image.shape[0]}x{image.shape[1]}) makes a {grid} patch grid; "
+                                  f"{self._made_for} {expected} (image size {vision['image_hw']})")
+            grids.append(grid)
+            patch_sets.append(patches)
+        needed = sum(g[0] * g[1] * g[2] // (merge * merge) for g in grids)
+        if n_image_tokens != needed:
+            raise PromptError(f"the prompt holds {n_image_tokens} image tokens but its {len(images)} image(s) "
+                              f"need {needed}")
+        features = [encode(patches) for patches in patch_sets]
+        return np.concatenate(features).astype(np.float32, copy=False), grids
+
+
+class GraphBackend(ABC):
+    """The :class:`~blockpilot.runtime.backend.Backend` methods of a backend over an export's graphs.
+
+    A subclass sets :attr:`_inputs` and :attr:`_image_encoder` (``None`` without a vision model) and implements
+    :meth:`_forward`; its class attributes name it in errors: sampling and ``fork(n > 1)`` raise
+    :attr:`unsupported` saying ``"... on the <backend_name> backend ...: <rollouts_note>"``.
+    """
+
+    backend_name: ClassVar[str]
+    rollouts_note: ClassVar[str]
+    unsupported: ClassVar[type[BackendError]]
+    _inputs: GraphInputs
+    _image_encoder: Encode | None
+    max_batch = 1  # batch one: fork(n > 1) raises
+    _length = 0
+    _rope_delta = 0
+
+    @property
+    def capacity(self) -> int:
+        """Cache slots of the export (its graphs' fixed cache size)."""
+        return self._inputs.capacity
+
+    @abstractmethod
+    def _forward(self, embeds: FloatArray, positions: IntArray, start: int, key_end: int, mode: AttentionMode, *,
+                 commit: bool, graph: bool) -> tuple[TokenArray, FloatArray]:
+        """Run the LM step on ``embeds`` ``(T, hidden)`` at ``positions`` ``(3, 1, T)``; keep the present cache
+        when ``commit``. ``graph``: a block step (which a backend may replay from a CUDA graph), not a prefill."""
+
+    @property
+    def length(self) -> int:
+        """Valid cache slots (the graphs hold the rest as stale, masked values)."""
+        return self._length
+
+    def prefill(self, prompt: Prompt, *, length: int | None = None,
+                mode: AttentionMode = AttentionMode.CAUSAL) -> StepResult:
+        n = prefill_length(prompt, length, self.capacity)
+        self._length = 0
+        result, self._rope_delta = self._inputs.prefill(
+            prompt, n, self._image_encoder,
+            lambda embeds, positions: self._forward(embeds, positions, 0, n, mode, commit=True, graph=False))
+        self._length = n
+        return result
+
+    def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
+             kv_end: int | None = None, sampling: Sampling | None = None) -> StepResult:
+        if sampling is not None:
+            raise self.unsupported(f"sampled decoding on the {self.backend_name} backend: {self.rollouts_note}")
+        window = self._inputs.step(tokens, start, length=self._length, write_kv=write_kv, kv_end=kv_end,
+                                   rope_delta=self._rope_delta)
+        top1, prob = self._forward(window.embeds, window.positions, start, window.key_end, mode, commit=write_kv,
+                                   graph=True)
+        if write_kv:
+            self._length = window.committed_length
+        return StepResult(top1, prob)
+
+    def fork(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"fork({n}) needs at least one row")
+        if n > 1:
+            raise self.unsupported(f"fork({n}) on the {self.backend_name} backend (batch one only): "
+                                   f"{self.rollouts_note}")
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self._length:
+            raise ValueError(f"truncate({length}) outside 0..{self._length}")
+        self._length = length
+
+
+def driving_model_files(model_dir: str | Path,
+                        schema: DrivingSchema | None = None) -> tuple[ModelConfig, Tokenizer, DrivingSchema]:
+    """Config, tokenizer and driving schema (``schema``, else the directory's own) of a checkpoint directory or a
+    bundle's ``model/``, no weights read: what a planner over exported graphs needs besides them. Raises
+    :class:`~blockpilot.runtime.plan_types.PlannerSetupError` naming what is missing or wrong."""
+    from ..vla.config import ConfigError
+    from ..vla.hf_config import load_config
+    from ..vla.plans import DrivingSchema
+    from ..vla.schema_io import load_schema
+    from ..vla.tokenizer import Tokenizer
+    from .plan_types import PlannerSetupError
+
+    try:
+        config = load_config(model_dir)
+        tokenizer = Tokenizer.from_file(model_dir, config.tokens)
+        loaded = load_schema(model_dir) if schema is None else schema
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        raise PlannerSetupError(str(exc)) from exc
+    if not isinstance(loaded, DrivingSchema):
+        raise PlannerSetupError(f"{model_dir}: the checkpoint answers in the {type(loaded).__name__} layout; the "
+                                "Planner plans driving")
+    return config, tokenizer, loaded
