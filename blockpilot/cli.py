@@ -192,6 +192,25 @@ def _cmd_ros(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
 
 
+def _cmd_jetson(args: argparse.Namespace) -> int:
+    from .jetson.cli import run, user_errors
+
+    try:
+        return run(args)
+    except user_errors() as exc:
+        raise UserError(str(exc)) from None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.cli import run
+    from .bench.run import BenchError
+
+    try:
+        return run(args)
+    except BenchError as exc:
+        raise UserError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blockpilot",
@@ -299,6 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ros_arguments(ros)
     ros.set_defaults(func=_cmd_ros)
+
+    jetson = sub.add_parser("jetson", help="on a Jetson: platform and versions, on-device engine build, power modes, "
+                                           "device benchmark with tegrastats")
+    from .jetson.cli import add_arguments as add_jetson_arguments
+
+    add_jetson_arguments(jetson)
+    jetson.set_defaults(func=_cmd_jetson)
+
+    bench = sub.add_parser("bench", help="block-step forwards vs the memory roofline, AR vs transformers, plans per "
+                                         "decoder, in one run (GPU: the cuda backend; CPU: torch and ONNX Runtime)")
+    from .bench.cli import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

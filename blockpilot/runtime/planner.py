@@ -55,7 +55,7 @@ from .stats import PlanStats, StageClock, rollout_spread
 if TYPE_CHECKING:
     from ..vla.model import VLAModel
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "cuda")  # cuda: runtime.cuda_backend (static cache, graphs, Triton)
 DEFAULT_MAX_PROMPT_TOKENS = 1024
 
 
@@ -135,14 +135,21 @@ class Planner:
             model = load_model(checkpoint_dir, dtype=dtype, device=device)
         except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:  # ValueError: dtype
             raise PlannerSetupError(str(exc)) from exc
-        return cls.from_model(model, tokenizer, decoder=decoder, schema=schema, max_prompt_tokens=max_prompt_tokens)
+        return cls.from_model(model, tokenizer, decoder=decoder, schema=schema, max_prompt_tokens=max_prompt_tokens,
+                              backend=backend)
 
     @classmethod
     def from_model(cls, model: VLAModel, tokenizer: Tokenizer, *, decoder: DecoderSettings | None = None,
                    schema: DrivingSchema | None = None,
-                   max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> Planner:
-        """A planner on the torch backend over an in-memory model, its cache sized for the decoder."""
-        from .torch_backend import TorchBackend
+                   max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, backend: str = "torch") -> Planner:
+        """A planner on the torch backend (or ``backend="cuda"``) over an in-memory model, its cache sized for
+        the decoder."""
+        if backend not in BACKENDS:
+            raise PlannerSetupError(f"backend {backend!r} is not available; choose from {BACKENDS}")
+        if backend == "cuda":
+            from .cuda_backend import CudaBackend as make_backend
+        else:
+            from .torch_backend import TorchBackend as make_backend  # type: ignore[assignment]
 
         settings = decoder or DecoderSettings()
         answer = len(build_scaffold(schema or DrivingSchema.nuscenes(), tokenizer))
@@ -150,7 +157,7 @@ class Planner:
         assert resolved.max_new_tokens is not None and resolved.block_size is not None
         capacity = cache_capacity(max_prompt_tokens, resolved.max_new_tokens, resolved.block_size)
         rows = settings.rollouts if settings.name == "rollouts" else 1
-        return cls(TorchBackend(model, capacity, max_batch=rows), model.config, tokenizer, decoder=settings,
+        return cls(make_backend(model, capacity, max_batch=rows), model.config, tokenizer, decoder=settings,
                    schema=schema)
 
     def prompt(self, observation: Observation) -> tuple[Prompt, int]:

@@ -1,0 +1,119 @@
+"""The ``blockpilot bench`` arguments, its table and its JSON file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .models import DTYPES, MODELS
+from .run import BenchOptions, Report, run_bench
+
+
+def _names(value: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{what}: {bad or value!r} not in {', '.join(allowed)}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default=",".join(MODELS), type=lambda v: _names(v, MODELS, "--models"),
+                        help="comma-separated: reference (the shipped checkpoint), 1.5b (Fast_dLLM_v2_1.5B shape), "
+                             "3b (Fast-dDrive / Qwen2.5-VL-3B LM shape); the last two have random weights")
+    parser.add_argument("--dtypes", default=None, type=lambda v: _names(v, tuple(DTYPES), "--dtypes"),
+                        help="comma-separated: fp32, bf16, fp16, fp8 (default: bf16,fp8 on a GPU, fp32,bf16 on a CPU)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda or cpu")
+    parser.add_argument("--allow-slow", action="store_true", help="also run the 1.5B / 3B shapes on a CPU")
+    parser.add_argument("--repeats", type=int, default=10, help="timed forwards per measurement (the p50 is kept)")
+    parser.add_argument("--plan-repeats", type=int, default=5, help="timed plans per decoder and backend")
+    parser.add_argument("--threads", default="1,2", help="CPU thread counts to run at (comma-separated)")
+    parser.add_argument("--kv-tokens", type=int, default=1024, help="KV cache slots a block step attends to")
+    parser.add_argument("--block-tokens", type=int, default=32, help="tokens of one block step")
+    parser.add_argument("--decoders", default="ar,block,scaffold",
+                        help="decoders to plan with on the reference model (empty: no plans)")
+    parser.add_argument("--no-transformers", dest="hf", action="store_false",
+                        help="skip transformers generate")
+    parser.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false",
+                        help="skip the ONNX Runtime plans on a CPU")
+    parser.add_argument("--checkpoint", default=None, help="the reference checkpoint (default: models/reference)")
+    parser.add_argument("--out", default="runs/bench/bench.json", help="JSON report path")
+
+
+def options_from(args: argparse.Namespace) -> BenchOptions:
+    threads = tuple(int(t) for t in str(args.threads).split(",") if t.strip())
+    decoders = tuple(d.strip() for d in str(args.decoders).split(",") if d.strip())
+    extra: dict[str, Any] = {"checkpoint": Path(args.checkpoint)} if args.checkpoint else {}
+    return BenchOptions(models=args.models, dtypes=args.dtypes, device=args.device, allow_slow=args.allow_slow,
+                        repeats=args.repeats, plan_repeats=args.plan_repeats, threads=threads or (1,),
+                        kv_tokens=args.kv_tokens, block_tokens=args.block_tokens, decoders=decoders, hf=args.hf,
+                        onnxruntime=args.onnxruntime, **extra)
+
+
+def _cell(value: Any, fmt: str = ".2f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return format(value, fmt) if isinstance(value, float) else str(value)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    return "\n".join([line, rule, *body])
+
+
+def format_report(report: Report) -> str:
+    d, bw, s = report.device, report.bandwidth, report.settings
+    out = [f"blockpilot bench on {d['name']} ({d['type']}, torch {d['torch']}); memory bandwidth "
+           f"{bw['gb_per_s']:.1f} GB/s ({bw['method']}, {bw['bytes'] >> 20} MiB)", ""]
+    if report.steps:
+        out.append(f"Block step: {s['block_tokens']} tokens over a {s['kv_tokens']}-token KV cache (bidirectional "
+                   "draft); AR step: 1 token, causal. Roofline = (weights + KV read) / bandwidth; ratio = measured / "
+                   "roofline.")
+        rows = [[r["model"], r["dtype"], r["backend"], _cell(r["threads"]), _cell(r["step_ms"], ".3f"),
+                 _cell(r["roofline_ms"], ".3f"), _cell(r["ratio"]), _cell(r["bytes"] / 1e6, ".1f"),
+                 _cell(r["ar_ms"], ".3f"), _cell(r["ar_roofline_ms"], ".3f"), _cell(r["ar_ratio"])]
+                for r in report.steps]
+        out += [_table(["model", "dtype", "backend", "threads", "step ms", "roofline ms", "ratio", "MB read",
+                        "AR ms", "AR roofline ms", "AR ratio"], rows), ""]
+    if report.ar:
+        out.append(f"AR decode, ms per token (greedy, batch 1, {s['kv_tokens']}-token prompt); transformers "
+                   "generate on a Qwen2ForCausalLM of the same shape")
+        rows = [[r["model"], r["dtype"], r["impl"], _cell(r["threads"]), _cell(r["ms_per_token"], ".3f"),
+                 _cell(r["speedup_vs_transformers"])] for r in report.ar]
+        out += [_table(["model", "dtype", "implementation", "threads", "ms/token", "x transformers"], rows), ""]
+    if report.plans:
+        target = s["cpu_target_ms"]
+        out.append(f"Plans on the reference model through the Planner (p50 of {s['plan_repeats']}, prompt "
+                   f"{report.plans[0]['prompt_tokens']} tokens)" +
+                   (f"; the CPU target is p50 < {target:.0f} ms (the scaffold decoder is the default)"
+                    if d["type"] == "cpu" else ""))
+        rows = [[r["dtype"], r["backend"], _cell(r["threads"]), r["decoder"], _cell(r["p50_ms"], ".1f"),
+                 str(r["forwards"]), _cell(r["tokens_per_forward"]), _cell(r["parsed"]),
+                 _cell(r.get("cpu_target_met"))] for r in report.plans]
+        out += [_table(["dtype", "backend", "threads", "decoder", "ms/plan", "forwards", "tokens/forward", "parsed",
+                        f"< {target:.0f} ms"], rows), ""]
+    out += [f"skipped: {reason}" for reason in report.skipped]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_report(report: Report, path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = options_from(args)
+    report = run_bench(opts, log=lambda line: print(line, flush=True))
+    print()
+    print(format_report(report), end="")
+    print(f"report: {write_report(report, args.out)}")
+    return 0

@@ -1,0 +1,193 @@
+"""FP8 (e4m3) linears of the CUDA backend: weights and scales from a modelopt-quantized model, matmuls through
+``torch._scaled_mm``.
+
+The scales follow modelopt's FP8 fake quantization exactly (``tensor_quant._fp8_eager``): with ``amax`` from the
+quantizer, ``quant = 448 / amax`` (``amax <= 2**-24`` counts as 1), ``q = e4m3(clamp(x * quant, ±448))`` and the
+dequantized value is ``q * (1 / quant)``. A weight quantizer gives a per-tensor ``amax`` (``()``, modelopt's FP8
+default) or a per-output-channel one (``(out, 1)``, ``axis=0``); an input quantizer's calibrated ``amax`` gives a
+static activation scale, else the activation scale is dynamic (the ``amax`` of each call's input, on the device).
+A model without quantizers takes its weight scales from the weights themselves (per channel by default).
+
+``Fp8Linear`` multiplies with ``torch._scaled_mm`` (per-tensor scales, or row-wise scales with a bf16 output
+when the weight is per channel), or, with ``matmul="dequantize"`` (the default off CUDA), computes the same
+product on dequantized float32 operands: the arithmetic modelopt's fake-quantized model runs, used to check
+the scales on a CPU. Modelopt is never imported here: the quantizers are read by attribute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .plan_types import PlannerSetupError
+
+E4M3 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+_TINY_AMAX = 1.0 / (1 << 24)
+MATMULS = ("auto", "scaled_mm", "dequantize")
+ACTIVATION_SCALES = ("dynamic", "static")
+
+
+def quant_scale(amax: torch.Tensor) -> torch.Tensor:
+    """``448 / amax`` in float32, modelopt's rule (a zero or tiny ``amax`` counts as 1)."""
+    amax = amax.to(torch.float32)
+    safe = torch.where(amax <= _TINY_AMAX, torch.ones_like(amax), amax)
+    return FP8_MAX / safe
+
+
+def quantize_e4m3(x: torch.Tensor, quant: torch.Tensor) -> torch.Tensor:
+    """``x * quant`` clamped to ±448 and rounded to float8 e4m3."""
+    return (x.to(torch.float32) * quant).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
+
+
+@dataclass(frozen=True)
+class Fp8Scales:
+    """What a modelopt FP8 linear carries: the weight ``amax`` (``()`` or ``(out, 1)``) and the input ``amax``
+    (``()``; ``None`` when the input quantizer is off)."""
+
+    weight_amax: torch.Tensor
+    input_amax: torch.Tensor | None
+
+    @property
+    def per_channel(self) -> bool:
+        return self.weight_amax.numel() > 1
+
+
+def _is_e4m3(quantizer: nn.Module) -> bool:
+    bits = getattr(quantizer, "num_bits", None)
+    return isinstance(bits, (tuple, list)) and tuple(int(b) for b in bits) == (4, 3) \
+        and not getattr(quantizer, "block_sizes", None)
+
+
+def _enabled(quantizer: nn.Module | None) -> bool:
+    return quantizer is not None and bool(getattr(quantizer, "is_enabled", False))
+
+
+def modelopt_scales(name: str, linear: nn.Module) -> Fp8Scales | None:
+    """The FP8 scales of a modelopt-quantized linear, ``None`` when it has no enabled weight quantizer; raises
+    :class:`PlannerSetupError` for a format the backend cannot run (NVFP4, INT8, an FP8 KV-cache output
+    quantizer) or an uncalibrated quantizer."""
+    weight_q = getattr(linear, "weight_quantizer", None)
+    if not _enabled(weight_q):
+        return None
+    assert weight_q is not None
+    if not _is_e4m3(weight_q):
+        raise PlannerSetupError(f"{name}: the CUDA backend runs FP8 (e4m3) weight quantizers only, this one is "
+                                f"num_bits={getattr(weight_q, 'num_bits', None)} "
+                                f"block_sizes={getattr(weight_q, 'block_sizes', None)}")
+    if _enabled(getattr(linear, "output_quantizer", None)):
+        raise PlannerSetupError(f"{name}: an output quantizer (FP8 KV cache) is not supported by the CUDA backend; "
+                                "quantize without kv_cache")
+    weight_amax = getattr(weight_q, "amax", None)
+    if not isinstance(weight_amax, torch.Tensor):
+        raise PlannerSetupError(f"{name}: the weight quantizer holds no amax (not calibrated)")
+    weight = linear.weight
+    assert isinstance(weight, torch.Tensor)
+    out_features = int(weight.shape[0])
+    if weight_amax.numel() not in (1, out_features):
+        raise PlannerSetupError(f"{name}: weight amax of shape {tuple(weight_amax.shape)} is neither per tensor "
+                                f"nor per output channel ({out_features})")
+    input_q = getattr(linear, "input_quantizer", None)
+    input_amax = None
+    if _enabled(input_q):
+        assert input_q is not None
+        input_amax = getattr(input_q, "amax", None)
+        if not _is_e4m3(input_q) or not isinstance(input_amax, torch.Tensor) or input_amax.numel() != 1:
+            raise PlannerSetupError(f"{name}: the input quantizer must be calibrated per-tensor FP8 (e4m3)")
+    shape = (out_features, 1) if weight_amax.numel() > 1 else ()
+    return Fp8Scales(weight_amax.detach().float().reshape(shape),
+                     None if input_amax is None else input_amax.detach().float().reshape(()))
+
+
+def weight_amax(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """The max-abs of ``weight`` ``(out, in)``: ``(out, 1)`` per output channel, else ``()``."""
+    w = weight.detach().abs().to(torch.float32)
+    return w.amax(dim=1, keepdim=True) if per_channel else w.amax()
+
+
+class Fp8Linear:
+    """``y = x @ W.T + b`` with ``W`` in float8 e4m3 and ``x`` quantized per call; ``x`` and ``y`` in ``out_dtype``.
+
+    ``weight`` ``(out, in)`` is stored row-major, which is the column-major ``(in, out)`` operand
+    ``torch._scaled_mm`` wants. ``input_amax``: static activation scale (else dynamic).
+    """
+
+    def __init__(self, weight: torch.Tensor, amax: torch.Tensor, bias: torch.Tensor | None, *,
+                 input_amax: torch.Tensor | None, out_dtype: torch.dtype, matmul: str = "auto") -> None:
+        if matmul not in MATMULS:
+            raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
+        out_features, in_features = weight.shape
+        if in_features % 16 or out_features % 16:
+            raise PlannerSetupError(f"FP8 matmuls need in/out features divisible by 16, got {tuple(weight.shape)}")
+        device = weight.device
+        self.quant_w = quant_scale(amax.to(device))
+        self.weight = quantize_e4m3(weight, self.quant_w)
+        self.dequant_w = (1.0 / self.quant_w).reshape(1, -1) if self.quant_w.numel() > 1 else 1.0 / self.quant_w
+        self.bias = None if bias is None else bias.detach().to(device, out_dtype)
+        self.input_quant = None if input_amax is None else quant_scale(input_amax.to(device)).reshape(())
+        self.out_dtype = out_dtype
+        self.matmul = ("scaled_mm" if weight.is_cuda else "dequantize") if matmul == "auto" else matmul
+        self.per_channel = self.quant_w.numel() > 1
+        if self.matmul == "scaled_mm" and self.per_channel and out_dtype != torch.bfloat16:
+            raise PlannerSetupError("per-channel FP8 weights need bfloat16 activations (row-wise scaled_mm)")
+
+    @classmethod
+    def from_linear(cls, name: str, linear: nn.Linear, *, device: torch.device, out_dtype: torch.dtype,
+                    per_channel: bool = True, activation_scale: str = "dynamic", matmul: str = "auto") -> Fp8Linear:
+        """From a plain or modelopt-quantized ``nn.Linear``: the quantizers' scales when it has them (then
+        ``per_channel`` is theirs), else the weight's own max-abs. ``activation_scale="static"`` needs a
+        calibrated input quantizer."""
+        if activation_scale not in ACTIVATION_SCALES:
+            raise PlannerSetupError(f"activation_scale must be one of {ACTIVATION_SCALES}, got {activation_scale!r}")
+        weight = linear.weight.detach().to(device, torch.float32)
+        scales = modelopt_scales(name, linear)
+        amax = weight_amax(weight, per_channel) if scales is None else scales.weight_amax
+        input_amax = None
+        if activation_scale == "static":
+            if scales is None or scales.input_amax is None:
+                raise PlannerSetupError(f"{name}: static FP8 activation scales need a calibrated modelopt input "
+                                        "quantizer; use activation_scale='dynamic'")
+            input_amax = scales.input_amax
+        return cls(weight, amax, linear.bias, input_amax=input_amax, out_dtype=out_dtype, matmul=matmul)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight as the matmul sees it, float32 ``(out, in)``."""
+        scale = self.dequant_w.reshape(-1, 1) if self.per_channel else self.dequant_w
+        return self.weight.to(torch.float32) * scale
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``rows``: ``(M, 1)`` 0/1 weights of the flattened rows of ``x`` that count for a dynamic scale (a
+        padded step's padding rows must not move the scale of the real ones)."""
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        if self.input_quant is not None:  # static, from the input quantizer
+            quant_x = self.input_quant
+        else:  # dynamic per tensor, computed on the device
+            quant_x = quant_scale((x2.abs() if rows is None else x2.abs() * rows).amax())
+        if self.matmul == "dequantize":
+            xq = quantize_e4m3(x2, quant_x).to(torch.float32) * (1.0 / quant_x)
+            bias = None if self.bias is None else self.bias.to(torch.float32)
+            y = F.linear(xq, self.dequantized_weight(), bias).to(self.out_dtype)
+        else:
+            y = self._scaled_mm(x2, quant_x)
+        return y.reshape(*lead, -1)
+
+    def _scaled_mm(self, x2: torch.Tensor, quant_x: torch.Tensor) -> torch.Tensor:
+        m = x2.shape[0]
+        pad = (-m) % 16 if x2.is_cuda else 0  # cuBLASLt's FP8 GEMMs like 16-aligned dimensions
+        if pad:
+            x2 = F.pad(x2, (0, 0, 0, pad))
+        xq = quantize_e4m3(x2, quant_x)
+        dequant_x = (1.0 / quant_x).to(torch.float32)
+        if self.per_channel:  # row-wise scaling: (M, 1) x (1, N)
+            scale_a = dequant_x.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a, self.dequant_w, out_dtype=torch.bfloat16)
+        else:
+            y = torch._scaled_mm(xq, self.weight.t(), dequant_x.reshape(()), self.dequant_w.reshape(()),
+                                 out_dtype=self.out_dtype)
+        if pad:
+            y = y[:m]
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,103 @@
+"""``blockpilot bench`` on the CPU, reference model only, few repeats: the JSON and table have their structure, and
+every ratio is computed from numbers measured in the same run. Nothing here asserts on a time."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from blockpilot.bench.measure import cpu_name
+from blockpilot.bench.models import SHAPES, forward_bytes, weight_bytes
+from blockpilot.cli import main
+from blockpilot.demo import SHIPPED_MODEL
+from blockpilot.runtime.cuda_backend import CudaBackend
+from blockpilot.vla.loader import load_model
+
+DECODERS = ("ar", "block", "scaffold")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        rc = main(["bench", "--models", "reference,1.5b", "--dtypes", "fp32,fp8", "--device", "cpu",
+                   "--repeats", "2", "--plan-repeats", "1", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    return json.loads(out.read_text()), buffer.getvalue()
+
+
+def test_report_structure(bench: tuple[dict[str, Any], str]) -> None:
+    report, text = bench
+    assert report["device"] == {"type": "cpu", "name": cpu_name(), "torch": torch.__version__, "cpu_threads": [1]}
+    assert set(report) == {"device", "bandwidth", "settings", "steps", "ar", "plans", "skipped"}
+    assert [(r["model"], r["dtype"], r["backend"], r["threads"]) for r in report["steps"]] == \
+        [("reference", "fp32", "torch", 1)]
+    assert {(r["impl"], r["threads"]) for r in report["ar"]} == {("transformers generate", 1), ("blockpilot torch", 1)}
+    backends = {(r["backend"], r["decoder"]) for r in report["plans"]}
+    assert backends == {(b, d) for b in ("torch", "onnxruntime") for d in DECODERS}
+    # the large shape is skipped on a CPU without --allow-slow, and FP8 needs a GPU: both say so
+    assert any(s.startswith("1.5b fp32: skipped on the CPU") and "--allow-slow" in s for s in report["skipped"])
+    assert any(s.startswith("reference fp8") for s in report["skipped"])
+    for header in ("| model", "roofline ms", "x transformers", "tokens/forward", "< 200 ms", "skipped: 1.5b fp32"):
+        assert header in text
+    assert f"blockpilot bench on {cpu_name()} (cpu" in text
+
+
+def test_ratios_come_from_measured_numbers(bench: tuple[dict[str, Any], str]) -> None:
+    report, _ = bench
+    bw = report["bandwidth"]
+    bytes_per_s = 2 * bw["bytes"] / bw["seconds"]
+    assert bw["seconds"] > 0 and bw["gb_per_s"] == pytest.approx(bytes_per_s / 1e9)
+    (step,) = report["steps"]
+    lm = load_model(SHIPPED_MODEL).config.lm
+    need = forward_bytes(lm, "fp32", 1024 + 32)
+    assert (step["weight_bytes"], step["kv_bytes"], step["bytes"]) == (need.weights, need.kv, need.total)
+    assert step["roofline_ms"] == pytest.approx(step["bytes"] / bytes_per_s * 1e3)
+    assert step["ratio"] == pytest.approx(step["step_ms"] / step["roofline_ms"])
+    assert step["ar_roofline_ms"] == pytest.approx(forward_bytes(lm, "fp32", 1025).total / bytes_per_s * 1e3)
+    assert step["ar_ratio"] == pytest.approx(step["ar_ms"] / step["ar_roofline_ms"])
+    hf = next(r for r in report["ar"] if r["impl"] == "transformers generate")
+    ours = next(r for r in report["ar"] if r["impl"] == "blockpilot torch")
+    assert ours["ms_per_token"] == step["ar_ms"]
+    if hf["ms_per_token"] is None:  # noise swamped transformers' per-token time: no ratio is made up
+        assert ours["speedup_vs_transformers"] is None
+    else:
+        assert ours["speedup_vs_transformers"] == pytest.approx(hf["ms_per_token"] / ours["ms_per_token"])
+    for plan in report["plans"]:
+        assert plan["cpu_target_met"] == (plan["p50_ms"] < 200.0) and plan["parsed"]
+        assert plan["tokens_per_forward"] > 0 and plan["forwards"] > 0 and plan["prompt_tokens"] > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+def test_byte_count_is_what_the_backend_holds(precision: str) -> None:
+    model = load_model(SHIPPED_MODEL)
+    backend = CudaBackend(model, 64, device="cpu", precision=precision)
+    assert backend.weight_bytes() == weight_bytes(model.config.lm, precision)
+
+
+def test_shapes_are_the_published_ones() -> None:
+    small, large = SHAPES["1.5b"], SHAPES["3b"]
+    assert (small.hidden_size, small.num_layers, small.num_heads, small.num_kv_heads, small.intermediate_size) == \
+        (1536, 28, 12, 2, 8960)
+    assert (large.hidden_size, large.num_layers, large.num_heads, large.num_kv_heads, large.intermediate_size) == \
+        (2048, 36, 16, 2, 11008)
+    assert small.vocab_size == large.vocab_size == 151936 and large.mrope_section == (16, 24, 24)
+    # bf16 weights of the 3B LM with its tied head: about 3.1 G parameters, 6.2 GB
+    assert 6.0e9 < weight_bytes(large, "bf16") < 6.4e9
+
+
+def test_bench_refuses_what_it_cannot_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["bench", "--device", "tpu", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "--device", "cuda", "--out", str(tmp_path / "x.json")]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--models", "7b"])
