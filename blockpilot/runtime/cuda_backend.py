@@ -30,14 +30,13 @@ import numpy as np
 import torch
 
 from ..kernels import MODE_BIDIRECTIONAL, MODE_BLOCK, MODE_CAUSAL
-from ..vla.image import preprocess_images
 from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
-from ..vla.rope_index import image_token_counts
-from .backend import CacheFullError, Prompt, PromptError, Sampling, StepResult, TokenArray, check_tokens, prefill_length
+from .backend import CacheFullError, Prompt, Sampling, StepResult, TokenArray, check_tokens, prefill_length
 from .cuda_graphs import StepGraphs
 from .cuda_lm import AttentionFn, DecodeLM, EpilogueFn, top1_prob_ref
 from .plan_types import PlannerSetupError
+from .torch_backend import prompt_embeddings
 
 MODE_IDS = {AttentionMode.CAUSAL: MODE_CAUSAL, AttentionMode.BLOCK: MODE_BLOCK,
             AttentionMode.BIDIRECTIONAL: MODE_BIDIRECTIONAL}
@@ -193,32 +192,9 @@ class CudaBackend:
         self._rows, self._length = 1, 0
         self._delta.zero_()
         stage: dict[str, float] = {}
-        model, vision = self.source_model, self.config.vision
-        model_device = next(model.parameters()).device
-        ids = torch.from_numpy(prompt.token_ids).to(model_device)[None]
-        image_id = self.config.tokens.image if self.config.tokens.image is not None else -1
-        n_image_tokens = int((ids == image_id).sum())
-        positions = None
-        if prompt.images:
-            if vision is None or model.visual is None:
-                raise PromptError("the prompt has images but the model has no vision tower")
-            t0 = time.perf_counter()
-            patches, grid = preprocess_images(list(prompt.images), vision)
-            needed = sum(image_token_counts(grid, vision.spatial_merge_size))
-            if n_image_tokens != needed:
-                raise PromptError(f"the prompt holds {n_image_tokens} image tokens but its {len(prompt.images)} "
-                                  f"image(s) need {needed}")
-            if bool((ids[0, n:] == image_id).any()):
-                raise PromptError(f"image tokens lie past the prefill length {n}; prefill through the images")
-            features = model.encode_images(patches.to(model_device), grid.to(model_device))
-            stage["vision"] = (time.perf_counter() - t0) * 1e3
-            positions, delta = model.rope_index(ids, grid)
+        embeds, positions, delta = prompt_embeddings(self.source_model, prompt, n, stage)
+        if delta is not None:
             self._delta[:1] = delta.to(self.device)
-            embeds = model.embed(ids, features)
-        else:
-            if n_image_tokens:
-                raise PromptError(f"the prompt holds {n_image_tokens} image tokens but no images were given")
-            embeds = model.lm.embed_tokens(ids)
         if n == 0:
             return StepResult(np.zeros((1, 0), dtype=np.int64), np.zeros((1, 0), dtype=np.float32), None, stage)
         t0 = time.perf_counter()

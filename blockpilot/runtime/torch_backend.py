@@ -16,6 +16,37 @@ from .backend import CacheFullError, Prompt, PromptError, Sampling, StepResult, 
 from .sampling import gumbel_keys
 
 
+def prompt_embeddings(model: VLAModel, prompt: Prompt, n: int,
+                      stage: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The prompt's input embeddings ``(1, L, hidden)`` on the model's device with the image features written
+    over the image tokens, plus the M-RoPE positions and rope delta of an image prompt (``None``, ``None``
+    without images). The image-token count is checked against the images, and no image token may lie past
+    the prefill length ``n``; the vision tower's time goes into ``stage["vision"]`` (ms)."""
+    config, device = model.config, next(model.parameters()).device
+    ids = torch.from_numpy(prompt.token_ids).to(device)[None]
+    image_id = config.tokens.image if config.tokens.image is not None else -1
+    n_image_tokens = int((ids == image_id).sum())
+    if not prompt.images:
+        if n_image_tokens:
+            raise PromptError(f"the prompt holds {n_image_tokens} image tokens but no images were given")
+        return model.lm.embed_tokens(ids), None, None
+    vision = config.vision
+    if vision is None or model.visual is None:
+        raise PromptError("the prompt has images but the model has no vision tower")
+    t0 = time.perf_counter()
+    patches, grid = preprocess_images(list(prompt.images), vision)
+    needed = sum(image_token_counts(grid, vision.spatial_merge_size))
+    if n_image_tokens != needed:
+        raise PromptError(f"the prompt holds {n_image_tokens} image tokens but its {len(prompt.images)} "
+                          f"image(s) need {needed}")
+    if bool((ids[0, n:] == image_id).any()):
+        raise PromptError(f"image tokens lie past the prefill length {n}; prefill through the images")
+    features = model.encode_images(patches.to(device), grid.to(device))
+    stage["vision"] = (time.perf_counter() - t0) * 1e3
+    positions, delta = model.rope_index(ids, grid)
+    return model.embed(ids, features), positions, delta
+
+
 class TorchBackend:
     """Implements :class:`blockpilot.runtime.backend.Backend` over the plain-``nn.Module`` model.
 
@@ -56,31 +87,8 @@ class TorchBackend:
         n = prefill_length(prompt, length, self.capacity)
         self._cache, self._batch, self._length = self._single, 1, 0
         stage: dict[str, float] = {}
-        ids = torch.from_numpy(prompt.token_ids).to(self.device)[None]
-        vision = self.config.vision
-        image_id = self.config.tokens.image if self.config.tokens.image is not None else -1
-        n_image_tokens = int((ids == image_id).sum())
-        if prompt.images:
-            if vision is None or self.model.visual is None:
-                raise PromptError("the prompt has images but the model has no vision tower")
-            t0 = time.perf_counter()
-            patches, grid = preprocess_images(list(prompt.images), vision)
-            needed = sum(image_token_counts(grid, vision.spatial_merge_size))
-            if n_image_tokens != needed:
-                raise PromptError(f"the prompt holds {n_image_tokens} image tokens but its {len(prompt.images)} "
-                                  f"image(s) need {needed}")
-            if bool((ids[0, n:] == image_id).any()):
-                raise PromptError(f"image tokens lie past the prefill length {n}; prefill through the images")
-            features = self.model.encode_images(patches.to(self.device), grid.to(self.device))
-            stage["vision"] = (time.perf_counter() - t0) * 1e3
-            positions, self._rope_delta = self.model.rope_index(ids, grid)
-            embeds = self.model.embed(ids, features)
-        else:
-            if n_image_tokens:
-                raise PromptError(f"the prompt holds {n_image_tokens} image tokens but no images were given")
-            positions = None
-            self._rope_delta = torch.zeros(1, dtype=torch.long, device=self.device)
-            embeds = self.model.lm.embed_tokens(ids)
+        embeds, positions, delta = prompt_embeddings(self.model, prompt, n, stage)
+        self._rope_delta = delta if delta is not None else torch.zeros(1, dtype=torch.long, device=self.device)
         t0 = time.perf_counter()
         if positions is None and self.config.lm.mrope_section is not None:
             positions = continuation_positions(0, len(prompt), self._rope_delta)
