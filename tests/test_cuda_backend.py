@@ -10,17 +10,14 @@ replay against eager, the Triton path against the torch backend on CUDA, FP8 aga
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from runtime_fixtures import TEXT_MASK, image_prompt, text_model, torch_threads
+from triton_interp import run_interpreted
 
 from blockpilot.demo import SHIPPED_MODEL
 from blockpilot.runtime.backend import CacheFullError, Prompt, Sampling, StepResult
@@ -226,13 +223,7 @@ def _interpreted_cases() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, Any]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    return run_interpreted(__file__, timeout_s=900)
 
 
 def test_triton_kernels_in_the_interpreter_match(interpreted: dict[str, Any]) -> None:

@@ -3,21 +3,19 @@
 The Triton kernel runs on CPU in Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before
 ``triton`` is imported: one subprocess runs every case (this file as a script) and reports the max abs
 differences as JSON. The CUDA test runs the compiled kernel in fp32, fp16 and bf16 (the interpreter's ``tl.dot``
-mishandles bf16, so bf16 is checked on the GPU only).
+mishandles bf16, so bf16 is checked on the GPU only). The split-KV path, the log-sum-exp and the state merge are
+checked in ``test_kernel_split_kv.py``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from triton_interp import run_interpreted
 
 from blockpilot.kernels.reference import block_diffusion_attention_ref, write_window
 from blockpilot.vla.masks import attention_mask
@@ -75,8 +73,8 @@ def _run_interpreted_cases() -> dict[str, dict[str, float]]:
         write_window_(k_cache, x["k_new"], scalars[0])
         write_window_(v_cache, x["v_new"], scalars[0])
         tiles = case["tiles"] or (None, None)
-        got = block_diffusion_attention(x["q"], k_cache, v_cache, *scalars, case["bs"], x["scale"], block_m=tiles[0],
-                                        block_n=tiles[1])
+        got = block_diffusion_attention(x["q"], k_cache, v_cache, scalars[0], scalars[1], scalars[2], case["bs"],
+                                        x["scale"], block_m=tiles[0], block_n=tiles[1])
         ref = block_diffusion_attention_ref(x["q"], ref_k, ref_v, x["start"], x["key_end"], case["mode"], case["bs"],
                                             x["scale"])
         results[name] = {"attn": (got.float() - ref).abs().max().item(),
@@ -88,12 +86,7 @@ def _run_interpreted_cases() -> dict[str, dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, dict[str, float]]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results: dict[str, dict[str, float]] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return results
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -154,15 +147,19 @@ def test_write_window_places_rows_and_copies() -> None:
     ({"block_size": 0}, ValueError, "block_size"),
     ({"k_dtype": torch.float16}, TypeError, "share one"),
     ({"block_m": 24}, ValueError, "power of two"),
+    ({"num_splits": 0}, ValueError, "num_splits"),
+    ({"num_splits": 3, "workspace_heads": 2}, ValueError, "workspace must be"),
 ])
 def test_launcher_refuses_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
-    from blockpilot.kernels.block_attention import block_diffusion_attention
+    from blockpilot.kernels.block_attention import attention_workspace, block_diffusion_attention
 
     q, k = torch.zeros(1, 4, 8, 32), torch.zeros(1, 2, 96, 32, dtype=kwargs.pop("k_dtype", torch.float32))
     args = {"start": 0, "key_end": 8, "mode": 1, "block_size": 8, **kwargs}
     with pytest.raises(error, match=match):
         block_diffusion_attention(q, k, k, args["start"], args["key_end"], args["mode"], args["block_size"], 0.5,
-                                  block_m=args.get("block_m"))
+                                  block_m=args.get("block_m"), num_splits=args.get("num_splits"),
+                                  workspace=attention_workspace(args["workspace_heads"], 8, 32, 3, q.device)
+                                  if "workspace_heads" in args else None)
 
 
 def test_reference_refuses_bad_shapes() -> None:

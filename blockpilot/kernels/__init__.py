@@ -6,11 +6,17 @@
 ``block_attention``
     The Triton kernel :func:`~blockpilot.kernels.block_attention.block_diffusion_attention` (and the in-place
     cache write :func:`~blockpilot.kernels.block_attention.write_window_`), shared by the TensorRT plugin and
-    the GPU fast path. Importing it needs ``triton``; on a machine without a GPU set ``TRITON_INTERPRET=1``
-    before the import to run it in Triton's interpreter.
+    the GPU fast path. Grouped-query heads share their K/V tiles; a step too small to fill the GPU splits its
+    keys over several programs (split-KV, :func:`~blockpilot.kernels.block_attention.default_num_splits`) whose
+    partial states are merged. :func:`~blockpilot.kernels.block_attention.attention_with_lse` also returns the
+    log-sum-exp. Importing it needs ``triton``; on a machine without a GPU set ``TRITON_INTERPRET=1`` before the
+    import to run it in Triton's interpreter.
+``merge``
+    Attention states ``(out, lse)`` over disjoint key sets merged into the state over their union (the split-KV
+    merge, and :func:`~blockpilot.kernels.merge.merge_attention_states` with its torch reference); needs ``triton``.
 
 Mode ids are those of :data:`blockpilot.formats.onnx_io.MODE_IDS`: 0 causal (key slot <= query slot), 1 block
-(``key // block_size <= query // block_size``), 2 bidirectional. Importing this package loads neither.
+(``key // block_size <= query // block_size``), 2 bidirectional. Importing this package loads none of them.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ position (``slots``, ``(T,)``) and three one-element int32 device tensors ``star
 (``index_copy_`` at ``slots``) and attention runs over the cache slots ``[0, key_end)`` the mode allows, through
 ``attention`` (the Triton kernel :func:`blockpilot.kernels.block_attention.block_diffusion_attention` or its
 torch reference), with the batch folded into the heads (head ``b * H + h`` reads K/V head ``b * Hkv + h // G``).
+The Triton kernel splits the keys over several programs when a step alone would not fill the GPU; its split-KV
+workspace is carved from one float32 buffer owned here, grown only outside a CUDA graph capture (every captured
+step first runs eagerly, which grows it) and never freed while a graph captured over it may replay.
 A draft (``write_kv=False``) saves the slots it overwrites and puts them back after the layer's attention, so the
 cache is left as it was. Nothing here syncs with the host, so a forward can be captured in a CUDA graph.
 
@@ -16,10 +19,11 @@ weights in the backend's dtype, or :class:`~blockpilot.runtime.cuda_fp8.Fp8Linea
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +95,9 @@ class DecodeLM:
         self.dtype, self.device = dtype, device
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.rotary = RotaryEmbedding(cfg)
+        self._split_kv = "workspace" in inspect.signature(attention).parameters  # the Triton kernel
+        self._workspace = torch.empty(0, dtype=torch.float32, device=device)
+        self._retired: list[torch.Tensor] = []  # outgrown workspaces that captured graphs may still write
         converted: dict[int, torch.Tensor] = {}  # a tied head and embedding stay one tensor
 
         def dense(t: torch.Tensor) -> torch.Tensor:
@@ -142,6 +149,7 @@ class DecodeLM:
         heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self.rotary(positions, x.dtype)
         cos, sin = cos[:, None], sin[:, None]
+        split_kv = self._split_kv_options(b * heads, b * kv_heads, t, k_cache.shape[3])
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
             q = layer.q(h, rows).view(b, t, heads, d).transpose(1, 2)
@@ -156,7 +164,7 @@ class DecodeLM:
             capacity = kc.shape[2]
             out = self.attention(q.reshape(1, b * heads, t, d), kc.view(1, b * kv_heads, capacity, d),
                                  vc.view(1, b * kv_heads, capacity, d), start, key_end, mode, self.block_size,
-                                 self.scale)
+                                 self.scale, **split_kv)
             if saved is not None:
                 kc.index_copy_(2, slots, saved[0])
                 vc.index_copy_(2, slots, saved[1])
@@ -165,6 +173,26 @@ class DecodeLM:
             h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             x = x + layer.down(F.silu(layer.gate(h, rows)) * layer.up(h, rows), rows)
         return rms_norm(x, self.norm, cfg.rms_norm_eps)
+
+    def _split_kv_options(self, heads: int, kv_heads: int, t: int, capacity: int) -> dict[str, Any]:
+        """The Triton kernel's split count for this shape and its workspace (views over ``self._workspace``)."""
+        if not self._split_kv:
+            return {}
+        from ..kernels.block_attention import attention_workspace, default_num_splits, workspace_numel
+
+        d = self.config.head_dim
+        splits = default_num_splits(heads, kv_heads, t, capacity, self.device)
+        if splits == 1:
+            return {"num_splits": 1}
+        need = workspace_numel(heads, t, d, splits)
+        if self._workspace.numel() < need:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"the split-KV workspace for {heads} heads x {t} positions must exist before a "
+                                   "CUDA graph capture: run the step eagerly first")
+            self._retired.append(self._workspace)
+            self._workspace = torch.empty(max(need, 2 * self._workspace.numel()), dtype=torch.float32,
+                                          device=self.device)
+        return {"workspace": attention_workspace(heads, t, d, splits, self.device, storage=self._workspace)}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head)
