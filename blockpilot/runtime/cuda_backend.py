@@ -34,7 +34,7 @@ from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
 from .backend import CacheFullError, Prompt, Sampling, StepResult, TokenArray, check_tokens, prefill_length
 from .cuda_graphs import StepGraphs
-from .cuda_lm import AttentionFn, DecodeLM, EpilogueFn, top1_prob_ref
+from .cuda_lm import AttentionFn, DecodeLM, EpilogueFn, PrefixStep, top1_prob_ref
 from .plan_types import PlannerSetupError
 from .torch_backend import prompt_embeddings
 
@@ -94,12 +94,17 @@ class CudaBackend:
     ``buckets``: the padded step widths (``()``: no padding, every step eager at its own width).
     ``compute_dtype`` overrides the activation/cache dtype of ``precision`` (fp8 weights with float32 activations
     on a CPU is modelopt's fake-quantized arithmetic, for checks).
+    ``prefix_reuse`` (off by default; an APPROXIMATION): drafts (``write_kv=False``, block or bidirectional mode)
+    repeated at the same ``(rows, start, tokens, key_end, mode)`` reuse the prefix attention states the first such
+    draft stored (:mod:`blockpilot.runtime.cuda_lm`); any other call (prefill, a step that writes the cache,
+    truncate, fork, another window) drops them. Those drafts run eagerly (no graph), in torch attention math.
     """
 
     def __init__(self, model: VLAModel, capacity: int, max_batch: int = 1, *, device: str | torch.device | None = None,
                  precision: str | None = None, graphs: bool | None = None, kernel: str | None = None,
                  activation_scale: str = "dynamic", fp8_per_channel: bool = True,
-                 buckets: tuple[int, ...] | None = None, compute_dtype: torch.dtype | None = None) -> None:
+                 buckets: tuple[int, ...] | None = None, compute_dtype: torch.dtype | None = None,
+                 prefix_reuse: bool = False) -> None:
         if capacity <= 0 or max_batch <= 0:
             raise ValueError(f"capacity and max_batch must be positive, got {capacity}, {max_batch}")
         p = next(model.parameters())
@@ -129,6 +134,8 @@ class CudaBackend:
         if any(b < 1 for b in self.buckets):
             raise PlannerSetupError(f"buckets must be positive token counts, got {buckets}")
         self._capacity = capacity
+        self.prefix_reuse = prefix_reuse
+        self._prefix_key: tuple[int, ...] | None = None  # the window whose prefix states the LM holds
         self._max_batch = max_batch
         cfg = model.config.lm
         slots = capacity + (self.buckets[-1] if self.buckets else 0)  # scratch slots for padding positions
@@ -190,6 +197,7 @@ class CudaBackend:
                 mode: AttentionMode = AttentionMode.CAUSAL) -> StepResult:
         n = prefill_length(prompt, length, self.capacity)
         self._rows, self._length = 1, 0
+        self._drop_prefix()
         self._delta.zero_()
         stage: dict[str, float] = {}
         embeds, positions, delta = prompt_embeddings(self.source_model, prompt, n, stage)
@@ -233,6 +241,7 @@ class CudaBackend:
             raise CacheFullError(f"KV cache write of {t} token(s) at slot {start} exceeds capacity {self.capacity}")
         bucket = next((b for b in self.buckets if b >= t), None)
         width = bucket or t
+        prefix = self._prefix_step(rows, start, t, width, end, MODE_IDS[AttentionMode(mode)], write_kv)
         ids_host = self._ids_host if bucket is not None else torch.zeros(rows, t, dtype=torch.int64)
         ids_host[:rows, :t] = torch.from_numpy(arr)
         ids_host[:rows, t:width] = 0
@@ -245,7 +254,11 @@ class CudaBackend:
             self._temperature.copy_(self._temperature_host, non_blocking=True)
         if bucket is None:  # wider than every bucket: eager, at its own width
             ids = ids_host.to(self.device)
-            outputs = self._window(ids, rows, t, write_kv, sampling is not None, padded=False)
+            outputs = self._window(ids, rows, t, write_kv, sampling is not None, padded=False, prefix=prefix)
+        elif prefix is not None:  # host-dependent: eager, never captured
+            self._ids.copy_(self._ids_host, non_blocking=True)
+            outputs = self._window(self._ids[:rows, :bucket], rows, bucket, write_kv, sampling is not None,
+                                   padded=True, prefix=prefix)
         else:
             self._ids.copy_(self._ids_host, non_blocking=True)
             key = (rows, bucket, write_kv, sampling is not None)
@@ -256,8 +269,24 @@ class CudaBackend:
             self._length = max(start + t, kv_end or 0)
         return StepResult(top1, prob, sampled)
 
+    def _drop_prefix(self) -> None:
+        self._prefix_key = None
+        self.lm.clear_prefix()
+
+    def _prefix_step(self, rows: int, start: int, t: int, width: int, end: int, mode: int,
+                     write_kv: bool) -> PrefixStep | None:
+        """The split of this step under ``prefix_reuse`` (``None``: the plain forward), keeping the stored window."""
+        if not self.prefix_reuse or write_kv or mode == MODE_CAUSAL:
+            if self.prefix_reuse:
+                self._drop_prefix()
+            return None
+        key = (rows, start, t, width, end, mode)
+        reuse = key == self._prefix_key
+        self._prefix_key = key
+        return PrefixStep(reuse, start, end, mode)
+
     def _window(self, ids: torch.Tensor, rows: int, width: int, write_kv: bool, sampled: bool,
-                padded: bool) -> tuple[torch.Tensor, ...]:
+                padded: bool, prefix: PrefixStep | None = None) -> tuple[torch.Tensor, ...]:
         """The device work of one step over static inputs: no host sync, so it can be captured."""
         start, key_end, mode, count = (self._scalars[i: i + 1] for i in range(4))
         offsets = self._offsets[:width] if padded else torch.arange(width, device=self.device)
@@ -268,7 +297,7 @@ class CudaBackend:
         k, v = self._cache()
         x = torch.nn.functional.embedding(ids, self.lm.embed)
         hidden = self.lm.forward(x, self._positions(slots_q, rows), slots, start, key_end, mode, k, v, write_kv,
-                                 valid)
+                                 valid, prefix)
         sampling = (self._seeds[:rows], slots_q, self._temperature) if sampled else None
         top1, prob, drawn = self.lm.head(hidden, sampling)
         return (top1, prob) if drawn is None else (top1, prob, drawn)
@@ -295,6 +324,7 @@ class CudaBackend:
             raise ValueError("fork() needs a batch-one cache; prefill first")
         if n < 1:
             raise ValueError(f"fork({n}) needs at least one row")
+        self._drop_prefix()
         if n == 1:
             return
         if self._multi is None or n > self._max_batch:
@@ -309,4 +339,5 @@ class CudaBackend:
     def truncate(self, length: int) -> None:
         if not 0 <= length <= self._length:
             raise ValueError(f"truncate({length}) outside 0..{self._length}")
+        self._drop_prefix()
         self._length = length

@@ -13,6 +13,15 @@ step first runs eagerly, which grows it) and never freed while a graph captured 
 A draft (``write_kv=False``) saves the slots it overwrites and puts them back after the layer's attention, so the
 cache is left as it was. Nothing here syncs with the host, so a forward can be captured in a CUDA graph.
 
+``prefix_reuse`` (off by default, :class:`PrefixStep`): FlashBlock-style reuse of the block-external attention
+inside one block. A draft in block or bidirectional mode splits each layer's attention into the prefix part
+(keys ``[0, start)``, which every such query sees in full) and the in-block part (keys ``[start, key_end)``, under
+the mode's mask), each as a state with its log-sum-exp, and merges them
+(:func:`blockpilot.kernels.merge.merge_attention_states_ref`). The first draft at a window stores every layer's
+prefix state; a later draft at the same window reads it back and computes only the in-block part. That is exact
+when the queries are the same and an APPROXIMATION otherwise (the prefix part keeps the earlier draft's queries).
+The split runs in torch (float32) with host ints, so such a step runs eagerly, never in a CUDA graph.
+
 The math is the module's own, in the same order (RMSNorm in float32, RoPE, SwiGLU); the linears are the model's
 weights in the backend's dtype, or :class:`~blockpilot.runtime.cuda_fp8.Fp8Linear`.
 """
@@ -37,6 +46,34 @@ AttentionFn = Callable[..., torch.Tensor]
 EpilogueFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class PrefixStep:
+    """One forward with the prefix split (see the module doc): ``reuse`` False computes and stores each layer's
+    prefix state, True reads the stored one. ``start``, ``key_end``, ``mode`` are the step's, as host ints."""
+
+    reuse: bool
+    start: int
+    key_end: int
+    mode: int
+
+
+def attention_state(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 attention state ``(out (1, H, T, D), lse (1, H, T))`` of ``q`` over ``keys``/``values``
+    ``(1, Hkv, N, D)`` (grouped heads), ``allowed`` ``(T, N)`` or ``None`` (all). No key: ``lse = -inf``."""
+    groups = q.shape[1] // keys.shape[1]
+    k = keys.float().repeat_interleave(groups, dim=1)
+    v = values.float().repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.transpose(2, 3)) * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    if scores.shape[-1] == 0:
+        return torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device), lse
+    weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    return torch.matmul(weights, v), lse
 
 
 class Linear(Protocol):
@@ -90,6 +127,7 @@ class DecodeLM:
                  epilogue: EpilogueFn, block_size: int, mask_id: int, fp8: bool = False,
                  fp8_per_channel: bool = True, activation_scale: str = "dynamic", fp8_matmul: str = "auto") -> None:
         self.config = cfg = lm.config
+        self._prefix_states: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, from the storing draft
         self.attention, self.epilogue = attention, epilogue
         self.block_size, self.mask_id = block_size, mask_id
         self.dtype, self.device = dtype, device
@@ -139,10 +177,11 @@ class DecodeLM:
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, start: torch.Tensor,
                 key_end: torch.Tensor, mode: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                write_kv: bool, valid: torch.Tensor | None = None) -> torch.Tensor:
+                write_kv: bool, valid: torch.Tensor | None = None, prefix: PrefixStep | None = None) -> torch.Tensor:
         """Final normed hidden states ``(B, T, hidden)`` of the window ``x``; ``positions`` ``(B, T)`` or
         ``(3, B, T)`` (M-RoPE); caches ``(layers, B, Hkv, slots, D)`` (a view over the first ``B`` rows is fine).
-        ``valid`` ``(T,)`` bool marks the real positions of a padded window (for FP8's dynamic scales)."""
+        ``valid`` ``(T,)`` bool marks the real positions of a padded window (for FP8's dynamic scales).
+        ``prefix``: split the attention at ``start`` and store or reuse the prefix states (module doc)."""
         cfg = self.config
         b, t, _ = x.shape
         rows = None if valid is None else valid.to(torch.float32)[None, :, None].expand(b, t, 1).reshape(b * t, 1)
@@ -162,9 +201,13 @@ class DecodeLM:
             kc.index_copy_(2, slots, k.to(kc.dtype))
             vc.index_copy_(2, slots, v.to(vc.dtype))
             capacity = kc.shape[2]
-            out = self.attention(q.reshape(1, b * heads, t, d), kc.view(1, b * kv_heads, capacity, d),
-                                 vc.view(1, b * kv_heads, capacity, d), start, key_end, mode, self.block_size,
-                                 self.scale, **split_kv)
+            if prefix is not None:
+                out = self._split_attention(i, q.reshape(1, b * heads, t, d), kc.view(1, b * kv_heads, capacity, d),
+                                            vc.view(1, b * kv_heads, capacity, d), prefix)
+            else:
+                out = self.attention(q.reshape(1, b * heads, t, d), kc.view(1, b * kv_heads, capacity, d),
+                                     vc.view(1, b * kv_heads, capacity, d), start, key_end, mode, self.block_size,
+                                     self.scale, **split_kv)
             if saved is not None:
                 kc.index_copy_(2, slots, saved[0])
                 vc.index_copy_(2, slots, saved[1])
@@ -173,6 +216,31 @@ class DecodeLM:
             h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             x = x + layer.down(F.silu(layer.gate(h, rows)) * layer.up(h, rows), rows)
         return rms_norm(x, self.norm, cfg.rms_norm_eps)
+
+    def clear_prefix(self) -> None:
+        """Drop the stored prefix states (the next split forward must store)."""
+        self._prefix_states = []
+
+    def _split_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         p: PrefixStep) -> torch.Tensor:
+        """Layer ``layer``'s attention as the merge of the prefix state (stored, or computed and stored) and the
+        in-block state over ``[start, key_end)``; float32 ``(1, H, T, D)``."""
+        from ..kernels.merge import merge_attention_states_ref
+        from ..kernels.reference import allowed_keys
+
+        if p.reuse:
+            if layer >= len(self._prefix_states):
+                raise RuntimeError("prefix reuse without stored prefix states: the storing draft must run first")
+            pre = self._prefix_states[layer]
+        else:
+            if layer == 0:
+                self._prefix_states = []
+            pre = attention_state(q, k[:, :, : p.start], v[:, :, : p.start], None, self.scale)
+            self._prefix_states.append(pre)
+        q_slots = p.start + torch.arange(q.shape[2], device=q.device)
+        allowed = allowed_keys(q_slots, p.key_end, p.mode, self.block_size)[:, p.start:]
+        inner = attention_state(q, k[:, :, p.start: p.key_end], v[:, :, p.start: p.key_end], allowed, self.scale)
+        return merge_attention_states_ref(pre[0], pre[1], inner[0], inner[1])[0]
 
     def _split_kv_options(self, heads: int, kv_heads: int, t: int, capacity: int) -> dict[str, Any]:
         """The Triton kernel's split count for this shape and its workspace (views over ``self._workspace``)."""
