@@ -68,3 +68,13 @@ def tiny_lm() -> Callable[..., Any]:
         return model
 
     return make
+
+
+@pytest.fixture(scope="module")
+def shipped() -> tuple[Any, Any]:
+    """The shipped reference model and its tokenizer, loaded once per test module."""
+    from blockpilot.demo import SHIPPED_MODEL
+    from blockpilot.vla.loader import load_model, load_tokenizer
+
+    model = load_model(SHIPPED_MODEL)
+    return model, load_tokenizer(SHIPPED_MODEL, model.config)

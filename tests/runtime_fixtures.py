@@ -243,3 +243,10 @@ class ScriptedBackend:
         if not 0 <= length <= self._length:
             raise ValueError(f"truncate({length}) outside 0..{self._length}")
         self._length = length
+
+
+def assert_same_step(a: Any, b: Any, tol: float = 1e-5) -> None:
+    """Two :class:`StepResult` s agree: identical top-1 ids, probabilities within ``tol``."""
+    assert a.top1.shape == b.top1.shape
+    assert np.array_equal(a.top1, b.top1)
+    assert float(np.abs(a.prob - b.prob).max(initial=0.0)) <= tol

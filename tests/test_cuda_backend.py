@@ -16,17 +16,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from runtime_fixtures import TEXT_MASK, image_prompt, text_model, torch_threads
+from runtime_fixtures import TEXT_MASK, assert_same_step, image_prompt, text_model, torch_threads
 from triton_interp import run_interpreted
 
 from blockpilot.demo import SHIPPED_MODEL
-from blockpilot.runtime.backend import CacheFullError, Prompt, Sampling, StepResult
+from blockpilot.runtime.backend import CacheFullError, Prompt, Sampling
 from blockpilot.runtime.cuda_backend import CudaBackend
 from blockpilot.runtime.cuda_lm import top1_prob_ref
 from blockpilot.runtime.plan_types import DecoderSettings, PlannerSetupError
 from blockpilot.runtime.planner import Planner
 from blockpilot.runtime.torch_backend import TorchBackend
-from blockpilot.vla.loader import load_model, load_tokenizer
+from blockpilot.vla.loader import load_model
 from blockpilot.vla.model import VLAModel
 from blockpilot.vla.modes import AttentionMode
 from blockpilot.vla.tokenizer import Tokenizer
@@ -47,24 +47,12 @@ def _one_thread() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="module")
-def shipped() -> tuple[VLAModel, Tokenizer]:
-    model = load_model(SHIPPED_MODEL)
-    return model, load_tokenizer(SHIPPED_MODEL, model.config)
-
-
-def _same(a: StepResult, b: StepResult, tol: float = 1e-5) -> None:
-    assert a.top1.shape == b.top1.shape
-    assert np.array_equal(a.top1, b.top1)
-    assert float(np.abs(a.prob - b.prob).max(initial=0.0)) <= tol
-
-
 def _drive(a: Any, b: Any, prompt: Prompt, steps: Any = STEPS, seed: int = 0, tol: float = 1e-5,
            prefill_mode: AttentionMode = AttentionMode.CAUSAL) -> None:
     """The same prefill and steps on two backends (each step at the current end, a draft then a rewind)."""
     vocab = a.config.lm.vocab_size
     rng = np.random.default_rng(seed)
-    _same(a.prefill(prompt, mode=prefill_mode), b.prefill(prompt, mode=prefill_mode), tol)
+    assert_same_step(a.prefill(prompt, mode=prefill_mode), b.prefill(prompt, mode=prefill_mode), tol)
     for t, mode, write_kv, extra in steps:
         start = max(0, a.length - 2)  # overlap the valid cache a little: drafts must leave it intact
         tokens = rng.integers(8, vocab - 8, (1, t))
@@ -72,7 +60,7 @@ def _drive(a: Any, b: Any, prompt: Prompt, steps: Any = STEPS, seed: int = 0, to
         if kv_end is not None:  # the sub-block cache: the rest of the block was written before
             for x in (a, b):
                 x.step(np.zeros((1, t + extra), dtype=np.int64) + 9, start, mode=mode, write_kv=True)
-        _same(a.step(tokens, start, mode=mode, write_kv=write_kv, kv_end=kv_end),
+        assert_same_step(a.step(tokens, start, mode=mode, write_kv=write_kv, kv_end=kv_end),
               b.step(tokens, start, mode=mode, write_kv=write_kv, kv_end=kv_end), tol)
         assert a.length == b.length
 
@@ -94,7 +82,7 @@ def test_decode_forward_matches_the_torch_backend(shipped: tuple[VLAModel, Token
     _drive(ref, ours, prompt)
     _caches_equal(ref, ours)
     for mode in MODES:  # the prefill's own mode
-        _same(ref.prefill(prompt, mode=mode), ours.prefill(prompt, mode=mode))
+        assert_same_step(ref.prefill(prompt, mode=mode), ours.prefill(prompt, mode=mode))
 
 
 @pytest.mark.parametrize("name", ["ar", "block", "block-sub-cache", "scaffold", "rollouts"])
@@ -125,9 +113,9 @@ def test_sampling_and_forked_rows_match(shipped: tuple[VLAModel, Tokenizer]) -> 
     sampling = Sampling(0.7, (11, 12, 13))
     a = ref.step(tokens, len(prompt), mode=AttentionMode.CAUSAL, write_kv=True, sampling=sampling)
     b = ours.step(tokens, len(prompt), mode=AttentionMode.CAUSAL, write_kv=True, sampling=sampling)
-    _same(a, b)
+    assert_same_step(a, b)
     assert a.sampled is not None and b.sampled is not None and np.array_equal(a.sampled, b.sampled)
-    _same(ref.step(tokens[:, :2], len(prompt) + 6, mode=AttentionMode.BIDIRECTIONAL, write_kv=False),
+    assert_same_step(ref.step(tokens[:, :2], len(prompt) + 6, mode=AttentionMode.BIDIRECTIONAL, write_kv=False),
           ours.step(tokens[:, :2], len(prompt) + 6, mode=AttentionMode.BIDIRECTIONAL, write_kv=False))
 
 
@@ -203,7 +191,7 @@ def _interpreted_cases() -> dict[str, Any]:
         for x in (ref, ours):  # two rows fold into the kernel's heads
             x.fork(2)
         tokens = np.random.default_rng(3).integers(0, 58, (2, 5))
-        _same(ref.step(tokens, ref.length, mode=AttentionMode.BIDIRECTIONAL, write_kv=False),
+        assert_same_step(ref.step(tokens, ref.length, mode=AttentionMode.BIDIRECTIONAL, write_kv=False),
               ours.step(tokens, ours.length, mode=AttentionMode.BIDIRECTIONAL, write_kv=False))
         report["backend"] = "ok"
     except AssertionError as exc:

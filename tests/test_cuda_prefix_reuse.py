@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from runtime_fixtures import image_prompt, torch_threads
+from runtime_fixtures import assert_same_step, image_prompt, torch_threads
 
 from blockpilot.demo import SHIPPED_MODEL
 from blockpilot.runtime.backend import StepResult
@@ -20,7 +20,6 @@ from blockpilot.runtime.cuda_backend import CudaBackend
 from blockpilot.runtime.cuda_lm import PrefixStep
 from blockpilot.runtime.plan_types import DecoderSettings
 from blockpilot.runtime.planner import Planner
-from blockpilot.vla.loader import load_model, load_tokenizer
 from blockpilot.vla.model import VLAModel
 from blockpilot.vla.modes import AttentionMode
 from blockpilot.vla.plans import DrivingSchema
@@ -36,23 +35,12 @@ def _one_thread() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="module")
-def shipped() -> tuple[VLAModel, Tokenizer]:
-    model = load_model(SHIPPED_MODEL)
-    return model, load_tokenizer(SHIPPED_MODEL, model.config)
-
-
-def _same(a: StepResult, b: StepResult, tol: float = 1e-5) -> None:
-    assert np.array_equal(a.top1, b.top1)
-    assert float(np.abs(a.prob - b.prob).max(initial=0.0)) <= tol
-
-
 def _pair(shipped: tuple[VLAModel, Tokenizer]) -> tuple[CudaBackend, CudaBackend]:
     model, tokenizer = shipped
     plain = CudaBackend(model, 256, device="cpu")
     reuse = CudaBackend(model, 256, device="cpu", prefix_reuse=True)
     prompt = image_prompt(tokenizer, text_tokens=20)
-    _same(plain.prefill(prompt), reuse.prefill(prompt))
+    assert_same_step(plain.prefill(prompt), reuse.prefill(prompt))
     return plain, reuse
 
 
@@ -69,9 +57,9 @@ def test_first_and_repeated_drafts_are_exact(shipped: tuple[VLAModel, Tokenizer]
     vocab = plain.config.lm.vocab_size
     start = plain.length
     tokens = rng.integers(8, vocab - 8, (1, 12))
-    _same(*_both(plain, reuse, tokens, start, mode))  # (1) the first draft: split + merge, same queries
+    assert_same_step(*_both(plain, reuse, tokens, start, mode))  # (1) the first draft: split + merge, same queries
     assert reuse._prefix_key is not None
-    _same(*_both(plain, reuse, tokens, start, mode))  # (2) a repeat: reused prefix states, same queries
+    assert_same_step(*_both(plain, reuse, tokens, start, mode))  # (2) a repeat: reused prefix states, same queries
     assert plain.length == reuse.length == start
 
 
@@ -86,18 +74,18 @@ def test_reuse_with_other_tokens_changes_little_and_invalidation_is_exact(
     a, b = _both(plain, reuse, second, start)  # approximate: the prefix part keeps `first`'s queries
     assert a.top1.shape == b.top1.shape and np.isfinite(b.prob).all()
     # (3) invalidation: a commit, then a draft at the new start; a truncate; another start; a fork.
-    _same(*_both(plain, reuse, first, start, write_kv=True))
+    assert_same_step(*_both(plain, reuse, first, start, write_kv=True))
     assert reuse._prefix_key is None
     start = plain.length
-    _same(*_both(plain, reuse, second, start))
+    assert_same_step(*_both(plain, reuse, second, start))
     _both(plain, reuse, first, start)  # same window, other tokens: reuse, approximate
     for x in (plain, reuse):
         x.truncate(start - 4)
     assert reuse._prefix_key is None
-    _same(*_both(plain, reuse, second, start - 4))
-    _same(*_both(plain, reuse, first, start - 6))  # another start: stores afresh
-    _same(*_both(plain, reuse, first[:, :8], start - 6))  # another width: stores afresh
-    _same(*_both(plain, reuse, second[:, :5], start - 6, mode=AttentionMode.CAUSAL))  # causal: never split
+    assert_same_step(*_both(plain, reuse, second, start - 4))
+    assert_same_step(*_both(plain, reuse, first, start - 6))  # another start: stores afresh
+    assert_same_step(*_both(plain, reuse, first[:, :8], start - 6))  # another width: stores afresh
+    assert_same_step(*_both(plain, reuse, second[:, :5], start - 6, mode=AttentionMode.CAUSAL))  # causal: never split
     assert reuse._prefix_key is None
 
 
