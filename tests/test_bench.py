@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from blockpilot.bench.estimate import VISION_SHAPES, image_grid, plan_estimates
 from blockpilot.bench.measure import cpu_name
 from blockpilot.bench.models import SHAPES, forward_bytes, weight_bytes
 from blockpilot.cli import main
@@ -36,7 +37,9 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str
 def test_report_structure(bench: tuple[dict[str, Any], str]) -> None:
     report, text = bench
     assert report["device"] == {"type": "cpu", "name": cpu_name(), "torch": torch.__version__, "cpu_threads": [1]}
-    assert set(report) == {"device", "bandwidth", "settings", "steps", "ar", "plans", "skipped"}
+    assert set(report) == {"device", "bandwidth", "settings", "steps", "ar", "plans", "vision", "estimates",
+                           "skipped", "failed"}
+    assert report["failed"] == [] and report["estimates"] == []  # no large shape ran: nothing to estimate
     assert [(r["model"], r["dtype"], r["backend"], r["threads"]) for r in report["steps"]] == \
         [("reference", "fp32", "torch", 1)]
     assert {(r["impl"], r["threads"]) for r in report["ar"]} == {("transformers generate", 1), ("blockpilot torch", 1)}
@@ -70,7 +73,9 @@ def test_ratios_come_from_measured_numbers(bench: tuple[dict[str, Any], str]) ->
         assert ours["speedup_vs_transformers"] is None
     else:
         assert ours["speedup_vs_transformers"] == pytest.approx(hf["ms_per_token"] / ours["ms_per_token"])
+    assert step["prefill_ms"] > 0
     for plan in report["plans"]:
+        assert 1 <= plan["prefill_forwards"] < plan["forwards"]
         assert plan["cpu_target_met"] == (plan["p50_ms"] < 200.0) and plan["parsed"]
         assert plan["tokens_per_forward"] > 0 and plan["forwards"] > 0 and plan["prompt_tokens"] > 0
 
@@ -101,3 +106,32 @@ def test_bench_refuses_what_it_cannot_run(capsys: pytest.CaptureFixture[str], tm
         assert "no CUDA device" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--models", "7b"])
+
+
+def test_plan_estimate_prices_the_reference_plans_forwards_at_the_large_shape() -> None:
+    step = {"model": "3b", "dtype": "fp8", "backend": "cuda", "kv_tokens": 1024, "prefill_ms": 20.0, "step_ms": 3.0}
+    plans = [{"backend": "cuda", "dtype": "fp8", "decoder": "scaffold", "forwards": 12, "prefill_forwards": 1,
+              "tokens_per_forward": 6.5},
+             {"backend": "cuda", "dtype": "bf16", "decoder": "scaffold", "forwards": 12, "prefill_forwards": 1,
+              "tokens_per_forward": 6.5},  # another dtype: not this step's
+             {"backend": "torch", "dtype": "fp8", "decoder": "ar", "forwards": 80, "prefill_forwards": 1,
+              "tokens_per_forward": 1.0}]  # another backend
+    vision = {("3b", "fp8"): {"vision_ms": 15.0, "image": "504x896", "image_tokens": 576}}
+    ref_step = {**step, "model": "reference"}
+    (row,) = plan_estimates([ref_step, step], plans, vision)
+    assert row["plan_ms"] == pytest.approx(15.0 + 20.0 + 11 * 3.0)
+    assert (row["decoder"], row["image_tokens"], row["forwards"]) == ("scaffold", 576, 12)
+    (no_vision,) = plan_estimates([step], plans[:1], {})
+    assert no_vision["plan_ms"] == pytest.approx(20.0 + 33.0) and no_vision["vision_ms"] is None
+
+
+def test_image_grid_and_the_image_argument() -> None:
+    config = VISION_SHAPES["3b"]
+    assert image_grid(504, 896, config) == (36, 64)  # 18 x 32 merged tokens
+    assert image_grid(500, 900, config) == (34, 64)  # rounded down to whole merged patches
+    with pytest.raises(ValueError, match="smaller than one merged patch"):
+        image_grid(20, 896, config)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        main(["bench", "--image", "wide"])
+    assert "--image: expected HEIGHTxWIDTH" in err.getvalue()

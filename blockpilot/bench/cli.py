@@ -19,6 +19,16 @@ def _names(value: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
     return names
 
 
+def _image(value: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--image: expected HEIGHTxWIDTH pixels, got {value!r}") from None
+    if height < 28 or width < 28:
+        raise argparse.ArgumentTypeError(f"--image: {value!r} is smaller than one merged patch (28x28)")
+    return height, width
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=",".join(MODELS), type=lambda v: _names(v, MODELS, "--models"),
                         help="comma-separated: reference (the shipped checkpoint), 1.5b (Fast_dLLM_v2_1.5B shape), "
@@ -39,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false",
                         help="skip the ONNX Runtime plans on a CPU")
     parser.add_argument("--checkpoint", default=None, help="the reference checkpoint (default: models/reference)")
+    parser.add_argument("--image", default="504x896", type=_image,
+                        help="HEIGHTxWIDTH of the camera image the 3b plan estimate's vision tower encodes")
     parser.add_argument("--out", default="runs/bench/bench.json", help="JSON report path")
 
 
@@ -49,7 +61,7 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(models=args.models, dtypes=args.dtypes, device=args.device, allow_slow=args.allow_slow,
                         repeats=args.repeats, plan_repeats=args.plan_repeats, threads=threads or (1,),
                         kv_tokens=args.kv_tokens, block_tokens=args.block_tokens, decoders=decoders, hf=args.hf,
-                        onnxruntime=args.onnxruntime, **extra)
+                        onnxruntime=args.onnxruntime, image=args.image, **extra)
 
 
 def _cell(value: Any, fmt: str = ".2f") -> str:
@@ -99,7 +111,17 @@ def format_report(report: Report) -> str:
                  _cell(r.get("cpu_target_met"))] for r in report.plans]
         out += [_table(["dtype", "backend", "threads", "decoder", "ms/plan", "forwards", "tokens/forward", "parsed",
                         f"< {target:.0f} ms"], rows), ""]
+    if report.estimates:
+        out.append("Plan estimates for the large shapes: vision tower on one image + prefill + block steps, with "
+                   "the forwards of the reference model's plan with the same decoder, backend and dtype")
+        rows = [[r["model"], r["dtype"], r["backend"], r["decoder"], str(r["forwards"]), _cell(r["tokens_per_forward"]),
+                 f"{r['image'] or '-'} ({r['image_tokens'] or 0})", _cell(r["vision_ms"], ".1f"),
+                 _cell(r["prefill_ms"], ".1f"), _cell(r["step_ms"], ".3f"), _cell(r["plan_ms"], ".1f")]
+                for r in report.estimates]
+        out += [_table(["model", "dtype", "backend", "decoder", "forwards", "tokens/forward", "image (tokens)",
+                        "vision ms", f"prefill {s['kv_tokens']} ms", "step ms", "plan ms"], rows), ""]
     out += [f"skipped: {reason}" for reason in report.skipped]
+    out += [f"FAILED: {error}" for error in report.failed]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -112,8 +134,9 @@ def write_report(report: Report, path: str | Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     opts = options_from(args)
-    report = run_bench(opts, log=lambda line: print(line, flush=True))
+    report = run_bench(opts, log=lambda line: print(line, flush=True),
+                       progress=lambda partial: write_report(partial, args.out))
     print()
     print(format_report(report), end="")
     print(f"report: {write_report(report, args.out)}")
-    return 0
+    return 1 if report.failed else 0

@@ -63,7 +63,7 @@ def forward_bytes(lm: LMConfig, dtype: str, key_end: int) -> ForwardBytes:
 
 
 @contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     before = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -77,7 +77,7 @@ def random_model(name: str, dtype: str, device: torch.device, seed: int = 0) -> 
     activation dtype (no float32 copy of a 3B model is ever made)."""
     lm = SHAPES[name]
     config = ModelConfig(lm=lm, tokens=SpecialTokens(), diffusion=BlockDiffusionConfig())
-    with _default_dtype(DTYPES[dtype]), torch.device("meta"):
+    with default_dtype(DTYPES[dtype]), torch.device("meta"):
         model = VLAModel(config)
     model = model.to_empty(device=device)
     model.lm.tie_weights()
@@ -102,6 +102,6 @@ def hf_twin(lm: LMConfig, dtype: str, device: torch.device) -> Any:
                          num_key_value_heads=lm.num_kv_heads, tie_word_embeddings=lm.tie_word_embeddings,
                          max_position_embeddings=max(lm.max_position, 4096), rms_norm_eps=lm.rms_norm_eps,
                          rope_parameters={"rope_type": "default", "rope_theta": lm.rope_theta})
-    with _default_dtype(DTYPES[dtype]), torch.device(device):
+    with default_dtype(DTYPES[dtype]), torch.device(device):
         model = Qwen2ForCausalLM(config)
     return model.eval()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import statistics
 import tempfile
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ from ..runtime.backend import Backend, Prompt
 from ..vla.config import LMConfig
 from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
+from .estimate import VISION_SHAPES, plan_estimates, vision_ms
 from .measure import Bandwidth, device_name, measure_bandwidth, p50_ms
 from .models import DTYPES, MODELS, forward_bytes, hf_twin, random_model
 
@@ -60,6 +62,7 @@ class BenchOptions:
     bandwidth_mib: int | None = None  # None: 1024 on a GPU, 256 on a CPU
     checkpoint: Path = SHIPPED_MODEL
     cpu_target_ms: float = 200.0
+    image: tuple[int, int] = (504, 896)  # (height, width) of the camera image of the plan estimates
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in MODELS]
@@ -79,7 +82,10 @@ class Report:
     steps: list[dict[str, Any]] = field(default_factory=list)
     ar: list[dict[str, Any]] = field(default_factory=list)
     plans: list[dict[str, Any]] = field(default_factory=list)
+    vision: list[dict[str, Any]] = field(default_factory=list)
+    estimates: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # "model dtype: error" of a measurement that raised
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,8 +136,13 @@ def _step_rows(report: Report, opts: BenchOptions, name: str, model: VLAModel, d
     with _threads(device, threads):
         runner = _backend(backend, model, kv + block + 64, dtype)
         ids = _prompt_ids(model, kv + block)
-        runner.prefill(Prompt(ids[:kv]))
+        prompt = Prompt(ids[:kv])
+        runner.prefill(prompt)
         window = ids[None, kv:]
+
+        def prefill() -> None:
+            runner.truncate(0)
+            runner.prefill(prompt)
 
         def ar_step() -> None:
             runner.step(window[:, :1], kv, mode=AttentionMode.CAUSAL, write_kv=True)
@@ -140,9 +151,11 @@ def _step_rows(report: Report, opts: BenchOptions, name: str, model: VLAModel, d
         step_ms = p50_ms(lambda: runner.step(window, kv, mode=AttentionMode.BIDIRECTIONAL, write_kv=False), device,
                          opts.repeats, warmup=2)
         ar_ms = p50_ms(ar_step, device, opts.repeats, warmup=2)
+        prefill_ms = p50_ms(prefill, device, max(1, opts.repeats // 2), warmup=1)
     row = {"model": name, "dtype": dtype, "backend": backend, "threads": threads, "tokens": block, "kv_tokens": kv,
            "step_ms": step_ms, **_roofline(step_ms, lm, dtype, kv + block, bandwidth),
-           "ar_ms": ar_ms, "ar_roofline_ms": _roofline(ar_ms, lm, dtype, kv + 1, bandwidth)["roofline_ms"]}
+           "prefill_ms": prefill_ms, "ar_ms": ar_ms,
+           "ar_roofline_ms": _roofline(ar_ms, lm, dtype, kv + 1, bandwidth)["roofline_ms"]}
     row["ar_ratio"] = ar_ms / row["ar_roofline_ms"]
     report.steps.append(row)
     return ar_ms
@@ -239,7 +252,8 @@ def _plans_in(report: Report, opts: BenchOptions, dtype: str, device: torch.devi
                 plan = planner.plan(obs)  # the warm-up; counts are deterministic
                 ms = p50_ms(_bound(planner.plan, obs), device, opts.plan_repeats, warmup=0)
             row = {"model": "reference", "dtype": dtype, "backend": backend, "threads": threads, "decoder": decoder,
-                   "p50_ms": ms, "forwards": plan.stats.forwards, "tokens": plan.stats.tokens,
+                   "p50_ms": ms, "forwards": plan.stats.forwards,
+                   "prefill_forwards": plan.stats.prefill_forwards, "tokens": plan.stats.tokens,
                    "tokens_per_forward": plan.stats.tokens_per_forward, "prompt_tokens": plan.stats.prompt_tokens,
                    "parsed": plan.error is None}
             if device.type == "cpu":
@@ -248,8 +262,9 @@ def _plans_in(report: Report, opts: BenchOptions, dtype: str, device: torch.devi
             log(f"  plan {backend:<11} {dtype:<5} threads={threads} {decoder:<9} {ms:9.1f} ms")
 
 
-def run_bench(opts: BenchOptions, log: Log = print) -> Report:
-    """Run every measurement ``opts`` asks for; returns the report (see :func:`write_report`)."""
+def run_bench(opts: BenchOptions, log: Log = print, progress: Callable[[Report], object] | None = None) -> Report:
+    """Run every measurement ``opts`` asks for; returns the report (see :func:`write_report`). ``progress`` gets
+    the report so far after each model and dtype (a run cut short still leaves its rows)."""
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(auto if opts.device == "auto" else opts.device)
@@ -277,9 +292,17 @@ def run_bench(opts: BenchOptions, log: Log = print) -> Report:
                 report.skipped.append(reason)
                 log(f"  skip {reason}")
                 continue
-            _bench_model(report, opts, name, dtype, device, bandwidth, log)
+            try:
+                _bench_model(report, opts, name, dtype, device, bandwidth, log)
+            except Exception as exc:  # one broken shape must not lose the rows measured so far
+                report.failed.append(f"{name} {dtype}: {type(exc).__name__}: {exc}")
+                log(f"  FAILED {name} {dtype}:\n{traceback.format_exc()}")
+            if progress is not None:
+                progress(report)
             if on_cuda:
                 torch.cuda.empty_cache()
+    vision = {(v["model"], v["dtype"]): v for v in report.vision}
+    report.estimates = plan_estimates(report.steps, report.plans, vision)
     return report
 
 
@@ -314,3 +337,9 @@ def _bench_model(report: Report, opts: BenchOptions, name: str, dtype: str, devi
                           "ms_per_token": ms, "speedup_vs_transformers": None if base is None else base / ms})
     if name == "reference" and opts.decoders:
         _plans(report, opts, dtype, device, model, log)
+    if name in VISION_SHAPES:
+        del model
+        report.vision.append({"model": name, "dtype": dtype,
+                              **vision_ms(name, dtype, device, opts.image, opts.repeats)})
+        log(f"  vision {name:<7} {dtype:<5} {report.vision[-1]['vision_ms']:8.2f} ms "
+            f"({report.vision[-1]['image_tokens']} image tokens)")
