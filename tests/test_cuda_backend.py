@@ -65,11 +65,11 @@ def _drive(a: Any, b: Any, prompt: Prompt, steps: Any = STEPS, seed: int = 0, to
         assert a.length == b.length
 
 
-def _caches_equal(torch_backend: TorchBackend, cuda: CudaBackend) -> None:
+def _caches_equal(torch_backend: TorchBackend, cuda: CudaBackend, atol: float = 1e-5) -> None:
     n = torch_backend.length
     k, v = cuda._single
-    torch.testing.assert_close(k[..., :n, :].float(), torch_backend._single.k[..., :n, :].float(), atol=1e-5, rtol=0)
-    torch.testing.assert_close(v[..., :n, :].float(), torch_backend._single.v[..., :n, :].float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(k[..., :n, :].float(), torch_backend._single.k[..., :n, :].float(), atol=atol, rtol=0)
+    torch.testing.assert_close(v[..., :n, :].float(), torch_backend._single.v[..., :n, :].float(), atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("buckets", [None, ()], ids=["padded-buckets", "exact-widths"])
@@ -186,13 +186,14 @@ def _interpreted_cases() -> dict[str, Any]:
     ours = CudaBackend(model, 160, max_batch=2, device="cpu", kernel="triton")
     steps = [(s[0] if s[0] < 40 else 40, *s[1:]) for s in STEPS]
     try:
-        _drive(ref, ours, Prompt(np.arange(5, 29)), steps=steps, tol=1e-5, prefill_mode=AttentionMode.BLOCK)
-        _caches_equal(ref, ours)
+        # 5e-5: the fused norms reduce in another order than torch's (float32 rounding, ~1e-5 on the probabilities)
+        _drive(ref, ours, Prompt(np.arange(5, 29)), steps=steps, tol=5e-5, prefill_mode=AttentionMode.BLOCK)
+        _caches_equal(ref, ours, atol=5e-5)
         for x in (ref, ours):  # two rows fold into the kernel's heads
             x.fork(2)
         tokens = np.random.default_rng(3).integers(0, 58, (2, 5))
         assert_same_step(ref.step(tokens, ref.length, mode=AttentionMode.BIDIRECTIONAL, write_kv=False),
-              ours.step(tokens, ours.length, mode=AttentionMode.BIDIRECTIONAL, write_kv=False))
+              ours.step(tokens, ours.length, mode=AttentionMode.BIDIRECTIONAL, write_kv=False), tol=5e-5)
         report["backend"] = "ok"
     except AssertionError as exc:
         report["backend"] = f"mismatch: {exc!r}"

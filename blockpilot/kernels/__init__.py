@@ -1,4 +1,4 @@
-"""Attention kernels for block-diffusion decoding.
+"""GPU kernels for block-diffusion decoding (Triton), each beside the torch math it is checked against.
 
 ``reference``
     Plain torch: :func:`~blockpilot.kernels.reference.block_diffusion_attention_ref` (the math every kernel is
@@ -14,6 +14,14 @@
 ``merge``
     Attention states ``(out, lse)`` over disjoint key sets merged into the state over their union (the split-KV
     merge, and :func:`~blockpilot.kernels.merge.merge_attention_states` with its torch reference); needs ``triton``.
+``fused``
+    The decode layer's small ops in one launch each: residual add + RMSNorm, RoPE + KV-cache write (+ a draft's
+    save and restore), SwiGLU; needs ``triton``.
+``top1``
+    The LM-head epilogue: top-1 id and its probability from the logits, no float32 copy; needs ``triton``.
+``fp8_quant``
+    Dynamic or static per-tensor FP8 (e4m3) quantization of a GEMM's activations in two launches, padded for
+    ``torch._scaled_mm``; needs ``triton``.
 
 Mode ids are those of :data:`blockpilot.formats.onnx_io.MODE_IDS`: 0 causal (key slot <= query slot), 1 block
 (``key // block_size <= query // block_size``), 2 bidirectional. Importing this package loads none of them.

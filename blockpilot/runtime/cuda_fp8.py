@@ -11,11 +11,16 @@ A model without quantizers takes its weight scales from the weights themselves (
 ``Fp8Linear`` multiplies with ``torch._scaled_mm`` (per-tensor scales, or row-wise scales with a bf16 output
 when the weight is per channel), or, with ``matmul="dequantize"`` (the default off CUDA), computes the same
 product on dequantized float32 operands: the arithmetic modelopt's fake-quantized model runs, used to check
-the scales on a CPU. Modelopt is never imported here: the quantizers are read by attribute.
+the scales on a CPU. On CUDA the activation is quantized by two Triton kernels
+(:func:`blockpilot.kernels.fp8_quant.quantize_rows`; a dozen launch-bound torch ops otherwise, the fallback
+without triton), with the same bits. :meth:`Fp8Linear.concat` fuses linears that share an input (q/k/v,
+gate/up) into one per-channel GEMM. Modelopt is never imported here: the quantizers are read by attribute.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -117,22 +122,64 @@ class Fp8Linear:
 
     def __init__(self, weight: torch.Tensor, amax: torch.Tensor, bias: torch.Tensor | None, *,
                  input_amax: torch.Tensor | None, out_dtype: torch.dtype, matmul: str = "auto") -> None:
+        device = weight.device
+        quant_w = quant_scale(amax.to(device))
+        input_quant = None if input_amax is None else quant_scale(input_amax.to(device)).reshape(())
+        self._setup(quantize_e4m3(weight, quant_w), quant_w, bias, input_quant, out_dtype, matmul)
+
+    def _setup(self, weight: torch.Tensor, quant_w: torch.Tensor, bias: torch.Tensor | None,
+               input_quant: torch.Tensor | None, out_dtype: torch.dtype, matmul: str) -> None:
+        """Takes the e4m3 ``weight`` and the quant scales as they are (no rounding happens here)."""
         if matmul not in MATMULS:
             raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
         out_features, in_features = weight.shape
         if in_features % 16 or out_features % 16:
             raise PlannerSetupError(f"FP8 matmuls need in/out features divisible by 16, got {tuple(weight.shape)}")
-        device = weight.device
-        self.quant_w = quant_scale(amax.to(device))
-        self.weight = quantize_e4m3(weight, self.quant_w)
-        self.dequant_w = (1.0 / self.quant_w).reshape(1, -1) if self.quant_w.numel() > 1 else 1.0 / self.quant_w
-        self.bias = None if bias is None else bias.detach().to(device, out_dtype)
-        self.input_quant = None if input_amax is None else quant_scale(input_amax.to(device)).reshape(())
+        self.quant_w = quant_w
+        self.weight = weight
+        self.dequant_w = (1.0 / quant_w).reshape(1, -1) if quant_w.numel() > 1 else 1.0 / quant_w
+        self.bias = None if bias is None else bias.detach().to(weight.device, out_dtype)
+        self.input_quant = input_quant
         self.out_dtype = out_dtype
         self.matmul = ("scaled_mm" if weight.is_cuda else "dequantize") if matmul == "auto" else matmul
-        self.per_channel = self.quant_w.numel() > 1
+        self.per_channel = quant_w.numel() > 1
         if self.matmul == "scaled_mm" and self.per_channel and out_dtype != torch.bfloat16:
             raise PlannerSetupError("per-channel FP8 weights need bfloat16 activations (row-wise scaled_mm)")
+
+    @classmethod
+    def concat(cls, parts: Sequence[Fp8Linear]) -> Fp8Linear:
+        """One linear whose output is the ``parts``' outputs side by side (q/k/v or gate/up in one GEMM).
+
+        The e4m3 weights are stacked unchanged and a per-tensor scale becomes the same scale on each of its rows,
+        so the result is per channel and each output column is what its part computes (up to the GEMM's own
+        summation order); a part without bias adds zeros. The parts must share ``in`` features, the activation
+        scale (dynamic, or the same static one), ``out_dtype`` and the matmul."""
+        if not parts:
+            raise PlannerSetupError("Fp8Linear.concat needs at least one part")
+        first = parts[0]
+        for part in parts[1:]:
+            if part.weight.shape[1] != first.weight.shape[1]:
+                raise PlannerSetupError("Fp8Linear.concat: the parts take different input features "
+                                        f"({part.weight.shape[1]} != {first.weight.shape[1]})")
+            if (part.out_dtype, part.matmul) != (first.out_dtype, first.matmul):
+                raise PlannerSetupError("Fp8Linear.concat: the parts differ in out_dtype or matmul")
+            a, b = part.input_quant, first.input_quant
+            if (a is None) != (b is None) or (a is not None and b is not None and not torch.equal(a, b)):
+                raise PlannerSetupError("Fp8Linear.concat: the parts must share the activation scale "
+                                        "(all dynamic, or one static input scale)")
+        if first.matmul == "scaled_mm" and first.out_dtype != torch.bfloat16:
+            raise PlannerSetupError("Fp8Linear.concat: a concatenated linear has per-channel weight scales, and "
+                                    "row-wise scaled_mm needs bfloat16 activations")
+        quant_w = torch.cat([p.quant_w.reshape(-1, 1).expand(p.weight.shape[0], 1) for p in parts])
+        bias = None
+        if any(p.bias is not None for p in parts):
+            bias = torch.cat([p.bias if p.bias is not None else
+                              torch.zeros(p.weight.shape[0], dtype=first.out_dtype, device=first.weight.device)
+                              for p in parts])
+        linear = cls.__new__(cls)
+        linear._setup(torch.cat([p.weight for p in parts]), quant_w, bias, first.input_quant, first.out_dtype,
+                      first.matmul)
+        return linear
 
     @classmethod
     def from_linear(cls, name: str, linear: nn.Linear, *, device: torch.device, out_dtype: torch.dtype,
@@ -163,31 +210,48 @@ class Fp8Linear:
         padded step's padding rows must not move the scale of the real ones)."""
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        if self.input_quant is not None:  # static, from the input quantizer
-            quant_x = self.input_quant
-        else:  # dynamic per tensor, computed on the device
-            quant_x = quant_scale((x2.abs() if rows is None else x2.abs() * rows).amax())
         if self.matmul == "dequantize":
+            quant_x = self._quant_x(x2, rows)
             xq = quantize_e4m3(x2, quant_x).to(torch.float32) * (1.0 / quant_x)
             bias = None if self.bias is None else self.bias.to(torch.float32)
             y = F.linear(xq, self.dequantized_weight(), bias).to(self.out_dtype)
         else:
-            y = self._scaled_mm(x2, quant_x)
+            y = self._scaled_mm(x2, rows)
         return y.reshape(*lead, -1)
 
-    def _scaled_mm(self, x2: torch.Tensor, quant_x: torch.Tensor) -> torch.Tensor:
+    def _quant_x(self, x2: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        if self.input_quant is not None:  # static, from the input quantizer
+            return self.input_quant
+        return quant_scale((x2.abs() if rows is None else x2.abs() * rows).amax())  # dynamic, on the device
+
+    def _scaled_mm(self, x2: torch.Tensor, rows: torch.Tensor | None, *, triton: bool | None = None) -> torch.Tensor:
+        """``triton``: quantize ``x2`` with the Triton kernels (default: on CUDA when triton imports) or with
+        torch ops; the two give the same bits."""
         m = x2.shape[0]
-        pad = (-m) % 16 if x2.is_cuda else 0  # cuBLASLt's FP8 GEMMs like 16-aligned dimensions
-        if pad:
-            x2 = F.pad(x2, (0, 0, 0, pad))
-        xq = quantize_e4m3(x2, quant_x)
-        dequant_x = (1.0 / quant_x).to(torch.float32)
-        if self.per_channel:  # row-wise scaling: (M, 1) x (1, N)
-            scale_a = dequant_x.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
-            y = torch._scaled_mm(xq, self.weight.t(), scale_a, self.dequant_w, out_dtype=torch.bfloat16)
+        pad_to = 16 if x2.is_cuda else 1  # cuBLASLt's FP8 GEMMs like 16-aligned dimensions
+        quantize = _triton_quantizer() if (x2.is_cuda if triton is None else triton) else None
+        if quantize is not None:
+            xq, dequant_x = quantize(x2, quant=self.input_quant, rows=rows, pad_to=pad_to)
         else:
-            y = torch._scaled_mm(xq, self.weight.t(), dequant_x.reshape(()), self.dequant_w.reshape(()),
+            quant_x = self._quant_x(x2, rows)
+            pad = (-m) % pad_to
+            xq = quantize_e4m3(F.pad(x2, (0, 0, 0, pad)) if pad else x2, quant_x)
+            dequant_x = (1.0 / quant_x).to(torch.float32).reshape(1, 1).expand(xq.shape[0], 1).contiguous()
+        if self.per_channel:  # row-wise scaling: (M, 1) x (1, N)
+            y = torch._scaled_mm(xq, self.weight.t(), dequant_x, self.dequant_w, out_dtype=torch.bfloat16)
+        else:
+            y = torch._scaled_mm(xq, self.weight.t(), dequant_x[:1].reshape(()), self.dequant_w.reshape(()),
                                  out_dtype=self.out_dtype)
-        if pad:
+        if y.shape[0] != m:
             y = y[:m]
         return y if self.bias is None else y + self.bias
+
+
+@functools.cache
+def _triton_quantizer() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """:func:`blockpilot.kernels.fp8_quant.quantize_rows`, ``None`` without triton."""
+    try:
+        from ..kernels.fp8_quant import quantize_rows
+    except ImportError:
+        return None
+    return quantize_rows
