@@ -22,31 +22,29 @@ import triton.language as tl
 
 @triton.jit
 def _merge_splits_kernel(PART, PART_LSE, OUT, LSE, stride_ph, stride_pt, stride_ps, stride_qh, stride_qt, stride_qs,
-                         stride_oh, stride_ot, stride_lh, stride_lt, T, HEAD_DIM, SPLITS,
-                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_LSE: tl.constexpr):
+                         stride_oh, stride_ot, stride_lh, stride_lt, HEAD_DIM, SPLITS,
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_LSE: tl.constexpr):
+    # One program per (head, position): every split's state is loaded at once (one round trip to memory, not
+    # one per split: a loop over the splits made this launch cost more than the attention it merges).
     head = tl.program_id(0)
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    t_ok = offs_t < T
-    ok = t_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    lse_base = PART_LSE + head * stride_qh + offs_t * stride_qt
-    m = tl.full((BLOCK_T,), float("-inf"), tl.float32)
-    for s in range(0, SPLITS):
-        m = tl.maximum(m, tl.load(lse_base + s * stride_qs, mask=t_ok, other=float("-inf")))
+    s_ok = offs_s < SPLITS
+    lse = tl.load(PART_LSE + head * stride_qh + t * stride_qt + offs_s * stride_qs, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # every split empty: all weights 0, the output 0
-    denom = tl.zeros((BLOCK_T,), tl.float32)
-    acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
-    part_base = PART + head * stride_ph + offs_t[:, None] * stride_pt + offs_d[None, :]
-    for s in range(0, SPLITS):
-        w = tl.exp(tl.load(lse_base + s * stride_qs, mask=t_ok, other=float("-inf")) - m_safe)
-        denom += w
-        acc += w[:, None] * tl.load(part_base + s * stride_ps, mask=ok, other=0.0)
-    out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
-    tl.store(OUT + head * stride_oh + offs_t[:, None] * stride_ot + offs_d[None, :], out.to(OUT.dtype.element_ty),
-             mask=ok)
+    w = tl.exp(lse - m_safe)
+    ok = s_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    part = tl.load(PART + head * stride_ph + t * stride_pt + offs_s[:, None] * stride_ps + offs_d[None, :], mask=ok,
+                   other=0.0)
+    acc = tl.sum(tl.where(w[:, None] > 0.0, w[:, None] * part, 0.0), axis=0)  # an empty split weighs nothing
+    denom = tl.sum(w, axis=0)
+    safe = tl.where(denom > 0.0, denom, 1.0)
+    tl.store(OUT + head * stride_oh + t * stride_ot + offs_d, (acc / safe).to(OUT.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
     if WRITE_LSE:
-        lse = tl.where(denom > 0.0, m_safe + tl.log(tl.where(denom > 0.0, denom, 1.0)), float("-inf"))
-        tl.store(LSE + head * stride_lh + offs_t * stride_lt, lse, mask=t_ok)
+        tl.store(LSE + head * stride_lh + t * stride_lt, tl.where(denom > 0.0, m_safe + tl.log(safe), float("-inf")))
 
 
 @triton.jit
@@ -77,13 +75,14 @@ def merge_splits_(part: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor,
     """Fold the partial states ``part`` ``(H, T, S, D)`` / ``part_lse`` ``(H, T, S)`` (float32, last dims
     contiguous) into ``out`` ``(1, H, T, D)`` (any float dtype) and, when given, ``lse`` ``(1, H, T)`` float32."""
     heads, t, splits, head_dim = part.shape
-    block_t = 16
-    _merge_splits_kernel[(heads, triton.cdiv(t, block_t))](
-        part, part_lse, out, out if lse is None else lse, part.stride(0), part.stride(1), part.stride(2),
-        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2), out.stride(1), out.stride(2),
-        0 if lse is None else lse.stride(1), 0 if lse is None else lse.stride(2), t, head_dim, splits,
-        BLOCK_T=block_t, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), WRITE_LSE=lse is not None,
-    )
+    if heads * t:
+        _merge_splits_kernel[(heads, t)](
+            part, part_lse, out, out if lse is None else lse, part.stride(0), part.stride(1), part.stride(2),
+            part_lse.stride(0), part_lse.stride(1), part_lse.stride(2), out.stride(1), out.stride(2),
+            0 if lse is None else lse.stride(1), 0 if lse is None else lse.stride(2), head_dim, splits,
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            WRITE_LSE=lse is not None,
+        )
 
 
 def _check_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
