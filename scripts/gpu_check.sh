@@ -19,9 +19,13 @@ torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
 per_test=$($py -c "import pytest_timeout" 2>/dev/null && echo --timeout=150)  # where pytest-timeout is installed
 timeout "${TESTS_S:-180}" $py -m pytest -m gpu -q -p no:cacheprovider $per_test \
   --junitxml="$out/gpu_tests.xml" tests/test_kernel_block_attention.py tests/test_kernel_split_kv.py \
+  tests/test_kernel_fused.py tests/test_fp8_quant.py \
   tests/test_cuda_backend.py tests/test_export_plugin.py tests/test_runtime_trt.py 2>&1 | tee "$out/gpu_tests.log"
 
 timeout "${SPLITS_S:-60}" $py benchmarks/bench_attention_splits.py 2>&1 | tee "$out/splits.log"
+for dtype in bf16 fp8; do
+  timeout "${PROFILE_S:-45}" $py benchmarks/profile_kernels.py --dtype $dtype 2>&1
+done | tee "$out/profile.log"
 
 timeout "${BENCH_S:-300}" $py benchmarks/bench_gpu.py --models "${MODELS:-reference,1.5b,3b}" \
   --dtypes "${DTYPES:-bf16,fp8}" --out "$out/bench.json" 2>&1 | tee "$out/bench.log"

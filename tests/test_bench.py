@@ -111,18 +111,21 @@ def test_bench_refuses_what_it_cannot_run(capsys: pytest.CaptureFixture[str], tm
 def test_plan_estimate_prices_the_reference_plans_forwards_at_the_large_shape() -> None:
     step = {"model": "3b", "dtype": "fp8", "backend": "cuda", "kv_tokens": 1024, "prefill_ms": 20.0, "step_ms": 3.0}
     plans = [{"backend": "cuda", "dtype": "fp8", "decoder": "scaffold", "forwards": 12, "prefill_forwards": 1,
-              "tokens_per_forward": 6.5},
+              "tokens_per_forward": 6.5, "tokens": 78},
              {"backend": "cuda", "dtype": "bf16", "decoder": "scaffold", "forwards": 12, "prefill_forwards": 1,
               "tokens_per_forward": 6.5},  # another dtype: not this step's
              {"backend": "torch", "dtype": "fp8", "decoder": "ar", "forwards": 80, "prefill_forwards": 1,
               "tokens_per_forward": 1.0}]  # another backend
     vision = {("3b", "fp8"): {"vision_ms": 15.0, "image": "504x896", "image_tokens": 576}}
     ref_step = {**step, "model": "reference"}
-    (row,) = plan_estimates([ref_step, step], plans, vision)
+    (row,) = plan_estimates([ref_step, step], plans, vision, {"3b": 25.0})
     assert row["plan_ms"] == pytest.approx(15.0 + 20.0 + 11 * 3.0)
+    assert row["tokens_per_s"] == pytest.approx(78 / 68.0 * 1e3)
+    assert row["x_transformers"] == pytest.approx(row["tokens_per_s"] / (1e3 / 25.0))
     assert (row["decoder"], row["image_tokens"], row["forwards"]) == ("scaffold", 576, 12)
     (no_vision,) = plan_estimates([step], plans[:1], {})
     assert no_vision["plan_ms"] == pytest.approx(20.0 + 33.0) and no_vision["vision_ms"] is None
+    assert no_vision["x_transformers"] is None  # no transformers time: no ratio is made up
 
 
 def test_image_grid_and_the_image_argument() -> None:

@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false",
                         help="skip the ONNX Runtime plans on a CPU")
     parser.add_argument("--checkpoint", default=None, help="the reference checkpoint (default: models/reference)")
+    parser.add_argument("--fp8-per-channel", action="store_true",
+                        help="fp8 weights with per-output-channel scales (row-wise scaled_mm) instead of per tensor")
     parser.add_argument("--image", default="504x896", type=_image,
                         help="HEIGHTxWIDTH of the camera image the 3b plan estimate's vision tower encodes")
     parser.add_argument("--out", default="runs/bench/bench.json", help="JSON report path")
@@ -61,7 +63,8 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(models=args.models, dtypes=args.dtypes, device=args.device, allow_slow=args.allow_slow,
                         repeats=args.repeats, plan_repeats=args.plan_repeats, threads=threads or (1,),
                         kv_tokens=args.kv_tokens, block_tokens=args.block_tokens, decoders=decoders, hf=args.hf,
-                        onnxruntime=args.onnxruntime, image=args.image, **extra)
+                        onnxruntime=args.onnxruntime, image=args.image,
+                        fp8_per_channel=args.fp8_per_channel, **extra)
 
 
 def _cell(value: Any, fmt: str = ".2f") -> str:
@@ -87,7 +90,8 @@ def format_report(report: Report) -> str:
     if report.steps:
         out.append(f"Block step: {s['block_tokens']} tokens over a {s['kv_tokens']}-token KV cache (bidirectional "
                    "draft); AR step: 1 token, causal. Roofline = (weights + KV read) / bandwidth; ratio = measured / "
-                   "roofline.")
+                   f"roofline. fp8: e4m3 weights with per-{'channel' if s.get('fp8_per_channel') else 'tensor'} "
+                   "scales, dynamic per-tensor activation scales, bf16 activations.")
         rows = [[r["model"], r["dtype"], r["backend"], _cell(r["threads"]), _cell(r["step_ms"], ".3f"),
                  _cell(r["roofline_ms"], ".3f"), _cell(r["ratio"]), _cell(r["bytes"] / 1e6, ".1f"),
                  _cell(r["ar_ms"], ".3f"), _cell(r["ar_roofline_ms"], ".3f"), _cell(r["ar_ratio"])]
@@ -116,10 +120,14 @@ def format_report(report: Report) -> str:
                    "the forwards of the reference model's plan with the same decoder, backend and dtype")
         rows = [[r["model"], r["dtype"], r["backend"], r["decoder"], str(r["forwards"]), _cell(r["tokens_per_forward"]),
                  f"{r['image'] or '-'} ({r['image_tokens'] or 0})", _cell(r["vision_ms"], ".1f"),
-                 _cell(r["prefill_ms"], ".1f"), _cell(r["step_ms"], ".3f"), _cell(r["plan_ms"], ".1f")]
+                 _cell(r["prefill_ms"], ".1f"), _cell(r["step_ms"], ".3f"), _cell(r["plan_ms"], ".1f"),
+                 _cell(r.get("tokens_per_s"), ".0f"), _cell(r.get("x_transformers"), ".1f")]
                 for r in report.estimates]
         out += [_table(["model", "dtype", "backend", "decoder", "forwards", "tokens/forward", "image (tokens)",
-                        "vision ms", f"prefill {s['kv_tokens']} ms", "step ms", "plan ms"], rows), ""]
+                        "vision ms", f"prefill {s['kv_tokens']} ms", "step ms", "plan ms", "tokens/s",
+                        "x transformers"], rows),
+                "(tokens/s: the plan's answer tokens over its estimated time, vision and prefill included; x "
+                "transformers: that over transformers generate's tokens/s on the same shape in bf16)", ""]
     out += [f"skipped: {reason}" for reason in report.skipped]
     out += [f"FAILED: {error}" for error in report.failed]
     return "\n".join(out).rstrip() + "\n"

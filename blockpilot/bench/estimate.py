@@ -73,8 +73,11 @@ def vision_ms(name: str, dtype: str, device: torch.device, image: tuple[int, int
 
 
 def plan_estimates(steps: list[dict[str, Any]], plans: list[dict[str, Any]],
-                   vision: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per large-shape step row and reference-model plan row of the same backend and dtype."""
+                   vision: dict[tuple[str, str], dict[str, Any]],
+                   hf_ms_per_token: dict[str, float | None] | None = None) -> list[dict[str, Any]]:
+    """One row per large-shape step row and reference-model plan row of the same backend and dtype.
+    ``hf_ms_per_token``: ``transformers`` ``generate``'s ms per token per model (bf16), for the answer tokens per
+    second of the estimated plan against it (``x_transformers``)."""
     rows = []
     for step in steps:
         if step["model"] == "reference" or step.get("prefill_ms") is None:
@@ -86,10 +89,15 @@ def plan_estimates(steps: list[dict[str, Any]], plans: list[dict[str, Any]],
             prefills = int(plan.get("prefill_forwards") or 1)
             steps_n = int(plan["forwards"]) - prefills
             ms = parts.get("vision_ms", 0.0) + prefills * step["prefill_ms"] + steps_n * step["step_ms"]
+            tokens = plan.get("tokens")
+            per_s = None if not tokens else tokens / ms * 1e3
+            hf = (hf_ms_per_token or {}).get(step["model"])
+            speedup = None if per_s is None or not hf else per_s * hf / 1e3
             rows.append({"model": step["model"], "dtype": step["dtype"], "backend": step["backend"],
                          "decoder": plan["decoder"], "forwards": plan["forwards"], "prefill_forwards": prefills,
                          "tokens_per_forward": plan["tokens_per_forward"], "prompt_tokens": step["kv_tokens"],
                          "prefill_ms": step["prefill_ms"], "step_ms": step["step_ms"],
                          "vision_ms": parts.get("vision_ms"), "image": parts.get("image"),
-                         "image_tokens": parts.get("image_tokens"), "plan_ms": ms})
+                         "image_tokens": parts.get("image_tokens"), "plan_ms": ms, "tokens": tokens,
+                         "tokens_per_s": per_s, "x_transformers": speedup})
     return rows

@@ -62,6 +62,7 @@ class BenchOptions:
     bandwidth_mib: int | None = None  # None: 1024 on a GPU, 256 on a CPU
     checkpoint: Path = SHIPPED_MODEL
     cpu_target_ms: float = 200.0
+    fp8_per_channel: bool = False  # fp8 weight scales: per tensor (modelopt's FP8 default), or per output channel
     image: tuple[int, int] = (504, 896)  # (height, width) of the camera image of the plan estimates
 
     def __post_init__(self) -> None:
@@ -102,11 +103,11 @@ def _threads(device: torch.device, n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _backend(name: str, model: VLAModel, capacity: int, dtype: str) -> Backend:
+def _backend(name: str, model: VLAModel, capacity: int, dtype: str, fp8_per_channel: bool = False) -> Backend:
     if name == "cuda":
         from ..runtime.cuda_backend import CudaBackend
 
-        return CudaBackend(model, capacity, precision=dtype)
+        return CudaBackend(model, capacity, precision=dtype, fp8_per_channel=fp8_per_channel)
     from ..runtime.torch_backend import TorchBackend
 
     return TorchBackend(model, capacity)
@@ -134,7 +135,7 @@ def _step_rows(report: Report, opts: BenchOptions, name: str, model: VLAModel, d
     kv, block = opts.kv_tokens, opts.block_tokens
     lm = model.config.lm
     with _threads(device, threads):
-        runner = _backend(backend, model, kv + block + 64, dtype)
+        runner = _backend(backend, model, kv + block + 64, dtype, opts.fp8_per_channel)
         ids = _prompt_ids(model, kv + block)
         prompt = Prompt(ids[:kv])
         runner.prefill(prompt)
@@ -247,8 +248,8 @@ def _plans_in(report: Report, opts: BenchOptions, dtype: str, device: torch.devi
 
                     planner = ort_planner(opts.checkpoint, tmp, decoder=settings, threads=threads or 1)
                 else:
-                    planner = Planner(_backend(backend, model, capacity, dtype), model.config, tokenizer,
-                                      decoder=settings, schema=schema)
+                    runner = _backend(backend, model, capacity, dtype, opts.fp8_per_channel)
+                    planner = Planner(runner, model.config, tokenizer, decoder=settings, schema=schema)
                 plan = planner.plan(obs)  # the warm-up; counts are deterministic
                 ms = p50_ms(_bound(planner.plan, obs), device, opts.plan_repeats, warmup=0)
             row = {"model": "reference", "dtype": dtype, "backend": backend, "threads": threads, "decoder": decoder,
@@ -302,7 +303,9 @@ def run_bench(opts: BenchOptions, log: Log = print, progress: Callable[[Report],
             if on_cuda:
                 torch.cuda.empty_cache()
     vision = {(v["model"], v["dtype"]): v for v in report.vision}
-    report.estimates = plan_estimates(report.steps, report.plans, vision)
+    hf = {r["model"]: r["ms_per_token"] for r in report.ar if r["impl"] == "transformers generate"
+          and r["dtype"] in ("bf16", "fp16", "fp32")}
+    report.estimates = plan_estimates(report.steps, report.plans, vision, hf)
     return report
 
 
