@@ -22,7 +22,7 @@ import torch
 from ..vla.config import VisionConfig
 from ..vla.vision import VisionTower, vision_layout
 from .measure import p50_ms
-from .models import DTYPES, default_dtype
+from .models import DTYPES, default_dtype, init_random_
 
 # Qwen2.5-VL-3B-Instruct's vision_config (the tower Fast-dDrive keeps); 1.5b is a text-only LM.
 VISION_SHAPES: dict[str, VisionConfig] = {
@@ -35,17 +35,7 @@ def random_vision(name: str, dtype: str, device: torch.device, seed: int = 0) ->
     (fp8 runs the tower in bf16: only the LM's linears are FP8)."""
     with default_dtype(DTYPES[dtype]), torch.device("meta"):
         tower = VisionTower(VISION_SHAPES[name])
-    tower = tower.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in tower.named_parameters():
-            if pname.endswith("bias"):
-                p.zero_()
-            elif p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    return tower.eval()
+    return init_random_(tower.to_empty(device=device), seed)
 
 
 def image_grid(height: int, width: int, config: VisionConfig) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -81,16 +81,26 @@ def random_model(name: str, dtype: str, device: torch.device, seed: int = 0) -> 
         model = VLAModel(config)
     model = model.to_empty(device=device)
     model.lm.tie_weights()
+    return init_random_(model, seed)
+
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def init_random_(module: ModuleT, seed: int) -> ModuleT:
+    """Fill an (uninitialised, ``to_empty``) module in place: Normal(0, 0.02) matrices, unit norms, zero biases;
+    returns it in eval mode."""
+    device = next(module.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for pname, p in model.named_parameters():
+        for pname, p in module.named_parameters():
             if pname.endswith("bias"):
                 p.zero_()
             elif p.dim() == 1:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
-    return model.eval()
+    return module.eval()
 
 
 def hf_twin(lm: LMConfig, dtype: str, device: torch.device) -> Any:
