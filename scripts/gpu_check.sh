@@ -27,5 +27,7 @@ for dtype in bf16 fp8; do
   timeout "${PROFILE_S:-45}" $py benchmarks/profile_kernels.py --dtype $dtype 2>&1
 done | tee "$out/profile.log"
 
+timeout "${REUSE_S:-60}" $py benchmarks/bench_prefix_reuse.py --device cuda --observations 4 2>&1 | tee "$out/reuse.log"
+
 timeout "${BENCH_S:-300}" $py benchmarks/bench_gpu.py --models "${MODELS:-reference,1.5b,3b}" \
   --dtypes "${DTYPES:-bf16,fp8}" --out "$out/bench.json" 2>&1 | tee "$out/bench.log"
