@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, for a machine with a CUDA GPU and the project's Python deps (torch, triton,
-# transformers, onnx, onnxruntime, pytest): the `gpu` tests, the split-KV kernel bench and `blockpilot bench`.
+# transformers, onnx, onnxruntime, pytest): the `gpu` tests, the split-KV kernel bench, a kernel profile, the
+# prefix-reuse bench and `blockpilot bench`.
 # Every step has its own time limit and writes its log under $OUT (default runs/gpu), so one failing or slow step
 # still leaves the others' results. Usage: bash scripts/gpu_check.sh   (PYTHON, TESTS_S, BENCH_S, MODELS, DTYPES)
 set -u
