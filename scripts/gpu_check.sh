@@ -18,10 +18,13 @@ torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
 } 2>&1 | tee "$out/env.txt"
 
 per_test=$($py -c "import pytest_timeout" 2>/dev/null && echo --timeout=150)  # where pytest-timeout is installed
+# the NVFP4 emulation check needs modelopt (carry its wheels to a machine without it)
+quant=$($py -c "import modelopt.torch.quantization" 2>/dev/null && echo tests/test_quant_apply.py)
 timeout "${TESTS_S:-180}" $py -m pytest -m gpu -q -p no:cacheprovider $per_test \
   --junitxml="$out/gpu_tests.xml" tests/test_kernel_block_attention.py tests/test_kernel_split_kv.py \
   tests/test_kernel_fused.py tests/test_fp8_quant.py \
-  tests/test_cuda_backend.py tests/test_export_plugin.py tests/test_runtime_trt.py 2>&1 | tee "$out/gpu_tests.log"
+  tests/test_cuda_backend.py tests/test_export_plugin.py tests/test_runtime_trt.py $quant 2>&1 \
+  | tee "$out/gpu_tests.log"
 
 timeout "${SPLITS_S:-60}" $py benchmarks/bench_attention_splits.py 2>&1 | tee "$out/splits.log"
 for dtype in bf16 fp8; do

@@ -138,3 +138,21 @@ def test_image_grid_and_the_image_argument() -> None:
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
         main(["bench", "--image", "wide"])
     assert "--image: expected HEIGHTxWIDTH" in err.getvalue()
+
+
+def test_gpu_check_script_names_files_that_exist() -> None:
+    """``scripts/gpu_check.sh`` is what a lent GPU runs in one go: a renamed test or benchmark must not silently
+    drop out of it, and the script must parse."""
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "scripts" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    named = set(re.findall(r"(?:tests|benchmarks)/[\w./]+\.py", script.read_text()))
+    assert {"tests/test_cuda_backend.py", "tests/test_kernel_fused.py", "benchmarks/bench_gpu.py"} <= named
+    assert [n for n in sorted(named) if not (root / n).is_file()] == []
+    marked = re.compile(r"^@pytest\.mark\.gpu", re.M)
+    gpu_modules = {f"tests/{p.name}" for p in (root / "tests").glob("test_*.py") if marked.search(p.read_text())}
+    assert "tests/test_cuda_backend.py" in gpu_modules
+    assert gpu_modules <= named, "a module with GPU tests is missing from the script"

@@ -146,6 +146,7 @@ def test_mtq_nvfp4_runs_on_cpu_with_a_padded_last_dim() -> None:
     assert (out - reference).abs().max() < 0.25 * reference.abs().max()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_emulation_matches_the_cuda_kernel() -> None:
     x = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
