@@ -47,7 +47,8 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch
 
     ``x``, ``delta``: ``(..., N)`` of one float dtype, last dim contiguous; ``weight`` ``(N,)``. The norm is
     ``weight * (s32 * rsqrt(mean(s32**2) + eps)).to(dtype)`` with ``s32`` the float32 of ``s``, as
-    :func:`blockpilot.runtime.cuda_lm.rms_norm`; ``out`` like ``x`` when ``None``.
+    :func:`blockpilot.runtime.cuda_lm.rms_norm`; ``out`` is allocated in the promoted dtype of ``weight`` and
+    ``x`` (torch's ``weight * normed``) when ``None``.
     """
     n = x.shape[-1]
     flat = x.reshape(-1, n)
@@ -55,7 +56,7 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch
         raise ValueError("add_rms_norm needs x and delta with a contiguous last dim")
     if delta is not None and delta.shape != x.shape:
         raise ValueError(f"delta {tuple(delta.shape)} must have x's shape {tuple(x.shape)}")
-    result = torch.empty(x.shape, dtype=weight.dtype if weight.dtype == x.dtype else x.dtype, device=x.device) \
+    result = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device) \
         if out is None else out
     dflat = flat if delta is None else delta.reshape(-1, n)
     oflat = result.reshape(-1, n)
