@@ -8,22 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from .schema import (
-    Categorical,
-    FixedNumber,
-    FlagGroup,
-    FreeText,
-    Record,
-    SchemaError,
-    SchemaLayout,
-    Section,
-    WaypointList,
-)
+from .json_schema import MAX_TOKENS_KEY, compile_schema
+from .schema import FixedNumber, SchemaError, SchemaLayout
+from .slots import check_unique
 
 PlanT = TypeVar("PlanT")
 
@@ -35,6 +27,8 @@ CRITICAL_OBJECT_KEYS = (
 LONGITUDINAL_BEHAVIOURS = ("accelerate", "keep_speed", "decelerate", "stop")
 LATERAL_BEHAVIOURS = ("straight", "left_turn", "right_turn", "left_lane_change", "right_lane_change")
 GRIPPER_STATES = ("open", "close")
+FLAG_YES, FLAG_NO = "yes", "no"  # how the driving layout spells a critical-object flag
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
 class PlanSchema(Protocol[PlanT]):
@@ -56,6 +50,42 @@ def _points(value: object, dims: int, what: str) -> npt.NDArray[np.float64]:
     if points.ndim != 2 or points.shape[1] != dims or points.shape[0] < 1:
         raise SchemaError(f"{what}: expected shape (N, {dims}) with N >= 1, got {points.shape}")
     points.flags.writeable = False
+    return points
+
+
+def _number_schema(int_digits: int, frac_digits: int) -> dict[str, Any]:
+    """A fixed-width number of ``int_digits``.``frac_digits`` digits: the full range the width can write."""
+    bound = float("9" * int_digits + ("." + "9" * frac_digits if frac_digits else ""))
+    return {"type": "number", "minimum": -bound, "maximum": bound, "multipleOf": float(f"1e-{frac_digits}")}
+
+
+def _fixed_array(length: int, items: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "minItems": length, "maxItems": length, "items": items}
+
+
+def _object(properties: dict[str, Any], *, dialect: bool = False, title: str | None = None) -> dict[str, Any]:
+    head: dict[str, Any] = {"$schema": JSON_SCHEMA_DIALECT, "title": title} if dialect else {}
+    return {**head, "type": "object", "properties": properties, "required": list(properties),
+            "additionalProperties": False}
+
+
+def _exact_keys(value: object, keys: tuple[str, ...], what: str) -> Mapping[str, object]:
+    if not isinstance(value, Mapping):
+        raise SchemaError(f"{what}: expected a mapping with keys {list(keys)}, got {type(value).__name__}")
+    missing = [k for k in keys if k not in value]
+    extra = sorted(str(k) for k in value if k not in keys)
+    if missing or extra:
+        raise SchemaError(f"{what}: missing keys {missing}, unexpected keys {extra}")
+    return value
+
+
+def _shaped(value: object, shape: tuple[int, int], what: str) -> npt.NDArray[np.float64]:
+    try:
+        points = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise SchemaError(f"{what}: expected a {shape} array of numbers") from exc
+    if points.shape != shape:
+        raise SchemaError(f"{what}: expected shape {shape}, got {points.shape}")
     return points
 
 
@@ -107,16 +137,9 @@ class DrivingSchema:
     def __post_init__(self) -> None:
         if not isinstance(self.rate_hz, (int, float)) or not self.rate_hz > 0:
             raise SchemaError(f"DrivingSchema.rate_hz must be positive, got {self.rate_hz}")
-        layout = SchemaLayout((
-            Section("critical_objects", FlagGroup(tuple(self.critical_object_keys))),
-            Section("explanation", FreeText(self.explanation_tokens)),
-            Section("future_meta_behavior", Record((
-                ("longitudinal", Categorical(tuple(self.longitudinal_options))),
-                ("lateral", Categorical(tuple(self.lateral_options))),
-            ))),
-            Section("trajectory", WaypointList(self.num_waypoints, 2, FixedNumber(self.int_digits, self.frac_digits))),
-        ))
-        object.__setattr__(self, "layout", layout)
+        FixedNumber(self.int_digits, self.frac_digits)  # validates the widths
+        check_unique(list(self.critical_object_keys), "DrivingSchema.critical_object_keys")
+        object.__setattr__(self, "layout", compile_schema(self.json_schema(), "DrivingSchema").layout)
 
     @classmethod
     def nuscenes(cls) -> DrivingSchema:
@@ -136,12 +159,30 @@ class DrivingSchema:
     def waypoint_times_s(self) -> npt.NDArray[np.float64]:
         return np.arange(1, self.num_waypoints + 1, dtype=np.float64) / self.rate_hz
 
+    def json_schema(self) -> dict[str, Any]:
+        """The answer layout as a JSON Schema document (what :func:`compile_schema` builds the layout from)."""
+        flags = {"enum": [FLAG_YES, FLAG_NO]}
+        point = _fixed_array(2, _number_schema(self.int_digits, self.frac_digits))
+        return _object({
+            "critical_objects": _object({k: dict(flags) for k in self.critical_object_keys}),
+            "explanation": {"type": "string", MAX_TOKENS_KEY: self.explanation_tokens},
+            "future_meta_behavior": _object({
+                "longitudinal": {"enum": list(self.longitudinal_options)},
+                "lateral": {"enum": list(self.lateral_options)},
+            }),
+            "trajectory": _fixed_array(self.num_waypoints, point),
+        }, dialect=True, title="Fast-dDrive driving answer")
+
     def sections_from_plan(self, plan: DrivingPlan) -> dict[str, object]:
+        flags = _exact_keys(plan.critical_objects, self.critical_object_keys, "critical_objects")
+        for key, value in flags.items():
+            if not isinstance(value, (bool, np.bool_)):
+                raise SchemaError(f"critical_objects.{key}: expected a bool, got {value!r}")
         return {
-            "critical_objects": plan.critical_objects,
+            "critical_objects": {k: FLAG_YES if flags[k] else FLAG_NO for k in self.critical_object_keys},
             "explanation": plan.explanation,
             "future_meta_behavior": {"longitudinal": plan.longitudinal, "lateral": plan.lateral},
-            "trajectory": plan.waypoints,
+            "trajectory": _shaped(plan.waypoints, (self.num_waypoints, 2), "trajectory"),
         }
 
     def plan_from_sections(self, sections: Mapping[str, object]) -> DrivingPlan:
@@ -152,7 +193,7 @@ class DrivingSchema:
             waypoints=np.asarray(sections["trajectory"], dtype=np.float64),
             longitudinal=str(meta["longitudinal"]),
             lateral=str(meta["lateral"]),
-            critical_objects=flags,
+            critical_objects={k: v == FLAG_YES for k, v in flags.items()},
             explanation=str(sections["explanation"]),
         )
 
@@ -169,15 +210,21 @@ class RobotActionSchema:
     layout: SchemaLayout = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        layout = SchemaLayout((
-            Section("subtask", FreeText(self.subtask_tokens)),
-            Section("gripper", Categorical(tuple(self.gripper_options))),
-            Section("waypoints", WaypointList(self.num_waypoints, 3, FixedNumber(self.int_digits, self.frac_digits))),
-        ))
-        object.__setattr__(self, "layout", layout)
+        FixedNumber(self.int_digits, self.frac_digits)  # validates the widths
+        object.__setattr__(self, "layout", compile_schema(self.json_schema(), "RobotActionSchema").layout)
+
+    def json_schema(self) -> dict[str, Any]:
+        """The answer layout as a JSON Schema document (what :func:`compile_schema` builds the layout from)."""
+        point = _fixed_array(3, _number_schema(self.int_digits, self.frac_digits))
+        return _object({
+            "subtask": {"type": "string", MAX_TOKENS_KEY: self.subtask_tokens},
+            "gripper": {"enum": list(self.gripper_options)},
+            "waypoints": _fixed_array(self.num_waypoints, point),
+        }, dialect=True, title="Robot action answer")
 
     def sections_from_plan(self, plan: RobotActionPlan) -> dict[str, object]:
-        return {"subtask": plan.subtask, "gripper": plan.gripper, "waypoints": plan.waypoints}
+        return {"subtask": plan.subtask, "gripper": plan.gripper,
+                "waypoints": _shaped(plan.waypoints, (self.num_waypoints, 3), "waypoints")}
 
     def plan_from_sections(self, sections: Mapping[str, object]) -> RobotActionPlan:
         return RobotActionPlan(
