@@ -62,9 +62,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_scaffold(args: argparse.Namespace) -> int:
-    from .demo import print_scaffold
+    from .demo import SCHEMAS, print_scaffold
+    from .vla.json_schema import load_json_schema
+    from .vla.slots import SchemaError
 
-    print_scaffold(schema_name=args.schema, checkpoint=Path(args.checkpoint) if args.checkpoint else None)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    if args.schema not in SCHEMAS and not Path(args.schema).is_file():
+        raise UserError(f"--schema {args.schema!r} is neither a preset ({', '.join(SCHEMAS)}) nor a JSON Schema file")
+    try:
+        schema = args.schema if args.schema in SCHEMAS else load_json_schema(args.schema)
+        print_scaffold(schema_name=schema, checkpoint=checkpoint)
+    except SchemaError as exc:
+        raise UserError(str(exc)) from None
     return 0
 
 
@@ -232,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     scaffold = sub.add_parser("scaffold", help="print the frozen answer scaffold of a schema")
     scaffold.add_argument("--schema", default="driving-nuscenes",
-                          choices=["driving-nuscenes", "driving-wod", "robot"])
+                          help="driving-nuscenes, driving-wod, robot, or a JSON Schema file (the supported subset: "
+                               "fixed keys, fixed-length arrays, enums, booleans, bounded numbers and strings)")
     scaffold.add_argument("--checkpoint", default=None,
                           help="checkpoint dir with config.json and tokenizer.json (default: reference tokenizer)")
     scaffold.set_defaults(func=_cmd_scaffold)

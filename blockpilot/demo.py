@@ -185,8 +185,9 @@ def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112, heldout_scenes
     return summary
 
 
-def print_scaffold(schema_name: str, checkpoint: Path | None) -> None:
-    """Print a schema's scaffold for a checkpoint's tokenizer (default: the reference tokenizer)."""
+def print_scaffold(schema_name: str | PlanSchema[Any], checkpoint: Path | None) -> None:
+    """Print a schema's scaffold (a preset name or a compiled schema) for a checkpoint's tokenizer
+    (default: the reference tokenizer)."""
     tokenizer: Tokenizer
     if checkpoint is None:
         tokenizer, _ = build_reference_tokenizer()
@@ -195,7 +196,8 @@ def print_scaffold(schema_name: str, checkpoint: Path | None) -> None:
 
         tokens: SpecialTokens = load_config(checkpoint).tokens
         tokenizer = Tokenizer.from_file(checkpoint, tokens)
-    scaffold = build_scaffold(SCHEMAS[schema_name](), tokenizer)
+    schema = SCHEMAS[schema_name]() if isinstance(schema_name, str) else schema_name
+    scaffold = build_scaffold(schema, tokenizer)
     print(scaffold.describe())
     print(f"\n{len(scaffold)} tokens, {len(scaffold.slots)} value slots, {int((~scaffold.frozen).sum())} value "
           f"tokens, sections: " + ", ".join(f"{s.key}[{s.start}:{s.end}]" for s in scaffold.sections))

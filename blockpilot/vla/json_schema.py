@@ -219,7 +219,7 @@ class _Compiler:
         return ArrayPart((item,) * lo)
 
     def string(self, node: Mapping[str, Any], pointer: str) -> BoundedText:
-        values = {}
+        values: dict[str, int | None] = {}
         for key in ("maxLength", "minLength", MAX_TOKENS_KEY):
             value = node.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0
@@ -228,10 +228,10 @@ class _Compiler:
                 raise self.fail(f"{pointer}/{key}", f"{key} must be a {sign} integer, got {value!r}")
             values[key] = value
         max_length, tokens = values["maxLength"], values[MAX_TOKENS_KEY]
-        if max_length is None and tokens is None:
+        budget = tokens if tokens is not None else max_length
+        if budget is None:
             raise self.fail(pointer, f"a string needs maxLength (or {MAX_TOKENS_KEY}): the scaffold reserves a fixed "
                                      "number of tokens for it")
-        budget = tokens if tokens is not None else max_length
         try:
             return BoundedText(budget, min_length=values["minLength"] or 0, max_length=max_length)
         except SchemaError as exc:
