@@ -19,6 +19,7 @@ from runtime_fixtures import (
     TEXT_MASK,
     ScriptedBackend,
     SpyBackend,
+    image_prompt,
     reference,
     text_model,
     torch_threads,
@@ -55,15 +56,16 @@ def _shipped() -> tuple[VLAModel, list[int], int, int]:
     return model, ids, tokenizer.special.mask, tokenizer.special.end
 
 
-def _compare(model: VLAModel, ids: list[int], options: BlockOptions, capacity: int = 512) -> list[str]:
+def _compare(model: VLAModel, ids: list[int], options: BlockOptions, capacity: int = 512,
+             images: tuple[np.ndarray, ...] = ()) -> list[str]:
     """Run the runtime decoder and the oracle; assert identical tokens, stop and forwards. Returns
     the oracle's forward kinds."""
     spy = SpyBackend(TorchBackend(model, capacity))
-    got = block_threshold(spy, Prompt(np.array(ids)), options)
+    got = block_threshold(spy, Prompt(np.array(ids), images), options)
     want = published_generate(model, ids, mask_id=options.mask_id, end_id=options.end_id,
                               block_size=options.block_size, sub_block_size=options.sub_block_size,
                               threshold=options.threshold, max_new_tokens=options.max_new_tokens,
-                              use_block_cache=options.sub_block_cache)
+                              use_block_cache=options.sub_block_cache, images=images)
     assert got.tokens[0].tolist() == want.tokens
     assert got.stop == want.stop
     # The same forwards in the same order: where each starts and how many tokens it runs.
@@ -85,6 +87,14 @@ def test_published_rule_equals_the_oracle_on_the_random_reference_model(prompt_l
     kinds = _compare(model, ids, options)
     # Three blocks: each opens with a whole-block step and runs sub-block-only steps too.
     assert kinds.count("commit") == 2 and kinds.count("block") >= 3 and kinds.count("sub") > 0
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_published_rule_equals_the_oracle_with_a_camera_image(cached: bool) -> None:
+    model, tokenizer = reference(2)
+    prompt = image_prompt(tokenizer, seed=2)  # 60 tokens, the image inside the first block
+    options = BlockOptions(tokenizer.special.mask, -1, 32, 8, 0.7, 40, sub_block_cache=cached)
+    _compare(model, prompt.token_ids.tolist(), options, images=prompt.images)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -19,19 +19,23 @@ Deliberate differences from the published code, shared with the runtime (documen
 a prompt of exactly one block is prefilled (the published test is ``len > block_size``), the answer
 is cut at ``max_new_tokens`` and the last block is not committed (the published loop runs
 ``max_new_tokens // block_size`` whole blocks and commits each), and the mask id is never a prediction.
-Text prompts only, as the published model. Torch-heavy: for tests and benchmarks, not the runtime.
+Camera images (Fast-dVLM / Fast-dDrive prompts) are encoded at the prefill, which must reach past
+the last image token. Torch-heavy: for tests and benchmarks, not the runtime.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
+from ..vla.image import preprocess_images
 from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
+from ..vla.rope_index import continuation_positions
 
 
 @dataclass
@@ -52,6 +56,19 @@ class _Oracle:
         self.block_k: torch.Tensor | None = None  # the block cache: (layers, 1, kv_heads, block, head_dim)
         self.block_v: torch.Tensor | None = None
         self.run = PublishedRun()
+        self.pixels: torch.Tensor | None = None
+        self.grid: torch.Tensor | None = None
+        self.delta: torch.Tensor | None = None  # M-RoPE offset of tokens after an image prompt
+
+    def set_images(self, ids: list[int], images: Sequence[npt.NDArray[np.uint8]]) -> None:
+        vision = self.model.config.vision
+        if vision is None:
+            raise ValueError("the prompt has images but the model has no vision tower")
+        self.pixels, self.grid = preprocess_images(list(images), vision)
+        self.delta = self.model.rope_index(torch.tensor([ids]), self.grid)[1]
+
+    def _positions(self, start: int, length: int) -> torch.Tensor | None:
+        return None if self.delta is None else continuation_positions(start, length, self.delta)
 
     def _top1(self, hidden: torch.Tensor) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         logits = self.model.logits(hidden)[0]
@@ -62,14 +79,14 @@ class _Oracle:
 
     def prefill(self, ids: list[int]) -> int:
         self.run.forwards.append(("prefill", 0, len(ids)))
-        hidden = self.model(torch.tensor([ids]), cache=self.prefix, start=0, mode=AttentionMode.BLOCK,
-                            block_size=self.model.config.diffusion.block_size)
+        hidden = self.model(torch.tensor([ids]), pixel_values=self.pixels, grid_thw=self.grid, cache=self.prefix,
+                            start=0, mode=AttentionMode.BLOCK, block_size=self.model.config.diffusion.block_size)
         return int(self._top1(hidden[:, -1:])[0][0])
 
     def commit(self, block: list[int], start: int) -> int:
         self.run.forwards.append(("commit", start, len(block)))
-        hidden = self.model(torch.tensor([block]), cache=self.prefix, start=start,
-                            mode=AttentionMode.BIDIRECTIONAL, write_kv=True)
+        hidden = self.model(torch.tensor([block]), position_ids=self._positions(start, len(block)), cache=self.prefix,
+                            start=start, mode=AttentionMode.BIDIRECTIONAL, write_kv=True)
         return int(self._top1(hidden[:, -1:])[0][0])
 
     def denoise(self, block: list[int], start: int, lo: int, hi: int, use_block_cache: bool,
@@ -82,8 +99,8 @@ class _Oracle:
         whole = not use_block_cache or self.block_k is None or block[lo] == self.mask_id
         if whole:
             self.run.forwards.append(("block", start, size))
-            hidden = self.model(torch.tensor([block]), cache=scratch, start=start,
-                                mode=AttentionMode.BIDIRECTIONAL, write_kv=True)
+            hidden = self.model(torch.tensor([block]), position_ids=self._positions(start, size), cache=scratch,
+                                start=start, mode=AttentionMode.BIDIRECTIONAL, write_kv=True)
             first = 0
         else:
             assert self.block_k is not None and self.block_v is not None
@@ -91,8 +108,9 @@ class _Oracle:
             scratch.k[:, :, :, start:] = self.block_k
             scratch.v[:, :, :, start:] = self.block_v
             # The sub-block's K/V replace its part of the block cache; it sees the rest as cached.
-            hidden = self.model(torch.tensor([block[lo:hi]]), cache=scratch, start=start + lo,
-                                mode=AttentionMode.BIDIRECTIONAL, write_kv=True, kv_end=start + size)
+            hidden = self.model(torch.tensor([block[lo:hi]]), position_ids=self._positions(start + lo, hi - lo),
+                                cache=scratch, start=start + lo, mode=AttentionMode.BIDIRECTIONAL, write_kv=True,
+                                kv_end=start + size)
             first = lo
         if use_block_cache:
             self.block_k = scratch.k[:, :, :, start:].clone()
@@ -106,13 +124,20 @@ class _Oracle:
 @torch.inference_mode()
 def published_generate(model: VLAModel, prompt_ids: list[int], *, mask_id: int, end_id: int, block_size: int,
                        sub_block_size: int, threshold: float, max_new_tokens: int, use_block_cache: bool,
-                       stale_block_cache: bool = False, softmax_dtype: str = "float32") -> PublishedRun:
-    """Decode ``prompt_ids`` by the published rules (see the module docstring)."""
+                       stale_block_cache: bool = False, softmax_dtype: str = "float32",
+                       images: Sequence[npt.NDArray[np.uint8]] = ()) -> PublishedRun:
+    """Decode ``prompt_ids`` (with its camera ``images``, if any) by the published rules (see the module
+    docstring)."""
     if mask_id in prompt_ids:
         raise ValueError(f"the prompt holds the mask id {mask_id} at position {prompt_ids.index(mask_id)}")
     oracle = _Oracle(model, len(prompt_ids) + max_new_tokens + 2 * block_size, softmax_dtype, mask_id)
     run = oracle.run
     aligned = len(prompt_ids) // block_size * block_size
+    if images:
+        image_id = model.config.tokens.image
+        if image_id is not None and image_id in prompt_ids[aligned:]:
+            raise ValueError(f"image tokens lie past the prefill ({aligned} tokens, whole blocks of {block_size})")
+        oracle.set_images(prompt_ids, images)
     start = aligned
     if aligned:
         seed = oracle.prefill(prompt_ids[:aligned])
