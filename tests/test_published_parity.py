@@ -306,3 +306,22 @@ def test_settings_and_planner_wiring() -> None:
     assert planner.settings.to_dict()["softmax_dtype"] == "model"
     with pytest.raises(PlannerSetupError, match="softmax_dtype 'model' needs a backend"):
         Planner(TorchBackend(model, 512), model.config, tokenizer, decoder=DecoderSettings(softmax_dtype="model"))
+
+
+def test_plan_cli_takes_the_rule_and_the_softmax_dtype(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from PIL import Image
+
+    from blockpilot.cli import main
+    from blockpilot.demo import road_image
+
+    image = tmp_path / "front.png"
+    Image.fromarray(road_image(112)).save(image)
+    ego = '{"past": [[-7.5, 0], [-5, 0], [-2.5, 0], [0, 0]], "speed": 5.0, "accel": 0.0}'
+    rc = main(["plan", "--checkpoint", str(SHIPPED), "--image", str(image), "--ego", ego, "--decoder", "block",
+               "--sub-block-cache", "--sub-block-rule", "window", "--softmax-dtype", "model"])
+    assert rc == 0
+    settings = json.loads(capsys.readouterr().out)["stats"]["settings"]
+    assert (settings["sub_block_cache"], settings["sub_block_rule"], settings["softmax_dtype"]) == (True, "window",
+                                                                                                  "model")
