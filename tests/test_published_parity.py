@@ -325,3 +325,36 @@ def test_plan_cli_takes_the_rule_and_the_softmax_dtype(tmp_path: Path, capsys: p
     settings = json.loads(capsys.readouterr().out)["stats"]["settings"]
     assert (settings["sub_block_cache"], settings["sub_block_rule"], settings["softmax_dtype"]) == (True, "window",
                                                                                                   "model")
+
+
+@pytest.mark.parametrize("rule", ["published", "window"])
+def test_sub_block_rules_on_onnx_runtime_equal_the_torch_backend(rule: str, tmp_path_factory: pytest.TempPathFactory,
+                                                                 ) -> None:
+    pytest.importorskip("onnxruntime")
+    from blockpilot.eval.synthetic import heldout_keyframes, observation
+    from blockpilot.runtime.ort_backend import ort_planner
+
+    graphs = _onnx_graphs(tmp_path_factory)
+    settings = DecoderSettings(name="block", sub_block_cache=True, sub_block_rule=rule)
+    ort = ort_planner(SHIPPED, graphs, decoder=settings)
+    ref = Planner.from_model(_shipped()[0], load_tokenizer(SHIPPED, _shipped()[0].config), decoder=settings,
+                             max_prompt_tokens=ORT_CAPACITY - 200)
+    for frame in heldout_keyframes(1)[:2]:
+        a, b = ort.plan(observation(frame)), ref.plan(observation(frame))
+        assert a.tokens.tolist() == b.tokens.tolist() and a.stats.forwards == b.stats.forwards
+
+
+ORT_CAPACITY = 512
+
+
+@functools.cache
+def _onnx_graphs_at(root: str) -> Path:
+    from blockpilot.export import export_onnx
+
+    out = Path(root) / "onnx"
+    export_onnx(load_model(SHIPPED), out, ORT_CAPACITY)
+    return out
+
+
+def _onnx_graphs(factory: pytest.TempPathFactory) -> Path:
+    return _onnx_graphs_at(str(factory.getbasetemp()))

@@ -64,7 +64,7 @@ def _denoise_step(fw: CountingBackend, block: TokenArray, block_start: int, sub:
                   block_kv: bool, options: BlockOptions) -> None:
     """One forward and one round of unmasking inside sub-block ``[sub, sub + sub_block_size)``;
     ``block_kv``: an earlier step of this block has written the block's KV."""
-    size, mask, end = options.sub_block_size, options.mask_id, block_start + len(block)
+    size, mask = options.sub_block_size, options.mask_id
     lo = None
     if options.sub_block_cache and options.sub_block_rule == "published":
         if block_kv and block[sub] != mask:
@@ -75,11 +75,11 @@ def _denoise_step(fw: CountingBackend, block: TokenArray, block_start: int, sub:
         lo = sub - 1
     if lo is not None:
         res = fw.step(block[None, lo: sub + size], block_start + lo, mode=AttentionMode.BIDIRECTIONAL,
-                      write_kv=True, kv_end=end)
+                      write_kv=True, kv_end=block_start + len(block))
     else:
         lo = 0
-        res = fw.step(block[None], block_start, mode=AttentionMode.BIDIRECTIONAL,
-                      write_kv=options.sub_block_cache, kv_end=end if options.sub_block_cache else None)
+        # With the sub-block cache the whole-block step writes the block's KV for the later sub-block steps.
+        res = fw.step(block[None], block_start, mode=AttentionMode.BIDIRECTIONAL, write_kv=options.sub_block_cache)
     # Prediction for block position j comes from the state at j - 1.
     positions = np.arange(max(sub, 1), sub + size)
     positions = positions[block[positions] == mask]
