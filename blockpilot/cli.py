@@ -136,7 +136,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     try:
         settings = DecoderSettings(name=args.decoder, threshold=args.threshold, rollouts=args.rollouts,
                                    temperature=args.temperature, seed=args.seed,
-                                   sub_block_cache=args.sub_block_cache)
+                                   sub_block_cache=args.sub_block_cache, sub_block_rule=args.sub_block_rule,
+                                   softmax_dtype=args.softmax_dtype)
         planner = Planner.from_checkpoint(Path(args.checkpoint), decoder=settings, device=args.device,
                                           max_prompt_tokens=args.max_prompt_tokens)
         plan = planner.plan(Observation(images, ego, args.route_command))
@@ -263,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--threshold", type=float, default=None,
                       help="confidence threshold (default: 0.9 for block, 0.0 for scaffold and rollouts)")
     plan.add_argument("--sub-block-cache", action="store_true", help="block decoder: reuse the block's KV")
+    plan.add_argument("--sub-block-rule", default="published", choices=["published", "window"],
+                      help="with --sub-block-cache: published (Fast-dLLM v2: whole block while the sub-block's first "
+                           "token is masked, else the sub-block alone) or window (whole block once per sub-block, "
+                           "else the sub-block plus one position); default: published")
+    plan.add_argument("--softmax-dtype", default="float32", choices=["float32", "model"],
+                      help="confidence arithmetic: float32, or the model's dtype as the published generate "
+                           "(bf16 ties near 1.0 go to the first position); torch backend (default: float32)")
     plan.add_argument("--seed", type=int, default=0, help="rollout sampling seed")
     plan.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     plan.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt budget the KV cache is sized for")

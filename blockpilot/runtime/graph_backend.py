@@ -110,7 +110,7 @@ class GraphInputs:
         if kv_end is not None:
             if not write_kv or kv_end < end:
                 raise ValueError(f"kv_end={kv_end} needs write_kv=True and kv_end >= start + tokens ({end})")
-            if kv_end > length:
+            if kv_end > length and kv_end > end:  # as the torch backend: kv_end may end the window
                 raise ValueError(f"kv_end {kv_end} reaches past the valid cache ({length} slots)")
             end = kv_end
         if end > self.capacity:  # the graph writes the window into its present cache even for a draft

@@ -21,6 +21,7 @@ from ..vla.image_grid import image_token_count
 from ..vla.plans import DrivingPlan, RobotActionPlan
 from ..vla.prompt import ROUTE_COMMANDS, EgoState
 from .backend import BackendError, PromptError
+from .decoders.block import SUB_BLOCK_RULES
 from .stats import PlanStats, RolloutSpread
 
 # "ar" is the scaffold-constrained greedy baseline that Fast-dDrive compares against (same
@@ -28,6 +29,8 @@ from .stats import PlanStats, RolloutSpread
 DECODERS = ("ar", "ar_free", "block", "scaffold", "rollouts")
 SCAFFOLD_DECODERS = ("ar", "scaffold", "rollouts")
 COMMIT_MODES = ("bidirectional", "causal")
+# "model": the published bf16 confidence arithmetic, torch backend only (see runtime.confidence)
+SOFTMAX_DTYPES = ("float32", "model")
 DEFAULT_THRESHOLDS = {"block": 0.9, "scaffold": 0.0, "rollouts": 0.0}
 
 VlaPlan = DrivingPlan | RobotActionPlan
@@ -58,6 +61,8 @@ class DecoderSettings:
     max_new_tokens: int | None = None
     commit_mode: str = "bidirectional"
     sub_block_cache: bool = False
+    sub_block_rule: str = "published"
+    softmax_dtype: str = "float32"
     rollouts: int = 4
     temperature: float = 0.5
     seed: int = 0
@@ -77,6 +82,10 @@ class DecoderSettings:
         need(self.threshold is None or 0.0 <= self.threshold <= 1.0,
              f"threshold must lie in [0, 1], got {self.threshold}")
         need(self.commit_mode in COMMIT_MODES, f"commit_mode must be one of {COMMIT_MODES}, got {self.commit_mode!r}")
+        need(self.sub_block_rule in SUB_BLOCK_RULES,
+             f"sub_block_rule must be one of {SUB_BLOCK_RULES}, got {self.sub_block_rule!r}")
+        need(self.softmax_dtype in SOFTMAX_DTYPES,
+             f"softmax_dtype must be one of {SOFTMAX_DTYPES}, got {self.softmax_dtype!r}")
         need(self.rollouts >= 1, f"rollouts must be at least 1, got {self.rollouts}")
         need(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
 
@@ -97,10 +106,14 @@ class DecoderSettings:
         keep = {"name", "block_size", "max_new_tokens"}
         if self.name == "block":
             keep |= {"sub_block_size", "threshold", "commit_mode", "sub_block_cache"}
+            if self.sub_block_cache:
+                keep |= {"sub_block_rule"}
         elif self.name in ("scaffold", "rollouts"):
             keep |= {"threshold"}
         if self.name == "rollouts":
             keep |= {"rollouts", "temperature", "seed"}
+        if self.softmax_dtype != "float32":
+            keep |= {"softmax_dtype"}
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 

@@ -38,6 +38,7 @@ from .decoders import (
     SpeculativeOptions,
     ar_greedy,
     block_threshold,
+    check_no_mask,
     scaffold_speculative,
     shared_prefix_rollouts,
 )
@@ -90,6 +91,10 @@ class Planner:
         if self.settings.name == "rollouts" and max_batch is not None and max_batch < self.settings.rollouts:
             raise PlannerSetupError(f"{self.settings.rollouts} rollouts need a backend with max_batch >= "
                                     f"{self.settings.rollouts}, this one has {max_batch}")
+        if getattr(backend, "softmax_dtype", "float32") != self.settings.softmax_dtype:
+            raise PlannerSetupError(f"softmax_dtype {self.settings.softmax_dtype!r} needs a backend that computes "
+                                    f"confidences that way (the torch backend built with it); this "
+                                    f"{type(backend).__name__} uses {getattr(backend, 'softmax_dtype', 'float32')!r}")
         self._number = FixedNumber(self.schema.int_digits, self.schema.frac_digits)
         try:  # a tokenizer without the chat tokens fails here, not on the first observation
             chat_prompt_ids(tokenizer, DRIVING_SYSTEM_PROMPT, "", [1] if config.vision is not None else [])
@@ -157,6 +162,14 @@ class Planner:
         assert resolved.max_new_tokens is not None and resolved.block_size is not None
         capacity = cache_capacity(max_prompt_tokens, resolved.max_new_tokens, resolved.block_size)
         rows = settings.rollouts if settings.name == "rollouts" else 1
+        if settings.softmax_dtype != "float32":  # the published arithmetic: offered by the torch backend
+            if backend != "torch":
+                raise PlannerSetupError(f"softmax_dtype {settings.softmax_dtype!r} is offered by the torch backend "
+                                        f"only, not {backend!r}")
+            from .torch_backend import TorchBackend
+
+            return cls(TorchBackend(model, capacity, max_batch=rows, softmax_dtype=settings.softmax_dtype),
+                       model.config, tokenizer, decoder=settings, schema=schema)
         return cls(make_backend(model, capacity, max_batch=rows), model.config, tokenizer, decoder=settings,
                    schema=schema)
 
@@ -193,6 +206,7 @@ class Planner:
         """Run the configured decoder on ``prompt`` (answer tokens and forward counts)."""
         s, tokens = self.settings, self.config.tokens
         assert s.block_size is not None and s.sub_block_size is not None and s.max_new_tokens is not None
+        check_no_mask(prompt, tokens.mask)  # MaskInPromptError (a PromptError) for every decoder
         if s.name == "ar":
             return ar_greedy(backend, prompt, max_new_tokens=s.max_new_tokens, end_id=tokens.end,
                              scaffold=self.scaffold)
@@ -203,7 +217,7 @@ class Planner:
             options = BlockOptions(mask_id=tokens.mask, end_id=tokens.end, block_size=s.block_size,
                                    sub_block_size=s.sub_block_size, threshold=threshold,
                                    max_new_tokens=s.max_new_tokens, commit_mode=AttentionMode(s.commit_mode),
-                                   sub_block_cache=s.sub_block_cache)
+                                   sub_block_cache=s.sub_block_cache, sub_block_rule=s.sub_block_rule)
             return block_threshold(backend, prompt, options)
         speculative = SpeculativeOptions(mask_id=tokens.mask, block_size=s.block_size, threshold=threshold)
         if s.name == "scaffold":

@@ -13,6 +13,7 @@ from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
 from ..vla.rope_index import continuation_positions, image_token_counts
 from .backend import CacheFullError, Prompt, PromptError, Sampling, StepResult, TokenArray, check_tokens, prefill_length
+from .confidence import check_softmax_dtype, top1_probability
 from .sampling import gumbel_keys
 
 
@@ -54,9 +55,12 @@ class TorchBackend:
     row 0 into the first ``n`` rows of a second preallocated cache, so no plan allocates.
     """
 
-    def __init__(self, model: VLAModel, capacity: int, max_batch: int = 1) -> None:
+    def __init__(self, model: VLAModel, capacity: int, max_batch: int = 1, *, softmax_dtype: str = "float32") -> None:
         if capacity <= 0 or max_batch <= 0:
             raise ValueError(f"capacity and max_batch must be positive, got {capacity}, {max_batch}")
+        check_softmax_dtype(softmax_dtype)
+        # "model": confidences from a softmax in the model's dtype, as the published generate (see runtime.confidence)
+        self.softmax_dtype = softmax_dtype
         self.model = model.eval()
         self.config = model.config
         self._single = model.new_cache(capacity, 1)
@@ -157,7 +161,7 @@ class TorchBackend:
         logits = self.model.logits(hidden).float()
         # The mask token is an input marker, never an answer: no decoder may predict it.
         logits[..., self.config.tokens.mask] = float("-inf")
-        prob, top1 = logits.softmax(-1).max(-1)
+        prob, top1 = top1_probability(logits, self.model.lm.embed_tokens.weight.dtype, self.softmax_dtype)
         sampled = None
         if sampling is not None:
             if len(sampling.seeds) != logits.shape[0] or slots is None:

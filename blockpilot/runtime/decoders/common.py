@@ -10,7 +10,25 @@ import numpy as np
 import numpy.typing as npt
 
 from ...vla.modes import AttentionMode
-from ..backend import Backend, Prompt, Sampling, StepResult, TokenArray
+from ..backend import Backend, Prompt, PromptError, Sampling, StepResult, TokenArray
+
+
+class MaskInPromptError(PromptError, ValueError):
+    """The prompt holds the model's mask id, which only the decoder may place (a user text can
+    spell the mask token). ``positions`` are the prompt indices that hold it."""
+
+    def __init__(self, positions: Sequence[int], mask_id: int, length: int) -> None:
+        self.positions = tuple(int(p) for p in positions)
+        shown = ", ".join(map(str, self.positions[:8])) + (", ..." if len(self.positions) > 8 else "")
+        super().__init__(f"the prompt ({length} tokens) holds the mask token id {mask_id} at position(s) {shown}; "
+                         "the mask id marks positions for the decoder to fill and may not appear in a prompt")
+
+
+def check_no_mask(prompt: Prompt, mask_id: int) -> None:
+    """Raise :class:`MaskInPromptError` naming where ``prompt`` holds ``mask_id``."""
+    found = np.flatnonzero(prompt.token_ids == mask_id)
+    if found.size:
+        raise MaskInPromptError(found.tolist(), mask_id, len(prompt))
 
 
 class ScaffoldLike(Protocol):
