@@ -14,7 +14,7 @@ from blockpilot.cli import build_parser, main
 from blockpilot.demo import road_image
 from blockpilot.runtime.plan_types import DECODERS
 
-EGO = '{"past": [[-2.5, 0], [0, 0]], "speed": 5.0, "accel": 0.0}'
+EGO = '{"past": [[-7.5, 0], [-5, 0], [-2.5, 0], [0, 0]], "speed": 5.0, "accel": 0.0}'
 STAGES = {"prompt", "vision", "prefill", "decode", "parse", "total"}
 
 

@@ -94,8 +94,9 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json",
     Block-diffusion fields are read when the checkpoint carries them (``bd_size`` / ``block_size``,
     ``sub_block_size``, ``mask_token_id``, ``null_token_id``); otherwise the published Fast-dLLM v2
     ``generate`` defaults apply (``bd_size`` 32, sub-block 8), and mask and filler come from the tokenizer's
-    ``added_tokens`` (text -> id, and the file they came from; see :mod:`blockpilot.vla.special_tokens`). Fields a config may omit default as transformers defaults them. Every error is a
-    :class:`ConfigError` naming ``source`` and the field.
+    ``added_tokens`` (text -> id, and the file they came from; see :mod:`blockpilot.vla.special_tokens`).
+    Fields a config may omit default as transformers defaults them. Every error is a :class:`ConfigError`
+    naming ``source`` and the field.
     """
     try:
         return _config_from_hf(hf, source, token_overrides, added_tokens)
