@@ -147,7 +147,10 @@ def _build_qwen2(path: Path, tied: bool, bf16: bool) -> Any:
     if bf16:
         model = model.to(torch.bfloat16)
         model.save_pretrained(path, max_shard_size="8MB")
-        model = model.float()
+        # The reference: the bf16 weights widened to fp32 in a fresh model (whose RoPE buffers stayed fp32).
+        widened = {k: v.float() for k, v in model.state_dict().items()}
+        model = Qwen2ForCausalLM(config).eval()
+        model.load_state_dict(widened)
     else:
         model.save_pretrained(path)
     _write_config(path, _qwen2_published_config(tied, "bfloat16"))
