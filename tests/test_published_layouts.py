@@ -165,6 +165,7 @@ def _observation(vision: bool) -> Observation:
     return Observation([road_image(112)] if vision else [], ego, "go straight")
 
 
+@pytest.mark.slow  # the AR baseline runs ~150 forwards over a 151,936-row head: 15-25 s a layout here
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_scaffold_equals_ar_on_torch_without_blockpilot_json(layouts: dict[str, Layout], name: str) -> None:
     path = layouts[name].path
@@ -194,8 +195,6 @@ def test_plan_cli_text_only_and_vision_models(layouts: dict[str, Layout], tmp_pa
     assert "text-only model" in capsys.readouterr().err
     assert main(["plan", "--checkpoint", vl, "--ego", EGO]) == 2
     assert "--image is required" in capsys.readouterr().err
-    assert main(["plan", "--checkpoint", vl, "--ego", EGO, "--image", str(image), "--schema", "driving-wod"]) in (0, 3)
-    assert len(json.loads(capsys.readouterr().out)["text"]) > 0
 
 
 def test_plan_cli_short_ego_history_is_an_error(layouts: dict[str, Layout], capsys: pytest.CaptureFixture[str]) -> None:
@@ -230,6 +229,13 @@ def test_every_command_on_the_layout(layouts: dict[str, Layout], nuscenes_root: 
     assert main(["verify", str(bundle), "--checkpoint", ckpt, "--samples", "1", "--backend", "onnxruntime"]) == 0
     assert main(["eval", "--source", "nuscenes", "--dataroot", str(nuscenes_root), "--bundle", str(bundle),
                  "--out", str(tmp_path / "eval_bundle"), "--limit", "6", "--no-progress"]) == 0
+    if name.startswith("vlm"):
+        from PIL import Image
+
+        Image.fromarray(road_image(112)).save(image := tmp_path / "front.png")
+        assert main(["plan", "--checkpoint", ckpt, "--ego", EGO, "--image", str(image), "--schema",
+                     "driving-wod"]) in (0, 3)
+        assert json.loads(capsys.readouterr().out)["stats"]["image_tokens"] == 16
     from blockpilot.runtime.bundle_planner import planner_from_bundle
 
     obs = _observation(name.startswith("vlm"))
