@@ -228,7 +228,7 @@ def test_finish_needs_config_and_closes(tmp_path: Path) -> None:
         writer.finish()
     writer.add_model(REFERENCE, weights=False)
     assert writer.finish() == tmp_path / "b"
-    with pytest.raises(BundleError, match="already finished"):  # not a missing-schema message
+    with pytest.raises(BundleError, match="writer already finished"):  # not a missing-schema message
         writer.finish()
     with pytest.raises(BundleError, match="already finished"):
         writer.add_file(REFERENCE / "config.json", "model", "again.json")

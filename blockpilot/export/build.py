@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..formats.bundle import BundleError, BundleWriter, check_bundle_target, load_bundle
+from ..formats.bundle import BundleError, BundleWriter, load_bundle
 from ..formats.onnx_io import EMBED_FILE, LM_FILE, SPEC_FILE, VISION_FILE
 from .progress import Progress
 from .targets import (
@@ -97,7 +97,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
     plans = _plan_engines(targets, "fp8" if recipe else engine_precision, recipe, attention)
     from ..runtime.plan_types import DecoderSettings
     from ..runtime.planner import Planner
-    from .checkpoint_check import checked_schema, write_schema_file
+    from .checkpoint_check import check_bundle_target, checked_schema, write_schema_file
     from .onnx_graphs import export_onnx
 
     check_bundle_target(Path(out), overwrite)

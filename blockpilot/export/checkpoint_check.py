@@ -12,6 +12,11 @@ from ..vla.plans import DrivingSchema
 from ..vla.schema_io import SCHEMA_FILE, resolve_schema, save_schema, schema_to_dict
 
 
+def check_bundle_target(out: Path, overwrite: bool) -> None:
+    """The writer's own check of ``out`` (exists without ``overwrite``, not a bundle), run before long work."""
+    BundleWriter(out, overwrite=overwrite).abort()
+
+
 def checked_schema(checkpoint: Path, spec: str | None) -> DrivingSchema:
     """The driving schema the bundle's planner decodes with; :class:`BundleError` naming the file otherwise."""
     if not (checkpoint / "config.json").is_file():

@@ -27,10 +27,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
 ROLE_DIRS: dict[str, str] = {"model": "model", "graph": "graphs", "engine": "engines", "quant": "quant"}
-# Checkpoint files a bundle's model/ carries: config, tokenizer (tokenizer.json, or the vocab.json + merges.txt
-# + added-token files some published copies ship instead), image preprocessing, answer schema.
-MODEL_FILES = ("config.json", "tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json",
+MODEL_FILES = ("config.json", "tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json",  # or the BPE files
                "tokenizer_config.json", "preprocessor_config.json", "blockpilot.json")
+_NO_SCHEMA = "no model config and answer schema (add_model, or set writer.schema without blockpilot.json)"
 QUANT_FILES = ("precision_map.json", "modelopt_state.pth", "quantized_weights.pth")
 TOOL_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "torch": ("torch",), "onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
@@ -129,17 +128,6 @@ class Artifact:
                    tuple(str(x) for x in data.get("extra_files", [])), {str(k): str(v) for k, v in tools.items()})
 
 
-def check_bundle_target(out: str | Path, overwrite: bool) -> None:
-    """Raise :class:`BundleError` unless a bundle may be written to ``out`` (callers check before long work)."""
-    out = Path(out).absolute()
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not overwrite:
-        raise BundleError(f"{out}: already exists; pass overwrite=True to replace it")
-    if not out.is_dir() or out.is_symlink() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
-        raise BundleError(f"{out}: exists and is not a bundle (no {MANIFEST}); refusing to replace it")
-
-
 class BundleWriter:
     """Stage a bundle beside ``out_dir``; :meth:`finish` writes the manifest last and renames it into place
     (a ``with`` block finishes on a clean exit, drops the staging if it raises). An existing ``out_dir`` is
@@ -228,13 +216,8 @@ class BundleWriter:
 
     def finish(self) -> Path:
         """Hash every staged file, write ``manifest.json`` atomically, then move the bundle into place."""
-        if self._done:
-            raise BundleError(f"{self.out_dir}: this bundle writer is already finished or aborted")
-        if self.model_config is None or self.schema is None:
-            missing = " and ".join(n for n, v in (("model config", self.model_config), ("answer schema", self.schema))
-                                   if v is None)
-            raise BundleError(f"{self.out_dir}: no {missing} to record (add_model reads config.json and "
-                              "blockpilot.json; assign writer.schema for a checkpoint without blockpilot.json)")
+        if self._done or self.model_config is None or self.schema is None:
+            raise BundleError(f"{self.out_dir}: " + ("writer already finished" if self._done else _NO_SCHEMA))
         files = {rel: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for rel, p in _walk_files(self.staging)}
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -271,7 +254,12 @@ class BundleWriter:
             self.abort()
 
     def _check_target(self) -> None:
-        check_bundle_target(self.out_dir, self.overwrite)
+        if not ((out := self.out_dir).exists() or out.is_symlink()):
+            return
+        if not self.overwrite:
+            raise BundleError(f"{out}: already exists; pass overwrite=True to replace it")
+        if not out.is_dir() or out.is_symlink() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
+            raise BundleError(f"{out}: exists and is not a bundle (no {MANIFEST}); refusing to replace it")
 
     def _swap_in(self) -> None:
         self._check_target()
