@@ -224,7 +224,7 @@ def test_interrupted_export_leaves_no_bundle(tmp_path: Path) -> None:
 
 def test_finish_needs_config_and_closes(tmp_path: Path) -> None:
     writer = BundleWriter(tmp_path / "b")
-    with pytest.raises(BundleError, match="no model config and answer schema"):
+    with pytest.raises(BundleError, match="no config and schema"):
         writer.finish()
     writer.add_model(REFERENCE, weights=False)
     assert writer.finish() == tmp_path / "b"
