@@ -54,7 +54,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                 targets=tuple(t.strip() for t in (args.target or "").split(",") if t.strip()),
                                 engine_precision=args.engine_precision, recipe=args.recipe, calib=args.calib,
                                 attention=args.attention, progress=Progress(enabled=False if args.quiet else None),
-                                timing_cache=Path(args.timing_cache) if args.timing_cache else None)
+                                timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+                                schema=args.schema)
     except (BundleError, RecipeError, TargetError, EngineTargetError, TrtUnavailableError) as exc:
         raise UserError(str(exc)) from None
     print(summary.table())
@@ -83,7 +84,7 @@ def _read_ego(value: str) -> EgoState:
 
     import numpy as np
 
-    from .vla.prompt import EgoState, PromptError
+    from .vla.prompt import EgoState, PromptError, check_ego_history
 
     text = value
     if not value.lstrip().startswith("{"):
@@ -102,7 +103,9 @@ def _read_ego(value: str) -> EgoState:
         raise UserError(f"--ego: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}; "
                         "expected past, speed, accel")
     try:
-        return EgoState(np.asarray(data["past"], dtype=np.float64), float(data["speed"]), float(data["accel"]))
+        ego = EgoState(np.asarray(data["past"], dtype=np.float64), float(data["speed"]), float(data["accel"]))
+        check_ego_history(ego.past_waypoints)
+        return ego
     except (PromptError, TypeError, ValueError) as exc:
         raise UserError(f"--ego: {exc}") from None
 
@@ -130,22 +133,37 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .runtime.backend import BackendError
     from .runtime.plan_types import DecoderSettings, Observation
     from .runtime.planner import Planner
+    from .vla.config import ConfigError
+    from .vla.plans import DrivingSchema
+    from .vla.schema_io import resolve_schema
 
     ego = _read_ego(args.ego)
-    images = _read_images(args.image)
+    images = _read_images(args.image) if args.image else []
     try:
+        schema = resolve_schema(Path(args.checkpoint), args.schema) if args.schema else None
+        if schema is not None and not isinstance(schema, DrivingSchema):
+            raise UserError(f"--schema {args.schema}: plan assembles the driving prompt and needs a driving schema, "
+                            f"got {type(schema).__name__}")
         settings = DecoderSettings(name=args.decoder, threshold=args.threshold, rollouts=args.rollouts,
                                    temperature=args.temperature, seed=args.seed,
                                    sub_block_cache=args.sub_block_cache, sub_block_rule=args.sub_block_rule,
                                    softmax_dtype=args.softmax_dtype)
         planner = Planner.from_checkpoint(Path(args.checkpoint), decoder=settings, device=args.device,
-                                          max_prompt_tokens=args.max_prompt_tokens)
+                                          max_prompt_tokens=args.max_prompt_tokens, schema=schema)
+        if planner.config.vision is None and images:
+            raise UserError(f"--image: {args.checkpoint} is a text-only model (no vision_config in config.json); "
+                            "leave --image out to plan from the ego state and route command alone")
+        if planner.config.vision is not None and not images:
+            raise UserError(f"--image is required: {args.checkpoint} has a vision tower (vision_config in "
+                            "config.json) and plans from camera images")
         plan = planner.plan(Observation(images, ego, args.route_command))
-    except BackendError as exc:
+    except (BackendError, ConfigError) as exc:
         raise UserError(str(exc)) from None
     print(json.dumps(plan.to_dict(), indent=2))
-    if plan.error is not None:
+    if plan.plan is None:
+        # Exit 3: the model answered, the JSON above holds its text, but no plan came out of it.
         print(f"blockpilot plan: the answer did not parse: {plan.error}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -222,6 +240,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .vla.schema_io import add_schema_option
+
     parser = argparse.ArgumentParser(
         prog="blockpilot",
         description="Deploy block-diffusion vision-language-action models on robots and cars.",
@@ -248,12 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="checkpoint dir with config.json and tokenizer.json (default: reference tokenizer)")
     scaffold.set_defaults(func=_cmd_scaffold)
 
-    plan = sub.add_parser("plan", help="plan once from camera images, ego state and route command; print JSON")
-    plan.add_argument("--checkpoint", required=True, help="checkpoint dir (config.json, safetensors, tokenizer.json)")
-    plan.add_argument("--image", required=True, help="camera image file(s), comma-separated, in prompt order")
+    plan = sub.add_parser("plan", help="plan once from camera images (none for a text-only model), ego state and "
+                                       "route command; print JSON (exit 3: the answer did not parse)")
+    plan.add_argument("--checkpoint", required=True, help="checkpoint dir (config.json, safetensors, tokenizer)")
+    plan.add_argument("--image", default=None, help="camera image file(s), comma-separated, in prompt order "
+                                                   "(required for a model with a vision tower; refused without one)")
     plan.add_argument("--ego", required=True,
-                      help='ego state as JSON or a JSON file: {"past": [[-2.5, 0], [0, 0]], "speed": 5.0, '
-                           '"accel": 0.0} (past positions in the ego frame, x forward, y left, oldest first)')
+                      help='ego state as JSON or a JSON file: {"past": [[-7.5, 0], [-5, 0], [-2.5, 0], [0, 0]], '
+                           '"speed": 5.0, "accel": 0.0} (the 4 positions 2.0, 1.5, 1.0, 0.5 s ago in the ego frame, '
+                           'x forward, y left, oldest first)')
+    add_schema_option(plan)
     plan.add_argument("--command", dest="route_command", default="go straight",
                       help="route command: turn left, go straight, turn right (default: go straight)")
     plan.add_argument("--decoder", default="scaffold", choices=["ar", "ar_free", "block", "scaffold", "rollouts"],
@@ -302,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quiet", action="store_true", help="no progress bars (they draw only on a terminal)")
     export.add_argument("--timing-cache", default=None,
                         help="TensorRT timing cache file, read and updated by every engine build (TensorRT proper)")
+    add_schema_option(export)
     export.set_defaults(func=_cmd_export)
 
     verify = sub.add_parser("verify", help="check a bundle: its TensorRT engines against its ONNX graphs (Polygraphy, "

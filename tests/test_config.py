@@ -120,8 +120,8 @@ def test_documented_defaults_when_fields_are_absent() -> None:
     for name in ("bd_size", "sub_block_size", "mask_token_id", "null_token_id", "eos_token_id", "rope_theta"):
         del hf[name]
     config = config_from_hf(hf, SOURCE)
-    assert (DEFAULT_MASK_TOKEN_ID, DEFAULT_NULL_TOKEN_ID, DEFAULT_END_TOKEN_ID) == (151665, 151666, 151645)
-    assert config.tokens == SpecialTokens(mask=151665, null=151666, end=151645)
+    assert (DEFAULT_MASK_TOKEN_ID, DEFAULT_NULL_TOKEN_ID, DEFAULT_END_TOKEN_ID) == (151665, 151643, 151645)
+    assert config.tokens == SpecialTokens(mask=151665, null=151643, end=151645)
     assert config.diffusion == BlockDiffusionConfig(DEFAULT_BLOCK_SIZE, DEFAULT_SUB_BLOCK_SIZE) == \
         BlockDiffusionConfig(32, 8)
     assert config.lm.rope_theta == QWEN2_ROPE_THETA

@@ -224,10 +224,12 @@ def test_interrupted_export_leaves_no_bundle(tmp_path: Path) -> None:
 
 def test_finish_needs_config_and_closes(tmp_path: Path) -> None:
     writer = BundleWriter(tmp_path / "b")
-    with pytest.raises(BundleError, match="no model config and schema"):
+    with pytest.raises(BundleError, match="no config and schema"):
         writer.finish()
     writer.add_model(REFERENCE, weights=False)
     assert writer.finish() == tmp_path / "b"
+    with pytest.raises(BundleError, match="writer already finished"):  # not a missing-schema message
+        writer.finish()
     with pytest.raises(BundleError, match="already finished"):
         writer.add_file(REFERENCE / "config.json", "model", "again.json")
 

@@ -43,7 +43,7 @@ STAGES = {"prompt", "vision", "prefill", "decode", "parse", "total"}
 
 
 def _obs(images: Any = None, command: str = "go straight", ego: EgoState | None = None) -> Observation:
-    ego = ego or EgoState(np.array([[-2.5, 0.0], [0.0, 0.0]]), speed_mps=5.0, accel_mps2=0.0)
+    ego = ego or EgoState(np.array([[-7.5, 0.0], [-5.0, 0.0], [-2.5, 0.0], [0.0, 0.0]]), speed_mps=5.0, accel_mps2=0.0)
     return Observation([road_image(112)] if images is None else images, ego, command)
 
 
@@ -203,7 +203,7 @@ def test_rollout_mean_and_spread(planners: dict[str, Planner]) -> None:
 
 
 def _nan_ego() -> EgoState:
-    ego = EgoState(np.array([[-2.5, 0.0], [0.0, 0.0]]), speed_mps=5.0, accel_mps2=0.0)
+    ego = EgoState(np.array([[-7.5, 0.0], [-5.0, 0.0], [-2.5, 0.0], [0.0, 0.0]]), speed_mps=5.0, accel_mps2=0.0)
     # The waypoints are a read-only private copy, so only a forced write can corrupt the state;
     # the planner still checks before it plans.
     object.__setattr__(ego, "speed_mps", float("nan"))

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..runtime.plan_types import Observation
+from ..runtime.plan_types import Observation, for_model
 from ..runtime.planner import Planner
 from ..vla.image import preprocess_images
 from .sets import CalibrationError, CalibrationSet
@@ -68,7 +68,7 @@ class ForwardLoop:
         self.planner = planner
         self.model = planner_model(planner)
         self.sample_ids = [s.sample_id for s in calib.samples]
-        self.observations = calib.observations()
+        self.observations = [for_model(obs, planner.config) for obs in calib.observations()]
         if not self.observations:
             raise CalibrationError("the calibration set is empty")
         self.progress = progress
@@ -110,7 +110,7 @@ def make_forward_loop(planner: Planner, calib: CalibrationSet, *, progress: bool
 
 def calibration_batches(planner: Planner, calib: CalibrationSet) -> list[dict[str, Any]]:
     """:func:`observation_batches` over a calibration set's observations."""
-    return observation_batches(planner, [s.observation() for s in calib.samples],
+    return observation_batches(planner, [for_model(s.observation(), planner.config) for s in calib.samples],
                                [s.sample_id for s in calib.samples])
 
 

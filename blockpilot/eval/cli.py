@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt budget of the KV cache")
+    from ..vla.schema_io import add_schema_option
+
+    add_schema_option(parser)
     nus = parser.add_argument_group("nuScenes")
     nus.add_argument("--version", default="auto", help="table folder, e.g. v1.0-trainval (default: the only one)")
     nus.add_argument("--frame", default="ego", choices=["ego", "lidar"],
@@ -108,6 +111,20 @@ def run_header(source: Source, checkpoint: Path, planner: Any) -> dict[str, Any]
     }
 
 
+def driving_schema(checkpoint: Path, spec: str | None) -> Any:
+    """The shared ``--schema`` option resolved for a driving planner (None: the checkpoint's own)."""
+    if spec is None:
+        return None
+    from ..vla.plans import DrivingSchema
+    from ..vla.schema_io import resolve_schema
+
+    schema = resolve_schema(checkpoint, spec)
+    if not isinstance(schema, DrivingSchema):
+        raise EvalUsageError(f"--schema {spec}: replays plan driving and need a driving schema, got "
+                             f"{type(schema).__name__}")
+    return schema
+
+
 def run(args: argparse.Namespace) -> int:
     if args.eval_command == "compare":
         from .compare import compare_runs, format_comparison
@@ -117,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if bool(args.checkpoint) == bool(args.bundle):
         raise EvalUsageError("pass exactly one of --checkpoint (torch) and --bundle (ONNX Runtime)")
+    if args.bundle and getattr(args, "schema", None):
+        raise EvalUsageError("--schema applies to --checkpoint; a bundle decodes with the schema it was exported with")
     source = build_source(args)
     from ..runtime.plan_types import DecoderSettings
 
@@ -135,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         model_path = Path(args.checkpoint)
         planner = Planner.from_checkpoint(model_path, decoder=settings, device=args.device,
-                                          max_prompt_tokens=args.max_prompt_tokens)
+                                          max_prompt_tokens=args.max_prompt_tokens,
+                                          schema=driving_schema(model_path, getattr(args, "schema", None)))
     header = run_header(source, model_path, planner)
     header["backend"] = "onnxruntime" if args.bundle else "torch"
     return evaluate_and_report(planner, source, Path(args.out), header=header, limit=args.limit,

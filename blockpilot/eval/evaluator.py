@@ -171,7 +171,9 @@ def evaluate_sample(planner: PlannerLike, sample: EvalSample | SampleFailure) ->
         metrics["cv"] = cv_metrics
     record.update(predictions=predictions, metrics=metrics, stats=None, text="")
     try:
-        images = sample.load_images()
+        # A text-only model (config.vision None) plans from the ego state and route command alone.
+        text_only = getattr(getattr(planner, "config", None), "vision", True) is None
+        images = [] if text_only else sample.load_images()
         plan = planner.plan(Observation(images=images, ego=sample.ego, route_command=sample.route_command))
     except (SampleError, BackendError) as exc:
         return {**record, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}

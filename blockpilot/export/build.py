@@ -69,7 +69,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
                   with_weights: bool = False, overwrite: bool = False, targets: tuple[str, ...] = (),
                   engine_precision: str = "fp16", recipe: str | None = None, calib: int = 32,
                   attention: str = "auto", progress: Progress | None = None,
-                  timing_cache: Path | None = None) -> ExportSummary:
+                  timing_cache: Path | None = None, schema: str | None = None) -> ExportSummary:
     """Export ``checkpoint`` (fp32) into the bundle directory ``out`` and verify it by loading it back.
 
     The KV cache capacity is the one a planner with the scaffold decoder sizes for ``max_prompt_tokens``.
@@ -84,6 +84,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
     and a plugin route also ships the plugin graph. Stages draw on ``progress`` (default: none).
     ``timing_cache`` is a TensorRT timing cache file read and updated by every build (TensorRT proper; a no-op
     in TensorRT-RTX, which caches at run time), so rebuilding on a Jetson skips tactic timing.
+    ``schema`` is the shared ``--schema`` option (:func:`blockpilot.vla.schema_io.resolve_schema`); the bundle
+    records the resolved schema in its manifest and ``model/blockpilot.json``. The output path, config,
+    tokenizer and schema are checked before any weight is read or graph exported.
     """
     if recipe not in (None, "fp8"):
         raise BundleError(f"export --recipe {recipe!r}: bundles carry fp32 or fp8 graphs today (NVFP4 graphs hold "
@@ -94,13 +97,17 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
     plans = _plan_engines(targets, "fp8" if recipe else engine_precision, recipe, attention)
     from ..runtime.plan_types import DecoderSettings
     from ..runtime.planner import Planner
+    from .checkpoint_check import check_bundle_target, checked_schema, write_schema_file
     from .onnx_graphs import export_onnx
+
+    check_bundle_target(Path(out), overwrite)
+    driving = checked_schema(Path(checkpoint), schema)
 
     progress = progress or Progress(enabled=False)
     progress.stages = 3 + int(recipe is not None) + int(bool(plans))
     with progress.stage("load"):
         planner = Planner.from_checkpoint(Path(checkpoint), decoder=DecoderSettings(name="scaffold"),
-                                          max_prompt_tokens=max_prompt_tokens)
+                                          max_prompt_tokens=max_prompt_tokens, schema=driving)
     capacity = planner.backend.capacity
     model = planner.backend.model  # type: ignore[attr-defined]
     quant_report: dict[str, Any] | None = None
@@ -126,6 +133,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
                 progress.advance(stage, "plugin")
         with BundleWriter(out, overwrite=overwrite) as writer:
             writer.add_model(checkpoint, weights=with_weights)
+            write_schema_file(writer, planner.schema, Path(checkpoint), root, explicit=schema is not None)
             writer.precision_map = quant_report["precision"] if quant_report else {}
             if quant_report:
                 writer.recipe = quant_report["recipe"]

@@ -58,7 +58,7 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, s
     from ..eval.synthetic import heldout_keyframes, observation
     from ..formats.bundle import BundleError, load_bundle
     from ..runtime.bundle_planner import planner_from_bundle
-    from ..runtime.plan_types import DecoderSettings
+    from ..runtime.plan_types import DecoderSettings, for_model
     from ..runtime.planner import Planner
     from .verify_trt import EngineVerifyError, tensorrt_unavailable, verify_engines
 
@@ -78,11 +78,12 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, s
         raise BundleError(f"{reference}: no weights to compare against; pass --checkpoint or export --with-weights")
     settings = DecoderSettings(name="scaffold")
     ort = planner_from_bundle(loaded.path, decoder=settings)
-    torch_planner = Planner.from_checkpoint(reference, decoder=settings)
+    # The bundle's schema (it may have been exported with --schema), not the checkpoint's own.
+    torch_planner = Planner.from_checkpoint(reference, decoder=settings, schema=ort.schema)
     frames = heldout_keyframes(max(1, (samples + 9) // 10), stride=4)[:samples]
     identical, agree, worst = 0, [], 0.0
     for frame in frames:
-        obs = observation(frame)
+        obs = for_model(observation(frame), torch_planner.config)  # no camera for a text-only model
         identical += int(np.array_equal(ort.plan(obs).tokens, torch_planner.plan(obs).tokens))
         prompt, _ = torch_planner.prompt(obs)
         a, b = ort.backend.prefill(prompt), torch_planner.backend.prefill(prompt)

@@ -27,7 +27,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
 ROLE_DIRS: dict[str, str] = {"model": "model", "graph": "graphs", "engine": "engines", "quant": "quant"}
-MODEL_FILES = ("config.json", "tokenizer.json", "blockpilot.json")
+MODEL_FILES = ("config.json", "tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json",  # or the BPE files
+               "tokenizer_config.json", "preprocessor_config.json", "blockpilot.json")
 QUANT_FILES = ("precision_map.json", "modelopt_state.pth", "quantized_weights.pth")
 TOOL_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "torch": ("torch",), "onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
@@ -215,7 +216,7 @@ class BundleWriter:
     def finish(self) -> Path:
         """Hash every staged file, write ``manifest.json`` atomically, then move the bundle into place."""
         if self._done or self.model_config is None or self.schema is None:
-            raise BundleError(f"{self.out_dir}: writer already closed, or no model config and schema (add_model)")
+            raise BundleError(f"{self.out_dir}: {'writer already finished' if self._done else 'no config and schema'}")
         files = {rel: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for rel, p in _walk_files(self.staging)}
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,

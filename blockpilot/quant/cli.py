@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gate.add_argument("--gate-limit", type=positive_int, default=None, help="replay only the first N samples")
     parser.add_argument("--decoder", default="scaffold", choices=["ar", "block", "scaffold"])
     parser.add_argument("--out", default=None, help="output dir (default runs/quant/<recipe>)")
+    from ..vla.schema_io import add_schema_option
+
+    add_schema_option(parser)
 
 
 def _knobs(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,6 +82,7 @@ def _source(kind: str, dataroot: str | None, scenes: int, what: str, heldout_dir
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..eval.cli import driving_schema
     from ..runtime.plan_types import DecoderSettings
     from .pipeline import QUANTIZED_DIR, load_planner, quantize_checkpoint
     from .recipes import resolve_recipe
@@ -90,12 +94,14 @@ def run(args: argparse.Namespace) -> int:
     target = resolve_target(args.target)
     check_recipe(recipe, target, allow_emulated=args.allow_emulated)  # refuse before any work
     decoder = DecoderSettings(name=args.decoder)
+    schema = driving_schema(checkpoint, args.schema)
     cache = Path(args.cache_dir) if args.cache_dir else None
     calib_source = _source(args.calib_source, args.calib_dataroot, args.calib_scenes, "calib")
     if args.sensitivity:
         recipe = _sensitivity(args, checkpoint, decoder, recipe, calib_source, cache, out)
     outcome = quantize_checkpoint(checkpoint, recipe, calib_source, args.calib, out, target=target,
-                                  allow_emulated=args.allow_emulated, decoder=decoder, cache_dir=cache)
+                                  allow_emulated=args.allow_emulated, decoder=decoder, cache_dir=cache,
+                                  schema=schema)
     report = outcome.report.to_dict()
     print(f"recipe        {recipe.name}: {recipe.description}")
     for note in outcome.notes:
@@ -117,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     def make() -> Any:
         return _source(args.gate_source, args.gate_dataroot, args.gate_scenes, "gate", gate_dir / "heldout")
 
-    fp32 = load_planner(checkpoint, decoder)
+    fp32 = load_planner(checkpoint, decoder, schema=schema)
     result = run_gate(fp32, outcome.planner, make, gate_dir, checkpoint=checkpoint, precision=recipe.name,
                       l2_bound=args.gate_bound, parse_drop=args.gate_parse_drop, limit=args.gate_limit)
     print(result.table)

@@ -36,8 +36,9 @@ class QuantizeOutcome:
 
 
 def load_planner(checkpoint: Path, decoder: DecoderSettings, device: str = "cpu",
-                 max_prompt_tokens: int = 1024) -> Planner:
-    return Planner.from_checkpoint(checkpoint, decoder=decoder, device=device, max_prompt_tokens=max_prompt_tokens)
+                 max_prompt_tokens: int = 1024, schema: Any = None) -> Planner:
+    return Planner.from_checkpoint(checkpoint, decoder=decoder, device=device, max_prompt_tokens=max_prompt_tokens,
+                                   schema=schema)
 
 
 def quantize_planner(planner: Planner, recipe: Recipe, calib_source: Source, calib_size: int, *,
@@ -70,9 +71,10 @@ def quantize_planner(planner: Planner, recipe: Recipe, calib_source: Source, cal
 def quantize_checkpoint(checkpoint: Path, recipe: Recipe, calib_source: Source, calib_size: int, out_dir: Path, *,
                         target: Target | str = "cpu", allow_emulated: bool = False,
                         decoder: DecoderSettings | None = None, device: str = "cpu",
-                        cache_dir: Path | None = None, progress: bool = False) -> QuantizeOutcome:
-    """Load ``checkpoint`` into a planner, quantize it with ``recipe`` and save it in ``out_dir/quantized``."""
-    planner = load_planner(checkpoint, decoder or DecoderSettings(name="scaffold"), device)
+                        cache_dir: Path | None = None, progress: bool = False, schema: Any = None) -> QuantizeOutcome:
+    """Load ``checkpoint`` into a planner, quantize it with ``recipe`` and save it in ``out_dir/quantized``
+    (``schema``: the answer schema, default the checkpoint's own)."""
+    planner = load_planner(checkpoint, decoder or DecoderSettings(name="scaffold"), device, schema=schema)
     report, notes, manifest, auto_result = quantize_planner(
         planner, recipe, calib_source, calib_size, target=target, allow_emulated=allow_emulated,
         cache_dir=cache_dir, progress=progress)

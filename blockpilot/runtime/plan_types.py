@@ -19,7 +19,8 @@ from ..vla.answer_parser import PlanParseError
 from ..vla.config import BlockDiffusionConfig, ModelConfig
 from ..vla.image_grid import image_token_count
 from ..vla.plans import DrivingPlan, RobotActionPlan
-from ..vla.prompt import ROUTE_COMMANDS, EgoState
+from ..vla.prompt import ROUTE_COMMANDS, EgoState, check_ego_history
+from ..vla.prompt import PromptError as InstructionError
 from .backend import BackendError, PromptError
 from .decoders.block import SUB_BLOCK_RULES
 from .stats import PlanStats, RolloutSpread
@@ -127,6 +128,14 @@ class Observation:
     route_command: str
 
 
+def for_model(observation: Observation, config: ModelConfig) -> Observation:
+    """``observation`` as a model sees a dataset replay: a text-only model (no vision tower) plans from the
+    ego state and route command alone, so the replayed camera images are left out."""
+    if config.vision is None and observation.images:
+        return Observation([], observation.ego, observation.route_command)
+    return observation
+
+
 @dataclass(frozen=True, eq=False)
 class Plan:
     """The planner's answer. ``plan`` is the parsed plan or ``None`` with ``error`` saying why;
@@ -194,6 +203,10 @@ def check_observation(observation: Observation, config: ModelConfig) -> list[npt
     # EgoState checks at construction, but its arrays stay writable (a node may refill one buffer).
     if not (np.isfinite(ego.past_waypoints).all() and np.isfinite(ego.speed_mps) and np.isfinite(ego.accel_mps2)):
         raise ObservationError("observation.ego holds a non-finite value (past_waypoints, speed_mps or accel_mps2)")
+    try:
+        check_ego_history(ego.past_waypoints)
+    except InstructionError as exc:
+        raise ObservationError(f"observation.{exc}") from None
     if observation.route_command not in ROUTE_COMMANDS:
         raise ObservationError(f"unknown route command {observation.route_command!r}; expected one of {ROUTE_COMMANDS}")
     images = observation.images

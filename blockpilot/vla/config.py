@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-# Documented defaults of Fast-dLLM v2 / Fast-dDrive checkpoints (Qwen2 vocabulary).
+# Documented defaults of Fast-dLLM v2 / Fast-dDrive checkpoints (Qwen2 vocabulary): the mask is the
+# tokenizer's added |<MASK>| token; the filler (null) is <|endoftext|>, a token the vocabulary has
+# (see blockpilot.vla.special_tokens for how a checkpoint's own ids are chosen).
 DEFAULT_MASK_TOKEN_ID = 151665
-DEFAULT_NULL_TOKEN_ID = 151666
+DEFAULT_NULL_TOKEN_ID = 151643
 DEFAULT_END_TOKEN_ID = 151645
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_SUB_BLOCK_SIZE = 8

@@ -12,9 +12,6 @@ from typing import Any
 
 from .config import (
     DEFAULT_BLOCK_SIZE,
-    DEFAULT_END_TOKEN_ID,
-    DEFAULT_MASK_TOKEN_ID,
-    DEFAULT_NULL_TOKEN_ID,
     DEFAULT_SUB_BLOCK_SIZE,
     BlockDiffusionConfig,
     ConfigError,
@@ -25,6 +22,7 @@ from .config import (
     build_section,
     require,
 )
+from .special_tokens import read_added_tokens, resolve_special_ids
 
 # transformers' defaults for fields a config.json may leave out (so both read a file the same way).
 QWEN2_ROPE_THETA = 10_000.0
@@ -89,23 +87,27 @@ class _Fields:
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json",
-                   token_overrides: dict[str, Any] | None = None) -> ModelConfig:
+                   token_overrides: dict[str, Any] | None = None,
+                   added_tokens: tuple[dict[str, int], str] | None = None) -> ModelConfig:
     """Translate a Hugging Face ``config.json`` dict (Qwen2 or Qwen2.5-VL) into a :class:`ModelConfig`.
 
     Block-diffusion fields are read when the checkpoint carries them (``bd_size`` / ``block_size``,
-    ``sub_block_size``, ``mask_token_id``, ``null_token_id``); otherwise the documented Fast-dLLM v2
-    defaults apply. Fields a config may omit default as transformers defaults them. Every error is a
-    :class:`ConfigError` naming ``source`` and the field.
+    ``sub_block_size``, ``mask_token_id``, ``null_token_id``); otherwise the published Fast-dLLM v2
+    ``generate`` defaults apply (``bd_size`` 32, sub-block 8), and mask and filler come from the tokenizer's
+    ``added_tokens`` (text -> id, and the file they came from; see :mod:`blockpilot.vla.special_tokens`).
+    Fields a config may omit default as transformers defaults them. Every error is a :class:`ConfigError`
+    naming ``source`` and the field.
     """
     try:
-        return _config_from_hf(hf, source, token_overrides)
+        return _config_from_hf(hf, source, token_overrides, added_tokens)
     except ConfigError as exc:
         if str(exc).startswith(source):
             raise
         raise ConfigError(f"{source}: {exc}") from exc
 
 
-def _config_from_hf(hf: dict[str, Any], source: str, token_overrides: dict[str, Any] | None) -> ModelConfig:
+def _config_from_hf(hf: dict[str, Any], source: str, token_overrides: dict[str, Any] | None,
+                    added_tokens: tuple[dict[str, int], str] | None) -> ModelConfig:
     model_type = hf.get("model_type", "")
     require(model_type != "qwen2_vl",
              f"{source}: model_type 'qwen2_vl' (Qwen2-VL) is not supported; Qwen2.5-VL is")
@@ -148,9 +150,7 @@ def _config_from_hf(hf: dict[str, Any], source: str, token_overrides: dict[str, 
     )
     vision = _vision_from_hf(hf, source, lm.hidden_size) if is_vl else None
     token_fields: dict[str, Any] = {
-        "mask": t.token("mask_token_id", default=DEFAULT_MASK_TOKEN_ID),
-        "null": t.token("null_token_id", default=DEFAULT_NULL_TOKEN_ID),
-        "end": t.token("end_token_id", "eos_token_id", default=DEFAULT_END_TOKEN_ID),
+        **resolve_special_ids(t.token, added_tokens, source),
         "pad": t.token("pad_token_id"),
         "image": t.token("image_token_id", "image_token_index"),
         "vision_start": t.token("vision_start_token_id"),
@@ -262,4 +262,5 @@ def load_config(checkpoint_dir: str | Path, token_overrides: dict[str, Any] | No
         raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    return config_from_hf(data, source=str(path), token_overrides=token_overrides)
+    return config_from_hf(data, source=str(path), token_overrides=token_overrides,
+                          added_tokens=read_added_tokens(checkpoint_dir))

@@ -21,6 +21,10 @@ IM_START = "<|im_start|>"
 ROUTE_COMMANDS = ("turn left", "go straight", "turn right")
 DRIVING_SYSTEM_PROMPT = "You are the planner of an autonomous car. Answer in the JSON layout you were trained on."
 ROBOT_SYSTEM_PROMPT = "You are the planner of a robot arm. Answer in the JSON layout you were trained on."
+# The driving prompt's ego history, as the model is trained on it (sim, nuScenes, WOD-E2E and MCAP replays):
+# the positions 2.0, 1.5, 1.0 and 0.5 s before now (2 s at 2 Hz), oldest first. No padding rule: a
+# shorter history is refused (a model never saw repeated points and would read them as standing still).
+DRIVING_PAST_TIMES_S = (-2.0, -1.5, -1.0, -0.5)
 
 
 class PromptError(ValueError):
@@ -44,6 +48,21 @@ class EgoState:
             raise PromptError("EgoState holds a non-finite value (past_waypoints, speed_mps or accel_mps2)")
         past.flags.writeable = False
         object.__setattr__(self, "past_waypoints", past)
+
+
+def check_ego_history(past: npt.NDArray[np.float64]) -> None:
+    """Raise :class:`PromptError` naming what is missing unless ``past`` holds exactly the prompt's history."""
+    need, got = len(DRIVING_PAST_TIMES_S), int(past.shape[0])
+    if got == need:
+        return
+    times = ", ".join(f"{t:+.1f} s" for t in DRIVING_PAST_TIMES_S)
+    if got < need:
+        missing = ", ".join(f"{t:+.1f} s" for t in DRIVING_PAST_TIMES_S[:need - got])
+        detail = f"got {got}: the oldest {need - got} ({missing}) are missing"
+    else:
+        detail = f"got {got}: resample the history to these {need} instants"
+    raise PromptError(f"ego past_waypoints: the driving prompt needs {need} past positions at {times} "
+                      f"(2 s at 2 Hz, oldest first, ego frame); {detail}")
 
 
 def driving_instruction(ego: EgoState, route_command: str, number: FixedNumber | None = None) -> str:

@@ -9,6 +9,7 @@ taken to answer in the nuScenes driving layout, as Fast-dDrive checkpoints do.
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import fields
 from pathlib import Path
@@ -18,6 +19,10 @@ from .config import ConfigError
 from .plans import DrivingSchema, RobotActionSchema
 
 SCHEMA_FILE = "blockpilot.json"
+# ``--schema`` preset names (the CLI's shared option) and what each builds.
+SCHEMA_PRESETS: dict[str, Any] = {
+    "driving-nuscenes": DrivingSchema.nuscenes, "driving-wod": DrivingSchema.wod_e2e, "robot": RobotActionSchema,
+}
 _KINDS: dict[str, type[DrivingSchema] | type[RobotActionSchema]] = {
     "driving": DrivingSchema, "robot": RobotActionSchema,
 }
@@ -73,3 +78,43 @@ def load_schema(checkpoint_dir: str | Path) -> DrivingSchema | RobotActionSchema
     if not isinstance(data, dict) or not isinstance(data.get("schema"), dict):
         raise ConfigError(f"{path}: expected an object with a 'schema' object")
     return schema_from_dict(data["schema"], str(path))
+
+
+def resolve_schema(checkpoint_dir: str | Path | None, spec: str | Path | None) -> Any:
+    """The answer schema a command decodes with, from the shared ``--schema`` option.
+
+    ``spec`` None: the checkpoint's ``blockpilot.json``, else the nuScenes driving preset. A preset name
+    (:data:`SCHEMA_PRESETS`): that preset. A path to a JSON file: either ``blockpilot.json``-style
+    (``{"schema": {"kind": ...}}``) or a JSON Schema document, compiled by
+    :func:`blockpilot.vla.json_schema.compile_schema`. Raises :class:`ConfigError` naming the file.
+    """
+    if spec is None:
+        return load_schema(checkpoint_dir) if checkpoint_dir is not None else DrivingSchema.nuscenes()
+    name = str(spec)
+    if name in SCHEMA_PRESETS:
+        return SCHEMA_PRESETS[name]()
+    path = Path(name)
+    if not path.is_file():
+        raise ConfigError(f"--schema {name!r}: neither a preset ({', '.join(SCHEMA_PRESETS)}) nor an existing file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object (a blockpilot.json or a JSON Schema document)")
+    if isinstance(data.get("schema"), dict) and "kind" in data["schema"]:
+        return schema_from_dict(data["schema"], str(path))
+    try:
+        module = importlib.import_module("blockpilot.vla.json_schema")
+    except ImportError as exc:
+        raise ConfigError(f"{path}: a JSON Schema document needs blockpilot.vla.json_schema, which this build "
+                          f"lacks ({exc})") from exc
+    return module.compile_schema(data, where=str(path))
+
+
+def add_schema_option(parser: Any) -> None:
+    """The shared ``--schema`` option of plan / eval / export / quantize (an ``argparse`` parser)."""
+    parser.add_argument("--schema", default=None,
+                        help="answer schema: a preset (" + ", ".join(SCHEMA_PRESETS) + ") or a JSON file "
+                             "(blockpilot.json-style or a JSON Schema document); default: the checkpoint's "
+                             "blockpilot.json, else driving-nuscenes")

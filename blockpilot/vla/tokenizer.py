@@ -56,9 +56,18 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path, special: SpecialTokens) -> Tokenizer:
-        """Load ``tokenizer.json`` (or a checkpoint directory holding one)."""
+        """Load ``tokenizer.json``, or a checkpoint directory holding one or else ``vocab.json`` +
+        ``merges.txt`` + ``added_tokens.json`` / ``tokenizer_config.json`` (Qwen2's tokenizer)."""
         file = Path(path)
         if file.is_dir():
+            if not (file / TOKENIZER_FILE).is_file() and (file / "vocab.json").is_file():
+                from .bpe_files import qwen2_tokenizer_from_bpe_files
+
+                try:
+                    backend = qwen2_tokenizer_from_bpe_files(file)
+                except ConfigError as exc:
+                    raise TokenizerError(str(exc)) from exc
+                return cls(backend, special, source=str(file / "vocab.json"))
             file = file / TOKENIZER_FILE
         if not file.is_file():
             raise TokenizerError(f"{file}: no such tokenizer file")
