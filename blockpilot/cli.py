@@ -27,15 +27,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     if (path / "manifest.json").is_file():
         from .formats.bundle import BundleError, describe_bundle
+        from .vla.image_policy import ImagePolicyError, describe_bundle_images
 
         try:
             print(describe_bundle(path))
-        except BundleError as exc:
+            print(describe_bundle_images(path))
+        except (BundleError, ImagePolicyError) as exc:
             raise UserError(str(exc)) from None
         return 0
+    from .vla.image_policy import describe_checkpoint_images
     from .vla.loader import describe_checkpoint
 
     print(describe_checkpoint(path))
+    print(describe_checkpoint_images(path))
     return 0
 
 
@@ -54,7 +58,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                 targets=tuple(t.strip() for t in (args.target or "").split(",") if t.strip()),
                                 engine_precision=args.engine_precision, recipe=args.recipe, calib=args.calib,
                                 attention=args.attention, progress=Progress(enabled=False if args.quiet else None),
-                                timing_cache=Path(args.timing_cache) if args.timing_cache else None)
+                                timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+                                image_sizes=tuple(args.image_size or ()), cameras=args.cameras)
     except (BundleError, RecipeError, TargetError, EngineTargetError, TrtUnavailableError) as exc:
         raise UserError(str(exc)) from None
     print(summary.table())
@@ -115,6 +120,15 @@ def _read_images(value: str) -> list[Any]:
     return images
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    from .vla.image_policy import ImagePolicyError, parse_image_size
+
+    try:
+        return parse_image_size(text)
+    except ImagePolicyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
@@ -129,7 +143,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                    temperature=args.temperature, seed=args.seed,
                                    sub_block_cache=args.sub_block_cache)
         planner = Planner.from_checkpoint(Path(args.checkpoint), decoder=settings, device=args.device,
-                                          max_prompt_tokens=args.max_prompt_tokens)
+                                          max_prompt_tokens=args.max_prompt_tokens, cameras=len(images))
         plan = planner.plan(Observation(images, ego, args.route_command))
     except BackendError as exc:
         raise UserError(str(exc)) from None
@@ -255,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--sub-block-cache", action="store_true", help="block decoder: reuse the block's KV")
     plan.add_argument("--seed", type=int, default=0, help="rollout sampling seed")
     plan.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    plan.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt budget the KV cache is sized for")
+    plan.add_argument("--max-prompt-tokens", type=int, default=None,
+                      help="prompt budget the KV cache is sized for (default: from the image policy and cameras)")
     plan.set_defaults(func=_cmd_plan)
     train = sub.add_parser("train-reference",
                            help="train the reference model on generated scenes (block-diffusion recipe)")
@@ -270,7 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="bundle directory to create")
     export.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
     export.add_argument("--with-weights", action="store_true", help="also copy the safetensors (torch backend)")
-    export.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt budget the KV cache is sized for")
+    export.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="prompt budget the KV cache is sized for (default: --cameras frames of the largest "
+                             "--image-size under the checkpoint's image policy, at least 1024)")
+    export.add_argument("--image-size", action="append", type=_image_size, default=None, metavar="WxH",
+                        help="camera resolution the vision graphs take, e.g. 1600x900 (repeatable: one graph per "
+                             "resized size; default 112x112); other sizes are resized to the nearest exported one")
+    export.add_argument("--cameras", type=int, default=1, help="cameras per prompt the KV cache is sized for")
     export.add_argument("--target", default=None,
                         help="also build TensorRT engines (comma-separated): rtx, rtx-blackwell (TensorRT-RTX, ahead "
                              "of time on any machine); orin, thor, h100 (TensorRT proper, on that device)")

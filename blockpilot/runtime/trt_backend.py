@@ -153,6 +153,10 @@ class TrtBackend(GraphBackend):
         m = self.memory
         self.spec: dict[str, Any] = load_spec(onnx_dir)
         self._inputs = GraphInputs(self.spec, onnx_dir, vision="engine")
+        if self._inputs.policy is not None and self._inputs.policy.sizes:
+            # One vision engine runs here (the first exported size's): every frame is resized to its size.
+            first = self._inputs.policy.sizes[0]
+            self._inputs.policy = self._inputs.policy.with_sizes((first,))
         cap = self.capacity
         paths = [lm_path] + ([Path(vision_path)] if vision_path is not None else [])
         engines = TrtEngine.load(flavor, paths, m.compute_capability, plugin=plugin)

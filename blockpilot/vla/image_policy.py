@@ -246,3 +246,68 @@ def prompt_budget(policy: ImagePolicy | None, cameras: int, *, image_hw: Size | 
         per_image = (policy.tokens(*image_hw) if image_hw is not None else policy.max_tokens_per_image)
         per_image += TOKENS_PER_IMAGE_FRAME
     return max(MIN_PROMPT_TOKENS, cameras * per_image + text_tokens)
+
+
+def budget_line(policy: ImagePolicy | None, cameras: tuple[int, ...] = (1, 6, 8)) -> str:
+    """``prompt budget`` line: the default KV-cache prompt budget for a few camera counts."""
+    if policy is None:
+        return f"prompt budget {prompt_budget(None, 0)} tokens (text only: no vision tower)"
+    parts = ", ".join(f"{n} camera{'s' if n > 1 else ''} {prompt_budget(policy, n)}" for n in cameras)
+    return (f"prompt budget {parts} tokens (per camera up to {policy.max_tokens_per_image} image tokens + "
+            f"{TOKENS_PER_IMAGE_FRAME}, plus {TEXT_TOKENS} text, at least {MIN_PROMPT_TOKENS})")
+
+
+def frame_line(policy: ImagePolicy, frames: tuple[Size, ...] = ((900, 1600), (1280, 1920))) -> str:
+    """How a few camera sizes resize under ``policy`` (nuScenes 1600x900, WOD 1920x1280)."""
+    out = []
+    for h, w in frames:
+        th, tw = policy.target_size(h, w)
+        out.append(f"{w}x{h} -> {tw}x{th} ({policy.tokens(h, w)} tokens)")
+    return "frames       " + "; ".join(out)
+
+
+def describe_checkpoint_images(checkpoint_dir: str | Path) -> str:
+    """``inspect`` lines for a checkpoint: its image policy and the prompt budget it implies."""
+    from .hf_config import load_config
+
+    config = load_config(checkpoint_dir)
+    if config.vision is None:
+        return "images       none (text-only model)\n" + budget_line(None)
+    policy = load_image_policy(checkpoint_dir, config.vision)
+    return "\n".join([f"image policy {policy.describe()}", frame_line(policy), budget_line(policy)])
+
+
+def describe_bundle_images(bundle_dir: str | Path) -> str:
+    """``inspect`` lines for a bundle: the image policy and vision graphs its export recorded, and its KV cache."""
+    from ..formats.onnx_io import SPEC_FILE, spec_policy, vision_graphs
+
+    spec_path = Path(bundle_dir) / "graphs" / "decomposed" / SPEC_FILE
+    try:
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ImagePolicyError(f"{spec_path}: cannot read the export's spec ({exc})") from None
+    lines = [f"kv cache     {spec.get('capacity')} slots (prompt + answer; fixed at export, --max-prompt-tokens)"]
+    vision = spec.get("vision")
+    if vision is None:
+        return "\n".join([*lines, "images       none (text-only model)"])
+    policy = spec_policy(vision, str(spec_path))
+    graphs = ", ".join(f"{g['file']} {g['grid_thw'][2] * policy.patch_size}x{g['grid_thw'][1] * policy.patch_size}"
+                       for g in vision_graphs(vision))
+    return "\n".join([*lines, f"image policy {policy.describe()}", f"vision       {graphs}", frame_line(policy)])
+
+
+def write_preprocessor_config(checkpoint_dir: str | Path, policy: ImagePolicy) -> Path:
+    """Write ``preprocessor_config.json`` in the Qwen2.5-VL processor's layout (its pixel budget, patch sizes and
+    normalization), so a checkpoint trained on small frames resizes large ones down to its trained budget."""
+    data = {"min_pixels": policy.min_pixels, "max_pixels": policy.max_pixels, "patch_size": policy.patch_size,
+            "merge_size": policy.merge_size, "temporal_patch_size": policy.temporal_patch_size,
+            "image_mean": list(policy.image_mean), "image_std": list(policy.image_std),
+            "size": {"shortest_edge": policy.min_pixels, "longest_edge": policy.max_pixels},
+            "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "do_convert_rgb": True, "image_processor_type": "Qwen2VLImageProcessor",
+            "processor_class": "Qwen2_5_VLProcessor"}
+    path = Path(checkpoint_dir) / PREPROCESSOR_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
