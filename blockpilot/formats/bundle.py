@@ -27,7 +27,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
 ROLE_DIRS: dict[str, str] = {"model": "model", "graph": "graphs", "engine": "engines", "quant": "quant"}
-MODEL_FILES = ("config.json", "tokenizer.json", "blockpilot.json")
+MODEL_FILES = ("config.json", "tokenizer.json", "blockpilot.json", "preprocessor_config.json")
 QUANT_FILES = ("precision_map.json", "modelopt_state.pth", "quantized_weights.pth")
 TOOL_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "torch": ("torch",), "onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
