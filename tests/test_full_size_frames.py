@@ -109,7 +109,7 @@ def test_full_size_replays_plan_every_sample_on_torch_and_on_a_bundle(source: st
                                                                          for r in planned]
     assert [r["status"] for r in ort_run] == [r["status"] for r in torch_run]
     # The bundle has a vision graph for every camera size, so it sees the very pixels torch sees.
-    assert [r["text"] for r in ort_run] == [r["text"] for r in torch_run]
+    assert [r.get("text") for r in ort_run] == [r.get("text") for r in torch_run]
 
 
 @pytest.mark.slow
@@ -118,7 +118,8 @@ def test_the_bundle_records_one_vision_graph_per_size_and_inspect_shows_them(bun
     manifest = json.loads((bundle / "manifest.json").read_text())
     vision = [g for g in manifest["graphs"] if g["role"] == "vision"]
     sizes = sorted(tuple(g["io"]["graph"]["resized_hw"]) for g in vision)
-    assert len(sizes) == 3 and (56, 140) in sizes and (84, 112) in sizes  # 1920x886 makes the third
+    # Three camera sizes, two resized sizes: 1600x900 and 1920x886 both become 140x56 under 112x112 pixels.
+    assert sizes == [(56, 140), (84, 112)]
     spec = json.loads((bundle / "graphs" / "decomposed" / "onnx_spec.json").read_text())
     assert spec["vision"]["policy"]["max_pixels"] == 112 * 112
     assert [tuple(s) for s in spec["vision"]["policy"]["sizes"]] == [tuple(g["resized_hw"])
