@@ -27,15 +27,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     if (path / "manifest.json").is_file():
         from .formats.bundle import BundleError, describe_bundle
+        from .vla.image_policy import ImagePolicyError, describe_bundle_images
 
         try:
             print(describe_bundle(path))
-        except BundleError as exc:
+            print(describe_bundle_images(path))
+        except (BundleError, ImagePolicyError) as exc:
             raise UserError(str(exc)) from None
         return 0
+    from .vla.image_policy import describe_checkpoint_images
     from .vla.loader import describe_checkpoint
 
     print(describe_checkpoint(path))
+    print(describe_checkpoint_images(path))
     return 0
 
 
@@ -55,7 +59,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                 engine_precision=args.engine_precision, recipe=args.recipe, calib=args.calib,
                                 attention=args.attention, progress=Progress(enabled=False if args.quiet else None),
                                 timing_cache=Path(args.timing_cache) if args.timing_cache else None,
-                                schema=args.schema)
+                                schema=args.schema, image_sizes=tuple(args.image_size or ()),
+                                cameras=args.cameras)
     except (BundleError, RecipeError, TargetError, EngineTargetError, TrtUnavailableError) as exc:
         raise UserError(str(exc)) from None
     print(summary.table())
@@ -127,6 +132,15 @@ def _read_images(value: str) -> list[Any]:
     return images
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    from .vla.image_policy import ImagePolicyError, parse_image_size
+
+    try:
+        return parse_image_size(text)
+    except ImagePolicyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
@@ -149,7 +163,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                    sub_block_cache=args.sub_block_cache, sub_block_rule=args.sub_block_rule,
                                    softmax_dtype=args.softmax_dtype)
         planner = Planner.from_checkpoint(Path(args.checkpoint), decoder=settings, device=args.device,
-                                          max_prompt_tokens=args.max_prompt_tokens, schema=schema)
+                                          max_prompt_tokens=args.max_prompt_tokens, schema=schema,
+                                          cameras=len(images))
         if planner.config.vision is None and images:
             raise UserError(f"--image: {args.checkpoint} is a text-only model (no vision_config in config.json); "
                             "leave --image out to plan from the ego state and route command alone")
@@ -297,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(bf16 ties near 1.0 go to the first position); torch backend (default: float32)")
     plan.add_argument("--seed", type=int, default=0, help="rollout sampling seed")
     plan.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    plan.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt budget the KV cache is sized for")
+    plan.add_argument("--max-prompt-tokens", type=int, default=None,
+                      help="prompt budget the KV cache is sized for (default: from the image policy and cameras)")
     plan.set_defaults(func=_cmd_plan)
     train = sub.add_parser("train-reference",
                            help="train the reference model on generated scenes (block-diffusion recipe)")
@@ -312,7 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="bundle directory to create")
     export.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
     export.add_argument("--with-weights", action="store_true", help="also copy the safetensors (torch backend)")
-    export.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt budget the KV cache is sized for")
+    export.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="prompt budget the KV cache is sized for (default: --cameras frames of the largest "
+                             "--image-size under the checkpoint's image policy, at least 1024)")
+    export.add_argument("--image-size", action="append", type=_image_size, default=None, metavar="WxH",
+                        help="camera resolution the vision graphs take, e.g. 1600x900 (repeatable: one graph per "
+                             "resized size; default 112x112); other sizes are resized to the nearest exported one")
+    export.add_argument("--cameras", type=int, default=1, help="cameras per prompt the KV cache is sized for")
     export.add_argument("--target", default=None,
                         help="also build TensorRT engines (comma-separated): rtx, rtx-blackwell (TensorRT-RTX, ahead "
                              "of time on any machine); orin, thor, h100 (TensorRT proper, on that device)")

@@ -82,7 +82,7 @@ def test_round_trip_lists_and_hashes_every_file(pristine: Path) -> None:
     on_disk = {p.relative_to(pristine).as_posix() for p in pristine.rglob("*") if p.is_file()} - {MANIFEST}
     assert set(bundle.files) == on_disk
     assert {"model/config.json", "model/tokenizer.json", "model/blockpilot.json", "model/model.safetensors",
-            "graphs/decomposed/lm_step.onnx", "graphs/decomposed/lm_step.onnx.data",
+            "model/preprocessor_config.json", "graphs/decomposed/lm_step.onnx", "graphs/decomposed/lm_step.onnx.data",
             "engines/orin/lm_step.engine", "engines/orin/lm_step.layers.json"} == on_disk
     for rel, info in bundle.files.items():
         data = (pristine / rel).read_bytes()

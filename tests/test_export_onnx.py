@@ -154,9 +154,12 @@ def test_sampling_fork_and_bad_images_raise_clearly(exported: tuple[Path, dict[s
     ob.fork(1)
     with pytest.raises(PlannerSetupError, match="rollouts need the torch backend"):
         _ort(exported, "rollouts")
+    # Any other frame size is resized to the exported one (the export's image policy), never refused.
     big = np.zeros((224, 224, 3), dtype=np.uint8)
-    with pytest.raises(PromptError, match="exported for"):
-        ob.prefill(Prompt(prompt.token_ids, (big,)))
+    ob.prefill(Prompt(prompt.token_ids, (big,)))
+    assert ob.length == len(prompt)
+    with pytest.raises(PromptError, match="holds 16 image tokens but its 2 image"):
+        ob.prefill(Prompt(prompt.token_ids, (big, big)))
     with pytest.raises(PromptError, match="no images"):
         ob.prefill(Prompt(prompt.token_ids))
 

@@ -33,7 +33,8 @@ def test_reference_checkpoint_round_trip_is_exact(reference_dir) -> None:
         assert torch.equal(a, b), name
     # to_empty() on the meta-built model must not untie the LM head from the embeddings.
     assert loaded.lm.lm_head.weight is loaded.lm.embed_tokens.weight
-    assert {p.name for p in reference_dir.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert {p.name for p in reference_dir.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
+                                                         "preprocessor_config.json"}
 
 
 def test_loaded_reference_model_runs_with_an_image(reference_dir) -> None:

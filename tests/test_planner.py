@@ -227,7 +227,7 @@ def test_ego_state_keeps_a_read_only_copy() -> None:
     (lambda: _obs([]), ObservationError, "no camera image"),
     (lambda: _obs(ego=_nan_ego()), ObservationError, "non-finite"),
     (lambda: _obs(command="fly"), ObservationError, "unknown route command 'fly'"),
-    (lambda: _obs([road_image(448)] * 5), PromptTooLongError, "max_prompt_tokens"),
+    (lambda: _obs([road_image(448)] * 60), PromptTooLongError, "max_prompt_tokens"),
 ])
 def test_bad_input_raises_typed_error_and_the_planner_recovers(observation: Any, error: type[Exception], match: str,
                                                                planners: dict[str, Planner],

@@ -43,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    parser.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt budget of the KV cache")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="prompt budget of the KV cache (default: the checkpoint's image policy times the "
+                             "cameras; with --bundle at most what its export holds)")
     from ..vla.schema_io import add_schema_option
 
     add_schema_option(parser)
@@ -54,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     nus.add_argument("--scenes", default=None, help="comma-separated scene names (default: all)")
     nus.add_argument("--stride", type=positive_int, default=1, help="every n-th keyframe")
     parser.add_argument("--cameras", default=None,
-                        help="comma-separated cameras in prompt order (default: CAM_FRONT / FRONT)")
+                        help="comma-separated cameras in prompt order (default: CAM_FRONT / FRONT), or 'all': "
+                             "nuScenes' 6 or WOD-E2E's 8 in the documented order")
     bag = parser.add_argument_group("rosbag2 (MCAP)")
     bag.add_argument("--image-topic", default="/camera/front/image_raw/compressed")
     bag.add_argument("--odom-topic", default="/odom")
@@ -69,12 +72,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_source(args: argparse.Namespace) -> Source:
     if not args.source or not args.dataroot:
         raise EvalUsageError("--source and --dataroot are required")
-    return open_source(args.source, args.dataroot,
-                       cameras=tuple(c.strip() for c in args.cameras.split(",")) if args.cameras else None,
+    return open_source(args.source, args.dataroot, cameras=parse_cameras(args.source, args.cameras),
                        version=args.version, frame=args.frame,
                        scenes=[s.strip() for s in args.scenes.split(",")] if args.scenes else None,
                        stride=args.stride, image_topic=args.image_topic, odom_topic=args.odom_topic,
                        route_topic=args.route_topic)
+
+
+def parse_cameras(kind: str, text: str | None) -> tuple[str, ...] | None:
+    """``--cameras``: ``None`` (the source's default), ``all`` (the rig's cameras in prompt order) or a list."""
+    if not text:
+        return None
+    if text.strip().lower() == "all":
+        from .camera_rigs import rig_cameras
+
+        return rig_cameras(kind)
+    return tuple(c.strip() for c in text.split(","))
 
 
 def open_source(kind: str, dataroot: str | Path, *, cameras: tuple[str, ...] | None = None, version: str = "auto",
@@ -144,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
         from ..runtime.bundle_planner import planner_from_bundle
 
         model_path = Path(args.bundle)
-        planner = planner_from_bundle(model_path, decoder=settings, threads=args.threads or 1)
+        planner = planner_from_bundle(model_path, decoder=settings, threads=args.threads or 1,
+                                      max_prompt_tokens=args.max_prompt_tokens)
     else:
         from ..runtime.planner import Planner
 
@@ -155,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
         model_path = Path(args.checkpoint)
         planner = Planner.from_checkpoint(model_path, decoder=settings, device=args.device,
                                           max_prompt_tokens=args.max_prompt_tokens,
-                                          schema=driving_schema(model_path, getattr(args, "schema", None)))
+                                          schema=driving_schema(model_path, getattr(args, "schema", None)),
+                                          cameras=len(getattr(source, "cameras", ("one",))))
     header = run_header(source, model_path, planner)
     header["backend"] = "onnxruntime" if args.bundle else "torch"
     return evaluate_and_report(planner, source, Path(args.out), header=header, limit=args.limit,

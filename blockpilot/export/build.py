@@ -5,12 +5,13 @@ answer schema; TensorRT engines and quantized graphs join the same bundle layout
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..formats.bundle import BundleError, BundleWriter, load_bundle
-from ..formats.onnx_io import EMBED_FILE, LM_FILE, SPEC_FILE, VISION_FILE
+from ..formats.onnx_io import EMBED_FILE, LM_FILE, SPEC_FILE, vision_graphs
 from .progress import Progress
 from .targets import (
     ATTENTION_ROUTES,
@@ -22,7 +23,8 @@ from .targets import (
     resolve_engine_target,
 )
 
-DEFAULT_MAX_PROMPT_TOKENS = 1024
+DEFAULT_MAX_PROMPT_TOKENS = 1024  # the floor of the derived budget (blockpilot.vla.image_policy.MIN_PROMPT_TOKENS)
+DEFAULT_IMAGE_HW = (112, 112)  # the reference camera; export --image-size picks others
 VARIANT = "decomposed"
 ENGINE_PRECISIONS = ("fp32", "fp16")
 
@@ -65,14 +67,19 @@ class _EnginePlan:
     route: str  # LM-step attention: decomposed | native | plugin
 
 
-def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens: int | None = None,
                   with_weights: bool = False, overwrite: bool = False, targets: tuple[str, ...] = (),
                   engine_precision: str = "fp16", recipe: str | None = None, calib: int = 32,
                   attention: str = "auto", progress: Progress | None = None,
-                  timing_cache: Path | None = None, schema: str | None = None) -> ExportSummary:
+                  timing_cache: Path | None = None, schema: str | None = None,
+                  image_sizes: Sequence[tuple[int, int]] = (), cameras: int = 1) -> ExportSummary:
     """Export ``checkpoint`` (fp32) into the bundle directory ``out`` and verify it by loading it back.
 
-    The KV cache capacity is the one a planner with the scaffold decoder sizes for ``max_prompt_tokens``.
+    ``image_sizes`` (camera ``(height, width)``, default the 112x112 reference camera) are resized by the
+    checkpoint's image policy, one vision graph per resized size (:mod:`blockpilot.export.vision_graphs`).
+    The KV cache capacity is the one a planner with the scaffold decoder sizes for ``max_prompt_tokens``,
+    by default the prompt budget of ``cameras`` frames of the largest exported size
+    (:func:`export_prompt_budget`).
     ``with_weights`` also copies the safetensors (for the torch backend on the car). ``targets`` (names of
     :data:`blockpilot.export.targets.ENGINE_TARGETS`) adds TensorRT engines of the graphs in
     ``engine_precision``; each target's quantization gate checks ``recipe`` and its TensorRT must be the one
@@ -95,6 +102,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
         raise BundleError(f"engine precision {engine_precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)} "
                           "(fp8 engines come from --recipe fp8)")
     plans = _plan_engines(targets, "fp8" if recipe else engine_precision, recipe, attention)
+    sizes = tuple(image_sizes) or (DEFAULT_IMAGE_HW,)
+    if max_prompt_tokens is None:
+        max_prompt_tokens = export_prompt_budget(checkpoint, sizes, cameras)
     from ..runtime.plan_types import DecoderSettings
     from ..runtime.planner import Planner
     from .checkpoint_check import check_bundle_target, checked_schema, write_schema_file
@@ -108,6 +118,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
     with progress.stage("load"):
         planner = Planner.from_checkpoint(Path(checkpoint), decoder=DecoderSettings(name="scaffold"),
                                           max_prompt_tokens=max_prompt_tokens, schema=driving)
+    policy = planner.image_policy
     capacity = planner.backend.capacity
     model = planner.backend.model  # type: ignore[attr-defined]
     quant_report: dict[str, Any] | None = None
@@ -120,11 +131,11 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
         root = Path(tmp)
         with progress.stage("onnx", total=1 + int(plugin)) as stage:
             if recipe is None:
-                spec = export_onnx(model, root, capacity)
+                spec = export_onnx(model, root, capacity, image_sizes=sizes, policy=policy)
             else:
                 from .quant_onnx import export_quantized_onnx
 
-                spec = export_quantized_onnx(model, root, capacity)["spec"]
+                spec = export_quantized_onnx(model, root, capacity, image_sizes=sizes, policy=policy)["spec"]
             progress.advance(stage, "decomposed")
             if plugin:
                 from .plugin_attention import export_plugin_graph
@@ -138,15 +149,16 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
             if quant_report:
                 writer.recipe = quant_report["recipe"]
             io: dict[str, Any] = {"spec": spec}
-            if (root / VISION_FILE).is_file():
-                writer.add_graph(root / VISION_FILE, role="vision", variant=VARIANT, precision=precision, io=io)
+            for graph in vision_graphs(spec["vision"]) if spec.get("vision") else []:
+                writer.add_graph(root / graph["file"], role="vision", variant=VARIANT, precision=precision,
+                                 io={**io, "graph": graph})
             writer.add_graph(root / LM_FILE, role="lm_step", variant=VARIANT, precision=precision, io=io,
                              extra_files=[root / EMBED_FILE, root / SPEC_FILE])
             if plugin:
                 writer.add_graph(root / "plugin" / LM_FILE, role="lm_step", variant="plugin", precision=precision,
                                  io=io)
             if plans:
-                roles = 1 + int((root / VISION_FILE).is_file())
+                roles = 1 + (len(vision_graphs(spec["vision"])) if spec.get("vision") else 0)
                 with progress.stage("engines", total=roles * len(plans)) as stage:
                     _add_engines(writer, root, spec, plans, lambda what: progress.advance(stage, what),
                                  timing_cache)
@@ -154,6 +166,27 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
                 writer.finish()  # hashes, manifest, atomic rename
                 bundle = load_bundle(out)  # hashes checked once more, as the car will
     return _summary(bundle, capacity, dict(progress.seconds), precision)
+
+
+def export_prompt_budget(checkpoint: str | Path, image_sizes: Sequence[tuple[int, int]], cameras: int) -> int:
+    """The prompt budget of ``cameras`` frames, each as many tokens as the largest of ``image_sizes`` becomes
+    under the checkpoint's image policy (text-only models: the text budget)."""
+    from ..runtime.plan_types import PlannerSetupError
+    from ..vla.config import ConfigError
+    from ..vla.hf_config import load_config
+    from ..vla.image_policy import ImagePolicyError, load_image_policy, prompt_budget
+
+    if cameras < 1:
+        raise BundleError(f"export --cameras must be at least 1, got {cameras}")
+    try:
+        config = load_config(checkpoint)
+        if config.vision is None:
+            return prompt_budget(None, 0)
+        policy = load_image_policy(checkpoint, config.vision)
+        biggest = max(image_sizes, key=lambda hw: policy.tokens(*hw))
+        return prompt_budget(policy, cameras, image_hw=biggest)
+    except (ConfigError, ImagePolicyError, FileNotFoundError, ValueError) as exc:
+        raise PlannerSetupError(str(exc)) from exc
 
 
 def _summary(bundle: Any, capacity: int, seconds: dict[str, float], recipe: str) -> ExportSummary:
@@ -236,8 +269,11 @@ def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], plans: l
     for plan in plans:
         target, precision = plan.target, plan.precision
         cc = target.sm if target.ahead_of_time else None
-        for role in ("vision", "lm_step"):
-            graph = tmp / (VISION_FILE if role == "vision" else LM_FILE)
+        # One engine per vision graph (one per exported camera size), then the LM step.
+        jobs: list[tuple[str, str, dict[str, Any] | None]] = [
+            ("vision", g["file"], g) for g in (vision_graphs(spec["vision"]) if spec.get("vision") else [])]
+        for role, file, vision_graph in [*jobs, ("lm_step", LM_FILE, None)]:
+            graph = tmp / file
             if not graph.is_file():
                 continue
             route = plan.route if role == "lm_step" else VARIANT
@@ -249,7 +285,7 @@ def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], plans: l
                     source = tmp / f"{graph.stem}.fp16.onnx"
                     if not source.is_file():
                         to_fp16_graph(graph, source)
-            engine = tmp / target.name / f"{role}.{precision}.{route}.engine"
+            engine = tmp / target.name / f"{graph.stem}.{precision}.{route}.engine"
             engine.parent.mkdir(exist_ok=True)
             profiles = profiles_from_spec(spec, role)
             inspector, network = None, None
@@ -274,10 +310,12 @@ def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], plans: l
             for key in ("engine", "inspector", "network"):  # the manifest names files, not the build's temp dir
                 if report.get(key):
                     report[key] = Path(report[key]).name
+            io: dict[str, Any] = {"build": report} if vision_graph is None else {"build": report,
+                                                                                   "graph": vision_graph}
             writer.add_engine(engine, target=target.name, sm=target.sm, role=role, variant=route,
-                              precision=precision, io={"build": report}, inspector=inspector,
+                              precision=precision, io=io, inspector=inspector,
                               extra_files=[network] if network is not None and network.is_file() else [])
-            advance(f"{role} {target.name}")
+            advance(f"{graph.stem if role == 'vision' else role} {target.name}")
 
 
 def graphs_dir(bundle_path: str | Path) -> Path:

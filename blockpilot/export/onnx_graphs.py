@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,12 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..formats.onnx_io import EMBED_FILE, LM_FILE, MODE_IDS, SPEC_FILE, VISION_FILE
+from ..formats.onnx_io import EMBED_FILE, LM_FILE, MODE_IDS, SPEC_FILE
 from ..vla.config import ModelConfig
 from ..vla.image_grid import smart_resize
+from ..vla.image_policy import ImagePolicy
 from ..vla.lm import DecoderLayer, DecoderLM, rotate_half
 from ..vla.model import VLAModel
-from ..vla.vision import VisionTower, vision_layout
 
 OPSET = 17
 DEFAULT_IMAGE_HW = (112, 112)
@@ -134,27 +135,23 @@ class LMStep(nn.Module):
         return top1, prob, torch.stack(presents_k), torch.stack(presents_v)
 
 
-class VisionStep(nn.Module):
-    """The vision tower for one image of a fixed grid, its window layout baked in."""
-
-    def __init__(self, tower: VisionTower, grid_thw: torch.Tensor) -> None:
-        super().__init__()
-        self.tower = tower
-        self.grid = grid_thw
-        self.layout = vision_layout(grid_thw, tower.config)
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.tower(patches, self.grid, layout=self.layout)
-        return out
-
-
-def image_grid(config: ModelConfig, image_hw: tuple[int, int]) -> tuple[int, int, int]:
+def image_grid(config: ModelConfig, image_hw: tuple[int, int],
+               policy: ImagePolicy | None = None) -> tuple[int, int, int]:
     """``(t, h, w)`` patch grid of one ``image_hw`` camera image after the processor's resize."""
     vision = config.vision
     if vision is None:
         raise ValueError("the model has no vision tower")
+    if policy is not None:
+        return policy.grid(*image_hw)
     h, w = smart_resize(image_hw[0], image_hw[1], vision.patch_size * vision.spatial_merge_size)
     return 1, h // vision.patch_size, w // vision.patch_size
+
+
+def _export_vision(model: VLAModel, out: Path, image_sizes: Sequence[tuple[int, int]],
+                   policy: ImagePolicy | None, opset: int) -> dict[str, Any]:
+    from .vision_graphs import export_vision_graphs
+
+    return export_vision_graphs(model, out, image_sizes, policy, opset)
 
 
 def _spec(name: str, shape: list[int | str], dtype: str) -> dict[str, Any]:
@@ -163,9 +160,13 @@ def _spec(name: str, shape: list[int | str], dtype: str) -> dict[str, Any]:
 
 def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
                 image_hw: tuple[int, int] = DEFAULT_IMAGE_HW, opset: int = OPSET,
-                attention: str = "decomposed") -> dict[str, Any]:
+                attention: str = "decomposed", image_sizes: Sequence[tuple[int, int]] | None = None,
+                policy: ImagePolicy | None = None) -> dict[str, Any]:
     """Write ``vision.onnx`` (models with a vision tower), ``lm_step.onnx``, ``embed_tokens.npy`` and
     ``onnx_spec.json`` into ``out_dir``; check each graph with ``onnx.checker``; return the spec.
+
+    ``image_sizes`` (camera ``(height, width)`` sizes, default ``[image_hw]``) are resized by ``policy`` (default:
+    the processor defaults) and each distinct resized grid gets its own vision graph (:mod:`.vision_graphs`).
 
     ``attention="plugin"`` writes the LM step with custom attention nodes instead (use
     :func:`blockpilot.export.plugin_attention.export_plugin_graph`, which also records the variant)."""
@@ -229,28 +230,7 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
     }
     vision = config.vision
     if vision is not None and model.visual is not None:
-        grid = image_grid(config, image_hw)
-        patches = grid[0] * grid[1] * grid[2]
-        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
-        tokens = patches // vision.spatial_merge_size ** 2
-        wrapper = VisionStep(model.visual, torch.tensor([grid], dtype=torch.long)).eval()
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(wrapper, (torch.zeros(patches, width),), str(out / VISION_FILE),
-                              input_names=["patches"], output_names=["features"], opset_version=opset,
-                              dynamo=False)
-        onnx.checker.check_model(str(out / VISION_FILE))
-        spec["vision"] = {
-            "file": VISION_FILE,
-            "grid_thw": list(grid),
-            "image_hw": list(image_hw),
-            "patch_size": vision.patch_size,
-            "temporal_patch_size": vision.temporal_patch_size,
-            "spatial_merge_size": vision.spatial_merge_size,
-            "inputs": [_spec("patches", [patches, width], "float32")],
-            "outputs": [_spec("features", [tokens, vision.out_hidden_size], "float32")],
-        }
+        spec["vision"] = _export_vision(model, out, image_sizes or (image_hw,), policy, opset)
     (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     return spec
 

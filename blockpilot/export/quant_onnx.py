@@ -21,13 +21,14 @@ The NVFP4 nodes stay custom: those graphs are only checked structurally here.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..formats.onnx_io import LM_FILE, VISION_FILE
+from ..formats.onnx_io import LM_FILE, VISION_FILE, vision_graphs
+from ..vla.image_policy import ImagePolicy
 from ..vla.model import VLAModel
 from .onnx_graphs import DEFAULT_IMAGE_HW, export_onnx
 
@@ -290,7 +291,8 @@ def _has_block_quantizers(model: nn.Module) -> bool:
 
 def export_quantized_onnx(model: VLAModel | nn.Module, out_dir: str | Path, capacity: int, *,
                           image_hw: tuple[int, int] = DEFAULT_IMAGE_HW, opset: int | None = None,
-                          standard_fp8: bool = True) -> dict[str, Any]:
+                          standard_fp8: bool = True, image_sizes: Sequence[tuple[int, int]] | None = None,
+                          policy: ImagePolicy | None = None) -> dict[str, Any]:
     """Export a modelopt-quantized :class:`VLAModel` with :func:`export_onnx` (block-quantized activations
     set to modelopt's dynamic export; ``opset`` defaults to 21 with block quantizers, else 19), rewrite FP8
     Q/DQ to the standard ops (``standard_fp8``) and return ``{"spec": ..., "graphs": {role: summary}}``
@@ -304,9 +306,13 @@ def export_quantized_onnx(model: VLAModel | nn.Module, out_dir: str | Path, capa
         raise ValueError(f"quantized graphs need opset >= {QDQ_OPSET}, got {opset}")
     out = Path(out_dir)
     with configure_linear_module_onnx_quantizers(model):
-        spec = export_onnx(model, out, capacity, image_hw=image_hw, opset=opset)  # type: ignore[arg-type]
+        spec = export_onnx(model, out, capacity, image_hw=image_hw, opset=opset,  # type: ignore[arg-type]
+                           image_sizes=image_sizes, policy=policy)
     graphs: dict[str, Any] = {}
-    for role, file in (("lm_step", LM_FILE), ("vision", VISION_FILE)):
+    vision_files = [g["file"] for g in vision_graphs(spec["vision"])] if spec.get("vision") else [VISION_FILE]
+    # One vision graph per exported camera size: the first keeps the role's key, the others add their file.
+    for role, file in (("lm_step", LM_FILE), *(("vision" if f == VISION_FILE else f"vision {f}", f)
+                                               for f in vision_files)):
         path = out / file
         if not path.is_file():
             continue

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..vla.image_grid import smart_resize
+from ..vla.image_policy import ImagePolicy
 
 SPEC_FILE = "onnx_spec.json"
 VISION_FILE = "vision.onnx"
@@ -32,7 +32,7 @@ PLUGIN_OPSET = 1
 PLUGIN_INPUTS = ("q", "k_new", "v_new", "past_k", "past_v", "start", "key_end", "mode")
 PLUGIN_OUTPUTS = ("attn", "present_k", "present_v")
 
-# The CLIP normalization of blockpilot.vla.image, repeated here so this module stays torch-free.
+# The CLIP normalization (the default of blockpilot.vla.image_policy), as float32 arrays.
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
@@ -49,23 +49,32 @@ def load_spec(onnx_dir: str | Path) -> dict[str, Any]:
     return spec
 
 
-def image_patches(image: npt.NDArray[np.uint8], patch_size: int, merge_size: int,
-                  temporal_patch_size: int) -> tuple[FloatArray, tuple[int, int, int]]:
+def image_patches(image: npt.NDArray[np.uint8], patch_size: int, merge_size: int, temporal_patch_size: int, *,
+                  policy: ImagePolicy | None = None) -> tuple[FloatArray, tuple[int, int, int]]:
     """One ``HxWx3`` uint8 image -> float32 patches ``(N, 3*T*p*p)`` in merged-token order, and its grid.
 
-    An image already at the processor's target size is handled in numpy alone; one that needs the
-    antialiased bicubic resize falls back to :func:`blockpilot.vla.image.resize_bicubic`, which uses torch.
+    ``policy`` (default: the processor defaults for these patch sizes) picks the target size
+    (:meth:`~blockpilot.vla.image_policy.ImagePolicy.target_size`) and the normalization. An image already at
+    its target size is handled in numpy alone; one that needs the antialiased bicubic resize falls back to
+    :func:`blockpilot.vla.image.resize_bicubic` (torch), so both backends see the same pixels.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
-    factor = patch_size * merge_size
-    h, w = smart_resize(image.shape[0], image.shape[1], factor)
+    if policy is None:
+        policy = ImagePolicy(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size)
+    elif (policy.patch_size, policy.merge_size, policy.temporal_patch_size) != (patch_size, merge_size,
+                                                                               temporal_patch_size):
+        raise ValueError(f"{policy.source}: image policy patch sizes disagree with the vision graph's "
+                         f"({patch_size}, {merge_size}, {temporal_patch_size})")
+    h, w = policy.target_size(image.shape[0], image.shape[1])
     if image.shape[:2] != (h, w):
         from ..vla.image import resize_bicubic  # torch: only for images not already at the target size
 
         image = resize_bicubic(image, h, w)
+    mean = np.asarray(policy.image_mean, dtype=np.float32)
+    std = np.asarray(policy.image_std, dtype=np.float32)
     x = image.transpose(2, 0, 1).astype(np.float32) * np.float32(1.0 / 255.0)
-    x = (x - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]
+    x = (x - mean[:, None, None]) / std[:, None, None]
     gh, gw = h // patch_size, w // patch_size
     x = x.reshape(3, gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size)
     x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # merged row, merged col, row/col in merge, channel, patch row/col
@@ -111,3 +120,24 @@ def continuation_positions_np(start: int, length: int, delta: int) -> IntArray:
     """Positions ``(3, 1, length)`` of slots ``start .. start+length-1`` after a prompt of rope delta ``delta``."""
     row = np.arange(start + delta, start + delta + length, dtype=np.int64)
     return np.broadcast_to(row, (3, 1, length)).copy()
+
+
+def vision_graphs(spec_vision: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every vision graph of a spec's ``vision`` entry (an export before ``graphs`` existed has one)."""
+    graphs = spec_vision.get("graphs")
+    if graphs is None:
+        return [{k: spec_vision[k] for k in ("file", "grid_thw", "image_hw", "inputs", "outputs")
+                 if k in spec_vision}]
+    return list(graphs)
+
+
+def spec_policy(spec_vision: dict[str, Any], where: str) -> ImagePolicy:
+    """The image policy an export was made for: its recorded ``policy``, or for an older export the
+    processor defaults restricted to its single graph's grid."""
+    if "policy" in spec_vision:
+        return ImagePolicy.from_dict(spec_vision["policy"], where)
+    p = int(spec_vision["patch_size"])
+    _, gh, gw = (int(x) for x in spec_vision["grid_thw"])
+    return ImagePolicy(patch_size=p, merge_size=int(spec_vision["spatial_merge_size"]),
+                       temporal_patch_size=int(spec_vision["temporal_patch_size"]), sizes=((gh * p, gw * p),),
+                       source=f"{where} (no recorded policy: its one {gh * p}x{gw * p} graph)")

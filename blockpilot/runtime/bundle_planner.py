@@ -12,16 +12,17 @@ BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def planner_from_bundle(path: str | Path, *, decoder: DecoderSettings | None = None, backend: str = "onnxruntime",
-                        threads: int = 1, verify: bool = True) -> Planner:
+                        threads: int = 1, verify: bool = True, max_prompt_tokens: int | None = None) -> Planner:
     """Load ``path`` (every file's size and sha256 checked against the manifest unless ``verify=False``)
     and build a planner on ``backend``: ``onnxruntime`` over its graphs, ``tensorrt`` over its engines for this
-    GPU (:func:`blockpilot.runtime.trt_backend.trt_planner`); a tampered or incomplete bundle is refused."""
+    GPU (:func:`blockpilot.runtime.trt_backend.trt_planner`); a tampered or incomplete bundle is refused.
+    ``max_prompt_tokens`` lowers the prompt budget below what the export's KV cache holds (more is refused)."""
     if backend not in BACKENDS:
         raise PlannerSetupError(f"bundle backend {backend!r}: this build runs bundles on {', '.join(BACKENDS)}")
     if backend == "tensorrt":
         from .trt_backend import trt_planner
 
-        return trt_planner(path, decoder=decoder, verify=verify)
+        return trt_planner(path, decoder=decoder, verify=verify, max_prompt_tokens=max_prompt_tokens)
     try:
         bundle = load_bundle(path, verify=verify)
     except BundleError as exc:
@@ -32,4 +33,4 @@ def planner_from_bundle(path: str | Path, *, decoder: DecoderSettings | None = N
     from .ort_backend import ort_planner
 
     return ort_planner(bundle.path / "model", bundle.file(graphs["lm_step"].path).parent, decoder=decoder,
-                       threads=threads)
+                       threads=threads, max_prompt_tokens=max_prompt_tokens)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..kernels import MODE_BIDIRECTIONAL, MODE_BLOCK, MODE_CAUSAL
+from ..vla.image_policy import ImagePolicy
 from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
 from .backend import CacheFullError, Prompt, Sampling, StepResult, TokenArray, check_tokens, prefill_length
@@ -99,6 +100,8 @@ class CudaBackend:
     draft stored (:mod:`blockpilot.runtime.cuda_lm`); any other call (prefill, a step that writes the cache,
     truncate, fork, another window) drops them. Those drafts run eagerly (no graph), in torch attention math.
     """
+
+    image_policy: ImagePolicy | None = None  # the checkpoint's, set by the planner (resizes the prompt's images)
 
     def __init__(self, model: VLAModel, capacity: int, max_batch: int = 1, *, device: str | torch.device | None = None,
                  precision: str | None = None, graphs: bool | None = None, kernel: str | None = None,
@@ -200,7 +203,8 @@ class CudaBackend:
         self._drop_prefix()
         self._delta.zero_()
         stage: dict[str, float] = {}
-        embeds, positions, delta = prompt_embeddings(self.source_model, prompt, n, stage)
+        embeds, positions, delta = prompt_embeddings(self.source_model, prompt, n, stage,
+                                                     self.image_policy)
         if delta is not None:
             self._delta[:1] = delta.to(self.device)
         if n == 0:

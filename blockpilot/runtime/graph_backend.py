@@ -21,19 +21,21 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from ..formats.onnx_io import continuation_positions_np, image_patches, mrope_positions_np
+from ..formats.onnx_io import continuation_positions_np, image_patches, mrope_positions_np, spec_policy
 from ..vla.modes import AttentionMode
 from .backend import BackendError, CacheFullError, PromptError, StepResult, TokenArray, check_tokens, prefill_length
 
 if TYPE_CHECKING:
     from ..vla.config import ModelConfig
+    from ..vla.image_policy import ImagePolicy
     from ..vla.plans import DrivingSchema
     from ..vla.tokenizer import Tokenizer
     from .backend import Prompt, Sampling
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
-Encode = Callable[[FloatArray], FloatArray]  # one image's patches -> its features
+Grid = tuple[int, int, int]
+Encode = Callable[[FloatArray, Grid], FloatArray]  # one image's patches and patch grid -> its features
 Forward = Callable[[FloatArray, IntArray], tuple[TokenArray, FloatArray]]  # (T, hidden), (3, 1, T) -> top1, prob
 # What a prompt with images hears when the backend has no vision model, and what its vision model was made for.
 VISION_WORDS = {"graph": ("the export has no vision graph", "the vision graph was exported for"),
@@ -64,6 +66,9 @@ class GraphInputs:
         image_id = spec.get("image_token_id")
         self.image_id = int(image_id) if image_id is not None else -1
         self._no_vision, self._made_for = VISION_WORDS[vision]
+        # Any frame is resized by the export's policy to one of its exported sizes (blockpilot.vla.image_policy).
+        self.policy: ImagePolicy | None = None if spec.get("vision") is None else \
+            spec_policy(spec["vision"], str(Path(onnx_dir) / "onnx_spec.json"))
 
     def prefill(self, prompt: Prompt, n: int, encode: Encode | None, forward: Forward) -> tuple[StepResult, int]:
         """Run ``forward`` over the first ``n`` tokens of ``prompt`` (images encoded through ``encode``, ``None``
@@ -125,21 +130,22 @@ class GraphInputs:
         vision = self.spec.get("vision")
         if vision is None or encode is None:
             raise PromptError(f"the prompt has images but {self._no_vision}")
-        expected, merge = tuple(vision["grid_thw"]), int(vision["spatial_merge_size"])
+        merge = int(vision["spatial_merge_size"])
         grids: list[tuple[int, int, int]] = []
         patch_sets = []
         for i, image in enumerate(images):
-            patches, grid = image_patches(image, int(vision["patch_size"]), merge, int(vision["temporal_patch_size"]))
-            if grid != expected:
-                raise PromptError(f"image {i} ({image.shape[0]}x{image.shape[1]}) makes a {grid} patch grid; "
-                                  f"{self._made_for} {expected} (image size {vision['image_hw']})")
+            try:
+                patches, grid = image_patches(image, int(vision["patch_size"]), merge,
+                                              int(vision["temporal_patch_size"]), policy=self.policy)
+            except ValueError as exc:
+                raise PromptError(f"image {i}: {exc}") from exc
             grids.append(grid)
             patch_sets.append(patches)
         needed = sum(g[0] * g[1] * g[2] // (merge * merge) for g in grids)
         if n_image_tokens != needed:
             raise PromptError(f"the prompt holds {n_image_tokens} image tokens but its {len(images)} image(s) "
                               f"need {needed}")
-        features = [encode(patches) for patches in patch_sets]
+        features = [encode(patches, grid) for patches, grid in zip(patch_sets, grids, strict=True)]
         return np.concatenate(features).astype(np.float32, copy=False), grids
 
 
@@ -157,6 +163,7 @@ class GraphBackend(ABC):
     _inputs: GraphInputs
     _image_encoder: Encode | None
     max_batch = 1  # batch one: fork(n > 1) raises
+    capacity_fix = "re-export the bundle with a larger --max-prompt-tokens (or --cameras)"
     _length = 0
     _rope_delta = 0
 
@@ -164,6 +171,11 @@ class GraphBackend(ABC):
     def capacity(self) -> int:
         """Cache slots of the export (its graphs' fixed cache size)."""
         return self._inputs.capacity
+
+    @property
+    def image_policy(self) -> ImagePolicy | None:
+        """How this export resizes frames (to one of its vision graphs' sizes); ``None`` without vision."""
+        return self._inputs.policy
 
     @abstractmethod
     def _forward(self, embeds: FloatArray, positions: IntArray, start: int, key_end: int, mode: AttentionMode, *,

@@ -6,8 +6,9 @@ at ``start``; a ``write_kv`` step keeps that present cache, a draft step (``writ
 drops it, and :meth:`OrtBackend.truncate` only moves the length. Batch one and greedy only:
 sampling and :meth:`OrtBackend.fork` with more than one row raise :class:`OrtUnsupportedError`.
 
-Torch is imported only to resize an image that is not already at the processor's target size
-(:func:`blockpilot.formats.onnx_io.image_patches`); the shipped cameras never need it.
+Every frame is resized by the export's image policy to one of its exported sizes (one vision graph per size);
+torch is imported only for that resize (:func:`blockpilot.formats.onnx_io.image_patches`), which a frame already
+at an exported size never needs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..formats.onnx_io import MODE_IDS, load_spec
+from ..formats.onnx_io import MODE_IDS, load_spec, vision_graphs
 from ..vla.modes import AttentionMode
 from ..vla.plans import DrivingSchema
 from .backend import BackendError, TokenArray
@@ -63,18 +64,24 @@ class OrtBackend(GraphBackend):
         providers = ["CPUExecutionProvider"]
         self._lm = ort.InferenceSession(str(root / self.spec["lm_step"]["file"]), options, providers=providers)
         vision = self.spec.get("vision")
-        self._vision = None if vision is None else ort.InferenceSession(str(root / vision["file"]), options,
-                                                                        providers=providers)
+        # One session per exported vision graph, by its patch grid.
+        self._vision = {} if vision is None else {
+            tuple(int(x) for x in g["grid_thw"]): ort.InferenceSession(str(root / g["file"]), options,
+                                                                       providers=providers)
+            for g in vision_graphs(vision)}
         self._inputs = GraphInputs(self.spec, root, vision="graph")
-        self._image_encoder = None if self._vision is None else self._encode
+        self._image_encoder = self._encode if self._vision else None
         shape = next(i["shape"] for i in self.spec["lm_step"]["inputs"] if i["name"] == "past_k")
         self._k = np.zeros(shape, dtype=np.float32)
         self._v = np.zeros(shape, dtype=np.float32)
         self.feed_observer: FeedObserver | None = None
 
-    def _encode(self, patches: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        assert self._vision is not None
-        features: npt.NDArray[np.float32] = self._vision.run(["features"], {"patches": patches})[0]
+    def _encode(self, patches: npt.NDArray[np.float32], grid: tuple[int, int, int]) -> npt.NDArray[np.float32]:
+        session = self._vision.get(grid)
+        if session is None:  # the policy resizes to exported sizes only: a spec whose policy and graphs disagree
+            raise PlannerSetupError(f"no vision graph for the patch grid {grid}; the vision graphs were exported "
+                                    f"for {sorted(self._vision)}")
+        features: npt.NDArray[np.float32] = session.run(["features"], {"patches": patches})[0]
         return features
 
     def _forward(self, embeds: npt.NDArray[np.float32], positions: npt.NDArray[np.int64], start: int, key_end: int,
@@ -99,9 +106,11 @@ class OrtBackend(GraphBackend):
 
 
 def ort_planner(checkpoint_dir: str | Path, onnx_dir: str | Path, *, decoder: DecoderSettings | None = None,
-                schema: DrivingSchema | None = None, threads: int = 1) -> Planner:
+                schema: DrivingSchema | None = None, threads: int = 1,
+                max_prompt_tokens: int | None = None) -> Planner:
     """A :class:`Planner` on :class:`OrtBackend`: config, tokenizer and schema from ``checkpoint_dir``
-    (no weights are read), graphs from ``onnx_dir``. The cache capacity is the export's."""
+    (no weights are read), graphs from ``onnx_dir``. The cache capacity is the export's; ``max_prompt_tokens``
+    may lower the prompt budget, and asking more than the export holds is a :class:`PlannerSetupError`."""
     config, tokenizer, schema = driving_model_files(checkpoint_dir, schema)
     try:
         backend = OrtBackend(onnx_dir, threads=threads)
@@ -110,4 +119,4 @@ def ort_planner(checkpoint_dir: str | Path, onnx_dir: str | Path, *, decoder: De
     settings = decoder or DecoderSettings()
     if settings.name == "rollouts":
         raise PlannerSetupError(f"the rollouts decoder on the ONNX Runtime backend: {ROLLOUTS_NEED_TORCH}")
-    return Planner(backend, config, tokenizer, decoder=settings, schema=schema)
+    return Planner(backend, config, tokenizer, decoder=settings, schema=schema, prompt_limit=max_prompt_tokens)

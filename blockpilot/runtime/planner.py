@@ -18,7 +18,7 @@ import numpy as np
 
 from ..vla.answer_parser import PlanParseError, parse_plan
 from ..vla.config import ConfigError, ModelConfig
-from ..vla.image_grid import image_token_count
+from ..vla.image_policy import ImagePolicy, ImagePolicyError, load_image_policy, prompt_budget
 from ..vla.modes import AttentionMode
 from ..vla.plans import DrivingPlan, DrivingSchema
 from ..vla.prompt import (
@@ -69,14 +69,21 @@ class Planner:
     """Plans with one backend and one decoder; reusable after any error it raises.
 
     ``max_prompt_tokens`` is the prompt budget the cache was sized for (see :func:`cache_capacity`);
-    a longer prompt is refused before any forward with :class:`PromptTooLongError`.
+    a longer prompt is refused before any forward with :class:`PromptTooLongError`. ``prompt_limit`` lowers it
+    (a bundle's cache is fixed at export; asking more than it holds is a :class:`PlannerSetupError`). Images
+    are counted and resized by the backend's ``image_policy`` (the processor defaults where it has none).
     """
 
     def __init__(self, backend: Backend, config: ModelConfig, tokenizer: Tokenizer, *,
-                 decoder: DecoderSettings | None = None, schema: DrivingSchema | None = None) -> None:
+                 decoder: DecoderSettings | None = None, schema: DrivingSchema | None = None,
+                 prompt_limit: int | None = None) -> None:
         self.backend = backend
         self.config = config
         self.tokenizer = tokenizer
+        policy: ImagePolicy | None = getattr(backend, "image_policy", None)
+        if policy is None and config.vision is not None:
+            policy = ImagePolicy.for_vision(config.vision)
+        self.image_policy = policy
         self.schema = schema or DrivingSchema.nuscenes()
         if not isinstance(self.schema, DrivingSchema):
             raise PlannerSetupError(f"the Planner assembles driving prompts; got a {type(self.schema).__name__}")
@@ -95,6 +102,11 @@ class Planner:
             raise PlannerSetupError(f"softmax_dtype {self.settings.softmax_dtype!r} needs a backend that computes "
                                     f"confidences that way (the torch backend built with it); this "
                                     f"{type(backend).__name__} uses {getattr(backend, 'softmax_dtype', 'float32')!r}")
+        self._prompt_limit = prompt_limit
+        if prompt_limit is not None and not 0 < prompt_limit <= backend.capacity - self.answer_budget:
+            raise PlannerSetupError(f"max_prompt_tokens {prompt_limit}: the backend's KV cache ({backend.capacity} "
+                                    f"slots, {self.answer_budget} of them the answer's) fits prompts of 1.."
+                                    f"{backend.capacity - self.answer_budget} tokens; {self._capacity_fix}")
         self._number = FixedNumber(self.schema.int_digits, self.schema.frac_digits)
         try:  # a tokenizer without the chat tokens fails here, not on the first observation
             chat_prompt_ids(tokenizer, DRIVING_SYSTEM_PROMPT, "", [1] if config.vision is not None else [])
@@ -103,14 +115,23 @@ class Planner:
 
     @property
     def max_prompt_tokens(self) -> int:
-        return self.backend.capacity - self.answer_budget
+        fits = self.backend.capacity - self.answer_budget
+        return fits if self._prompt_limit is None else min(fits, self._prompt_limit)
+
+    @property
+    def _capacity_fix(self) -> str:
+        """How to get a larger prompt budget on this backend (a bundle's graphs fix it at export)."""
+        return getattr(self.backend, "capacity_fix", "build the planner with a larger max_prompt_tokens")
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, *, decoder: DecoderSettings | None = None,
                         schema: DrivingSchema | None = None, backend: str = "torch", device: str = "cpu",
-                        dtype: str = "float32", max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> Planner:
-        """Load a local HF checkpoint (config, tokenizer, weights) onto ``backend``; the answer schema
-        defaults to the checkpoint's ``blockpilot.json`` (nuScenes driving without one). Raises
+                        dtype: str = "float32", max_prompt_tokens: int | None = None, cameras: int = 1,
+                        image_hw: tuple[int, int] | None = None) -> Planner:
+        """Load a local HF checkpoint (config, tokenizer, weights, image policy) onto ``backend``; the answer
+        schema defaults to the checkpoint's ``blockpilot.json`` (nuScenes driving without one). The KV cache
+        holds ``max_prompt_tokens``, by default :func:`~blockpilot.vla.image_policy.prompt_budget` of the
+        checkpoint's image policy for ``cameras`` frames (of size ``image_hw`` when given). Raises
         :class:`PlannerSetupError` naming the file for an unusable checkpoint."""
         import torch
 
@@ -131,6 +152,7 @@ class Planner:
             # Config and tokenizer first: a wrong special id fails before gigabytes of weights load.
             config = load_config(checkpoint_dir)
             tokenizer = load_tokenizer(checkpoint_dir, config)
+            policy = None if config.vision is None else load_image_policy(checkpoint_dir, config.vision)
             if schema is None:
                 loaded = load_schema(checkpoint_dir)
                 if not isinstance(loaded, DrivingSchema):
@@ -138,17 +160,20 @@ class Planner:
                                             f"{type(loaded).__name__} layout; the Planner plans driving")
                 schema = loaded
             model = load_model(checkpoint_dir, dtype=dtype, device=device)
-        except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:  # ValueError: dtype
+        except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:  # ValueError: dtype, policy
             raise PlannerSetupError(str(exc)) from exc
         return cls.from_model(model, tokenizer, decoder=decoder, schema=schema, max_prompt_tokens=max_prompt_tokens,
-                              backend=backend)
+                              backend=backend, image_policy=policy, cameras=cameras, image_hw=image_hw)
 
     @classmethod
     def from_model(cls, model: VLAModel, tokenizer: Tokenizer, *, decoder: DecoderSettings | None = None,
                    schema: DrivingSchema | None = None,
-                   max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, backend: str = "torch") -> Planner:
+                   max_prompt_tokens: int | None = None, backend: str = "torch",
+                   image_policy: ImagePolicy | None = None, cameras: int = 1,
+                   image_hw: tuple[int, int] | None = None) -> Planner:
         """A planner on the torch backend (or ``backend="cuda"``) over an in-memory model, its cache sized for
-        the decoder."""
+        the decoder and ``max_prompt_tokens`` (default: the prompt budget of ``cameras`` frames under
+        ``image_policy``, itself defaulting to the processor defaults)."""
         if backend not in BACKENDS:
             raise PlannerSetupError(f"backend {backend!r} is not available; choose from {BACKENDS}")
         if backend == "cuda":
@@ -156,6 +181,14 @@ class Planner:
         else:
             from .torch_backend import TorchBackend as make_backend  # type: ignore[assignment]
 
+        vision = model.config.vision
+        if image_policy is None and vision is not None:
+            image_policy = ImagePolicy.for_vision(vision)
+        if max_prompt_tokens is None:
+            try:
+                max_prompt_tokens = prompt_budget(image_policy, cameras, image_hw=image_hw)
+            except (ImagePolicyError, ValueError) as exc:
+                raise PlannerSetupError(f"prompt budget for {cameras} camera(s): {exc}") from exc
         settings = decoder or DecoderSettings()
         answer = len(build_scaffold(schema or DrivingSchema.nuscenes(), tokenizer))
         resolved = settings.resolve(model.config.diffusion, answer)
@@ -168,16 +201,17 @@ class Planner:
                                         f"only, not {backend!r}")
             from .torch_backend import TorchBackend
 
-            return cls(TorchBackend(model, capacity, max_batch=rows, softmax_dtype=settings.softmax_dtype),
-                       model.config, tokenizer, decoder=settings, schema=schema)
-        return cls(make_backend(model, capacity, max_batch=rows), model.config, tokenizer, decoder=settings,
-                   schema=schema)
+            made: Any = TorchBackend(model, capacity, max_batch=rows, softmax_dtype=settings.softmax_dtype)
+        else:
+            made = make_backend(model, capacity, max_batch=rows)
+        made.image_policy = image_policy
+        return cls(made, model.config, tokenizer, decoder=settings, schema=schema)
 
     def prompt(self, observation: Observation) -> tuple[Prompt, int]:
         """The checked prompt of ``observation`` and how many of its tokens are image tokens."""
         images = check_observation(observation, self.config)
-        counts = [image_token_count(im.shape[0], im.shape[1], self.config.vision) for im in images] \
-            if self.config.vision is not None else []
+        policy = self.image_policy
+        counts = [policy.tokens(im.shape[0], im.shape[1]) for im in images] if policy is not None else []
         text = driving_instruction(observation.ego, observation.route_command, self._number)
         ids = chat_prompt_ids(self.tokenizer, DRIVING_SYSTEM_PROMPT, text, counts)
         return Prompt(np.asarray(ids, dtype=np.int64), tuple(images)), sum(counts)
@@ -191,8 +225,8 @@ class Planner:
             raise PromptTooLongError(
                 f"the prompt has {len(prompt)} tokens ({image_tokens} of them for {len(prompt.images)} image(s)); "
                 f"with the {self.settings.name} decoder's answer budget of {self.answer_budget} slots the KV cache "
-                f"({self.backend.capacity} slots) fits at most {self.max_prompt_tokens}: build the planner with a "
-                f"larger max_prompt_tokens or send smaller images")
+                f"({self.backend.capacity} slots) fits at most {self.max_prompt_tokens}: {self._capacity_fix}, or "
+                f"send fewer cameras")
         clock = StageClock(self.backend)
         t1 = time.perf_counter()
         decoded = self.decode(clock, prompt)
@@ -283,4 +317,5 @@ class Planner:
     def describe(self) -> dict[str, Any]:
         """Decoder settings and cache sizes, for logs."""
         return {"decoder": self.settings.to_dict(), "cache_slots": self.backend.capacity,
-                "max_prompt_tokens": self.max_prompt_tokens, "answer_tokens": len(self.scaffold)}
+                "max_prompt_tokens": self.max_prompt_tokens, "answer_tokens": len(self.scaffold),
+                "image_policy": None if self.image_policy is None else self.image_policy.to_dict()}

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..vla.image import preprocess_images
+from ..vla.image_policy import ImagePolicy
 from ..vla.kv_cache import CacheCapacityError
 from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
@@ -17,12 +18,14 @@ from .confidence import check_softmax_dtype, top1_probability
 from .sampling import gumbel_keys
 
 
-def prompt_embeddings(model: VLAModel, prompt: Prompt, n: int,
-                      stage: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def prompt_embeddings(
+        model: VLAModel, prompt: Prompt, n: int, stage: dict[str, float],
+        policy: ImagePolicy | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The prompt's input embeddings ``(1, L, hidden)`` on the model's device with the image features written
     over the image tokens, plus the M-RoPE positions and rope delta of an image prompt (``None``, ``None``
-    without images). The image-token count is checked against the images, and no image token may lie past
-    the prefill length ``n``; the vision tower's time goes into ``stage["vision"]`` (ms)."""
+    without images). Images are resized by ``policy`` (default: the processor defaults). The image-token count
+    is checked against the images, and no image token may lie past the prefill length ``n``; the vision
+    tower's time goes into ``stage["vision"]`` (ms)."""
     config, device = model.config, next(model.parameters()).device
     ids = torch.from_numpy(prompt.token_ids).to(device)[None]
     image_id = config.tokens.image if config.tokens.image is not None else -1
@@ -35,7 +38,10 @@ def prompt_embeddings(model: VLAModel, prompt: Prompt, n: int,
     if vision is None or model.visual is None:
         raise PromptError("the prompt has images but the model has no vision tower")
     t0 = time.perf_counter()
-    patches, grid = preprocess_images(list(prompt.images), vision)
+    try:
+        patches, grid = preprocess_images(list(prompt.images), vision, policy=policy)
+    except ValueError as exc:
+        raise PromptError(str(exc)) from exc
     needed = sum(image_token_counts(grid, vision.spatial_merge_size))
     if n_image_tokens != needed:
         raise PromptError(f"the prompt holds {n_image_tokens} image tokens but its {len(prompt.images)} "
@@ -53,7 +59,10 @@ class TorchBackend:
 
     The cache is allocated once for ``capacity`` slots and ``max_batch`` rows; :meth:`fork` copies
     row 0 into the first ``n`` rows of a second preallocated cache, so no plan allocates.
+    :attr:`image_policy` (the checkpoint's, set by the planner) resizes the prompt's images.
     """
+
+    image_policy: ImagePolicy | None = None
 
     def __init__(self, model: VLAModel, capacity: int, max_batch: int = 1, *, softmax_dtype: str = "float32") -> None:
         if capacity <= 0 or max_batch <= 0:
@@ -91,7 +100,7 @@ class TorchBackend:
         n = prefill_length(prompt, length, self.capacity)
         self._cache, self._batch, self._length = self._single, 1, 0
         stage: dict[str, float] = {}
-        embeds, positions, delta = prompt_embeddings(self.model, prompt, n, stage)
+        embeds, positions, delta = prompt_embeddings(self.model, prompt, n, stage, self.image_policy)
         self._rope_delta = delta if delta is not None else torch.zeros(1, dtype=torch.long, device=self.device)
         t0 = time.perf_counter()
         if positions is None and self.config.lm.mrope_section is not None:

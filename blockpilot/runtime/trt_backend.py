@@ -49,7 +49,7 @@ import numpy.typing as npt
 from ..formats.bundle import Artifact, Bundle, BundleError, load_bundle
 from ..formats.onnx_io import MODE_IDS, load_spec
 from ..vla.modes import AttentionMode
-from .backend import BackendError, TokenArray
+from .backend import BackendError, PromptError, TokenArray
 from .cuda_memory import CudaMemory, CudaUnavailableError, DeviceBuffer
 from .graph_backend import GraphBackend, GraphInputs, driving_model_files
 from .plan_types import DecoderSettings, PlannerSetupError
@@ -153,6 +153,10 @@ class TrtBackend(GraphBackend):
         m = self.memory
         self.spec: dict[str, Any] = load_spec(onnx_dir)
         self._inputs = GraphInputs(self.spec, onnx_dir, vision="engine")
+        if self._inputs.policy is not None and self._inputs.policy.sizes:
+            # One vision engine runs here (the first exported size's): every frame is resized to its size.
+            first = self._inputs.policy.sizes[0]
+            self._inputs.policy = self._inputs.policy.with_sizes((first,))
         cap = self.capacity
         paths = [lm_path] + ([Path(vision_path)] if vision_path is not None else [])
         engines = TrtEngine.load(flavor, paths, m.compute_capability, plugin=plugin)
@@ -193,6 +197,8 @@ class TrtBackend(GraphBackend):
         self._top1_host, self._prob_host = m.pinned(cap, layout.dtypes["top1"]), m.pinned(cap, layout.dtypes["prob"])
         self.graphs = StepGraphs(m, cuda_graphs)
         self._vision_io = self._vision_setup(self._vision) if self._vision is not None else None
+        vision_spec = self.spec.get("vision") or {}
+        self._merge2 = int(vision_spec.get("spatial_merge_size", 1)) ** 2
         self._image_encoder = None if self._vision_io is None else self._encode
         self._parity = self._length = self._rope_delta = 0
 
@@ -250,10 +256,13 @@ class TrtBackend(GraphBackend):
         top1 = self._top1_host[:t].astype(np.int64)[None]
         return top1, self._prob_host[:t].astype(np.float32)[None]
 
-    def _encode(self, patches: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    def _encode(self, patches: npt.NDArray[np.float32], grid: tuple[int, int, int]) -> npt.NDArray[np.float32]:
         """One image's features: one vision-engine run (as the ONNX Runtime backend runs its graph)."""
         assert self._vision_io is not None and self._vision is not None
         context, inp, out, out_shape = self._vision_io
+        if patches.shape[0] != grid[0] * grid[1] * grid[2] or out_shape[0] * self._merge2 != patches.shape[0]:
+            raise PromptError(f"image patch grid {grid}: the vision engine {self._vision.path} was built for "
+                              f"{out_shape[0] * self._merge2} patches")
         self.memory.upload(inp, np.ascontiguousarray(patches, dtype=self._vision.dtype(inp.name)))
         enqueue(context, self.memory.stream, "vision")
         features = np.empty(out_shape, dtype=self._vision.dtype(out.name))
@@ -293,7 +302,7 @@ class TrtBackend(GraphBackend):
 
 def trt_planner(bundle_path: str | Path, *, decoder: DecoderSettings | None = None, verify: bool = True,
                 precision: str | None = None, variant: str | None = None, cuda_graphs: int = 4,
-                device: int = 0) -> Planner:
+                device: int = 0, max_prompt_tokens: int | None = None) -> Planner:
     """A :class:`Planner` on :class:`TrtBackend` over the bundle's engines for this GPU (:func:`select_engines`);
     config, tokenizer and schema from the bundle's ``model/``. Raises :class:`PlannerSetupError` naming what is
     missing: the GPU, a matching engine, the TensorRT module."""
@@ -325,4 +334,8 @@ def trt_planner(bundle_path: str | Path, *, decoder: DecoderSettings | None = No
     except BaseException:
         memory.close()
         raise
-    return Planner(backend, config, tokenizer, decoder=settings, schema=schema)
+    try:
+        return Planner(backend, config, tokenizer, decoder=settings, schema=schema, prompt_limit=max_prompt_tokens)
+    except BaseException:
+        backend.close()
+        raise

@@ -95,3 +95,23 @@ WOD_CAMERAS: tuple[CameraSpec, ...] = (
     CameraSpec.level("REAR", 112, 112, 70.0, -2.1, 0.0, 1.6, 180.0, 40.0),
     CameraSpec.level("REAR_RIGHT", 112, 112, 70.0, -1.6, -0.6, 1.6, -135.0, 40.0),
 )
+
+
+def full_size(camera: CameraSpec, name: str, width: int, height: int) -> CameraSpec:
+    """``camera``'s mount and horizontal field of view at a real sensor's resolution, renamed ``name``; the
+    horizon keeps its relative row."""
+    hfov = math.degrees(2 * math.atan((camera.width / 2) / camera.fx))
+    return CameraSpec.level(name, width, height, hfov, camera.x, camera.y, camera.z, math.degrees(camera.yaw),
+                            camera.cy / camera.height * height)
+
+
+# nuScenes' six cameras at their 1600x900 resolution (prompt order: blockpilot.eval.camera_rigs).
+NUSCENES_CAMERAS: tuple[CameraSpec, ...] = tuple(
+    full_size(cam, channel, 1600, 900) for cam, channel in zip(
+        (WOD_CAMERAS[0], WOD_CAMERAS[2], WOD_CAMERAS[1], WOD_CAMERAS[6], WOD_CAMERAS[5], WOD_CAMERAS[7]),
+        ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"),
+        strict=True))
+
+# WOD-E2E's eight cameras at full size: 1920x1280, the side cameras 1920x886 as in the WOD perception release.
+WOD_FULL_SIZE_CAMERAS: tuple[CameraSpec, ...] = tuple(
+    full_size(cam, cam.name, 1920, 886 if cam.name.startswith("SIDE") else 1280) for cam in WOD_CAMERAS)

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from .config import VisionConfig
 from .image_grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, smart_resize
+from .image_policy import CLIP_MEAN, CLIP_STD, ImagePolicy
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+__all__ = ["CLIP_MEAN", "CLIP_STD", "preprocess_image", "preprocess_images", "resize_bicubic", "smart_resize"]
 
 def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Antialiased bicubic resize of an ``HxWx3`` uint8 image, rounded back to uint8.
@@ -49,18 +49,24 @@ def patchify(pixels: torch.Tensor, patch_size: int, merge_size: int, temporal_pa
 
 
 def preprocess_image(image: np.ndarray, vision: VisionConfig, min_pixels: int = DEFAULT_MIN_PIXELS,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ``HxWx3`` uint8 RGB image -> float32 patches ``(N, C*T*p*p)`` and ``grid_thw`` ``(1, 3)``."""
+                     max_pixels: int = DEFAULT_MAX_PIXELS, *,
+                     policy: ImagePolicy | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``HxWx3`` uint8 RGB image -> float32 patches ``(N, C*T*p*p)`` and ``grid_thw`` ``(1, 3)``.
+
+    ``policy`` (a checkpoint's :class:`~blockpilot.vla.image_policy.ImagePolicy`) sets the target size and the
+    normalization; without one, smart resize within ``[min_pixels, max_pixels]`` and the CLIP mean/std."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
     if vision.in_channels != 3:
         raise ValueError(f"RGB preprocessing needs a 3-channel vision tower, config has {vision.in_channels}")
-    factor = vision.patch_size * vision.spatial_merge_size
-    h, w = smart_resize(image.shape[0], image.shape[1], factor, min_pixels, max_pixels)
+    if policy is None:
+        policy = ImagePolicy.for_vision(vision, min_pixels=min_pixels, max_pixels=max_pixels)
+    policy.check_vision(vision)
+    h, w = policy.target_size(image.shape[0], image.shape[1])
     resized = resize_bicubic(image, h, w)
     x = torch.tensor(resized).permute(2, 0, 1).float() * (1.0 / 255.0)  # copies: ROS buffers are read-only
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    mean = torch.tensor(policy.image_mean).view(3, 1, 1)
+    std = torch.tensor(policy.image_std).view(3, 1, 1)
     x = (x - mean) / std
     patches = patchify(x, vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
     grid = torch.tensor([[1, h // vision.patch_size, w // vision.patch_size]], dtype=torch.long)
@@ -68,9 +74,10 @@ def preprocess_image(image: np.ndarray, vision: VisionConfig, min_pixels: int = 
 
 
 def preprocess_images(images: Sequence[np.ndarray], vision: VisionConfig, min_pixels: int = DEFAULT_MIN_PIXELS,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
+                      max_pixels: int = DEFAULT_MAX_PIXELS, *,
+                      policy: ImagePolicy | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Several images (sizes may differ) -> concatenated patches and ``grid_thw`` ``(num_images, 3)``."""
     if not images:
         raise ValueError("preprocess_images needs at least one image")
-    parts = [preprocess_image(im, vision, min_pixels, max_pixels) for im in images]
+    parts = [preprocess_image(im, vision, min_pixels, max_pixels, policy=policy) for im in images]
     return torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts])

@@ -65,9 +65,18 @@ def build_reference_model(seed: int = 0, std: float = 0.02) -> tuple[VLAModel, T
     return model, tokenizer
 
 
+# The reference model sees 112x112 frames (16 image tokens); larger frames are resized down to that budget.
+REFERENCE_MAX_PIXELS = 112 * 112
+
+
 def write_reference_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` of the reference model."""
+    """Write ``config.json``, ``model.safetensors``, ``tokenizer.json`` and ``preprocessor_config.json`` (its
+    112x112 pixel budget) of the reference model."""
+    from .image_policy import ImagePolicy, write_preprocessor_config
+
     model, _ = build_reference_model(seed)
     root = save_checkpoint(model, out_dir)
     build_reference_tokenizer(root)
+    assert model.config.vision is not None
+    write_preprocessor_config(root, ImagePolicy.for_vision(model.config.vision, max_pixels=REFERENCE_MAX_PIXELS))
     return root

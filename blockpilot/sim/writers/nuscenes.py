@@ -174,8 +174,9 @@ def _write_pcd_bin(path: Path, points_ego: FloatArray) -> None:
     path.write_bytes(cloud.tobytes())
 
 
-def _write_scene(tables: _Tables, root: Path, scene: Scene, number: int, ordinal: int, camera: CameraLike,
-                 render: RenderFn, keyframe_hz: float) -> None:
+def _write_scene(tables: _Tables, root: Path, scene: Scene, number: int, ordinal: int,
+                 cameras: dict[str, CameraLike], render: RenderFn, keyframe_hz: float) -> None:
+    camera = cameras["CAM_FRONT"]  # annotations' visibility is judged in the front camera
     name = f"scene-{number:04d}"
     label = synthetic_name(scene)
     key = f"{name}/{label}/{scene.seed}"  # tokens differ between dataroots holding different scenes
@@ -187,21 +188,21 @@ def _write_scene(tables: _Tables, root: Path, scene: Scene, number: int, ordinal
     (root / "maps" / f"{map_tok}.png").write_bytes(_map_png(scene, origin, map_size))
     tables.add("map", token=map_tok, log_tokens=[log_tok], category="semantic_prior",
                filename=f"maps/{map_tok}.png")
-    cam_rot = matrix_quaternion(optical_rotation(camera))
-    intrinsic = [[camera.fx, 0.0, camera.cx], [0.0, camera.fy, camera.cy], [0.0, 0.0, 1.0]]
     calib = {
-        "CAM_FRONT": tables.add("calibrated_sensor", token=token("calib", key, "CAM_FRONT"),
-                                sensor_token=token("sensor", "CAM_FRONT"),
-                                translation=_floats((camera.x, camera.y, camera.z)),
-                                rotation=_floats(cam_rot, 8), camera_intrinsic=intrinsic),
+        channel: tables.add("calibrated_sensor", token=token("calib", key, channel),
+                            sensor_token=token("sensor", channel), translation=_floats((cam.x, cam.y, cam.z)),
+                            rotation=_floats(matrix_quaternion(optical_rotation(cam)), 8),
+                            camera_intrinsic=[[cam.fx, 0.0, cam.cx], [0.0, cam.fy, cam.cy], [0.0, 0.0, 1.0]])
+        for channel, cam in cameras.items()}
+    calib.update({
         "LIDAR_TOP": tables.add("calibrated_sensor", token=token("calib", key, "LIDAR_TOP"),
                                 sensor_token=token("sensor", "LIDAR_TOP"), translation=list(LIDAR_MOUNT),
                                 rotation=_floats(matrix_quaternion(_lidar_sensor_rotation()), 8),
                                 camera_intrinsic=[]),
-    }
+    })
     steps = steps_at_rate(scene, keyframe_hz)
     samples: list[dict[str, Any]] = []
-    data_rows: dict[str, list[dict[str, Any]]] = {"CAM_FRONT": [], "LIDAR_TOP": []}
+    data_rows: dict[str, list[dict[str, Any]]] = {**{c: [] for c in cameras}, "LIDAR_TOP": []}
     anns: dict[int, list[dict[str, Any]]] = {}
     for step in steps:
         utime = scene_start_us(ordinal) + step_time_us(scene, step)
@@ -216,22 +217,22 @@ def _write_scene(tables: _Tables, root: Path, scene: Scene, number: int, ordinal
             center = np.array([rel[0], rel[1], agent.size[2] / 2])
             boxes_ego.append((center, float(agent.track.yaw[step]) - ego_yaw, agent))
         points = _lidar_points(boxes_ego)
-        for channel, fmt, ext in (("CAM_FRONT", "jpg", "jpg"), ("LIDAR_TOP", "pcd", "pcd.bin")):
+        for channel, fmt, ext in (*((c, "jpg", "jpg") for c in cameras), ("LIDAR_TOP", "pcd", "pcd.bin")):
             rel_path = f"samples/{channel}/{label}__{channel}__{utime}.{ext}"
             (root / "samples" / channel).mkdir(parents=True, exist_ok=True)
-            if channel == "CAM_FRONT":
-                (root / rel_path).write_bytes(render_jpeg(render, scene, step, camera))
+            cam = cameras.get(channel)
+            if cam is not None:
+                (root / rel_path).write_bytes(render_jpeg(render, scene, step, cam))
             else:
                 _write_pcd_bin(root / rel_path, points)
             pose_tok = tables.add("ego_pose", token=token("ego_pose", key, channel, step),
                                   translation=_floats((*(ego_xy - origin), 0.0)),
                                   rotation=_floats(yaw_quaternion(ego_yaw), 8), timestamp=utime)
-            is_cam = channel == "CAM_FRONT"
             data_rows[channel].append({
                 "token": token("sample_data", key, channel, step), "sample_token": sample_tok,
                 "ego_pose_token": pose_tok, "calibrated_sensor_token": calib[channel], "timestamp": utime,
-                "fileformat": fmt, "is_key_frame": True, "height": camera.height if is_cam else 0,
-                "width": camera.width if is_cam else 0, "filename": rel_path})
+                "fileformat": fmt, "is_key_frame": True, "height": cam.height if cam is not None else 0,
+                "width": cam.width if cam is not None else 0, "filename": rel_path})
         for center, rel_yaw, agent in boxes_ego:
             row = _annotation(key, sample_tok, step, agent, center, rel_yaw, origin, points, camera)
             anns.setdefault(agent.agent_id, []).append(row)
@@ -302,21 +303,31 @@ def _write_can_bus(can_dir: Path, name: str, scene: Scene, origin: FloatArray, s
 
 def write_nuscenes(scenes: Sequence[Scene], dataroot: str | Path, *, version: str = VERSION,
                    camera: CameraLike | None = None, render: RenderFn | None = None,
-                   keyframe_hz: float = 2.0) -> Path:
+                   keyframe_hz: float = 2.0, cameras: Sequence[CameraLike] | None = None) -> Path:
     """Write ``scenes`` as a nuScenes dataroot (tables under ``dataroot/version``); returns ``dataroot``.
 
-    ``camera`` is the CAM_FRONT camera (default :data:`blockpilot.sim.cameras.FRONT_CAMERA`).
+    ``camera`` is the CAM_FRONT camera (default :data:`blockpilot.sim.cameras.FRONT_CAMERA`); ``cameras``
+    instead writes a whole rig, each named by its nuScenes channel (``CAM_FRONT`` ... ``CAM_BACK_RIGHT``, e.g.
+    :data:`blockpilot.sim.cameras.NUSCENES_CAMERAS`, 1600x900 as on the nuScenes car); it must hold CAM_FRONT.
     """
     if not scenes:
         raise ValueError("write_nuscenes needs at least one scene")
-    if camera is None:
+    if camera is not None and cameras is not None:
+        raise ValueError("pass camera (CAM_FRONT only) or cameras (a rig), not both")
+    if cameras is None:
         from blockpilot.sim.cameras import FRONT_CAMERA
 
-        camera = FRONT_CAMERA
+        cameras = [camera or FRONT_CAMERA]
+        rig: dict[str, CameraLike] = {"CAM_FRONT": cameras[0]}
+    else:
+        rig = {c.name: c for c in cameras}
+        if len(rig) != len(cameras) or "CAM_FRONT" not in rig or not all(n.startswith("CAM_") for n in rig):
+            raise ValueError(f"cameras must be distinct CAM_* channels including CAM_FRONT, got "
+                             f"{[c.name for c in cameras]}")
     root = Path(dataroot)
     root.mkdir(parents=True, exist_ok=True)
     tables = _Tables()
-    for channel, modality in (("CAM_FRONT", "camera"), ("LIDAR_TOP", "lidar")):
+    for channel, modality in (*((c, "camera") for c in rig), ("LIDAR_TOP", "lidar")):
         tables.add("sensor", token=token("sensor", channel), channel=channel, modality=modality)
     for cat, desc in CATEGORIES.values():
         tables.add("category", token=token("category", cat), name=cat, description=desc)
@@ -326,7 +337,7 @@ def write_nuscenes(scenes: Sequence[Scene], dataroot: str | Path, *, version: st
         tables.add("visibility", token=vis, level=level, description=f"visible fraction {level[1:]} %")
     render_fn = render or default_render()
     for ordinal, (scene, number) in enumerate(zip(scenes, scene_numbers(len(scenes)), strict=True)):
-        _write_scene(tables, root, scene, number, ordinal, camera, render_fn, keyframe_hz)
+        _write_scene(tables, root, scene, number, ordinal, rig, render_fn, keyframe_hz)
     table_dir = root / version
     table_dir.mkdir(exist_ok=True)
     for name, rows in tables.rows.items():

@@ -205,6 +205,12 @@ def train_reference(
     model_cpu = model.to("cpu", torch.float32).eval()
     save_checkpoint(model_cpu, root)
     tokenizer.save(root)
+    if vision is not None:  # large frames are resized down to the pixel budget it was trained on
+        from ..image_policy import ImagePolicy, write_preprocessor_config
+
+        trained = int(train.images.shape[1] * train.images.shape[2])
+        write_preprocessor_config(root, ImagePolicy.for_vision(vision, max_pixels=max(trained, (
+            vision.patch_size * vision.spatial_merge_size) ** 2), min_pixels=min(trained, 56 * 56)))
     tail = history[-min(len(history), 20):]
     metrics: dict[str, Any] = {
         "steps": steps, "batch": batch, "lr": lr, "seed": seed, "device": str(dev), "warmup": warmup,
