@@ -6,14 +6,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from .vla.prompt import EgoState
+from .cli_common import UserError
 
-
-class UserError(Exception):
-    """An error the CLI reports as one line (bad path, bad checkpoint, bad config) and exit code 2."""
+__all__ = ["UserError", "build_parser", "main"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -83,55 +79,6 @@ def _cmd_scaffold(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_ego(value: str) -> EgoState:
-    """``--ego``: inline JSON (``{"past": [[x, y], ...], "speed": m/s, "accel": m/s2}``) or a file of it."""
-    import json
-
-    import numpy as np
-
-    from .vla.prompt import EgoState, PromptError, check_ego_history
-
-    text = value
-    if not value.lstrip().startswith("{"):
-        path = Path(value)
-        if not path.is_file():
-            raise UserError(f"--ego: {value!r} is neither inline JSON nor an existing file")
-        text = path.read_text()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--ego: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise UserError("--ego: expected a JSON object with keys past, speed, accel")
-    missing, unknown = {"past", "speed", "accel"} - set(data), set(data) - {"past", "speed", "accel"}
-    if missing or unknown:
-        raise UserError(f"--ego: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}; "
-                        "expected past, speed, accel")
-    try:
-        ego = EgoState(np.asarray(data["past"], dtype=np.float64), float(data["speed"]), float(data["accel"]))
-        check_ego_history(ego.past_waypoints)
-        return ego
-    except (PromptError, TypeError, ValueError) as exc:
-        raise UserError(f"--ego: {exc}") from None
-
-
-def _read_images(value: str) -> list[Any]:
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    images: list[Any] = []
-    for name in value.split(","):
-        path = Path(name)
-        if not path.is_file():
-            raise UserError(f"--image: no such file {name!r}")
-        try:
-            with Image.open(path) as im:
-                images.append(np.array(im.convert("RGB"), dtype=np.uint8))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise UserError(f"--image: cannot read {name!r} as an image ({exc})") from None
-    return images
-
-
 def _image_size(text: str) -> tuple[int, int]:
     from .vla.image_policy import ImagePolicyError, parse_image_size
 
@@ -142,44 +89,9 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    import json
+    from .plan_cli import run
 
-    from .runtime.backend import BackendError
-    from .runtime.plan_types import DecoderSettings, Observation
-    from .runtime.planner import Planner
-    from .vla.config import ConfigError
-    from .vla.plans import DrivingSchema
-    from .vla.schema_io import resolve_schema
-
-    ego = _read_ego(args.ego)
-    images = _read_images(args.image) if args.image else []
-    try:
-        schema = resolve_schema(Path(args.checkpoint), args.schema) if args.schema else None
-        if schema is not None and not isinstance(schema, DrivingSchema):
-            raise UserError(f"--schema {args.schema}: plan assembles the driving prompt and needs a driving schema, "
-                            f"got {type(schema).__name__}")
-        settings = DecoderSettings(name=args.decoder, threshold=args.threshold, rollouts=args.rollouts,
-                                   temperature=args.temperature, seed=args.seed,
-                                   sub_block_cache=args.sub_block_cache, sub_block_rule=args.sub_block_rule,
-                                   softmax_dtype=args.softmax_dtype)
-        planner = Planner.from_checkpoint(Path(args.checkpoint), decoder=settings, device=args.device,
-                                          max_prompt_tokens=args.max_prompt_tokens, schema=schema,
-                                          cameras=len(images))
-        if planner.config.vision is None and images:
-            raise UserError(f"--image: {args.checkpoint} is a text-only model (no vision_config in config.json); "
-                            "leave --image out to plan from the ego state and route command alone")
-        if planner.config.vision is not None and not images:
-            raise UserError(f"--image is required: {args.checkpoint} has a vision tower (vision_config in "
-                            "config.json) and plans from camera images")
-        plan = planner.plan(Observation(images, ego, args.route_command))
-    except (BackendError, ConfigError) as exc:
-        raise UserError(str(exc)) from None
-    print(json.dumps(plan.to_dict(), indent=2))
-    if plan.plan is None:
-        # Exit 3: the model answered, the JSON above holds its text, but no plan came out of it.
-        print(f"blockpilot plan: the answer did not parse: {plan.error}", file=sys.stderr)
-        return 3
-    return 0
+    return run(args)
 
 
 def _cmd_train_reference(args: argparse.Namespace) -> int:
@@ -283,37 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="checkpoint dir with config.json and tokenizer.json (default: reference tokenizer)")
     scaffold.set_defaults(func=_cmd_scaffold)
 
-    plan = sub.add_parser("plan", help="plan once from camera images (none for a text-only model), ego state and "
-                                       "route command; print JSON (exit 3: the answer did not parse)")
-    plan.add_argument("--checkpoint", required=True, help="checkpoint dir (config.json, safetensors, tokenizer)")
-    plan.add_argument("--image", default=None, help="camera image file(s), comma-separated, in prompt order "
-                                                   "(required for a model with a vision tower; refused without one)")
-    plan.add_argument("--ego", required=True,
-                      help='ego state as JSON or a JSON file: {"past": [[-7.5, 0], [-5, 0], [-2.5, 0], [0, 0]], '
-                           '"speed": 5.0, "accel": 0.0} (the 4 positions 2.0, 1.5, 1.0, 0.5 s ago in the ego frame, '
-                           'x forward, y left, oldest first)')
-    add_schema_option(plan)
-    plan.add_argument("--command", dest="route_command", default="go straight",
-                      help="route command: turn left, go straight, turn right (default: go straight)")
-    plan.add_argument("--decoder", default="scaffold", choices=["ar", "ar_free", "block", "scaffold", "rollouts"],
-                      help="ar: scaffold-constrained greedy baseline; ar_free / block: free text; scaffold: "
-                           "Fast-dDrive speculative; rollouts: N sampled trajectories (default: scaffold)")
-    plan.add_argument("--rollouts", type=int, default=4, help="trajectories for --decoder rollouts")
-    plan.add_argument("--temperature", type=float, default=0.5, help="sampling temperature for rollouts")
-    plan.add_argument("--threshold", type=float, default=None,
-                      help="confidence threshold (default: 0.9 for block, 0.0 for scaffold and rollouts)")
-    plan.add_argument("--sub-block-cache", action="store_true", help="block decoder: reuse the block's KV")
-    plan.add_argument("--sub-block-rule", default="published", choices=["published", "window"],
-                      help="with --sub-block-cache: published (Fast-dLLM v2: whole block while the sub-block's first "
-                           "token is masked, else the sub-block alone) or window (whole block once per sub-block, "
-                           "else the sub-block plus one position); default: published")
-    plan.add_argument("--softmax-dtype", default="float32", choices=["float32", "model"],
-                      help="confidence arithmetic: float32, or the model's dtype as the published generate "
-                           "(bf16 ties near 1.0 go to the first position); torch backend (default: float32)")
-    plan.add_argument("--seed", type=int, default=0, help="rollout sampling seed")
-    plan.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    plan.add_argument("--max-prompt-tokens", type=int, default=None,
-                      help="prompt budget the KV cache is sized for (default: from the image policy and cameras)")
+    plan = sub.add_parser("plan", help="plan once: from camera images (none for a text-only model), ego state and "
+                                       "route command, or from --prompt TEXT in any --schema; print JSON (exit 3: "
+                                       "the answer did not parse)")
+    from .plan_cli import add_arguments as add_plan_arguments
+
+    add_plan_arguments(plan)
     plan.set_defaults(func=_cmd_plan)
     train = sub.add_parser("train-reference",
                            help="train the reference model on generated scenes (block-diffusion recipe)")

@@ -75,10 +75,10 @@ def evaluate(planner: Planner, samples: Iterable[Keyframe]) -> HeldoutReport:
         forwards.append(plan.stats.forwards)
         tokens_per_forward.append(plan.stats.tokens_per_forward)
         ms.append(plan.stats.stage_ms["total"])
-        if plan.plan is None:
+        if plan.waypoints is None:
             continue
         truth = keyframe.future_xy
-        errors_model.append(np.linalg.norm(plan.plan.waypoints - truth, axis=1))
+        errors_model.append(np.linalg.norm(plan.waypoints - truth, axis=1))
         errors_cv.append(np.linalg.norm(constant_velocity(keyframe) - truth, axis=1))
     model = np.array(errors_model).reshape(-1, len(FUTURE_TIMES_S))
     cv = np.array(errors_cv).reshape(-1, len(FUTURE_TIMES_S))

@@ -144,7 +144,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
                 progress.advance(stage, "plugin")
         with BundleWriter(out, overwrite=overwrite) as writer:
             writer.add_model(checkpoint, weights=with_weights)
-            write_schema_file(writer, planner.schema, Path(checkpoint), root, explicit=schema is not None)
+            write_schema_file(writer, driving, Path(checkpoint), root, explicit=schema is not None)
             writer.precision_map = quant_report["precision"] if quant_report else {}
             if quant_report:
                 writer.recipe = quant_report["recipe"]

@@ -34,7 +34,8 @@ COMMIT_MODES = ("bidirectional", "causal")
 SOFTMAX_DTYPES = ("float32", "model")
 DEFAULT_THRESHOLDS = {"block": 0.9, "scaffold": 0.0, "rollouts": 0.0}
 
-VlaPlan = DrivingPlan | RobotActionPlan
+# A schema compiled from a JSON Schema document (blockpilot.vla.json_schema) answers with plain JSON values.
+VlaPlan = DrivingPlan | RobotActionPlan | dict[str, Any]
 
 
 class ObservationError(BackendError, ValueError):
@@ -161,7 +162,7 @@ class Plan:
     @property
     def waypoints(self) -> npt.NDArray[np.float64] | None:
         """``(K, 2)`` metres in the ego frame (x forward, y left) for driving; ``None`` if unparsed."""
-        return None if self.plan is None else self.plan.waypoints
+        return self.plan.waypoints if isinstance(self.plan, (DrivingPlan, RobotActionPlan)) else None
 
     @property
     def behaviour(self) -> dict[str, str] | None:
@@ -182,6 +183,8 @@ class Plan:
         if isinstance(self.plan, DrivingPlan):
             out["critical_objects"] = [k for k, v in self.plan.critical_objects.items() if v]
             out["explanation"] = self.plan.explanation
+        if isinstance(self.plan, dict):  # a JSON Schema layout: the parsed value itself
+            out["value"] = self.plan
         if self.rollout_texts:
             out["rollouts"] = {
                 "count": len(self.rollout_texts),
@@ -209,7 +212,12 @@ def check_observation(observation: Observation, config: ModelConfig) -> list[npt
         raise ObservationError(f"observation.{exc}") from None
     if observation.route_command not in ROUTE_COMMANDS:
         raise ObservationError(f"unknown route command {observation.route_command!r}; expected one of {ROUTE_COMMANDS}")
-    images = observation.images
+    return check_images(observation.images, config)
+
+
+def check_images(images: Sequence[npt.NDArray[np.uint8]], config: ModelConfig) -> list[npt.NDArray[np.uint8]]:
+    """Camera images checked against the model (none for a text-only model, one or more for a VLA);
+    raises :class:`ObservationError` naming the image."""
     if isinstance(images, np.ndarray) or not isinstance(images, Sequence):
         raise ObservationError(f"observation.images must be a list of HxWx3 uint8 arrays, got {type(images).__name__}")
     if config.vision is None:

@@ -20,9 +20,10 @@ from ..vla.answer_parser import PlanParseError, parse_plan
 from ..vla.config import ConfigError, ModelConfig
 from ..vla.image_policy import ImagePolicy, ImagePolicyError, load_image_policy, prompt_budget
 from ..vla.modes import AttentionMode
-from ..vla.plans import DrivingPlan, DrivingSchema
+from ..vla.plans import DrivingPlan, DrivingSchema, PlanSchema, RobotActionPlan
 from ..vla.prompt import (
     DRIVING_SYSTEM_PROMPT,
+    GENERIC_SYSTEM_PROMPT,
     PromptError,
     chat_prompt_ids,
     driving_instruction,
@@ -45,10 +46,12 @@ from .decoders import (
 from .plan_types import (
     DecoderSettings,
     Observation,
+    ObservationError,
     Plan,
     PlannerSetupError,
     PromptTooLongError,
     VlaPlan,
+    check_images,
     check_observation,
 )
 from .stats import PlanStats, StageClock, rollout_spread
@@ -75,7 +78,7 @@ class Planner:
     """
 
     def __init__(self, backend: Backend, config: ModelConfig, tokenizer: Tokenizer, *,
-                 decoder: DecoderSettings | None = None, schema: DrivingSchema | None = None,
+                 decoder: DecoderSettings | None = None, schema: PlanSchema[Any] | None = None,
                  prompt_limit: int | None = None) -> None:
         self.backend = backend
         self.config = config
@@ -84,10 +87,9 @@ class Planner:
         if policy is None and config.vision is not None:
             policy = ImagePolicy.for_vision(config.vision)
         self.image_policy = policy
-        self.schema = schema or DrivingSchema.nuscenes()
-        if not isinstance(self.schema, DrivingSchema):
-            raise PlannerSetupError(f"the Planner assembles driving prompts; got a {type(self.schema).__name__}")
-        self.scaffold: Scaffold[DrivingPlan] = build_scaffold(self.schema, tokenizer)
+        # Any answer layout: driving plans from observations (plan), every schema from an instruction (plan_text).
+        self.schema: PlanSchema[Any] = schema or DrivingSchema.nuscenes()
+        self.scaffold: Scaffold[Any] = build_scaffold(self.schema, tokenizer)
         self.settings = (decoder or DecoderSettings()).resolve(config.diffusion, len(self.scaffold))
         assert self.settings.max_new_tokens is not None and self.settings.block_size is not None
         self.answer_budget = self.settings.max_new_tokens + self.settings.block_size
@@ -107,7 +109,8 @@ class Planner:
             raise PlannerSetupError(f"max_prompt_tokens {prompt_limit}: the backend's KV cache ({backend.capacity} "
                                     f"slots, {self.answer_budget} of them the answer's) fits prompts of 1.."
                                     f"{backend.capacity - self.answer_budget} tokens; {self._capacity_fix}")
-        self._number = FixedNumber(self.schema.int_digits, self.schema.frac_digits)
+        self._number = FixedNumber(self.schema.int_digits, self.schema.frac_digits) \
+            if isinstance(self.schema, DrivingSchema) else None
         try:  # a tokenizer without the chat tokens fails here, not on the first observation
             chat_prompt_ids(tokenizer, DRIVING_SYSTEM_PROMPT, "", [1] if config.vision is not None else [])
         except PromptError as exc:
@@ -125,7 +128,7 @@ class Planner:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, *, decoder: DecoderSettings | None = None,
-                        schema: DrivingSchema | None = None, backend: str = "torch", device: str = "cpu",
+                        schema: PlanSchema[Any] | None = None, backend: str = "torch", device: str = "cpu",
                         dtype: str = "float32", max_prompt_tokens: int | None = None, cameras: int = 1,
                         image_hw: tuple[int, int] | None = None) -> Planner:
         """Load a local HF checkpoint (config, tokenizer, weights, image policy) onto ``backend``; the answer
@@ -154,11 +157,7 @@ class Planner:
             tokenizer = load_tokenizer(checkpoint_dir, config)
             policy = None if config.vision is None else load_image_policy(checkpoint_dir, config.vision)
             if schema is None:
-                loaded = load_schema(checkpoint_dir)
-                if not isinstance(loaded, DrivingSchema):
-                    raise PlannerSetupError(f"{checkpoint_dir}: the checkpoint answers in the "
-                                            f"{type(loaded).__name__} layout; the Planner plans driving")
-                schema = loaded
+                schema = load_schema(checkpoint_dir)
             model = load_model(checkpoint_dir, dtype=dtype, device=device)
         except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:  # ValueError: dtype, policy
             raise PlannerSetupError(str(exc)) from exc
@@ -167,7 +166,7 @@ class Planner:
 
     @classmethod
     def from_model(cls, model: VLAModel, tokenizer: Tokenizer, *, decoder: DecoderSettings | None = None,
-                   schema: DrivingSchema | None = None,
+                   schema: PlanSchema[Any] | None = None,
                    max_prompt_tokens: int | None = None, backend: str = "torch",
                    image_policy: ImagePolicy | None = None, cameras: int = 1,
                    image_hw: tuple[int, int] | None = None) -> Planner:
@@ -209,18 +208,47 @@ class Planner:
 
     def prompt(self, observation: Observation) -> tuple[Prompt, int]:
         """The checked prompt of ``observation`` and how many of its tokens are image tokens."""
+        if self._number is None:
+            raise ObservationError(f"this planner answers in a {type(self.schema).__name__} layout, not a driving "
+                                   "one: plan it from an instruction with plan_text()")
         images = check_observation(observation, self.config)
-        policy = self.image_policy
-        counts = [policy.tokens(im.shape[0], im.shape[1]) for im in images] if policy is not None else []
+        counts = self._image_counts(images)
         text = driving_instruction(observation.ego, observation.route_command, self._number)
         ids = chat_prompt_ids(self.tokenizer, DRIVING_SYSTEM_PROMPT, text, counts)
         return Prompt(np.asarray(ids, dtype=np.int64), tuple(images)), sum(counts)
+
+    def _image_counts(self, images: Sequence[Any]) -> list[int]:
+        policy = self.image_policy
+        return [policy.tokens(im.shape[0], im.shape[1]) for im in images] if policy is not None else []
+
+    def text_prompt(self, instruction: str, images: Sequence[Any] = (), *,
+                    system: str = GENERIC_SYSTEM_PROMPT) -> tuple[Prompt, int]:
+        """The checked chat prompt of a free ``instruction`` (plus camera ``images`` for a vision model)."""
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ObservationError("the instruction is empty: give the text the model should answer")
+        checked = check_images(images, self.config)
+        counts = self._image_counts(checked)
+        ids = chat_prompt_ids(self.tokenizer, system, instruction, counts)
+        return Prompt(np.asarray(ids, dtype=np.int64), tuple(checked)), sum(counts)
+
+    def plan_text(self, instruction: str, images: Sequence[Any] = (), *,
+                  system: str = GENERIC_SYSTEM_PROMPT) -> Plan:
+        """Plan once from an instruction, answering in the planner's schema (any layout: a JSON Schema,
+        the robot or the driving preset). Errors as :meth:`plan`."""
+        t0 = time.perf_counter()
+        prompt, image_tokens = self.text_prompt(instruction, images, system=system)
+        return self.run(prompt, image_tokens, started=t0)
 
     def plan(self, observation: Observation) -> Plan:
         """Plan once. Raises only :class:`~blockpilot.runtime.backend.BackendError` subclasses for
         bad input or a full cache; an answer that does not parse comes back as ``Plan.error``."""
         t0 = time.perf_counter()
         prompt, image_tokens = self.prompt(observation)
+        return self.run(prompt, image_tokens, started=t0)
+
+    def run(self, prompt: Prompt, image_tokens: int, *, started: float) -> Plan:
+        """Decode and parse a checked prompt (``started``: when the plan began, for its total time)."""
+        t0 = started
         if len(prompt) > self.max_prompt_tokens:
             raise PromptTooLongError(
                 f"the prompt has {len(prompt)} tokens ({image_tokens} of them for {len(prompt.images)} image(s)); "
@@ -275,10 +303,13 @@ class Planner:
             error = next((e for _, e, _ in answers if e is not None), None) if not parsed else None
             text = answers[0][2]
             plan = None
-            if parsed:
-                spread = rollout_spread([p.waypoints for p in parsed])
+            trajectories = [p for p in parsed if isinstance(p, (DrivingPlan, RobotActionPlan))]
+            if trajectories and len(trajectories) == len(parsed):
+                spread = rollout_spread([p.waypoints for p in trajectories])
                 # Rollouts share every section before the trajectory; the plan carries their mean.
-                plan = replace(parsed[0], waypoints=spread.mean)
+                plan = replace(trajectories[0], waypoints=spread.mean)
+            elif parsed:  # a layout without waypoints has no mean to take: the first rollout that parsed
+                plan = parsed[0]
         t1 = time.perf_counter()
         timings = {**stage_ms, "parse": (t1 - t0) * 1e3}
         timings["total"] = (t1 - started) * 1e3 if started is not None else sum(timings.values())

@@ -21,6 +21,8 @@ IM_START = "<|im_start|>"
 ROUTE_COMMANDS = ("turn left", "go straight", "turn right")
 DRIVING_SYSTEM_PROMPT = "You are the planner of an autonomous car. Answer in the JSON layout you were trained on."
 ROBOT_SYSTEM_PROMPT = "You are the planner of a robot arm. Answer in the JSON layout you were trained on."
+# An instruction given as text (blockpilot plan --prompt), answered in the planner's schema.
+GENERIC_SYSTEM_PROMPT = "You are a helpful assistant. Answer in the JSON layout you were trained on."
 # The driving prompt's ego history, as the model is trained on it (sim, nuScenes, WOD-E2E and MCAP replays):
 # the positions 2.0, 1.5, 1.0 and 0.5 s before now (2 s at 2 Hz), oldest first. No padding rule: a
 # shorter history is refused (a model never saw repeated points and would read them as standing still).
