@@ -32,7 +32,17 @@ import torch
 from ..kernels import MODE_BIDIRECTIONAL, MODE_BLOCK, MODE_CAUSAL
 from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
-from .backend import CacheFullError, Prompt, Sampling, StepResult, TokenArray, check_tokens, prefill_length
+from .backend import (
+    AllowedTokens,
+    BackendError,
+    CacheFullError,
+    Prompt,
+    Sampling,
+    StepResult,
+    TokenArray,
+    check_tokens,
+    prefill_length,
+)
 from .cuda_graphs import StepGraphs
 from .cuda_lm import AttentionFn, DecodeLM, EpilogueFn, PrefixStep, top1_prob_ref
 from .plan_types import PlannerSetupError
@@ -221,7 +231,10 @@ class CudaBackend:
 
     @torch.inference_mode()
     def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
-             kv_end: int | None = None, sampling: Sampling | None = None) -> StepResult:
+             kv_end: int | None = None, sampling: Sampling | None = None,
+             allowed: AllowedTokens | None = None) -> StepResult:
+        if allowed is not None:  # constrains_tokens is False: the planner never passes it here
+            raise BackendError("typed value slots are not applied on the cuda backend yet; use the torch backend")
         rows = self._rows
         arr = check_tokens(tokens, self.config.lm.vocab_size, rows)
         t = arr.shape[1]
