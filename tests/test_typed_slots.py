@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from runtime_fixtures import image_prompt, torch_threads
 
 from blockpilot.runtime.backend import AllowedTokens, Prompt
 from blockpilot.runtime.decoders import SpeculativeOptions, ar_greedy, scaffold_speculative
@@ -210,17 +211,17 @@ def test_torch_backend_masks_before_top1_and_probability(shipped: tuple[Any, Any
 
 def test_scaffold_equals_ar_with_typed_slots_on_torch(shipped: tuple[Any, Any]) -> None:
     from blockpilot.runtime.torch_backend import TorchBackend
-    from tests.runtime_fixtures import image_prompt
 
     model, tokenizer = shipped
     scaffold = build_scaffold(DrivingSchema.nuscenes(), tokenizer)
     constraints = build_constraints(scaffold, model.config.lm.vocab_size)
     prompt = image_prompt(tokenizer)
     backend = TorchBackend(model, len(prompt) + len(scaffold) + 64)
-    ar = ar_greedy(backend, prompt, max_new_tokens=len(scaffold), end_id=tokenizer.special.end, scaffold=scaffold,
-                   constraints=constraints)
-    spec = scaffold_speculative(backend, prompt, scaffold, SpeculativeOptions(mask_id=tokenizer.special.mask),
-                                constraints)
+    with torch_threads(1):
+        ar = ar_greedy(backend, prompt, max_new_tokens=len(scaffold), end_id=tokenizer.special.end,
+                       scaffold=scaffold, constraints=constraints)
+        spec = scaffold_speculative(backend, prompt, scaffold, SpeculativeOptions(mask_id=tokenizer.special.mask),
+                                    constraints)
     assert np.array_equal(ar.tokens, spec.tokens)
     assert spec.forwards < ar.forwards
     scaffold.decode_plan(spec.tokens[0])
@@ -254,10 +255,11 @@ def test_letter_biased_model_still_plans(shipped: tuple[Any, Any]) -> None:
     biased.logits = logits  # type: ignore[method-assign]
     planner = Planner.from_model(biased, tokenizer, decoder=DecoderSettings(name="scaffold"), max_prompt_tokens=200)
     observation = _observation()
-    typed = planner.plan(observation)
-    assert typed.ok and typed.stats.constrained
-    planner.constraints = None
-    free = planner.plan(observation)
+    with torch_threads(1):
+        typed = planner.plan(observation)
+        assert typed.ok and typed.stats.constrained
+        planner.constraints = None
+        free = planner.plan(observation)
     assert not free.ok and not free.stats.constrained
 
 
