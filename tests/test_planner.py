@@ -80,7 +80,8 @@ def _direct(name: str, planner: Planner) -> Decoded:
     spec = SpeculativeOptions(mask_id=mask, block_size=block, threshold=0.0)
     backend = planner.backend
     if name == "ar":
-        return ar_greedy(backend, prompt, max_new_tokens=len(scaffold), end_id=end, scaffold=scaffold)
+        return ar_greedy(backend, prompt, max_new_tokens=len(scaffold), end_id=end, scaffold=scaffold,
+                         constraints=planner.constraints)
     if name == "ar_free":
         return ar_greedy(backend, prompt, max_new_tokens=len(scaffold), end_id=end)
     if name == "block":
@@ -88,8 +89,9 @@ def _direct(name: str, planner: Planner) -> Decoded:
             mask_id=mask, end_id=end, block_size=block, sub_block_size=config.diffusion.sub_block_size,
             threshold=0.9, max_new_tokens=len(scaffold), commit_mode=AttentionMode.BIDIRECTIONAL))
     if name == "scaffold":
-        return scaffold_speculative(backend, prompt, scaffold, spec)
-    return shared_prefix_rollouts(backend, prompt, scaffold, RolloutOptions(spec, rollouts=4, temperature=0.5, seed=0))
+        return scaffold_speculative(backend, prompt, scaffold, spec, planner.constraints)
+    return shared_prefix_rollouts(backend, prompt, scaffold, RolloutOptions(spec, rollouts=4, temperature=0.5, seed=0),
+                                  planner.constraints)
 
 
 @pytest.mark.parametrize("name", ["ar", "ar_free", "block", "scaffold", "rollouts"])
