@@ -314,3 +314,30 @@ def test_scaffold_equals_ar_on_ort_and_old_exports_run_unconstrained(onnx_export
     spec_file.write_text(json.dumps(spec))
     old = ort_planner(SHIPPED_MODEL, onnx_export, decoder=DecoderSettings(name="scaffold"))
     assert old.constraints is None and not old.plan(observation).stats.constrained
+
+
+def test_cuda_backend_masks_like_torch(shipped: tuple[Any, Any]) -> None:
+    """The cuda backend (here on the CPU with its reference epilogue) applies the same mask, sampled draws too."""
+    from blockpilot.runtime.backend import Sampling
+    from blockpilot.runtime.cuda_backend import CudaBackend
+    from blockpilot.runtime.torch_backend import TorchBackend
+
+    model, tokenizer = shipped
+    vocab = model.config.lm.vocab_size
+    prompt = Prompt(np.array(tokenizer.encode("keep the lane and slow down"), dtype=np.int64))
+    table = np.ones((2, vocab), dtype=np.bool_)
+    table[1] = False
+    table[1, 200:230] = True
+    classes = np.array([[1, 0, 1]] * 2, dtype=np.int64)
+    results = []
+    with torch_threads(1):
+        for backend in (TorchBackend(model, 128, max_batch=2), CudaBackend(model, 128, max_batch=2, device="cpu")):
+            backend.prefill(Prompt(prompt.token_ids[:-3]))
+            backend.fork(2)
+            results.append(backend.step(np.repeat(prompt.token_ids[None, -3:], 2, 0), len(prompt) - 3,
+                                        mode="causal", write_kv=True, sampling=Sampling(0.7, (1, 2)),  # type: ignore[arg-type]
+                                        allowed=AllowedTokens(table, classes)))
+    ours, cuda = results
+    assert np.array_equal(ours.top1, cuda.top1) and np.allclose(ours.prob, cuda.prob, atol=1e-5)
+    assert ours.sampled is not None and cuda.sampled is not None and np.array_equal(ours.sampled, cuda.sampled)
+    assert all(200 <= t < 230 for t in cuda.sampled[:, [0, 2]].ravel())
