@@ -14,6 +14,7 @@ import numpy.typing as npt
 import torch
 
 from blockpilot.runtime.backend import (
+    AllowedTokens,
     Backend,
     CacheFullError,
     Prompt,
@@ -135,6 +136,7 @@ class SpyBackend:
 
     inner: Backend
     calls: list[Call] = field(default_factory=list)
+    allowed: list[AllowedTokens | None] = field(default_factory=list)  # per step: the typed-slot mask passed
 
     @property
     def length(self) -> int:
@@ -151,9 +153,16 @@ class SpyBackend:
         self.calls.append(Call("prefill", 1, 0, n, mode, True, None, forwarded=res.top1.shape[1] > 0))
         return res
 
+    @property
+    def constrains_tokens(self) -> bool:
+        return bool(getattr(self.inner, "constrains_tokens", False))
+
     def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
-             kv_end: int | None = None, sampling: Sampling | None = None) -> StepResult:
-        res = self.inner.step(tokens, start, mode=mode, write_kv=write_kv, kv_end=kv_end, sampling=sampling)
+             kv_end: int | None = None, sampling: Sampling | None = None,
+             allowed: AllowedTokens | None = None) -> StepResult:
+        extra = {"allowed": allowed} if allowed is not None else {}
+        res = self.inner.step(tokens, start, mode=mode, write_kv=write_kv, kv_end=kv_end, sampling=sampling, **extra)
+        self.allowed.append(allowed)
         shape = np.asarray(tokens).shape
         self.calls.append(Call("step", shape[0], start, shape[1], mode, write_kv, sampling, forwarded=True))
         return res

@@ -44,6 +44,7 @@ from ..vla.image_grid import smart_resize
 from ..vla.image_policy import ImagePolicy
 from ..vla.lm import DecoderLayer, DecoderLM, rotate_half
 from ..vla.model import VLAModel
+from .typed_slots_graph import TYPED_SLOT_AXES, TYPED_SLOT_INPUTS, add_typed_slot_defaults, typed_slot_specs
 
 OPSET = 17
 DEFAULT_IMAGE_HW = (112, 112)
@@ -74,7 +75,8 @@ class LMStep(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, start: torch.Tensor,
                 key_end: torch.Tensor, mode: torch.Tensor, past_k: torch.Tensor,
-                past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                past_v: torch.Tensor, allowed_table: torch.Tensor | None = None, token_class: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x = inputs_embeds
         t = x.shape[1]
         capacity = past_k.shape[3]
@@ -131,6 +133,8 @@ class LMStep(nn.Module):
             x = x + attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = self.lm.logits(self.lm.norm(x)).float() + self.vocab_bias
+        if allowed_table is not None and token_class is not None:  # typed slots (export.typed_slots_graph)
+            logits = torch.where(allowed_table[token_class], logits, torch.full_like(logits[:1, :1, :1], -math.inf))
         prob, top1 = torch.softmax(logits, dim=-1).max(dim=-1)
         return top1, prob, torch.stack(presents_k), torch.stack(presents_v)
 
@@ -192,8 +196,9 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
         torch.zeros(1, t, lm_cfg.hidden_size), torch.arange(t).view(1, 1, t).expand(3, 1, t).contiguous(),
         torch.tensor(0, dtype=torch.int64), torch.tensor(t, dtype=torch.int64), torch.tensor(0, dtype=torch.int64),
         torch.zeros(cache_dims), torch.zeros(cache_dims),
+        torch.ones(2, lm_cfg.vocab_size, dtype=torch.bool), torch.zeros(1, t, dtype=torch.int64),  # typed slots
     )
-    lm_inputs = ["inputs_embeds", "position_ids", "start", "key_end", "mode", "past_k", "past_v"]
+    lm_inputs = ["inputs_embeds", "position_ids", "start", "key_end", "mode", "past_k", "past_v", *TYPED_SLOT_INPUTS]
     lm_outputs = ["top1", "prob", "present_k", "present_v"]
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer flags shape checks it folds to constants; the graph's dynamic axes are only T.
@@ -201,8 +206,9 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(step, example, str(out / LM_FILE), input_names=lm_inputs, output_names=lm_outputs,
                           dynamic_axes={"inputs_embeds": {1: "T"}, "position_ids": {2: "T"}, "top1": {1: "T"},
-                                        "prob": {1: "T"}},
+                                        "prob": {1: "T"}, **TYPED_SLOT_AXES},
                           opset_version=opset, dynamo=False, **extra)
+    add_typed_slot_defaults(out / LM_FILE, lm_cfg.vocab_size)
     onnx.checker.check_model(str(out / LM_FILE))
     np.save(out / EMBED_FILE, model.lm.embed_tokens.weight.detach().float().numpy())
     spec: dict[str, Any] = {
@@ -222,7 +228,8 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
             "inputs": [_spec("inputs_embeds", [1, "T", lm_cfg.hidden_size], "float32"),
                        _spec("position_ids", [3, 1, "T"], "int64"), _spec("start", [], "int64"),
                        _spec("key_end", [], "int64"), _spec("mode", [], "int64"),
-                       _spec("past_k", cache_shape, "float32"), _spec("past_v", cache_shape, "float32")],
+                       _spec("past_k", cache_shape, "float32"), _spec("past_v", cache_shape, "float32"),
+                       *typed_slot_specs(lm_cfg.vocab_size)],
             "outputs": [_spec("top1", [1, "T"], "int64"), _spec("prob", [1, "T"], "float32"),
                         _spec("present_k", cache_shape, "float32"), _spec("present_v", cache_shape, "float32")],
         },

@@ -21,6 +21,8 @@ VISION_FILE = "vision.onnx"
 LM_FILE = "lm_step.onnx"
 EMBED_FILE = "embed_tokens.npy"
 MODE_IDS = {"causal": 0, "block": 1, "bidirectional": 2}
+# Typed value slots: the lm_step graph's optional logits-mask inputs (export.typed_slots_graph writes them).
+TYPED_SLOT_INPUTS = ("allowed_table", "token_class")
 
 # The plugin variant's custom node (blockpilot.export.plugin_attention writes it, blockpilot.trt.plugin runs it):
 # part of the graph format, so the exporter, the TensorRT plugin and the runtime read one definition.
@@ -141,3 +143,9 @@ def spec_policy(spec_vision: dict[str, Any], where: str) -> ImagePolicy:
     return ImagePolicy(patch_size=p, merge_size=int(spec_vision["spatial_merge_size"]),
                        temporal_patch_size=int(spec_vision["temporal_patch_size"]), sizes=((gh * p, gw * p),),
                        source=f"{where} (no recorded policy: its one {gh * p}x{gw * p} graph)")
+
+
+def graph_has_typed_slots(spec: dict[str, Any]) -> bool:
+    """Whether an export's spec declares the typed-slot inputs (exports made before them do not)."""
+    names = {i["name"] for i in spec.get("lm_step", {}).get("inputs", [])}
+    return all(n in names for n in TYPED_SLOT_INPUTS)

@@ -51,6 +51,31 @@ class Sampling:
 
 
 @dataclass(frozen=True, slots=True)
+class AllowedTokens:
+    """Which token ids each position of a step may predict: ``table[classes[r, i]]`` for position ``i`` of row ``r``.
+
+    ``table`` ``(C, V)`` bool is the same array object on every call of one planner (a backend uploads it once
+    and keys its device copy by identity); ``classes`` ``(batch, T)`` int64 picks a row per position. Row 0 of
+    the tables the runtime builds allows every token. Masked-out logits become ``-inf`` on the device before
+    the softmax, the top-1 and any sampling, so the reported probability is the constrained one.
+    """
+
+    table: npt.NDArray[np.bool_]
+    classes: TokenArray
+
+    def check(self, batch: int, tokens: int, vocab_size: int) -> None:
+        """Raise ``ValueError`` naming what disagrees with a step of ``(batch, tokens)`` over ``vocab_size``."""
+        if self.table.ndim != 2 or self.table.shape[1] != vocab_size or self.table.dtype != np.bool_:
+            raise ValueError(f"allowed-token table must be bool (C, {vocab_size}), got {self.table.dtype} "
+                             f"{self.table.shape}")
+        if self.classes.shape != (batch, tokens):
+            raise ValueError(f"allowed-token classes must have shape ({batch}, {tokens}), got {self.classes.shape}")
+        if self.classes.size and (self.classes.min() < 0 or self.classes.max() >= self.table.shape[0]):
+            raise ValueError(f"allowed-token classes must lie in [0, {self.table.shape[0]}), got range "
+                             f"[{self.classes.min()}, {self.classes.max()}]")
+
+
+@dataclass(frozen=True, slots=True)
 class Prompt:
     """Token ids of one prompt plus its camera images (``HxWx3`` uint8 RGB, in prompt order)."""
 
@@ -102,10 +127,12 @@ class Backend(Protocol):
         ...
 
     def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
-             kv_end: int | None = None, sampling: Sampling | None = None) -> StepResult:
+             kv_end: int | None = None, sampling: Sampling | None = None,
+             allowed: AllowedTokens | None = None) -> StepResult:
         """Forward ``tokens`` ``(batch, T)`` at slots ``start ..``; they see cache slots ``[0, start)``
         (``[0, kv_end)`` with ``kv_end``) and each other under ``mode``. With ``write_kv`` the cache
-        length becomes ``max(start + T, kv_end)``; without, the cache is untouched."""
+        length becomes ``max(start + T, kv_end)``; without, the cache is untouched. ``allowed``
+        restricts what each position may predict (top-1, probability and sample alike)."""
         ...
 
     def fork(self, n: int) -> None:

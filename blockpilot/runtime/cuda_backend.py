@@ -33,7 +33,16 @@ from ..kernels import MODE_BIDIRECTIONAL, MODE_BLOCK, MODE_CAUSAL
 from ..vla.image_policy import ImagePolicy
 from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
-from .backend import CacheFullError, Prompt, Sampling, StepResult, TokenArray, check_tokens, prefill_length
+from .backend import (
+    AllowedTokens,
+    CacheFullError,
+    Prompt,
+    Sampling,
+    StepResult,
+    TokenArray,
+    check_tokens,
+    prefill_length,
+)
 from .cuda_graphs import StepGraphs
 from .cuda_lm import AttentionFn, DecodeLM, EpilogueFn, PrefixStep, top1_prob_ref
 from .plan_types import PlannerSetupError
@@ -102,6 +111,7 @@ class CudaBackend:
     """
 
     image_policy: ImagePolicy | None = None  # the checkpoint's, set by the planner (resizes the prompt's images)
+    constrains_tokens = True  # step(allowed=...): eager steps, the logits masked in the head
 
     def __init__(self, model: VLAModel, capacity: int, max_batch: int = 1, *, device: str | torch.device | None = None,
                  precision: str | None = None, graphs: bool | None = None, kernel: str | None = None,
@@ -161,6 +171,7 @@ class CudaBackend:
         self._temperature = torch.ones(1, dtype=torch.float32, device=self.device)
         self._delta = torch.zeros(max_batch, dtype=torch.int64, device=self.device)
         self._offsets = torch.arange(width, dtype=torch.int64, device=self.device)
+        self._table: tuple[object, torch.Tensor] | None = None  # typed slots: (host table, its device copy)
         self._out_host = (torch.zeros(max_batch, width, dtype=torch.int64, pin_memory=pin),
                           torch.zeros(max_batch, width, dtype=torch.float32, pin_memory=pin),
                           torch.zeros(max_batch, width, dtype=torch.int64, pin_memory=pin))
@@ -225,10 +236,13 @@ class CudaBackend:
 
     @torch.inference_mode()
     def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
-             kv_end: int | None = None, sampling: Sampling | None = None) -> StepResult:
+             kv_end: int | None = None, sampling: Sampling | None = None,
+             allowed: AllowedTokens | None = None) -> StepResult:
         rows = self._rows
         arr = check_tokens(tokens, self.config.lm.vocab_size, rows)
         t = arr.shape[1]
+        if allowed is not None:
+            allowed.check(rows, t, self.config.lm.vocab_size)
         if start < 0 or start > self._length:
             raise ValueError(f"step at slot {start} outside 0..{self._length}: the cache holds {self._length} slots "
                              "and a later start would leave a gap")
@@ -256,7 +270,11 @@ class CudaBackend:
             self._seeds.copy_(self._seeds_host, non_blocking=True)
             self._temperature_host.fill_(sampling.temperature)
             self._temperature.copy_(self._temperature_host, non_blocking=True)
-        if bucket is None:  # wider than every bucket: eager, at its own width
+        if allowed is not None:  # typed value slots: eager (the rows change every step), masked in the head
+            ids = ids_host[:rows, :width].to(self.device)
+            outputs = self._window(ids, rows, width, write_kv, sampling is not None, padded=bucket is not None,
+                                   prefix=prefix, allowed=self._allowed_rows(allowed, width))
+        elif bucket is None:  # wider than every bucket: eager, at its own width
             ids = ids_host.to(self.device)
             outputs = self._window(ids, rows, t, write_kv, sampling is not None, padded=False, prefix=prefix)
         elif prefix is not None:  # host-dependent: eager, never captured
@@ -289,8 +307,18 @@ class CudaBackend:
         self._prefix_key = key
         return PrefixStep(reuse, start, end, mode)
 
+    def _allowed_rows(self, allowed: AllowedTokens, width: int) -> torch.Tensor:
+        """``(rows, width, V)`` bool: the table (uploaded once per table object) gathered by class, padding
+        positions unconstrained (class 0)."""
+        if self._table is None or self._table[0] is not allowed.table:
+            self._table = (allowed.table, torch.from_numpy(np.array(allowed.table, dtype=np.bool_)).to(self.device))
+        classes = np.zeros((allowed.classes.shape[0], width), dtype=np.int64)
+        classes[:, : allowed.classes.shape[1]] = allowed.classes
+        return self._table[1][torch.from_numpy(classes).to(self.device)]
+
     def _window(self, ids: torch.Tensor, rows: int, width: int, write_kv: bool, sampled: bool,
-                padded: bool, prefix: PrefixStep | None = None) -> tuple[torch.Tensor, ...]:
+                padded: bool, prefix: PrefixStep | None = None,
+                allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The device work of one step over static inputs: no host sync, so it can be captured."""
         start, key_end, mode, count = (self._scalars[i: i + 1] for i in range(4))
         offsets = self._offsets[:width] if padded else torch.arange(width, device=self.device)
@@ -303,7 +331,7 @@ class CudaBackend:
         hidden = self.lm.forward(x, self._positions(slots_q, rows), slots, start, key_end, mode, k, v, write_kv,
                                  valid, prefix)
         sampling = (self._seeds[:rows], slots_q, self._temperature) if sampled else None
-        top1, prob, drawn = self.lm.head(hidden, sampling)
+        top1, prob, drawn = self.lm.head(hidden, sampling, allowed)
         return (top1, prob) if drawn is None else (top1, prob, drawn)
 
     def _to_host(self, outputs: tuple[torch.Tensor, ...], rows: int,

@@ -347,12 +347,14 @@ class DecodeLM:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head)
 
-    def head(self, hidden: torch.Tensor, sampling: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def head(self, hidden: torch.Tensor, sampling: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+             allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(top1, prob, sampled)`` ``(B, T)`` on the device. ``sampling``: ``(seeds (B,) int64, slots (T,) int64,
         temperature (1,) float32)``, drawn with the counter-based Gumbel keys of :mod:`blockpilot.runtime.sampling`
         (the torch backend's draw, token for token)."""
         logits = self.logits(hidden)
+        if allowed is not None:  # typed value slots: (B, T, V) bool rows, masked before top-1 and sampling
+            logits = logits.masked_fill(~allowed, float("-inf"))
         top1, prob = self.epilogue(logits, self.mask_id)
         if sampling is None:
             return top1, prob, None

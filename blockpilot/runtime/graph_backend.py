@@ -23,7 +23,16 @@ import numpy.typing as npt
 
 from ..formats.onnx_io import continuation_positions_np, image_patches, mrope_positions_np, spec_policy
 from ..vla.modes import AttentionMode
-from .backend import BackendError, CacheFullError, PromptError, StepResult, TokenArray, check_tokens, prefill_length
+from .backend import (
+    AllowedTokens,
+    BackendError,
+    CacheFullError,
+    PromptError,
+    StepResult,
+    TokenArray,
+    check_tokens,
+    prefill_length,
+)
 
 if TYPE_CHECKING:
     from ..vla.config import ModelConfig
@@ -164,6 +173,8 @@ class GraphBackend(ABC):
     _image_encoder: Encode | None
     max_batch = 1  # batch one: fork(n > 1) raises
     capacity_fix = "re-export the bundle with a larger --max-prompt-tokens (or --cameras)"
+    # Whether step(allowed=...) reaches the graph (typed-slot inputs, export.typed_slots_graph); a subclass sets it.
+    constrains_tokens = False
     _length = 0
     _rope_delta = 0
 
@@ -179,9 +190,10 @@ class GraphBackend(ABC):
 
     @abstractmethod
     def _forward(self, embeds: FloatArray, positions: IntArray, start: int, key_end: int, mode: AttentionMode, *,
-                 commit: bool, graph: bool) -> tuple[TokenArray, FloatArray]:
+                 commit: bool, graph: bool, allowed: AllowedTokens | None = None) -> tuple[TokenArray, FloatArray]:
         """Run the LM step on ``embeds`` ``(T, hidden)`` at ``positions`` ``(3, 1, T)``; keep the present cache
-        when ``commit``. ``graph``: a block step (which a backend may replay from a CUDA graph), not a prefill."""
+        when ``commit``. ``graph``: a block step (which a backend may replay from a CUDA graph), not a prefill.
+        ``allowed``: the typed-slot mask (only passed where :attr:`constrains_tokens`)."""
 
     @property
     def length(self) -> int:
@@ -199,13 +211,19 @@ class GraphBackend(ABC):
         return result
 
     def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
-             kv_end: int | None = None, sampling: Sampling | None = None) -> StepResult:
+             kv_end: int | None = None, sampling: Sampling | None = None,
+             allowed: AllowedTokens | None = None) -> StepResult:
         if sampling is not None:
             raise self.unsupported(f"sampled decoding on the {self.backend_name} backend: {self.rollouts_note}")
+        if allowed is not None and not self.constrains_tokens:
+            raise self.unsupported(f"typed value slots on the {self.backend_name} backend: this export's lm_step "
+                                   "has no allowed_table / token_class inputs (export it again)")
         window = self._inputs.step(tokens, start, length=self._length, write_kv=write_kv, kv_end=kv_end,
                                    rope_delta=self._rope_delta)
+        if allowed is not None:
+            allowed.check(1, window.embeds.shape[0], self._inputs.vocab)
         top1, prob = self._forward(window.embeds, window.positions, start, window.key_end, mode, commit=write_kv,
-                                   graph=True)
+                                   graph=True, **({"allowed": allowed} if allowed is not None else {}))
         if write_kv:
             self._length = window.committed_length
         return StepResult(top1, prob)

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..formats.onnx_io import MODE_IDS, load_spec, vision_graphs
+from ..formats.onnx_io import MODE_IDS, graph_has_typed_slots, load_spec, vision_graphs
 from ..vla.modes import AttentionMode
 from ..vla.plans import DrivingSchema
-from .backend import BackendError, TokenArray
+from .backend import AllowedTokens, BackendError, TokenArray
 from .graph_backend import GraphBackend, GraphInputs, driving_model_files
 from .plan_types import DecoderSettings, PlannerSetupError
 from .planner import Planner
@@ -61,6 +61,9 @@ class OrtBackend(GraphBackend):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # The typed-slot inputs carry defaults (initializers listed as inputs), which ONNX Runtime reports as a
+        # warning on every session; errors still print.
+        options.log_severity_level = 3
         providers = ["CPUExecutionProvider"]
         self._lm = ort.InferenceSession(str(root / self.spec["lm_step"]["file"]), options, providers=providers)
         vision = self.spec.get("vision")
@@ -75,6 +78,7 @@ class OrtBackend(GraphBackend):
         self._k = np.zeros(shape, dtype=np.float32)
         self._v = np.zeros(shape, dtype=np.float32)
         self.feed_observer: FeedObserver | None = None
+        self.constrains_tokens = graph_has_typed_slots(self.spec)
 
     def _encode(self, patches: npt.NDArray[np.float32], grid: tuple[int, int, int]) -> npt.NDArray[np.float32]:
         session = self._vision.get(grid)
@@ -85,7 +89,8 @@ class OrtBackend(GraphBackend):
         return features
 
     def _forward(self, embeds: npt.NDArray[np.float32], positions: npt.NDArray[np.int64], start: int, key_end: int,
-                 mode: AttentionMode, *, commit: bool, graph: bool) -> tuple[TokenArray, npt.NDArray[np.float32]]:
+                 mode: AttentionMode, *, commit: bool, graph: bool,
+                 allowed: AllowedTokens | None = None) -> tuple[TokenArray, npt.NDArray[np.float32]]:
         # Plain run() measured a little faster here than IOBinding into double buffers (and there is no graph
         # to replay: ``graph`` is the TensorRT backend's).
         feeds: dict[str, npt.NDArray[Any]] = {
@@ -97,6 +102,9 @@ class OrtBackend(GraphBackend):
             "past_k": self._k,
             "past_v": self._v,
         }
+        if allowed is not None:  # typed slots: the graph masks its logits (export.typed_slots_graph)
+            feeds["allowed_table"] = allowed.table
+            feeds["token_class"] = np.ascontiguousarray(allowed.classes, dtype=np.int64)
         if self.feed_observer is not None:
             self.feed_observer(feeds)
         top1, prob, present_k, present_v = self._lm.run(["top1", "prob", "present_k", "present_v"], feeds)

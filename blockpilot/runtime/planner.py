@@ -29,6 +29,7 @@ from ..vla.prompt import (
     driving_instruction,
 )
 from ..vla.scaffold import Scaffold, build_scaffold
+from ..vla.slot_constraints import SlotConstraints, build_constraints
 from ..vla.slots import FixedNumber
 from ..vla.tokenizer import Tokenizer
 from .backend import Backend, Prompt, TokenArray
@@ -111,6 +112,10 @@ class Planner:
                                     f"{backend.capacity - self.answer_budget} tokens; {self._capacity_fix}")
         self._number = FixedNumber(self.schema.int_digits, self.schema.frac_digits) \
             if isinstance(self.schema, DrivingSchema) else None
+        # Typed slots: built once with the scaffold, applied where the backend can (see slot_constraints).
+        self.constraints: SlotConstraints | None = None
+        if getattr(backend, "constrains_tokens", False) and self.settings.uses_scaffold:
+            self.constraints = build_constraints(self.scaffold, config.lm.vocab_size)
         try:  # a tokenizer without the chat tokens fails here, not on the first observation
             chat_prompt_ids(tokenizer, DRIVING_SYSTEM_PROMPT, "", [1] if config.vision is not None else [])
         except PromptError as exc:
@@ -271,7 +276,7 @@ class Planner:
         check_no_mask(prompt, tokens.mask)  # MaskInPromptError (a PromptError) for every decoder
         if s.name == "ar":
             return ar_greedy(backend, prompt, max_new_tokens=s.max_new_tokens, end_id=tokens.end,
-                             scaffold=self.scaffold)
+                             scaffold=self.scaffold, constraints=self.constraints)
         if s.name == "ar_free":
             return ar_greedy(backend, prompt, max_new_tokens=s.max_new_tokens, end_id=tokens.end)
         threshold = s.threshold if s.threshold is not None else 0.0
@@ -283,11 +288,11 @@ class Planner:
             return block_threshold(backend, prompt, options)
         speculative = SpeculativeOptions(mask_id=tokens.mask, block_size=s.block_size, threshold=threshold)
         if s.name == "scaffold":
-            return scaffold_speculative(backend, prompt, self.scaffold, speculative)
+            return scaffold_speculative(backend, prompt, self.scaffold, speculative, self.constraints)
         # The last section (the trajectory) is the one worth sampling: everything before it is shared.
         rollouts = RolloutOptions(speculative, rollouts=s.rollouts, temperature=s.temperature, seed=s.seed,
                                   fork_section=self.scaffold.sections[-1].key)
-        return shared_prefix_rollouts(backend, prompt, self.scaffold, rollouts)
+        return shared_prefix_rollouts(backend, prompt, self.scaffold, rollouts, self.constraints)
 
     def finish(self, decoded: Decoded, stage_ms: dict[str, float], *, prompt_tokens: int = 0,
                image_tokens: int = 0, started: float | None = None) -> Plan:
@@ -318,7 +323,8 @@ class Planner:
             row_forwards=decoded.row_forwards, prefill_forwards=decoded.prefill_forwards,
             decode_forwards=decoded.decode_forwards, tokens=int(decoded.tokens.shape[1]),
             rows=int(decoded.tokens.shape[0]), tokens_per_forward=decoded.tokens_per_forward,
-            prompt_tokens=prompt_tokens, image_tokens=image_tokens, stop=decoded.stop, stage_ms=timings)
+            prompt_tokens=prompt_tokens, image_tokens=image_tokens, stop=decoded.stop, stage_ms=timings,
+            constrained=self.constraints is not None)
         if single:
             return Plan(plan, error, text, stats, decoded.tokens)
         return Plan(plan, error, text, stats, decoded.tokens, spread, tuple(a for a, _, _ in answers),
@@ -349,4 +355,5 @@ class Planner:
         """Decoder settings and cache sizes, for logs."""
         return {"decoder": self.settings.to_dict(), "cache_slots": self.backend.capacity,
                 "max_prompt_tokens": self.max_prompt_tokens, "answer_tokens": len(self.scaffold),
-                "image_policy": None if self.image_policy is None else self.image_policy.to_dict()}
+                "image_policy": None if self.image_policy is None else self.image_policy.to_dict(),
+                "typed_slots": self.constraints is not None}

@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..vla.modes import AttentionMode
-from .backend import Backend, Prompt, Sampling, StepResult, TokenArray
+from .backend import AllowedTokens, Backend, Prompt, Sampling, StepResult, TokenArray
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,7 +41,8 @@ def rollout_spread(waypoints: Sequence[npt.ArrayLike]) -> RolloutSpread:
 class PlanStats:
     """Cost of one plan. ``forwards`` counts backend calls (the NFE, prefill included);
     ``row_forwards`` weighs each by its batch rows; ``tokens`` counts answer tokens per row;
-    ``stage_ms`` holds prompt, vision, prefill, decode, parse and total."""
+    ``stage_ms`` holds prompt, vision, prefill, decode, parse and total; ``constrained`` whether the value
+    slots were decoded under their allowed-token masks."""
 
     decoder: str
     settings: Mapping[str, Any]
@@ -56,6 +57,9 @@ class PlanStats:
     image_tokens: int
     stop: str
     stage_ms: Mapping[str, float] = field(default_factory=dict)
+    # Whether value slots were decoded under their allowed-token masks (typed slots); False for the free
+    # decoders and on a backend that cannot apply them (a bundle exported before they existed).
+    constrained: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -87,7 +91,11 @@ class StageClock:
         return result
 
     def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
-             kv_end: int | None = None, sampling: Sampling | None = None) -> StepResult:
+             kv_end: int | None = None, sampling: Sampling | None = None,
+             allowed: AllowedTokens | None = None) -> StepResult:
+        if allowed is not None:  # only constrained decoders pass it (a backend without support never sees it)
+            return self.backend.step(tokens, start, mode=mode, write_kv=write_kv, kv_end=kv_end, sampling=sampling,
+                                     allowed=allowed)
         return self.backend.step(tokens, start, mode=mode, write_kv=write_kv, kv_end=kv_end, sampling=sampling)
 
     def fork(self, n: int) -> None:

@@ -13,7 +13,17 @@ from ..vla.kv_cache import CacheCapacityError
 from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
 from ..vla.rope_index import continuation_positions, image_token_counts
-from .backend import CacheFullError, Prompt, PromptError, Sampling, StepResult, TokenArray, check_tokens, prefill_length
+from .backend import (
+    AllowedTokens,
+    CacheFullError,
+    Prompt,
+    PromptError,
+    Sampling,
+    StepResult,
+    TokenArray,
+    check_tokens,
+    prefill_length,
+)
 from .confidence import check_softmax_dtype, top1_probability
 from .sampling import gumbel_keys
 
@@ -60,9 +70,11 @@ class TorchBackend:
     The cache is allocated once for ``capacity`` slots and ``max_batch`` rows; :meth:`fork` copies
     row 0 into the first ``n`` rows of a second preallocated cache, so no plan allocates.
     :attr:`image_policy` (the checkpoint's, set by the planner) resizes the prompt's images.
+    An :class:`AllowedTokens` table is copied to the device once (kept while the same array comes back).
     """
 
     image_policy: ImagePolicy | None = None
+    constrains_tokens = True  # step(allowed=...) masks the logits on the device
 
     def __init__(self, model: VLAModel, capacity: int, max_batch: int = 1, *, softmax_dtype: str = "float32") -> None:
         if capacity <= 0 or max_batch <= 0:
@@ -81,6 +93,7 @@ class TorchBackend:
         self.device = p.device
         # Multimodal RoPE: a generated token at slot s has position s + delta (delta from the prompt).
         self._rope_delta = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._table: tuple[object, torch.Tensor] | None = None  # (host table, its device copy)
 
     @property
     def length(self) -> int:
@@ -118,9 +131,12 @@ class TorchBackend:
 
     @torch.inference_mode()
     def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
-             kv_end: int | None = None, sampling: Sampling | None = None) -> StepResult:
+             kv_end: int | None = None, sampling: Sampling | None = None,
+             allowed: AllowedTokens | None = None) -> StepResult:
         arr = check_tokens(tokens, self.config.lm.vocab_size, self._batch)
         t = arr.shape[1]
+        if allowed is not None:
+            allowed.check(self._batch, t, self.config.lm.vocab_size)
         if start < 0 or start > self._length:
             raise ValueError(f"step at slot {start} outside 0..{self._length}: the cache holds {self._length} slots "
                              "and a later start would leave a gap")
@@ -141,7 +157,7 @@ class TorchBackend:
         if write_kv:
             self._length = max(start + t, kv_end or 0)
         slots = torch.arange(start, start + t, device=self.device)
-        return self._predict(hidden, sampling, slots)
+        return self._predict(hidden, sampling, slots, allowed)
 
     def fork(self, n: int) -> None:
         if self._batch != 1:
@@ -164,12 +180,21 @@ class TorchBackend:
             raise ValueError(f"truncate({length}) outside 0..{self._length}")
         self._length = length
 
-    def _predict(self, hidden: torch.Tensor, sampling: Sampling | None, slots: torch.Tensor | None) -> StepResult:
+    def _device_table(self, table: object) -> torch.Tensor:
+        if self._table is None or self._table[0] is not table:
+            self._table = (table, torch.from_numpy(np.array(table, dtype=np.bool_)).to(self.device))
+        return self._table[1]
+
+    def _predict(self, hidden: torch.Tensor, sampling: Sampling | None, slots: torch.Tensor | None,
+                 allowed: AllowedTokens | None = None) -> StepResult:
         # Top-1, its probability and the optional sample are reduced on the device; only
         # (batch, tokens) values travel to the host.
         logits = self.model.logits(hidden).float()
         # The mask token is an input marker, never an answer: no decoder may predict it.
         logits[..., self.config.tokens.mask] = float("-inf")
+        if allowed is not None:  # typed slots: what a position may not hold never wins, nor is drawn
+            rows = self._device_table(allowed.table)[torch.from_numpy(allowed.classes).to(self.device)]
+            logits = logits.masked_fill(~rows, float("-inf"))
         prob, top1 = top1_probability(logits, self.model.lm.embed_tokens.weight.dtype, self.softmax_dtype)
         sampled = None
         if sampling is not None:

@@ -49,7 +49,7 @@ import numpy.typing as npt
 from ..formats.bundle import Artifact, Bundle, BundleError, load_bundle
 from ..formats.onnx_io import MODE_IDS, load_spec
 from ..vla.modes import AttentionMode
-from .backend import BackendError, PromptError, TokenArray
+from .backend import AllowedTokens, BackendError, PromptError, TokenArray
 from .cuda_memory import CudaMemory, CudaUnavailableError, DeviceBuffer
 from .graph_backend import GraphBackend, GraphInputs, driving_model_files
 from .plan_types import DecoderSettings, PlannerSetupError
@@ -223,7 +223,9 @@ class TrtBackend(GraphBackend):
         self.close()
 
     def _forward(self, embeds: npt.NDArray[np.float32], positions: npt.NDArray[np.int64], start: int, key_end: int,
-                 mode: AttentionMode, *, commit: bool, graph: bool) -> tuple[TokenArray, npt.NDArray[np.float32]]:
+                 mode: AttentionMode, *, commit: bool, graph: bool,
+                 allowed: AllowedTokens | None = None) -> tuple[TokenArray, npt.NDArray[np.float32]]:
+        # ``allowed`` never arrives: engines take the typed-slot inputs as constants (constrains_tokens is False).
         m, t, p = self.memory, embeds.shape[0], self._parity
         self._embeds_host[:t] = embeds
         self._pos_host[: 3 * t] = np.asarray(positions).reshape(-1)

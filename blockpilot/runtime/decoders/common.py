@@ -10,7 +10,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ...vla.modes import AttentionMode
-from ..backend import Backend, Prompt, PromptError, Sampling, StepResult, TokenArray
+from ...vla.slot_constraints import SlotConstraints
+from ..backend import AllowedTokens, Backend, Prompt, PromptError, Sampling, StepResult, TokenArray
 
 
 class MaskInPromptError(PromptError, ValueError):
@@ -100,9 +101,13 @@ class CountingBackend:
         return self.backend.prefill(prompt, length=length, mode=mode)
 
     def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
-             kv_end: int | None = None, sampling: Sampling | None = None) -> StepResult:
+             kv_end: int | None = None, sampling: Sampling | None = None,
+             allowed: AllowedTokens | None = None) -> StepResult:
         self.forwards += 1
         self.row_forwards += int(np.asarray(tokens).shape[0])
+        if allowed is not None:  # only constrained decoders pass it (a backend without support never sees it)
+            return self.backend.step(tokens, start, mode=mode, write_kv=write_kv, kv_end=kv_end, sampling=sampling,
+                                     allowed=allowed)
         return self.backend.step(tokens, start, mode=mode, write_kv=write_kv, kv_end=kv_end, sampling=sampling)
 
     def fork(self, n: int) -> None:
@@ -115,3 +120,25 @@ class CountingBackend:
         arr = np.asarray(tokens, dtype=np.int64)
         return Decoded(arr[None] if arr.ndim == 1 else arr, self.forwards, self.row_forwards,
                        self.prefill_forwards, stop)
+
+
+def allowed_after(constraints: SlotConstraints | None, tokens: TokenArray, begin: int) -> AllowedTokens | None:
+    """The constraint of a causal forward over answer positions ``begin .. tokens.shape[1] - 1`` (each predicts
+    the next position, from the answer tokens before it); ``None`` without constraints."""
+    if constraints is None:
+        return None
+    return AllowedTokens(constraints.table, constraints.classes_after(tokens, begin))
+
+
+def first_prediction(fw: CountingBackend, prompt: Prompt, scaffold: ScaffoldLike,
+                     constraints: SlotConstraints | None) -> npt.NDArray[np.int64]:
+    """Prefill ``prompt`` and return the prediction for answer position 0, shape ``(1,)``. When that position is a
+    constrained value slot, the prompt's last token runs again as a constrained one-token step (prefill itself
+    takes no constraint), which costs one more forward only for answers that open with a value."""
+    if constraints is None or scaffold.frozen[0]:
+        return fw.prefill(prompt).top1[:, -1]
+    last = len(prompt) - 1
+    fw.prefill(prompt, length=last)
+    allowed = AllowedTokens(constraints.table, np.array([[constraints.class_at([], 0)]], dtype=np.int64))
+    return fw.step(prompt.token_ids[None, last:], last, mode=AttentionMode.CAUSAL, write_kv=True,
+                   allowed=allowed).top1[:, -1]

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...vla.modes import AttentionMode
-from ..backend import Backend, Prompt, Sampling, row_seeds
-from .common import CountingBackend, Decoded, ScaffoldLike
+from ...vla.slot_constraints import SlotConstraints
+from ..backend import AllowedTokens, Backend, Prompt, Sampling, row_seeds
+from .common import CountingBackend, Decoded, ScaffoldLike, first_prediction
 from .speculative import SpeculativeOptions, speculate
 
 
@@ -34,17 +35,19 @@ class RolloutOptions:
 
 
 def shared_prefix_rollouts(backend: Backend, prompt: Prompt, scaffold: ScaffoldLike,
-                           options: RolloutOptions) -> Decoded:
-    """``Decoded.tokens`` has one row per rollout; rows agree before the forked section."""
+                           options: RolloutOptions, constraints: SlotConstraints | None = None) -> Decoded:
+    """``Decoded.tokens`` has one row per rollout; rows agree before the forked section. ``constraints`` apply
+    to the greedy prefix and, before sampling, to every row's draws."""
     starts = {s.key: s.start for s in scaffold.sections}
     if options.fork_section not in starts:
         raise ValueError(f"the scaffold has no section {options.fork_section!r} to fork at "
                          f"(sections: {sorted(starts)})")
     fork_at, n = starts[options.fork_section], len(scaffold.token_ids)
     fw = CountingBackend(backend)
-    pending = fw.prefill(prompt).top1[:, -1]
+    pending = first_prediction(fw, prompt, scaffold, constraints)
     prefix = np.empty((1, n), dtype=np.int64)
-    pending = speculate(fw, scaffold, options.speculative, len(prompt), prefix, pending, 0, fork_at)
+    pending = speculate(fw, scaffold, options.speculative, len(prompt), prefix, pending, 0, fork_at,
+                        constraints=constraints)
     fw.fork(options.rollouts)
     out = np.repeat(prefix, options.rollouts, axis=0)
     sampling = Sampling(options.temperature, tuple(row_seeds(options.seed, options.rollouts)))
@@ -55,9 +58,11 @@ def shared_prefix_rollouts(backend: Backend, prompt: Prompt, scaffold: ScaffoldL
         slot = len(prompt) + fork_at - 1
         last = prefix[0, fork_at - 1] if fork_at > 0 else prompt.token_ids[-1]
         fw.truncate(slot)
+        allowed = None if constraints is None else AllowedTokens(
+            constraints.table, np.full((options.rollouts, 1), constraints.class_at(prefix[0], fork_at), np.int64))
         drawn = fw.step(np.full((options.rollouts, 1), last), slot, mode=AttentionMode.CAUSAL, write_kv=True,
-                        sampling=sampling).sampled
+                        sampling=sampling, allowed=allowed).sampled
         assert drawn is not None
         pending = drawn[:, 0]
-    speculate(fw, scaffold, options.speculative, len(prompt), out, pending, fork_at, n, sampling)
+    speculate(fw, scaffold, options.speculative, len(prompt), out, pending, fork_at, n, sampling, constraints)
     return fw.result(out, "scaffold")

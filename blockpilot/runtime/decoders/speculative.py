@@ -15,8 +15,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ...vla.modes import AttentionMode
-from ..backend import Backend, Prompt, Sampling, TokenArray
-from .common import CountingBackend, Decoded, ScaffoldLike
+from ...vla.slot_constraints import SlotConstraints
+from ..backend import AllowedTokens, Backend, Prompt, Sampling, TokenArray
+from .common import CountingBackend, Decoded, ScaffoldLike, allowed_after, first_prediction
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +45,14 @@ def section_blocks(scaffold: ScaffoldLike, begin: int, end: int, block_size: int
 
 def speculate(fw: CountingBackend, scaffold: ScaffoldLike, options: SpeculativeOptions, prompt_len: int,
               out: TokenArray, pending: npt.NDArray[np.int64], begin: int, end: int,
-              sampling: Sampling | None = None) -> npt.NDArray[np.int64]:
+              sampling: Sampling | None = None, constraints: SlotConstraints | None = None) -> npt.NDArray[np.int64]:
     """Fill ``out[:, begin:end]`` (rows in lockstep); ``pending`` is each row's prediction for
-    position ``begin``. Returns the predictions for position ``end``."""
+    position ``begin``. Returns the predictions for position ``end``.
+
+    With ``constraints`` the verify forward's position ``i`` is constrained by the window tokens before it:
+    while the draft up to ``i`` is accepted that is exactly the constraint ``ar_greedy`` applies, and what
+    follows a rejection is discarded, so the answer stays the constrained ``ar_greedy``'s. The draft only
+    gets each slot's slot-wide allowed set (a better draft, never a different answer)."""
     template, frozen = scaffold.token_ids, scaffold.frozen
     rows = out.shape[0]
     for a, b in section_blocks(scaffold, begin, end, options.block_size):
@@ -56,11 +62,15 @@ def speculate(fw: CountingBackend, scaffold: ScaffoldLike, options: SpeculativeO
             if slot[0]:
                 window[:, 0] = pending
             if slot[1:].any():
-                draft = fw.step(window, prompt_len + a, mode=AttentionMode.BIDIRECTIONAL, write_kv=False)
+                draft_allowed = None if constraints is None else AllowedTokens(
+                    constraints.table, np.repeat(constraints.draft_classes(a, b)[None], rows, axis=0))
+                draft = fw.step(window, prompt_len + a, mode=AttentionMode.BIDIRECTIONAL, write_kv=False,
+                                allowed=draft_allowed)
                 # Shifted: the state at position i predicts position i + 1.
                 fill = slot[None, 1:] & (draft.prob[:, :-1] > options.threshold)
                 window[:, 1:] = np.where(fill, draft.top1[:, :-1], window[:, 1:])
-            verify = fw.step(window, prompt_len + a, mode=AttentionMode.CAUSAL, write_kv=True, sampling=sampling)
+            verify = fw.step(window, prompt_len + a, mode=AttentionMode.CAUSAL, write_kv=True, sampling=sampling,
+                             allowed=allowed_after(constraints, np.concatenate([out[:, :a], window], axis=1), a))
             target = verify.sampled if sampling is not None else verify.top1
             assert target is not None
             ok = ~slot[None, 1:] | (window[:, 1:] == target[:, :-1])
@@ -77,9 +87,9 @@ def speculate(fw: CountingBackend, scaffold: ScaffoldLike, options: SpeculativeO
 
 
 def scaffold_speculative(backend: Backend, prompt: Prompt, scaffold: ScaffoldLike,
-                         options: SpeculativeOptions) -> Decoded:
+                         options: SpeculativeOptions, constraints: SlotConstraints | None = None) -> Decoded:
     fw = CountingBackend(backend)
-    pending = fw.prefill(prompt).top1[:, -1]
+    pending = first_prediction(fw, prompt, scaffold, constraints)
     out = np.empty((1, len(scaffold.token_ids)), dtype=np.int64)
-    speculate(fw, scaffold, options, len(prompt), out, pending, 0, out.shape[1])
+    speculate(fw, scaffold, options, len(prompt), out, pending, 0, out.shape[1], constraints=constraints)
     return fw.result(out, "scaffold")
