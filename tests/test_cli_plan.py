@@ -106,3 +106,54 @@ def test_decoder_choices_match_the_runtime() -> None:
     plan = build_parser()._subparsers._group_actions[0].choices["plan"]  # type: ignore[union-attr]
     decoder = next(a for a in plan._actions if a.dest == "decoder")
     assert tuple(decoder.choices) == DECODERS
+
+
+PICK_PLACE = Path(__file__).resolve().parents[1] / "benchmarks" / "schemas" / "pick_place.json"
+
+
+def test_plan_from_an_instruction_in_a_json_schema(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    # Random weights, but typed slots keep every value in its type: the answer parses into the schema's value.
+    rc = main(["plan", "--checkpoint", str(files["ckpt"]), "--image", str(files["front"]),
+               "--prompt", "Pick the red cube and place it in the bin.", "--schema", str(PICK_PLACE),
+               "--decoder", "scaffold"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["parse_error"] is None, out["parse_error"]
+    document = json.loads(PICK_PLACE.read_text())
+    assert list(out["value"]) == list(document["properties"])
+    assert out["waypoints"] is None and out["behaviour"] is None
+    assert out["stats"]["constrained"] is True and out["stats"]["image_tokens"] == 16
+
+
+def test_plan_from_an_instruction_equals_constrained_ar(files: dict[str, Path],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    texts = []
+    for decoder in ("ar", "scaffold"):
+        main(["plan", "--checkpoint", str(files["ckpt"]), "--image", str(files["front"]), "--prompt", "Tidy up.",
+              "--schema", str(PICK_PLACE), "--decoder", decoder])
+        texts.append(json.loads(capsys.readouterr().out)["text"])
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ([], "give --ego"),
+    (["--ego", EGO, "--prompt", "go"], "alternatives"),
+    (["--ego", EGO, "--system", "x"], "--system goes with --prompt"),
+    (["--prompt", "   "], "instruction is empty"),
+    (["--ego", EGO, "--schema", str(PICK_PLACE)], "needs a driving schema"),
+])
+def test_plan_refuses_mixed_inputs(files: dict[str, Path], capsys: pytest.CaptureFixture[str], extra: list[str],
+                                   message: str) -> None:
+    rc = main(["plan", "--checkpoint", str(files["ckpt"]), "--image", str(files["front"]), *extra])
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_a_planner_in_another_layout_refuses_driving_observations(files: dict[str, Path]) -> None:
+    from blockpilot.runtime.plan_types import Observation, ObservationError
+    from blockpilot.runtime.planner import Planner
+    from blockpilot.vla.json_schema import load_json_schema
+    from blockpilot.vla.prompt import EgoState
+
+    planner = Planner.from_checkpoint(files["ckpt"], schema=load_json_schema(PICK_PLACE))
+    ego = EgoState([[-7.5, 0], [-5, 0], [-2.5, 0], [0, 0]], 5.0, 0.0)
+    with pytest.raises(ObservationError, match="plan_text"):
+        planner.plan(Observation([road_image(112)], ego, "go straight"))

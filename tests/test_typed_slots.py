@@ -341,3 +341,67 @@ def test_cuda_backend_masks_like_torch(shipped: tuple[Any, Any]) -> None:
     assert np.array_equal(ours.top1, cuda.top1) and np.allclose(ours.prob, cuda.prob, atol=1e-5)
     assert ours.sampled is not None and cuda.sampled is not None and np.array_equal(ours.sampled, cuda.sampled)
     assert all(200 <= t < 230 for t in cuda.sampled[:, [0, 2]].ravel())
+
+
+def _enumerate_numbers(kind: FixedNumber, codec: QwenLikeCodec) -> set[str]:
+    """Every slot text the automaton admits, by walking all allowed tokens (the filler ends a text)."""
+    scaffold = build_scaffold(_Schema(kind), codec)  # type: ignore[arg-type]
+    constraints = build_constraints(scaffold, codec.vocab_size)
+    span = scaffold.slots[0]
+    found: set[str] = set()
+
+    def walk(ids: np.ndarray, p: int) -> None:
+        if p == span.end or (p > span.start and ids[p - 1] == codec.special.null):
+            found.add(codec.decode([int(t) for t in ids[span.start: p] if t != codec.special.null]))
+            return
+        for tok in np.flatnonzero(constraints.table[constraints.class_at(ids, p)]):
+            nxt = ids.copy()
+            nxt[p] = tok
+            walk(nxt, p + 1)
+
+    walk(scaffold.token_ids.copy(), span.start)
+    return found
+
+
+@pytest.mark.parametrize(("bounds", "frac"), [
+    ({"minimum": -1.0, "maximum": 1.0}, 2),
+    ({"minimum": 0.25, "maximum": 3.5}, 1),
+    ({"minimum": -3.0, "maximum": -0.5, "exclusive_maximum": True}, 1),
+    ({"minimum": -2.0, "maximum": 2.0, "exclusive_minimum": True, "exclusive_maximum": True}, 0),
+])
+def test_bounded_numbers_admit_exactly_the_values_in_range(bounds: dict[str, Any], frac: int) -> None:
+    from blockpilot.vla.json_parts import BoundedNumber
+
+    kind = BoundedNumber(1, frac, integer=frac == 0, **bounds)
+    admitted = _enumerate_numbers(kind, QwenLikeCodec())
+    step = 10.0 ** -frac
+    values = [round(i * step, frac) for i in range(-int(9.99 / step) - 1, int(9.99 / step) + 2)]
+    in_range = {kind.format_value(v, "v") for v in values if abs(v) <= kind.max_abs and not kind.out_of_range(v)}
+    # Every value in range can be written, and everything the automaton admits parses inside the range
+    # (zero may also be spelled with a minus sign, which parses to -0.0, in range where zero is).
+    assert in_range <= admitted
+    for text in admitted:
+        assert not kind.out_of_range(float(kind.parse_value(text)))  # type: ignore[arg-type]
+
+
+def test_a_number_range_no_value_fits_is_refused() -> None:
+    from blockpilot.vla.json_parts import BoundedNumber
+
+    with pytest.raises(ConstraintError, match="range"):
+        _enumerate_numbers(BoundedNumber(1, 1, minimum=0.01, maximum=0.04), QwenLikeCodec())
+
+
+def test_bounded_text_keeps_to_its_character_budget() -> None:
+    from blockpilot.vla.json_parts import BoundedText
+
+    codec = QwenLikeCodec()
+    kind = BoundedText(max_tokens=6, min_length=2, max_length=4)
+    scaffold = build_scaffold(_Schema(kind), codec)  # type: ignore[arg-type]
+    constraints = build_constraints(scaffold, codec.vocab_size)
+    rng = np.random.default_rng(0)
+    span = scaffold.slots[0]
+    for _ in range(300):
+        ids = random_fill(scaffold, constraints, rng)
+        text = scaffold.read_slots(ids)[span.path]
+        assert 2 <= len(text) <= 4, text
+        assert scaffold.decode_sections(ids)["value"] == text

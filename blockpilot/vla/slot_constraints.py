@@ -22,8 +22,6 @@ Torch-free: the planner and the graph backends import it.
 
 from __future__ import annotations
 
-import contextlib
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,181 +29,14 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .slots import Categorical, FixedNumber, FreeText, SchemaError, SlotKind
+from .slot_automata import DEAD, Automaton, ConstraintError, automaton_for, reserved_ids, token_texts
+from .slots import SlotKind
 from .tokenizer import TextCodec
 
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
 
-DEAD = -1  # a token the state did not allow: the position is discarded by the decoder, any class will do
-PAD = -2  # after a filler
-
-
-class ConstraintError(SchemaError):
-    """A slot cannot be constrained with this tokenizer (no token spells a character its format needs, ...)."""
-
-
-_TEXTS: weakref.WeakKeyDictionary[object, tuple[str, ...]] = weakref.WeakKeyDictionary()
-
-
-def token_texts(tokenizer: TextCodec) -> tuple[str, ...]:
-    """The text of every token id of ``tokenizer`` on its own (special tokens included), cached per tokenizer."""
-    try:
-        return _TEXTS[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    n = tokenizer.vocab_size
-    backend = getattr(tokenizer, "backend", None)
-    if backend is not None and hasattr(backend, "decode_batch"):
-        texts = tuple(str(t) for t in backend.decode_batch([[i] for i in range(n)], skip_special_tokens=False))
-    else:
-        texts = tuple(tokenizer.decode([i], skip_special_tokens=False) for i in range(n))
-    with contextlib.suppress(TypeError):  # not weak-referenceable: no cache
-        _TEXTS[tokenizer] = texts
-    return texts
-
-
-def _reserved_ids(tokenizer: TextCodec) -> set[int]:
-    special = tokenizer.special
-    ids = {special.mask, special.null, special.end} | set(getattr(tokenizer, "special_ids", ()))
-    ids |= {i for i in (special.pad, special.image, special.vision_start, special.vision_end) if i is not None}
-    return ids
-
-
-class _Automaton:
-    """One slot's automaton: ``start`` state, ``advance(state, token)``, ``allowed(state)`` rows."""
-
-    start: int = 0
-
-    def __init__(self, filler: int, vocab: int) -> None:
-        self.filler = filler
-        self.vocab = vocab
-
-    def row(self, ids: Sequence[int] | npt.NDArray[np.int64], filler: bool) -> BoolArray:
-        out = np.zeros(self.vocab, dtype=np.bool_)
-        out[np.asarray(list(ids), dtype=np.int64)] = True
-        if filler:
-            out[self.filler] = True
-        return out
-
-    def states(self) -> list[int]:
-        raise NotImplementedError
-
-    def allowed(self, state: int) -> BoolArray:
-        raise NotImplementedError
-
-    def advance(self, state: int, token: int) -> int:
-        raise NotImplementedError
-
-
-class _NumberAutomaton(_Automaton):
-    """State: characters of the fixed format written so far (``0 .. width``)."""
-
-    def __init__(self, kind: FixedNumber, texts: Sequence[str], filler: int, vocab: int, path: str) -> None:
-        super().__init__(filler, vocab)
-        point = 1 + kind.int_digits
-        self.classes = ["+-"] + ["0123456789"] * kind.int_digits
-        if kind.frac_digits:
-            self.classes += ["."] + ["0123456789"] * kind.frac_digits
-        assert len(self.classes) == kind.width and (not kind.frac_digits or self.classes[point] == ".")
-        self.width = kind.width
-        charset = set("+-.0123456789")
-        self.fits: dict[int, dict[int, int]] = {k: {} for k in range(self.width)}  # state -> token -> next state
-        for tok, text in enumerate(texts):
-            if tok == filler or not text or len(text) > self.width or not set(text) <= charset:
-                continue
-            for k in range(self.width - len(text) + 1):
-                if all(ch in self.classes[k + i] for i, ch in enumerate(text)):
-                    self.fits[k][tok] = k + len(text)
-        for k in range(self.width):
-            if not self.fits[k]:
-                raise ConstraintError(f"{path}: no token of the tokenizer spells character {k} of the number "
-                                      f"format (one of {self.classes[k]!r})")
-
-    def states(self) -> list[int]:
-        return [*range(self.width + 1), PAD]
-
-    def allowed(self, state: int) -> BoolArray:
-        if state == PAD or state == self.width:
-            return self.row([], filler=True)
-        return self.row(list(self.fits[state]), filler=False)
-
-    def advance(self, state: int, token: int) -> int:
-        if state == PAD or state == self.width:
-            return PAD if token == self.filler else DEAD
-        return self.fits[state].get(token, DEAD)
-
-
-class _TrieAutomaton(_Automaton):
-    """State: a node of the trie of the options' token sequences (0 the root)."""
-
-    def __init__(self, kind: Categorical, tokenizer: TextCodec, filler: int, vocab: int, path: str) -> None:
-        super().__init__(filler, vocab)
-        self.children: list[dict[int, int]] = [{}]
-        self.complete: list[bool] = [False]
-        for option in kind.options:
-            ids = tokenizer.encode(option)
-            if filler in ids:
-                raise ConstraintError(f"{path}: option {option!r} tokenizes with the filler token {filler}")
-            node = 0
-            for tok in ids:
-                nxt = self.children[node].get(tok)
-                if nxt is None:
-                    nxt = len(self.children)
-                    self.children[node][tok] = nxt
-                    self.children.append({})
-                    self.complete.append(False)
-                node = nxt
-            self.complete[node] = True
-
-    def states(self) -> list[int]:
-        return [*range(len(self.children)), PAD]
-
-    def allowed(self, state: int) -> BoolArray:
-        if state == PAD:
-            return self.row([], filler=True)
-        return self.row(list(self.children[state]), filler=self.complete[state])
-
-    def advance(self, state: int, token: int) -> int:
-        if state == PAD:
-            return PAD if token == self.filler else DEAD
-        if token == self.filler:
-            return PAD if self.complete[state] else DEAD
-        return self.children[state].get(token, DEAD)
-
-
-class _TextAutomaton(_Automaton):
-    """State 0: text so far (any ordinary token, or the filler); then PAD."""
-
-    def __init__(self, texts: Sequence[str], reserved: set[int], null_text: str, filler: int, vocab: int) -> None:
-        super().__init__(filler, vocab)
-        ok = [i for i, text in enumerate(texts) if i not in reserved and text and null_text not in text
-              and '"' not in text and "\\" not in text and all(ord(ch) >= 0x20 for ch in text)]
-        self._text = self.row(ok, filler=True)
-        self._ok = frozenset(ok)
-
-    def states(self) -> list[int]:
-        return [0, PAD]
-
-    def allowed(self, state: int) -> BoolArray:
-        return self.row([], filler=True) if state == PAD else self._text
-
-    def advance(self, state: int, token: int) -> int:
-        if token == self.filler:
-            return PAD
-        return 0 if state == 0 and token in self._ok else DEAD
-
-
-def _automaton(kind: SlotKind, tokenizer: TextCodec, texts: Sequence[str], reserved: set[int], null_text: str,
-               vocab: int, path: str) -> _Automaton:
-    filler = tokenizer.special.null
-    if isinstance(kind, FixedNumber):
-        return _NumberAutomaton(kind, texts, filler, vocab, path)
-    if isinstance(kind, Categorical):
-        return _TrieAutomaton(kind, tokenizer, filler, vocab, path)
-    if isinstance(kind, FreeText):
-        return _TextAutomaton(texts, reserved, null_text, filler, vocab)
-    raise ConstraintError(f"{path}: no token constraint for slot kind {type(kind).__name__}")
+__all__ = ["DEAD", "ConstraintError", "SlotConstraints", "build_constraints", "token_texts"]
 
 
 class _SpanView(Protocol):
@@ -252,7 +83,7 @@ class SlotConstraints:
     slot_of: IntArray
     slot_start: tuple[int, ...]
     union: IntArray
-    automata: tuple[_Automaton, ...]
+    automata: tuple[Automaton, ...]
     state_class: tuple[dict[int, int], ...]
 
     @property
@@ -313,7 +144,7 @@ def build_constraints(scaffold: ScaffoldView, vocab_size: int) -> SlotConstraint
     if vocab_size < n_tok:
         raise ConstraintError(f"the model's vocabulary ({vocab_size}) is smaller than the tokenizer's ({n_tok})")
     texts = token_texts(tokenizer)
-    reserved = _reserved_ids(tokenizer)
+    reserved = reserved_ids(tokenizer)
     null_text = scaffold.null_text
     spans = scaffold.slots
     n = len(scaffold.token_ids)
@@ -329,20 +160,25 @@ def build_constraints(scaffold: ScaffoldView, vocab_size: int) -> SlotConstraint
 
     slot_of = np.full(n, -1, dtype=np.int64)
     union = np.zeros(n + 1, dtype=np.int64)
-    automata: list[_Automaton] = []
+    automata: list[Automaton] = []
     state_class: list[dict[int, int]] = []
+    # Slots of one kind (the 12 flags, the 12 waypoint coordinates, ...) share one automaton and its classes.
+    built: dict[SlotKind, tuple[Automaton, dict[int, int], int]] = {}
     for s, span in enumerate(spans):
-        auto = _automaton(span.kind, tokenizer, texts, reserved, null_text, vocab_size, span.path)
-        classes: dict[int, int] = {}
-        any_row = np.zeros(vocab_size, dtype=np.bool_)
-        for state in auto.states():
-            row = auto.allowed(state)
-            if not row.any():
-                raise ConstraintError(f"{span.path}: state {state} of its token automaton allows no token")
-            any_row |= row
-            classes[state] = class_of(row)
+        if span.kind not in built:
+            auto = automaton_for(span.kind, tokenizer, texts, reserved, null_text, vocab_size, span.path)
+            classes: dict[int, int] = {}
+            any_row = np.zeros(vocab_size, dtype=np.bool_)
+            for state in auto.states():
+                row = auto.allowed(state)
+                if not row.any():
+                    raise ConstraintError(f"{span.path}: state {state} of its token automaton allows no token")
+                any_row |= row
+                classes[state] = class_of(row)
+            built[span.kind] = (auto, classes, class_of(any_row))
+        auto, classes, any_class = built[span.kind]
         slot_of[span.start: span.end] = s
-        union[span.start: span.end] = class_of(any_row)
+        union[span.start: span.end] = any_class
         automata.append(auto)
         state_class.append(classes)
     table = np.stack(rows)
