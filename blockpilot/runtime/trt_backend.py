@@ -226,8 +226,9 @@ class TrtBackend(GraphBackend):
         """Drop contexts and engines, then free every buffer (closing the memory layer when it is ours)."""
         if "graphs" in self.__dict__:
             self.graphs.clear()
-        if self.__dict__.get("_vision") is not None:
-            self._vision.close()
+        vision = self.__dict__.get("_vision")
+        if vision is not None:
+            vision.close()
         for name in ("graphs", "_contexts", "_lm", "_vision"):  # contexts before engines
             self.__dict__.pop(name, None)
         if self._owns_memory:
