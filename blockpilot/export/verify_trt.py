@@ -189,6 +189,25 @@ def lm_feeds(bundle: str | Path, observations: Sequence[Any], *, steps: int = 2)
     return feeds
 
 
+def engine_lm_feeds(feeds: Sequence[Feed], typed_slots: bool, vocab_size: int) -> list[Feed]:
+    """``feeds`` (ONNX Runtime's, where a prefill or an unconstrained step leaves the typed-slot inputs to their
+    defaults) made explicit for an engine: with ``typed_slots`` (an engine that takes ``allowed_table`` /
+    ``token_class``) the defaults written out (one allow-all row, class 0 at every position); without (an engine
+    built before them, which folded the defaults) both removed, so graph and engine run unconstrained."""
+    names = ("allowed_table", "token_class")
+    out = []
+    for feed in feeds:
+        if not typed_slots:
+            out.append({k: v for k, v in feed.items() if k not in names})
+        elif all(n in feed for n in names):
+            out.append(dict(feed))
+        else:
+            t = int(feed["inputs_embeds"].shape[1])
+            out.append({**feed, "allowed_table": np.ones((1, vocab_size), dtype=np.bool_),
+                        "token_class": np.zeros((1, t), dtype=np.int64)})
+    return out
+
+
 def vision_feeds(spec: Mapping[str, Any], observations: Sequence[Any], *, limit: int = 8) -> list[Feed]:
     """``{"patches": ...}`` of the observations' camera images (at most ``limit``), preprocessed as the backends do."""
     from ..formats.onnx_io import image_patches
@@ -267,7 +286,11 @@ def verify_engines(bundle: str | Path | Bundle, *, samples: int = 8, steps: int 
     comparisons = []
     for role, engine in engines.items():
         atol, min_top1 = TOLERANCES.get(engine.precision, TOLERANCES["fp16"])
-        comparisons.append(compare_engine(loaded.file(graphs[role].path), loaded.file(engine.path), feeds[role],
+        role_feeds = feeds[role]
+        if role == "lm_step":  # the typed-slot inputs as this engine takes them (its build's profiles say)
+            profiles = (engine.io.get("build") or {}).get("profiles") or {}
+            role_feeds = engine_lm_feeds(role_feeds, "allowed_table" in profiles, int(spec["vocab_size"]))
+        comparisons.append(compare_engine(loaded.file(graphs[role].path), loaded.file(engine.path), role_feeds,
                                           flavor=engine_flavor(engine), role=role, atol=atol,
                                           min_top1_agreement=min_top1, plugin=engine.variant == "plugin"))
     return EngineVerifyReport(str(loaded.path), cc, engine_flavor(engines["lm_step"]), len(frames), tuple(comparisons))
