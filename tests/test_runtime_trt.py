@@ -499,6 +499,18 @@ def test_bundle_vision_engines_one_per_exported_size(rtx_bundle: Bundle) -> None
     assert inputs["allowed_table"] == ([-1, vocab], "BOOL") and inputs["token_class"] == ([1, -1], "INT64")
     assert lm.io["build"]["profiles"]["allowed_table"][2] == [65, vocab]
 
+    # verify --backend tensorrt compares each vision engine with the graph of its grid, on frames of its size.
+    from blockpilot.export.verify_trt import _vision_jobs
+    from blockpilot.runtime.trt_vision import artifact_grid
+
+    observations = [observation(f) for f in heldout_keyframes(1, stride=12)[:2]]
+    jobs = _vision_jobs(rtx_bundle, chosen["vision"], load_spec(spec_dir), observations)
+    assert sorted(artifact_grid(engine) for _, _, engine, _ in jobs) == [(1, 4, 10), (1, 8, 8)]
+    for _, graph, engine, feeds in jobs:
+        grid = artifact_grid(engine)
+        assert grid is not None and artifact_grid(graph) == grid and graph.kind == "graph"
+        assert feeds and all(f["patches"].shape[0] == grid[0] * grid[1] * grid[2] for f in feeds)
+
 
 # -- on a GPU (the lent device): engines for its compute capability, built there --------------------------------
 

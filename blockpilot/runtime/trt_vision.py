@@ -70,20 +70,31 @@ def engine_policy(policy: ImagePolicy, spec: dict[str, Any], grids: list[Grid]) 
     return policy.with_sizes(kept)
 
 
-def bundle_vision_engines(bundle: Bundle, chosen: Artifact) -> str | Path | dict[Grid, Path]:
+def artifact_grid(artifact: Artifact) -> Grid | None:
+    """The patch grid a vision graph's or engine's manifest entry records (``None`` for an export from before
+    one vision graph per camera size)."""
+    graph = artifact.io.get("graph") if isinstance(artifact.io, dict) else None
+    if not isinstance(graph, dict) or "grid_thw" not in graph:
+        return None
+    t, h, w = (int(x) for x in graph["grid_thw"])
+    return t, h, w
+
+
+def vision_engine_artifacts(bundle: Bundle, chosen: Artifact) -> dict[Grid | None, Artifact]:
     """Every vision engine of ``bundle`` built like ``chosen`` (same target, compute capability, precision and
-    variant), by the patch grid its manifest entry records; an engine without a recorded grid (an export from
-    before one engine per camera size) is ``chosen`` alone."""
+    variant), by the patch grid its manifest entry records; ``{None: chosen}`` where an engine records none."""
     siblings = [a for a in bundle.engines(chosen.target) if a.role == "vision" and a.sm == chosen.sm
                 and a.precision == chosen.precision and a.variant == chosen.variant]
-    grids: dict[Grid, Path] = {}
-    for artifact in siblings:
-        graph = artifact.io.get("graph") if isinstance(artifact.io, dict) else None
-        if not isinstance(graph, dict) or "grid_thw" not in graph:
-            return bundle.file(chosen.path)
-        t, h, w = (int(x) for x in graph["grid_thw"])
-        grids[(t, h, w)] = bundle.file(artifact.path)
-    return grids
+    grids = {artifact_grid(a): a for a in siblings}
+    return {None: chosen} if None in grids else dict(grids)
+
+
+def bundle_vision_engines(bundle: Bundle, chosen: Artifact) -> str | Path | dict[Grid, Path]:
+    """The ``vision_engine`` argument of :class:`~blockpilot.runtime.trt_backend.TrtBackend` for a bundle: each
+    grid's engine file (:func:`vision_engine_artifacts`), or ``chosen``'s file alone for an older export."""
+    found = vision_engine_artifacts(bundle, chosen)
+    return {g: bundle.file(a.path) for g, a in found.items() if g is not None} if None not in found \
+        else bundle.file(chosen.path)
 
 
 class VisionEngines:
