@@ -218,8 +218,9 @@ def test_build_plugin_engine_raises_the_typed_error_with_tensorrt_rtx(exports: d
 
 def test_plugin_profiles_drop_key_end(exports: dict[str, Any]) -> None:
     profiles = plugin_profiles(exports["plugin_spec"])
-    assert set(profiles) == {"inputs_embeds", "position_ids"}
+    assert set(profiles) == {"inputs_embeds", "position_ids", "allowed_table", "token_class"}  # typed slots too
     assert profiles["inputs_embeds"][2] == (1, CAPACITY, 128)
+    assert profiles["token_class"][2] == (1, CAPACITY)
 
 
 @pytest.mark.tensorrt

@@ -66,6 +66,15 @@ def test_profiles_from_spec(graphs: tuple[Path, dict[str, Any]]) -> None:
     assert prof["inputs_embeds"] == ((1, 1, hidden), (1, block, hidden), (1, CAPACITY, hidden))
     assert prof["position_ids"][2] == (3, 1, CAPACITY)
     assert prof["key_end"] == ((1,), (block,), (CAPACITY,))
+    vocab = spec["vocab_size"]  # typed slots: C up to 64 classes + the backend's allow-all row; Tc over T's range
+    assert prof["allowed_table"] == ((1, vocab), (65, vocab), (65, vocab))
+    assert prof["token_class"] == ((1, 1), (1, block), (1, CAPACITY))
+    older = {**spec, "lm_step": {**spec["lm_step"], "inputs": [i for i in spec["lm_step"]["inputs"]
+                                                               if i["name"] not in ("allowed_table", "token_class")]}}
+    assert set(profiles_from_spec(older, "lm_step")) == {"inputs_embeds", "position_ids", "key_end"}
+    from blockpilot.export.trt_plugin import plugin_profiles
+
+    assert {"allowed_table", "token_class"} <= set(plugin_profiles(spec)) and "key_end" not in plugin_profiles(spec)
     assert profiles_from_spec(spec, "vision") == {}
     with pytest.raises(ValueError, match="unknown graph role"):
         profiles_from_spec(spec, "decoder")
@@ -102,6 +111,37 @@ def test_build_fp32_and_fp16(graphs: tuple[Path, dict[str, Any]], tmp_path: Path
     report = build_engine(fp16_onnx, fp16_engine, profiles=profiles, trt=trt)
     _check_report(report, fp16_engine, trt)
     assert report.engine_bytes < first.engine_bytes  # fp16 weights
+
+
+def test_typed_slot_inputs_stay_engine_inputs(graphs: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """The lm_step graph gives allowed_table / token_class ONNX defaults; a build with their profiles parses a copy
+    without them, so the network takes both as inputs (the graph itself is untouched); a build without their
+    profiles folds them to constants, as engines were built before (they run unconstrained)."""
+    import json
+
+    from blockpilot.export.trt_build import input_defaults, without_defaults
+
+    trt = _trt_or_skip()
+    onnx_dir, spec = graphs
+    graph = onnx_dir / "lm_step.onnx"
+    assert input_defaults(graph, ("allowed_table", "token_class", "start")) == ["allowed_table", "token_class"]
+    stripped = onnx.load_from_string(without_defaults(graph, ["allowed_table", "token_class"]))
+    assert {"allowed_table", "token_class"} <= {i.name for i in stripped.graph.input}
+    assert not {"allowed_table", "token_class"} & {t.name for t in stripped.graph.initializer}
+    vocab = spec["vocab_size"]
+    report = build_engine(graph, tmp_path / "typed.engine", profiles=profiles_from_spec(spec, "lm_step"), trt=trt)
+    assert report.network is not None
+    inputs = {i["name"]: i for i in json.loads(report.network.read_text())["inputs"]}
+    assert (inputs["allowed_table"]["shape"], inputs["allowed_table"]["dtype"]) == ([-1, vocab], "BOOL")
+    assert (inputs["token_class"]["shape"], inputs["token_class"]["dtype"]) == ([1, -1], "INT64")
+    assert inputs["key_end"]["shape_tensor"] and not inputs["token_class"]["shape_tensor"]
+    assert input_defaults(graph, ("allowed_table",)) == ["allowed_table"]  # the exported graph keeps its defaults
+
+    plain = {k: v for k, v in profiles_from_spec(spec, "lm_step").items() if k not in ("allowed_table", "token_class")}
+    report = build_engine(graph, tmp_path / "plain.engine", profiles=plain, trt=trt)
+    assert report.network is not None
+    names = [i["name"] for i in json.loads(report.network.read_text())["inputs"]]
+    assert names == ["inputs_embeds", "position_ids", "start", "key_end", "mode", "past_k", "past_v"]
 
 
 def test_missing_profile_is_refused(graphs: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import importlib.util
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,12 +43,13 @@ def _gpu() -> str | None:
 
 @pytest.fixture(scope="module")
 def rtx_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    """The shipped model with fp16 TensorRT-RTX engines for sm 8.9 (built here, no GPU needed)."""
+    """The shipped model with fp16 TensorRT-RTX engines for sm 8.9 (built here, no GPU needed), for a 112x112
+    and a 1600x900 camera (two vision engines)."""
     if importlib.util.find_spec("tensorrt_rtx") is None:
         pytest.skip("TensorRT-RTX (the trt extra) is not installed")
     with torch_threads(1):
         return load_bundle(export_bundle(SHIPPED_MODEL, tmp_path_factory.mktemp("trt") / "b", targets=("rtx-ada",),
-                                         engine_precision="fp16").bundle)
+                                         engine_precision="fp16", image_sizes=((112, 112), (900, 1600))).bundle)
 
 
 def test_cuda_memory_opens_or_says_why() -> None:
@@ -175,11 +177,12 @@ class _Memory:
 
 
 class _Engine:
-    """An ``ICudaEngine`` stand-in with the export's LM-step I/O; ``key_end`` a shape tensor or not. Its contexts
-    record, at each enqueue that runs, the ``key_end`` TensorRT would read: the host value at its address for a
-    shape tensor, else the last value uploaded to its device buffer."""
+    """An ``ICudaEngine`` stand-in with the export's LM-step I/O; ``key_end`` a shape tensor or not; with
+    ``slot_rows`` the typed-slot inputs too (``allowed_table`` up to that many rows). Its contexts record, at each
+    enqueue that runs, the ``key_end`` TensorRT would read: the host value at its address for a shape tensor,
+    else the last value uploaded to its device buffer; and with typed slots the classes last uploaded."""
 
-    def __init__(self, spec: dict[str, Any], memory: _Memory, key_end_on_host: bool) -> None:
+    def __init__(self, spec: dict[str, Any], memory: _Memory, key_end_on_host: bool, slot_rows: int = 0) -> None:
         cache = tuple(spec["lm_step"]["inputs"][5]["shape"])
         cap, hidden = spec["capacity"], spec["hidden_size"]
         scalar: tuple[tuple[int, ...], str, tuple[int, ...]] = ((), "INT64", ())
@@ -188,9 +191,15 @@ class _Engine:
             "position_ids": ((3, 1, -1), "INT64", (3, 1, cap)), "start": scalar, "key_end": scalar, "mode": scalar,
             "past_k": (cache, "FLOAT", cache), "past_v": (cache, "FLOAT", cache), "top1": ((1, -1), "INT64", None),
             "prob": ((1, -1), "FLOAT", None), "present_k": (cache, "FLOAT", None), "present_v": (cache, "FLOAT", None)}
+        if slot_rows:
+            vocab = spec["vocab_size"]
+            self.io["allowed_table"] = ((-1, vocab), "BOOL", (slot_rows, vocab))
+            self.io["token_class"] = ((1, -1), "INT64", (1, cap))
         self.names, self.memory, self.host = list(self.io), memory, key_end_on_host
         self.num_io_tensors, self.device_memory_size_v2 = len(self.names), 4096
         self.key_ends: list[int] = []
+        self.classes: list[list[int]] = []  # the token_class TensorRT would read at each eager run
+        self.shapes: list[dict[str, tuple[int, ...]]] = []  # the input shapes of each eager run
 
     def get_tensor_name(self, i: int) -> str:
         return self.names[i]
@@ -221,6 +230,10 @@ class _Engine:
             if not self.memory.capturing:
                 self.key_ends.append(ctypes.c_int64.from_address(addresses["key_end"]).value if self.host else
                                      int(next(v for n, v in reversed(self.memory.uploads) if n == "key_end")[0]))
+                self.shapes.append(dict(shapes))
+                if "token_class" in self.io:
+                    self.classes.append(next(v for n, v in reversed(self.memory.uploads) if n == "token_class")
+                                        .tolist())
             return True
 
         return SimpleNamespace(
@@ -273,6 +286,230 @@ def test_key_end_is_fed_where_the_engine_reads_it(onnx_dir: Path, plugin: bool, 
     assert backend.graphs.captures == 1 + int(plugin)  # (1, -1, parity) repeats with a device key_end
     assert [int(v[0]) for n, v in memory.uploads if n == "key_end"] == ([20, 52, 52, 21, 20] if plugin else [])
     backend.close()
+
+
+def _load_standins(monkeypatch: pytest.MonkeyPatch, engines: dict[str, Any]) -> None:
+    """``TrtEngine.load`` deserializes each path into the stand-in named by its file name."""
+    def load(flavor: str, paths: list[Path], cc: str, *, plugin: bool = False) -> list[TrtEngine]:
+        module = SimpleNamespace(TensorIOMode=SimpleNamespace(INPUT="input"), __name__="stand-in", __version__="0")
+        return [TrtEngine(module, SimpleNamespace(deserialize_cuda_engine=lambda blob, p=p: engines[p.name]), p, cc)
+                for p in paths]
+
+    monkeypatch.setattr(TrtEngine, "load", staticmethod(load))
+
+
+def test_typed_slots_are_fed_to_an_engine_that_takes_them(onnx_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from blockpilot.export.trt_build import MAX_SLOT_CLASSES, SLOT_TABLE_ROWS
+    from blockpilot.formats.onnx_io import load_spec
+    from blockpilot.runtime.backend import AllowedTokens
+    from blockpilot.runtime.trt_slots import SlotTableError
+
+    memory, spec = _Memory(), load_spec(onnx_dir)
+    vocab = spec["vocab_size"]
+    engine = _Engine(spec, memory, key_end_on_host=True, slot_rows=SLOT_TABLE_ROWS)
+    _load_standins(monkeypatch, {"lm.engine": engine})
+    (tmp_path / "lm.engine").write_bytes(b"")
+    backend = TrtBackend(tmp_path / "lm.engine", onnx_dir, memory=memory)  # type: ignore[arg-type]
+    assert backend.constrains_tokens and backend.max_slot_classes == MAX_SLOT_CLASSES
+    slots = backend._slots
+    assert slots is not None
+    for context in backend._contexts:  # fixed addresses, bound once per context
+        assert context.addresses["allowed_table"] == slots.table.ptr
+        assert context.addresses["token_class"] == slots.classes.ptr
+    (setup,) = [v for n, v in memory.uploads if n == "allowed_table"]
+    assert setup.shape == (SLOT_TABLE_ROWS, vocab) and setup[0].all() and not setup[1:].any()  # row 0: all
+
+    backend.prefill(Prompt(np.arange(10, 30)))  # unconstrained: class 0 everywhere
+    assert engine.classes[-1] == [0] * 20
+    assert engine.shapes[-1]["allowed_table"] == (SLOT_TABLE_ROWS, vocab)
+    assert engine.shapes[-1]["token_class"] == (1, 20)
+    table = np.zeros((3, vocab), dtype=np.bool_)
+    table[0], table[1, :5], table[2, 5:9] = True, True, True
+    block = np.full((1, 32), 5, dtype=np.int64)
+    classes = np.array([[0, 1, 2, 1] * 8])
+    backend.step(block, 20, mode=AttentionMode.BIDIRECTIONAL, write_kv=False, allowed=AllowedTokens(table, classes))
+    assert engine.classes[-1] == (classes[0] + 1).tolist()  # shifted past the reserved allow-all row
+    assert engine.shapes[-1]["token_class"] == (1, 32) and engine.shapes[-1]["allowed_table"][0] == SLOT_TABLE_ROWS
+    uploaded = [v for n, v in memory.uploads if n == "allowed_table"][1:]
+    assert len(uploaded) == 1 and uploaded[0].shape == (4, vocab)
+    assert uploaded[0][0].all() and np.array_equal(uploaded[0][1:], table)
+
+    # The same key again: replayed from its CUDA graph, with the new classes written to the fixed buffer first.
+    other = np.array([[2, 2, 0, 1] * 8])
+    launches = len(memory.launched)
+    backend.step(block, 20, mode=AttentionMode.BIDIRECTIONAL, write_kv=False, allowed=AllowedTokens(table, other))
+    assert len(memory.launched) == launches + 1
+    last_classes = next(v for n, v in reversed(memory.uploads) if n == "token_class")
+    assert last_classes.tolist() == (other[0] + 1).tolist()
+    assert sum(n == "allowed_table" for n, _ in memory.uploads) == 2  # same table object: not uploaded again
+
+    backend.step(block[:, :1], 20, mode=AttentionMode.CAUSAL, write_kv=True)  # no ``allowed``: unconstrained
+    assert engine.classes[-1] == [0]
+    again = table.copy()  # another table object (another planner): uploaded
+    backend.step(block[:, :2], 21, mode=AttentionMode.CAUSAL, write_kv=False,
+                 allowed=AllowedTokens(again, np.array([[1, 2]])))
+    assert sum(n == "allowed_table" for n, _ in memory.uploads) == 3 and engine.classes[-1] == [2, 3]
+    assert slots.table_uploads == 2
+
+    too_many = np.ones((MAX_SLOT_CLASSES + 1, vocab), dtype=np.bool_)
+    with pytest.raises(SlotTableError, match=f"up to {MAX_SLOT_CLASSES} classes"):
+        backend.step(block[:, :1], 21, mode=AttentionMode.CAUSAL, write_kv=False,
+                     allowed=AllowedTokens(too_many, np.zeros((1, 1), dtype=np.int64)))
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def sized_onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped model exported for a 112x112 and a 1600x900 camera (two vision graphs: 112x112, 140x56)."""
+    from blockpilot.export.onnx_graphs import export_onnx
+    from blockpilot.vla.image_policy import load_image_policy
+    from blockpilot.vla.loader import load_model
+
+    out = tmp_path_factory.mktemp("sized")
+    model = load_model(SHIPPED_MODEL)
+    assert model.config.vision is not None
+    with torch_threads(1):
+        export_onnx(model, out, 320, image_sizes=[(112, 112), (900, 1600)],
+                    policy=load_image_policy(SHIPPED_MODEL, model.config.vision))
+    return out
+
+
+def test_planner_constrains_on_new_engines_and_not_on_older_ones(sized_onnx_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from blockpilot.formats.onnx_io import load_spec
+    from blockpilot.runtime.backend import AllowedTokens
+    from blockpilot.runtime.graph_backend import driving_model_files
+    from blockpilot.runtime.planner import Planner
+    from blockpilot.runtime.trt_backend import TrtUnsupportedError
+
+    onnx_dir = sized_onnx_dir  # a cache that holds the scaffold decoder's answer budget
+    spec = load_spec(onnx_dir)
+    config, tokenizer, schema = driving_model_files(SHIPPED_MODEL)
+    (tmp_path / "lm.engine").write_bytes(b"")
+    settings = DecoderSettings(name="scaffold")
+    planners = {}
+    for rows in (65, 0, 8):  # the default profile, an engine from before typed slots, a too-small profile
+        memory = _Memory()
+        _load_standins(monkeypatch, {"lm.engine": _Engine(spec, memory, key_end_on_host=True, slot_rows=rows)})
+        backend = TrtBackend(tmp_path / "lm.engine", onnx_dir, memory=memory)  # type: ignore[arg-type]
+        if rows == 8:  # the driving schema has 16 classes on the reference tokenizer
+            with pytest.raises(PlannerSetupError, match="need 16 allowed-token classes; the TrtBackend engine "
+                                                        "takes up to 7"):
+                Planner(backend, config, tokenizer, decoder=settings, schema=schema)
+            continue
+        planners[rows] = Planner(backend, config, tokenizer, decoder=settings, schema=schema)
+    assert planners[65].constraints is not None and planners[65].describe()["typed_slots"] is True
+    older = planners[0]
+    assert older.constraints is None and older.describe()["typed_slots"] is False
+    assert not older.backend.constrains_tokens  # type: ignore[attr-defined]
+    assert older.backend._slots is None and older.backend.max_slot_classes is None  # type: ignore[attr-defined]
+    older.backend.prefill(Prompt(np.arange(10, 30)))
+    with pytest.raises(TrtUnsupportedError, match="no allowed_table / token_class inputs"):
+        older.backend.step(np.ones((1, 1), dtype=np.int64), 20, mode=AttentionMode.CAUSAL, write_kv=False,
+                           allowed=AllowedTokens(np.ones((1, spec["vocab_size"]), bool), np.zeros((1, 1), int)))
+
+
+class _VisionEngine:
+    """An ``ICudaEngine`` stand-in for one vision graph: static ``patches -> features``; counts its runs."""
+
+    def __init__(self, graph: dict[str, Any]) -> None:
+        self.io = {v["name"]: tuple(v["shape"]) for v in graph["inputs"] + graph["outputs"]}
+        self.names, self.num_io_tensors, self.device_memory_size_v2 = list(self.io), 2, 1024
+        self.runs = 0
+
+    def get_tensor_name(self, i: int) -> str:
+        return self.names[i]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return "input" if name == "patches" else "output"
+
+    def get_tensor_dtype(self, name: str) -> str:
+        return "DataType.FLOAT"
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.io[name]
+
+    def create_execution_context(self) -> Any:
+        def run(stream: int) -> bool:
+            self.runs += 1
+            return True
+
+        return SimpleNamespace(execute_async_v3=run, set_tensor_address=lambda name, ptr: True)
+
+
+def test_each_frame_runs_the_vision_engine_of_its_size(sized_onnx_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from blockpilot.formats.onnx_io import load_spec, vision_graphs
+    from blockpilot.runtime.ort_backend import OrtBackend
+
+    spec = load_spec(sized_onnx_dir)
+    graphs = {tuple(g["grid_thw"]): g for g in vision_graphs(spec["vision"])}
+    assert set(graphs) == {(1, 8, 8), (1, 4, 10)}
+    memory = _Memory()
+    vision = {f"{g[1]}x{g[2]}.engine": _VisionEngine(graph) for g, graph in graphs.items()}
+    _load_standins(monkeypatch, {"lm.engine": _Engine(spec, memory, key_end_on_host=True), **vision})
+    for name in ["lm.engine", *vision]:
+        (tmp_path / name).write_bytes(b"")
+    engines = {g: tmp_path / f"{g[1]}x{g[2]}.engine" for g in graphs}
+    backend = TrtBackend(tmp_path / "lm.engine", sized_onnx_dir, memory=memory,  # type: ignore[arg-type]
+                         vision_engine=engines)
+    ort = OrtBackend(sized_onnx_dir)
+    assert backend.image_policy is not None and ort.image_policy is not None
+    assert backend.image_policy.sizes == ort.image_policy.sizes == ((112, 112), (56, 140))
+    image_id = spec["image_token_id"]
+    rng = np.random.default_rng(0)
+    # nuScenes (exported), the reference camera (exported), WOD 3:2 (nearest in aspect: 112x112), a 3:1 crop
+    # (nearest: 140x56): the engine each runs on
+    frames = {(900, 1600): "4x10", (112, 112): "8x8", (1280, 1920): "8x8", (300, 900): "4x10"}
+    for (h, w), grid in frames.items():
+        target = backend.image_policy.target_size(h, w)
+        assert target == ort.image_policy.target_size(h, w)  # one shared choice
+        tokens = (target[0] // 28) * (target[1] // 28)
+        before = {n: e.runs for n, e in vision.items()}
+        backend.prefill(Prompt(np.array([10, *([image_id] * tokens), 11]),
+                               (rng.integers(0, 255, (h, w, 3), dtype=np.uint8),)))
+        assert {n: e.runs - before[n] for n, e in vision.items()} == {n: int(n == f"{grid}.engine") for n in vision}
+
+    single = TrtBackend(tmp_path / "lm.engine", sized_onnx_dir, memory=memory,  # type: ignore[arg-type]
+                        vision_engine=tmp_path / "8x8.engine")  # one path: the first exported size's engine
+    assert single.image_policy is not None and single.image_policy.sizes == ((112, 112),)
+    single.prefill(Prompt(np.array([10, *([image_id] * 16), 11]), (rng.integers(0, 255, (900, 1600, 3),
+                                                                                 dtype=np.uint8),)))
+    assert vision["8x8.engine"].runs == 3  # resized to the one engine's size
+    with pytest.raises(PlannerSetupError, match=r"patch grids \[\(1, 6, 6\)\]"):
+        TrtBackend(tmp_path / "lm.engine", sized_onnx_dir, memory=memory,  # type: ignore[arg-type]
+                   vision_engine={(1, 6, 6): tmp_path / "8x8.engine"})
+
+
+def test_bundle_vision_engines_one_per_exported_size(rtx_bundle: Bundle) -> None:
+    from blockpilot.formats.onnx_io import load_spec
+    from blockpilot.runtime.trt_vision import bundle_vision_engines
+
+    chosen = select_engines(rtx_bundle, "8.9")
+    files = bundle_vision_engines(rtx_bundle, chosen["vision"])
+    assert isinstance(files, dict) and set(files) == {(1, 8, 8), (1, 4, 10)}
+    assert len(set(files.values())) == 2 and all(p.is_file() for p in files.values())
+    lm = chosen["lm_step"]
+    network = json.loads(rtx_bundle.file(next(f for f in lm.extra_files if f.endswith(".network.json")))
+                         .read_text())
+    inputs = {i["name"]: (i["shape"], i["dtype"]) for i in network["inputs"]}
+    spec_dir = rtx_bundle.file(next(a for a in rtx_bundle.graphs("decomposed") if a.role == "lm_step").path).parent
+    vocab = load_spec(spec_dir)["vocab_size"]
+    assert inputs["allowed_table"] == ([-1, vocab], "BOOL") and inputs["token_class"] == ([1, -1], "INT64")
+    assert lm.io["build"]["profiles"]["allowed_table"][2] == [65, vocab]
+
+    # verify --backend tensorrt compares each vision engine with the graph of its grid, on frames of its size.
+    from blockpilot.export.verify_trt import _vision_jobs
+    from blockpilot.runtime.trt_vision import artifact_grid
+
+    observations = [observation(f) for f in heldout_keyframes(1, stride=12)[:2]]
+    jobs = _vision_jobs(rtx_bundle, chosen["vision"], load_spec(spec_dir), observations)
+    assert sorted(artifact_grid(engine) for _, _, engine, _ in jobs) == [(1, 4, 10), (1, 8, 8)]
+    for _, graph, engine, feeds in jobs:
+        grid = artifact_grid(engine)
+        assert grid is not None and artifact_grid(graph) == grid and graph.kind == "graph"
+        assert feeds and all(f["patches"].shape[0] == grid[0] * grid[1] * grid[2] for f in feeds)
 
 
 # -- on a GPU (the lent device): engines for its compute capability, built there --------------------------------

@@ -312,5 +312,6 @@ def test_build_plugin_engine_registers_and_asks_for_aliasing(graphs: dict[str, P
     trt_plugin.build_plugin_engine(graphs["plugin"], tmp_path / "p.engine", spec=spec, trt=proper)
     (call,) = calls
     assert call["preview_features"] == ("ALIASED_PLUGIN_IO_10_03",) and call["compute_capability"] is None
-    assert set(call["profiles"]) == {"inputs_embeds", "position_ids"} and call["trt"] is proper
+    assert set(call["profiles"]) == {"inputs_embeds", "position_ids", "allowed_table", "token_class"}
+    assert call["trt"] is proper  # the typed-slot inputs are profiled, so the build keeps them as inputs
     assert rtx.get_plugin_registry().get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None

@@ -61,6 +61,25 @@ def test_feeds_are_real_prefills_and_block_steps_with_their_cache(bundle: Path, 
         assert {int(s["mode"]) for s in steps} <= set(spec["mode_ids"].values())
 
 
+def test_engine_feeds_spell_out_or_drop_the_typed_slot_inputs(bundle: Path,
+                                                              feeds: list[dict[str, np.ndarray]]) -> None:
+    """An engine with the typed-slot inputs gets them on every feed (the ONNX defaults written out, which give
+    the graph's own outputs); an engine built before them gets none."""
+    import onnxruntime as ort
+
+    from blockpilot.export.verify_trt import engine_lm_feeds
+
+    vocab = load_spec(_graph(bundle, "lm_step.onnx").parent)["vocab_size"]
+    explicit = engine_lm_feeds(feeds, True, vocab)
+    assert all({"allowed_table", "token_class"} <= set(f) for f in explicit)
+    assert explicit[0]["token_class"].shape == (1, feeds[0]["inputs_embeds"].shape[1])
+    assert not any({"allowed_table", "token_class"} & set(f) for f in engine_lm_feeds(feeds, False, vocab))
+    session = ort.InferenceSession(str(_graph(bundle, "lm_step.onnx")), providers=["CPUExecutionProvider"])
+    bare = {k: v for k, v in feeds[0].items() if k not in ("allowed_table", "token_class")}
+    for a, b in zip(session.run(["top1", "prob"], bare), session.run(["top1", "prob"], explicit[0]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_native_attention_graph_agrees_with_the_decomposed_one(bundle: Path, feeds: list[dict[str, np.ndarray]],
                                                                tmp_path: Path) -> None:
     native = tmp_path / "lm_native.onnx"

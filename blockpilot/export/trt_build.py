@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..formats.onnx_io import graph_has_typed_slots
 from ..trt.compat import TensorRT, load_tensorrt
 from ..trt.compat import TrtUnavailableError as TrtUnavailableError  # moved to blockpilot.trt; re-exported here
 
@@ -126,7 +127,8 @@ def _inspect(trt: TensorRT, logger: Any, engine_bytes: Any, out: Path) -> tuple[
 
 
 def network_summary(trt: TensorRT, network: Any) -> dict[str, Any]:
-    """What the parsed (strongly typed) network holds before the build: every layer's type and output types,
+    """What the parsed (strongly typed) network holds before the build: its inputs (name, shape with -1 for a
+    dynamic dimension, data type, whether a shape tensor), every layer's type and output types,
     counts per layer type and per output precision, and the attention / plugin / Q-DQ layers found. Written
     beside each engine, it is the build-side half of the inspector (the engine inspector needs a GPU)."""
     layers: list[dict[str, Any]] = []
@@ -140,7 +142,10 @@ def network_summary(trt: TensorRT, network: Any) -> dict[str, Any]:
         types[kind] = types.get(kind, 0) + 1
         if outs:
             precisions[outs[0]] = precisions.get(outs[0], 0) + 1
-    return {"flavor": trt.flavor, "version": trt.version, "layers": len(layers), "layer_types": types,
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    io = [{"name": t.name, "shape": [int(d) for d in t.shape], "dtype": str(t.dtype).split(".")[-1],
+           "shape_tensor": bool(t.is_shape_tensor)} for t in inputs]
+    return {"flavor": trt.flavor, "version": trt.version, "inputs": io, "layers": len(layers), "layer_types": types,
             "output_precisions": precisions, "attention_layers": types.get("ATTENTION_INPUT", 0),
             "plugin_layers": types.get("PLUGIN_V3", 0) + types.get("PLUGIN_V2", 0) + types.get("PLUGIN", 0),
             "qdq_layers": types.get("QUANTIZE", 0) + types.get("DEQUANTIZE", 0), "per_layer": layers}
@@ -198,18 +203,55 @@ def check_buildable(onnx_path: str | Path, flavor: str, compute_capability: str 
                              f"not {compute_capability}")
 
 
+# Typed value slots in an engine: a schema may use up to MAX_SLOT_CLASSES allowed-token classes (the shipped
+# presets use 16 (driving) and 9 (robot) on the reference tokenizer); the engine's ``allowed_table`` takes one
+# row more, the allow-all row the TensorRT backend keeps at row 0 for unconstrained steps.
+MAX_SLOT_CLASSES = 64
+SLOT_TABLE_ROWS = MAX_SLOT_CLASSES + 1
+
+
 def profiles_from_spec(spec: Mapping[str, Any], role: str, opt_tokens: int | None = None) -> dict[str, Any]:
     """Profile ranges for a graph of :func:`blockpilot.export.onnx_graphs.export_onnx`: for ``lm_step``, T from 1
-    to the cache capacity (opt: one block) and the shape-tensor input ``key_end`` over the same range."""
+    to the cache capacity (opt: one block) and the shape-tensor input ``key_end`` over the same range; where the
+    graph has the typed-slot inputs, ``allowed_table`` ``(C, V)`` with C from 1 to :data:`SLOT_TABLE_ROWS` (opt:
+    the maximum, which the backend always feeds) and ``token_class`` ``(1, Tc)`` with Tc over T's range."""
     if role == "vision":
         return {}  # the vision graph is fully static (its grid is fixed at export)
     if role != "lm_step":
         raise ValueError(f"unknown graph role {role!r}")
     cap, hidden = int(spec["capacity"]), int(spec["hidden_size"])
     opt = min(cap, opt_tokens or int(spec["block_size"]))
-    return {"inputs_embeds": ((1, 1, hidden), (1, opt, hidden), (1, cap, hidden)),
-            "position_ids": ((3, 1, 1), (3, 1, opt), (3, 1, cap)),
-            "key_end": ((1,), (opt,), (cap,))}
+    profiles: dict[str, Any] = {"inputs_embeds": ((1, 1, hidden), (1, opt, hidden), (1, cap, hidden)),
+                                "position_ids": ((3, 1, 1), (3, 1, opt), (3, 1, cap)),
+                                "key_end": ((1,), (opt,), (cap,))}
+    if graph_has_typed_slots(dict(spec)):
+        vocab = int(spec["vocab_size"])
+        profiles["allowed_table"] = ((1, vocab), (SLOT_TABLE_ROWS, vocab), (SLOT_TABLE_ROWS, vocab))
+        profiles["token_class"] = ((1, 1), (1, opt), (1, cap))
+    return profiles
+
+
+def input_defaults(onnx_path: str | Path, names: Sequence[str]) -> list[str]:
+    """Which of ``names`` are graph inputs of ``onnx_path`` that also carry a default (an initializer of the
+    same name, as the typed-slot inputs of :mod:`blockpilot.export.typed_slots_graph` do)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inputs = {i.name for i in model.graph.input}
+    return [t.name for t in model.graph.initializer if t.name in inputs and t.name in names]
+
+
+def without_defaults(onnx_path: str | Path, names: Sequence[str]) -> bytes:
+    """``onnx_path`` serialized with the defaults of the inputs ``names`` dropped, so a TensorRT parser makes
+    them real network inputs instead of folding them into constants. External data stays where it is (parse
+    the bytes with ``path=onnx_path``)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    kept = [t for t in model.graph.initializer if t.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return bytes(model.SerializeToString())
 
 
 def _add_profile(builder: Any, config: Any, network: Any, profiles: Profiles) -> None:
@@ -261,12 +303,16 @@ class BuildReport:
         return out
 
 
-def parse_network(trt: TensorRT, logger: Any, onnx_path: Path) -> tuple[Any, Any]:
-    """(builder, strongly typed network) parsed from ``onnx_path`` (call :func:`check_buildable` first)."""
+def parse_network(trt: TensorRT, logger: Any, onnx_path: Path, inputs: Sequence[str] = ()) -> tuple[Any, Any]:
+    """(builder, strongly typed network) parsed from ``onnx_path`` (call :func:`check_buildable` first).
+    ``inputs`` with a default in the graph stay network inputs (:func:`without_defaults`)."""
     builder = trt.Builder(logger)
     network = _strongly_typed_network(trt, builder)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    defaulted = input_defaults(onnx_path, inputs) if inputs else []
+    parsed = parser.parse(without_defaults(onnx_path, defaulted), str(onnx_path)) if defaulted else \
+        parser.parse_from_file(str(onnx_path))
+    if not parsed:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineBuildError(f"{onnx_path}: the ONNX parser failed: {errors}")
     return builder, network
@@ -283,7 +329,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profiles: Pr
     ``preview_features`` names ``trt.PreviewFeature`` members to enable (the plugin build's aliasing).
 
     ``profiles`` maps each dynamic input to ``(min, opt, max)`` shapes; for a shape-tensor input (``key_end``)
-    the triples are its values. The inspector's layer JSON lands at ``<engine>.layers.json`` when a GPU can
+    the triples are its values. An input named there that has a default in the graph (the typed-slot inputs)
+    is built as a real input: the parser sees a copy without the default, which it would fold to a constant.
+    The inspector's layer JSON lands at ``<engine>.layers.json`` when a GPU can
     deserialize the engine (otherwise the report says why); the parsed network's summary
     (:func:`network_summary`) always lands at ``<engine>.network.json``.
     """
@@ -292,7 +340,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profiles: Pr
     check_buildable(onnx_path, trt.flavor, compute_capability)
     t0 = time.perf_counter()
     logger = trt.Logger(getattr(trt.Logger, log_level))
-    builder, network = parse_network(trt, logger, onnx_path)
+    builder, network = parse_network(trt, logger, onnx_path, tuple(profiles or {}))
     if network_hook is not None:
         network_hook(trt, network)
     summary = network_summary(trt, network)

@@ -7,8 +7,11 @@ softmax and the top-1 (a ``Gather`` and a ``Where``), so only ``top1`` / ``prob`
 Both are also initializers of the graph (an ONNX input with a default): ``allowed_table`` defaults to one row
 that allows everything and ``token_class`` to ``[[0]]``, which broadcasts over the window. A caller that feeds
 neither (an older runtime, a verification script) runs the graph unconstrained, exactly as before. The ONNX
-Runtime backend feeds both where the spec records ``typed_slots``; a TensorRT parser turns defaulted inputs
-into constants, so engines built from these graphs run unconstrained and the stats say so.
+Runtime backend feeds both where the spec records ``typed_slots``. A TensorRT parser would turn defaulted inputs
+into constants, so :func:`blockpilot.export.trt_build.build_engine` parses a copy without the defaults of the
+inputs it has profiles for (:func:`~blockpilot.export.trt_build.profiles_from_spec` gives both), and the
+TensorRT backend feeds them (:mod:`blockpilot.runtime.trt_slots`); engines built before that run unconstrained
+and the stats say so.
 """
 
 from __future__ import annotations

@@ -189,14 +189,38 @@ def lm_feeds(bundle: str | Path, observations: Sequence[Any], *, steps: int = 2)
     return feeds
 
 
-def vision_feeds(spec: Mapping[str, Any], observations: Sequence[Any], *, limit: int = 8) -> list[Feed]:
-    """``{"patches": ...}`` of the observations' camera images (at most ``limit``), preprocessed as the backends do."""
-    from ..formats.onnx_io import image_patches
+def engine_lm_feeds(feeds: Sequence[Feed], typed_slots: bool, vocab_size: int) -> list[Feed]:
+    """``feeds`` (ONNX Runtime's, where a prefill or an unconstrained step leaves the typed-slot inputs to their
+    defaults) made explicit for an engine: with ``typed_slots`` (an engine that takes ``allowed_table`` /
+    ``token_class``) the defaults written out (one allow-all row, class 0 at every position); without (an engine
+    built before them, which folded the defaults) both removed, so graph and engine run unconstrained."""
+    names = ("allowed_table", "token_class")
+    out = []
+    for feed in feeds:
+        if not typed_slots:
+            out.append({k: v for k, v in feed.items() if k not in names})
+        elif all(n in feed for n in names):
+            out.append(dict(feed))
+        else:
+            t = int(feed["inputs_embeds"].shape[1])
+            out.append({**feed, "allowed_table": np.ones((1, vocab_size), dtype=np.bool_),
+                        "token_class": np.zeros((1, t), dtype=np.int64)})
+    return out
+
+
+def vision_feeds(spec: Mapping[str, Any], observations: Sequence[Any], *, limit: int = 8,
+                 size: tuple[int, int] | None = None) -> list[Feed]:
+    """``{"patches": ...}`` of the observations' camera images (at most ``limit``), preprocessed as the backends do;
+    with ``size`` (an exported vision graph's ``(height, width)``) each image is resized to it by the export's
+    policy."""
+    from ..formats.onnx_io import image_patches, spec_policy
 
     vision = spec["vision"]
+    policy = None if size is None else spec_policy(dict(vision), "onnx_spec.json").with_sizes((size,))
     images = [image for obs in observations for image in obs.images][:limit]
     return [{"patches": image_patches(np.asarray(image, dtype=np.uint8), int(vision["patch_size"]),
-                                      int(vision["spatial_merge_size"]), int(vision["temporal_patch_size"]))[0]}
+                                      int(vision["spatial_merge_size"]), int(vision["temporal_patch_size"]),
+                                      policy=policy)[0]}
             for image in images]
 
 
@@ -257,17 +281,37 @@ def verify_engines(bundle: str | Path | Bundle, *, samples: int = 8, steps: int 
         engines = select_engines(loaded, cc, precision=precision, variant=variant)
     except (CudaUnavailableError, EngineSelectionError) as exc:
         raise EngineVerifyError(f"verify --backend tensorrt: {exc}") from exc
-    graphs = {a.role: a for a in loaded.graphs(variant="decomposed")}
+    graphs = {a.role: a for a in loaded.graphs(variant="decomposed") if a.role == "lm_step"}
     frames = heldout_keyframes(max(1, (samples + 9) // 10), stride=4)[:samples]
     observations = [observation(f) for f in frames]
     spec = load_spec(loaded.file(graphs["lm_step"].path).parent)
-    feeds = {"lm_step": lm_feeds(loaded.path, observations, steps=steps)}
-    if "vision" in engines:
-        feeds["vision"] = vision_feeds(spec, observations)
+    # The typed-slot inputs as the LM engine takes them (its build's profiles say).
+    profiles = (engines["lm_step"].io.get("build") or {}).get("profiles") or {}
+    jobs = [("lm_step", graphs["lm_step"], engines["lm_step"],
+             engine_lm_feeds(lm_feeds(loaded.path, observations, steps=steps), "allowed_table" in profiles,
+                             int(spec["vocab_size"])))]
+    if "vision" in engines:  # every camera size's engine against its own graph, the frames resized to its size
+        jobs += _vision_jobs(loaded, engines["vision"], spec, observations)
     comparisons = []
-    for role, engine in engines.items():
+    for role, graph, engine, role_feeds in jobs:
         atol, min_top1 = TOLERANCES.get(engine.precision, TOLERANCES["fp16"])
-        comparisons.append(compare_engine(loaded.file(graphs[role].path), loaded.file(engine.path), feeds[role],
+        comparisons.append(compare_engine(loaded.file(graph.path), loaded.file(engine.path), role_feeds,
                                           flavor=engine_flavor(engine), role=role, atol=atol,
                                           min_top1_agreement=min_top1, plugin=engine.variant == "plugin"))
     return EngineVerifyReport(str(loaded.path), cc, engine_flavor(engines["lm_step"]), len(frames), tuple(comparisons))
+
+
+def _vision_jobs(bundle: Bundle, chosen: Any, spec: Mapping[str, Any],
+                 observations: Sequence[Any]) -> list[tuple[str, Any, Any, list[Feed]]]:
+    """``(role, graph, engine, feeds)`` for each vision engine built like ``chosen``, paired with the vision graph
+    of its patch grid (an older export: its one graph, with the observations as they are)."""
+    from ..runtime.trt_vision import artifact_grid, graph_sizes, vision_engine_artifacts
+
+    graphs = [a for a in bundle.graphs(variant="decomposed") if a.role == "vision"]
+    sizes = graph_sizes(dict(spec))
+    jobs = []
+    for grid, engine in vision_engine_artifacts(bundle, chosen).items():
+        graph = next((g for g in graphs if artifact_grid(g) == grid), graphs[0])
+        size = None if grid is None else sizes[grid]
+        jobs.append(("vision", graph, engine, vision_feeds(spec, observations, size=size)))
+    return jobs

@@ -116,6 +116,10 @@ class Planner:
         self.constraints: SlotConstraints | None = None
         if getattr(backend, "constrains_tokens", False) and self.settings.uses_scaffold:
             self.constraints = build_constraints(self.scaffold, config.lm.vocab_size)
+            limit = getattr(backend, "max_slot_classes", None)  # a TensorRT engine's allowed_table profile
+            if limit is not None and self.constraints.num_classes > limit:
+                raise PlannerSetupError(f"the schema's typed slots need {self.constraints.num_classes} allowed-token "
+                                        f"classes; the {type(backend).__name__} engine takes up to {limit}")
         try:  # a tokenizer without the chat tokens fails here, not on the first observation
             chat_prompt_ids(tokenizer, DRIVING_SYSTEM_PROMPT, "", [1] if config.vision is not None else [])
         except PromptError as exc:

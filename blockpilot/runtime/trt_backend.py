@@ -36,6 +36,15 @@ change T every plan and always run eagerly. Capture is off when ``cuda_graphs=0`
 TensorRT reports the context not stream-capturable (TensorRT-RTX engines need to be built to use
 application-provided memory); an engine whose output shapes depend on data cannot use fixed buffers at all and
 is refused. :attr:`TrtBackend.graph_note` says which applies.
+
+Typed value slots. An engine with the ``allowed_table`` / ``token_class`` inputs constrains
+(:attr:`constrains_tokens`): the table is uploaded once per table object into a fixed buffer whose row 0 allows
+everything, and each forward writes its classes into a fixed buffer before the engine runs or its graph replays
+(:mod:`blockpilot.runtime.trt_slots`), so the graph keys above still hold. An engine built before those inputs
+runs unconstrained and the plans' stats say ``constrained: false``.
+
+Vision. One static engine per exported camera size (patch grid); every frame is resized by the export's policy
+restricted to the sizes with an engine, and its grid picks the engine (:mod:`blockpilot.runtime.trt_vision`).
 """
 
 from __future__ import annotations
@@ -49,12 +58,14 @@ import numpy.typing as npt
 from ..formats.bundle import Artifact, Bundle, BundleError, load_bundle
 from ..formats.onnx_io import MODE_IDS, load_spec
 from ..vla.modes import AttentionMode
-from .backend import AllowedTokens, BackendError, PromptError, TokenArray
-from .cuda_memory import CudaMemory, CudaUnavailableError, DeviceBuffer
+from .backend import AllowedTokens, BackendError, TokenArray
+from .cuda_memory import CudaMemory, CudaUnavailableError
 from .graph_backend import GraphBackend, GraphInputs, driving_model_files
 from .plan_types import DecoderSettings, PlannerSetupError
 from .planner import Planner
 from .trt_engine import StepGraphs, TrtEngine, bind, enqueue
+from .trt_slots import SlotFeed, has_typed_slots
+from .trt_vision import VisionEngineArg, VisionEngines, bundle_vision_engines, engine_paths, engine_policy
 
 PRECISION_ORDER = ("fp8", "fp16", "fp32")
 VARIANT_ORDER = ("native", "decomposed", "plugin")  # fused attention first; the Python plugin last
@@ -130,14 +141,15 @@ class TrtBackend(GraphBackend):
     built the engines (``tensorrt`` or ``tensorrt_rtx``); ``plugin``: the LM engine was built from the plugin
     graph (its plugin is registered before deserialization). ``memory`` is created here unless given;
     :meth:`close` closes it when it was created here or ``own_memory`` hands it over. ``cuda_graphs``: how many
-    step graphs to keep (0: none).
+    step graphs to keep (0: none). ``vision_engine``: one engine path (the first exported camera size's) or a
+    mapping from each exported vision graph's patch grid to its engine.
     """
 
     backend_name = "TensorRT"
     rollouts_note = "rollouts need the torch backend"
     unsupported = TrtUnsupportedError
 
-    def __init__(self, lm_engine: str | Path, onnx_dir: str | Path, *, vision_engine: str | Path | None = None,
+    def __init__(self, lm_engine: str | Path, onnx_dir: str | Path, *, vision_engine: VisionEngineArg = None,
                  memory: CudaMemory | None = None, own_memory: bool = False, flavor: str = "tensorrt",
                  plugin: bool = False, cuda_graphs: int = 4) -> None:
         self.memory = memory if memory is not None else CudaMemory()
@@ -148,19 +160,18 @@ class TrtBackend(GraphBackend):
             self.close()
             raise
 
-    def _setup(self, lm_path: Path, onnx_dir: Path, vision_path: str | Path | None, flavor: str, plugin: bool,
+    def _setup(self, lm_path: Path, onnx_dir: Path, vision_engine: VisionEngineArg, flavor: str, plugin: bool,
                cuda_graphs: int) -> None:
         m = self.memory
         self.spec: dict[str, Any] = load_spec(onnx_dir)
         self._inputs = GraphInputs(self.spec, onnx_dir, vision="engine")
-        if self._inputs.policy is not None and self._inputs.policy.sizes:
-            # One vision engine runs here (the first exported size's): every frame is resized to its size.
-            first = self._inputs.policy.sizes[0]
-            self._inputs.policy = self._inputs.policy.with_sizes((first,))
+        vision_paths = engine_paths(self.spec, vision_engine)
+        if self._inputs.policy is not None and vision_paths:
+            # Every frame is resized to a size with an engine (the ONNX Runtime backend's choice over its graphs).
+            self._inputs.policy = engine_policy(self._inputs.policy, self.spec, list(vision_paths))
         cap = self.capacity
-        paths = [lm_path] + ([Path(vision_path)] if vision_path is not None else [])
-        engines = TrtEngine.load(flavor, paths, m.compute_capability, plugin=plugin)
-        lm, self._vision = engines[0], (engines[1] if len(engines) > 1 else None)
+        engines = TrtEngine.load(flavor, [lm_path, *vision_paths.values()], m.compute_capability, plugin=plugin)
+        lm = engines[0]
         self._lm = lm
         self.layout = layout = lm.lm_layout()
         if any(lm.aliased_input(n) for n in ("present_k", "present_v")):
@@ -174,6 +185,10 @@ class TrtBackend(GraphBackend):
         if not layout.key_end_on_host:  # plugin engines: key_end is data like start
             device_inputs.append("key_end")
         self._buf = {n: m.alloc(n, lm.nbytes(n, lm.max_shape(n))) for n in device_inputs}
+        # Typed value slots (trt_slots): engines built with the inputs constrain; older ones run unconstrained.
+        self._slots = SlotFeed(m, lm, cap, self._inputs.vocab) if has_typed_slots(lm) else None
+        self.constrains_tokens = self._slots is not None
+        self.max_slot_classes = None if self._slots is None else self._slots.max_classes
         self._kv = [(m.alloc(f"k{p}", lm.nbytes("past_k", lm.max_shape("past_k"))),
                      m.alloc(f"v{p}", lm.nbytes("past_v", lm.max_shape("past_v")))) for p in (0, 1)]
         for k, v in self._kv:  # never read before written, but no stale NaN ever reaches a masked product
@@ -196,10 +211,10 @@ class TrtBackend(GraphBackend):
         self._pos_host = m.pinned(3 * cap, layout.dtypes["position_ids"])
         self._top1_host, self._prob_host = m.pinned(cap, layout.dtypes["top1"]), m.pinned(cap, layout.dtypes["prob"])
         self.graphs = StepGraphs(m, cuda_graphs)
-        self._vision_io = self._vision_setup(self._vision) if self._vision is not None else None
-        vision_spec = self.spec.get("vision") or {}
-        self._merge2 = int(vision_spec.get("spatial_merge_size", 1)) ** 2
-        self._image_encoder = None if self._vision_io is None else self._encode
+        merge = int((self.spec.get("vision") or {}).get("spatial_merge_size", 1))
+        self._vision = VisionEngines(m, dict(zip(vision_paths, engines[1:], strict=True)), merge) \
+            if vision_paths else None
+        self._image_encoder = None if self._vision is None else self._vision.encode
         self._parity = self._length = self._rope_delta = 0
 
     @property
@@ -211,7 +226,10 @@ class TrtBackend(GraphBackend):
         """Drop contexts and engines, then free every buffer (closing the memory layer when it is ours)."""
         if "graphs" in self.__dict__:
             self.graphs.clear()
-        for name in ("graphs", "_contexts", "_vision_io", "_lm", "_vision"):  # contexts before engines
+        vision = self.__dict__.get("_vision")
+        if vision is not None:
+            vision.close()
+        for name in ("graphs", "_contexts", "_lm", "_vision"):  # contexts before engines
             self.__dict__.pop(name, None)
         if self._owns_memory:
             self.memory.close()
@@ -225,7 +243,6 @@ class TrtBackend(GraphBackend):
     def _forward(self, embeds: npt.NDArray[np.float32], positions: npt.NDArray[np.int64], start: int, key_end: int,
                  mode: AttentionMode, *, commit: bool, graph: bool,
                  allowed: AllowedTokens | None = None) -> tuple[TokenArray, npt.NDArray[np.float32]]:
-        # ``allowed`` never arrives: engines take the typed-slot inputs as constants (constrains_tokens is False).
         m, t, p = self.memory, embeds.shape[0], self._parity
         self._embeds_host[:t] = embeds
         self._pos_host[: 3 * t] = np.asarray(positions).reshape(-1)
@@ -237,6 +254,8 @@ class TrtBackend(GraphBackend):
         for name in ("start", "mode", "key_end"):
             if name in self._buf:
                 m.upload(self._buf[name], staged[name])
+        if self._slots is not None:  # the window's classes (all 0 without ``allowed``) at their fixed address
+            self._slots.feed(allowed, t)
         key = (t, key_end if self.layout.key_end_on_host else -1, p)
         if not (graph and self.graphs.enabled and self.graphs.replay(key)):
             fresh = graph and self.graphs.wanted(key)  # a repeated key: its own context, run eagerly, then captured
@@ -258,46 +277,19 @@ class TrtBackend(GraphBackend):
         top1 = self._top1_host[:t].astype(np.int64)[None]
         return top1, self._prob_host[:t].astype(np.float32)[None]
 
-    def _encode(self, patches: npt.NDArray[np.float32], grid: tuple[int, int, int]) -> npt.NDArray[np.float32]:
-        """One image's features: one vision-engine run (as the ONNX Runtime backend runs its graph)."""
-        assert self._vision_io is not None and self._vision is not None
-        context, inp, out, out_shape = self._vision_io
-        if patches.shape[0] != grid[0] * grid[1] * grid[2] or out_shape[0] * self._merge2 != patches.shape[0]:
-            raise PromptError(f"image patch grid {grid}: the vision engine {self._vision.path} was built for "
-                              f"{out_shape[0] * self._merge2} patches")
-        self.memory.upload(inp, np.ascontiguousarray(patches, dtype=self._vision.dtype(inp.name)))
-        enqueue(context, self.memory.stream, "vision")
-        features = np.empty(out_shape, dtype=self._vision.dtype(out.name))
-        self.memory.download(features, out)
-        self.memory.synchronize()
-        return features.astype(np.float32, copy=False)
-
-    def _vision_setup(self, engine: TrtEngine) -> tuple[Any, DeviceBuffer, DeviceBuffer, tuple[int, ...]]:
-        if len(engine.inputs) != 1 or len(engine.outputs) != 1:
-            raise PlannerSetupError(f"{engine.path}: inputs {engine.inputs}, outputs {engine.outputs}; expected one "
-                                    "each (patches -> features)")
-        (name_in,), (name_out,) = engine.inputs, engine.outputs
-        shape_in, shape_out = (tuple(int(d) for d in engine.engine.get_tensor_shape(n)) for n in (name_in, name_out))
-        if any(d < 0 for d in (*shape_in, *shape_out)):
-            raise PlannerSetupError(f"{engine.path}: dynamic shapes {shape_in} -> {shape_out}; the vision engine "
-                                    "of an export is static (one image grid)")
-        inp = self.memory.alloc(name_in, engine.nbytes(name_in, shape_in))
-        out = self.memory.alloc(name_out, engine.nbytes(name_out, shape_out))
-        context = engine.context()
-        bind(context, {name_in: inp.ptr, name_out: out.ptr}, engine.path)
-        return context, inp, out, shape_out
-
     def _addresses(self, parity: int) -> dict[str, int]:
         """Every LM tensor's address for ``parity``: past = cache buffer ``parity``, present = the other one;
         ``key_end`` the pinned host value where it is a shape tensor."""
         (k_past, v_past), (k_present, v_present) = self._kv[parity], self._kv[1 - parity]
         host = {"key_end": int(self._staged["key_end"].ctypes.data)} if self.layout.key_end_on_host else {}
-        return {**{n: b.ptr for n, b in self._buf.items()}, **host, "past_k": k_past.ptr, "past_v": v_past.ptr,
+        slots = self._slots.addresses() if self._slots is not None else {}
+        return {**{n: b.ptr for n, b in self._buf.items()}, **host, **slots, "past_k": k_past.ptr, "past_v": v_past.ptr,
                 "present_k": k_present.ptr, "present_v": v_present.ptr}
 
     def _set_shapes(self, context: Any, t: int, key_end: int) -> None:
         self._staged["key_end"][0] = key_end
-        for name, shape in (("inputs_embeds", (1, t, self._inputs.hidden)), ("position_ids", (3, 1, t))):
+        slots = self._slots.shapes(t) if self._slots is not None else ()
+        for name, shape in (("inputs_embeds", (1, t, self._inputs.hidden)), ("position_ids", (3, 1, t)), *slots):
             if not context.set_input_shape(name, shape):
                 raise BackendError(f"set_input_shape({name}, {shape}) refused: outside the engine's profile")
 
@@ -327,7 +319,8 @@ def trt_planner(bundle_path: str | Path, *, decoder: DecoderSettings | None = No
         config, tokenizer, schema = driving_model_files(bundle.path / "model")
         vision = engines.get("vision")
         backend = TrtBackend(bundle.file(engines["lm_step"].path), bundle.file(graphs["lm_step"].path).parent,
-                             vision_engine=None if vision is None else bundle.file(vision.path), memory=memory,
+                             vision_engine=None if vision is None else bundle_vision_engines(bundle, vision),
+                             memory=memory,
                              own_memory=True, flavor=engine_flavor(engines["lm_step"]),
                              plugin=engines["lm_step"].variant == "plugin", cuda_graphs=cuda_graphs)
     except ImportError as exc:
