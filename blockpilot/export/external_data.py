@@ -115,7 +115,8 @@ def consolidate(graph: str | Path, *, threshold: int | None = None, model: Any =
     if model is None:
         model = onnx.load(str(path), load_external_data=False)
     limit = external_threshold() if threshold is None else threshold
-    tensors = list(_tensors(model.graph))
+    n_inits = len(model.graph.initializer)
+    tensors = list(_tensors(model.graph))  # the initializers first
     old_files = external_files(path)
     if not old_files and graph_weight_bytes(model) <= limit:
         return None
@@ -123,7 +124,8 @@ def consolidate(graph: str | Path, *, threshold: int | None = None, model: Any =
     tmp = root / f".{name}.tmp"
     offset = 0
     with tmp.open("wb") as out:
-        for tensor in tensors:
+        for index, tensor in enumerate(tensors):
+            is_init = index < n_inits
             if _is_external(tensor):
                 info = _external_info(tensor)
                 src = root / info["location"]
@@ -135,7 +137,7 @@ def consolidate(graph: str | Path, *, threshold: int | None = None, model: Any =
                 with src.open("rb") as fin:
                     fin.seek(start)
                     _copy(fin, out, length, src)
-            elif len(tensor.raw_data) >= MIN_TENSOR_BYTES:
+            elif is_init and len(tensor.raw_data) >= MIN_TENSOR_BYTES:  # Constant nodes' tensors stay inline
                 pad = -offset % ALIGN
                 out.write(b"\0" * pad)
                 offset += pad
@@ -165,10 +167,61 @@ def _copy(fin: Any, fout: Any, length: int, src: Path) -> None:
         left -= len(chunk)
 
 
-def copy_graph(src: str | Path, dst: str | Path) -> None:
-    """Copy a graph and its external-data file(s) to ``dst`` (another directory); one data file ends up beside it."""
-    src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
-    for loc in external_files(src):
-        shutil.copyfile(src.parent / loc, dst.parent / loc)
+def tensor_array(tensor: Any, base_dir: str | Path) -> Any:
+    """One initializer's value as a numpy array, read from its external file when it has one (that tensor only)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    if not _is_external(tensor):
+        return numpy_helper.to_array(tensor)
+    info = _external_info(tensor)
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    src = Path(base_dir) / info["location"]
+    with src.open("rb") as fh:
+        fh.seek(int(info.get("offset") or 0))
+        raw = fh.read(count * np.dtype(dtype).itemsize)
+    if len(raw) != count * np.dtype(dtype).itemsize:
+        raise ExternalDataError(f"{src}: tensor {tensor.name!r} needs {count * np.dtype(dtype).itemsize} bytes, "
+                                f"the file holds {len(raw)} from its offset")
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+
+
+class DataWriter:
+    """Append tensors to a graph's new external-data file (page aligned), pointing each ``TensorProto`` at it."""
+
+    def __init__(self, graph: str | Path) -> None:
+        self.name = data_file(graph)
+        self.path = Path(graph).parent / self.name
+        self.tmp = self.path.with_name(f".{self.name}.tmp")
+        self._fh = self.tmp.open("wb")
+        self.offset = 0
+
+    def put(self, tensor: Any, raw: bytes | memoryview) -> None:
+        pad = -self.offset % ALIGN
+        self._fh.write(b"\0" * pad)
+        self.offset += pad
+        self._fh.write(raw)
+        _set_external(tensor, self.name, self.offset, len(raw))
+        self.offset += len(raw)
+
+    def close(self, keep: bool) -> None:
+        """Finish the file (``keep``) or drop it (nothing was written)."""
+        self._fh.close()
+        if keep:
+            self.tmp.replace(self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def share_external_data(src_graph: str | Path, dst_graph: str | Path) -> None:
+    """Make ``src_graph``'s external-data files reachable from ``dst_graph``'s directory (a rewrite saved elsewhere
+    keeps the same relative references): nothing when the directories are the same, else a copy (onnx's checker
+    refuses hard-linked data files)."""
+    src, dst = Path(src_graph).parent.resolve(), Path(dst_graph).parent.resolve()
+    if src == dst:
+        return
+    for loc in external_files(src_graph):
+        target = dst / loc
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / loc, target)
