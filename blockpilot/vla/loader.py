@@ -31,6 +31,9 @@ def load_model(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     config = load_config(checkpoint_dir, token_overrides=token_overrides)
+    from ..memory_budget import check_fits
+
+    check_fits(checkpoint_dir, ("load",), dtype, what=f"loading in {dtype}")  # refuse before any allocation
     with torch.device("meta"):
         model = VLAModel(config)
     # Built on the meta device so a 3B model is not randomly initialised only to be overwritten, and in the target
