@@ -155,10 +155,10 @@ def load_weights(model: nn.Module, checkpoint_dir: str | Path, architecture: str
         named = [f"{to_hf(n)} (for {n})" for n in missing[:5]]
         raise CheckpointError(f"{checkpoint_dir}: {len(missing)} missing tensor(s) " + ", ".join(named)
                               + (" ..." if len(missing) > 5 else ""))
-    for path, entries in plan.items():
+    for path, reads in plan.items():
         try:
             with path.open("rb", buffering=0) as fh:
-                for entry, ours in sorted(entries, key=lambda e: e[0].start):  # sequential reads
+                for entry, ours in sorted(reads, key=lambda e: e[0].start):  # sequential reads
                     read_into(fh, entry, expected[ours], path)
         except (SafetensorsFormatError, OSError) as exc:
             raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc

@@ -14,7 +14,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
 import torch
 
@@ -79,8 +79,8 @@ def read_header(path: str | Path) -> list[TensorEntry]:
     return entries
 
 
-def _readinto(fh: BinaryIO, entry: TensorEntry, dst: torch.Tensor, path: Path) -> None:
-    view = memoryview(dst.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes
+def _readinto(fh: Any, entry: TensorEntry, dst: torch.Tensor, path: Path) -> None:
+    view = memoryview(dst.reshape(-1).view(torch.uint8).numpy().data)  # the tensor's own bytes
     fh.seek(entry.start)
     done = 0
     while done < entry.nbytes:
@@ -90,7 +90,7 @@ def _readinto(fh: BinaryIO, entry: TensorEntry, dst: torch.Tensor, path: Path) -
         done += n
 
 
-def read_into(fh: BinaryIO, entry: TensorEntry, target: torch.Tensor, path: Path) -> None:
+def read_into(fh: Any, entry: TensorEntry, target: torch.Tensor, path: Path) -> None:
     """Fill ``target`` (a contiguous CPU tensor of ``entry``'s shape) from the open file ``fh``."""
     with torch.no_grad():
         if target.dtype == entry.dtype and target.is_contiguous():
