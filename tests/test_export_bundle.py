@@ -32,9 +32,23 @@ RECIPE: dict[str, Any] = {"name": "fp8-mlp", "rules": [], "algorithm": "max", "k
                           "auto": None}
 
 
+def external_graph(location: str = "lm_step.onnx.data", length: int = 2048, offset: int = 0) -> bytes:
+    """A real (tiny) ONNX model whose one initializer lives in the external file ``location``."""
+    from onnx import TensorProto, helper
+    from onnx.external_data_helper import set_external_data
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [length // 4], vals=b"\0" * length, raw=True)
+    set_external_data(weight, location, offset=offset, length=length)
+    weight.data_location = TensorProto.EXTERNAL
+    weight.ClearField("raw_data")
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [length // 4])], [weight])
+    return bytes(helper.make_model(graph).SerializeToString())
+
+
 def _fakes(root: Path) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
-    files = {"graph": b"ONNX-GRAPH" * 100, "data": bytes(range(256)) * 8, "engine": b"ENGINE" * 300,
+    files = {"graph": external_graph(), "data": bytes(range(256)) * 8, "engine": b"ENGINE" * 300,
              "inspector": json.dumps({"layers": ["attn", "mlp"]}).encode()}
     names = {"graph": "lm_step.onnx", "data": "lm_step.onnx.data", "engine": "lm_step.engine",
              "inspector": "lm_step.layers.json"}

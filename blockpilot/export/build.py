@@ -112,6 +112,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
 
     check_bundle_target(Path(out), overwrite)
     driving = checked_schema(Path(checkpoint), schema)
+    from ..memory_budget import check_fits
+
+    check_fits(checkpoint, ("export", *(("engines",) if plans else ()), *(("quantize",) if recipe else ())),
+               what="blockpilot export")  # before any weight is read: refuse rather than be killed halfway
 
     progress = progress or Progress(enabled=False)
     progress.stages = 3 + int(recipe is not None) + int(bool(plans))

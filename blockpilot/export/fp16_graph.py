@@ -28,7 +28,13 @@ def to_fp16_graph(onnx_in: str | Path, onnx_out: str | Path, *, keep_fp32_ops: I
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.load(str(onnx_in))
+    from ..formats.onnx_external import external_files
+    from .external_data import MIN_TENSOR_BYTES, DataWriter, save_structure, tensor_array
+
+    # Structure only: a graph over 2 GB keeps its weights external, converted one tensor at a time.
+    model = onnx.load(str(onnx_in), load_external_data=False)
+    base = Path(onnx_in).parent
+    writer = DataWriter(onnx_out) if external_files(onnx_in) else None
     inferred = onnx.shape_inference.infer_shapes(model)
     graph = model.graph
     if any(n.op_type in ("If", "Loop", "Scan") for n in all_nodes(graph)):
@@ -44,8 +50,12 @@ def to_fp16_graph(onnx_in: str | Path, onnx_out: str | Path, *, keep_fp32_ops: I
 
     for init in graph.initializer:
         if init.data_type == f32:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype("float16"), init.name))
+            init.CopyFrom(numpy_helper.from_array(tensor_array(init, base).astype("float16"), init.name))
             counts["initializers"] += 1
+        elif writer is not None and init.data_location == TensorProto.EXTERNAL:
+            init.CopyFrom(numpy_helper.from_array(tensor_array(init, base), init.name))
+        if writer is not None and len(init.raw_data) >= MIN_TENSOR_BYTES:
+            writer.put(init, init.raw_data)  # into <onnx_out>.data, so the source's file is not needed
     # Where each float tensor's current dtype lives: graph inputs stay f32, initializers are now f16.
     now: dict[str, int] = {i.name: f32 for i in graph.input if types.get(i.name) == f32}
     now.update({i.name: f16 for i in graph.initializer if i.data_type == f16})
@@ -84,8 +94,13 @@ def to_fp16_graph(onnx_in: str | Path, onnx_out: str | Path, *, keep_fp32_ops: I
     del graph.node[:]
     graph.node.extend(new_nodes)
     del graph.value_info[:]  # stale float32 annotations; TensorRT and the checker infer them again
-    onnx.checker.check_model(model)
-    onnx.save(model, str(onnx_out))
+    if writer is None:
+        onnx.checker.check_model(model)
+        onnx.save(model, str(onnx_out))
+    else:
+        writer.close(keep=True)
+        save_structure(model, onnx_out)
+        onnx.checker.check_model(str(onnx_out))
     return counts
 
 

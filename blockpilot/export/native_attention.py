@@ -185,7 +185,11 @@ def to_native_attention(onnx_in: str | Path, onnx_out: str | Path, *, gqa: bool 
     import onnx
     from onnx import helper, version_converter
 
-    model = onnx.load(str(onnx_in))
+    from .external_data import save_structure, share_external_data
+
+    # Structure only (weights stay in the graph's external file): the opset conversion and the rewrite never
+    # serialize the weights, so graphs over protobuf's 2 GB limit convert too.
+    model = onnx.load(str(onnx_in), load_external_data=False)
     nodes_before = len(model.graph.node)
     if not any(op.domain in ("", "ai.onnx") and op.version >= NATIVE_OPSET for op in model.opset_import):
         model = version_converter.convert_version(model, NATIVE_OPSET)
@@ -213,9 +217,10 @@ def to_native_attention(onnx_in: str | Path, onnx_out: str | Path, *, gqa: bool 
     del model.opset_import[:]
     model.opset_import.extend([helper.make_opsetid("", NATIVE_OPSET)])
     model = onnx.shape_inference.infer_shapes(model)
-    onnx.checker.check_model(model, full_check=full_check)
     Path(onnx_out).parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(onnx_out))
+    share_external_data(onnx_in, onnx_out)
+    save_structure(model, onnx_out)
+    onnx.checker.check_model(str(onnx_out), full_check=full_check)
     nodes_after = len(model.graph.node)
     return {"attention_nodes": len(matches), "per_layer": per_layer, "nodes_before": nodes_before,
             "nodes_after": nodes_after, "nodes_removed": nodes_before - nodes_after + len(matches),

@@ -44,6 +44,7 @@ from ..vla.image_grid import smart_resize
 from ..vla.image_policy import ImagePolicy
 from ..vla.lm import DecoderLayer, DecoderLM, rotate_half
 from ..vla.model import VLAModel
+from .external_data import consolidate
 from .typed_slots_graph import TYPED_SLOT_AXES, TYPED_SLOT_INPUTS, add_typed_slot_defaults, typed_slot_specs
 
 OPSET = 17
@@ -210,6 +211,7 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
                           opset_version=opset, dynamo=False, **extra)
     add_typed_slot_defaults(out / LM_FILE, lm_cfg.vocab_size)
     onnx.checker.check_model(str(out / LM_FILE))
+    consolidate(out / LM_FILE)  # weights over the threshold (or torch's per-tensor files) -> lm_step.onnx.data
     np.save(out / EMBED_FILE, model.lm.embed_tokens.weight.detach().float().numpy())
     spec: dict[str, Any] = {
         "format": 1,

@@ -30,6 +30,7 @@ from torch import nn
 from ..formats.onnx_io import LM_FILE, VISION_FILE, vision_graphs
 from ..vla.image_policy import ImagePolicy
 from ..vla.model import VLAModel
+from .external_data import save_structure
 from .onnx_graphs import DEFAULT_IMAGE_HW, export_onnx
 
 QDQ_OPSET = 19  # float8 QuantizeLinear / DequantizeLinear
@@ -55,7 +56,7 @@ def _elem_name(elem: int) -> str:
     return str(_onnx().TensorProto.DataType.Name(elem)).lower()
 
 
-def rewrite_fp8_qdq(model: Any) -> dict[str, int]:
+def rewrite_fp8_qdq(model: Any, check: bool = True) -> dict[str, int]:
     """Rewrite modelopt's ``trt::TRT_FP8QuantizeLinear`` / ``trt::TRT_FP8DequantizeLinear`` in ``model`` (an
     ``onnx.ModelProto``, in place) into standard ``QuantizeLinear`` / ``DequantizeLinear`` sharing one scalar
     float8e4m3fn zero point. Needs default-domain opset >= 19; drops the ``trt`` opset import when no ``trt``
@@ -93,7 +94,8 @@ def rewrite_fp8_qdq(model: Any) -> dict[str, int]:
         keep = [o for o in model.opset_import if o.domain != TRT_DOMAIN]
         del model.opset_import[:]
         model.opset_import.extend(keep)
-    onnx.checker.check_model(model)
+    if check:  # callers holding only the structure of a graph with external data check the saved file instead
+        onnx.checker.check_model(model)
     return counts
 
 
@@ -183,13 +185,14 @@ def summarize_quant_graph(model_or_path: Any) -> dict[str, Any]:
     """Structural summary: Q/DQ counts by op and element type, custom nodes, the MatMuls fed by a DQ (and
     through which weight), the opset and whether ``onnx.checker`` passes."""
     onnx = _onnx()
-    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, Path)) else model_or_path
+    is_path = isinstance(model_or_path, (str, Path))
+    model = onnx.load(str(model_or_path), load_external_data=False) if is_path else model_or_path
     g = _Graph(model)
     qdq = Counter(f"{n.op_type}:{_qdq_elem(n, g.types, g.producer)}" for n in g.nodes if n.op_type in DQ_OPS | Q_OPS)
     custom = Counter(f"{n.domain}::{n.op_type}" for n in g.nodes if n.domain not in ("", "ai.onnx"))
     rows = list(g.matmuls())
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(model_or_path) if is_path else model)
         checker = "ok"
     except onnx.checker.ValidationError as exc:
         checker = str(exc).splitlines()[0]
@@ -318,10 +321,11 @@ def export_quantized_onnx(model: VLAModel | nn.Module, out_dir: str | Path, capa
             continue
         rewrite: dict[str, int] = {}
         if standard_fp8:
-            proto = onnx.load(str(path))
-            rewrite = rewrite_fp8_qdq(proto)
+            proto = onnx.load(str(path), load_external_data=False)  # structure only: weights stay external
+            rewrite = rewrite_fp8_qdq(proto, check=False)
             if rewrite["quantize"] or rewrite["dequantize"]:
-                onnx.save(proto, str(path))
+                save_structure(proto, path)
+                onnx.checker.check_model(str(path))
         graphs[role] = {"file": str(path), "rewrite": rewrite, **summarize_quant_graph(path)}
     return {"spec": spec, "graphs": graphs}
 

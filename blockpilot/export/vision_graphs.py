@@ -25,6 +25,7 @@ from ..formats.onnx_io import VISION_FILE
 from ..vla.image_policy import ImagePolicy
 from ..vla.model import VLAModel
 from ..vla.vision import VisionTower, vision_layout
+from .external_data import consolidate
 
 
 class VisionStep(nn.Module):
@@ -82,6 +83,7 @@ def export_vision_graphs(model: VLAModel, out: Path, image_sizes: Sequence[tuple
             torch.onnx.export(wrapper, (torch.zeros(patches, width),), str(out / file), input_names=["patches"],
                               output_names=["features"], opset_version=opset, dynamo=False)
         onnx.checker.check_model(str(out / file))
+        consolidate(out / file)  # one <file>.data per graph when its weights go external
         camera = next(s for s in image_sizes if policy.smart_size(*s) == (h, w))
         graphs.append({"file": file, "grid_thw": list(grid), "image_hw": list(camera), "resized_hw": [h, w],
                        "inputs": [{"name": "patches", "shape": [patches, width], "dtype": "float32"}],

@@ -5,7 +5,6 @@ size and sha256, the model config, schema, precision map, recipe, graphs, engine
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -21,6 +20,8 @@ from types import TracebackType
 from typing import Any
 
 from blockpilot import __version__
+from blockpilot.formats.file_hash import sha256_file
+from blockpilot.formats.onnx_external import check_bundle_graphs, graph_files
 
 FORMAT = "blockpilot-bundle"
 FORMAT_VERSION = 1
@@ -52,14 +53,6 @@ def tool_versions() -> dict[str, str]:
             with contextlib.suppress(importlib.metadata.PackageNotFoundError):
                 found.setdefault(tool, importlib.metadata.version(name))
     return found
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_rel(rel: str, where: str) -> str:
@@ -194,9 +187,10 @@ class BundleWriter:
 
     def add_graph(self, src: str | Path, *, role: str, variant: str, precision: str,
                   io: Mapping[str, Any] | None = None, extra_files: Sequence[str | Path] = ()) -> Artifact:
-        """Copy an ONNX graph, and its external-data files beside it, to ``graphs/<variant>/``."""
+        """Copy an ONNX graph, the external data it references (all required), ``extra_files`` to graphs/<variant>."""
         rel = self.add_file(src, "graph", f"{variant}/{Path(src).name}")
-        extra = tuple(self.add_file(p, "graph", f"{variant}/{Path(p).name}") for p in extra_files)
+        extra = tuple(dict.fromkeys(self.add_file(p, "graph", f"{variant}/{name}")
+                                    for p, name in graph_files(src, extra_files, BundleError)))
         self.artifacts.append(Artifact("graph", rel, role, variant, precision, dict(io or {}), extra_files=extra))
         return self.artifacts[-1]
 
@@ -367,6 +361,7 @@ def load_bundle(path: str | Path, *, verify: bool = True, require_tools: Mapping
         raise BundleError(f"{where}: missing (not a bundle, or an export that did not finish)")
     artifacts = _check_manifest(m := _read_json_object(where), where)
     _check_files(Path(path), m["files"], verify)
+    check_bundle_graphs(Path(path), [a.path for a in artifacts if a.kind == "graph"], m["files"], BundleError)
     bundle = Bundle(Path(path), m, m["model_config"], m["schema"], m["precision_map"], m["recipe"],
                     {str(k): str(v) for k, v in m["tools"].items()}, m["files"], artifacts)
     check_tools(bundle, require_tools or {})

@@ -17,6 +17,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .safetensors_read import SafetensorsFormatError, TensorEntry, read_header, read_into
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -104,41 +106,62 @@ def read_tensors(checkpoint_dir: str | Path) -> dict[str, tuple[torch.Tensor, Pa
 
 
 def load_weights(model: nn.Module, checkpoint_dir: str | Path, architecture: str) -> None:
-    """Load a local HF checkpoint into ``model`` under the name rules of ``architecture``."""
+    """Load a local HF checkpoint into ``model`` under the name rules of ``architecture``.
+
+    Every file's header is checked first (names, shapes, floating dtypes, byte ranges: nothing is read or written
+    before the whole checkpoint fits); then each tensor is read straight into its parameter
+    (:mod:`blockpilot.vla.safetensors_read`), so peak memory is the model plus its largest tensor."""
     if architecture not in NAME_RULES:
         raise CheckpointError(f"no checkpoint name mapping for architecture {architecture!r}")
     rename = renamer(NAME_RULES[architecture])
     expected = model.state_dict()
     tied = _tied_names(model)
-    staged: dict[str, torch.Tensor] = {}
+    plan: dict[Path, list[tuple[TensorEntry, str]]] = {}
+    seen: dict[str, Path] = {}
     unexpected: list[str] = []
-    for hf_name, (tensor, path) in read_tensors(checkpoint_dir).items():
-        if IGNORED.search(hf_name):
-            continue
-        ours = rename(hf_name)
-        if ours is None or ours not in expected:
-            unexpected.append(f"{hf_name} ({path.name})")
-            continue
-        if ours in tied:
-            continue
-        target = expected[ours]
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise CheckpointError(f"{path}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
-                                  f"the model expects {tuple(target.shape)} for {ours}")
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{path}: tensor {hf_name!r} has dtype {tensor.dtype}, "
-                                  f"expected a floating-point dtype for {ours}")
-        staged[ours] = tensor.to(target.dtype)
+    for path in checkpoint_files(checkpoint_dir):
+        try:
+            entries = read_header(path)
+        except (SafetensorsFormatError, OSError) as exc:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+        for entry in entries:
+            hf_name = entry.name
+            if hf_name in seen:
+                raise CheckpointError(f"{path}: tensor {hf_name!r} also stored in {seen[hf_name]}")
+            seen[hf_name] = path
+            if IGNORED.search(hf_name):
+                continue
+            ours = rename(hf_name)
+            if ours is None or ours not in expected:
+                unexpected.append(f"{hf_name} ({path.name})")
+                continue
+            if ours in tied:
+                continue
+            target = expected[ours]
+            if entry.shape != tuple(target.shape):
+                raise CheckpointError(f"{path}: tensor {hf_name!r} has shape {entry.shape}, "
+                                      f"the model expects {tuple(target.shape)} for {ours}")
+            if not entry.dtype.is_floating_point:
+                raise CheckpointError(f"{path}: tensor {hf_name!r} has dtype {entry.dtype}, "
+                                      f"expected a floating-point dtype for {ours}")
+            plan.setdefault(path, []).append((entry, ours))
     if unexpected:
         raise CheckpointError(f"{checkpoint_dir}: {len(unexpected)} tensor(s) the model does not have: "
                               + ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else ""))
+    staged = {ours for entries in plan.values() for _, ours in entries}
     missing = sorted(n for n in expected if n not in staged and n not in tied)
     if missing:
         to_hf = renamer(SAVE_RULES[architecture])
         named = [f"{to_hf(n)} (for {n})" for n in missing[:5]]
         raise CheckpointError(f"{checkpoint_dir}: {len(missing)} missing tensor(s) " + ", ".join(named)
                               + (" ..." if len(missing) > 5 else ""))
-    model.load_state_dict(staged, strict=False)
+    for path, reads in plan.items():
+        try:
+            with path.open("rb", buffering=0) as fh:
+                for entry, ours in sorted(reads, key=lambda e: e[0].start):  # sequential reads
+                    read_into(fh, entry, expected[ours], path)
+        except (SafetensorsFormatError, OSError) as exc:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
 
 
 def save_weights(model: nn.Module, checkpoint_dir: str | Path, architecture: str) -> Path:

@@ -31,10 +31,14 @@ def load_model(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     config = load_config(checkpoint_dir, token_overrides=token_overrides)
+    from ..memory_budget import check_fits
+
+    check_fits(checkpoint_dir, ("load",), dtype, what=f"loading in {dtype}")  # refuse before any allocation
     with torch.device("meta"):
         model = VLAModel(config)
-    # Built on the meta device so a 3B model is not randomly initialised only to be overwritten.
-    model = model.to_empty(device="cpu")
+    # Built on the meta device so a 3B model is not randomly initialised only to be overwritten, and in the target
+    # dtype, so the weights are converted tensor by tensor as they are read (no full float32 copy first).
+    model = model.to(dtype=DTYPES[dtype]).to_empty(device="cpu")
     model.lm.tie_weights()  # to_empty gives each parameter its own storage, untying the head
     if config.architecture == "qwen2":
         load_weights(model.lm, checkpoint_dir, "qwen2")

@@ -1,0 +1,64 @@
+"""Stages that cannot fit refuse up front, naming the memory they need and what is available."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blockpilot.cli import main
+from blockpilot.memory_budget import (
+    AVAILABLE_ENV,
+    RUNTIME_BYTES,
+    STAGE_FACTORS,
+    MemoryBudgetError,
+    available_bytes,
+    check_fits,
+    checkpoint_parameters,
+    estimate_bytes,
+)
+from blockpilot.vla.checkpoint import CheckpointError
+from blockpilot.vla.loader import load_model
+
+REFERENCE = Path(__file__).resolve().parents[1] / "models" / "reference"
+
+
+def test_parameters_come_from_the_headers_and_match_the_model() -> None:
+    model = load_model(REFERENCE)
+    stored = {id(p): p.numel() for p in model.parameters()}  # tied weights once
+    assert checkpoint_parameters(REFERENCE) == sum(stored.values())
+    need = estimate_bytes(REFERENCE, ("load", "export"), "float32")
+    assert need == int(RUNTIME_BYTES + sum(stored.values()) * 4 * STAGE_FACTORS["export"])
+
+
+def test_meminfo_is_read_and_the_override_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(AVAILABLE_ENV, raising=False)
+    found = available_bytes()
+    assert found is None or found > 0
+    monkeypatch.setenv(AVAILABLE_ENV, "12345")
+    assert available_bytes() == 12345
+    monkeypatch.setenv(AVAILABLE_ENV, "lots")
+    with pytest.raises(MemoryBudgetError, match=AVAILABLE_ENV):
+        available_bytes()
+
+
+def test_load_refuses_before_allocating(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(AVAILABLE_ENV, str(100 << 20))
+    with pytest.raises(MemoryBudgetError, match=r"loading in float32 of .*reference needs about 0\.\d GB .* but only "
+                                                r"0\.1 GB is available here \(\$BLOCKPILOT_MEMORY_AVAILABLE\)"):
+        load_model(REFERENCE)
+    assert issubclass(MemoryBudgetError, CheckpointError)
+    monkeypatch.setenv(AVAILABLE_ENV, "0")  # disabled
+    assert check_fits(REFERENCE, ("engines",)) is None
+    assert load_model(REFERENCE) is not None
+
+
+def test_export_refuses_up_front_and_the_cli_reports_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    need = estimate_bytes(REFERENCE, ("export",))
+    monkeypatch.setenv(AVAILABLE_ENV, str(need - 1))  # enough to load, not to export
+    assert check_fits(REFERENCE, ("load",)) is not None
+    assert main(["export", "--checkpoint", str(REFERENCE), "--out", str(tmp_path / "bundle"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "blockpilot export of" in err and "x 3.5 for export" in err and "is available here" in err
+    assert not (tmp_path / "bundle").exists() and not list(tmp_path.iterdir())
