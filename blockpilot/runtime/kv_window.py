@@ -17,9 +17,14 @@ from typing import Any
 
 import numpy.typing as npt
 
+from .plan_types import PlannerSetupError
 
-class StaleExportError(ValueError):
+
+class StaleExportError(PlannerSetupError):
     """An artifact made before the window KV I/O that this runtime does not run: re-export the bundle."""
+
+
+REEXPORT = "re-export the bundle (blockpilot export) to rebuild its engines with the window KV I/O"
 
 
 def write_rows(cache: npt.NDArray[Any], rows: npt.NDArray[Any], start: int) -> None:
