@@ -138,6 +138,7 @@ class LMStep(nn.Module):
             else:  # read the visible cache rows in place; the window's own slots from its K/V
                 keys = torch.where(in_window, kh.index_select(2, gather), past_k[i].index_select(2, visible))
                 values = torch.where(in_window, vh.index_select(2, gather), past_v[i].index_select(2, visible))
+            if self.attention != "plugin":
                 if groups > 1:
                     keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
                 scores = torch.matmul(qh, keys.transpose(2, 3)) * scale + mask

@@ -122,8 +122,6 @@ class OrtBackend(GraphBackend):
         if allowed is not None:  # typed slots: the graph masks its logits (export.typed_slots_graph)
             feeds["allowed_table"] = allowed.table
             feeds["token_class"] = np.ascontiguousarray(allowed.classes, dtype=np.int64)
-        elif self.constrains_tokens and self.kv_io == "window":  # a binding keeps the last table: bind the defaults
-            feeds.update(self._unconstrained)
         if self.feed_observer is not None:
             self.feed_observer(feeds)
         if self.kv_io == "full":  # an export before the window I/O: the whole cache in and out
@@ -142,6 +140,8 @@ class OrtBackend(GraphBackend):
         """One run over the binding: the window's inputs bound by address (their arrays outlive the run), the
         outputs written into the fronts of the preallocated buffers; returns views of them."""
         binding = self._binding
+        if self.constrains_tokens and "allowed_table" not in feeds:  # a binding keeps the last table: the defaults
+            feeds = {**feeds, **self._unconstrained}
         for name, value in feeds.items():
             if name not in ("past_k", "past_v"):
                 if not value.flags.c_contiguous:
