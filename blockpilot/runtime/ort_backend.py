@@ -91,8 +91,9 @@ class OrtBackend(GraphBackend):
             for name, cache in (("past_k", self._k), ("past_v", self._v)):  # bound once, read in place
                 self._binding.bind_input(name, "cpu", 0, cache.dtype, list(cache.shape), cache.ctypes.data)
             window = (*self._k.shape[:3], self.capacity, self._k.shape[4])  # the largest window: T = capacity
-            self._out = {"top1": np.zeros(self.capacity, np.int64), "prob": np.zeros(self.capacity, np.float32),
-                         "k_new": np.zeros(window, self._k.dtype), "v_new": np.zeros(window, self._v.dtype)}
+            self._out: dict[str, npt.NDArray[Any]] = {
+                "top1": np.zeros(self.capacity, np.int64), "prob": np.zeros(self.capacity, np.float32),
+                "k_new": np.zeros(window, self._k.dtype), "v_new": np.zeros(window, self._v.dtype)}
             # The typed-slot inputs' defaults (allow everything), bound when a step has no ``allowed``.
             self._unconstrained = {"allowed_table": np.ones((1, self._inputs.vocab), np.bool_),
                                    "token_class": np.zeros((1, 1), np.int64)}
