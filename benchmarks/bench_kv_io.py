@@ -92,7 +92,8 @@ def main() -> None:
             rows.append({"shape": name, "dims": dims, "slots": slots,
                          **{io: traffic(io, dims, slots, PROMPT + WINDOW).__dict__ for io in ("full", "window")}})
     for row in rows:
-        before, after = (StepTraffic(**row[io]) for io in ("full", "window"))
+        fields = ("io", "copied_in", "read", "written", "committed")
+        before, after = (StepTraffic(**{k: row[io][k] for k in fields}) for io in ("full", "window"))
         row["ratio"] = before.moved / after.moved
         worst = traffic("window", row["dims"], row["slots"], row["slots"])  # every slot visible
         row["window_all_visible_moved"] = worst.moved
