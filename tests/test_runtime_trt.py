@@ -149,9 +149,13 @@ class _Memory:
         self.next, self.capturing = 1 << 20, False
         self.uploads: list[tuple[str, np.ndarray]] = []
         self.launched: list[object] = []
+        self.copies: list[tuple[str, str, dict[str, int]]] = []  # strided device copies (dst, src, layout)
+        self.data: dict[str, np.ndarray] | None = None  # with a dict: every buffer also held as bytes, by name
 
     def alloc(self, name: str, nbytes: int) -> DeviceBuffer:
         self.next += max(nbytes, 1) + 256
+        if self.data is not None:
+            self.data[name] = np.zeros(nbytes, np.uint8)
         return DeviceBuffer(name, self.next, nbytes)
 
     def pinned(self, shape: Any, dtype: Any) -> np.ndarray:
@@ -169,6 +173,14 @@ class _Memory:
     def launch(self, graph: object) -> None:
         self.launched.append(graph)
 
+    def copy_2d(self, dst: DeviceBuffer, src: DeviceBuffer, **layout: int) -> None:
+        self.copies.append((dst.name, src.name, layout))
+        if self.data is not None:  # a strided copy over byte arrays, as cudaMemcpy2DAsync does it
+            out, inp = self.data[dst.name], self.data[src.name]
+            for row in range(layout["height"]):
+                at, frm = layout["dst_offset"] + row * layout["dst_pitch"], row * layout["src_pitch"]
+                out[at:at + layout["width"]] = inp[frm:frm + layout["width"]]
+
     def memset(self, *_: Any) -> None: ...
     def download(self, *_: Any) -> None: ...
     def synchronize(self) -> None: ...
@@ -182,15 +194,18 @@ class _Engine:
     enqueue that runs, the ``key_end`` TensorRT would read: the host value at its address for a shape tensor,
     else the last value uploaded to its device buffer; and with typed slots the classes last uploaded."""
 
-    def __init__(self, spec: dict[str, Any], memory: _Memory, key_end_on_host: bool, slot_rows: int = 0) -> None:
+    def __init__(self, spec: dict[str, Any], memory: _Memory, key_end_on_host: bool, slot_rows: int = 0,
+                 kv_outputs: tuple[str, str] = ("k_new", "v_new")) -> None:
         cache = tuple(spec["lm_step"]["inputs"][5]["shape"])
         cap, hidden = spec["capacity"], spec["hidden_size"]
+        window = (*cache[:3], -1, cache[4]) if kv_outputs == ("k_new", "v_new") else cache
         scalar: tuple[tuple[int, ...], str, tuple[int, ...]] = ((), "INT64", ())
         self.io: dict[str, tuple[tuple[int, ...], str, Any]] = {
             "inputs_embeds": ((1, -1, hidden), "FLOAT", (1, cap, hidden)),
             "position_ids": ((3, 1, -1), "INT64", (3, 1, cap)), "start": scalar, "key_end": scalar, "mode": scalar,
             "past_k": (cache, "FLOAT", cache), "past_v": (cache, "FLOAT", cache), "top1": ((1, -1), "INT64", None),
-            "prob": ((1, -1), "FLOAT", None), "present_k": (cache, "FLOAT", None), "present_v": (cache, "FLOAT", None)}
+            "prob": ((1, -1), "FLOAT", None), kv_outputs[0]: (window, "FLOAT", None),
+            kv_outputs[1]: (window, "FLOAT", None)}
         if slot_rows:
             vocab = spec["vocab_size"]
             self.io["allowed_table"] = ((-1, vocab), "BOOL", (slot_rows, vocab))
@@ -241,7 +256,7 @@ class _Engine:
             set_tensor_address=lambda name, ptr: addresses.__setitem__(name, ptr) or True,
             set_input_shape=lambda name, shape: shapes.__setitem__(name, shape) or True,
             get_tensor_shape=lambda name: (1, shapes["inputs_embeds"][1]) if name in ("top1", "prob")
-            else self.io[name][0])
+            else tuple(shapes["inputs_embeds"][1] if d == -1 else d for d in self.io[name][0]))
 
 
 @pytest.fixture(scope="module")
@@ -283,9 +298,66 @@ def test_key_end_is_fed_where_the_engine_reads_it(onnx_dir: Path, plugin: bool, 
     for start in (20, 19):  # one-token steps: their key repeats only where key_end is not part of it
         backend.step(block[:, :1], start, mode=AttentionMode.CAUSAL, write_kv=False)
     assert engine.key_ends == [20, 52, 21, 20] and len(memory.launched) == 1
-    assert backend.graphs.captures == 1 + int(plugin)  # (1, -1, parity) repeats with a device key_end
+    assert backend.graphs.captures == 1 + int(plugin)  # (1, -1, 0) repeats with a device key_end
     assert [int(v[0]) for n, v in memory.uploads if n == "key_end"] == ([20, 52, 52, 21, 20] if plugin else [])
     backend.close()
+
+
+def test_a_committed_step_copies_only_the_windows_rows_into_the_one_cache(onnx_dir: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from blockpilot.formats.onnx_io import load_spec
+    from blockpilot.runtime.kv_window import write_rows
+
+    memory, spec = _Memory(), load_spec(onnx_dir)
+    memory.data = {}
+    engine = _Engine(spec, memory, key_end_on_host=True)
+    _load_standins(monkeypatch, {"lm.engine": engine})
+    (tmp_path / "lm.engine").write_bytes(b"")
+    backend = TrtBackend(tmp_path / "lm.engine", onnx_dir, memory=memory)  # type: ignore[arg-type]
+    cache = backend.cache_shape
+    assert cache == tuple(spec["lm_step"]["inputs"][5]["shape"]) and len(backend._contexts) == 1
+    bound = backend._contexts[0].addresses
+    assert bound["past_k"] == backend._kv["past_k"].ptr and bound["k_new"] == backend._buf["k_new"].ptr
+    assert {"present_k", "present_v"}.isdisjoint(bound)
+    backend.prefill(Prompt(np.arange(10, 30)))  # a committed forward of 20 rows at slot 0
+    assert [(d, s) for d, s, _ in memory.copies] == [("past_k", "k_new"), ("past_v", "v_new")]
+    memory.copies.clear()
+    block = np.full((1, 8), 5, dtype=np.int64)
+    backend.step(block, 20, mode=AttentionMode.BIDIRECTIONAL, write_kv=False)
+    assert memory.copies == []  # a draft copies nothing: the cache stays as it was
+    # The engine "wrote" k_new / v_new for a window of 8 at slot 20: the strided copy must land them there.
+    t, rng = 8, np.random.default_rng(0)
+    window = {n: rng.standard_normal((*cache[:3], t, cache[4])).astype(np.float32) for n in ("k_new", "v_new")}
+    for name, rows in window.items():
+        memory.data[name][:rows.nbytes] = rows.view(np.uint8).reshape(-1)
+    before = {n: memory.data[n].view(np.float32).reshape(cache).copy() for n in ("past_k", "past_v")}
+    backend.step(block, 20, mode=AttentionMode.CAUSAL, write_kv=True)
+    for cache_name, new in (("past_k", "k_new"), ("past_v", "v_new")):
+        want = before[cache_name].copy()
+        write_rows(want, window[new], 20)
+        np.testing.assert_array_equal(memory.data[cache_name].view(np.float32).reshape(cache), want)
+    (_, _, layout), _ = memory.copies
+    item = 4
+    assert layout == {"width": t * cache[4] * item, "height": cache[0] * cache[2],
+                      "dst_pitch": cache[3] * cache[4] * item, "src_pitch": t * cache[4] * item,
+                      "dst_offset": 20 * cache[4] * item}
+    assert backend.length == 28
+    backend.close()
+
+
+def test_an_engine_of_the_whole_cache_io_is_refused_saying_to_re_export(onnx_dir: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from blockpilot.formats.onnx_io import load_spec
+    from blockpilot.runtime.kv_window import StaleExportError
+
+    memory = _Memory()
+    engine = _Engine(load_spec(onnx_dir), memory, key_end_on_host=True, kv_outputs=("present_k", "present_v"))
+    _load_standins(monkeypatch, {"lm.engine": engine})
+    (tmp_path / "lm.engine").write_bytes(b"")
+    with pytest.raises(StaleExportError, match=r"lm\.engine: an lm_step engine of the whole-cache KV I/O .*"
+                                               r"re-export the bundle"):
+        TrtBackend(tmp_path / "lm.engine", onnx_dir, memory=memory)  # type: ignore[arg-type]
+    assert issubclass(StaleExportError, PlannerSetupError)
 
 
 def _load_standins(monkeypatch: pytest.MonkeyPatch, engines: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ from blockpilot.export.plugin_attention import export_plugin_graph, plugin_nodes
 from blockpilot.formats import onnx_io
 from blockpilot.formats.bundle import BundleWriter, load_bundle
 from blockpilot.formats.onnx_io import LM_FILE, PLUGIN_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from blockpilot.runtime.kv_window import StaleExportError
 from blockpilot.runtime.plan_types import PlannerSetupError
 from blockpilot.runtime.trt_backend import EngineSelectionError, select_engines
 from blockpilot.runtime.trt_engine import LM_INPUTS, LM_OUTPUTS, TrtEngine, dtype_name, lm_layout
@@ -168,10 +169,11 @@ def test_key_end_that_only_feeds_the_plugins_is_a_device_input(graphs: dict[str,
 
 
 def test_plugin_graph_io_is_the_decomposed_io_and_its_aliasing_stays_inside(graphs: dict[str, Path]) -> None:
-    """What lets the ping-pong KV buffers hold for plugin engines: same network I/O as the decomposed graph;
-    every plugin reads a ``Gather`` of the graph's cache and writes into a ``Concat`` of the present, so the
-    in-place (aliased) cache write never touches a network input or output; ``key_end`` reaches only the
-    plugins, through ``Cast`` + ``Reshape`` (no shape computation: a device input)."""
+    """What lets the one in-place cache hold for plugin engines: same network I/O as the decomposed graph;
+    every plugin reads a ``Gather`` of the graph's cache (its in-place, aliased write lands in that network-internal
+    slice, never in a network input or output), and the graph returns the window's K/V that the plugins were fed,
+    stacked; ``key_end`` reaches only the plugins, through ``Cast`` + ``Reshape`` (no shape computation: a device
+    input)."""
     model, decomposed = onnx.load(str(graphs["plugin"])), onnx.load(str(graphs["decomposed"]))
     assert list(model.graph.input) == list(decomposed.graph.input)
     assert list(model.graph.output) == list(decomposed.graph.output)
@@ -188,12 +190,12 @@ def test_plugin_graph_io_is_the_decomposed_io_and_its_aliasing_stays_inside(grap
         (reshape,) = consumers[cast.output[0]]
         assert (cast.op_type, reshape.op_type) == ("Cast", "Reshape")
         assert {n.op_type for n in consumers[reshape.output[0]]} == {PLUGIN_NAME}
-    for past, present, position in (("past_k", "present_k", 1), ("past_v", "present_v", 2)):
+    for past, window, position in (("past_k", "k_new", 1), ("past_v", "v_new", 2)):
         assert Counter(n.op_type for n in consumers[past]) == Counter({"Gather": 4})
-        concat = producers[present]
+        concat = producers[window]
         assert concat.op_type == "Concat"
-        layer_outputs = [producers[u].input[0] for u in concat.input]
-        assert layer_outputs == [n["outputs"][position] for n in nodes]
+        layer_rows = [producers[u].input[0] for u in concat.input]
+        assert layer_rows == [n["inputs"][position] for n in nodes]
 
 
 def test_lm_layout_refuses_other_graphs_and_other_host_inputs() -> None:
@@ -204,8 +206,10 @@ def test_lm_layout_refuses_other_graphs_and_other_host_inputs() -> None:
 
     layout = lm_layout(names, list(LM_OUTPUTS), lambda n: False, dtype, "plugin.engine")
     assert not layout.key_end_on_host and layout.dtypes["top1"] == np.int64
-    with pytest.raises(PlannerSetupError, match=r"not an lm_step engine of this export \(no present_v\)"):
-        lm_layout(names, ["top1", "prob", "present_k"], lambda n: False, dtype, "x.engine")
+    with pytest.raises(PlannerSetupError, match=r"not an lm_step engine of this export \(no v_new\)"):
+        lm_layout(names, ["top1", "prob", "k_new"], lambda n: False, dtype, "x.engine")
+    with pytest.raises(StaleExportError, match=r"x\.engine: an lm_step engine of the whole-cache KV I/O"):
+        lm_layout(names, ["top1", "prob", "present_k", "present_v"], lambda n: False, dtype, "x.engine")
     with pytest.raises(PlannerSetupError, match=r"host \(shape tensor\) inputs \['start', 'key_end'\]"):
         lm_layout(names, list(LM_OUTPUTS), lambda n: n in ("start", "key_end"), dtype, "x.engine")
     with pytest.raises(PlannerSetupError, match="tensor prob is BF16"):

@@ -87,7 +87,7 @@ def test_native_attention_graph_agrees_with_the_decomposed_one(bundle: Path, fee
     result = compare_graphs(_graph(bundle, "lm_step.onnx"), native, feeds)
     assert result.passed, result.text()
     assert result.top1_agreement == 1.0 and result.top1_positions == sum(f["inputs_embeds"].shape[1] for f in feeds)
-    assert {o.name for o in result.outputs} == {"prob", "present_k", "present_v"}
+    assert {o.name for o in result.outputs} == {"prob", "k_new", "v_new"}
     assert all(o.max_abs <= 1e-4 and o.atol == TOLERANCES["fp32"][0][o.name] for o in result.outputs)
 
 
@@ -102,7 +102,7 @@ def test_fp16_rewrite_differences_are_reported_not_hidden(bundle: Path, feeds: l
     assert result.top1_agreement is not None and result.top1_agreement >= min_top1
     diffs = {o.name: o for o in result.outputs}
     assert 1e-4 < diffs["prob"].max_abs < atol["prob"]  # fp16 does move the probabilities, within tolerance
-    assert 1e-4 < diffs["present_k"].max_abs < atol["present_k"]
+    assert 1e-4 < diffs["k_new"].max_abs < atol["k_new"]
     strict = compare_graphs(_graph(bundle, "lm_step.onnx"), half, feeds, atol={"prob": 1e-6}, min_top1_agreement=1.0)
     assert not strict.passed and "EXCEEDS" in strict.text() and "atol" in strict.text()
     assert json.loads(json.dumps(strict.to_dict()))["outputs"][0]["atol"] == 1e-6

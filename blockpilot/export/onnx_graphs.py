@@ -11,13 +11,18 @@ Three artifacts land in ``out_dir``:
 ``lm_step.onnx``
     One decoder forward over a window of ``T`` tokens (dynamic) at cache slots ``start ..``:
     inputs ``inputs_embeds`` ``(1, T, hidden)``, ``position_ids`` ``(3, 1, T)`` (M-RoPE; text-only
-    LMs get the same three rows), ``start``, ``key_end`` and ``mode`` (int64 scalars) and the whole
-    fixed-capacity cache ``past_k`` / ``past_v`` ``(layers, 1, kv_heads, capacity, head_dim)``.
+    LMs get the same three rows), ``start``, ``key_end`` and ``mode`` (int64 scalars) and the
+    fixed-capacity cache ``past_k`` / ``past_v`` ``(layers, 1, kv_heads, capacity, head_dim)``, read in
+    place: the graph gathers only the visible slots ``[0, key_end)`` and never copies the rest.
     Outputs ``top1`` / ``prob`` ``(1, T)`` (argmax and its softmax probability, the mask token
-    excluded) and ``present_k`` / ``present_v``: the cache with the window's K/V written at
-    ``start``. Queries see key slots ``< key_end`` allowed by ``mode`` (0 causal, 1 block,
-    2 bidirectional; the same slot rules as :func:`blockpilot.vla.masks.attention_mask`), so a
-    ``write_kv=False`` step is the same graph with ``key_end = start + T`` and the present dropped.
+    excluded) and ``k_new`` / ``v_new`` ``(layers, 1, kv_heads, T, head_dim)``: only the window's K/V
+    (after RoPE), which the backend writes into its cache at ``start`` for a committed step
+    (``kv_io: "window"`` in the spec; :mod:`blockpilot.runtime.kv_window`). Queries see key slots
+    ``< key_end`` allowed by ``mode`` (0 causal, 1 block, 2 bidirectional; the same slot rules as
+    :func:`blockpilot.vla.masks.attention_mask`), the window's own slots taken from the window's K/V, so a
+    ``write_kv=False`` step is the same graph with ``key_end = start + T`` and the window dropped.
+    Exports before the window I/O (``kv_io="full"``, still written on request so old bundles can be checked)
+    returned the whole cache with the window written as ``present_k`` / ``present_v`` instead.
 ``embed_tokens.npy``
     The token embedding table; the backend looks ids up on the host and writes image features
     over the image tokens before the LM graph runs.
@@ -38,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..formats.onnx_io import EMBED_FILE, LM_FILE, MODE_IDS, SPEC_FILE
+from ..formats.onnx_io import EMBED_FILE, KV_OUTPUTS, LM_FILE, MODE_IDS, SPEC_FILE
 from ..vla.config import ModelConfig
 from ..vla.image_grid import smart_resize
 from ..vla.image_policy import ImagePolicy
@@ -50,6 +55,7 @@ from .typed_slots_graph import TYPED_SLOT_AXES, TYPED_SLOT_INPUTS, add_typed_slo
 OPSET = 17
 DEFAULT_IMAGE_HW = (112, 112)
 ATTENTION_VARIANTS = ("decomposed", "plugin")
+KV_IO = ("window", "full")  # the lm_step's cache outputs: the window's rows (k_new / v_new), or the whole cache
 
 
 class LMStep(nn.Module):
@@ -61,10 +67,14 @@ class LMStep(nn.Module):
 
     vocab_bias: torch.Tensor
 
-    def __init__(self, lm: DecoderLM, mask_id: int, block_size: int, attention: str = "decomposed") -> None:
+    def __init__(self, lm: DecoderLM, mask_id: int, block_size: int, attention: str = "decomposed",
+                 kv_io: str = "window") -> None:
         super().__init__()
         if attention not in ATTENTION_VARIANTS:
             raise ValueError(f"attention must be one of {ATTENTION_VARIANTS}, got {attention!r}")
+        if kv_io not in KV_IO:
+            raise ValueError(f"kv_io must be one of {KV_IO}, got {kv_io!r}")
+        self.kv_io = kv_io
         self.lm = lm
         self.block_size = block_size
         self.attention = attention
@@ -94,8 +104,9 @@ class LMStep(nn.Module):
         allowed = ((mode == 0) & causal) | ((mode == 1) & block) | (mode == 2)
         neg = torch.full_like(allowed, float("-inf"), dtype=x.dtype)
         mask = torch.where(allowed, torch.zeros_like(neg), neg)  # (T, key_end) additive
-        # Cache slot c takes the window's row c - start when start <= c < start + T.
-        rel = k_slots - start
+        # Cache slot c takes the window's row c - start when start <= c < start + T: over every slot for the
+        # whole-cache present (kv_io="full"), over the visible slots only for the window I/O.
+        rel = (k_slots if self.kv_io == "full" else visible) - start
         in_window = ((rel >= 0) & (rel < t))[None, None, :, None]
         gather = rel.clamp(0, t - 1)
         # The graph always takes (3, 1, T); a 1-D RoPE LM reads the first row.
@@ -121,16 +132,20 @@ class LMStep(nn.Module):
             if self.attention == "plugin":
                 out, new_k, new_v = plugin_attention(qh, kh, vh, past_k[i], past_v[i], *scalars,
                                                      block_size=self.block_size, scale=scale)
-            else:
+            elif self.kv_io == "full":
                 new_k = torch.where(in_window, kh.index_select(2, gather), past_k[i])
                 new_v = torch.where(in_window, vh.index_select(2, gather), past_v[i])
                 keys, values = new_k.index_select(2, visible), new_v.index_select(2, visible)
+            else:  # read the visible cache rows in place; the window's own slots from its K/V
+                keys = torch.where(in_window, kh.index_select(2, gather), past_k[i].index_select(2, visible))
+                values = torch.where(in_window, vh.index_select(2, gather), past_v[i].index_select(2, visible))
+            if self.attention != "plugin":
                 if groups > 1:
                     keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
                 scores = torch.matmul(qh, keys.transpose(2, 3)) * scale + mask
                 out = torch.matmul(torch.softmax(scores, dim=-1), values)
-            presents_k.append(new_k)
-            presents_v.append(new_v)
+            presents_k.append(new_k if self.kv_io == "full" else kh)
+            presents_v.append(new_v if self.kv_io == "full" else vh)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = self.lm.logits(self.lm.norm(x)).float() + self.vocab_bias
@@ -166,7 +181,7 @@ def _spec(name: str, shape: list[int | str], dtype: str) -> dict[str, Any]:
 def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
                 image_hw: tuple[int, int] = DEFAULT_IMAGE_HW, opset: int = OPSET,
                 attention: str = "decomposed", image_sizes: Sequence[tuple[int, int]] | None = None,
-                policy: ImagePolicy | None = None) -> dict[str, Any]:
+                policy: ImagePolicy | None = None, kv_io: str = "window") -> dict[str, Any]:
     """Write ``vision.onnx`` (models with a vision tower), ``lm_step.onnx``, ``embed_tokens.npy`` and
     ``onnx_spec.json`` into ``out_dir``; check each graph with ``onnx.checker``; return the spec.
 
@@ -174,7 +189,10 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
     the processor defaults) and each distinct resized grid gets its own vision graph (:mod:`.vision_graphs`).
 
     ``attention="plugin"`` writes the LM step with custom attention nodes instead (use
-    :func:`blockpilot.export.plugin_attention.export_plugin_graph`, which also records the variant)."""
+    :func:`blockpilot.export.plugin_attention.export_plugin_graph`, which also records the variant).
+
+    ``kv_io="full"`` writes the whole-cache ``present_k`` / ``present_v`` outputs of exports made before the
+    window I/O (only to check that such bundles still run; every runtime prefers the default ``"window"``)."""
     import onnx
 
     if capacity <= 0:
@@ -186,7 +204,8 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
     lm_cfg = config.lm
     cache_dims = [lm_cfg.num_layers, 1, lm_cfg.num_kv_heads, capacity, lm_cfg.head_dim]
     cache_shape: list[int | str] = list(cache_dims)
-    step = LMStep(model.lm, config.tokens.mask, config.diffusion.block_size, attention).eval()
+    out_shape: list[int | str] = cache_shape if kv_io == "full" else [*cache_dims[:3], "T", cache_dims[4]]
+    step = LMStep(model.lm, config.tokens.mask, config.diffusion.block_size, attention, kv_io).eval()
     extra: dict[str, Any] = {}
     if attention == "plugin":
         from .plugin_attention import PLUGIN_DOMAIN, PLUGIN_OPSET
@@ -200,14 +219,16 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
         torch.ones(2, lm_cfg.vocab_size, dtype=torch.bool), torch.zeros(1, t, dtype=torch.int64),  # typed slots
     )
     lm_inputs = ["inputs_embeds", "position_ids", "start", "key_end", "mode", "past_k", "past_v", *TYPED_SLOT_INPUTS]
-    lm_outputs = ["top1", "prob", "present_k", "present_v"]
+    kv_out = list(KV_OUTPUTS[kv_io])
+    lm_outputs = ["top1", "prob", *kv_out]
+    window_axes = {name: {3: "T"} for name in kv_out} if kv_io == "window" else {}
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer flags shape checks it folds to constants; the graph's dynamic axes are only T.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(step, example, str(out / LM_FILE), input_names=lm_inputs, output_names=lm_outputs,
                           dynamic_axes={"inputs_embeds": {1: "T"}, "position_ids": {2: "T"}, "top1": {1: "T"},
-                                        "prob": {1: "T"}, **TYPED_SLOT_AXES},
+                                        "prob": {1: "T"}, **TYPED_SLOT_AXES, **window_axes},
                           opset_version=opset, dynamo=False, **extra)
     add_typed_slot_defaults(out / LM_FILE, lm_cfg.vocab_size)
     onnx.checker.check_model(str(out / LM_FILE))
@@ -233,8 +254,9 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
                        _spec("past_k", cache_shape, "float32"), _spec("past_v", cache_shape, "float32"),
                        *typed_slot_specs(lm_cfg.vocab_size)],
             "outputs": [_spec("top1", [1, "T"], "int64"), _spec("prob", [1, "T"], "float32"),
-                        _spec("present_k", cache_shape, "float32"), _spec("present_v", cache_shape, "float32")],
+                        *(_spec(name, out_shape, "float32") for name in kv_out)],
         },
+        "kv_io": kv_io,
         "vision": None,
     }
     vision = config.vision

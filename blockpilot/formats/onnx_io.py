@@ -21,6 +21,9 @@ VISION_FILE = "vision.onnx"
 LM_FILE = "lm_step.onnx"
 EMBED_FILE = "embed_tokens.npy"
 MODE_IDS = {"causal": 0, "block": 1, "bidirectional": 2}
+# The lm_step's cache outputs by the spec's ``kv_io``: the window's rows (the default), or the whole cache with the
+# window written (exports before the window I/O; their specs have no ``kv_io``).
+KV_OUTPUTS = {"window": ("k_new", "v_new"), "full": ("present_k", "present_v")}
 # Typed value slots: the lm_step graph's optional logits-mask inputs (export.typed_slots_graph writes them).
 TYPED_SLOT_INPUTS = ("allowed_table", "token_class")
 
@@ -149,3 +152,15 @@ def graph_has_typed_slots(spec: dict[str, Any]) -> bool:
     """Whether an export's spec declares the typed-slot inputs (exports made before them do not)."""
     names = {i["name"] for i in spec.get("lm_step", {}).get("inputs", [])}
     return all(n in names for n in TYPED_SLOT_INPUTS)
+
+
+def kv_io(spec: dict[str, Any]) -> str:
+    """``"window"`` when an export's lm_step returns only the window's K/V (``k_new`` / ``v_new``), ``"full"``
+    for exports that return the whole cache (``present_k`` / ``present_v``; made before the window I/O). Raises
+    ``ValueError`` for a spec whose lm_step outputs are neither."""
+    names = {o["name"] for o in spec.get("lm_step", {}).get("outputs", [])}
+    for kind, outputs in KV_OUTPUTS.items():
+        if all(n in names for n in outputs):
+            return kind
+    raise ValueError(f"{SPEC_FILE}: the lm_step outputs {sorted(names)} have neither the window K/V "
+                     f"{KV_OUTPUTS['window']} nor the whole cache {KV_OUTPUTS['full']}")

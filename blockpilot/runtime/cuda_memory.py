@@ -116,6 +116,11 @@ class _CudaPython:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
         self._call(self.rt.cudaMemcpyAsync(dst, src, nbytes, kind, self.stream_obj), "D2D copy")
 
+    def dtod_2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        self._call(self.rt.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, self.stream_obj),
+                   "strided D2D copy")
+
     def memset(self, dst: int, value: int, nbytes: int) -> None:
         self._call(self.rt.cudaMemsetAsync(dst, value, nbytes, self.stream_obj), "cudaMemsetAsync")
 
@@ -191,6 +196,13 @@ class _PyCuda:
 
     def dtod(self, dst: int, src: int, nbytes: int) -> None:
         self.drv.memcpy_dtod_async(dst, src, nbytes, self.stream_obj)
+
+    def dtod_2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
+        copy = self.drv.Memcpy2D()
+        copy.set_src_device(src)
+        copy.set_dst_device(dst)
+        copy.src_pitch, copy.dst_pitch, copy.width_in_bytes, copy.height = spitch, dpitch, width, height
+        copy(self.stream_obj)
 
     def memset(self, dst: int, value: int, nbytes: int) -> None:
         self.drv.memset_d8_async(dst, value, nbytes, self.stream_obj)
@@ -304,6 +316,16 @@ class CudaMemory:
         if n > min(dst.nbytes, src.nbytes):
             raise ValueError(f"device copy of {n} bytes between {src.name} and {dst.name} overruns a buffer")
         self._api.dtod(dst.ptr, src.ptr, n)
+
+    def copy_2d(self, dst: DeviceBuffer, src: DeviceBuffer, *, width: int, height: int, dst_pitch: int,
+                src_pitch: int, dst_offset: int = 0) -> None:
+        """Queue a strided device copy: ``height`` rows of ``width`` bytes, ``src_pitch`` bytes apart from the
+        start of ``src`` and ``dst_pitch`` apart from ``dst_offset`` in ``dst`` (a window's rows into a cache)."""
+        span = (height - 1) * max(dst_pitch, 0) + width + dst_offset
+        if width > min(dst_pitch, src_pitch) or span > dst.nbytes or (height - 1) * src_pitch + width > src.nbytes:
+            raise ValueError(f"strided copy of {height} x {width} bytes from {src.name} (pitch {src_pitch}) into "
+                             f"{dst.name} (pitch {dst_pitch}, offset {dst_offset}) overruns a buffer")
+        self._api.dtod_2d(dst.ptr + dst_offset, dst_pitch, src.ptr, src_pitch, width, height)
 
     def memset(self, dst: DeviceBuffer, value: int = 0, nbytes: int | None = None) -> None:
         self._api.memset(dst.ptr, value, dst.nbytes if nbytes is None else min(nbytes, dst.nbytes))

@@ -1,9 +1,13 @@
 """The ONNX Runtime backend: the graphs of :func:`blockpilot.export.export_onnx` on the CPU, no torch.
 
-The KV cache is two numpy arrays owned by the backend, ``(layers, 1, kv_heads, capacity, head_dim)``.
-Every forward feeds the whole cache to ``lm_step.onnx`` and gets it back with the window written
-at ``start``; a ``write_kv`` step keeps that present cache, a draft step (``write_kv=False``)
-drops it, and :meth:`OrtBackend.truncate` only moves the length. Batch one and greedy only:
+The KV cache is two numpy arrays owned by the backend, ``(layers, 1, kv_heads, capacity, head_dim)`` in the
+graph's cache dtype, allocated once. With the window I/O (:mod:`blockpilot.runtime.kv_window`) every forward runs
+through one ``IOBinding``: the cache is bound in place (ONNX Runtime's CPU provider reads the numpy memory, no
+copy), the graph gathers only the visible slots and returns only the window's ``k_new`` / ``v_new`` into
+preallocated buffers, and a ``write_kv`` step writes those rows at ``start``; a draft step (``write_kv=False``)
+writes nothing, and :meth:`OrtBackend.truncate` only moves the length. An export made before the window I/O
+(whole-cache ``present_k`` / ``present_v`` outputs) still runs: the whole cache goes in and the returned present
+replaces it on a committed step. Batch one and greedy only:
 sampling and :meth:`OrtBackend.fork` with more than one row raise :class:`OrtUnsupportedError`.
 
 Every frame is resized by the export's image policy to one of its exported sizes (one vision graph per size);
@@ -20,11 +24,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..formats.onnx_io import MODE_IDS, graph_has_typed_slots, load_spec, vision_graphs
+from ..formats.onnx_io import KV_OUTPUTS, MODE_IDS, graph_has_typed_slots, kv_io, load_spec, vision_graphs
 from ..vla.modes import AttentionMode
 from ..vla.plans import DrivingSchema
 from .backend import AllowedTokens, BackendError, TokenArray
 from .graph_backend import GraphBackend, GraphInputs, driving_model_files
+from .kv_window import write_rows
 from .plan_types import DecoderSettings, PlannerSetupError
 from .planner import Planner
 
@@ -74,11 +79,24 @@ class OrtBackend(GraphBackend):
             for g in vision_graphs(vision)}
         self._inputs = GraphInputs(self.spec, root, vision="graph")
         self._image_encoder = self._encode if self._vision else None
-        shape = next(i["shape"] for i in self.spec["lm_step"]["inputs"] if i["name"] == "past_k")
-        self._k = np.zeros(shape, dtype=np.float32)
-        self._v = np.zeros(shape, dtype=np.float32)
+        past = next(i for i in self.spec["lm_step"]["inputs"] if i["name"] == "past_k")
+        self.kv_io = kv_io(self.spec)
+        self._k = np.zeros(past["shape"], dtype=np.dtype(past["dtype"]))
+        self._v = np.zeros(past["shape"], dtype=np.dtype(past["dtype"]))
         self.feed_observer: FeedObserver | None = None
         self.constrains_tokens = graph_has_typed_slots(self.spec)
+        self.last_outputs: dict[str, npt.NDArray[Any]] = {}  # the last LM run's outputs (views, valid until the next)
+        if self.kv_io == "window":
+            self._binding = self._lm.io_binding()
+            for name, cache in (("past_k", self._k), ("past_v", self._v)):  # bound once, read in place
+                self._binding.bind_input(name, "cpu", 0, cache.dtype, list(cache.shape), cache.ctypes.data)
+            window = (*self._k.shape[:3], self.capacity, self._k.shape[4])  # the largest window: T = capacity
+            self._out: dict[str, npt.NDArray[Any]] = {
+                "top1": np.zeros(self.capacity, np.int64), "prob": np.zeros(self.capacity, np.float32),
+                "k_new": np.zeros(window, self._k.dtype), "v_new": np.zeros(window, self._v.dtype)}
+            # The typed-slot inputs' defaults (allow everything), bound when a step has no ``allowed``.
+            self._unconstrained = {"allowed_table": np.ones((1, self._inputs.vocab), np.bool_),
+                                   "token_class": np.zeros((1, 1), np.int64)}
 
     def _encode(self, patches: npt.NDArray[np.float32], grid: tuple[int, int, int]) -> npt.NDArray[np.float32]:
         session = self._vision.get(grid)
@@ -107,10 +125,39 @@ class OrtBackend(GraphBackend):
             feeds["token_class"] = np.ascontiguousarray(allowed.classes, dtype=np.int64)
         if self.feed_observer is not None:
             self.feed_observer(feeds)
-        top1, prob, present_k, present_v = self._lm.run(["top1", "prob", "present_k", "present_v"], feeds)
+        if self.kv_io == "full":  # an export before the window I/O: the whole cache in and out
+            top1, prob, present_k, present_v = self._lm.run(["top1", "prob", *KV_OUTPUTS["full"]], feeds)
+            self.last_outputs = {"top1": top1, "prob": prob, "present_k": present_k, "present_v": present_v}
+            if commit:  # a draft (write_kv=False) leaves the cache as it was
+                self._k, self._v = present_k, present_v
+            return np.asarray(top1, dtype=np.int64), np.asarray(prob, dtype=np.float32)
+        top1, prob, k_new, v_new = self._run_bound(feeds, embeds.shape[0])
         if commit:  # a draft (write_kv=False) leaves the cache as it was
-            self._k, self._v = present_k, present_v
-        return np.asarray(top1, dtype=np.int64), np.asarray(prob, dtype=np.float32)
+            write_rows(self._k, k_new, start)
+            write_rows(self._v, v_new, start)
+        return top1.astype(np.int64)[None], prob.astype(np.float32)[None]
+
+    def _run_bound(self, feeds: dict[str, npt.NDArray[Any]], t: int) -> tuple[npt.NDArray[Any], ...]:
+        """One run over the binding: the window's inputs bound by address (their arrays outlive the run), the
+        outputs written into the fronts of the preallocated buffers; returns views of them."""
+        binding = self._binding
+        if self.constrains_tokens and "allowed_table" not in feeds:  # a binding keeps the last table: the defaults
+            feeds = {**feeds, **self._unconstrained}
+        for name, value in feeds.items():
+            if name not in ("past_k", "past_v"):
+                if not value.flags.c_contiguous:
+                    value = feeds[name] = np.ascontiguousarray(value)
+                binding.bind_input(name, "cpu", 0, value.dtype, list(value.shape), value.ctypes.data)
+        shape = (*self._k.shape[:3], t, self._k.shape[4])
+        outs = {"top1": self._out["top1"][:t], "prob": self._out["prob"][:t],
+                "k_new": self._out["k_new"].reshape(-1)[: int(np.prod(shape))].reshape(shape),
+                "v_new": self._out["v_new"].reshape(-1)[: int(np.prod(shape))].reshape(shape)}
+        for name, array in outs.items():
+            dims = [1, t] if name in ("top1", "prob") else list(shape)
+            binding.bind_output(name, "cpu", 0, array.dtype, dims, array.ctypes.data)
+        self._lm.run_with_iobinding(binding)
+        self.last_outputs = outs
+        return outs["top1"], outs["prob"], outs["k_new"], outs["v_new"]
 
 
 def ort_planner(checkpoint_dir: str | Path, onnx_dir: str | Path, *, decoder: DecoderSettings | None = None,

@@ -9,24 +9,25 @@ share one scratch allocation (they never run at the same time: one stream). Toke
 the host from the bundle's ``embed_tokens.npy`` (image features written over the image tokens) and staged in
 pinned memory; only ``top1``/``prob``, ``(1, T)``, come back per forward.
 
-KV cache. The engine reads the whole cache (``past_k``/``past_v``) and writes the whole cache with the window
-written (``present_k``/``present_v``); an input and an output may not share memory in a plain engine, so the
-cache lives in two fixed device buffers used ping-pong. Addresses are set once, never per call: there is one
-execution context per parity, context ``p`` reading buffer ``p`` as past and writing buffer ``1 - p`` as
-present. A committed step (``write_kv=True``) flips the parity, so the present becomes the next past; a draft
-(``write_kv=False``) keeps it, and its present is scratch that the next forward overwrites.
+KV cache. One cache pair (``past_k``/``past_v``, in the engine's dtype for them) lives in two fixed device
+buffers that the engine reads in place; it gathers only the visible slots and writes only the window's new K/V
+(``k_new``/``v_new``, ``(layers, 1, kv_heads, T, head_dim)``, the window I/O of :mod:`~blockpilot.runtime.kv_window`)
+into fixed output buffers. A committed step (``write_kv=True``) then copies those rows into the cache at
+``start``, one strided device copy per tensor (``layers * kv_heads`` rows of ``T * head_dim`` elements); a draft
+(``write_kv=False``) copies nothing, so the cache stays as it was. Addresses are set once, never per call.
+Engines built before the window I/O (``present_k``/``present_v`` outputs: two whole caches ping-ponged per step)
+are refused with :class:`~blockpilot.runtime.kv_window.StaleExportError` saying to re-export.
 
 ``key_end``: in decomposed and native engines a shape tensor (``ICudaEngine.is_shape_inference_io``: it feeds
 the ``Range`` of visible keys), so its address points at pinned host memory, set once, and TensorRT reads the
 value on the host at enqueue time; in plugin engines it only reaches the plugins (``Cast`` + ``Reshape`` to
 int32 ``(1,)``), an ordinary device input uploaded like ``start`` (:func:`~blockpilot.runtime.trt_engine.lm_layout`
 decides from the engine). Plugin engines (``TrtBackend(plugin=True)``, selected by the artifact's variant)
-have the same network I/O as decomposed ones: each plugin writes its layer's slice of the cache in place, but
-those slices are tensors inside the network (``Gather`` of ``past_k`` in, ``Concat`` into ``present_k`` out),
-so past and present stay two network tensors and the ping-pong buffers hold.
+have the same network I/O as decomposed ones: each plugin writes the window into its layer's slice of the cache
+(a tensor inside the network, ``Gather`` of ``past_k``), and the graph returns the window's K/V like the others.
 
 CUDA graphs. A captured graph freezes the input shapes, a host value of ``key_end`` (hence the kernels' grid
-sizes) and every tensor address, so graphs are keyed by ``(T, key_end, parity)`` (``key_end`` as ``-1`` where
+sizes) and every tensor address, so graphs are keyed by ``(T, key_end, 0)`` (``key_end`` as ``-1`` where
 it lives on the device, which a graph does not freeze): the denoising drafts and the commit of one block share
 a key and replay. A block step's key is captured at first sight, a one-token step's at its second (an AR
 decoder never repeats one where ``key_end`` is in the key), each in its own execution context (an enqueue may
@@ -174,10 +175,10 @@ class TrtBackend(GraphBackend):
         lm = engines[0]
         self._lm = lm
         self.layout = layout = lm.lm_layout()
-        if any(lm.aliased_input(n) for n in ("present_k", "present_v")):
-            raise PlannerSetupError(f"{lm_path}: the engine aliases its present_k / present_v outputs to its past "
-                                    "inputs; this backend runs separate past/present buffers (a draft must leave "
-                                    "the cache as it was)")
+        if any(lm.aliased_input(n) for n in ("k_new", "v_new")):
+            raise PlannerSetupError(f"{lm_path}: the engine aliases its k_new / v_new outputs to inputs; this backend "
+                                    "copies the window's K/V from their own buffers (a draft must leave the cache as "
+                                    "it was)")
         scratch = m.alloc("context scratch", max(e.scratch_bytes for e in engines))
         for engine in engines:
             engine.use_scratch(scratch)
@@ -189,23 +190,30 @@ class TrtBackend(GraphBackend):
         self._slots = SlotFeed(m, lm, cap, self._inputs.vocab) if has_typed_slots(lm) else None
         self.constrains_tokens = self._slots is not None
         self.max_slot_classes = None if self._slots is None else self._slots.max_classes
-        self._kv = [(m.alloc(f"k{p}", lm.nbytes("past_k", lm.max_shape("past_k"))),
-                     m.alloc(f"v{p}", lm.nbytes("past_v", lm.max_shape("past_v")))) for p in (0, 1)]
-        for k, v in self._kv:  # never read before written, but no stale NaN ever reaches a masked product
-            m.memset(k)
-            m.memset(v)
+        self.cache_shape = cache = lm.max_shape("past_k")
+        if len(cache) != 5 or cache[3] != cap or lm.max_shape("past_v") != cache:
+            raise PlannerSetupError(f"{lm_path}: past_k / past_v of shapes {cache} / {lm.max_shape('past_v')}; the "
+                                    f"export's cache is (layers, 1, kv_heads, {cap}, head_dim)")
+        window = (*cache[:3], cap, cache[4])  # k_new / v_new at the largest window, T = capacity
+        self._kv = {n: m.alloc(n, lm.nbytes(n, cache)) for n in ("past_k", "past_v")}
+        for buffer in self._kv.values():  # never read before written, but no stale NaN reaches a masked product
+            m.memset(buffer)
         for name in ("top1", "prob"):  # (1, T): the export's spec, checked against the engine below
             self._buf[name] = m.alloc(name, lm.nbytes(name, (1, cap)))
+        for name in ("k_new", "v_new"):
+            self._buf[name] = m.alloc(name, lm.nbytes(name, window))
         self._staged = {n: m.pinned(1, layout.dtypes[n]) for n in ("start", "mode", "key_end")}
-        self._contexts = [lm.context() for _ in (0, 1)]  # one per parity, its addresses set once
-        for parity, context in enumerate(self._contexts):
-            bind(context, self._addresses(parity), lm_path)
+        self._contexts = [lm.context()]  # its addresses set once
+        bind(self._contexts[0], self._addresses(), lm_path)
         self._set_shapes(self._contexts[0], cap, cap)
-        for name in ("top1", "prob", "present_k"):
+        for name in ("top1", "prob", "k_new", "v_new"):
             shape = tuple(int(d) for d in self._contexts[0].get_tensor_shape(name))
-            if shape != ((1, cap) if name != "present_k" else lm.max_shape("past_k")):
+            if shape != ((1, cap) if name in ("top1", "prob") else window):
                 raise PlannerSetupError(f"{lm_path}: output {name} has shape {shape} at T = capacity; fixed buffers "
                                         "(and CUDA graphs) need the export's output shapes, known from the inputs")
+        if lm.kind("k_new") != lm.kind("past_k") or lm.kind("v_new") != lm.kind("past_v"):
+            raise PlannerSetupError(f"{lm_path}: k_new / v_new are {lm.kind('k_new')} / {lm.kind('v_new')} but the "
+                                    f"cache is {lm.kind('past_k')} / {lm.kind('past_v')}; the rows are copied as is")
         self._shape_of: dict[int, int] = {}
         self._embeds_host = m.pinned((cap, self._inputs.hidden), layout.dtypes["inputs_embeds"])
         self._pos_host = m.pinned(3 * cap, layout.dtypes["position_ids"])
@@ -215,7 +223,7 @@ class TrtBackend(GraphBackend):
         self._vision = VisionEngines(m, dict(zip(vision_paths, engines[1:], strict=True)), merge) \
             if vision_paths else None
         self._image_encoder = None if self._vision is None else self._vision.encode
-        self._parity = self._length = self._rope_delta = 0
+        self._length = self._rope_delta = 0
 
     @property
     def graph_note(self) -> str:
@@ -243,7 +251,7 @@ class TrtBackend(GraphBackend):
     def _forward(self, embeds: npt.NDArray[np.float32], positions: npt.NDArray[np.int64], start: int, key_end: int,
                  mode: AttentionMode, *, commit: bool, graph: bool,
                  allowed: AllowedTokens | None = None) -> tuple[TokenArray, npt.NDArray[np.float32]]:
-        m, t, p = self.memory, embeds.shape[0], self._parity
+        m, t, p = self.memory, embeds.shape[0], 0
         self._embeds_host[:t] = embeds
         self._pos_host[: 3 * t] = np.asarray(positions).reshape(-1)
         staged = self._staged
@@ -261,7 +269,7 @@ class TrtBackend(GraphBackend):
             fresh = graph and self.graphs.wanted(key)  # a repeated key: its own context, run eagerly, then captured
             context = self._lm.context() if fresh else self._contexts[p]
             if fresh:
-                bind(context, self._addresses(p), self._lm.path)
+                bind(context, self._addresses(), self._lm.path)
             if fresh or self._shape_of.get(p) != t:
                 self._set_shapes(context, t, key_end)
                 if not fresh:
@@ -269,22 +277,30 @@ class TrtBackend(GraphBackend):
             enqueue(context, m.stream, f"lm_step T={t} key_end={key_end}")
             if fresh:
                 self.graphs.capture(key, context)
+        if commit:  # the window's rows into the cache at start; a draft leaves the cache as it was
+            self._commit_rows(start, t)
         m.download(self._top1_host[:t], self._buf["top1"])
         m.download(self._prob_host[:t], self._buf["prob"])
         m.synchronize()
-        if commit:  # the present buffer becomes the past; a draft leaves the cache as it was
-            self._parity ^= 1
         top1 = self._top1_host[:t].astype(np.int64)[None]
         return top1, self._prob_host[:t].astype(np.float32)[None]
 
-    def _addresses(self, parity: int) -> dict[str, int]:
-        """Every LM tensor's address for ``parity``: past = cache buffer ``parity``, present = the other one;
+    def _commit_rows(self, start: int, t: int) -> None:
+        """Queue the copy of ``k_new`` / ``v_new`` ``(layers, 1, kv_heads, t, head_dim)`` into the cache at slots
+        ``start .. start + t``: per (layer, head) one row of ``t * head_dim`` elements."""
+        layers, _, heads, cap, dim = self.cache_shape
+        for new, cache in (("k_new", "past_k"), ("v_new", "past_v")):
+            item = np.dtype(self.layout.dtypes[cache]).itemsize
+            self.memory.copy_2d(self._kv[cache], self._buf[new], width=t * dim * item, height=layers * heads,
+                                dst_pitch=cap * dim * item, src_pitch=t * dim * item, dst_offset=start * dim * item)
+
+    def _addresses(self) -> dict[str, int]:
+        """Every LM tensor's address: the cache read in place, the window's K/V into their fixed buffers;
         ``key_end`` the pinned host value where it is a shape tensor."""
-        (k_past, v_past), (k_present, v_present) = self._kv[parity], self._kv[1 - parity]
         host = {"key_end": int(self._staged["key_end"].ctypes.data)} if self.layout.key_end_on_host else {}
         slots = self._slots.addresses() if self._slots is not None else {}
-        return {**{n: b.ptr for n, b in self._buf.items()}, **host, **slots, "past_k": k_past.ptr, "past_v": v_past.ptr,
-                "present_k": k_present.ptr, "present_v": v_present.ptr}
+        return {**{n: b.ptr for n, b in self._buf.items()}, **host, **slots,
+                **{n: b.ptr for n, b in self._kv.items()}}
 
     def _set_shapes(self, context: Any, t: int, key_end: int) -> None:
         self._staged["key_end"][0] = key_end

@@ -26,8 +26,8 @@ from .plan_types import PlannerSetupError
 _NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_,
           "INT8": np.int8, "UINT8": np.uint8}
 LM_INPUTS = ("inputs_embeds", "position_ids", "start", "key_end", "mode", "past_k", "past_v")
-LM_OUTPUTS = ("top1", "prob", "present_k", "present_v")
-StepKey = tuple[int, int, int]  # (T, key_end or -1 where key_end lives on the device, parity)
+LM_OUTPUTS = ("top1", "prob", "k_new", "v_new")  # the window I/O (runtime.kv_window)
+StepKey = tuple[int, int, int]  # (T, key_end or -1 where key_end lives on the device, 0: one cache)
 
 
 def dtype_name(dtype: Any) -> str:
@@ -58,6 +58,11 @@ def lm_layout(inputs: Sequence[str], outputs: Sequence[str], is_host: Callable[[
     data type name. Raises :class:`PlannerSetupError` for an engine of another graph, or one with any host input
     other than ``key_end``."""
     missing = [n for n in LM_INPUTS if n not in inputs] + [n for n in LM_OUTPUTS if n not in outputs]
+    if missing and all(n in outputs for n in ("present_k", "present_v")):
+        from .kv_window import REEXPORT, StaleExportError
+
+        raise StaleExportError(f"{where}: an lm_step engine of the whole-cache KV I/O (present_k / present_v "
+                               f"outputs, built before the window I/O); {REEXPORT}")
     if missing:
         raise PlannerSetupError(f"{where}: not an lm_step engine of this export (no {', '.join(missing)})")
     host = [n for n in inputs if is_host(n)]
@@ -164,7 +169,7 @@ def enqueue(context: Any, stream: int, what: str) -> None:
 
 
 class StepGraphs:
-    """CUDA graphs of LM steps keyed by ``(T, key_end, parity)``, each with its own execution context; at most
+    """CUDA graphs of LM steps keyed by ``(T, key_end, 0)``, each with its own execution context; at most
     ``limit`` kept, least recently used dropped. :attr:`note` says why graphs are off (``""`` while on)."""
 
     def __init__(self, memory: CudaMemory, limit: int) -> None:
