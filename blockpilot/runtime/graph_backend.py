@@ -47,8 +47,7 @@ Grid = tuple[int, int, int]
 Encode = Callable[[FloatArray, Grid], FloatArray]  # one image's patches and patch grid -> its features
 Forward = Callable[[FloatArray, IntArray], tuple[TokenArray, FloatArray]]  # (T, hidden), (3, 1, T) -> top1, prob
 # What a prompt with images hears when the backend has no vision model, and what its vision model was made for.
-VISION_WORDS = {"graph": ("the export has no vision graph", "the vision graph was exported for"),
-                "engine": ("the bundle has no vision engine", "the vision engine was built for")}
+VISION_WORDS = {"graph": "the export has no vision graph", "engine": "the bundle has no vision engine"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ class GraphInputs:
             int(spec["capacity"])
         image_id = spec.get("image_token_id")
         self.image_id = int(image_id) if image_id is not None else -1
-        self._no_vision, self._made_for = VISION_WORDS[vision]
+        self._no_vision = VISION_WORDS[vision]
         # Any frame is resized by the export's policy to one of its exported sizes (blockpilot.vla.image_policy).
         self.policy: ImagePolicy | None = None if spec.get("vision") is None else \
             spec_policy(spec["vision"], str(Path(onnx_dir) / "onnx_spec.json"))
