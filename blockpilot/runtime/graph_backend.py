@@ -46,7 +46,7 @@ IntArray = npt.NDArray[np.int64]
 Grid = tuple[int, int, int]
 Encode = Callable[[FloatArray, Grid], FloatArray]  # one image's patches and patch grid -> its features
 Forward = Callable[[FloatArray, IntArray], tuple[TokenArray, FloatArray]]  # (T, hidden), (3, 1, T) -> top1, prob
-# What a prompt with images hears when the backend has no vision model, and what its vision model was made for.
+# What a prompt with images hears when the backend has no vision model.
 VISION_WORDS = {"graph": "the export has no vision graph", "engine": "the bundle has no vision engine"}
 
 
