@@ -348,9 +348,14 @@ def test_schema_comes_from_the_checkpoints_blockpilot_json(checkpoint: Path, tmp
     planner = Planner.from_checkpoint(short, decoder=DecoderSettings(name="ar"))
     assert planner.schema.explanation_tokens == 16
     assert planner.plan(_obs()).stats.tokens == len(planner.scaffold)
+    # Another layout plans from an instruction (plan_text); a driving observation is refused, naming the layout.
     save_schema(short, RobotActionSchema())
-    with pytest.raises(PlannerSetupError, match="RobotActionSchema"):
-        Planner.from_checkpoint(short)
+    robot = Planner.from_checkpoint(short)
+    assert isinstance(robot.schema, RobotActionSchema)
+    with pytest.raises(ObservationError, match="RobotActionSchema"):
+        robot.plan(_obs())
+    plan = robot.plan_text("Put the red cube in the bowl.", [_obs().images[0]])
+    assert plan.stats.tokens == len(robot.scaffold)
 
 
 def test_cache_is_sized_from_prompt_answer_and_block(planners: dict[str, Planner]) -> None:
