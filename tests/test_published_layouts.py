@@ -209,8 +209,13 @@ def test_schema_option_refuses_unknown_names(layouts: dict[str, Layout], capsys:
     assert "neither a preset" in capsys.readouterr().err
 
 
+# One layout (sharded bf16 weights, vocab.json + merges.txt tokenizer) runs in the default suite; all four run
+# with `bash scripts/test.sh -m extended` (each takes minutes on a 2-core CPU).
+EVERY_COMMAND_LAYOUTS = [pytest.param(n, marks=() if n == "llm_7b" else pytest.mark.extended) for n in LAYOUTS]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("name", EVERY_COMMAND_LAYOUTS)
 def test_every_command_on_the_layout(layouts: dict[str, Layout], nuscenes_root: Path, tmp_path: Path, name: str,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = str(layouts[name].path)
