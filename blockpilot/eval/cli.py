@@ -217,6 +217,12 @@ def headline(metrics: dict[str, Any]) -> str:
         lines.append(f"{who:5s} L2 avg-up-to-t 1/2/3 s {fmt(avg.get('1'))}/{fmt(avg.get('2'))}/{fmt(avg.get('3'))} m"
                      f"  at-t {fmt(at.get('1'))}/{fmt(at.get('2'))}/{fmt(at.get('3'))} m"
                      f"  collision(ST-P3) 3 s {fmt(coll.get('3'))} %")
+    counts, latency = metrics.get("counts") or {}, metrics.get("latency") or {}
+    if counts.get("parse_rate") is not None:
+        planned = counts.get("ok", 0) + counts.get("parse_error", 0)
+        lines.append(f"plans parsed {100 * counts['parse_rate']:.2f} % ({counts.get('ok', 0)}/{planned}), "
+                     f"{fmt(latency.get('forwards_per_plan'))} forwards per plan, "
+                     f"{fmt(latency.get('tokens_per_forward'))} answer tokens per decode forward")
     return "\n".join(lines)
 
 
