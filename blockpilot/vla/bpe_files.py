@@ -9,15 +9,13 @@ tokens at the ids the files give, matched before normalization. Ids come out ide
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
-from .config import ConfigError
-from .special_tokens import ADDED_TOKENS_JSON, MERGES_TXT, TOKENIZER_CONFIG_JSON, VOCAB_JSON
+from .config import ConfigError, read_json_object
+from .special_tokens import MERGES_TXT, VOCAB_JSON, read_added_files
 
 # Qwen2's pre-tokenizer split: contractions, words with one leading non-letter, single digits,
 # punctuation runs, newline runs, trailing whitespace, other whitespace.
@@ -29,18 +27,8 @@ class BpeFilesError(ConfigError):
     """``vocab.json`` / ``merges.txt`` / added-token files are missing, unreadable or inconsistent."""
 
 
-def _json_object(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BpeFilesError(f"{path}: not readable JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise BpeFilesError(f"{path}: expected a JSON object")
-    return data
-
-
 def _read_vocab(path: Path) -> dict[str, int]:
-    vocab = _json_object(path)
+    vocab = read_json_object(path, BpeFilesError)
     bad = [k for k, v in vocab.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
     if bad:
         raise BpeFilesError(f"{path}: entry {bad[0]!r} is not a non-negative int id")
@@ -69,30 +57,6 @@ def _read_merges(path: Path, vocab: dict[str, int]) -> list[tuple[str, str]]:
     return merges
 
 
-def _read_added(root: Path) -> dict[int, tuple[str, bool]]:
-    """id -> (text, special) from ``added_tokens.json`` and ``tokenizer_config.json``'s decoder."""
-    added: dict[int, tuple[str, bool]] = {}
-    if (path := root / ADDED_TOKENS_JSON).is_file():
-        for text, tid in _json_object(path).items():
-            if not isinstance(tid, int) or isinstance(tid, bool) or tid < 0:
-                raise BpeFilesError(f"{path}: field {text!r} must be a non-negative int id, got {tid!r}")
-            added[tid] = (text, True)
-    if (path := root / TOKENIZER_CONFIG_JSON).is_file():
-        decoder = _json_object(path).get("added_tokens_decoder", {})
-        if not isinstance(decoder, dict):
-            raise BpeFilesError(f"{path}: field 'added_tokens_decoder' must be an object")
-        for key, entry in decoder.items():
-            if not key.isdigit() or not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
-                raise BpeFilesError(f"{path}: field 'added_tokens_decoder.{key}' must map a numeric id to an "
-                                    "object with a 'content' string")
-            tid, text = int(key), entry["content"]
-            if tid in added and added[tid][0] != text:
-                raise BpeFilesError(f"{path}: id {tid} is {text!r} here but {added[tid][0]!r} in "
-                                    f"{root / ADDED_TOKENS_JSON}")
-            added[tid] = (text, bool(entry.get("special", True)))
-    return added
-
-
 def qwen2_tokenizer_from_bpe_files(root: str | Path) -> tokenizers.Tokenizer:
     """The Qwen2 tokenizer of ``root/vocab.json`` + ``root/merges.txt`` and the added tokens beside them."""
     root = Path(root)
@@ -102,7 +66,7 @@ def qwen2_tokenizer_from_bpe_files(root: str | Path) -> tokenizers.Tokenizer:
                                 "merges.txt + added_tokens.json)")
     vocab = _read_vocab(root / VOCAB_JSON)
     merges = _read_merges(root / MERGES_TXT, vocab)
-    added = _read_added(root)
+    added = read_added_files(root, BpeFilesError)[0]
     taken = set(vocab.values())
     clash = sorted(i for i, (text, _) in added.items() if i in taken and vocab.get(text) != i)
     if clash:

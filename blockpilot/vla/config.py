@@ -7,7 +7,9 @@ hard-code them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 # Documented defaults of Fast-dLLM v2 / Fast-dDrive checkpoints (Qwen2 vocabulary): the mask is the
@@ -22,6 +24,18 @@ DEFAULT_SUB_BLOCK_SIZE = 8
 
 class ConfigError(ValueError):
     """A configuration value is missing or inconsistent; the message names the field and file."""
+
+
+def read_json_object(path: Path, error: type[Exception] = ConfigError,
+                     expected: str = "a JSON object") -> dict[str, Any]:
+    """The JSON object in ``path``; ``error`` names the file for an unreadable file, bad JSON or another value."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected {expected}, got {type(data).__name__}")
+    return data
 
 
 def require(cond: bool, msg: str) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import VisionConfig
+from .config import VisionConfig, read_json_object
 from .image_grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, smart_resize
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -194,12 +194,7 @@ def load_image_policy(checkpoint_dir: str | Path, vision: VisionConfig) -> Image
     if not path.is_file():
         return ImagePolicy.for_vision(vision, source="processor defaults (no preprocessor_config.json)")
     where = str(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ImagePolicyError(f"{where}: not readable JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ImagePolicyError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json_object(path, ImagePolicyError)
     size = raw.get("size")
     if size is not None and not isinstance(size, dict):
         raise ImagePolicyError(f"{where}: field 'size' must be an object, got {size!r}")

@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, read_json_object
 from .plans import DrivingSchema, RobotActionSchema
 
 SCHEMA_FILE = "blockpilot.json"
@@ -96,12 +96,7 @@ def resolve_schema(checkpoint_dir: str | Path | None, spec: str | Path | None) -
     path = Path(name)
     if not path.is_file():
         raise ConfigError(f"--schema {name!r}: neither a preset ({', '.join(SCHEMA_PRESETS)}) nor an existing file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not readable JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object (a blockpilot.json or a JSON Schema document)")
+    data = read_json_object(path, expected="a JSON object (a blockpilot.json or a JSON Schema document)")
     if isinstance(data.get("schema"), dict) and "kind" in data["schema"]:
         return schema_from_dict(data["schema"], str(path))
     try:

@@ -18,12 +18,17 @@ is an added token that encodes to itself.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_END_TOKEN_ID, DEFAULT_MASK_TOKEN_ID, DEFAULT_NULL_TOKEN_ID, ConfigError
+from .config import (
+    DEFAULT_END_TOKEN_ID,
+    DEFAULT_MASK_TOKEN_ID,
+    DEFAULT_NULL_TOKEN_ID,
+    ConfigError,
+    read_json_object,
+)
 
 MASK_TEXT = "|<MASK>|"
 FILLER_TEXTS = ("<|endoftext|>", "<|fim_pad|>")
@@ -34,20 +39,36 @@ VOCAB_JSON = "vocab.json"
 MERGES_TXT = "merges.txt"
 
 
-def _read_object(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not readable JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
-
-
-def _token_id(value: Any, where: str) -> int:
+def _token_id(value: Any, where: str, error: type[ConfigError] = ConfigError) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{where}: token id must be a non-negative int, got {value!r}")
+        raise error(f"{where}: token id must be a non-negative int, got {value!r}")
     return value
+
+
+def read_added_files(root: Path, error: type[ConfigError] = ConfigError,
+                     ) -> tuple[dict[int, tuple[str, bool]], list[str]]:
+    """id -> (text, special) from ``added_tokens.json`` and ``tokenizer_config.json``'s ``added_tokens_decoder``
+    (the added tokens of copies that ship ``vocab.json`` + ``merges.txt``), and the files read."""
+    added: dict[int, tuple[str, bool]] = {}
+    sources: list[str] = []
+    if (path := root / ADDED_TOKENS_JSON).is_file():
+        for text, tid in read_json_object(path, error).items():
+            added[_token_id(tid, f"{path}: field {text!r}", error)] = (text, True)
+        sources.append(str(path))
+    if (path := root / TOKENIZER_CONFIG_JSON).is_file():
+        decoder = read_json_object(path, error).get("added_tokens_decoder", {})
+        if not isinstance(decoder, dict):
+            raise error(f"{path}: field 'added_tokens_decoder' must be an object")
+        for key, entry in decoder.items():
+            if not key.isdigit() or not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+                raise error(f"{path}: field 'added_tokens_decoder.{key}' must map a numeric id to an object with a "
+                            "'content' string")
+            tid, text = int(key), entry["content"]
+            if tid in added and added[tid][0] != text:
+                raise error(f"{path}: id {tid} is {text!r} here but {added[tid][0]!r} in {root / ADDED_TOKENS_JSON}")
+            added[tid] = (text, bool(entry.get("special", True)))
+        sources.append(str(path))
+    return added, sources
 
 
 def read_added_tokens(checkpoint_dir: str | Path) -> tuple[dict[str, int], str] | None:
@@ -57,7 +78,7 @@ def read_added_tokens(checkpoint_dir: str | Path) -> tuple[dict[str, int], str] 
     root = Path(checkpoint_dir)
     if (root / TOKENIZER_JSON).is_file():
         path = root / TOKENIZER_JSON
-        entries = _read_object(path).get("added_tokens", [])
+        entries = read_json_object(path).get("added_tokens", [])
         if not isinstance(entries, list):
             raise ConfigError(f"{path}: field 'added_tokens' must be a list")
         out: dict[str, int] = {}
@@ -66,21 +87,10 @@ def read_added_tokens(checkpoint_dir: str | Path) -> tuple[dict[str, int], str] 
                 raise ConfigError(f"{path}: field 'added_tokens[{i}]' must be an object with a 'content' string")
             out[entry["content"]] = _token_id(entry.get("id"), f"{path}: field 'added_tokens[{i}].id'")
         return out, str(path)
-    out, sources = {}, []
-    if (path := root / ADDED_TOKENS_JSON).is_file():
-        for text, tid in _read_object(path).items():
-            out[text] = _token_id(tid, f"{path}: field {text!r}")
-        sources.append(str(path))
-    if (path := root / TOKENIZER_CONFIG_JSON).is_file():
-        decoder = _read_object(path).get("added_tokens_decoder", {})
-        if not isinstance(decoder, dict):
-            raise ConfigError(f"{path}: field 'added_tokens_decoder' must be an object")
-        for key, entry in decoder.items():
-            where = f"{path}: field 'added_tokens_decoder.{key}'"
-            if not key.isdigit() or not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
-                raise ConfigError(f"{where} must map a numeric id to an object with a 'content' string")
-            out.setdefault(entry["content"], int(key))
-        sources.append(str(path))
+    added, sources = read_added_files(root)
+    out = {}
+    for tid, (text, _) in sorted(added.items()):
+        out.setdefault(text, tid)
     if not sources:
         return None
     return out, " and ".join(sources)
