@@ -119,3 +119,14 @@ def test_scale_cli_tiny_with_external_data(tmp_path: Path) -> None:
         assert by["plan-ort"]["status"] != "passed" or by["plan-ort"]["details"]["steps"] == 1
     else:
         assert by["inspect"]["status"] == "skipped" and "export" in by["inspect"]["error"]
+
+
+def test_result_files_are_named_by_shape_and_date(tmp_path: Path) -> None:
+    from blockpilot.bench.scale import ScaleReport
+    from blockpilot.bench.scale_cli import write_scale
+
+    report = ScaleReport("0.5b", "x", "2026-01-02", {"cpu": "c", "cpu_count": 2, "ram_bytes": 2**30, "device": "cpu"},
+                         {"torch": "2"}, {}, {})
+    js, txt = write_scale(report, tmp_path)
+    assert (js.name, txt.name) == ("scale_0.5b_2026-01-02.json", "scale_0.5b_2026-01-02.txt")
+    assert json.loads(js.read_text())["shape"] == "0.5b" and "--shape 0.5b" in txt.read_text()

@@ -69,8 +69,8 @@ def format_scale(report: ScaleReport) -> str:
 
 def write_scale(report: ScaleReport, results: Path) -> tuple[Path, Path]:
     results.mkdir(parents=True, exist_ok=True)
-    stem = results / f"scale_{report.shape}_{report.date}"
-    js, txt = stem.with_suffix(".json"), stem.with_suffix(".txt")
+    stem = f"scale_{report.shape}_{report.date}"  # not with_suffix: "0.5b" holds a dot
+    js, txt = results / f"{stem}.json", results / f"{stem}.txt"
     js.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     txt.write_text(format_scale(report))
     return js, txt
