@@ -116,8 +116,9 @@ def stages_for(shape: ScaleShape, opts: ScaleOptions) -> list[Stage]:
                              "--tolerance", "1.0"), ("export",), "verify: ONNX Runtime vs torch, 1 sample"),
         Stage("plan-ort", _probe("plan", bundle, "--backend", "onnxruntime", "--steps", str(opts.plan_steps)),
               ("export",), f"plan, ONNX Runtime, {opts.plan_steps} block steps"),
-        Stage("eval", _cli("eval", "--source", "nuscenes", "--dataroot", nus, "--bundle", bundle, "--limit", "2",
-                           "--out", str(w / "eval"), "--overwrite", "--no-progress"), ("export",),
+        # Keyframes 0, 8 and 16: the first has less than the 2 s of history a prompt needs (skipped by design).
+        Stage("eval", _cli("eval", "--source", "nuscenes", "--dataroot", nus, "--bundle", bundle, "--stride", "8",
+                           "--limit", "3", "--out", str(w / "eval"), "--overwrite", "--no-progress"), ("export",),
               "eval, 2 nuScenes samples, ONNX Runtime"),
     ]
     prefix = loopback_prefix()
