@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default="504x896", type=_image,
                         help="HEIGHTxWIDTH of the camera image the 3b plan estimate's vision tower encodes")
     parser.add_argument("--out", default="runs/bench/bench.json", help="JSON report path")
+    sub = parser.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
+    scale = sub.add_parser("scale", help="every stage (load, plan, quantize, export, engines, bundle, eval, ROS) on a "
+                                         "random-weight checkpoint of a published shape: wall time and peak RSS")
+    from .scale_cli import add_arguments as add_scale_arguments
+
+    add_scale_arguments(scale)
 
 
 def options_from(args: argparse.Namespace) -> BenchOptions:
@@ -141,6 +147,10 @@ def write_report(report: Report, path: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "bench_command", None) == "scale":
+        from .scale_cli import run as run_scale_command
+
+        return run_scale_command(args)
     opts = options_from(args)
     report = run_bench(opts, log=lambda line: print(line, flush=True),
                        progress=lambda partial: write_report(partial, args.out))
