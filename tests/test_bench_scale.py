@@ -111,14 +111,10 @@ def test_scale_cli_tiny_with_external_data(tmp_path: Path) -> None:
     assert [f.suffix for f in files] == [".json", ".txt"] and files[0].stem.startswith("scale_tiny_")
     report = json.loads(files[0].read_text())
     _check_report(report, files[1].read_text(), stages)
-    assert rc == (0 if all(s["status"] in ("passed", "skipped") for s in report["stages"]) else 1)
+    # With the large-model paths forced on (every initializer in the graphs' data files), each stage passes.
+    assert rc == 0 and all(s["status"] == "passed" for s in report["stages"]), report["stages"]
     assert "peak RSS" in buffer.getvalue() and not (tmp_path / "work").exists()
-    by = {s["name"]: s for s in report["stages"]}
-    if by["export"]["status"] == "passed":
-        assert by["inspect"]["status"] in ("passed", "failed")
-        assert by["plan-ort"]["status"] != "passed" or by["plan-ort"]["details"]["steps"] == 1
-    else:
-        assert by["inspect"]["status"] == "skipped" and "export" in by["inspect"]["error"]
+    assert {s["name"]: s for s in report["stages"]}["plan-ort"]["details"]["steps"] == 1
 
 
 def test_result_files_are_named_by_shape_and_date(tmp_path: Path) -> None:

@@ -242,7 +242,7 @@ def run_scale(opts: ScaleOptions, log: Callable[[str], None] = print,
                                              "work": str(opts.work)})
     env = dict(os.environ)
     if opts.force_external_data:
-        env["BLOCKPILOT_FORCE_EXTERNAL_DATA"] = "1"
+        env["BLOCKPILOT_EXTERNAL_DATA_BYTES"] = "4096"  # every initializer over 4 KB goes to the graph's data file
     env["PYTHONUNBUFFERED"] = "1"
     done: dict[str, str] = {}
     for stage in stages_for(shape, opts):

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan-steps", type=int, default=8, help="block steps each plan stage times (default 8)")
     parser.add_argument("--calib", type=int, default=4, help="calibration samples of the quantize stages")
     parser.add_argument("--force-external-data", action="store_true",
-                        help="export every graph with external data (BLOCKPILOT_FORCE_EXTERNAL_DATA=1), as a model "
+                        help="export every graph with external data (BLOCKPILOT_EXTERNAL_DATA_BYTES=4096), as a model "
                              "over 2 GB needs")
     parser.add_argument("--work", default=None, help="scratch directory (default runs/scale/<shape>; replaced)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and bundles in --work")
