@@ -162,7 +162,7 @@ def test_teacher_mode_calibrates_every_quantizer_of_the_vision_model(calib_sourc
     model = planner.backend.model  # type: ignore[attr-defined]
     assert _amax_everywhere(model) == 2 * report.quantized_modules > 0
     assert any(name.startswith("visual.") for name in report.precision)  # the vision tower saw its images
-    with pytest.raises(CalibrationError, match="quantize planner.backend.model"):
+    with pytest.raises(CalibrationError, match=r"quantize planner\.backend\.model"):
         make_teacher_loop(planner, build_calibration_set(calib_source, 1, cache_dir=tmp_path))(  # type: ignore[arg-type]
             torch.nn.Linear(2, 2))
 

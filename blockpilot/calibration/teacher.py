@@ -21,6 +21,7 @@ made when the loop is built, before any quantizer is inserted.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections.abc import Sequence
@@ -33,10 +34,11 @@ import torch
 
 from ..runtime.backend import Prompt
 from ..runtime.decoders import section_blocks
-from ..runtime.planner import Planner
 from ..runtime.plan_types import for_model
+from ..runtime.planner import Planner
 from ..runtime.torch_backend import prompt_embeddings
 from ..vla.masks import attention_mask
+from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
 from ..vla.rope_index import continuation_positions
 from .answers import truth_tokens
@@ -72,9 +74,10 @@ def draft_windows(planner: Planner, prompt_length: int, answer: int) -> list[tup
     bidirectionally."""
     s = planner.settings
     assert s.block_size is not None
-    if s.name == "block" or answer != len(planner.scaffold):  # absolute blocks: the prompt's last partial block is completed by the answer
+    if s.name == "block" or answer != len(planner.scaffold):
+        # Absolute blocks: the answer completes the prompt's last partial block first.
         edges = [0, *range(-prompt_length % s.block_size or s.block_size, answer, s.block_size), answer]
-        return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+        return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
     return list(section_blocks(planner.scaffold, 0, answer, s.block_size))
 
 
@@ -160,7 +163,10 @@ class TeacherForwardLoop:
             raise CalibrationError("teacher-forced calibration needs a greedy decoder (scaffold, ar or block) for "
                                    "the answers it decodes; build the planner with one")
         self.planner = planner
-        self.model = planner_model(planner)
+        model = planner_model(planner)
+        if not isinstance(model, VLAModel):
+            raise CalibrationError(f"teacher-forced calibration runs a VLAModel, not {type(model).__name__}")
+        self.model = model
         self.progress = progress
         self.stats = TeacherStats()
         if not calib.samples:
