@@ -36,10 +36,10 @@ from blockpilot.sim.generator import generate_scene  # noqa: E402
 from blockpilot.sim.writers.nuscenes import write_nuscenes  # noqa: E402
 
 
-def replay(planner: object, dataroot: Path, out: Path) -> dict[str, float]:
+def replay(planner: object, dataroot: Path, out: Path, limit: int | None) -> dict[str, float]:
     source = NuScenesSource(dataroot)
     evaluate_and_report(planner, source, out, header=run_header(source, SHIPPED_MODEL, planner), overwrite=True,
-                        progress=False, quiet=True)
+                        progress=False, quiet=True, limit=limit)
     m = json.loads((out / "report" / "metrics.json").read_text())
     return {"l2_3s": m["model"]["l2"]["uniad"]["3"], "parse_rate": m["counts"]["parse_rate"],
             "samples": m["model"]["full_future"]}
@@ -52,13 +52,15 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=16, help="calibration samples per set")
     parser.add_argument("--calib-scenes", type=int, default=2, help="generated scenes per calibration set")
     parser.add_argument("--scenes", type=int, default=2, help="held-out scenes replayed")
+    parser.add_argument("--limit", type=int, default=None, help="replay only the first N held-out samples")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench_calib_mode_"))
     dataroot = write_nuscenes([generate_scene(HELDOUT_SEED_BASE + i) for i in range(args.scenes)], work / "heldout")
-    fp32 = replay(load_planner(SHIPPED_MODEL, DecoderSettings(name="scaffold")), dataroot, work / "runs" / "fp32")
+    fp32 = replay(load_planner(SHIPPED_MODEL, DecoderSettings(name="scaffold")), dataroot, work / "runs" / "fp32",
+                  args.limit)
     print(f"fp32: L2@3s {fp32['l2_3s']:.4f} m, parse {fp32['parse_rate']:.1%} on {fp32['samples']} samples",
           file=sys.stderr)
     rows = []
@@ -72,7 +74,7 @@ def main() -> None:
                                               calib_mode=mode)
                 loop = outcome.calibration["loop"]
                 quantize_s = time.perf_counter() - t0
-                r = replay(outcome.planner, dataroot, work / "runs" / f"{recipe}-{mode}-{k}")
+                r = replay(outcome.planner, dataroot, work / "runs" / f"{recipe}-{mode}-{k}", args.limit)
                 rows.append({"recipe": recipe, "set": k, "mode": mode, **r, "calib_seconds": loop["seconds"],
                              "answer_seconds": loop.get("answer_seconds", 0.0), "forwards": loop["forwards"],
                              "answer_sources": loop.get("answer_sources"), "quantize_seconds": quantize_s})
