@@ -4,6 +4,8 @@
 as well as cruising), ordered within a stratum by a seeded hash of ``sample_id``. Images are decoded
 only for the picked samples; one that fails is replaced by the next of its stratum. Sets are cached as
 ``<cache_dir>/<key>/samples.npz`` + ``manifest.json``; one failing its content hash is rebuilt.
+Each sample keeps the source's ground-truth future (when it has one): teacher-forced calibration
+renders it through the answer schema (:mod:`blockpilot.calibration.teacher`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..eval.types import EvalSample, ImageArray, SampleError, SampleFailure, Source
+from ..eval.types import EvalSample, ImageArray, SampleError, SampleFailure, Source, Trajectory
 from ..runtime.plan_types import Observation
 from ..vla.prompt import ROUTE_COMMANDS, EgoState
 
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_SEED_BASE = 2_000_000  # training uses seeds below 1_000_000, held-out evaluation 1_000_000..
 DEFAULT_SPEED_BINS = (0.0, 2.0, 6.0, 10.0)  # lower edges in m/s: [0, 2), [2, 6), [6, 10), [10, inf)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: samples keep the ground-truth future
 FAILURE_EXAMPLES = 5
 _LOAD_ERRORS = (SampleError, OSError, ValueError)
 _TEXT_FIELDS = {"sample_ids": "sample_id", "sources": "source", "commands": "route_command", "speed_bins": "speed_bin"}
@@ -47,7 +49,8 @@ class CalibrationError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class CalibrationSample:
-    """One planning instant with its decoded camera images (``HxWx3`` uint8, prompt order)."""
+    """One planning instant with its decoded camera images (``HxWx3`` uint8, prompt order) and the
+    source's ground-truth future (``None`` where the recording has none)."""
 
     sample_id: str
     source: str
@@ -55,6 +58,7 @@ class CalibrationSample:
     ego: EgoState
     route_command: str
     speed_bin: str
+    future: Trajectory | None = None
 
     def observation(self) -> Observation:
         return Observation(images=list(self.images), ego=self.ego, route_command=self.route_command)
@@ -112,7 +116,14 @@ def content_hash(samples: Sequence[CalibrationSample]) -> str:
         put(len(s.images).to_bytes(8, "little"))
         for image in s.images:
             put(np.asarray(image.shape, dtype="<i8").tobytes() + np.ascontiguousarray(image).tobytes())
+        put(b"" if s.future is None else _future_array(s.future).tobytes())
     return digest.hexdigest()
+
+
+def _future_array(future: Trajectory) -> np.ndarray:
+    """``(N, 4)`` little-endian float64 rows: time, x, y, valid (1.0 / 0.0)."""
+    return np.ascontiguousarray(np.column_stack([future.times_s, future.xy, future.valid.astype(np.float64)]),
+                                dtype="<f8")
 
 
 def _load_images(sample: EvalSample) -> tuple[ImageArray, ...]:
@@ -211,7 +222,7 @@ def select_samples(source: Source, size: int, seed: int = 0,
                     fail("image_error", candidate.sample_id, str(exc))
                     continue
                 picked[k].append(CalibrationSample(candidate.sample_id, candidate.source, images, candidate.ego,
-                                                   candidate.route_command, labels[k[1]]))
+                                                   candidate.route_command, labels[k[1]], candidate.future))
         quota = quotas(caps, size)  # strata that ran short leave their share to the others
     lists = list(picked.values())  # stored in round-robin order
     chosen = [p[r] for r in range(max(map(len, lists), default=0)) for p in lists if r < len(p)]
@@ -283,6 +294,8 @@ def _to_arrays(samples: Sequence[CalibrationSample]) -> dict[str, np.ndarray]:
         arrays[f"past_{i}"] = np.asarray(s.ego.past_waypoints, dtype=np.float64)
         for j, image in enumerate(s.images):
             arrays[f"image_{i}_{j}"] = image
+        if s.future is not None:
+            arrays[f"future_{i}"] = _future_array(s.future)
     return arrays
 
 
@@ -294,7 +307,12 @@ def _from_arrays(npz: Any) -> list[CalibrationSample]:
     for i in range(len(ids)):  # the content hash, checked next, catches any other change
         images = tuple(_readonly(np.array(npz[f"image_{i}_{j}"], dtype=np.uint8)) for j in range(int(num[i])))
         ego = EgoState(npz[f"past_{i}"], float(speed_accel[i, 0]), float(speed_accel[i, 1]))
-        out.append(CalibrationSample(str(ids[i]), str(sources[i]), images, ego, str(commands[i]), str(bins[i])))
+        future = None
+        if f"future_{i}" in npz.files:
+            rows = np.asarray(npz[f"future_{i}"], dtype=np.float64).reshape(-1, 4)
+            future = Trajectory(times_s=rows[:, 0], xy=rows[:, 1:3], valid=rows[:, 3] > 0.5)
+        out.append(CalibrationSample(str(ids[i]), str(sources[i]), images, ego, str(commands[i]), str(bins[i]),
+                                     future))
     return out
 
 

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     knobs.add_argument("--effective-bits", type=float, default=None, help="auto: weight-bits budget (default 6.0)")
     calib = parser.add_argument_group("calibration")
     calib.add_argument("--calib", type=positive_int, default=64, help="calibration samples (default 64)")
+    calib.add_argument("--calib-mode", default="teacher", choices=["teacher", "decode"],
+                       help="teacher: one packed forward per sample over prompt plus ground-truth answer, causal "
+                            "and masked-block attention (default); decode: a full planned decode per sample")
     calib.add_argument("--calib-source", default="synthetic", choices=SOURCES)
     calib.add_argument("--calib-dataroot", default=None, help="dataset for --calib-source nuscenes/wod/mcap")
     calib.add_argument("--calib-scenes", type=positive_int, default=8, help="generated scenes for synthetic")
@@ -101,14 +104,15 @@ def run(args: argparse.Namespace) -> int:
         recipe = _sensitivity(args, checkpoint, decoder, recipe, calib_source, cache, out)
     outcome = quantize_checkpoint(checkpoint, recipe, calib_source, args.calib, out, target=target,
                                   allow_emulated=args.allow_emulated, decoder=decoder, cache_dir=cache,
-                                  schema=schema)
+                                  schema=schema, calib_mode=args.calib_mode)
     report = outcome.report.to_dict()
     print(f"recipe        {recipe.name}: {recipe.description}")
     for note in outcome.notes:
         print(f"target        {target.name} ({target.sm}): {note}")
     print(f"calibration   {outcome.calibration.get('selected')} samples "
           f"({'cache' if outcome.calibration.get('from_cache') else 'built'}), hash "
-          f"{str(outcome.calibration.get('content_hash'))[:12]}")
+          f"{str(outcome.calibration.get('content_hash'))[:12]}, {outcome.calibration.get('mode')} mode"
+          + _loop_summary(outcome.calibration.get("loop")))
     print(f"quantized     {report['quantized_modules']} modules, formats {json.dumps(report['formats'])}"
           + (f"; {report['emulation']}" if report.get("emulation") else ""))
     if outcome.auto is not None:
@@ -136,6 +140,16 @@ def run(args: argparse.Namespace) -> int:
           f"{result.samples} samples, bound {args.gate_bound:.0%}; CPU latencies of fake-quantized models are not "
           "deployment latencies)")
     return 0 if result.passed else 1
+
+
+def _loop_summary(stats: dict[str, Any] | None) -> str:
+    if not stats:
+        return ""
+    if stats.get("mode") == "teacher":
+        sources = stats.get("answer_sources", {})
+        return (f": {stats['forwards']} packed forwards in {stats['seconds']:.1f} s, answers "
+                + ", ".join(f"{n} {k}" for k, n in sources.items() if n))
+    return f": {stats['forwards']} forwards in {stats['seconds']:.1f} s"
 
 
 def _sensitivity(args: argparse.Namespace, checkpoint: Path, decoder: Any, recipe: Any, calib_source: Any,
