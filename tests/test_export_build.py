@@ -30,7 +30,8 @@ def test_bundle_lists_graphs_and_model_files(bundle: Path) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     listed = set(manifest["files"])
     assert {"model/config.json", "model/tokenizer.json", "model/blockpilot.json", "graphs/decomposed/lm_step.onnx",
-            "graphs/decomposed/vision.onnx", "graphs/decomposed/embed_tokens.npy"} <= listed
+            "graphs/decomposed/vision.onnx"} <= listed
+    assert "graphs/decomposed/embed_tokens.npy" not in listed  # tied: the lm_step graph's head holds the table
     assert not any(p.endswith(".safetensors") for p in listed)  # graphs carry the weights; --with-weights adds them
     assert manifest["precision_map"] == {}
 

@@ -19,6 +19,7 @@ from blockpilot.export.build import export_bundle
 from blockpilot.export.fp16_graph import to_fp16_graph
 from blockpilot.export.native_attention import to_native_attention
 from blockpilot.export.verify_trt import TOLERANCES, compare_graphs, lm_feeds, vision_feeds
+from blockpilot.formats.embedding_table import EmbeddingTable
 from blockpilot.formats.onnx_io import load_spec
 
 
@@ -46,7 +47,7 @@ def test_feeds_are_real_prefills_and_block_steps_with_their_cache(bundle: Path, 
                                                                   observations: list[Any]) -> None:
     spec = load_spec(_graph(bundle, "lm_step.onnx").parent)
     assert len(feeds) == 3 * len(observations)
-    embed = np.load(_graph(bundle, "embed_tokens.npy"))
+    embed = EmbeddingTable(spec, _graph(bundle, "lm_step.onnx").parent)[np.arange(spec["vocab_size"])]
     assert not feeds[0]["past_k"].any()  # the first plan starts on an empty cache; later ones on stale, masked slots
     for first, (prefill, *steps) in enumerate(feeds[i:i + 3] for i in range(0, len(feeds), 3)):
         n = prefill["inputs_embeds"].shape[1]

@@ -157,7 +157,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
                 writer.add_graph(root / graph["file"], role="vision", variant=VARIANT, precision=precision,
                                  io={**io, "graph": graph})
             writer.add_graph(root / LM_FILE, role="lm_step", variant=VARIANT, precision=precision, io=io,
-                             extra_files=[root / EMBED_FILE, root / SPEC_FILE])
+                             extra_files=[*([root / EMBED_FILE] if "embed_file" in spec else []), root / SPEC_FILE])
             if plugin:
                 writer.add_graph(root / "plugin" / LM_FILE, role="lm_step", variant="plugin", precision=precision,
                                  io=io)

@@ -25,7 +25,8 @@ Three artifacts land in ``out_dir``:
     returned the whole cache with the window written as ``present_k`` / ``present_v`` instead.
 ``embed_tokens.npy``
     The token embedding table; the backend looks ids up on the host and writes image features
-    over the image tokens before the LM graph runs.
+    over the image tokens before the LM graph runs. Not written for a tied embedding: the spec's ``embed``
+    names the LM head initializer of ``lm_step.onnx`` that holds it (:mod:`blockpilot.formats.embedding_table`).
 
 ``onnx_spec.json`` records the I/O spec and the few config values the backend needs.
 """
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..formats.embedding_table import locate_tied_embedding
 from ..formats.onnx_io import EMBED_FILE, KV_OUTPUTS, LM_FILE, MODE_IDS, SPEC_FILE
 from ..vla.config import ModelConfig
 from ..vla.image_grid import smart_resize
@@ -233,7 +235,13 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
     add_typed_slot_defaults(out / LM_FILE, lm_cfg.vocab_size)
     onnx.checker.check_model(str(out / LM_FILE))
     consolidate(out / LM_FILE)  # weights over the threshold (or torch's per-tensor files) -> lm_step.onnx.data
-    np.save(out / EMBED_FILE, model.lm.embed_tokens.weight.detach().float().numpy())
+    embedding = model.lm.embed_tokens.weight.detach().float().numpy()
+    # A tied head already holds the table in lm_step.onnx (checked value for value): the bundle keeps that one copy.
+    tied = locate_tied_embedding(out / LM_FILE, embedding) if lm_cfg.tie_word_embeddings else None
+    (out / EMBED_FILE).unlink(missing_ok=True)
+    if tied is None:
+        np.save(out / EMBED_FILE, embedding)
+    del embedding
     spec: dict[str, Any] = {
         "format": 1,
         "opset": opset,
@@ -245,7 +253,7 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
         "hidden_size": lm_cfg.hidden_size,
         "mask_id": config.tokens.mask,
         "image_token_id": config.tokens.image,
-        "embed_file": EMBED_FILE,
+        **({"embed": tied} if tied is not None else {"embed_file": EMBED_FILE}),
         "lm_step": {
             "file": LM_FILE,
             "inputs": [_spec("inputs_embeds", [1, "T", lm_cfg.hidden_size], "float32"),

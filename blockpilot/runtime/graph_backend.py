@@ -1,7 +1,8 @@
 """What the ONNX Runtime and TensorRT backends share: both run the graphs of one export
 (:func:`blockpilot.export.export_onnx`) at batch one, greedy, and differ only in how they execute them.
 
-:class:`GraphInputs` is the host side of a forward: token embeddings looked up from ``embed_tokens.npy`` with the
+:class:`GraphInputs` is the host side of a forward: token embeddings looked up from ``embed_tokens.npy`` (or the
+tied LM head's initializer, :mod:`blockpilot.formats.embedding_table`) with the
 vision features written over the image tokens, Qwen2.5-VL's M-RoPE positions, and the ``start`` / ``key_end`` of
 a step checked against the cache. :class:`GraphBackend` is the :class:`~blockpilot.runtime.backend.Backend`
 surface over it (prefill, step, fork, truncate, the cache length and rope delta); a subclass supplies how it runs
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from ..formats.embedding_table import EmbeddingError, EmbeddingTable
 from ..formats.onnx_io import continuation_positions_np, image_patches, mrope_positions_np, spec_policy
 from ..vla.modes import AttentionMode
 from .backend import (
@@ -68,7 +70,12 @@ class GraphInputs:
 
     def __init__(self, spec: dict[str, Any], onnx_dir: str | Path, *, vision: str = "graph") -> None:
         self.spec = spec
-        self.embed: FloatArray = np.load(Path(onnx_dir) / spec["embed_file"]).astype(np.float32)
+        try:
+            self.embed = EmbeddingTable(spec, onnx_dir)  # embed_tokens.npy, or a tied LM head's initializer
+        except EmbeddingError as exc:
+            from .plan_types import PlannerSetupError
+
+            raise PlannerSetupError(str(exc)) from exc
         self.vocab, self.hidden, self.capacity = int(spec["vocab_size"]), int(spec["hidden_size"]), \
             int(spec["capacity"])
         image_id = spec.get("image_token_id")

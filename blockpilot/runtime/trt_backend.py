@@ -138,7 +138,8 @@ class TrtBackend(GraphBackend):
     """Implements :class:`blockpilot.runtime.backend.Backend` over TensorRT engines (see the module docstring;
     prefill / step / fork / truncate: :class:`~blockpilot.runtime.graph_backend.GraphBackend`).
 
-    ``onnx_dir`` holds the export's ``onnx_spec.json`` and ``embed_tokens.npy``; ``flavor`` is the module that
+    ``onnx_dir`` holds the export's ``onnx_spec.json`` and its token embedding table (``embed_tokens.npy``, or for a
+    tied model the LM head initializer of its ``lm_step.onnx``); ``flavor`` is the module that
     built the engines (``tensorrt`` or ``tensorrt_rtx``); ``plugin``: the LM engine was built from the plugin
     graph (its plugin is registered before deserialization). ``memory`` is created here unless given;
     :meth:`close` closes it when it was created here or ``own_memory`` hands it over. ``cuda_graphs``: how many
