@@ -2,7 +2,7 @@
 
 The need is estimated from the checkpoint's parameter count (safetensors headers only, no weight read) times the
 bytes per parameter of the dtype the stage holds the model in, times the stage's peak factor, plus the runtime's
-own footprint. Factors come from measured peaks (notes/README-H.md): loading reads tensor by tensor into the model
+own footprint. Factors come from measured peaks (docs/model-sizes.md): loading reads tensor by tensor into the model
 (1.25x on a 0.5B checkpoint); the ONNX export holds the model, the traced graph's initializers and their
 serialization; a TensorRT build holds the graph, the fp16 rewrite and the builder's copy of the weights.
 
