@@ -41,7 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
     build.add_argument("--with-weights", action="store_true", help="also copy the safetensors (torch backend)")
     build.add_argument("--calib", type=int, default=32, help="calibration samples for a quantized recipe (Thor fp8)")
-    build.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt budget the KV cache is sized for")
+    build.add_argument("--max-prompt-tokens", type=int, default=None,
+                       help="prompt budget the KV cache is sized for (default: the checkpoint's image policy for "
+                            "--cameras frames)")
+    build.add_argument("--cameras", type=int, default=1, help="camera frames per prompt the bundle is sized for")
     build.add_argument("--timing-cache", default=None,
                        help="TensorRT timing cache (default ~/.cache/blockpilot/tensorrt-timing.cache; '' for none)")
     build.add_argument("--root", default="/", help=root_help)
@@ -147,7 +150,8 @@ def _build(args: argparse.Namespace) -> int:
     print(f"building {profile.target} engines on {platform.module} (TensorRT {platform.tensorrt or 'unknown'}): "
           f"recipe {profile.recipe or 'none'}, {profile.engine_precision}, attention {profile.attention}")
     summary = export_bundle(Path(args.checkpoint), Path(args.out), max_prompt_tokens=args.max_prompt_tokens,
-                            with_weights=args.with_weights, overwrite=args.overwrite, targets=(profile.target,),
+                            cameras=args.cameras, with_weights=args.with_weights, overwrite=args.overwrite,
+                            targets=(profile.target,),
                             engine_precision="fp16" if profile.recipe else profile.engine_precision,
                             recipe=profile.recipe, calib=args.calib, attention=profile.attention,
                             progress=Progress(enabled=False if args.quiet else None),
