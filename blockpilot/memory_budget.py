@@ -50,15 +50,10 @@ def available_bytes() -> int | None:
 
 def checkpoint_parameters(checkpoint: str | Path) -> int:
     """Parameters stored in a checkpoint's safetensors files, from their headers."""
-    from .vla.checkpoint import checkpoint_files
-    from .vla.safetensors_read import SafetensorsFormatError, read_header
+    from .vla.checkpoint import checkpoint_headers
 
     total = 0
-    for path in checkpoint_files(checkpoint):
-        try:
-            entries = read_header(path)
-        except (SafetensorsFormatError, OSError) as exc:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+    for _, entries in checkpoint_headers(checkpoint):
         for entry in entries:
             count = 1
             for d in entry.shape:

@@ -105,6 +105,17 @@ def read_tensors(checkpoint_dir: str | Path) -> dict[str, tuple[torch.Tensor, Pa
     return out
 
 
+def checkpoint_headers(checkpoint_dir: str | Path) -> list[tuple[Path, list[TensorEntry]]]:
+    """Every safetensors file of a checkpoint with its tensor entries, from the headers alone (no weight read)."""
+    out = []
+    for path in checkpoint_files(checkpoint_dir):
+        try:
+            out.append((path, read_header(path)))
+        except (SafetensorsFormatError, OSError) as exc:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+    return out
+
+
 def load_weights(model: nn.Module, checkpoint_dir: str | Path, architecture: str) -> None:
     """Load a local HF checkpoint into ``model`` under the name rules of ``architecture``.
 
@@ -119,11 +130,7 @@ def load_weights(model: nn.Module, checkpoint_dir: str | Path, architecture: str
     plan: dict[Path, list[tuple[TensorEntry, str]]] = {}
     seen: dict[str, Path] = {}
     unexpected: list[str] = []
-    for path in checkpoint_files(checkpoint_dir):
-        try:
-            entries = read_header(path)
-        except (SafetensorsFormatError, OSError) as exc:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+    for path, entries in checkpoint_headers(checkpoint_dir):
         for entry in entries:
             hf_name = entry.name
             if hf_name in seen:
