@@ -49,6 +49,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default="fp8,nvfp4")
     parser.add_argument("--sets", type=int, default=3, help="calibration sets (disjoint scenes) per mode")
+    parser.add_argument("--first-set", type=int, default=0,
+                        help="index of the first calibration set (sets k use seeds CALIBRATION_SEED_BASE + 1000 k), so "
+                             "a later run adds sets to an earlier one's")
     parser.add_argument("--calib", type=int, default=16, help="calibration samples per set")
     parser.add_argument("--calib-scenes", type=int, default=2, help="generated scenes per calibration set")
     parser.add_argument("--scenes", type=int, default=2, help="held-out scenes replayed")
@@ -65,7 +68,7 @@ def main() -> None:
           file=sys.stderr)
     rows = []
     for recipe in [r for r in args.recipes.split(",") if r]:
-        for k in range(args.sets):
+        for k in range(args.first_set, args.first_set + args.sets):
             source = synthetic_calibration_source(args.calib_scenes, CALIBRATION_SEED_BASE + 1000 * k)
             for mode in ("decode", "teacher"):
                 t0 = time.perf_counter()
