@@ -99,6 +99,15 @@ def test_export_builds_tensorrt_rtx_engines_into_the_bundle(tmp_path: Path) -> N
     assert lm.extra_files[0].endswith(".network.json") and lm.io["build"]["network"] == Path(lm.extra_files[0]).name
     assert network["attention_layers"] == lm.io["build"]["attention_layers"] > 0 and network["plugin_layers"] == 0
     assert network["output_precisions"].get("HALF", 0) > 0 and "/tmp" not in json.dumps(lm.io)
+    # fp16 engines keep the KV cache in fp16 (decomposed and native alike), recorded in the manifest.
+    half = dict.fromkeys(("past_k", "past_v", "k_new", "v_new"), "HALF")
+    for engine in (lm, next(a for a in bundle.engines() if a.role == "lm_step")):
+        assert engine.io["kv_cache"] == {"dtype": "float16", "tensors": half}
+    assert {t["name"]: t["dtype"] for t in network["inputs"]}["inputs_embeds"] == "FLOAT"
+    assert all("kv_cache" not in a.io for a in bundle.engines() if a.role == "vision")
+    from blockpilot.formats.bundle import describe_bundle
+
+    assert "(lm_step, native, fp16, target rtx sm 8.9, KV cache float16)" in describe_bundle(native.path)
 
 
 def test_export_refuses_targets_this_machine_cannot_build(tmp_path: Path) -> None:

@@ -212,3 +212,27 @@ def test_fp16_rewrite_streams_weights_into_its_own_data_file(external_graphs: tu
     (top_a, prob_a, k_a, _), (top_b, prob_b, k_b, _) = _run(out / "lm_step.onnx", feeds), _run(half, feeds)
     assert (top_a == top_b).mean() >= 0.9
     assert np.abs(prob_a - prob_b).max() < 0.05 and np.abs(k_a - k_b).max() < 0.05
+
+
+def test_fp16_cache_io_rewrites_keep_external_weights(external_graphs: tuple[Path, dict[str, Any]],
+                                                      tmp_path: Path) -> None:
+    """Both cache-I/O rewrites on a graph with external data: the fp16 rewrite with fp16 cache I/O streams its own
+    data file, the boundary-only one (fp8 engines) shares the source's; both run with a float16 cache."""
+    from test_export_native_attention import _feeds
+
+    from blockpilot.export.cache_io import fp16_cache_io
+    from blockpilot.export.fp16_graph import KV_CACHE_IO, to_fp16_graph
+
+    out, spec = external_graphs
+    half, boundary = tmp_path / "half" / "lm16.onnx", tmp_path / "boundary" / "lm.onnx"
+    half.parent.mkdir()
+    assert to_fp16_graph(out / "lm_step.onnx", half, fp16_io=KV_CACHE_IO)["fp16_io"] == 4
+    assert fp16_cache_io(out / "lm_step.onnx", boundary) == {"inputs": 2, "outputs": 2}
+    assert external_files(half) == ["lm16.onnx.data"] and external_files(boundary) == ["lm_step.onnx.data"]
+    feeds = _feeds(spec, 1, 0, 16, seed=5, zero_cache=True)
+    top_a, prob_a, k_a, _ = _run(out / "lm_step.onnx", feeds)
+    feeds16 = {k: v.astype(np.float16) if k in ("past_k", "past_v") else v for k, v in feeds.items()}
+    for graph in (half, boundary):
+        top_b, prob_b, k_b, _ = _run(graph, feeds16)
+        assert k_b.dtype == np.float16 and (top_a == top_b).mean() >= 0.9
+        assert np.abs(prob_a - prob_b).max() < 0.05 and np.abs(k_a - k_b.astype(np.float32)).max() < 0.05

@@ -159,3 +159,25 @@ def test_tensorrt_fp16_builds_with_fused_attention(exported: tuple[Path, dict[st
                          compute_capability="8.9")
     assert built.engine_bytes > 0 and built.compute_capability == "8.9"
     assert attention_layer_types(out / "lm_native_fp16.onnx").get("ATTENTION_INPUT") == report["attention_nodes"]
+
+
+def test_fp16_cache_io_keeps_the_fused_attention(exported: tuple[Path, dict[str, Any]],
+                                                 native: tuple[Path, dict[str, Any]]) -> None:
+    """As the export converts it (native rewrite of the fp32 graph, then fp16 with the cache I/O fp16): every
+    layer is still one Attention node, the fused-only build (not decomposable) succeeds, and the network's cache
+    tensors are HALF."""
+    from blockpilot.export.fp16_graph import KV_CACHE_IO
+
+    _trt_or_skip()
+    out, spec = exported
+    path, report = native
+    half = out / "lm_native_fp16cache.onnx"
+    to_fp16_graph(path, half, fp16_io=KV_CACHE_IO)
+    model = onnx.load(str(half))
+    assert sum(n.op_type == "Attention" for n in model.graph.node) == report["attention_nodes"]
+    built = build_native_engine(half, out / "native16cache.engine", profiles=profiles_from_spec(spec, "lm_step"),
+                                compute_capability="8.9", decomposable=False)
+    assert built.attention_layers == report["attention_nodes"] and built.build is not None
+    network = json.loads(Path(str(built.build.network)).read_text())
+    kinds = {t["name"]: t["dtype"] for t in [*network["inputs"], *network["outputs"]]}
+    assert {n: kinds[n] for n in KV_CACHE_IO} == dict.fromkeys(KV_CACHE_IO, "HALF")

@@ -219,3 +219,54 @@ def test_nvfp4_export_structure(tmp_path: Path) -> None:
     vision = result["graphs"].get("vision")
     if vision is not None and vision["qdq"]:
         assert check_fp8_structure(vision["file"])["ok"]
+
+
+def test_fp8_graph_with_fp16_cache_io(fp8: dict[str, Any], tmp_path: Path) -> None:
+    """The FP8 LM step with only its cache I/O retyped to float16 (as the export builds fp8 engines): the Q/DQ
+    structure is untouched, ONNX Runtime gives the fp32-cache graph's top-1 over two committed steps, and the
+    strongly typed network TensorRT(-RTX) parses for SM 8.9 takes and gives HALF for the cache."""
+    import json
+
+    from blockpilot.export.cache_io import fp16_cache_io
+    from blockpilot.export.fp16_graph import KV_CACHE_IO
+    from blockpilot.export.trt_build import TrtUnavailableError, build_engine, load_tensorrt, profiles_from_spec
+    from blockpilot.runtime.kv_window import write_rows
+
+    source = Path(fp8["graphs"]["lm_step"]["file"])
+    half = source.with_name("lm_step.fp16cache.onnx")
+    assert fp16_cache_io(source, half) == {"inputs": 2, "outputs": 2}
+    model = onnx.load(str(half))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    assert all(types[n] == TensorProto.FLOAT16 for n in KV_CACHE_IO) and types["prob"] == TensorProto.FLOAT
+    assert check_fp8_structure(half)["qdq"] == check_fp8_structure(source)["qdq"]
+    with pytest.raises(ValueError, match="not float32 inputs or outputs"):
+        fp16_cache_io(source, tmp_path / "bad.onnx", ("past_k", "position_ids"))
+    spec, rng = fp8["spec"], np.random.default_rng(0)
+    cache = [int(d) for d in spec["lm_step"]["inputs"][5]["shape"]]
+    embeds = rng.standard_normal((1, 24, spec["hidden_size"])).astype(np.float32)
+    tops = []
+    for path, dtype in ((source, np.float32), (half, np.float16)):
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        k, v, top = np.zeros(cache, dtype), np.zeros(cache, dtype), []
+        for start, t in ((0, 16), (16, 8)):
+            feeds = {"inputs_embeds": embeds[:, start:start + t],
+                     "position_ids": np.broadcast_to(np.arange(start, start + t), (3, 1, t)).copy(),
+                     "start": np.array(start), "key_end": np.array(start + t), "mode": np.array(0),
+                     "past_k": k, "past_v": v}
+            top1, _, k_new, v_new = session.run(["top1", "prob", "k_new", "v_new"], feeds)
+            assert k_new.dtype == dtype
+            write_rows(k, k_new, start)
+            write_rows(v, v_new, start)
+            top.append(top1)
+        tops.append(np.concatenate(top, axis=1))
+    assert (tops[0] == tops[1]).mean() >= 0.95
+    try:
+        trt = load_tensorrt()
+    except TrtUnavailableError as exc:
+        pytest.skip(f"no TensorRT / TensorRT-RTX here: {exc}")
+    report = build_engine(half, tmp_path / "lm.fp8.engine", profiles=profiles_from_spec(spec, "lm_step"),
+                          compute_capability="8.9", trt=trt)
+    assert report.network is not None
+    network = json.loads(report.network.read_text())
+    kinds = {t["name"]: t["dtype"] for t in [*network["inputs"], *network["outputs"]]}
+    assert {n: kinds[n] for n in KV_CACHE_IO} == dict.fromkeys(KV_CACHE_IO, "HALF") and network["qdq_layers"] > 0

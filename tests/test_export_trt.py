@@ -249,3 +249,80 @@ def test_fp8_qdq_graph_builds_strongly_typed(tmp_path: Path) -> None:
     if trt.is_rtx:  # Ampere has no fp8: refused up front rather than failing deep in the builder
         with pytest.raises(ValueError, match="FP8 graph needs compute capability"):
             build_engine(graph, tmp_path / "fp8.sm86.engine", profiles=profiles, compute_capability="8.6", trt=trt)
+
+
+def _io_types(path: Path) -> dict[str, int]:
+    model = onnx.load(str(path))
+    return {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+
+
+def test_fp16_cache_io_graph_and_engine_declare_half(graphs: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """The LM step rewritten with fp16 cache I/O: past_k / past_v and k_new / v_new are float16 graph I/O (no Cast
+    at the boundary), the rest stays as it was; the graph passes the full checker and strict shape inference, and
+    the strongly typed network TensorRT(-RTX) builds from it (on this CPU) takes and gives HALF for those."""
+    import json
+
+    from blockpilot.export.build import kv_cache_record
+    from blockpilot.export.fp16_graph import KV_CACHE_IO
+
+    trt = _trt_or_skip()
+    onnx_dir, spec = graphs
+    out = tmp_path / "lm16.onnx"
+    counts = to_fp16_graph(onnx_dir / "lm_step.onnx", out, fp16_io=KV_CACHE_IO)
+    assert counts["fp16_io"] == 4
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    types = _io_types(out)
+    assert {n: types[n] for n in KV_CACHE_IO} == dict.fromkeys(KV_CACHE_IO, f16)
+    assert types["inputs_embeds"] == types["prob"] == f32 and types["top1"] == onnx.TensorProto.INT64
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    # No Cast right at the cache boundary: the inputs are read as they come, the outputs written directly.
+    producers = {o: n for n in model.graph.node for o in n.output}
+    assert all(producers[n].op_type != "Cast" for n in ("k_new", "v_new"))
+    assert not [n for n in model.graph.node if n.op_type == "Cast" and set(n.input) & {"past_k", "past_v"}]
+    report = build_engine(out, tmp_path / "lm16.engine", profiles=profiles_from_spec(spec, "lm_step"), trt=trt)
+    assert report.network is not None
+    network = json.loads(report.network.read_text())
+    kinds = {t["name"]: t["dtype"] for t in [*network["inputs"], *network["outputs"]]}
+    assert {n: kinds[n] for n in KV_CACHE_IO} == dict.fromkeys(KV_CACHE_IO, "HALF")
+    assert kinds["inputs_embeds"] == kinds["prob"] == "FLOAT"
+    assert kv_cache_record(report.network) == {"dtype": "float16", "tensors": dict.fromkeys(KV_CACHE_IO, "HALF")}
+    with pytest.raises(ValueError, match=r"fp16_io names \['top1'\]"):  # not a float32 I/O tensor
+        to_fp16_graph(onnx_dir / "lm_step.onnx", tmp_path / "bad.onnx", fp16_io=("past_k", "top1"))
+
+
+def test_fp16_cache_io_graph_decodes_like_fp32_on_onnxruntime(graphs: tuple[Path, dict[str, Any]],
+                                                              tmp_path: Path) -> None:
+    """A few committed steps of the reference model on ONNX Runtime (CPU), each graph carrying its own cache in its
+    own dtype: the fp16 graph with fp16 cache I/O gives the fp32 graph's top-1 tokens."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from blockpilot.export.fp16_graph import KV_CACHE_IO
+    from blockpilot.formats.embedding_table import EmbeddingTable
+    from blockpilot.formats.onnx_io import MODE_IDS
+    from blockpilot.runtime.kv_window import write_rows
+
+    onnx_dir, spec = graphs
+    to_fp16_graph(onnx_dir / "lm_step.onnx", tmp_path / "lm16.onnx", fp16_io=KV_CACHE_IO)
+    table = EmbeddingTable(spec, onnx_dir)
+    cache = [int(d) for d in spec["lm_step"]["inputs"][5]["shape"]]
+    ids = np.random.default_rng(0).integers(10, 200, 64)
+    tops = []
+    for path, dtype in ((onnx_dir / "lm_step.onnx", np.float32), (tmp_path / "lm16.onnx", np.float16)):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        k, v, start, top = np.zeros(cache, dtype), np.zeros(cache, dtype), 0, []
+        for t in (24, 8, 8, 8):  # a prefill, then three committed blocks
+            feeds = {"inputs_embeds": table[ids[start:start + t]][None],
+                     "position_ids": np.broadcast_to(np.arange(start, start + t), (3, 1, t)).copy(),
+                     "start": np.array(start), "key_end": np.array(start + t), "mode": np.array(MODE_IDS["causal"]),
+                     "past_k": k, "past_v": v}
+            top1, _, k_new, v_new = session.run(["top1", "prob", "k_new", "v_new"], feeds)
+            assert k_new.dtype == v_new.dtype == dtype
+            write_rows(k, k_new, start)
+            write_rows(v, v_new, start)
+            top.append(top1)
+            start += t
+        tops.append(np.concatenate(top, axis=1))
+    np.testing.assert_array_equal(tops[0], tops[1])

@@ -195,7 +195,7 @@ class _Engine:
     else the last value uploaded to its device buffer; and with typed slots the classes last uploaded."""
 
     def __init__(self, spec: dict[str, Any], memory: _Memory, key_end_on_host: bool, slot_rows: int = 0,
-                 kv_outputs: tuple[str, str] = ("k_new", "v_new")) -> None:
+                 kv_outputs: tuple[str, str] = ("k_new", "v_new"), kv_kind: str = "FLOAT") -> None:
         cache = tuple(spec["lm_step"]["inputs"][5]["shape"])
         cap, hidden = spec["capacity"], spec["hidden_size"]
         window = (*cache[:3], -1, cache[4]) if kv_outputs == ("k_new", "v_new") else cache
@@ -203,9 +203,9 @@ class _Engine:
         self.io: dict[str, tuple[tuple[int, ...], str, Any]] = {
             "inputs_embeds": ((1, -1, hidden), "FLOAT", (1, cap, hidden)),
             "position_ids": ((3, 1, -1), "INT64", (3, 1, cap)), "start": scalar, "key_end": scalar, "mode": scalar,
-            "past_k": (cache, "FLOAT", cache), "past_v": (cache, "FLOAT", cache), "top1": ((1, -1), "INT64", None),
-            "prob": ((1, -1), "FLOAT", None), kv_outputs[0]: (window, "FLOAT", None),
-            kv_outputs[1]: (window, "FLOAT", None)}
+            "past_k": (cache, kv_kind, cache), "past_v": (cache, kv_kind, cache), "top1": ((1, -1), "INT64", None),
+            "prob": ((1, -1), "FLOAT", None), kv_outputs[0]: (window, kv_kind, None),
+            kv_outputs[1]: (window, kv_kind, None)}
         if slot_rows:
             vocab = spec["vocab_size"]
             self.io["allowed_table"] = ((-1, vocab), "BOOL", (slot_rows, vocab))
@@ -303,19 +303,26 @@ def test_key_end_is_fed_where_the_engine_reads_it(onnx_dir: Path, plugin: bool, 
     backend.close()
 
 
+@pytest.mark.parametrize(("kv_kind", "dtype"), [("FLOAT", np.float32), ("HALF", np.float16)])
 def test_a_committed_step_copies_only_the_windows_rows_into_the_one_cache(onnx_dir: Path, tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          kv_kind: str, dtype: Any) -> None:
+    """The cache in the engine's dtype (HALF: fp16 engines since the fp16 cache I/O; FLOAT: fp32 engines and
+    fp16 engines built before it): buffers, the strided copy's byte layout and the bytes report follow it."""
     from blockpilot.formats.onnx_io import load_spec
     from blockpilot.runtime.kv_window import write_rows
 
     memory, spec = _Memory(), load_spec(onnx_dir)
     memory.data = {}
-    engine = _Engine(spec, memory, key_end_on_host=True)
+    engine = _Engine(spec, memory, key_end_on_host=True, kv_kind=kv_kind)
     _load_standins(monkeypatch, {"lm.engine": engine})
     (tmp_path / "lm.engine").write_bytes(b"")
     backend = TrtBackend(tmp_path / "lm.engine", onnx_dir, memory=memory)  # type: ignore[arg-type]
     cache = backend.cache_shape
     assert cache == tuple(spec["lm_step"]["inputs"][5]["shape"]) and len(backend._contexts) == 1
+    item = np.dtype(dtype).itemsize
+    assert backend.cache_dtype == np.dtype(dtype) and backend.cache_bytes == 2 * int(np.prod(cache)) * item
+    assert all(backend._kv[n].nbytes == int(np.prod(cache)) * item for n in ("past_k", "past_v"))
     bound = backend._contexts[0].addresses
     assert bound["past_k"] == backend._kv["past_k"].ptr and bound["k_new"] == backend._buf["k_new"].ptr
     assert {"present_k", "present_v"}.isdisjoint(bound)
@@ -327,17 +334,16 @@ def test_a_committed_step_copies_only_the_windows_rows_into_the_one_cache(onnx_d
     assert memory.copies == []  # a draft copies nothing: the cache stays as it was
     # The engine "wrote" k_new / v_new for a window of 8 at slot 20: the strided copy must land them there.
     t, rng = 8, np.random.default_rng(0)
-    window = {n: rng.standard_normal((*cache[:3], t, cache[4])).astype(np.float32) for n in ("k_new", "v_new")}
+    window = {n: rng.standard_normal((*cache[:3], t, cache[4])).astype(dtype) for n in ("k_new", "v_new")}
     for name, rows in window.items():
         memory.data[name][:rows.nbytes] = rows.view(np.uint8).reshape(-1)
-    before = {n: memory.data[n].view(np.float32).reshape(cache).copy() for n in ("past_k", "past_v")}
+    before = {n: memory.data[n].view(dtype).reshape(cache).copy() for n in ("past_k", "past_v")}
     backend.step(block, 20, mode=AttentionMode.CAUSAL, write_kv=True)
     for cache_name, new in (("past_k", "k_new"), ("past_v", "v_new")):
         want = before[cache_name].copy()
         write_rows(want, window[new], 20)
-        np.testing.assert_array_equal(memory.data[cache_name].view(np.float32).reshape(cache), want)
+        np.testing.assert_array_equal(memory.data[cache_name].view(dtype).reshape(cache), want)
     (_, _, layout), _ = memory.copies
-    item = 4
     assert layout == {"width": t * cache[4] * item, "height": cache[0] * cache[2],
                       "dst_pitch": cache[3] * cache[4] * item, "src_pitch": t * cache[4] * item,
                       "dst_offset": 20 * cache[4] * item}
@@ -358,6 +364,19 @@ def test_an_engine_of_the_whole_cache_io_is_refused_saying_to_re_export(onnx_dir
                                                r"re-export the bundle"):
         TrtBackend(tmp_path / "lm.engine", onnx_dir, memory=memory)  # type: ignore[arg-type]
     assert issubclass(StaleExportError, PlannerSetupError)
+
+
+def test_a_cache_and_window_of_different_types_are_refused(onnx_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from blockpilot.formats.onnx_io import load_spec
+
+    memory = _Memory()
+    engine = _Engine(load_spec(onnx_dir), memory, key_end_on_host=True, kv_kind="HALF")
+    engine.io["v_new"] = (engine.io["v_new"][0], "FLOAT", None)  # the rows are copied byte for byte
+    _load_standins(monkeypatch, {"lm.engine": engine})
+    (tmp_path / "lm.engine").write_bytes(b"")
+    with pytest.raises(PlannerSetupError, match=r"k_new / v_new are HALF / FLOAT and the cache is HALF / HALF"):
+        TrtBackend(tmp_path / "lm.engine", onnx_dir, memory=memory)  # type: ignore[arg-type]
 
 
 def _load_standins(monkeypatch: pytest.MonkeyPatch, engines: dict[str, Any]) -> None:
@@ -720,3 +739,47 @@ def test_cuda_graph_replay_equals_eager(fp32_bundle: Path) -> None:
     for graphed, eager in zip(*runs, strict=True):
         np.testing.assert_array_equal(graphed.top1, eager.top1)
         np.testing.assert_array_equal(graphed.prob, eager.prob)
+
+
+@pytest.mark.gpu
+def test_fp16_engines_keep_an_fp16_cache_and_older_fp32_cache_engines_still_run(
+        tmp_path_factory: pytest.TempPathFactory, gpu_cc: str) -> None:
+    """An fp16 bundle's LM engine takes its cache in fp16 (half the device bytes); an fp16 engine built the way
+    exports did before (fp32 cache I/O, a Cast at the boundary) still loads and runs on the same backend, reading
+    its dtype from the engine, and both predict (nearly) the same tokens."""
+    from blockpilot.export.fp16_graph import to_fp16_graph
+    from blockpilot.export.trt_build import build_engine, load_tensorrt, profiles_from_spec
+    from blockpilot.formats.onnx_io import load_spec
+    from blockpilot.runtime.trt_backend import engine_flavor
+    from blockpilot.runtime.trt_vision import bundle_vision_engines
+
+    tmp = tmp_path_factory.mktemp("gpu16cache")
+    path = _engine_bundle(tmp, gpu_cc, "fp16")
+    bundle = load_bundle(path)
+    chosen = select_engines(bundle, gpu_cc)
+    lm, vision = chosen["lm_step"], chosen.get("vision")
+    assert lm.io["kv_cache"]["dtype"] == "float16"
+    graphs_dir = bundle.file(next(a for a in bundle.graphs(variant="decomposed") if a.role == "lm_step").path).parent
+    flavor = engine_flavor(lm)
+    trt = load_tensorrt(prefer=(flavor,))
+    old = tmp / "old.fp16.engine"
+    to_fp16_graph(graphs_dir / "lm_step.onnx", tmp / "old.fp16.onnx")  # no fp16_io: the engine I/O stays fp32
+    build_engine(tmp / "old.fp16.onnx", old, profiles=profiles_from_spec(load_spec(graphs_dir), "lm_step"),
+                 compute_capability=gpu_cc if trt.is_rtx else None, trt=trt)
+    planner = planner_from_bundle(path, decoder=DecoderSettings(name="scaffold"))
+    prompt, _ = planner.prompt(observation(heldout_keyframes(1, stride=12)[0]))
+    block = np.full((1, 32), planner.config.tokens.mask, dtype=np.int64)
+    runs, sizes = [], {}
+    for engine, plugin in ((bundle.file(lm.path), lm.variant == "plugin"), (old, False)):
+        with TrtBackend(engine, graphs_dir, flavor=flavor, plugin=plugin,
+                        vision_engine=None if vision is None else bundle_vision_engines(bundle, vision)) as be:
+            sizes[str(be.cache_dtype)] = be.cache_bytes
+            out = [be.prefill(prompt)]
+            n = be.length
+            out.append(be.step(block, n, mode=AttentionMode.CAUSAL, write_kv=True))
+            out.append(be.step(block, be.length, mode=AttentionMode.BIDIRECTIONAL, write_kv=False))
+            runs.append(np.concatenate([r.top1.reshape(-1) for r in out]))
+    assert sizes["float32"] == 2 * sizes["float16"], sizes
+    agreement = float((runs[0] == runs[1]).mean())
+    print(f"fp16 cache vs fp32 cache top1 agreement {agreement:.2%}; cache bytes {sizes}")
+    assert agreement >= 0.9

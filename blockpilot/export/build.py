@@ -246,7 +246,8 @@ def _quantize(planner: Any, recipe: str, calib: int) -> dict[str, Any]:
 
 def _lm_source(tmp: Path, route: str, precision: str) -> Path:
     """The graph the LM-step engine is built from for ``route`` in ``precision`` (rewritten once, cached in tmp)."""
-    from .fp16_graph import to_fp16_graph
+    from .cache_io import fp16_cache_io
+    from .fp16_graph import KV_CACHE_IO, to_fp16_graph
     from .native_attention import to_native_attention
 
     source = tmp / "plugin" / LM_FILE if route == "plugin" else tmp / LM_FILE
@@ -255,12 +256,33 @@ def _lm_source(tmp: Path, route: str, precision: str) -> Path:
         if not native.is_file():  # the pattern is matched on the exported float32 graph
             to_native_attention(source, native)
         source = native
-    if precision == "fp16":  # fp32 and fp8 (Q/DQ) graphs build as they are
+    if precision == "fp16":  # computes in fp16; the KV cache I/O is fp16 too (the runtime's cache follows it)
         half = source.with_name(f"{source.stem}.fp16.onnx")
         if not half.is_file():
-            to_fp16_graph(source, half)
+            to_fp16_graph(source, half, fp16_io=KV_CACHE_IO)
         source = half
-    return source
+    elif precision == "fp8":  # fp32 activations around FP8 Q/DQ: only the cache I/O becomes fp16
+        half = source.with_name(f"{source.stem}.fp16cache.onnx")
+        if not half.is_file():
+            fp16_cache_io(source, half)
+        source = half
+    return source  # fp32 engines keep an fp32 cache
+
+
+def kv_cache_record(network_json: Path | None) -> dict[str, Any] | None:
+    """The manifest's ``kv_cache`` entry of an LM-step engine from its parsed network's I/O types: the numpy dtype
+    the runtime keeps the cache in and each cache tensor's TensorRT type; ``None`` without a network summary."""
+    import json
+
+    from .fp16_graph import KV_CACHE_IO
+
+    if network_json is None or not network_json.is_file():
+        return None
+    summary = json.loads(network_json.read_text())
+    kinds = {t["name"]: t["dtype"] for t in [*summary.get("inputs", []), *summary.get("outputs", [])]
+             if t["name"] in KV_CACHE_IO}
+    names = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "FP8": "float8_e4m3fn"}
+    return {"dtype": names.get(kinds.get("past_k", ""), kinds.get("past_k")), "tensors": kinds}
 
 
 def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], plans: list[_EnginePlan],
@@ -316,6 +338,8 @@ def _add_engines(writer: BundleWriter, tmp: Path, spec: dict[str, Any], plans: l
                     report[key] = Path(report[key]).name
             io: dict[str, Any] = {"build": report} if vision_graph is None else {"build": report,
                                                                                    "graph": vision_graph}
+            if role == "lm_step":  # the cache dtype, for a reader of the manifest (the runtime reads the engine)
+                io["kv_cache"] = kv_cache_record(network)
             writer.add_engine(engine, target=target.name, sm=target.sm, role=role, variant=route,
                               precision=precision, io=io, inspector=inspector,
                               extra_files=[network] if network is not None and network.is_file() else [])

@@ -127,8 +127,8 @@ def _inspect(trt: TensorRT, logger: Any, engine_bytes: Any, out: Path) -> tuple[
 
 
 def network_summary(trt: TensorRT, network: Any) -> dict[str, Any]:
-    """What the parsed (strongly typed) network holds before the build: its inputs (name, shape with -1 for a
-    dynamic dimension, data type, whether a shape tensor), every layer's type and output types,
+    """What the parsed (strongly typed) network holds before the build: its inputs and outputs (name, shape with
+    -1 for a dynamic dimension, data type, whether a shape tensor), every layer's type and output types,
     counts per layer type and per output precision, and the attention / plugin / Q-DQ layers found. Written
     beside each engine, it is the build-side half of the inspector (the engine inspector needs a GPU)."""
     layers: list[dict[str, Any]] = []
@@ -142,10 +142,14 @@ def network_summary(trt: TensorRT, network: Any) -> dict[str, Any]:
         types[kind] = types.get(kind, 0) + 1
         if outs:
             precisions[outs[0]] = precisions.get(outs[0], 0) + 1
-    inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    io = [{"name": t.name, "shape": [int(d) for d in t.shape], "dtype": str(t.dtype).split(".")[-1],
-           "shape_tensor": bool(t.is_shape_tensor)} for t in inputs]
-    return {"flavor": trt.flavor, "version": trt.version, "inputs": io, "layers": len(layers), "layer_types": types,
+    def io(tensors: list[Any]) -> list[dict[str, Any]]:
+        return [{"name": t.name, "shape": [int(d) for d in t.shape], "dtype": str(t.dtype).split(".")[-1],
+                 "shape_tensor": bool(t.is_shape_tensor)} for t in tensors]
+
+    inputs = io([network.get_input(i) for i in range(network.num_inputs)])
+    outputs = io([network.get_output(i) for i in range(network.num_outputs)])
+    return {"flavor": trt.flavor, "version": trt.version, "inputs": inputs, "outputs": outputs,
+            "layers": len(layers), "layer_types": types,
             "output_precisions": precisions, "attention_layers": types.get("ATTENTION_INPUT", 0),
             "plugin_layers": types.get("PLUGIN_V3", 0) + types.get("PLUGIN_V2", 0) + types.get("PLUGIN", 0),
             "qdq_layers": types.get("QUANTIZE", 0) + types.get("DEQUANTIZE", 0), "per_layer": layers}

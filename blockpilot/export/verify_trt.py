@@ -189,13 +189,18 @@ def lm_feeds(bundle: str | Path, observations: Sequence[Any], *, steps: int = 2)
     return feeds
 
 
-def engine_lm_feeds(feeds: Sequence[Feed], typed_slots: bool, vocab_size: int) -> list[Feed]:
+def engine_lm_feeds(feeds: Sequence[Feed], typed_slots: bool, vocab_size: int,
+                    cache_dtype: Any = None) -> list[Feed]:
     """``feeds`` (ONNX Runtime's, where a prefill or an unconstrained step leaves the typed-slot inputs to their
     defaults) made explicit for an engine: with ``typed_slots`` (an engine that takes ``allowed_table`` /
     ``token_class``) the defaults written out (one allow-all row, class 0 at every position); without (an engine
-    built before them, which folded the defaults) both removed, so graph and engine run unconstrained."""
+    built before them, which folded the defaults) both removed, so graph and engine run unconstrained. With
+    ``cache_dtype`` (the engine's, e.g. float16) ``past_k`` / ``past_v`` are rounded to it, so the graph (which
+    reads them back as float32) and the engine see the same cache."""
     names = ("allowed_table", "token_class")
     out = []
+    if cache_dtype is not None:
+        feeds = [{k: v.astype(cache_dtype) if k in ("past_k", "past_v") else v for k, v in f.items()} for f in feeds]
     for feed in feeds:
         if not typed_slots:
             out.append({k: v for k, v in feed.items() if k not in names})
@@ -287,9 +292,10 @@ def verify_engines(bundle: str | Path | Bundle, *, samples: int = 8, steps: int 
     spec = load_spec(loaded.file(graphs["lm_step"].path).parent)
     # The typed-slot inputs as the LM engine takes them (its build's profiles say).
     profiles = (engines["lm_step"].io.get("build") or {}).get("profiles") or {}
+    cache = (engines["lm_step"].io.get("kv_cache") or {}).get("dtype")  # recorded since the fp16 cache I/O
     jobs = [("lm_step", graphs["lm_step"], engines["lm_step"],
              engine_lm_feeds(lm_feeds(loaded.path, observations, steps=steps), "allowed_table" in profiles,
-                             int(spec["vocab_size"])))]
+                             int(spec["vocab_size"]), cache_dtype=cache if cache in ("float16", "float32") else None))]
     if "vision" in engines:  # every camera size's engine against its own graph, the frames resized to its size
         jobs += _vision_jobs(loaded, engines["vision"], spec, observations)
     comparisons = []

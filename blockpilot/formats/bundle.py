@@ -388,8 +388,10 @@ def describe_bundle(path: str | Path, *, verify: bool = True) -> str:
         f"recipe     {(b.recipe or {}).get('name', 'none')}",
         f"tools      {', '.join(f'{k} {v}' for k, v in sorted(b.tools.items())) or 'none recorded'}",
     ]
-    lines += [f"{a.kind:<10} {a.path}  ({a.role}, {a.variant}, {a.precision}"
-              f"{f', target {a.target} sm {a.sm}' if a.kind == 'engine' else ''})" for a in b.artifacts]
+    lines += [f"{a.kind:<10} {a.path}  ({a.role}, {a.variant}, {a.precision}"  # an LM engine's cache dtype, if recorded
+              f"{f', target {a.target} sm {a.sm}' if a.kind == 'engine' else ''}"
+              f"{f', KV cache {kv}' if (kv := ((a.io or {}).get('kv_cache') or {}).get('dtype')) else ''})"
+              for a in b.artifacts]
     lines.append(f"files      {len(b.files)}, {_size(sum(i['bytes'] for i in b.files.values()))} in all")
     lines += [f"  {_size(i['bytes']):>10}  {rel}" for rel, i in sorted(b.files.items())]
     return "\n".join(lines)

@@ -9,12 +9,14 @@ share one scratch allocation (they never run at the same time: one stream). Toke
 the host from the bundle's ``embed_tokens.npy`` (image features written over the image tokens) and staged in
 pinned memory; only ``top1``/``prob``, ``(1, T)``, come back per forward.
 
-KV cache. One cache pair (``past_k``/``past_v``, in the engine's dtype for them) lives in two fixed device
-buffers that the engine reads in place; it gathers only the visible slots and writes only the window's new K/V
-(``k_new``/``v_new``, ``(layers, 1, kv_heads, T, head_dim)``, the window I/O of :mod:`~blockpilot.runtime.kv_window`)
-into fixed output buffers. A committed step (``write_kv=True``) then copies those rows into the cache at
-``start``, one strided device copy per tensor (``layers * kv_heads`` rows of ``T * head_dim`` elements); a draft
-(``write_kv=False``) copies nothing, so the cache stays as it was. Addresses are set once, never per call.
+KV cache. One cache pair (``past_k``/``past_v``, in the engine's dtype for them: float16 in fp16 and fp8
+engines, float32 in fp32 ones and older bundles; :attr:`TrtBackend.cache_dtype`, :attr:`TrtBackend.cache_bytes`)
+lives in two fixed device buffers that the engine reads in place; it gathers only the visible slots and
+writes only the window's new K/V (``k_new``/``v_new``, ``(layers, 1, kv_heads, T, head_dim)``, the window I/O
+of :mod:`~blockpilot.runtime.kv_window`) into fixed output buffers. A committed step (``write_kv=True``) then
+copies those rows into the cache at ``start``, one strided device copy per tensor (``layers * kv_heads`` rows
+of ``T * head_dim`` elements of the cache's size); a draft (``write_kv=False``) copies nothing, so the cache
+stays as it was. Addresses are set once, never per call.
 Engines built before the window I/O (``present_k``/``present_v`` outputs: two whole caches ping-ponged per step)
 are refused with :class:`~blockpilot.runtime.kv_window.StaleExportError` saying to re-export.
 
@@ -196,7 +198,11 @@ class TrtBackend(GraphBackend):
             raise PlannerSetupError(f"{lm_path}: past_k / past_v of shapes {cache} / {lm.max_shape('past_v')}; the "
                                     f"export's cache is (layers, 1, kv_heads, {cap}, head_dim)")
         window = (*cache[:3], cap, cache[4])  # k_new / v_new at the largest window, T = capacity
+        # The cache in the engine's dtype for past_k / past_v (fp16 engines since the fp16 cache I/O; fp32 in
+        # fp32 engines and in fp16 engines built before it, which keep running).
+        self.cache_dtype = np.dtype(layout.dtypes["past_k"])
         self._kv = {n: m.alloc(n, lm.nbytes(n, cache)) for n in ("past_k", "past_v")}
+        self.cache_bytes = sum(b.nbytes for b in self._kv.values())  # K and V, every slot
         for buffer in self._kv.values():  # never read before written, but no stale NaN reaches a masked product
             m.memset(buffer)
         for name in ("top1", "prob"):  # (1, T): the export's spec, checked against the engine below
@@ -212,9 +218,10 @@ class TrtBackend(GraphBackend):
             if shape != ((1, cap) if name in ("top1", "prob") else window):
                 raise PlannerSetupError(f"{lm_path}: output {name} has shape {shape} at T = capacity; fixed buffers "
                                         "(and CUDA graphs) need the export's output shapes, known from the inputs")
-        if lm.kind("k_new") != lm.kind("past_k") or lm.kind("v_new") != lm.kind("past_v"):
-            raise PlannerSetupError(f"{lm_path}: k_new / v_new are {lm.kind('k_new')} / {lm.kind('v_new')} but the "
-                                    f"cache is {lm.kind('past_k')} / {lm.kind('past_v')}; the rows are copied as is")
+        if len({lm.kind(n) for n in ("past_k", "past_v", "k_new", "v_new")}) != 1:
+            raise PlannerSetupError(f"{lm_path}: k_new / v_new are {lm.kind('k_new')} / {lm.kind('v_new')} and the "
+                                    f"cache is {lm.kind('past_k')} / {lm.kind('past_v')}; the rows are copied as is, "
+                                    "so all four need one type")
         self._shape_of: dict[int, int] = {}
         self._embeds_host = m.pinned((cap, self._inputs.hidden), layout.dtypes["inputs_embeds"])
         self._pos_host = m.pinned(3 * cap, layout.dtypes["position_ids"])
