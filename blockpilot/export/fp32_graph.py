@@ -174,8 +174,10 @@ def _restorable(scalars: Iterable[float]) -> dict[tuple[int, float], float]:
     for s in set(float(x) for x in scalars):
         exact = float(np.float32(s))
         for onnx_type, low in ((16, ml_dtypes.bfloat16), (10, np.float16)):
-            for rounded in {float(np.array(s).astype(low)), float(np.float32(s).astype(low))}:
-                if rounded == exact:
+            with np.errstate(over="ignore"):
+                roundings = {float(np.array(s).astype(low)), float(np.float32(s).astype(low))}
+            for rounded in roundings:
+                if rounded == exact or not math.isfinite(rounded):
                     continue
                 key = (onnx_type, rounded)
                 out[key] = exact if out.get(key, exact) == exact else None  # None: ambiguous, left rounded
