@@ -122,15 +122,20 @@ def to_float32_graph(onnx_in: str | Path, onnx_out: str | Path | None = None, *,
         for init in graph.initializer:
             low = init.data_type in LOW_TYPES
             if low or (writer is not None and _tensor_bytes(init) >= MIN_TENSOR_BYTES):
-                array = _array(init, src.parent)
+                array = np.ascontiguousarray(_array(init, src.parent))
                 if low:
-                    array = array.astype("float32")
+                    array = array.astype(np.float32)
                     counts["initializers"] += 1
-                fresh = numpy_helper.from_array(array, init.name)
+                if writer is not None and array.nbytes >= MIN_TENSOR_BYTES:
+                    # Straight from the array to the data file: a float32 copy put into the message would stay in
+                    # protobuf's arena until the whole model is freed (the weights, twice, at the end).
+                    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+                        init.ClearField(field)
+                    init.data_type = TensorProto.FLOAT if low else init.data_type
+                    writer.put(init, memoryview(array.reshape(-1).view(np.uint8)))
+                else:
+                    init.CopyFrom(numpy_helper.from_array(array, init.name))
                 del array
-                init.CopyFrom(fresh)
-                if writer is not None and len(init.raw_data) >= MIN_TENSOR_BYTES:
-                    writer.put(init, init.raw_data)  # clears raw_data: one tensor in memory at a time
     except BaseException:
         if writer is not None:
             writer.close(keep=False)
