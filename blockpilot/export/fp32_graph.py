@@ -132,7 +132,7 @@ def to_float32_graph(onnx_in: str | Path, onnx_out: str | Path | None = None, *,
                     for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
                         init.ClearField(field)
                     init.data_type = TensorProto.FLOAT if low else init.data_type
-                    writer.put(init, memoryview(array.reshape(-1).view(np.uint8)))
+                    writer.put(init, array.reshape(-1).view(np.uint8).data)
                 else:
                     init.CopyFrom(numpy_helper.from_array(array, init.name))
                 del array
