@@ -220,3 +220,39 @@ def test_rewrite_restores_only_unambiguous_scalars_and_refuses_control_flow(tmp_
     onnx.save(helper.make_model(loop), str(tmp_path / "if.onnx"))
     with pytest.raises(Float32GraphError, match=r"if\.onnx.*control-flow"):
         to_float32_graph(tmp_path / "if.onnx")
+
+
+def test_rewrite_of_torch_per_tensor_files_widens_external_constants_too(tmp_path: Path) -> None:
+    """A graph over 2 GB comes from torch with one file per tensor, Constant values included: all of it ends in
+    ``<graph>.onnx.data``, widened, and the per-tensor files are removed."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    rng = np.random.default_rng(0)
+    w = torch.from_numpy(rng.standard_normal((64, 32)).astype(np.float32)).to(torch.bfloat16)
+    c = torch.from_numpy(rng.standard_normal((1, 32)).astype(np.float32)).to(torch.bfloat16)
+
+    def bf16(name: str, t: torch.Tensor) -> Any:
+        return helper.make_tensor(name, TensorProto.BFLOAT16, list(t.shape), t.view(torch.int16).numpy().tobytes(),
+                                  raw=True)
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["xb"], to=TensorProto.BFLOAT16),
+         helper.make_node("Constant", [], ["c"], value=bf16("c_value", c)),
+         helper.make_node("MatMul", ["xb", "w"], ["h"]), helper.make_node("Add", ["h", "c"], ["hc"]),
+         helper.make_node("Cast", ["hc"], ["y"], to=TensorProto.FLOAT)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], initializer=[bf16("w", w)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    convert_model_to_external_data(model, all_tensors_to_one_file=False, size_threshold=0, convert_attribute=True)
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path))
+    assert len(external_files(path)) == 2
+    counts = to_float32_graph(path, threshold=1 << 30)
+    assert counts["initializers"] == 1 and counts["constants"] == 1
+    assert external_files(path) == ["g.onnx.data"] and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["g.onnx", "g.onnx.data"]
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ w.float().numpy() + c.float().numpy(), rtol=1e-5, atol=1e-5)

@@ -122,7 +122,7 @@ def to_float32_graph(onnx_in: str | Path, onnx_out: str | Path | None = None, *,
         for init in graph.initializer:
             low = init.data_type in LOW_TYPES
             if low or (writer is not None and _tensor_bytes(init) >= MIN_TENSOR_BYTES):
-                array = np.ascontiguousarray(_array(init, src.parent))
+                array = np.asarray(_array(init, src.parent), order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
                 if low:
                     array = array.astype(np.float32)
                     counts["initializers"] += 1
@@ -141,20 +141,22 @@ def to_float32_graph(onnx_in: str | Path, onnx_out: str | Path | None = None, *,
             writer.close(keep=False)
         raise
     restore = _restorable(exact_scalars)
-    for node in graph.node:
-        for attr in node.attribute:
-            if node.op_type in ("Constant", "ConstantOfShape") and attr.name == "value" \
-                    and attr.t.data_type in LOW_TYPES:
-                value = numpy_helper.to_array(attr.t).astype("float32")
-                exact = restore.get((int(attr.t.data_type), float(value.ravel()[0]))) if value.size == 1 else None
-                if exact is not None:
-                    value = np.full(value.shape, exact, dtype=np.float32)
-                    counts["scalars_restored"] += 1
-                attr.t.CopyFrom(numpy_helper.from_array(value, attr.t.name))
-                counts["constants"] += 1
-            elif node.op_type == "Cast" and attr.name == "to" and attr.i in LOW_TYPES:
-                attr.i = TensorProto.FLOAT  # kept, as float32 -> float32: the float32 trace has the same Casts
-                counts["casts_retargeted"] += 1
+    try:
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR and (attr.t.data_type in LOW_TYPES or _external(attr.t)):
+                    # Constant values (a graph over 2 GB has its big ones in torch's per-tensor files too)
+                    scalar = node.op_type in ("Constant", "ConstantOfShape") and attr.name == "value"
+                    counts["scalars_restored"] += _widen_constant(attr.t, src.parent, writer,
+                                                                  restore if scalar else {})
+                    counts["constants"] += 1
+                elif node.op_type == "Cast" and attr.name == "to" and attr.i in LOW_TYPES:
+                    attr.i = TensorProto.FLOAT  # kept, as float32 -> float32: the float32 trace has the same Casts
+                    counts["casts_retargeted"] += 1
+    except BaseException:
+        if writer is not None:
+            writer.close(keep=False)
+        raise
     for vi in [*graph.input, *graph.output, *graph.value_info]:
         if vi.type.tensor_type.elem_type in LOW_TYPES:
             vi.type.tensor_type.elem_type = TensorProto.FLOAT
@@ -168,6 +170,37 @@ def to_float32_graph(onnx_in: str | Path, onnx_out: str | Path | None = None, *,
             if old != writer.name:
                 (src.parent / old).unlink(missing_ok=True)
     return counts
+
+
+def _external(tensor: Any) -> bool:
+    from .external_data import _is_external
+
+    return bool(_is_external(tensor))
+
+
+def _widen_constant(tensor: Any, base: Path, writer: Any, restore: dict[tuple[int, float], float]) -> int:
+    """Widen one node-attribute tensor in place (into ``writer`` when it was external); 1 if a scalar was restored."""
+    from onnx import TensorProto, numpy_helper
+
+    low = tensor.data_type in LOW_TYPES
+    value = np.asarray(_array(tensor, base), order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+    restored = 0
+    if low:
+        key = (int(tensor.data_type), float(value.astype(np.float32).ravel()[0])) if value.size == 1 else None
+        value = value.astype(np.float32)
+        if key is not None and key in restore:
+            value = np.full(value.shape, restore[key], dtype=np.float32)
+            restored = 1
+    if _external(tensor):
+        if writer is None:
+            raise Float32GraphError(f"{base}: constant {tensor.name!r} is external but the rewrite writes no data file")
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+            tensor.ClearField(field)
+        tensor.data_type = TensorProto.FLOAT if low else tensor.data_type
+        writer.put(tensor, value.reshape(-1).view(np.uint8).data)
+    else:
+        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+    return restored
 
 
 def _restorable(scalars: Iterable[float]) -> dict[tuple[int, float], float]:
