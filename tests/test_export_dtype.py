@@ -256,3 +256,28 @@ def test_rewrite_of_torch_per_tensor_files_widens_external_constants_too(tmp_pat
     x = rng.standard_normal((2, 64)).astype(np.float32)
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, x @ w.float().numpy() + c.float().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_checkpoint_is_traced_in_fp16_and_answers_like_the_float32_path(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime as ort
+
+    from blockpilot.export.onnx_graphs import export_onnx
+    from blockpilot.vla.loader import load_model
+
+    ckpt = tmp_path / "ckpt_fp16"
+    shutil.copytree(REFERENCE, ckpt)
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    save_file({k: v.to(torch.float16) for k, v in tensors.items()}, str(ckpt / "model.safetensors"))
+    assert stored_dtype(ckpt) == "float16"
+    spy = ExportSpy(monkeypatch)
+    with torch_threads(1):
+        spec = export_onnx(load_model(ckpt, dtype="float16"), tmp_path / "auto", capacity=128)
+        export_onnx(load_model(ckpt, dtype="float16"), tmp_path / "f32", capacity=128, dtype="float32")
+    assert spy.traced[0] == {torch.float16} and spy.traced[-1] == {torch.float32}
+    feeds = _feeds(spec, 1, 20, 12, seed=4, zero_cache=False)
+    (top_a, prob_a, *_), (top_b, prob_b, *_) = (
+        ort.InferenceSession(str(tmp_path / d / "lm_step.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+        for d in ("auto", "f32"))
+    np.testing.assert_array_equal(top_a, top_b)
+    np.testing.assert_allclose(prob_a, prob_b, rtol=0, atol=1e-5)
