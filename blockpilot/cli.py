@@ -56,7 +56,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                 attention=args.attention, progress=Progress(enabled=False if args.quiet else None),
                                 timing_cache=Path(args.timing_cache) if args.timing_cache else None,
                                 schema=args.schema, image_sizes=tuple(args.image_size or ()),
-                                cameras=args.cameras)
+                                cameras=args.cameras, dtype=args.dtype)
     except (BundleError, RecipeError, TargetError, EngineTargetError, TrtUnavailableError) as exc:
         raise UserError(str(exc)) from None
     print(summary.table())
@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--attention", default="auto", choices=["auto", "decomposed", "native", "plugin"],
                         help="LM-step engines' attention: TensorRT's attention layer (native), the "
                              "BlockDiffusionAttention plugin, or plain ops (decomposed); auto: the target's")
+    export.add_argument("--dtype", default="auto", choices=["auto", "float32"],
+                        help="dtype the model is loaded and traced in: auto = the checkpoint's stored dtype (bf16/fp16 "
+                             "checkpoints never make a float32 copy; the graphs are widened to float32 exactly); "
+                             "float32 = convert first (the previous path)")
     export.add_argument("--quiet", action="store_true", help="no progress bars (they draw only on a terminal)")
     export.add_argument("--timing-cache", default=None,
                         help="TensorRT timing cache file, read and updated by every engine build (TensorRT proper)")

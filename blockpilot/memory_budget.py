@@ -3,8 +3,12 @@
 The need is estimated from the checkpoint's parameter count (safetensors headers only, no weight read) times the
 bytes per parameter of the dtype the stage holds the model in, times the stage's peak factor, plus the runtime's
 own footprint. Factors come from measured peaks (docs/model-sizes.md): loading reads tensor by tensor into the model
-(1.25x on a 0.5B checkpoint); the ONNX export holds the model, the traced graph's initializers and their
-serialization; a TensorRT build holds the graph, the fp16 rewrite and the builder's copy of the weights.
+(1.25x on a 0.5B checkpoint); the ONNX export holds the model in the checkpoint's dtype (bf16 / fp16 checkpoints;
+float32 for float32 ones and for ``--recipe fp8``, whose calibration runs the model in float32) while
+``torch.onnx.export`` traces it: a traced graph under protobuf's 2 GB limit is serialized whole (the model, torch's
+constant-folded copy of the weights and the serialized model: ~4x), a bigger one streams its weights to files (~1.9x);
+widening a bf16 trace to float32 streams one tensor at a time and adds nothing to the peak. A TensorRT build holds the
+float32 graph, the fp16 rewrite and the builder's copy of the weights, whatever dtype the model was traced in.
 
 ``BLOCKPILOT_MEMORY_AVAILABLE`` (bytes) overrides what ``/proc/meminfo`` reports as available (tests, or to leave
 room for other work); ``0`` disables the check.
@@ -20,8 +24,14 @@ from .vla.checkpoint import CheckpointError
 AVAILABLE_ENV = "BLOCKPILOT_MEMORY_AVAILABLE"
 RUNTIME_BYTES = 600 << 20  # python + torch + onnx imported, before any weight
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Peak resident bytes per byte of the model held in the stage's dtype.
-STAGE_FACTORS = {"load": 1.3, "export": 3.5, "engines": 8.0, "quantize": 2.5}
+# Peak resident bytes per byte of the model held in the stage's dtype ("export": a graph serialized inline).
+STAGE_FACTORS = {"load": 1.3, "export": 4.1, "engines": 8.0, "quantize": 2.5}
+# Export of a model whose traced weights exceed protobuf's 2 GB: torch writes them to files as it serializes.
+# Measured (bench scale, peak RSS less the runtime, over the held bytes): 0.5B 4.0x (bf16: 4.28 GiB; fp32: 8.02 GiB),
+# 1.5B 1.9x (bf16: 5.97 GiB) and 1.5x (fp32: 9.4 GiB).
+EXPORT_EXTERNAL_FACTOR = 1.9
+PROTOBUF_LIMIT = 2 << 30
+GRAPH_STAGES = ("engines",)  # work on the float32 graphs: 4 bytes a parameter whatever the model was held in
 
 
 class MemoryBudgetError(CheckpointError):
@@ -66,10 +76,24 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
+def stage_factor(stage: str, held_bytes: int) -> float:
+    """The peak factor of ``stage`` over ``held_bytes`` (the model's bytes in the dtype the stage holds it in)."""
+    if stage == "export" and held_bytes > PROTOBUF_LIMIT:
+        return EXPORT_EXTERNAL_FACTOR
+    return STAGE_FACTORS[stage]
+
+
+def _stage_bytes(params: int, stage: str, dtype: str) -> tuple[int, float]:
+    """(bytes per parameter, factor) of ``stage`` for a model of ``params`` held in ``dtype``."""
+    per = DTYPE_BYTES["float32"] if stage in GRAPH_STAGES else DTYPE_BYTES[dtype]
+    return per, stage_factor(stage, params * per)
+
+
 def estimate_bytes(checkpoint: str | Path, stages: tuple[str, ...], dtype: str = "float32") -> int:
     """Peak resident bytes of the costliest of ``stages`` for ``checkpoint`` held in ``dtype``."""
-    weights = checkpoint_parameters(checkpoint) * DTYPE_BYTES[dtype]
-    return int(RUNTIME_BYTES + weights * max(STAGE_FACTORS[s] for s in stages))
+    params = checkpoint_parameters(checkpoint)
+    return int(RUNTIME_BYTES + max(per * factor * params for per, factor in (_stage_bytes(params, s, dtype)
+                                                                             for s in stages)))
 
 
 def check_fits(checkpoint: str | Path, stages: tuple[str, ...], dtype: str = "float32",
@@ -85,10 +109,12 @@ def check_fits(checkpoint: str | Path, stages: tuple[str, ...], dtype: str = "fl
     need = estimate_bytes(checkpoint, stages, dtype)
     if need > available:
         params = checkpoint_parameters(checkpoint)
-        stage = max(stages, key=lambda s: STAGE_FACTORS[s])
+        stage = max(stages, key=lambda s: _stage_bytes(params, s, dtype)[0] * _stage_bytes(params, s, dtype)[1])
+        per, factor = _stage_bytes(params, stage, dtype)
+        held = "float32" if stage in GRAPH_STAGES else dtype
         raise MemoryBudgetError(
             f"{what or ' + '.join(stages)} of {checkpoint} needs about {_gb(need)} of memory ({params / 1e9:.2f} B "
-            f"parameters x {DTYPE_BYTES[dtype]} bytes ({dtype}) x {STAGE_FACTORS[stage]} for {stage}, plus "
+            f"parameters x {per} bytes ({held}) x {factor} for {stage}, plus "
             f"{_gb(RUNTIME_BYTES)} runtime), but only {_gb(available)} is available here "
             f"({'$' + AVAILABLE_ENV if os.environ.get(AVAILABLE_ENV) else 'MemAvailable'}); refusing before "
             "starting rather than being killed halfway")

@@ -60,5 +60,23 @@ def test_export_refuses_up_front_and_the_cli_reports_it(monkeypatch: pytest.Monk
     assert check_fits(REFERENCE, ("load",)) is not None
     assert main(["export", "--checkpoint", str(REFERENCE), "--out", str(tmp_path / "bundle"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "blockpilot export of" in err and "x 3.5 for export" in err and "is available here" in err
+    assert "blockpilot export of" in err and f"x {STAGE_FACTORS['export']} for export" in err
+    assert "is available here" in err
     assert not (tmp_path / "bundle").exists() and not list(tmp_path.iterdir())
+
+
+def test_export_estimate_follows_the_held_dtype_and_the_graph_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 checkpoint exports holding bf16 (half the fp32 need); a traced graph over 2 GB streams its weights, so
+    the 3B shape (3.75 B parameters, 7.5 GB of bf16) is estimated at about 15 GB, not the 53 GB of a float32 model at
+    the inline factor; engine builds count the float32 graphs whatever the held dtype."""
+    import blockpilot.memory_budget as budget
+
+    params = 3_754_622_976  # the 3b scale shape (Qwen2.5-VL-3B)
+    monkeypatch.setattr(budget, "checkpoint_parameters", lambda _: params)
+    bf16 = estimate_bytes("3b", ("export",), "bfloat16")
+    assert bf16 == int(RUNTIME_BYTES + params * 2 * budget.EXPORT_EXTERNAL_FACTOR)
+    assert 14e9 < bf16 < 16e9 < estimate_bytes("3b", ("export",), "float32")
+    assert estimate_bytes("3b", ("engines",), "bfloat16") == estimate_bytes("3b", ("engines",), "float32")
+    monkeypatch.setattr(budget, "checkpoint_parameters", lambda _: 494_032_768)  # 0.5b: a graph under 2 GB
+    assert estimate_bytes("0.5b", ("export",), "bfloat16") == int(RUNTIME_BYTES + 494_032_768 * 2
+                                                                  * STAGE_FACTORS["export"])

@@ -27,6 +27,7 @@ DEFAULT_MAX_PROMPT_TOKENS = 1024  # the floor of the derived budget (blockpilot.
 DEFAULT_IMAGE_HW = (112, 112)  # the reference camera; export --image-size picks others
 VARIANT = "decomposed"
 ENGINE_PRECISIONS = ("fp32", "fp16")
+EXPORT_DTYPES = ("auto", "float32")  # auto: the checkpoint's stored dtype
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,14 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
                   engine_precision: str = "fp16", recipe: str | None = None, calib: int = 32,
                   attention: str = "auto", progress: Progress | None = None,
                   timing_cache: Path | None = None, schema: str | None = None,
-                  image_sizes: Sequence[tuple[int, int]] = (), cameras: int = 1) -> ExportSummary:
-    """Export ``checkpoint`` (fp32) into the bundle directory ``out`` and verify it by loading it back.
+                  image_sizes: Sequence[tuple[int, int]] = (), cameras: int = 1, dtype: str = "auto") -> ExportSummary:
+    """Export ``checkpoint`` into the bundle directory ``out`` and verify it by loading it back.
+
+    ``dtype="auto"`` loads and traces the model in the dtype its safetensors store (bf16 / fp16 checkpoints: never a
+    float32 copy of the model; :func:`export_dtype`) and widens the traced graphs to float32 exactly, so the bundle's
+    float32 graphs hold exactly the checkpoint's weights; ``"float32"`` loads in float32 first (the path of float32
+    checkpoints, and of every export before). ``--recipe fp8`` and the plugin attention route load float32 either way
+    (calibration runs the model in float32; the plugin graph is traced in float32).
 
     ``image_sizes`` (camera ``(height, width)``, default the 112x112 reference camera) are resized by the
     checkpoint's image policy, one vision graph per resized size (:mod:`blockpilot.export.vision_graphs`).
@@ -114,14 +121,17 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
     driving = checked_schema(Path(checkpoint), schema)
     from ..memory_budget import check_fits
 
+    load_dtype = export_dtype(checkpoint, dtype, float32_only=recipe is not None or any(p.route == "plugin"
+                                                                                        for p in plans))
+
     check_fits(checkpoint, ("export", *(("engines",) if plans else ()), *(("quantize",) if recipe else ())),
-               what="blockpilot export")  # before any weight is read: refuse rather than be killed halfway
+               load_dtype, what="blockpilot export")  # before any weight is read: refuse, not be killed
 
     progress = progress or Progress(enabled=False)
     progress.stages = 3 + int(recipe is not None) + int(bool(plans))
     with progress.stage("load"):
         planner = Planner.from_checkpoint(Path(checkpoint), decoder=DecoderSettings(name="scaffold"),
-                                          max_prompt_tokens=max_prompt_tokens, schema=driving)
+                                          max_prompt_tokens=max_prompt_tokens, schema=driving, dtype=load_dtype)
     policy = planner.image_policy
     capacity = planner.backend.capacity
     model = planner.backend.model  # type: ignore[attr-defined]
@@ -135,7 +145,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
         root = Path(tmp)
         with progress.stage("onnx", total=1 + int(plugin)) as stage:
             if recipe is None:
-                spec = export_onnx(model, root, capacity, image_sizes=sizes, policy=policy)
+                spec = export_onnx(model, root, capacity, image_sizes=sizes, policy=policy, dtype="auto")
             else:
                 from .quant_onnx import export_quantized_onnx
 
@@ -170,6 +180,23 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
                 writer.finish()  # hashes, manifest, atomic rename
                 bundle = load_bundle(out)  # hashes checked once more, as the car will
     return _summary(bundle, capacity, dict(progress.seconds), precision)
+
+
+def export_dtype(checkpoint: str | Path, dtype: str = "auto", *, float32_only: bool = False) -> str:
+    """The dtype ``blockpilot export`` loads and traces ``checkpoint`` in: for ``auto``, the dtype its safetensors
+    store (:func:`blockpilot.vla.checkpoint.stored_dtype`: bf16 / fp16, float32 when mixed); ``float32`` on request or
+    where the stage needs it (``float32_only``: quantization, the plugin graph)."""
+    if dtype not in EXPORT_DTYPES:
+        raise BundleError(f"export dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
+    if dtype == "float32" or float32_only:
+        return "float32"
+    from ..runtime.plan_types import PlannerSetupError
+    from ..vla.checkpoint import CheckpointError, stored_dtype
+
+    try:
+        return stored_dtype(checkpoint)
+    except CheckpointError as exc:
+        raise PlannerSetupError(str(exc)) from exc
 
 
 def export_prompt_budget(checkpoint: str | Path, image_sizes: Sequence[tuple[int, int]], cameras: int) -> int:

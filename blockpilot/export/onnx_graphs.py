@@ -40,7 +40,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -51,7 +50,8 @@ from ..vla.image_grid import smart_resize
 from ..vla.image_policy import ImagePolicy
 from ..vla.lm import DecoderLayer, DecoderLM, rotate_half
 from ..vla.model import VLAModel
-from .external_data import consolidate
+from .embedding_rows import Float32Rows
+from .fp32_graph import finish_traced_graph, traced_scalars
 from .typed_slots_graph import TYPED_SLOT_AXES, TYPED_SLOT_INPUTS, add_typed_slot_defaults, typed_slot_specs
 
 OPSET = 17
@@ -170,10 +170,22 @@ def image_grid(config: ModelConfig, image_hw: tuple[int, int],
 
 
 def _export_vision(model: VLAModel, out: Path, image_sizes: Sequence[tuple[int, int]],
-                   policy: ImagePolicy | None, opset: int) -> dict[str, Any]:
+                   policy: ImagePolicy | None, opset: int, trace_dtype: torch.dtype) -> dict[str, Any]:
     from .vision_graphs import export_vision_graphs
 
-    return export_vision_graphs(model, out, image_sizes, policy, opset)
+    return export_vision_graphs(model, out, image_sizes, policy, opset, trace_dtype=trace_dtype)
+
+
+def _trace_dtype(model: VLAModel, dtype: str) -> torch.dtype:
+    """The dtype ``export_onnx`` traces ``model`` in: its parameters' (``auto``), or float32."""
+    if dtype == "float32":
+        return torch.float32
+    if dtype != "auto":
+        raise ValueError(f"export dtype must be 'auto' or 'float32', got {dtype!r}")
+    held = {p.dtype for p in model.parameters()}
+    if held <= {torch.bfloat16} or held <= {torch.float16}:
+        return next(iter(held), torch.float32)
+    return torch.float32  # float32, or mixed: the float32 path
 
 
 def _spec(name: str, shape: list[int | str], dtype: str) -> dict[str, Any]:
@@ -183,7 +195,7 @@ def _spec(name: str, shape: list[int | str], dtype: str) -> dict[str, Any]:
 def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
                 image_hw: tuple[int, int] = DEFAULT_IMAGE_HW, opset: int = OPSET,
                 attention: str = "decomposed", image_sizes: Sequence[tuple[int, int]] | None = None,
-                policy: ImagePolicy | None = None, kv_io: str = "window") -> dict[str, Any]:
+                policy: ImagePolicy | None = None, kv_io: str = "window", dtype: str = "auto") -> dict[str, Any]:
     """Write ``vision.onnx`` (models with a vision tower), ``lm_step.onnx``, ``embed_tokens.npy`` and
     ``onnx_spec.json`` into ``out_dir``; check each graph with ``onnx.checker``; return the spec.
 
@@ -194,15 +206,20 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
     :func:`blockpilot.export.plugin_attention.export_plugin_graph`, which also records the variant).
 
     ``kv_io="full"`` writes the whole-cache ``present_k`` / ``present_v`` outputs of exports made before the
-    window I/O (only to check that such bundles still run; every runtime prefers the default ``"window"``)."""
-    import onnx
+    window I/O (only to check that such bundles still run; every runtime prefers the default ``"window"``).
 
+    ``dtype="auto"`` traces the model in the dtype it is held in: a bfloat16/float16 model (as loaded from a bf16 /
+    fp16 checkpoint) is traced as it is, never copied to float32, and each graph is then widened to float32
+    (:func:`blockpilot.export.fp32_graph.to_float32_graph`, exact); a float32 model takes the float32 path unchanged.
+    ``dtype="float32"`` converts the model to float32 first (the path of every export before, kept to compare).
+    Either way the graphs' inputs, outputs and weights are float32."""
     if capacity <= 0:
         raise ValueError(f"capacity must be positive, got {capacity}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config
-    model = model.eval().float()
+    trace_dtype = _trace_dtype(model, dtype)
+    model = model.eval() if trace_dtype != torch.float32 else model.eval().float()
     lm_cfg = config.lm
     cache_dims = [lm_cfg.num_layers, 1, lm_cfg.num_kv_heads, capacity, lm_cfg.head_dim]
     cache_shape: list[int | str] = list(cache_dims)
@@ -215,9 +232,10 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
         extra["custom_opsets"] = {PLUGIN_DOMAIN: PLUGIN_OPSET}
     t = 5
     example = (
-        torch.zeros(1, t, lm_cfg.hidden_size), torch.arange(t).view(1, 1, t).expand(3, 1, t).contiguous(),
+        torch.zeros(1, t, lm_cfg.hidden_size, dtype=trace_dtype),
+        torch.arange(t).view(1, 1, t).expand(3, 1, t).contiguous(),
         torch.tensor(0, dtype=torch.int64), torch.tensor(t, dtype=torch.int64), torch.tensor(0, dtype=torch.int64),
-        torch.zeros(cache_dims), torch.zeros(cache_dims),
+        torch.zeros(cache_dims, dtype=trace_dtype), torch.zeros(cache_dims, dtype=trace_dtype),
         torch.ones(2, lm_cfg.vocab_size, dtype=torch.bool), torch.zeros(1, t, dtype=torch.int64),  # typed slots
     )
     lm_inputs = ["inputs_embeds", "position_ids", "start", "key_end", "mode", "past_k", "past_v", *TYPED_SLOT_INPUTS]
@@ -233,14 +251,16 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
                                         "prob": {1: "T"}, **TYPED_SLOT_AXES, **window_axes},
                           opset_version=opset, dynamo=False, **extra)
     add_typed_slot_defaults(out / LM_FILE, lm_cfg.vocab_size)
-    onnx.checker.check_model(str(out / LM_FILE))
-    consolidate(out / LM_FILE)  # weights over the threshold (or torch's per-tensor files) -> lm_step.onnx.data
-    embedding = model.lm.embed_tokens.weight.detach().float().numpy()
+    widen = trace_dtype != torch.float32
+    scalars = traced_scalars(step, example) if widen else ()  # restored unrounded in the float32 graph
+    finish_traced_graph(out / LM_FILE, widen=widen, scalars=scalars)
+    # Row blocks widened to float32 as they are read: no float32 copy of the table (151,936 rows at 1.5B-7B).
+    embedding = Float32Rows(model.lm.embed_tokens.weight.detach())
     # A tied head already holds the table in lm_step.onnx (checked value for value): the bundle keeps that one copy.
     tied = locate_tied_embedding(out / LM_FILE, embedding) if lm_cfg.tie_word_embeddings else None
     (out / EMBED_FILE).unlink(missing_ok=True)
     if tied is None:
-        np.save(out / EMBED_FILE, embedding)
+        embedding.save_npy(out / EMBED_FILE)
     del embedding
     spec: dict[str, Any] = {
         "format": 1,
@@ -269,7 +289,7 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
     }
     vision = config.vision
     if vision is not None and model.visual is not None:
-        spec["vision"] = _export_vision(model, out, image_sizes or (image_hw,), policy, opset)
+        spec["vision"] = _export_vision(model, out, image_sizes or (image_hw,), policy, opset, trace_dtype)
     (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     return spec
 

@@ -25,7 +25,7 @@ from ..formats.onnx_io import VISION_FILE
 from ..vla.image_policy import ImagePolicy
 from ..vla.model import VLAModel
 from ..vla.vision import VisionTower, vision_layout
-from .external_data import consolidate
+from .fp32_graph import finish_traced_graph, traced_scalars
 
 
 class VisionStep(nn.Module):
@@ -60,9 +60,12 @@ def resized_sizes(policy: ImagePolicy, image_sizes: Sequence[tuple[int, int]]) -
 
 
 def export_vision_graphs(model: VLAModel, out: Path, image_sizes: Sequence[tuple[int, int]],
-                         policy: ImagePolicy | None, opset: int) -> dict[str, Any]:
-    """Trace and check one vision graph per resized size into ``out``; return the spec's ``vision`` entry."""
-    import onnx
+                         policy: ImagePolicy | None, opset: int, *,
+                         trace_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Trace and check one vision graph per resized size into ``out``; return the spec's ``vision`` entry.
+
+    ``trace_dtype`` is the dtype the model is held in (bfloat16/float16: traced as it is, then widened to a float32
+    graph by :func:`~.fp32_graph.to_float32_graph`); the graphs' input and output are float32 either way."""
 
     vision = model.config.vision
     assert vision is not None and model.visual is not None
@@ -80,10 +83,12 @@ def export_vision_graphs(model: VLAModel, out: Path, image_sizes: Sequence[tuple
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(wrapper, (torch.zeros(patches, width),), str(out / file), input_names=["patches"],
-                              output_names=["features"], opset_version=opset, dynamo=False)
-        onnx.checker.check_model(str(out / file))
-        consolidate(out / file)  # one <file>.data per graph when its weights go external
+            torch.onnx.export(wrapper, (torch.zeros(patches, width, dtype=trace_dtype),), str(out / file),
+                              input_names=["patches"], output_names=["features"], opset_version=opset, dynamo=False)
+        # Checked; one <file>.data per graph when its weights go external; a bf16/fp16 trace widened to float32.
+        widen = trace_dtype != torch.float32
+        scalars = traced_scalars(wrapper, (torch.zeros(patches, width, dtype=trace_dtype),)) if widen else ()
+        finish_traced_graph(out / file, widen=widen, scalars=scalars)
         camera = next(s for s in image_sizes if policy.smart_size(*s) == (h, w))
         graphs.append({"file": file, "grid_thw": list(grid), "image_hw": list(camera), "resized_hw": [h, w],
                        "inputs": [{"name": "patches", "shape": [patches, width], "dtype": "float32"}],

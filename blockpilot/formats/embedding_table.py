@@ -10,7 +10,7 @@ model with a tied embedding keeps one copy: the LM head initializer of ``lm_step
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +18,16 @@ import numpy.typing as npt
 from .onnx_tensor import TensorLocationError, find_initializer, initializers, map_initializer, to_float32
 
 LAYOUTS = ("rows", "columns")
+
+
+class RowBlocks(Protocol):
+    """A ``(vocab, hidden)`` table read a block of rows at a time as float32 (e.g. a bf16 weight widened per block,
+    so no float32 copy of the whole table is made)."""
+
+    shape: tuple[int, int]
+    itemsize: int
+
+    def __getitem__(self, rows: slice) -> npt.NDArray[np.float32]: ...
 
 
 class EmbeddingError(ValueError):
@@ -70,7 +80,7 @@ class EmbeddingTable:
         return np.ascontiguousarray(to_float32(rows, self.data_type))
 
 
-def locate_tied_embedding(graph: str | Path, weight: npt.NDArray[np.float32]) -> dict[str, str] | None:
+def locate_tied_embedding(graph: str | Path, weight: npt.NDArray[np.float32] | RowBlocks) -> dict[str, str] | None:
     """The spec entry naming the initializer of ``graph`` that holds ``weight`` ``(vocab, hidden)`` exactly, as rows
     or transposed; ``None`` when no initializer does (e.g. a quantized head), so the export keeps its own table."""
     vocab, hidden = weight.shape
@@ -79,12 +89,12 @@ def locate_tied_embedding(graph: str | Path, weight: npt.NDArray[np.float32]) ->
             continue
         stored = map_initializer(tensor)
         for layout, view in (("rows", stored), ("columns", stored.T)):
-            if view.shape == weight.shape and _equal(view, weight):
+            if tuple(view.shape) == tuple(weight.shape) and _equal(view, weight):
                 return {"graph": Path(graph).name, "tensor": tensor.name, "layout": layout}
     return None
 
 
-def _equal(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any], chunk_bytes: int = 64 << 20) -> bool:
+def _equal(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any] | RowBlocks, chunk_bytes: int = 64 << 20) -> bool:
     """``a == b`` everywhere, compared a block of rows at a time (no table-sized temporary)."""
     step = max(1, chunk_bytes // max(1, b.shape[1] * b.itemsize))
     return all(np.array_equal(a[i:i + step], b[i:i + step]) for i in range(0, b.shape[0], step))

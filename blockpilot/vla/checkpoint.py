@@ -116,6 +116,19 @@ def checkpoint_headers(checkpoint_dir: str | Path) -> list[tuple[Path, list[Tens
     return out
 
 
+def stored_dtype(checkpoint_dir: str | Path) -> str:
+    """The dtype a checkpoint's floating-point weights are stored in, from the safetensors headers (``config.json``'s
+    ``torch_dtype`` can disagree with the files): ``bfloat16`` or ``float16`` when every float tensor is, else
+    ``float32`` (the widest: mixed bf16/fp16/fp32 files, float64, or no float tensor at all)."""
+    found = {entry.dtype for _, entries in checkpoint_headers(checkpoint_dir) for entry in entries
+             if entry.dtype.is_floating_point}
+    if found == {torch.bfloat16}:
+        return "bfloat16"
+    if found == {torch.float16}:
+        return "float16"
+    return "float32"
+
+
 def load_weights(model: nn.Module, checkpoint_dir: str | Path, architecture: str) -> None:
     """Load a local HF checkpoint into ``model`` under the name rules of ``architecture``.
 
