@@ -36,6 +36,7 @@ def to_fp16_graph(onnx_in: str | Path, onnx_out: str | Path, *, keep_fp32_ops: I
     changed (``fp16_io``: how many I/O tensors became float16). Raises ``ValueError`` naming an ``fp16_io`` entry
     that is not a float32 input or output of the graph.
     """
+    import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -62,13 +63,24 @@ def to_fp16_graph(onnx_in: str | Path, onnx_out: str | Path, *, keep_fp32_ops: I
               "fp16_io": len(half_io)}
 
     for init in graph.initializer:
+        if init.data_type != f32 and (writer is None or init.data_location != TensorProto.EXTERNAL):
+            if writer is not None and len(init.raw_data) >= MIN_TENSOR_BYTES:
+                writer.put(init, init.raw_data)  # into <onnx_out>.data, so the source's file is not needed
+            continue
+        array = tensor_array(init, base)
         if init.data_type == f32:
-            init.CopyFrom(numpy_helper.from_array(tensor_array(init, base).astype("float16"), init.name))
+            array = array.astype("float16")
             counts["initializers"] += 1
-        elif writer is not None and init.data_location == TensorProto.EXTERNAL:
-            init.CopyFrom(numpy_helper.from_array(tensor_array(init, base), init.name))
-        if writer is not None and len(init.raw_data) >= MIN_TENSOR_BYTES:
-            writer.put(init, init.raw_data)  # into <onnx_out>.data, so the source's file is not needed
+        if writer is not None and array.nbytes >= MIN_TENSOR_BYTES:
+            # Straight from the array into <onnx_out>.data: a copy put into the message first would stay in
+            # protobuf's arena until the whole model is freed (every converted weight held at the end).
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+                init.ClearField(field)
+            init.data_type = f16 if array.dtype == "float16" else init.data_type
+            writer.put(init, np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+        else:
+            init.CopyFrom(numpy_helper.from_array(array, init.name))
+        del array
     # Where each float tensor's current dtype lives: graph inputs stay f32 (those of fp16_io become f16),
     # initializers are now f16.
     now: dict[str, int] = {i.name: f16 if i.name in half_io else f32 for i in graph.input if types.get(i.name) == f32}
