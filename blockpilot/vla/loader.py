@@ -10,6 +10,7 @@ import torch
 
 from .checkpoint import checkpoint_files, load_weights, save_weights
 from .config import ModelConfig
+from .dtypes import check_dtype_name, resolve_dtype
 from .hf_config import config_to_hf, load_config
 from .model import VLAModel
 from .tokenizer import Tokenizer
@@ -26,11 +27,13 @@ def load_model(
     """Read ``config.json`` and every weight of a Qwen2 or Qwen2.5-VL checkpoint; nothing is downloaded.
 
     A Qwen2 (text-only) checkpoint becomes a :class:`VLAModel` without a vision tower, so the
-    runtime sees one model type.
+    runtime sees one model type. ``dtype="auto"`` is the dtype the weights are stored in
+    (:func:`~blockpilot.vla.dtypes.resolve_dtype`), resolved before the memory check; a dtype ``device`` cannot run
+    raises :class:`~blockpilot.vla.dtypes.DtypeError`.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_dtype_name(dtype)
     config = load_config(checkpoint_dir, token_overrides=token_overrides)
+    dtype = resolve_dtype(checkpoint_dir, dtype, device)
     from ..memory_budget import check_fits
 
     check_fits(checkpoint_dir, ("load",), dtype, what=f"loading in {dtype}")  # refuse before any allocation
