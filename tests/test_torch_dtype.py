@@ -169,3 +169,11 @@ def test_eval_resume_refuses_another_dtype(tmp_path: Path) -> None:
     assert _check_resume(tmp_path / "old.jsonl", {**header, "dtype": "float32"}) == set()
     with pytest.raises(ResultsFileError, match="written for dtype float32, now bfloat16"):
         _check_resume(tmp_path / "old.jsonl", {**header, "dtype": "bfloat16"})
+
+
+def test_loading_skips_random_init_and_restores_it() -> None:
+    normal, uniform = torch.nn.init.normal_, torch.nn.init.kaiming_uniform_
+    model = load_model(SHIPPED_MODEL, dtype="auto")
+    assert torch.nn.init.normal_ is normal and torch.nn.init.kaiming_uniform_ is uniform
+    assert bool(torch.isfinite(model.lm.embed_tokens.weight).all())
+    assert float(torch.nn.Linear(8, 8).weight.abs().sum()) > 0  # modules built afterwards are initialised again

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ def load_model(
     from ..memory_budget import check_fits
 
     check_fits(checkpoint_dir, ("load",), dtype, what=f"loading in {dtype}")  # refuse before any allocation
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init():
         model = VLAModel(config)
     # Built on the meta device so a 3B model is not randomly initialised only to be overwritten, and in the target
     # dtype, so the weights are converted tensor by tensor as they are read (no full float32 copy first).
@@ -48,6 +50,23 @@ def load_model(
     else:
         load_weights(model, checkpoint_dir, config.architecture)
     return model.to(device=device, dtype=DTYPES[dtype]).eval()
+
+
+@contextlib.contextmanager
+def _no_random_init() -> Iterator[None]:
+    """Skip the modules' random initialisation while a model is built on the meta device: every weight is read from
+    the checkpoint next, and on the meta device ``normal_`` runs through torch's Python reference, whose first call
+    imports ``torch._dynamo`` (measured: +0.15 GB resident for the rest of the process)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_",
+             "xavier_normal_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
 
 
 def load_tokenizer(checkpoint_dir: str | Path, config: ModelConfig) -> Tokenizer:
