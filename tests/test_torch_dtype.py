@@ -177,3 +177,17 @@ def test_loading_skips_random_init_and_restores_it() -> None:
     assert torch.nn.init.normal_ is normal and torch.nn.init.kaiming_uniform_ is uniform
     assert bool(torch.isfinite(model.lm.embed_tokens.weight).all())
     assert float(torch.nn.Linear(8, 8).weight.detach().abs().sum()) > 0  # modules built later are initialised
+
+
+def test_a_cpu_without_native_bf16_gets_a_note(tmp_path: Path) -> None:
+    from blockpilot.vla.dtypes import slow_dtype_note
+
+    (avx2 := tmp_path / "avx2").write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    (amx := tmp_path / "amx").write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n")
+    note = slow_dtype_note("bfloat16", "cpu", str(avx2))
+    assert note is not None and "avx512_bf16" in note and "--dtype float32" in note
+    assert slow_dtype_note("bfloat16", "cpu", str(amx)) is None
+    assert slow_dtype_note("float16", "cpu", str(amx)) is not None  # no avx512_fp16 / amx_fp16 in those flags
+    assert slow_dtype_note("float32", "cpu", str(avx2)) is None
+    assert slow_dtype_note("bfloat16", "cuda", str(avx2)) is None
+    assert slow_dtype_note("bfloat16", "cpu", str(tmp_path / "missing")) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 
 from .checkpoint import checkpoint_files, load_weights, save_weights
 from .config import ModelConfig
-from .dtypes import check_dtype_name, resolve_dtype
+from .dtypes import check_dtype_name, resolve_dtype, slow_dtype_note
 from .hf_config import config_to_hf, load_config
 from .model import VLAModel
 from .tokenizer import Tokenizer
@@ -36,6 +37,9 @@ def load_model(
     check_dtype_name(dtype)
     config = load_config(checkpoint_dir, token_overrides=token_overrides)
     dtype = resolve_dtype(checkpoint_dir, dtype, device)
+    note = slow_dtype_note(dtype, device)
+    if note:
+        warnings.warn(f"loading {checkpoint_dir} in {dtype}: {note}", RuntimeWarning, stacklevel=2)
     from ..memory_budget import check_fits
 
     check_fits(checkpoint_dir, ("load",), dtype, what=f"loading in {dtype}")  # refuse before any allocation
