@@ -21,6 +21,7 @@ EGO_EXAMPLE = '{"past": [[-7.5, 0], [-5, 0], [-2.5, 0], [0, 0]], "speed": 5.0, "
 
 def add_arguments(plan: argparse.ArgumentParser) -> None:
     from .runtime.plan_types import DECODERS
+    from .vla.dtypes import add_dtype_option
     from .vla.schema_io import add_schema_option
 
     plan.add_argument("--checkpoint", required=True, help="checkpoint dir (config.json, safetensors, tokenizer)")
@@ -53,6 +54,7 @@ def add_arguments(plan: argparse.ArgumentParser) -> None:
                            "(bf16 ties near 1.0 go to the first position); torch backend (default: float32)")
     plan.add_argument("--seed", type=int, default=0, help="rollout sampling seed")
     plan.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    add_dtype_option(plan)
     plan.add_argument("--max-prompt-tokens", type=int, default=None,
                       help="prompt budget the KV cache is sized for (default: from the image policy and cameras)")
 
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
                                    sub_block_cache=args.sub_block_cache, sub_block_rule=args.sub_block_rule,
                                    softmax_dtype=args.softmax_dtype)
         planner = Planner.from_checkpoint(Path(args.checkpoint), decoder=settings, device=args.device,
-                                          max_prompt_tokens=args.max_prompt_tokens, schema=schema,
+                                          dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens, schema=schema,
                                           cameras=len(images))
         if planner.config.vision is None and images:
             raise UserError(f"--image: {args.checkpoint} is a text-only model (no vision_config in config.json); "

@@ -68,6 +68,7 @@ class ScaleOptions:
     calib: int = 4
     force_external_data: bool = False
     keep: bool = False
+    dtype: str = "auto"  # of the torch load and plan stages (auto: the checkpoint's, bf16)
 
 
 def _cli(*args: str) -> list[str]:
@@ -94,9 +95,9 @@ def stages_for(shape: ScaleShape, opts: ScaleOptions) -> list[Stage]:
     calib = str(opts.calib)
     out = [
         Stage("write", _probe("write", shape.name, ckpt, "--dataroot", nus), what="random bf16 checkpoint"),
-        Stage("load", _probe("load", ckpt), ("write",), "load (torch)"),
-        Stage("plan-torch", _probe("plan", ckpt, "--backend", "torch", "--steps", str(opts.plan_steps)), ("write",),
-              f"plan, torch, {opts.plan_steps} block steps"),
+        Stage("load", _probe("load", ckpt, "--dtype", opts.dtype), ("write",), "load (torch)"),
+        Stage("plan-torch", _probe("plan", ckpt, "--backend", "torch", "--steps", str(opts.plan_steps), "--dtype",
+                                   opts.dtype), ("write",), f"plan, torch, {opts.plan_steps} block steps"),
         Stage("quantize-fp8", _cli("quantize", "--checkpoint", ckpt, "--recipe", "fp8", "--calib", calib,
                                    "--out", str(w / "quant-fp8")), ("write",), f"quantize fp8, {calib} calib"),
     ]

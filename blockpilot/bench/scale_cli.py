@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..vla.dtypes import DTYPE_CHOICES
 from .scale import ScaleBenchError, ScaleOptions, ScaleReport, run_scale
 from .scale_shapes import SCALE_SHAPES
 
@@ -27,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force-external-data", action="store_true",
                         help="export every graph with external data (BLOCKPILOT_EXTERNAL_DATA_BYTES=4096), as a model "
                              "over 2 GB needs")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="dtype of the load and plan-torch stages: auto (the checkpoint's, bfloat16), float32, "
+                             "bfloat16, float16 (default: auto)")
     parser.add_argument("--work", default=None, help="scratch directory (default runs/scale/<shape>; replaced)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and bundles in --work")
     parser.add_argument("--results", default="benchmarks/results", help="directory of the JSON and table")
@@ -51,6 +55,7 @@ def format_scale(report: ScaleReport) -> str:
         d = s.details
         if "s_per_step" in d and d["s_per_step"] is not None:
             note = f"{d['steps']} steps, {d['s_per_step']:.2f} s/step, prefill {d['prefill_s']:.2f} s"
+            note += f", {d['dtype']}" if d.get("dtype") else ""
         elif "load_s" in d:
             note = f"load {d['load_s']:.1f} s, {'/'.join(d['dtypes'])}"
         elif "configure_s" in d:
@@ -88,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     results = Path(args.results)
     opts = ScaleOptions(shape=args.shape, work=Path(args.work or f"runs/scale/{args.shape}"), results=results,
                         timeout_s=args.timeout, stages=stages, plan_steps=args.plan_steps, calib=args.calib,
-                        force_external_data=args.force_external_data, keep=args.keep)
+                        force_external_data=args.force_external_data, keep=args.keep, dtype=args.dtype)
     def progress(partial: ScaleReport) -> None:
         write_scale(partial, results)
 

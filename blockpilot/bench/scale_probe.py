@@ -3,9 +3,9 @@
 ``SCALE_RESULT {json}`` with what the stage measured.
 
 - ``write SHAPE OUT``: the random-weight checkpoint (and a two-sample nuScenes dataroot for ``eval``);
-- ``load CHECKPOINT``: the model as the torch backend loads it;
-- ``plan MODEL --backend torch|onnxruntime --steps N``: a plan through the Planner (the real decoder loop,
-  scaffold decoder) on a checkpoint (torch) or a bundle (ONNX Runtime), a camera frame for a VLA, stopped
+- ``load CHECKPOINT [--dtype auto]``: the model as the torch backend loads it (auto: in the checkpoint's dtype);
+- ``plan MODEL --backend torch|onnxruntime --steps N [--dtype auto]``: a plan through the Planner (the real decoder
+  loop, scaffold decoder) on a checkpoint (torch) or a bundle (ONNX Runtime), a camera frame for a VLA, stopped
   after N block steps; prefill and per-step times are reported;
 - ``ros MODEL``: the ROS 2 planner node constructed and taken through its ``configure`` transition (run
   inside a loopback-only network namespace by the runner).
@@ -20,6 +20,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ..vla.dtypes import add_dtype_option
 
 RESULT_PREFIX = "SCALE_RESULT "
 
@@ -43,11 +45,11 @@ def _write(shape_name: str, out: Path, dataroot: Path | None) -> dict[str, Any]:
     return result
 
 
-def _load(checkpoint: Path) -> dict[str, Any]:
+def _load(checkpoint: Path, dtype: str) -> dict[str, Any]:
     from ..vla.loader import load_model
 
     t0 = time.perf_counter()
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, dtype=dtype)
     params = sum(p.numel() for p in model.parameters())
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
     return {"load_s": time.perf_counter() - t0, "parameters": params, "dtypes": dtypes}
@@ -71,7 +73,7 @@ class _Budget(Exception):
     """Raised by the counting wrapper once the plan has made its budget of block steps."""
 
 
-def _plan(model: Path, backend: str, steps: int) -> dict[str, Any]:
+def _plan(model: Path, backend: str, steps: int, dtype: str = "auto") -> dict[str, Any]:
     """One plan through the Planner's real decoder loop (scaffold decoder), stopped after ``steps`` block steps
     (0: the whole plan): random weights make the step count of a whole plan arbitrary, so a fixed budget is timed."""
     from ..runtime.plan_types import DecoderSettings
@@ -80,7 +82,7 @@ def _plan(model: Path, backend: str, steps: int) -> dict[str, Any]:
     decoder = DecoderSettings(name="scaffold")
     t0 = time.perf_counter()
     if backend == "torch":
-        planner = Planner.from_checkpoint(model, decoder=decoder, device="cpu")
+        planner = Planner.from_checkpoint(model, decoder=decoder, device="cpu", dtype=dtype)
     else:
         from ..runtime.bundle_planner import planner_from_bundle
 
@@ -111,7 +113,7 @@ def _plan(model: Path, backend: str, steps: int) -> dict[str, Any]:
     done = len(times["step"])
     return {"setup_s": setup_s, "plan_s": time.perf_counter() - t0, "prefill_s": sum(times["prefill"]),
             "steps": done, "s_per_step": sum(times["step"]) / done if done else None,
-            "whole_plan": parsed is not None, "parsed": parsed}
+            "whole_plan": parsed is not None, "parsed": parsed, "dtype": getattr(planner.backend, "dtype", None)}
 
 
 def _ros(model: Path, is_bundle: bool) -> dict[str, Any]:
@@ -145,9 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("shape")
     w.add_argument("out")
     w.add_argument("--dataroot", default=None)
-    sub.add_parser("load").add_argument("checkpoint")
+    ld = sub.add_parser("load")
+    ld.add_argument("checkpoint")
     p = sub.add_parser("plan")
     p.add_argument("model")
+    for each in (ld, p):
+        add_dtype_option(each)  # a bundle (onnxruntime) runs in its exported dtype
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
     p.add_argument("--steps", type=int, default=8, help="block steps to time (0: the whole plan)")
     r = sub.add_parser("ros")
@@ -157,9 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stage == "write":
         result = _write(args.shape, Path(args.out), Path(args.dataroot) if args.dataroot else None)
     elif args.stage == "load":
-        result = _load(Path(args.checkpoint))
+        result = _load(Path(args.checkpoint), args.dtype)
     elif args.stage == "plan":
-        result = _plan(Path(args.model), args.backend, args.steps)
+        result = _plan(Path(args.model), args.backend, args.steps, args.dtype)
     else:
         result = _ros(Path(args.model), args.bundle)
     _emit(result)

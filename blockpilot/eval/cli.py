@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    from ..vla.dtypes import add_dtype_option
+
+    add_dtype_option(parser)  # with --checkpoint; a bundle runs in the dtype it was exported in
     parser.add_argument("--max-prompt-tokens", type=int, default=None,
                         help="prompt budget of the KV cache (default: the checkpoint's image policy times the "
                              "cameras; with --bundle at most what its export holds)")
@@ -149,6 +152,9 @@ def run(args: argparse.Namespace) -> int:
         raise EvalUsageError("pass exactly one of --checkpoint (torch) and --bundle (ONNX Runtime)")
     if args.bundle and getattr(args, "schema", None):
         raise EvalUsageError("--schema applies to --checkpoint; a bundle decodes with the schema it was exported with")
+    if args.bundle and args.dtype != "auto":
+        raise EvalUsageError(f"--dtype {args.dtype} applies to --checkpoint; a bundle runs in the dtype it was "
+                             "exported in")
     source = build_source(args)
     from ..runtime.plan_types import DecoderSettings
 
@@ -168,11 +174,13 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         model_path = Path(args.checkpoint)
         planner = Planner.from_checkpoint(model_path, decoder=settings, device=args.device,
-                                          max_prompt_tokens=args.max_prompt_tokens,
+                                          dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens,
                                           schema=driving_schema(model_path, getattr(args, "schema", None)),
                                           cameras=len(getattr(source, "cameras", ("one",))))
     header = run_header(source, model_path, planner)
     header["backend"] = "onnxruntime" if args.bundle else "torch"
+    if not args.bundle:
+        header["dtype"] = getattr(planner.backend, "dtype", None)  # what auto resolved to; a resume must match it
     return evaluate_and_report(planner, source, Path(args.out), header=header, limit=args.limit,
                                overwrite=args.overwrite, progress=not args.no_progress)
 

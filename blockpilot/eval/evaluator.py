@@ -226,6 +226,11 @@ def _check_resume(path: Path, header: dict[str, Any]) -> set[str]:
                 raise ResultsFileError(
                     f"{path}: written for a different {key} ({old_header.get(key)!r}, now {header.get(key)!r}); "
                     "pass --overwrite to start again or choose another --out")
+        # Runs written before --dtype planned in float32 (torch) or the bundle's dtype (no key either way).
+        old_dtype, new_dtype = old_header.get("dtype", "float32"), header.get("dtype", "float32")
+        if old_dtype != new_dtype:
+            raise ResultsFileError(f"{path}: written for dtype {old_dtype}, now {new_dtype}; pass --overwrite to "
+                                   "start again, choose another --out, or plan with --dtype " + old_dtype)
     return {r["sample_id"] for r in records}
 
 

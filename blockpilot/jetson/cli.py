@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                        help="backend for --bundle (auto: tensorrt on a Jetson, onnxruntime elsewhere)")
     bench.add_argument("--device", default="cpu", help="torch device for --checkpoint (cpu, cuda)")
+    from ..vla.dtypes import add_dtype_option
+
+    add_dtype_option(bench)
     bench.add_argument("--threads", type=int, default=1, help="CPU threads of the ONNX Runtime backend")
     bench.add_argument("--decoder", default="scaffold", choices=DECODERS, help="decoder (default: scaffold)")
     bench.add_argument("--samples", type=int, default=20, help="timed plans, one held-out observation each")
@@ -205,8 +208,9 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         from ..runtime.planner import Planner
 
-        planner = Planner.from_checkpoint(Path(args.checkpoint), decoder=settings, device=args.device)
-        describe = {"model": args.checkpoint, "backend": f"torch ({args.device})", "decoder": args.decoder}
+        planner = Planner.from_checkpoint(Path(args.checkpoint), decoder=settings, device=args.device, dtype=args.dtype)
+        describe = {"model": args.checkpoint, "backend": f"torch ({args.device})", "decoder": args.decoder,
+                    "dtype": getattr(planner.backend, "dtype", args.dtype)}
     recorder, note = None, "not requested (--tegrastats)"
     if args.tegrastats:
         if platform is None:

@@ -6,6 +6,7 @@ Every field is a ROS parameter of the same name. A params file in the ROS 2 layo
       ros__parameters:
         checkpoint: models/reference      # or bundle: path/to/bundle (exactly one of the two)
         backend: auto                     # auto | torch | onnxruntime | tensorrt
+        dtype: auto                       # checkpoint only: auto (its stored dtype) | float32 | bfloat16 | float16
         threads: 1
         decoder: scaffold                 # ar | ar_free | block | scaffold | rollouts
         rollouts: 4                       # used by the rollouts decoder only
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.plan_types import DECODERS, DecoderSettings, PlannerSetupError
+from ..vla.dtypes import DTYPE_CHOICES
 from ..vla.prompt import ROUTE_COMMANDS
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
@@ -57,6 +59,8 @@ PARAM_DESCRIPTIONS = {
     "bundle": "bundle directory (onnxruntime, tensorrt); exactly one of checkpoint and bundle",
     "backend": "auto | torch | onnxruntime | tensorrt (auto: torch for a checkpoint, onnxruntime for a bundle)",
     "device": "torch device of a checkpoint planner (cpu, cuda:0)",
+    "dtype": "dtype a checkpoint is loaded and planned in: auto (the dtype its weights are stored in) | float32 | "
+             "bfloat16 | float16; a bundle runs in the dtype it was exported in",
     "threads": "CPU threads of the backend",
     "decoder": "ar | ar_free | block | scaffold | rollouts",
     "rollouts": "rollouts of the rollouts decoder",
@@ -93,6 +97,7 @@ class PlannerParams:
     bundle: str = ""
     backend: str = "auto"
     device: str = "cpu"
+    dtype: str = "auto"
     threads: int = 1
     decoder: str = "scaffold"
     rollouts: int = 4
@@ -131,6 +136,10 @@ class PlannerParams:
             need(self.backend in BUNDLE_BACKENDS, "backend",
                  f"a bundle runs on {' or '.join(BUNDLE_BACKENDS[1:])}, not {self.backend!r}")
         need(bool(self.device.strip()), "device", "must not be empty (cpu, cuda, cuda:0)")
+        need(self.dtype in DTYPE_CHOICES, "dtype", f"must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        if self.bundle:
+            need(self.dtype == "auto", "dtype", f"{self.dtype!r} applies to a checkpoint; a bundle runs in the dtype "
+                                                "it was exported in (leave dtype auto)")
         need(self.threads >= 1, "threads", f"must be at least 1, got {self.threads}")
         need(self.decoder in DECODERS, "decoder", f"must be one of {DECODERS}, got {self.decoder!r}")
         need(self.rollouts >= 1, "rollouts", f"must be at least 1, got {self.rollouts}")
@@ -189,6 +198,10 @@ class PlannerParams:
 
     def decoder_settings(self) -> DecoderSettings:
         return DecoderSettings(name=self.decoder, rollouts=self.rollouts)
+
+    def checkpoint_options(self) -> dict[str, Any]:
+        """Keyword arguments of :meth:`~blockpilot.runtime.planner.Planner.from_checkpoint` for :attr:`checkpoint`."""
+        return {"decoder": self.decoder_settings(), "device": self.device, "dtype": self.dtype}
 
     def ros_parameters(self) -> list[tuple[str, Any, str]]:
         """``(name, value, description)`` of every parameter the node declares (not those rclpy declares)."""

@@ -195,7 +195,7 @@ class PlannerNode(LifecycleNode):
         import torch
 
         torch.set_num_threads(params.threads)
-        return Planner.from_checkpoint(params.checkpoint, decoder=params.decoder_settings(), device=params.device)
+        return Planner.from_checkpoint(params.checkpoint, **params.checkpoint_options())
 
     def _warm_up(self, planner: Planner) -> None:
         """One plan on a grey frame, so that the first camera frame does not pay for lazy initialisation."""

@@ -143,8 +143,9 @@ class Planner:
         """Load a local HF checkpoint (config, tokenizer, weights, image policy) onto ``backend``; the answer
         schema defaults to the checkpoint's ``blockpilot.json`` (nuScenes driving without one). The KV cache
         holds ``max_prompt_tokens``, by default :func:`~blockpilot.vla.image_policy.prompt_budget` of the
-        checkpoint's image policy for ``cameras`` frames (of size ``image_hw`` when given). Raises
-        :class:`PlannerSetupError` naming the file for an unusable checkpoint."""
+        checkpoint's image policy for ``cameras`` frames (of size ``image_hw`` when given). ``dtype`` is float32,
+        bfloat16, float16 or ``auto`` (the dtype the weights are stored in). Raises :class:`PlannerSetupError`
+        naming the file for an unusable checkpoint, or the dtype for one the device cannot run."""
         import torch
 
         from ..vla.checkpoint import CheckpointError

@@ -91,6 +91,7 @@ class TorchBackend:
         self._batch = 1
         p = next(model.parameters())
         self.device = p.device
+        self.dtype = str(p.dtype).removeprefix("torch.")  # what the weights and the KV cache hold
         # Multimodal RoPE: a generated token at slot s has position s + delta (delta from the prompt).
         self._rope_delta = torch.zeros(1, dtype=torch.long, device=self.device)
         self._table: tuple[object, torch.Tensor] | None = None  # (host table, its device copy)

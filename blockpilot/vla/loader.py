@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,7 @@ import torch
 
 from .checkpoint import checkpoint_files, load_weights, save_weights
 from .config import ModelConfig
+from .dtypes import check_dtype_name, resolve_dtype, slow_dtype_note
 from .hf_config import config_to_hf, load_config
 from .model import VLAModel
 from .tokenizer import Tokenizer
@@ -26,15 +30,20 @@ def load_model(
     """Read ``config.json`` and every weight of a Qwen2 or Qwen2.5-VL checkpoint; nothing is downloaded.
 
     A Qwen2 (text-only) checkpoint becomes a :class:`VLAModel` without a vision tower, so the
-    runtime sees one model type.
+    runtime sees one model type. ``dtype="auto"`` is the dtype the weights are stored in
+    (:func:`~blockpilot.vla.dtypes.resolve_dtype`), resolved before the memory check; a dtype ``device`` cannot run
+    raises :class:`~blockpilot.vla.dtypes.DtypeError`.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_dtype_name(dtype)
     config = load_config(checkpoint_dir, token_overrides=token_overrides)
+    dtype = resolve_dtype(checkpoint_dir, dtype, device)
+    note = slow_dtype_note(dtype, device)
+    if note:
+        warnings.warn(f"loading {checkpoint_dir} in {dtype}: {note}", RuntimeWarning, stacklevel=2)
     from ..memory_budget import check_fits
 
     check_fits(checkpoint_dir, ("load",), dtype, what=f"loading in {dtype}")  # refuse before any allocation
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init():
         model = VLAModel(config)
     # Built on the meta device so a 3B model is not randomly initialised only to be overwritten, and in the target
     # dtype, so the weights are converted tensor by tensor as they are read (no full float32 copy first).
@@ -45,6 +54,23 @@ def load_model(
     else:
         load_weights(model, checkpoint_dir, config.architecture)
     return model.to(device=device, dtype=DTYPES[dtype]).eval()
+
+
+@contextlib.contextmanager
+def _no_random_init() -> Iterator[None]:
+    """Skip the modules' random initialisation while a model is built on the meta device: every weight is read from
+    the checkpoint next, and on the meta device ``normal_`` runs through torch's Python reference, whose first call
+    imports ``torch._dynamo`` (measured: +0.15 GB resident for the rest of the process)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_",
+             "xavier_normal_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
 
 
 def load_tokenizer(checkpoint_dir: str | Path, config: ModelConfig) -> Tokenizer:
