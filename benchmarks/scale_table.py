@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,9 @@ def _cell(stage: dict[str, Any]) -> str:
         rss = stage.get("peak_rss_bytes")
         cell = f"{stage['wall_s']:.0f} s / {rss / 2**30:.2f} GiB" if rss else f"{stage['wall_s']:.0f} s"
         return cell + (f" ({x:.2f}x)" if x is not None else "")
-    if "MemoryBudgetError" in (stage.get("error") or "") or "needs" in last and "available" in last:
-        return "refused up front: " + last[-90:]
+    refusal = re.search(r"needs about ([0-9.]+ GB).*only ([0-9.]+ GB) is available", last)
+    if refusal:
+        return f"refused up front: needs {refusal[1]}, {refusal[2]} available"
     return f"{status}: {last[-90:]}"
 
 
