@@ -4,6 +4,7 @@ answer schema; TensorRT engines and quantized graphs join the same bundle layout
 
 from __future__ import annotations
 
+import gc
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -156,6 +157,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
 
                 export_plugin_graph(model, root / "plugin", capacity)
                 progress.advance(stage, "plugin")
+        # The graphs hold everything from here on: the model goes before the engine builds, whose peak is the
+        # graph's weights held by the parser and the builder, not the model's as well.
+        del model, planner
+        gc.collect()
         with BundleWriter(out, overwrite=overwrite) as writer:
             writer.add_model(checkpoint, weights=with_weights)
             write_schema_file(writer, driving, Path(checkpoint), root, explicit=schema is not None)
