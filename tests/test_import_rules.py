@@ -89,6 +89,10 @@ def _sources() -> dict[str, tuple[Path, ast.Module]]:
     return {_module_name(p): (p, ast.parse(p.read_text(encoding="utf-8"), str(p))) for p in sorted(ROOT.rglob("*.py"))}
 
 
+def _ours(name: str) -> bool:
+    return name == "blockpilot" or name.startswith("blockpilot.")
+
+
 def _resolve(name: str) -> str:
     """The blockpilot module ``name`` loads: itself, or the module it names a member of."""
     while name not in _sources() and "." in name:
@@ -110,7 +114,7 @@ def _targets(module: str, path: Path, node: ast.AST) -> list[str]:
         return [source, *(f"{source}.{a.name}" for a in node.names if f"{source}.{a.name}" in _sources())]
     if (isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute)) and node.args
             and (node.func.id if isinstance(node.func, ast.Name) else node.func.attr) == "import_module"
-            and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("blockpilot")):
+            and isinstance(node.args[0], ast.Constant) and _ours(str(node.args[0].value))):
         return [str(node.args[0].value)]
     return []
 
@@ -139,7 +143,7 @@ def _edges(module_level: bool) -> dict[str, frozenset[str]]:
         found = set()
         for node in nodes:
             for target in _targets(module, path, node):
-                found.add(_resolve(target) if target.startswith("blockpilot") else target.split(".")[0])
+                found.add(_resolve(target) if _ours(target) else target.split(".")[0])
         out[module] = frozenset(found)
     return out
 
