@@ -179,3 +179,16 @@ def test_replace_dir_without_overwrite_refuses_an_existing_target(tmp_path: Path
     (tmp_path / "bag").rmdir()
     replace_dir(staging, tmp_path / "bag", overwrite=False)
     assert (tmp_path / "bag" / "data").read_text() == "d"
+
+
+def test_a_bundle_is_readable_by_others_under_umask_022(tmp_path: Path, umask: Callable[[int], None]) -> None:
+    """The staging directory comes from mkdtemp (0700) and is renamed to be the bundle: it must not stay 0700."""
+    from blockpilot.formats.bundle import BundleWriter
+
+    umask(0o022)
+    (src := tmp_path / "config.json").write_text("{}")
+    with BundleWriter(tmp_path / "bundle") as writer:
+        writer.model_config, writer.schema = {}, {}
+        writer.add_file(src, "model")
+    assert mode(tmp_path / "bundle") == 0o755 and mode(tmp_path / "bundle" / "manifest.json") == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "config.json"]
