@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .cli_common import UserError
+from .formats.atomic import atomic_write
 
 __all__ = ["UserError", "build_parser", "main"]
 
@@ -128,7 +129,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     print(report.text())
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        atomic_write(args.json, json.dumps(report.to_dict(), indent=2) + "\n")
     return 0 if report.passed else 1
 
 

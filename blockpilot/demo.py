@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .formats.atomic import atomic_write
 from .runtime.plan_types import DecoderSettings, Observation
 from .runtime.planner import Planner
 from .vla.config import SpecialTokens
@@ -181,7 +182,7 @@ def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112, heldout_scenes
     print("timings (ms)           " + ", ".join(f"{k} {v:.1f}" for k, v in timer.ms.items()))
     if heldout_scenes > 0 and SHIPPED_MODEL.is_dir():
         summary["heldout"] = heldout_summary(heldout_scenes, out_dir)
-    (out_dir / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(out_dir / "demo.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..formats.atomic import atomic_write
 from .models import DTYPES, MODELS
 from .run import BenchOptions, Report, run_bench
 
@@ -142,7 +143,7 @@ def format_report(report: Report) -> str:
 def write_report(report: Report, path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write(out, json.dumps(report.to_dict(), indent=2) + "\n")
     return out
 
 

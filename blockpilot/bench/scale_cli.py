@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..formats.atomic import atomic_write
 from ..vla.dtypes import DTYPE_CHOICES
 from .scale import ScaleBenchError, ScaleOptions, ScaleReport, run_scale
 from .scale_shapes import SCALE_SHAPES
@@ -76,8 +77,8 @@ def write_scale(report: ScaleReport, results: Path) -> tuple[Path, Path]:
     results.mkdir(parents=True, exist_ok=True)
     stem = f"scale_{report.shape}_{report.date}"  # not with_suffix: "0.5b" holds a dot
     js, txt = results / f"{stem}.json", results / f"{stem}.txt"
-    js.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    txt.write_text(format_scale(report))
+    atomic_write(js, json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write(txt, format_scale(report))
     return js, txt
 
 

@@ -17,8 +17,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import zipfile
 import zlib
 from collections import deque
@@ -30,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..eval.types import EvalSample, ImageArray, SampleError, SampleFailure, Source, Trajectory
+from ..formats.atomic import atomic_dir
 from ..runtime.plan_types import Observation
 from ..vla.prompt import ROUTE_COMMANDS, EgoState
 
@@ -333,25 +332,14 @@ def _read(where: Path, key: str) -> tuple[list[CalibrationSample], dict[str, Any
 
 
 def _write(root: Path, key: str, samples: Sequence[CalibrationSample], manifest: dict[str, Any]) -> bool:
-    """Store atomically (a temp dir renamed into place); False (logged) when the cache is not writable."""
-    tmp: Path | None = None
+    """Store atomically (a staging dir renamed into place, a stale copy replaced); False (logged) when the
+    cache is not writable."""
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=root))
-        np.savez_compressed(tmp / "samples.npz", **_to_arrays(samples))  # type: ignore[arg-type]
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str),
-                                           encoding="utf-8")
-        final = root / key
-        if final.exists():  # a stale copy: move it aside, then swap the new one in
-            old = Path(tempfile.mkdtemp(prefix=f".old-{key[:12]}-", dir=root))
-            os.replace(final, old / key)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-        tmp = None
+        with atomic_dir(root / key) as tmp:
+            np.savez_compressed(tmp / "samples.npz", **_to_arrays(samples))  # type: ignore[arg-type]
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str),
+                                               encoding="utf-8")
         return True
     except OSError as exc:
         log.warning("calibration set not cached under %s (%s)", root, exc)
         return False
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..formats.atomic import atomic_write
 from .records import read_results
-from .report import atomic_write_text, fmt
+from .report import fmt
 from .summary import ADE_HORIZONS_S, HORIZONS_S, hkey, num, summarize
 
 RESULTS_NAME = "results.jsonl"
@@ -111,8 +112,8 @@ def compare_runs(a_dir_or_results: str | Path, b_dir_or_results: str | Path,
            "summaries": {"a": sa, "b": sb}}
     if out_dir is not None:
         out = Path(out_dir)
-        atomic_write_text(out / "compare.json", json.dumps(cmp, indent=2, allow_nan=False) + "\n")
-        atomic_write_text(out / "compare.md", format_comparison(cmp))
+        atomic_write(out / "compare.json", json.dumps(cmp, indent=2, allow_nan=False) + "\n")
+        atomic_write(out / "compare.md", format_comparison(cmp))
     return cmp
 
 

@@ -1,14 +1,12 @@
 """Report figures drawn with Pillow: latency histogram, L2 per horizon, bird's-eye overlays of worst cases.
 
-Every PNG is written atomically (a temporary file in the same folder, then ``os.replace``). Sizes are
+Every PNG is written atomically (:func:`~blockpilot.formats.atomic.atomic_open`). Sizes are
 fixed (:data:`LATENCY_SIZE`, :data:`L2_SIZE`, :data:`BEV_SIZE`) so reports lay out predictably.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..formats.atomic import atomic_open
 from .summary import HORIZONS_S, hkey, num, percentiles, total_ms
 
 LATENCY_SIZE = (800, 400)
@@ -48,15 +47,8 @@ def _font(size: int | None = None) -> Any:
 
 def save_png(image: Image.Image, path: Path) -> Path:
     """Write ``image`` to ``path`` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        image.save(f, format="PNG")
     return path
 
 

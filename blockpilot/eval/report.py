@@ -1,7 +1,7 @@
 """A run's report: ``metrics.json`` (the summary), ``summary.md`` and ``summary.html`` (the same
 content; the HTML is self-contained apart from the PNGs it links relatively) and ``plots/*.png``.
 
-Every file is written atomically (a temporary file in the same folder, then ``os.replace``), so a
+Every file is written atomically (:func:`~blockpilot.formats.atomic.atomic_write`), so a
 rerun overwrites a report cleanly and a reader never sees half a file.
 """
 
@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..formats.atomic import atomic_write
 from .plots import write_plots
 from .records import read_results
 from .summary import ADE_HORIZONS_S, HORIZONS_S, PREDICTORS, hkey, summarize
@@ -25,20 +24,6 @@ PREDICTOR_NAMES = {"model": "Model", "cv": "Constant velocity"}
 # A document is a list of blocks: ("h1"|"h2"|"p", text), ("table", headers, rows), ("img", alt, src),
 # rendered identically to Markdown and HTML.
 Block = tuple[Any, ...]
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def fmt(value: Any) -> str:
@@ -213,7 +198,7 @@ def write_report(results_path: str | Path, out_dir: str | Path) -> Path:
     plots = write_plots(records, summary, out / "plots")
     title = title_of(header or {}, records)
     blocks = report_blocks(summary, title, plots)
-    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    atomic_write_text(out / "summary.html", to_html(blocks, title))
-    atomic_write_text(out / "summary.md", to_markdown(blocks))
+    atomic_write(out / "metrics.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    atomic_write(out / "summary.html", to_html(blocks, title))
+    atomic_write(out / "summary.md", to_markdown(blocks))
     return out

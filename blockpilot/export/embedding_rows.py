@@ -10,6 +10,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from ..formats.atomic import atomic_open
+
 CHUNK_BYTES = 64 << 20
 
 
@@ -30,7 +32,7 @@ class Float32Rows:
     def save_npy(self, path: str | Path) -> None:
         """Write the table as a float32 ``.npy`` file, block by block."""
         step = max(1, CHUNK_BYTES // (self.shape[1] * self.itemsize))
-        with Path(path).open("wb") as fh:
+        with atomic_open(path, "wb") as fh:
             np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
                                                       "fortran_order": False, "shape": self.shape})
             for i in range(0, self.shape[0], step):

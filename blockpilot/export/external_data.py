@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..formats.atomic import AtomicFile, atomic_open
 from ..formats.onnx_external import ExternalDataError, external_files
 
 THRESHOLD_ENV = "BLOCKPILOT_EXTERNAL_DATA_BYTES"
@@ -97,10 +98,8 @@ def save_structure(model: Any, path: str | Path) -> None:
     atomically; the references stay relative to ``path``'s directory, so it must be the graph's directory."""
     import onnx
 
-    out = Path(path)
-    tmp = out.with_name(f".{out.name}.tmp")
-    onnx.save_model(model, str(tmp))
-    tmp.replace(out)
+    with atomic_open(path, "wb") as fh:
+        onnx.save_model(model, fh)
 
 
 def consolidate(graph: str | Path, *, threshold: int | None = None, model: Any = None) -> str | None:
@@ -121,9 +120,8 @@ def consolidate(graph: str | Path, *, threshold: int | None = None, model: Any =
     if not old_files and graph_weight_bytes(model) <= limit:
         return None
     name = data_file(path)
-    tmp = root / f".{name}.tmp"
     offset = 0
-    with tmp.open("wb") as out:
+    with atomic_open(root / name, "wb") as out:
         for index, tensor in enumerate(tensors):
             is_init = index < n_inits
             if _is_external(tensor):
@@ -147,9 +145,6 @@ def consolidate(graph: str | Path, *, threshold: int | None = None, model: Any =
                 continue
             _set_external(tensor, name, offset, length)
             offset += length
-        out.flush()
-        os.fsync(out.fileno())
-    tmp.replace(root / name)
     save_structure(model, path)
     for old in old_files:
         if old != name:
@@ -193,8 +188,8 @@ class DataWriter:
     def __init__(self, graph: str | Path) -> None:
         self.name = data_file(graph)
         self.path = Path(graph).parent / self.name
-        self.tmp = self.path.with_name(f".{self.name}.tmp")
-        self._fh = self.tmp.open("wb")
+        self._out = AtomicFile(self.path, "wb")
+        self._fh = self._out.file
         self.offset = 0
 
     def put(self, tensor: Any, raw: bytes | memoryview) -> None:
@@ -207,11 +202,10 @@ class DataWriter:
 
     def close(self, keep: bool) -> None:
         """Finish the file (``keep``) or drop it (nothing was written)."""
-        self._fh.close()
         if keep:
-            self.tmp.replace(self.path)
+            self._out.commit()
         else:
-            self.tmp.unlink(missing_ok=True)
+            self._out.discard()
 
 
 def share_external_data(src_graph: str | Path, dst_graph: str | Path) -> None:

@@ -43,6 +43,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..formats.atomic import atomic_write
 from ..formats.embedding_table import locate_tied_embedding
 from ..formats.onnx_io import EMBED_FILE, KV_OUTPUTS, LM_FILE, MODE_IDS, SPEC_FILE
 from ..vla.config import ModelConfig
@@ -290,6 +291,6 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
     vision = config.vision
     if vision is not None and model.visual is not None:
         spec["vision"] = _export_vision(model, out, image_sizes or (image_hw,), policy, opset, trace_dtype)
-    (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    atomic_write(out / SPEC_FILE, json.dumps(spec, indent=2) + "\n")
     return spec
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..formats.atomic import atomic_write
 from ..formats.onnx_io import (  # the node's constants belong to the graph format; re-exported here
     LM_FILE,
     PLUGIN_DOMAIN,
@@ -135,7 +136,7 @@ def export_plugin_graph(model: VLAModel, out_dir: str | Path, capacity: int, **k
     spec["plugin"] = {"domain": PLUGIN_DOMAIN, "op_type": PLUGIN_NAME, "version": PLUGIN_VERSION,
                       "namespace": PLUGIN_NAMESPACE, "nodes": len(nodes), "inputs": list(PLUGIN_INPUTS),
                       "outputs": list(PLUGIN_OUTPUTS), "scalar_inputs": {"dtype": "int32", "shape": [1]}}
-    (Path(out_dir) / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    atomic_write(Path(out_dir) / SPEC_FILE, json.dumps(spec, indent=2) + "\n")
     return spec
 
 

@@ -13,14 +13,13 @@ domain, so such graphs are refused before the parser sees them.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..formats.atomic import atomic_write
 from ..formats.onnx_io import graph_has_typed_slots
 from ..trt.compat import TensorRT, load_tensorrt
 from ..trt.compat import TrtUnavailableError as TrtUnavailableError  # moved to blockpilot.trt; re-exported here
@@ -88,21 +87,7 @@ def _attach_timing_cache(trt: TensorRT, config: Any, path: Path | None) -> tuple
 
 
 def _save_timing_cache(config: Any, path: Path) -> None:
-    _atomic_write(path, bytes(config.get_timing_cache().serialize()))
-
-
-def _atomic_write(path: Path, data: bytes | memoryview) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, bytes(config.get_timing_cache().serialize()))
 
 
 def _cuda_device_present() -> bool:
@@ -121,7 +106,7 @@ def _inspect(trt: TensorRT, logger: Any, engine_bytes: Any, out: Path) -> tuple[
     if engine is None:
         return None, "engine inspector needs a CUDA device (deserialization failed on this machine)", None
     info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
-    _atomic_write(out, info.encode())
+    atomic_write(out, info.encode())
     layers = json.loads(info).get("Layers")
     return out, "written", len(layers) if isinstance(layers, list) else None
 
@@ -364,9 +349,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profiles: Pr
     if blob is None:
         raise EngineBuildError(f"{onnx_path}: build_serialized_network failed (see the TensorRT log above)")
     seconds = time.perf_counter() - t0
-    _atomic_write(engine_path, memoryview(blob))
+    atomic_write(engine_path, memoryview(blob))
     network_json = engine_path.with_name(engine_path.name + ".network.json")
-    _atomic_write(network_json, (json.dumps(summary, indent=1) + "\n").encode())
+    atomic_write(network_json, (json.dumps(summary, indent=1) + "\n").encode())
     if cache is not None and timing_cache is not None:
         _save_timing_cache(config, timing_cache)
     layers_json = engine_path.with_name(engine_path.name + ".layers.json")

@@ -1,3 +1,4 @@
-"""Dataset file formats shared by the synthetic writers (:mod:`blockpilot.sim.writers`) and the replay
-readers (:mod:`blockpilot.eval`): TFRecord framing and the WOD-E2E protos. Nothing here knows about
-the synthetic world."""
+"""File formats and file-level helpers shared across packages, standard library and numpy only (no torch):
+TFRecord framing and the WOD-E2E protos (the synthetic writers and the replay readers), the bundle layout,
+ONNX external data, file digests, and crash-safe writes (:mod:`blockpilot.formats.atomic`). Nothing here
+knows about the synthetic world."""

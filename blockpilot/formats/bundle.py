@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from blockpilot import __version__
+from blockpilot.formats.atomic import atomic_write, replace_dir, staging_dir
 from blockpilot.formats.file_hash import sha256_file
 from blockpilot.formats.onnx_external import check_bundle_graphs, graph_files
 
@@ -59,15 +59,6 @@ def _check_rel(rel: str, where: str) -> str:
     if rel == MANIFEST or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in rel.split("/")):
         raise BundleError(f"{where}: {rel!r} is not a valid file path inside the bundle")
     return rel
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # best effort: not every platform has directory handles
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _walk_files(root: Path) -> Iterator[tuple[str, Path]]:
@@ -129,9 +120,7 @@ class BundleWriter:
     def __init__(self, out_dir: str | Path, *, overwrite: bool = False, tools: Mapping[str, str] | None = None):
         self.out_dir, self.overwrite = Path(out_dir).absolute(), overwrite
         self._check_target()
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".partial",
-                                             dir=self.out_dir.parent))
+        self.staging = staging_dir(self.out_dir)
         self.tools: dict[str, str] = {**tool_versions(), **dict(tools or {})}
         self.model_config: dict[str, Any] | None = None
         self.schema: dict[str, Any] | None = None
@@ -219,13 +208,9 @@ class BundleWriter:
             "precision_map": self.precision_map, "recipe": self.recipe,
             "graphs": [a.to_dict() for a in self.artifacts if a.kind == "graph"],
             "engines": [a.to_dict() for a in self.artifacts if a.kind == "engine"], "files": files, "tools": self.tools}
-        with (tmp := self.staging / f"{MANIFEST}.tmp").open("w", encoding="utf-8") as fh:
-            fh.write(json.dumps(manifest, indent=2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.staging / MANIFEST)
-        _fsync_dir(self.staging)
-        self._swap_in()
+        atomic_write(self.staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        self._check_target()
+        replace_dir(self.staging, self.out_dir)  # readers see the old bundle, no bundle, or the new one, never a mix
         self._done = True
         return self.out_dir
 
@@ -253,22 +238,6 @@ class BundleWriter:
             raise BundleError(f"{out}: already exists; pass overwrite=True to replace it")
         if not out.is_dir() or out.is_symlink() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
             raise BundleError(f"{out}: exists and is not a bundle (no {MANIFEST}); refusing to replace it")
-
-    def _swap_in(self) -> None:
-        self._check_target()
-        out = self.out_dir
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent)) / "bundle"
-        if out.exists():  # two renames: readers see the old bundle, no bundle, or the new one, never a mix
-            os.rename(out, old)
-        try:
-            os.rename(self.staging, out)
-        except OSError:
-            if old.exists():
-                os.rename(old, out)
-            raise
-        finally:
-            shutil.rmtree(old.parent, ignore_errors=True)
-        _fsync_dir(out.parent)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from ..formats.atomic import atomic_write
 from .power import STATE_FILE, PowerControl
 
 DECODERS = ("ar", "ar_free", "block", "scaffold", "rollouts")
@@ -223,7 +224,7 @@ def _bench(args: argparse.Namespace) -> int:
                        recorder_note=note, describe=describe, platform=platform.to_dict() if platform else None)
     print(result.table())
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        atomic_write(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
 
 

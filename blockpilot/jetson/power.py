@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..formats.atomic import atomic_write
 from .commands import CommandError, Runner, ToolMissingError, run_command
 
 NVPMODEL_CONF = Path("/etc/nvpmodel.conf")
@@ -167,7 +168,7 @@ def save_state(control: PowerControl, state_file: str | Path = STATE_FILE) -> di
     current = control.query()
     control.store_clocks(clocks)
     state: dict[str, object] = {"mode": current.id, "name": current.name, "clocks": str(clocks)}
-    state_file.write_text(json.dumps(state, indent=2) + "\n")
+    atomic_write(state_file, json.dumps(state, indent=2) + "\n")
     return state
 
 

@@ -10,17 +10,16 @@ freshly loaded full-precision model of the same checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..formats.atomic import atomic_open, atomic_write
 from .emulation import emulation_active, enable_cpu_nvfp4_emulation
 
 STATE_FILE = "modelopt_state.pth"
@@ -206,20 +205,6 @@ def quantize_model(model: nn.Module, config: dict[str, Any], forward_loop: Forwa
     return QuantReport(precision, config, is_emulated(model, precision), modelopt_version())
 
 
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would follow the file into place
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_quantized(model: nn.Module, out_dir: str | Path, report: QuantReport,
                    extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``modelopt_state.pth``, ``quantized_weights.pth`` (state dict with the quantizers' amax
@@ -234,11 +219,13 @@ def save_quantized(model: nn.Module, out_dir: str | Path, report: QuantReport,
     info.update(jsonable(dict(extra or {})))
     out.mkdir(parents=True, exist_ok=True)
     state = mto.modelopt_state(model)
-    _write_atomic(out / STATE_FILE, lambda fh: torch.save(state, fh))
+    with atomic_open(out / STATE_FILE, "wb") as fh:
+        torch.save(state, fh)
     weights = model.state_dict()
-    _write_atomic(out / WEIGHTS_FILE, lambda fh: torch.save(weights, fh))
+    with atomic_open(out / WEIGHTS_FILE, "wb") as fh:
+        torch.save(weights, fh)
     text = json.dumps(info, indent=2, sort_keys=False) + "\n"
-    _write_atomic(out / MAP_FILE, lambda fh: fh.write(text.encode()))
+    atomic_write(out / MAP_FILE, text)
     return out
 
 

@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..formats.atomic import atomic_write
+
 RECIPE_NAMES = ("fp8", "nvfp4", "w4a8", "int8_sq", "mixed", "auto")
 TARGET_NAMES = ("cpu", "orin", "thor", "h100", "rtx-ada")
 SOURCES = ("synthetic", "nuscenes", "wod", "mcap")
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_gate(fp32, outcome.planner, make, gate_dir, checkpoint=checkpoint, precision=recipe.name,
                       l2_bound=args.gate_bound, parse_drop=args.gate_parse_drop, limit=args.gate_limit)
     print(result.table)
-    (gate_dir / "gate.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    atomic_write(gate_dir / "gate.json", json.dumps(result.to_dict(), indent=2) + "\n")
     verdict = "PASSED" if result.passed else "FAILED: " + "; ".join(result.reasons)
     def metres(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
@@ -164,7 +166,7 @@ def _sensitivity(args: argparse.Namespace, checkpoint: Path, decoder: Any, recip
     calib = build_calibration_set(calib_source, args.calib, cache_dir=cache)
     report = sensitivity_report(lambda: load_planner(checkpoint, decoder), calib, narrowest)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sensitivity.json").write_text(report.to_json())
-    (out / "sensitivity.md").write_text(report.to_markdown())
+    atomic_write(out / "sensitivity.json", report.to_json())
+    atomic_write(out / "sensitivity.md", report.to_markdown())
     print(report.to_markdown())
     return demote_sensitive(recipe, report, args.keep_sensitive)

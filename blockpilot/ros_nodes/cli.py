@@ -13,6 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..formats.atomic import atomic_write
+
 PARAMS_RESOURCE = ("config", "planner.yaml")
 RECORDED_TOPICS = ("path_topic", "plan_json_topic", "diagnostics_topic", "odometry_topic")
 
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                            odometry_topic=args.odometry_topic, plan_json_topic=args.plan_json_topic,
                            waypoint_rate_hz=args.waypoint_rate_hz)
         if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+            atomic_write(args.json, json.dumps(result, indent=2) + "\n")
         result = {k: v for k, v in result.items() if k not in ("model", "cv")}  # the full breakdown: --json
     print(json.dumps(result, indent=2))
     return 0

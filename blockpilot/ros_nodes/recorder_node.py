@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -29,6 +27,7 @@ from typing import Any, Final
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from ..formats.atomic import replace_dir, staging_dir
 from .params import PlannerParams
 from .score import BagError
 
@@ -86,8 +85,7 @@ class RecorderNode(Node):
         if depth < 1:
             raise RecorderError(f"qos_depth must be at least 1, got {depth}")
 
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._partial = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        self._partial = staging_dir(self.out)
         store = get_typestore(Stores.ROS2_HUMBLE)
         self._writer = Writer(self._partial / "bag", version=BAG_VERSION, storage_plugin=StoragePlugin.MCAP)
         self._writer.set_custom_data("blockpilot.recorder", "true")
@@ -122,9 +120,7 @@ class RecorderNode(Node):
         self._closed = True
         self._writer.close()
         try:
-            if self.out.exists():  # rename would replace an empty directory made meanwhile
-                raise FileExistsError(f"{self.out} appeared while recording")
-            os.rename(self._partial / "bag", self.out)
+            replace_dir(self._partial / "bag", self.out, overwrite=False)  # never over one made meanwhile
         except OSError as exc:
             raise RecorderError(f"the finished bag stays at {self._partial / 'bag'}: cannot move it to "
                                 f"{self.out}: {exc}") from None

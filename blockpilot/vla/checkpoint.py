@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..formats.atomic import atomic_path
 from .safetensors_read import SafetensorsFormatError, TensorEntry, read_header, read_into
 
 SINGLE_FILE = "model.safetensors"
@@ -201,9 +202,8 @@ def save_weights(model: nn.Module, checkpoint_dir: str | Path, architecture: str
     root = Path(checkpoint_dir)
     root.mkdir(parents=True, exist_ok=True)
     path = root / SINGLE_FILE
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     # A leftover index would make readers take the old shards instead of the file just written.
     (root / INDEX_FILE).unlink(missing_ok=True)
     return path

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..formats.atomic import atomic_write
 from .config import VisionConfig, read_json_object
 from .image_grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, smart_resize
 
@@ -302,7 +303,5 @@ def write_preprocessor_config(checkpoint_dir: str | Path, policy: ImagePolicy) -
             "do_convert_rgb": True, "image_processor_type": "Qwen2VLImageProcessor",
             "processor_class": "Qwen2_5_VLProcessor"}
     path = Path(checkpoint_dir) / PREPROCESSOR_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
     return path

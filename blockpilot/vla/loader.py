@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..formats.atomic import atomic_write
 from .checkpoint import checkpoint_files, load_weights, save_weights
 from .config import ModelConfig
 from .dtypes import check_dtype_name, resolve_dtype, slow_dtype_note
@@ -87,9 +88,7 @@ def save_checkpoint(model: VLAModel, checkpoint_dir: str | Path) -> Path:
         save_weights(model.lm, root, "qwen2")
     else:
         save_weights(model, root, config.architecture)
-    tmp = root / "config.json.tmp"
-    tmp.write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
-    tmp.replace(root / "config.json")
+    atomic_write(root / "config.json", json.dumps(config_to_hf(config), indent=2) + "\n")
     return root
 
 

@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from ..formats.atomic import atomic_write
 from .config import ConfigError, read_json_object
 from .plans import DrivingSchema, RobotActionSchema
 
@@ -59,10 +60,7 @@ def save_schema(checkpoint_dir: str | Path, schema: DrivingSchema | RobotActionS
                 **extra: Any) -> Path:
     """Write ``blockpilot.json`` with the schema and any ``extra`` top-level entries."""
     path = Path(checkpoint_dir) / SCHEMA_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"schema": schema_to_dict(schema), **extra}, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps({"schema": schema_to_dict(schema), **extra}, indent=2) + "\n")
     return path
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import tokenizers
 
+from ..formats.atomic import atomic_path
 from .config import ConfigError, SpecialTokens
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -125,7 +126,8 @@ class Tokenizer:
         if file.is_dir() or not file.suffix:
             file.mkdir(parents=True, exist_ok=True)
             file = file / TOKENIZER_FILE
-        self._backend.save(str(file))
+        with atomic_path(file) as tmp:
+            self._backend.save(str(tmp))
         return file
 
     def _check_special(self) -> None:

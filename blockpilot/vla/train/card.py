@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ...formats.atomic import atomic_write
+
 
 def seed_spec(seeds: Sequence[int]) -> str:
     """``lo:hi`` for a contiguous run, else a comma list (the ``--train-seeds`` syntax)."""
@@ -71,4 +73,4 @@ def write_data_card(path: Path, train_seeds: Sequence[int], eval_seeds: Sequence
         "Runs on the CPU repeat bit for bit for the same seed and torch version; CUDA runs (bf16) do not.",
         "",
     ]
-    path.write_text("\n".join(lines))
+    atomic_write(path, "\n".join(lines))

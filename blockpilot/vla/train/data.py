@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ...formats.atomic import atomic_open
 from ...sim.types import Scene
 from ..config import VisionConfig
 from ..image_grid import smart_resize
@@ -67,12 +68,11 @@ class ExampleSet:
 
     def save(self, path: Path) -> None:
         offsets = np.cumsum([0, *(len(p) for p in self.prompts)])
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, images=self.images, prompt_flat=np.concatenate(self.prompts), offsets=offsets,
-                            answers=self.answers, seeds=self.seeds, steps=self.steps, waypoints=self.waypoints,
-                            longitudinal=self.longitudinal, lateral=self.lateral,
-                            stats=np.array(json.dumps(self.stats)))
-        tmp.replace(path)
+        with atomic_open(path, "wb") as fh:
+            np.savez_compressed(fh, images=self.images, prompt_flat=np.concatenate(self.prompts), offsets=offsets,
+                                answers=self.answers, seeds=self.seeds, steps=self.steps, waypoints=self.waypoints,
+                                longitudinal=self.longitudinal, lateral=self.lateral,
+                                stats=np.array(json.dumps(self.stats)))
 
     @classmethod
     def load(cls, path: Path) -> ExampleSet:

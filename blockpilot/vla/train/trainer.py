@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...formats.atomic import atomic_write
 from ..loader import save_checkpoint
 from ..model import VLAModel
 from ..plans import DrivingPlan, DrivingSchema
@@ -226,8 +227,8 @@ def train_reference(
               "block_size": model.config.diffusion.block_size}
     save_schema(root, schema, training={"recipe": recipe, "metrics": metrics, "train_stats": train.stats,
                                         "eval_stats": held_out.stats})
-    (root / "train_log.json").write_text(json.dumps({"metrics": metrics, "recipe": recipe, "history": history,
-                                                     "evals": evals}, indent=1) + "\n")
+    atomic_write(root / "train_log.json", json.dumps({"metrics": metrics, "recipe": recipe, "history": history,
+                                                       "evals": evals}, indent=1) + "\n")
     write_data_card(root / "DATA_CARD.md", train_seeds, eval_seeds, train.stats, held_out.stats, recipe, metrics)
     log(f"wrote {root} ({metrics['examples_per_second']} ex/s, final loss {metrics['final_train_loss']:.4f})")
     return metrics
