@@ -227,6 +227,15 @@ class ScaleReport:
         return asdict(self)
 
 
+def _portable(text: str, work: Path) -> str:
+    """``text`` without this machine's paths: the interpreter as ``python``, the scratch directory as ``<work>``
+    (result files are committed and compared across machines)."""
+    for path in sorted({str(work.resolve()), str(work)}, key=len, reverse=True):
+        if path not in (".", ""):
+            text = text.replace(path, "<work>")
+    return text.replace(sys.executable, "python")
+
+
 def run_scale(opts: ScaleOptions, log: Callable[[str], None] = print,
               progress: Callable[[ScaleReport], None] | None = None) -> ScaleReport:
     if opts.shape not in SCALE_SHAPES:
@@ -240,14 +249,14 @@ def run_scale(opts: ScaleOptions, log: Callable[[str], None] = print,
     report = ScaleReport(shape.name, shape.published_as, dt.date.today().isoformat(), machine(), _versions(),
                          hub_config(shape), {"timeout_s": opts.timeout_s, "plan_steps": opts.plan_steps,
                                              "calib": opts.calib, "force_external_data": opts.force_external_data,
-                                             "work": str(opts.work)})
+                                             "work": _portable(str(opts.work), opts.work)})
     env = dict(os.environ)
     if opts.force_external_data:
         env["BLOCKPILOT_EXTERNAL_DATA_BYTES"] = "4096"  # every initializer over 4 KB goes to the graph's data file
     env["PYTHONUNBUFFERED"] = "1"
     done: dict[str, str] = {}
     for stage in stages_for(shape, opts):
-        command = " ".join(stage.argv)
+        command = _portable(" ".join(stage.argv), opts.work)
         missing = [n for n in stage.needs if done.get(n) != "passed"]
         if missing or not stage.argv:
             reason = (f"needs stage {', '.join(missing)}, which did not pass" if missing else
@@ -260,7 +269,8 @@ def run_scale(opts: ScaleOptions, log: Callable[[str], None] = print,
             result = StageResult(stage.name, stage.what, status, command, rc, round(wall, 2), rss,
                                  details=_details(output))
             if status != "passed":
-                result.error = (f"timed out after {opts.timeout_s:g} s; " if timed_out else "") + _error(output)
+                why = (f"timed out after {opts.timeout_s:g} s; " if timed_out else "") + _error(output)
+                result.error = _portable(why, opts.work)
             if stage.name == "write" and status == "passed":
                 report.parameters = result.details.get("parameters")
                 report.weight_bytes = result.details.get("weight_bytes")
