@@ -80,3 +80,13 @@ def test_export_estimate_follows_the_held_dtype_and_the_graph_size(monkeypatch: 
     monkeypatch.setattr(budget, "checkpoint_parameters", lambda _: 494_032_768)  # 0.5b: a graph under 2 GB
     assert estimate_bytes("0.5b", ("export",), "bfloat16") == int(RUNTIME_BYTES + 494_032_768 * 2
                                                                   * STAGE_FACTORS["export"])
+
+
+def test_quantize_refuses_up_front_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(AVAILABLE_ENV, "1000")
+    out = tmp_path / "q"
+    rc = main(["quantize", "--checkpoint", str(REFERENCE), "--recipe", "fp8", "--calib", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc != 0 and "quantize --recipe fp8" in err and "needs about" in err and "x 1.8 for quantize" in err, err
+    assert not out.exists()
