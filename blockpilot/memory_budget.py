@@ -10,7 +10,8 @@ constant-folded copy of the weights and the serialized model: ~4x), a bigger one
 widening a bf16 trace to float32 streams one tensor at a time and adds nothing to the peak. A TensorRT build runs
 after the model is freed and holds the parser's and the builder's copies of the graph's weights: 2.3x the float32
 weight bytes measured at 0.5B (fp16 engines, TensorRT-RTX on the CPU), 2.8x with a margin, whatever dtype the model was
-traced in. Quantizing holds the float32 model and modelopt's quantizer state: 1.16-1.48x measured at 1.5B, 1.8x here.
+traced in. Quantizing holds the float32 model, modelopt's quantizer state and the calibration forwards' activations:
+1.1x the float32 weights plus 2.4 GB (measured: 1.5B 1.16-1.48x, 3B 1.07x).
 
 ``BLOCKPILOT_MEMORY_AVAILABLE`` (bytes) overrides what ``/proc/meminfo`` reports as available (tests, or to leave
 room for other work); ``0`` disables the check.
@@ -27,7 +28,10 @@ AVAILABLE_ENV = "BLOCKPILOT_MEMORY_AVAILABLE"
 RUNTIME_BYTES = 600 << 20  # python + torch + onnx imported, before any weight
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Peak resident bytes per byte of the model held in the stage's dtype ("export": a graph serialized inline).
-STAGE_FACTORS = {"load": 1.3, "export": 4.1, "engines": 2.8, "quantize": 1.8}
+STAGE_FACTORS = {"load": 1.3, "export": 4.1, "engines": 2.8, "quantize": 1.1}
+# Bytes a stage needs beyond its factor, whatever the model's size: quantize's calibration forwards (logits over the
+# whole vocabulary for every packed token) and modelopt's state; 1.5B fp8 measured 9.16 GB = 1.48x, 3B 16.05 GB = 1.07x.
+STAGE_EXTRA = {"quantize": 2_400_000_000}
 # Export of a model whose traced weights exceed protobuf's 2 GB: torch writes them to files as it serializes.
 # Measured (bench scale, peak RSS less the runtime, over the held bytes): 0.5B 4.0x (bf16: 4.28 GiB; fp32: 8.02 GiB),
 # 1.5B 1.9x (bf16: 5.97 GiB) and 1.5x (fp32: 9.4 GiB).
@@ -94,8 +98,8 @@ def _stage_bytes(params: int, stage: str, dtype: str) -> tuple[int, float]:
 def estimate_bytes(checkpoint: str | Path, stages: tuple[str, ...], dtype: str = "float32") -> int:
     """Peak resident bytes of the costliest of ``stages`` for ``checkpoint`` held in ``dtype``."""
     params = checkpoint_parameters(checkpoint)
-    return int(RUNTIME_BYTES + max(per * factor * params for per, factor in (_stage_bytes(params, s, dtype)
-                                                                             for s in stages)))
+    return int(RUNTIME_BYTES + max(per * factor * params + STAGE_EXTRA.get(s, 0)
+                                   for s, (per, factor) in ((s, _stage_bytes(params, s, dtype)) for s in stages)))
 
 
 def check_fits(checkpoint: str | Path, stages: tuple[str, ...], dtype: str = "float32",
@@ -111,12 +115,17 @@ def check_fits(checkpoint: str | Path, stages: tuple[str, ...], dtype: str = "fl
     need = estimate_bytes(checkpoint, stages, dtype)
     if need > available:
         params = checkpoint_parameters(checkpoint)
-        stage = max(stages, key=lambda s: _stage_bytes(params, s, dtype)[0] * _stage_bytes(params, s, dtype)[1])
+        def need_of(s: str) -> float:
+            per, factor = _stage_bytes(params, s, dtype)
+            return per * factor * params + STAGE_EXTRA.get(s, 0)
+
+        stage = max(stages, key=need_of)
         per, factor = _stage_bytes(params, stage, dtype)
         held = "float32" if stage in GRAPH_STAGES else dtype
         raise MemoryBudgetError(
             f"{what or ' + '.join(stages)} of {checkpoint} needs about {_gb(need)} of memory ({params / 1e9:.2f} B "
-            f"parameters x {per} bytes ({held}) x {factor} for {stage}, plus "
+            f"parameters x {per} bytes ({held}) x {factor} for {stage}"
+            f"{f' + {_gb(STAGE_EXTRA[stage])}' if stage in STAGE_EXTRA else ''}, plus "
             f"{_gb(RUNTIME_BYTES)} runtime), but only {_gb(available)} is available here "
             f"({'$' + AVAILABLE_ENV if os.environ.get(AVAILABLE_ENV) else 'MemAvailable'}); refusing before "
             "starting rather than being killed halfway")
