@@ -103,16 +103,17 @@ def estimate_bytes(checkpoint: str | Path, stages: tuple[str, ...], dtype: str =
 
 
 def check_fits(checkpoint: str | Path, stages: tuple[str, ...], dtype: str = "float32",
-               what: str | None = None) -> int | None:
+               what: str | None = None, also: tuple[int, str] | None = None) -> int | None:
     """Raise :class:`MemoryBudgetError` when ``stages`` of ``checkpoint`` would not fit the memory available now;
-    return the estimate (``None`` when the available memory is unknown or the check is disabled)."""
+    return the estimate (``None`` when the available memory is unknown or the check is disabled). ``also``:
+    ``(bytes, what they are)`` held at the same time (e.g. an ONNX Runtime session next to the torch model)."""
     unknown = [s for s in stages if s not in STAGE_FACTORS]
     if unknown or dtype not in DTYPE_BYTES:
         raise ValueError(f"memory estimate: unknown stage(s) {unknown} or dtype {dtype!r}")
     available = available_bytes()
     if not available:
         return None
-    need = estimate_bytes(checkpoint, stages, dtype)
+    need = estimate_bytes(checkpoint, stages, dtype) + (also[0] if also else 0)
     if need > available:
         params = checkpoint_parameters(checkpoint)
         def need_of(s: str) -> float:
@@ -125,7 +126,8 @@ def check_fits(checkpoint: str | Path, stages: tuple[str, ...], dtype: str = "fl
         raise MemoryBudgetError(
             f"{what or ' + '.join(stages)} of {checkpoint} needs about {_gb(need)} of memory ({params / 1e9:.2f} B "
             f"parameters x {per} bytes ({held}) x {factor} for {stage}"
-            f"{f' + {_gb(STAGE_EXTRA[stage])}' if stage in STAGE_EXTRA else ''}, plus "
+            f"{f' + {_gb(STAGE_EXTRA[stage])}' if stage in STAGE_EXTRA else ''}"
+            f"{f', plus {_gb(also[0])} for {also[1]}' if also else ''}, plus "
             f"{_gb(RUNTIME_BYTES)} runtime), but only {_gb(available)} is available here "
             f"({'$' + AVAILABLE_ENV if os.environ.get(AVAILABLE_ENV) else 'MemAvailable'}); refusing before "
             "starting rather than being killed halfway")

@@ -91,3 +91,15 @@ def test_quantize_refuses_up_front_and_writes_nothing(tmp_path: Path, monkeypatc
     assert rc != 0 and "quantize --recipe fp8" in err and "needs about" in err, err
     assert "x 1.1 for quantize + 2.4 GB" in err or "for load" in err, err
     assert not out.exists()
+
+
+def test_verify_refuses_before_loading_either_planner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from blockpilot.export.build import export_bundle
+    from blockpilot.export.verify import verify_bundle
+
+    bundle = tmp_path / "bundle"
+    export_bundle(REFERENCE, bundle)
+    monkeypatch.setenv(AVAILABLE_ENV, "1000")
+    with pytest.raises(MemoryBudgetError, match=r"verify \(ONNX Runtime against torch float32\).*for the bundle's "
+                                                 r"ONNX Runtime session"):
+        verify_bundle(bundle, REFERENCE, samples=1, backend="onnxruntime")

@@ -47,6 +47,9 @@ class VerifyReport:
                 f"{self.max_prefill_prob_diff:.2e} (tolerance {self.tolerance:.0e})\n{note}{verdict}")
 
 
+ORT_GRAPH_FACTOR = 1.1  # ONNX Runtime's peak over the graph files' bytes (1.5B: 7.12 GiB for 6.5 GB of graphs)
+
+
 def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, samples: int = 8,
                   tolerance: float = DEFAULT_PROB_TOLERANCE,
                   backend: str = "auto") -> VerifyReport | EngineVerifyReport:
@@ -76,6 +79,13 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, s
     reference = Path(checkpoint) if checkpoint is not None else loaded.path / "model"
     if not any(reference.glob("*.safetensors")):
         raise BundleError(f"{reference}: no weights to compare against; pass --checkpoint or export --with-weights")
+    from ..memory_budget import check_fits
+
+    # Both planners are held at once: refuse before either loads when the pair cannot fit.
+    graphs = sum(f.stat().st_size for a in loaded.graphs("decomposed") for f in (loaded.path / a.path).parent.iterdir()
+                 if f.name.startswith(Path(a.path).name))
+    check_fits(reference, ("load",), "float32", what="verify (ONNX Runtime against torch float32)",
+               also=(int(graphs * ORT_GRAPH_FACTOR), "the bundle's ONNX Runtime session"))
     settings = DecoderSettings(name="scaffold")
     ort = planner_from_bundle(loaded.path, decoder=settings)
     # The bundle's schema (it may have been exported with --schema), not the checkpoint's own.
