@@ -7,8 +7,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .atomic_io import atomic_write
 from .cli_common import UserError
-from .formats.atomic import atomic_write
 
 __all__ = ["UserError", "build_parser", "main"]
 

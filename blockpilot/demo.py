@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .formats.atomic import atomic_write
+from .atomic_io import atomic_write
 from .runtime.plan_types import DecoderSettings, Observation
 from .runtime.planner import Planner
 from .vla.config import SpecialTokens

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from blockpilot.formats.atomic import (
+from blockpilot.atomic_io import (
     AtomicFile,
     atomic_dir,
     atomic_open,

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..formats.atomic import atomic_write
+from ..atomic_io import atomic_write
 from .models import DTYPES, MODELS
 from .run import BenchOptions, Report, run_bench
 

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..formats.atomic import atomic_write
+from ..atomic_io import atomic_write
 from ..vla.dtypes import DTYPE_CHOICES
 from .scale import ScaleBenchError, ScaleOptions, ScaleReport, run_scale
 from .scale_shapes import SCALE_SHAPES

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic_io import atomic_dir
 from ..eval.types import EvalSample, ImageArray, SampleError, SampleFailure, Source, Trajectory
-from ..formats.atomic import atomic_dir
 from ..runtime.plan_types import Observation
 from ..vla.prompt import ROUTE_COMMANDS, EgoState
 

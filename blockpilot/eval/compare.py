@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..formats.atomic import atomic_write
+from ..atomic_io import atomic_write
 from .records import read_results
 from .report import fmt
 from .summary import ADE_HORIZONS_S, HORIZONS_S, hkey, num, summarize

@@ -1,6 +1,6 @@
 """Report figures drawn with Pillow: latency histogram, L2 per horizon, bird's-eye overlays of worst cases.
 
-Every PNG is written atomically (:func:`~blockpilot.formats.atomic.atomic_open`). Sizes are
+Every PNG is written atomically (:func:`~blockpilot.atomic_io.atomic_open`). Sizes are
 fixed (:data:`LATENCY_SIZE`, :data:`L2_SIZE`, :data:`BEV_SIZE`) so reports lay out predictably.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..formats.atomic import atomic_open
+from ..atomic_io import atomic_open
 from .summary import HORIZONS_S, hkey, num, percentiles, total_ms
 
 LATENCY_SIZE = (800, 400)

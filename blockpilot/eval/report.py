@@ -1,7 +1,7 @@
 """A run's report: ``metrics.json`` (the summary), ``summary.md`` and ``summary.html`` (the same
 content; the HTML is self-contained apart from the PNGs it links relatively) and ``plots/*.png``.
 
-Every file is written atomically (:func:`~blockpilot.formats.atomic.atomic_write`), so a
+Every file is written atomically (:func:`~blockpilot.atomic_io.atomic_write`), so a
 rerun overwrites a report cleanly and a reader never sees half a file.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..formats.atomic import atomic_write
+from ..atomic_io import atomic_write
 from .plots import write_plots
 from .records import read_results
 from .summary import ADE_HORIZONS_S, HORIZONS_S, PREDICTORS, hkey, summarize

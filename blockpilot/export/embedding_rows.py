@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ..formats.atomic import atomic_open
+from ..atomic_io import atomic_open
 
 CHUNK_BYTES = 64 << 20
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..formats.atomic import AtomicFile, atomic_open
+from ..atomic_io import AtomicFile, atomic_open
 from ..formats.onnx_external import ExternalDataError, external_files
 
 THRESHOLD_ENV = "BLOCKPILOT_EXTERNAL_DATA_BYTES"

@@ -43,7 +43,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..formats.atomic import atomic_write
+from ..atomic_io import atomic_write
 from ..formats.embedding_table import locate_tied_embedding
 from ..formats.onnx_io import EMBED_FILE, KV_OUTPUTS, LM_FILE, MODE_IDS, SPEC_FILE
 from ..vla.config import ModelConfig

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..formats.atomic import atomic_write
+from ..atomic_io import atomic_write
 from ..formats.onnx_io import (  # the node's constants belong to the graph format; re-exported here
     LM_FILE,
     PLUGIN_DOMAIN,

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..formats.atomic import atomic_write
+from ..atomic_io import atomic_write
 from ..formats.onnx_io import graph_has_typed_slots
 from ..trt.compat import TensorRT, load_tensorrt
 from ..trt.compat import TrtUnavailableError as TrtUnavailableError  # moved to blockpilot.trt; re-exported here

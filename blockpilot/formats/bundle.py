@@ -19,9 +19,10 @@ from types import TracebackType
 from typing import Any
 
 from blockpilot import __version__
-from blockpilot.formats.atomic import atomic_write, replace_dir, staging_dir
 from blockpilot.formats.file_hash import sha256_file
 from blockpilot.formats.onnx_external import check_bundle_graphs, graph_files
+
+from ..atomic_io import atomic_write, replace_dir, staging_dir
 
 FORMAT = "blockpilot-bundle"
 FORMAT_VERSION = 1

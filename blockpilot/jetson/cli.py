@@ -11,7 +11,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from ..formats.atomic import atomic_write
+from ..atomic_io import atomic_write
 from .power import STATE_FILE, PowerControl
 
 DECODERS = ("ar", "ar_free", "block", "scaffold", "rollouts")

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..formats.atomic import atomic_write
+from ..atomic_io import atomic_write
 from .commands import CommandError, Runner, ToolMissingError, run_command
 
 NVPMODEL_CONF = Path("/etc/nvpmodel.conf")

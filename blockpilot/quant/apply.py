@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..formats.atomic import atomic_open, atomic_write
+from ..atomic_io import atomic_open, atomic_write
 from .emulation import emulation_active, enable_cpu_nvfp4_emulation
 
 STATE_FILE = "modelopt_state.pth"

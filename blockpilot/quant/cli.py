@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..formats.atomic import atomic_write
+from ..atomic_io import atomic_write
 
 RECIPE_NAMES = ("fp8", "nvfp4", "w4a8", "int8_sq", "mixed", "auto")
 TARGET_NAMES = ("cpu", "orin", "thor", "h100", "rtx-ada")

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..formats.atomic import atomic_write
+from ..atomic_io import atomic_write
 
 PARAMS_RESOURCE = ("config", "planner.yaml")
 RECORDED_TOPICS = ("path_topic", "plan_json_topic", "diagnostics_topic", "odometry_topic")

@@ -27,7 +27,7 @@ from typing import Any, Final
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-from ..formats.atomic import replace_dir, staging_dir
+from ..atomic_io import replace_dir, staging_dir
 from .params import PlannerParams
 from .score import BagError
 

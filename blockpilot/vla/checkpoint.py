@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..formats.atomic import atomic_path
+from ..atomic_io import atomic_path
 from .safetensors_read import SafetensorsFormatError, TensorEntry, read_header, read_into
 
 SINGLE_FILE = "model.safetensors"

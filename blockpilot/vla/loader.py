@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..formats.atomic import atomic_write
+from ..atomic_io import atomic_write
 from .checkpoint import checkpoint_files, load_weights, save_weights
 from .config import ModelConfig
 from .dtypes import check_dtype_name, resolve_dtype, slow_dtype_note

@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ..formats.atomic import atomic_write
+from ..atomic_io import atomic_write
 from .config import ConfigError, read_json_object
 from .plans import DrivingSchema, RobotActionSchema
 

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import tokenizers
 
-from ..formats.atomic import atomic_path
+from ..atomic_io import atomic_path
 from .config import ConfigError, SpecialTokens
 
 TOKENIZER_FILE = "tokenizer.json"

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ...formats.atomic import atomic_open
+from ...atomic_io import atomic_open
 from ...sim.types import Scene
 from ..config import VisionConfig
 from ..image_grid import smart_resize

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...formats.atomic import atomic_write
+from ...atomic_io import atomic_write
 from ..loader import save_checkpoint
 from ..model import VLAModel
 from ..plans import DrivingPlan, DrivingSchema
