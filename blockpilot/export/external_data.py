@@ -200,6 +200,18 @@ class DataWriter:
         _set_external(tensor, self.name, self.offset, len(raw))
         self.offset += len(raw)
 
+    def put_array(self, tensor: Any, array: Any, data_type: int | None = None) -> None:
+        """Write ``array`` as ``tensor``'s data straight from the array (``data_type``: the tensor's new ONNX type;
+        default unchanged). Never through the message: a copy put into a ``TensorProto`` stays in protobuf's arena
+        until the whole model is freed, so a rewrite would end up holding every weight it converted."""
+        import numpy as np
+
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+            tensor.ClearField(field)
+        if data_type is not None:
+            tensor.data_type = data_type
+        self.put(tensor, np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+
     def close(self, keep: bool) -> None:
         """Finish the file (``keep``) or drop it (nothing was written)."""
         if keep:

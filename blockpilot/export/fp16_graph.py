@@ -36,7 +36,6 @@ def to_fp16_graph(onnx_in: str | Path, onnx_out: str | Path, *, keep_fp32_ops: I
     changed (``fp16_io``: how many I/O tensors became float16). Raises ``ValueError`` naming an ``fp16_io`` entry
     that is not a float32 input or output of the graph.
     """
-    import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -72,12 +71,7 @@ def to_fp16_graph(onnx_in: str | Path, onnx_out: str | Path, *, keep_fp32_ops: I
             array = array.astype("float16")
             counts["initializers"] += 1
         if writer is not None and array.nbytes >= MIN_TENSOR_BYTES:
-            # Straight from the array into <onnx_out>.data: a copy put into the message first would stay in
-            # protobuf's arena until the whole model is freed (every converted weight held at the end).
-            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
-                init.ClearField(field)
-            init.data_type = f16 if array.dtype == "float16" else init.data_type
-            writer.put(init, np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+            writer.put_array(init, array, f16 if array.dtype == "float16" else None)  # into <onnx_out>.data
         else:
             init.CopyFrom(numpy_helper.from_array(array, init.name))
         del array

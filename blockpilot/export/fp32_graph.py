@@ -127,12 +127,7 @@ def to_float32_graph(onnx_in: str | Path, onnx_out: str | Path | None = None, *,
                     array = array.astype(np.float32)
                     counts["initializers"] += 1
                 if writer is not None and array.nbytes >= MIN_TENSOR_BYTES:
-                    # Straight from the array to the data file: a float32 copy put into the message would stay in
-                    # protobuf's arena until the whole model is freed (the weights, twice, at the end).
-                    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
-                        init.ClearField(field)
-                    init.data_type = TensorProto.FLOAT if low else init.data_type
-                    writer.put(init, array.reshape(-1).view(np.uint8).data)
+                    writer.put_array(init, array, TensorProto.FLOAT if low else None)
                 else:
                     init.CopyFrom(numpy_helper.from_array(array, init.name))
                 del array
@@ -194,10 +189,7 @@ def _widen_constant(tensor: Any, base: Path, writer: Any, restore: dict[tuple[in
     if _external(tensor):
         if writer is None:
             raise Float32GraphError(f"{base}: constant {tensor.name!r} is external but the rewrite writes no data file")
-        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
-            tensor.ClearField(field)
-        tensor.data_type = TensorProto.FLOAT if low else tensor.data_type
-        writer.put(tensor, value.reshape(-1).view(np.uint8).data)
+        writer.put_array(tensor, value, TensorProto.FLOAT if low else None)
     else:
         tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
     return restored
