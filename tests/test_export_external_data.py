@@ -236,3 +236,38 @@ def test_fp16_cache_io_rewrites_keep_external_weights(external_graphs: tuple[Pat
         top_b, prob_b, k_b, _ = _run(graph, feeds16)
         assert k_b.dtype == np.float16 and (top_a == top_b).mean() >= 0.9
         assert np.abs(prob_a - prob_b).max() < 0.05 and np.abs(k_a - k_b.astype(np.float32)).max() < 0.05
+
+
+def test_fp16_rewrite_reads_constants_stored_as_external_data(tmp_path: Path) -> None:
+    """A graph over 2 GB has big Constant values in external files too (torch writes them so, and the float32
+    widening keeps them there): the fp16 rewrite reads them from the graph's directory and writes them into its own
+    data file (a 1.5B engine build failed here before)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from blockpilot.export.fp16_graph import to_fp16_graph
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 64)).astype(np.float32) * 0.1
+    idx = np.arange(16, dtype=np.int64).reshape(16)
+    nodes = [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w_value")),
+             helper.make_node("Constant", [], ["idx"], value=numpy_helper.from_array(np.tile(idx, 64), "idx_value")),
+             helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Gather", ["y", "idx"], ["z"], axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 1024])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    src = tmp_path / "src" / "lm_step.onnx"
+    src.parent.mkdir()
+    onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="lm_step.onnx.data", size_threshold=0, convert_attribute=True)
+    assert sum(a.t.data_location == TensorProto.EXTERNAL for n in onnx.load(str(src), load_external_data=False)
+               .graph.node for a in n.attribute) == 2
+    dst = tmp_path / "out" / "lm_step.fp16.onnx"
+    dst.parent.mkdir()
+    counts = to_fp16_graph(src, dst)
+    assert counts["constants"] == 1
+    shutil.rmtree(src.parent)  # the output must not need the source's data file
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    got = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, (x @ w)[:, np.tile(idx, 64)], atol=2e-2)

@@ -104,7 +104,7 @@ def to_fp16_graph(onnx_in: str | Path, onnx_out: str | Path, *, keep_fp32_ops: I
             node.input[i] = name
             if name and now.get(name, want) != want:
                 node.input[i] = converted(name, want)
-        _retype_node(node, want, counts, helper, numpy_helper, f32)
+        _retype_node(node, want, counts, numpy_helper, f32, base, writer)
         for i, name in enumerate(node.output):
             node.output[i] = rename.get(name, name)
             if types.get(name) == f32:
@@ -146,15 +146,33 @@ def _half_io(graph: Any, types: dict[str, int], fp16_io: Iterable[str], where: s
     return wanted
 
 
-def _retype_node(node: Any, want: int, counts: dict[str, int], helper: Any, numpy_helper: Any, f32: int) -> None:
-    """Retarget the attributes that fix a node's float output type (Cast ``to``, Constant ``value``)."""
-    if want == f32:
-        return
+def _retype_node(node: Any, want: int, counts: dict[str, int], numpy_helper: Any, f32: int, base: Path,
+                 writer: Any) -> None:
+    """Retarget the attributes that fix a node's float output type (Cast ``to``, Constant ``value``). A constant
+    value stored externally (torch writes big ones to files in a graph over 2 GB) is read from ``base`` and written
+    into ``writer``'s data file, converted or not, so the output does not depend on the source's data file."""
+    from onnx import AttributeProto, TensorProto
+
+    from .external_data import MIN_TENSOR_BYTES, tensor_array
+
     for attr in node.attribute:
-        if node.op_type == "Cast" and attr.name == "to" and attr.i == f32:
+        if want != f32 and node.op_type == "Cast" and attr.name == "to" and attr.i == f32:
             attr.i = want
             counts["casts_retyped"] += 1
-        elif node.op_type in ("Constant", "ConstantOfShape") and attr.name == "value" and attr.t.data_type == f32:
-            attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype("float16"), attr.t.name))
+            continue
+        if attr.type != AttributeProto.TENSOR:
+            continue
+        convert = (want != f32 and node.op_type in ("Constant", "ConstantOfShape") and attr.name == "value"
+                   and attr.t.data_type == f32)
+        external = attr.t.data_location == TensorProto.EXTERNAL
+        if not (convert or (external and writer is not None)):
+            continue
+        value = tensor_array(attr.t, base)
+        if convert:
+            value = value.astype("float16")
             counts["constants"] += 1
+        if writer is not None and value.nbytes >= MIN_TENSOR_BYTES:
+            writer.put_array(attr.t, value, TensorProto.FLOAT16 if convert else None)
+        else:
+            attr.t.CopyFrom(numpy_helper.from_array(value, attr.t.name))
 
