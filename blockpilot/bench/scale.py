@@ -228,12 +228,12 @@ class ScaleReport:
 
 
 def _portable(text: str, work: Path) -> str:
-    """``text`` without this machine's paths: the interpreter as ``python``, the scratch directory as ``<work>``
-    (result files are committed and compared across machines)."""
+    """``text`` without this machine's paths: the interpreter as ``python``, its environment as ``<venv>``, the
+    scratch directory as ``<work>`` (result files are committed and compared across machines)."""
     for path in sorted({str(work.resolve()), str(work)}, key=len, reverse=True):
         if path not in (".", ""):
             text = text.replace(path, "<work>")
-    return text.replace(sys.executable, "python")
+    return text.replace(sys.executable, "python").replace(sys.prefix, "<venv>")
 
 
 def run_scale(opts: ScaleOptions, log: Callable[[str], None] = print,
