@@ -115,6 +115,10 @@ def test_scale_cli_tiny_with_external_data(tmp_path: Path) -> None:
     assert rc == 0 and all(s["status"] == "passed" for s in report["stages"]), report["stages"]
     assert "peak RSS" in buffer.getvalue() and not (tmp_path / "work").exists()
     assert {s["name"]: s for s in report["stages"]}["plan-ort"]["details"]["steps"] == 1
+    # Result files are committed: no interpreter path, environment or scratch directory of this machine in them.
+    text = files[0].read_text() + files[1].read_text()
+    leaks = [text[max(0, text.find(p) - 80):text.find(p) + 40] for p in (sys.executable, str(tmp_path)) if p in text]
+    assert not leaks and "<work>/checkpoint" in text, leaks
 
 
 def test_result_files_are_named_by_shape_and_date(tmp_path: Path) -> None:

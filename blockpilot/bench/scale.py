@@ -267,7 +267,7 @@ def run_scale(opts: ScaleOptions, log: Callable[[str], None] = print,
             rc, wall, rss, output, timed_out = run_stage(stage.argv, opts.timeout_s, env)
             status = "timeout" if timed_out else ("passed" if rc == 0 else "failed")
             result = StageResult(stage.name, stage.what, status, command, rc, round(wall, 2), rss,
-                                 details=_details(output))
+                                 details=json.loads(_portable(json.dumps(_details(output)), opts.work)))
             if status != "passed":
                 why = (f"timed out after {opts.timeout_s:g} s; " if timed_out else "") + _error(output)
                 result.error = _portable(why, opts.work)
