@@ -142,3 +142,18 @@ def test_title_reads_the_cli_header() -> None:
               "decoder": {"name": "block", "threshold": 0.9}}
     assert title_of(header, []) == "Evaluation: source nuscenes, decoder block, checkpoint /models/reference"
     assert title_of({}, [{"source": "wod"}]) == "Evaluation: source wod, decoder n/a, checkpoint n/a"
+
+
+def test_skipped_samples_say_why_in_metrics_report_and_summary_line(tmp_path: Path) -> None:
+    from blockpilot.eval.summary import skipped_line
+
+    history = "needs 2.0 s of history (the scene has 0 earlier keyframes)"
+    records = [{**failed(f"s{i}", error=history), "status": "skipped"} for i in range(3)]
+    records += [{**failed("s9", error="no CAM_FRONT frame"), "status": "skipped"}, *run_records()]
+    out = tmp_path / "report"
+    md = (write_report(write_run(tmp_path / "results.jsonl", records), out) / "summary.md").read_text()
+    counts = json.loads((out / "metrics.json").read_text())["counts"]
+    assert counts["skipped"] == 4 and counts["skipped_reasons"] == {history: 3, "no CAM_FRONT frame": 1}
+    assert "Skipped (4)" in md and history in md
+    assert skipped_line(counts) == f"skipped 4: {history} (3); no CAM_FRONT frame (1)"
+    assert skipped_line({**counts, "skipped_reasons": {}}) is None

@@ -189,15 +189,19 @@ def evaluate_and_report(planner: Any, source: Source, out: Path, *, header: dict
                         overwrite: bool = False, progress: bool = True, quiet: bool = False) -> int:
     from .evaluator import REPORT_DIR, run_evaluation
     from .report import write_report
+    from .summary import skipped_line
 
     summary = run_evaluation(planner, source, out, header=header, limit=limit, overwrite=overwrite,
                              progress=progress)
     report = write_report(summary.results, out / REPORT_DIR)
     metrics = json.loads((report / "metrics.json").read_text())
     counts = metrics["counts"]
+    why_skipped = skipped_line(counts)
     if not quiet:
         print(headline(metrics))
         print(f"{summary.written} samples evaluated, {summary.resumed} resumed; counts {summary.counts}")
+        if why_skipped:
+            print(why_skipped)
         print(f"results: {summary.results}\nreport:  {report / 'summary.md'} (and summary.html, plots/)")
     if counts["failed"]:
         first = next(f for f in counts["failures"] if f["status"] == "failed")
@@ -205,7 +209,8 @@ def evaluate_and_report(planner: Any, source: Source, out: Path, *, header: dict
               f"{first['sample_id']}: {first['error']}", file=sys.stderr)
     if counts["total"] and not counts["ok"] + counts["parse_error"]:
         print(f"blockpilot eval: error: no sample of {counts['total']} could be planned on "
-              f"({counts['failed']} failed, {counts['skipped']} skipped); the report lists why", file=sys.stderr)
+              f"({counts['failed']} failed, {counts['skipped']} skipped); the report lists why"
+              f"{'; ' + why_skipped if why_skipped else ''}", file=sys.stderr)
         return 1
     return 0
 

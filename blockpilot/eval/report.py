@@ -176,6 +176,10 @@ def report_blocks(summary: dict[str, Any], title: str, plots: dict[str, Any] | N
             blocks.append(("p", f"... and {len(failures) - FAILURES_SHOWN} more (all in metrics.json)."))
     else:
         blocks.append(("p", "None."))
+    skipped = counts.get("skipped_reasons") or {}
+    if skipped:
+        blocks += [("h2", f"Skipped ({sum(skipped.values())})"),
+                   ("table", ["reason", "samples"], [[reason, n] for reason, n in skipped.items()])]
     worst = summary["worst_cases"]
     blocks += [("h2", "Worst cases"),
                ("table", ["rank", "sample", "status", "model L2@3s", "cv L2@3s", "model L2 at last valid step",

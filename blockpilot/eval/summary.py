@@ -233,8 +233,24 @@ def _counts(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     attempted = by_status["ok"] + by_status["parse_error"]
     failures = [{"sample_id": str(r.get("sample_id")), "status": r.get("status"), "error": str(r.get("error") or "")}
                 for r in records if r.get("status") in ("failed", "parse_error")]
+    skipped: dict[str, int] = {}
+    for r in records:
+        if r.get("status") == "skipped":
+            reason = str(r.get("error") or "no reason recorded")
+            skipped[reason] = skipped.get(reason, 0) + 1
     return {"total": len(records), **by_status,
-            "parse_rate": by_status["ok"] / attempted if attempted else None, "failures": failures}
+            "parse_rate": by_status["ok"] / attempted if attempted else None, "failures": failures,
+            "skipped_reasons": dict(sorted(skipped.items(), key=lambda kv: -kv[1]))}
+
+
+def skipped_line(counts: dict[str, Any], shown: int = 3) -> str | None:
+    """``skipped N: reason (k); ...`` with the commonest reasons first, or None when nothing was skipped."""
+    reasons = counts.get("skipped_reasons") or {}
+    if not reasons:
+        return None
+    parts = [f"{reason} ({n})" for reason, n in list(reasons.items())[:shown]]
+    more = len(reasons) - shown
+    return f"skipped {sum(reasons.values())}: " + "; ".join(parts) + (f"; and {more} other reasons" if more > 0 else "")
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float | None]:
