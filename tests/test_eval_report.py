@@ -157,3 +157,4 @@ def test_skipped_samples_say_why_in_metrics_report_and_summary_line(tmp_path: Pa
     assert "Skipped (4)" in md and history in md
     assert skipped_line(counts) == f"skipped 4: {history} (3); no CAM_FRONT frame (1)"
     assert skipped_line({**counts, "skipped_reasons": {}}) is None
+    assert skipped_line(counts, shown=1) == f"skipped 4: {history} (3); and 1 more reason"

@@ -250,7 +250,8 @@ def skipped_line(counts: dict[str, Any], shown: int = 3) -> str | None:
         return None
     parts = [f"{reason} ({n})" for reason, n in list(reasons.items())[:shown]]
     more = len(reasons) - shown
-    return f"skipped {sum(reasons.values())}: " + "; ".join(parts) + (f"; and {more} other reasons" if more > 0 else "")
+    tail = f"; and {more} more reason{'s' if more > 1 else ''}" if more > 0 else ""
+    return f"skipped {sum(reasons.values())}: " + "; ".join(parts) + tail
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float | None]:
