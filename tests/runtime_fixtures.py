@@ -259,3 +259,19 @@ def assert_same_step(a: Any, b: Any, tol: float = 1e-5) -> None:
     assert a.top1.shape == b.top1.shape
     assert np.array_equal(a.top1, b.top1)
     assert float(np.abs(a.prob - b.prob).max(initial=0.0)) <= tol
+
+
+def assert_bundle_plans_like_torch(bundle: Any, checkpoint: Any, frames: int = 2) -> None:
+    """The bundle's ONNX Runtime planner and the torch planner of ``checkpoint`` plan the first ``frames``
+    held-out keyframes token for token alike (scaffold decoder, one torch thread)."""
+    from blockpilot.eval.synthetic import heldout_keyframes, observation
+    from blockpilot.runtime.bundle_planner import planner_from_bundle
+    from blockpilot.runtime.plan_types import DecoderSettings
+    from blockpilot.runtime.planner import Planner
+
+    with torch_threads(1):
+        torch_planner = Planner.from_checkpoint(checkpoint, decoder=DecoderSettings(name="scaffold"))
+        ort = planner_from_bundle(bundle, decoder=DecoderSettings(name="scaffold"))
+        for frame in heldout_keyframes(1, stride=12)[:frames]:
+            obs = observation(frame)
+            assert np.array_equal(ort.plan(obs).tokens, torch_planner.plan(obs).tokens)

@@ -7,9 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from runtime_fixtures import torch_threads
+from runtime_fixtures import assert_bundle_plans_like_torch, torch_threads
 
 from blockpilot.cli import main
 from blockpilot.demo import SHIPPED_MODEL
@@ -17,7 +16,6 @@ from blockpilot.eval.synthetic import heldout_keyframes, observation
 from blockpilot.export.build import export_bundle
 from blockpilot.runtime.bundle_planner import planner_from_bundle
 from blockpilot.runtime.plan_types import DecoderSettings, PlannerSetupError
-from blockpilot.runtime.planner import Planner
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +35,7 @@ def test_bundle_lists_graphs_and_model_files(bundle: Path) -> None:
 
 
 def test_bundle_planner_answers_like_the_torch_planner(bundle: Path) -> None:
-    with torch_threads(1):
-        torch_planner = Planner.from_checkpoint(SHIPPED_MODEL, decoder=DecoderSettings(name="scaffold"))
-        ort = planner_from_bundle(bundle, decoder=DecoderSettings(name="scaffold"))
-        for frame in heldout_keyframes(1, stride=12)[:2]:
-            obs = observation(frame)
-            assert np.array_equal(ort.plan(obs).tokens, torch_planner.plan(obs).tokens)
+    assert_bundle_plans_like_torch(bundle, SHIPPED_MODEL)
 
 
 def test_tampered_bundle_is_refused(bundle: Path, tmp_path: Path) -> None:

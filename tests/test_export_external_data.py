@@ -12,18 +12,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from runtime_fixtures import torch_threads
+from runtime_fixtures import assert_bundle_plans_like_torch, torch_threads
 from test_export_bundle import REFERENCE, external_graph
 
 from blockpilot.demo import SHIPPED_MODEL
-from blockpilot.eval.synthetic import heldout_keyframes, observation
 from blockpilot.export.build import export_bundle
 from blockpilot.export.external_data import THRESHOLD_ENV, consolidate, external_threshold
 from blockpilot.formats.bundle import BundleError, BundleWriter, describe_bundle, load_bundle
 from blockpilot.formats.onnx_external import ExternalDataError, check_external_data, external_files
 from blockpilot.runtime.bundle_planner import planner_from_bundle
-from blockpilot.runtime.plan_types import DecoderSettings, PlannerSetupError
-from blockpilot.runtime.planner import Planner
+from blockpilot.runtime.plan_types import PlannerSetupError
 
 GRAPHS = "graphs/decomposed"
 
@@ -47,12 +45,7 @@ def test_every_graph_keeps_its_weights_in_one_data_file_of_the_bundle(bundle: Pa
 
 
 def test_external_data_bundle_answers_like_the_torch_planner(bundle: Path) -> None:
-    with torch_threads(1):
-        torch_planner = Planner.from_checkpoint(SHIPPED_MODEL, decoder=DecoderSettings(name="scaffold"))
-        ort = planner_from_bundle(bundle, decoder=DecoderSettings(name="scaffold"))
-        for frame in heldout_keyframes(1, stride=12)[:2]:
-            obs = observation(frame)
-            assert np.array_equal(ort.plan(obs).tokens, torch_planner.plan(obs).tokens)
+    assert_bundle_plans_like_torch(bundle, SHIPPED_MODEL)
 
 
 def _drop_from_manifest(bundle: Path, rel: str) -> None:
