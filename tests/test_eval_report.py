@@ -13,7 +13,7 @@ from eval_record_fixtures import HEADER, T2, T4, failed, scored, write_run
 from PIL import Image
 
 from blockpilot.eval.compare import compare_runs, format_comparison
-from blockpilot.eval.plots import BEV_SIZE, L2_SIZE, LATENCY_SIZE
+from blockpilot.eval.plots import BEV_SIZE, L2_SIZE, LATENCY_SIZE, bev_figure
 from blockpilot.eval.records import read_results
 from blockpilot.eval.report import FAILURES_SHOWN, title_of, write_report
 from blockpilot.eval.summary import summarize
@@ -75,6 +75,26 @@ def test_bev_draws_raters_and_trust_regions(tmp_path: Path) -> None:
     with Image.open(out / "plots" / "bev_1.png") as image:
         pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
     assert np.any(np.all(pixels == (148, 103, 189), axis=1))  # rater colour
+
+
+def test_bev_names_route_and_manoeuvre_and_keeps_the_legend_clear() -> None:
+    record = scored("nus-2", T2, 8.0, (0.0, 2.0), agents=True)
+    record["route_command"] = "turn left"
+    record["predictions"]["model"]["behaviour"] = {"longitudinal": "decelerate", "lateral": "turn left"}
+    figure = bev_figure(record)
+    figure.canvas.draw()
+    (view,) = figure.axes
+    assert view.get_title() == "nus-2: route turn left, model chose decelerate / turn left"
+    (legend,) = figure.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "ground truth", "model", "constant velocity", "pedestrian (fades with time)", "vehicle (fades with time)"]
+    # the legend lies outside the view, below it, so no agent box or trajectory can be drawn over it
+    legend_box, view_box = legend.get_window_extent(), view.get_window_extent()
+    assert legend_box.y1 < view_box.y0 and not legend_box.overlaps(view_box)
+    assert figure.bbox.contains(legend_box.x0, legend_box.y0) and figure.bbox.contains(legend_box.x1, legend_box.y1)
+    assert len(view.patches) == 2 * len(T2) + 1  # two agents per step and the ego box
+    del record["predictions"]["model"]  # a plan that did not parse
+    assert bev_figure(record).axes[0].get_title() == "nus-2: route turn left, model chose n/a"
 
 
 def test_rerun_overwrites_cleanly(tmp_path: Path) -> None:

@@ -184,7 +184,7 @@ def evaluate_sample(planner: PlannerLike, sample: EvalSample | SampleFailure) ->
     if plan.plan is None:
         return {**record, "status": "parse_error", "error": str(plan.error)}
     model = to_sample_frame(sample, np.asarray(plan.waypoints, dtype=np.float64))
-    predictions["model"] = _trajectory_json(times, model)
+    predictions["model"] = {**_trajectory_json(times, model), "behaviour": plan.behaviour}
     model_metrics = score_prediction(sample, times, model)
     if model_metrics is not None:
         metrics["model"] = model_metrics

@@ -1,7 +1,10 @@
-"""Report figures drawn with Pillow: latency histogram, L2 per horizon, bird's-eye overlays of worst cases.
+"""Report figures drawn with matplotlib: latency histogram, L2 per horizon, bird's-eye overlays of worst cases.
 
-Every PNG is written atomically (:func:`~blockpilot.atomic_io.atomic_open`). Sizes are
-fixed (:data:`LATENCY_SIZE`, :data:`L2_SIZE`, :data:`BEV_SIZE`) so reports lay out predictably.
+Every PNG is written atomically (:func:`~blockpilot.atomic_io.atomic_open`). Sizes are fixed in
+pixels (:data:`LATENCY_SIZE`, :data:`L2_SIZE`, :data:`BEV_SIZE`) so reports lay out predictably.
+matplotlib (the ``eval`` extra) is imported when a figure is drawn, not when this module is, and
+only its object-oriented API is used (a ``Figure`` on an Agg canvas), so no global pyplot state or
+display backend is involved.
 """
 
 from __future__ import annotations
@@ -9,29 +12,30 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from ..atomic_io import atomic_open
 from .summary import HORIZONS_S, hkey, num, percentiles, total_ms
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 LATENCY_SIZE = (800, 400)
 L2_SIZE = (800, 420)
 BEV_VIEW_PX = 640
 BEV_SIZE = (BEV_VIEW_PX, BEV_VIEW_PX + 116)
 BEV_WORST = 6
+DPI = 100
 EGO_LENGTH_M, EGO_WIDTH_M = 4.084, 1.85
 # WOD-E2E trust region (fallback when blockpilot.eval.metrics.trust_regions is unusable)
 _TRUST_LAT_M = {3.0: 1.0, 5.0: 1.8}
 _TRUST_LNG_FACTOR = 4.0
 
 Color = tuple[int, int, int]
-BG: Color = (255, 255, 255)
 INK: Color = (30, 30, 30)
-GRID: Color = (228, 228, 228)
-GRID_MAJOR: Color = (200, 200, 200)
 MODEL: Color = (214, 39, 40)
 CV: Color = (255, 140, 0)
 GT: Color = (44, 160, 44)
@@ -41,149 +45,94 @@ AGENT_OTHER: Color = (127, 127, 127)
 PCT_COLORS: dict[str, Color] = {"p50": GT, "p90": CV, "p99": MODEL}
 
 
-def _font(size: int | None = None) -> Any:
-    return ImageFont.load_default() if size is None else ImageFont.load_default(size=size)
+def rgb(color: Color, alpha: float = 1.0) -> tuple[float, float, float, float]:
+    """A 0-255 colour as matplotlib's 0-1 RGBA."""
+    return color[0] / 255, color[1] / 255, color[2] / 255, alpha
 
 
-def save_png(image: Image.Image, path: Path) -> Path:
-    """Write ``image`` to ``path`` atomically."""
+def new_figure(size: tuple[int, int]) -> Figure:
+    """A figure of exactly ``size`` pixels on its own Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_png(figure: Figure, path: Path) -> Path:
+    """Write ``figure`` to ``path`` atomically, at its exact pixel size."""
     with atomic_open(path, "wb") as f:
-        image.save(f, format="PNG")
+        figure.savefig(f, format="png", dpi=DPI)
     return path
-
-
-def nice_step(span: float, target: int = 5) -> float:
-    """A 1/2/5 x 10^k step that cuts ``span`` into about ``target`` intervals."""
-    if span <= 0 or not math.isfinite(span):
-        return 1.0
-    raw = span / target
-    base = 10 ** math.floor(math.log10(raw))
-    return next((m * base for m in (1, 2, 5, 10) if m * base >= raw), 10 * base)
 
 
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
-def _text_center(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill: Color, font: Any) -> None:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    draw.text((xy[0] - (right - left) / 2, xy[1] - (bottom - top) / 2 - top), text, fill=fill, font=font)
-
-
-class _Axes:
-    """A plotting rectangle with linear x and y mappings, ticks and labels."""
-
-    def __init__(self, draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int],
-                 xlim: tuple[float, float], ylim: tuple[float, float]) -> None:
-        self.draw, self.box, self.xlim, self.ylim = draw, box, xlim, ylim
-
-    def px(self, x: float, y: float) -> tuple[float, float]:
-        left, top, right, bottom = self.box
-        fx = (x - self.xlim[0]) / ((self.xlim[1] - self.xlim[0]) or 1.0)
-        fy = (y - self.ylim[0]) / ((self.ylim[1] - self.ylim[0]) or 1.0)
-        return left + fx * (right - left), bottom - fy * (bottom - top)
-
-    def frame(self, xlabel: str, ylabel: str, xticks: bool = True) -> None:
-        d, font = self.draw, _font()
-        left, top, right, bottom = self.box
-        step = nice_step(self.ylim[1] - self.ylim[0])
-        for k in range(math.floor(self.ylim[1] / step) + 1):
-            y = k * step
-            if y < self.ylim[0]:
-                continue
-            _, py = self.px(self.xlim[0], y)
-            d.line([(left, py), (right, py)], fill=GRID)
-            d.text((left - 6, py), f"{y:g}", fill=INK, font=font, anchor="rm")
-        if xticks:
-            step = nice_step(self.xlim[1] - self.xlim[0], 8)
-            for k in range(math.ceil(self.xlim[0] / step), math.floor(self.xlim[1] / step) + 1):
-                px, _ = self.px(k * step, self.ylim[0])
-                d.line([(px, bottom), (px, bottom + 4)], fill=INK)
-                d.text((px, bottom + 6), f"{k * step:g}", fill=INK, font=font, anchor="mt")
-        d.rectangle(self.box, outline=INK)
-        d.text(((left + right) / 2, bottom + 24), xlabel, fill=INK, font=font, anchor="mt")
-        d.text((left - 40, top - 16), ylabel, fill=INK, font=font)
-
-
-def latency_histogram(records: Sequence[dict[str, Any]], path: Path) -> Path:
+def latency_figure(records: Sequence[dict[str, Any]]) -> Figure:
     """Histogram of the total milliseconds per plan, with p50, p90 and p99 marked."""
     totals = [v for r in records if (v := total_ms(r)) is not None]
-    image = Image.new("RGB", LATENCY_SIZE, BG)
-    d = ImageDraw.Draw(image)
-    d.text((LATENCY_SIZE[0] / 2, 14), f"Planning latency, total ms per plan ({len(totals)} plans)", fill=INK,
-           font=_font(14), anchor="mt")
+    figure = new_figure(LATENCY_SIZE)
+    ax = figure.add_subplot()
+    ax.set_title(f"Planning latency, total ms per plan ({len(totals)} plans)")
+    ax.set_xlabel("total ms per plan")
+    ax.set_ylabel("plans")
     if not totals:
-        _text_center(d, (LATENCY_SIZE[0] / 2, LATENCY_SIZE[1] / 2), "no latency data", INK, _font(14))
-        return save_png(image, path)
+        ax.text(0.5, 0.5, "no latency data", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return figure
     arr = np.asarray(totals)
     lo, hi = float(arr.min()), float(arr.max())
     pad = max(0.05 * (hi - lo), 0.5)
-    lo, hi = max(0.0, lo - pad), hi + pad
-    counts, edges = np.histogram(arr, bins=int(np.clip(np.sqrt(arr.size) * 2, 5, 40)), range=(lo, hi))
-    ax = _Axes(d, (70, 60, LATENCY_SIZE[0] - 30, LATENCY_SIZE[1] - 60), (lo, hi), (0.0, float(counts.max()) * 1.15))
-    ax.frame("total ms per plan", "plans")
-    for c, e0, e1 in zip(counts, edges[:-1], edges[1:], strict=True):
-        if c:
-            x0, y0 = ax.px(float(e0), float(c))
-            x1, y1 = ax.px(float(e1), 0.0)
-            d.rectangle((x0 + 1, y0, max(x0 + 1, x1 - 1), y1), fill=(150, 150, 150), outline=(110, 110, 110))
-    pct = percentiles(totals)
-    for i, (name, color) in enumerate(PCT_COLORS.items()):
-        value = pct[name]
-        if value is None:
-            continue
-        x, _ = ax.px(value, 0.0)
-        d.line([(x, ax.box[1]), (x, ax.box[3])], fill=color, width=2)
-        right = x > ax.box[2] - 120  # label left of the line near the right edge
-        d.text((x - 4 if right else x + 4, ax.box[1] + 4 + 14 * i), f"{name} {value:.2f} ms", fill=color,
-               font=_font(), anchor="ra" if right else "la")
-    return save_png(image, path)
+    bins = int(np.clip(np.sqrt(arr.size) * 2, 5, 40))
+    ax.hist(arr, bins=bins, range=(max(0.0, lo - pad), hi + pad), color="0.6", edgecolor="0.43")
+    for name, value in percentiles(totals).items():
+        if name in PCT_COLORS and value is not None:
+            ax.axvline(value, color=rgb(PCT_COLORS[name]), linewidth=2, label=f"{name} {value:.2f} ms")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.grid(axis="y", color="0.9")
+    figure.tight_layout()
+    return figure
+
+
+def l2_figure(summary: dict[str, Any]) -> Figure:
+    """Bars of mean L2 (m), model against constant velocity, for both conventions at 1, 2 and 3 s."""
+    labels: list[str] = []
+    values: dict[str, list[float | None]] = {"model": [], "cv": []}
+    for conv, label in (("stp3_vad", "avg to {}s"), ("uniad", "at {}s")):
+        for t in HORIZONS_S:
+            labels.append(label.format(f"{t:g}"))
+            for pred in values:
+                values[pred].append(summary[pred]["l2"][conv][hkey(t)])
+    figure = new_figure(L2_SIZE)
+    ax = figure.add_subplot()
+    ax.set_title("L2 (m) on full-future samples: model vs constant velocity")
+    x = np.arange(len(labels), dtype=np.float64)
+    for k, (pred, name, color) in enumerate((("model", "model", MODEL), ("cv", "constant velocity", CV))):
+        heights = [v or 0.0 for v in values[pred]]
+        bars = ax.bar(x - 0.18 + 0.36 * k, heights, width=0.34, color=rgb(color), label=name)
+        ax.bar_label(bars, labels=[_fmt(v) for v in values[pred]], padding=2, fontsize=8)
+    top = max([v for vs in values.values() for v in vs if v is not None] + [1e-3])
+    ax.set_ylim(0.0, top * 1.25)
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("L2 (m)")
+    ax.axvline(len(HORIZONS_S) - 0.5, color=rgb(INK), linewidth=0.8)
+    ax.set_xlabel("ST-P3/VAD: average up to t" + " " * 40 + "UniAD: at t")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.grid(axis="y", color="0.9")
+    figure.tight_layout()
+    return figure
+
+
+def latency_histogram(records: Sequence[dict[str, Any]], path: Path) -> Path:
+    return save_png(latency_figure(records), path)
 
 
 def l2_by_horizon(summary: dict[str, Any], path: Path) -> Path:
-    """Bars of mean L2 (m), model against constant velocity, for both conventions at 1, 2 and 3 s."""
-    image = Image.new("RGB", L2_SIZE, BG)
-    d = ImageDraw.Draw(image)
-    d.text((L2_SIZE[0] / 2, 12), "L2 (m) on full-future samples: model vs constant velocity", fill=INK,
-           font=_font(14), anchor="mt")
-    groups: list[tuple[str, dict[str, float | None]]] = []
-    for conv, label in (("stp3_vad", "avg to {}s"), ("uniad", "at {}s")):
-        for t in HORIZONS_S:
-            groups.append((label.format(f"{t:g}"), {p: summary[p]["l2"][conv][hkey(t)]
-                                                     for p in ("model", "cv")}))
-    top = max([v for _, vals in groups for v in vals.values() if v is not None] + [1e-3])
-    ax = _Axes(d, (70, 60, L2_SIZE[0] - 30, L2_SIZE[1] - 80), (0.0, float(len(groups))), (0.0, top * 1.2))
-    ax.frame("", "L2 (m)", xticks=False)
-    font = _font()
-    for g, (label, vals) in enumerate(groups):
-        for k, (pred, color) in enumerate((("model", MODEL), ("cv", CV))):
-            x0, _ = ax.px(g + 0.15 + 0.35 * k, 0.0)
-            x1, y0 = ax.px(g + 0.15 + 0.35 * (k + 1) - 0.02, vals[pred] or 0.0)
-            if vals[pred] is not None:
-                d.rectangle((x0, y0, x1, ax.box[3]), fill=color)
-            d.text(((x0 + x1) / 2, y0 - 3), _fmt(vals[pred]), fill=INK, font=font, anchor="mb")
-        cx, _ = ax.px(g + 0.5, 0.0)
-        d.text((cx, ax.box[3] + 6), label, fill=INK, font=font, anchor="mt")
-    mid, _ = ax.px(len(HORIZONS_S), 0.0)
-    d.line([(mid, ax.box[1]), (mid, ax.box[3] + 30)], fill=INK)
-    for x, text in ((ax.px(1.5, 0)[0], "ST-P3/VAD: average up to t"), (ax.px(4.5, 0)[0], "UniAD: at t")):
-        d.text((x, ax.box[3] + 24), text, fill=INK, font=font, anchor="mt")
-    _legend(d, [("model", MODEL), ("constant velocity", CV)], (ax.box[0] + 10, ax.box[1] + 8))
-    return save_png(image, path)
-
-
-def _legend(d: ImageDraw.ImageDraw, items: Sequence[tuple[str, Color]], origin: tuple[float, float],
-            max_x: float = 1e9) -> None:
-    """Colour swatches with names in a row, wrapping to a next row of 16 px past ``max_x``."""
-    x, y = origin
-    font = _font()
-    for name, color in items:
-        width = 34 + d.textlength(name, font=font)
-        if x + width > max_x and x > origin[0]:
-            x, y = origin[0], y + 16
-        d.rectangle((x, y + 2, x + 18, y + 10), fill=color)
-        d.text((x + 24, y), name, fill=INK, font=font)
-        x += width
+    return save_png(l2_figure(summary), path)
 
 
 # ----------------------------------------------------------------------------- bird's-eye view
@@ -230,14 +179,38 @@ def _trust_boxes(record: dict[str, Any]) -> list[tuple[float, np.ndarray]]:
     return out
 
 
-def _fade(color: Color, alpha: float) -> Color:
-    r, g, b = (round(bg + (c - bg) * alpha) for c, bg in zip(color, BG, strict=True))
-    return r, g, b
+def manoeuvre_text(record: dict[str, Any]) -> str:
+    """The model's chosen manoeuvre (``lateral / longitudinal``, or ``n/a`` when it did not parse)."""
+    behaviour = ((record.get("predictions") or {}).get("model") or {}).get("behaviour")
+    if not isinstance(behaviour, dict) or not behaviour:
+        return "n/a"
+    return " / ".join(str(v) for v in behaviour.values())
 
 
-def bev_overlay(record: dict[str, Any], path: Path) -> Path:
+def bev_title(record: dict[str, Any]) -> str:
+    """Sample, route command and the model's manoeuvre: the first thing a reader of a BEV plot needs."""
+    return (f"{record.get('sample_id')}: route {record.get('route_command') or 'n/a'}, "
+            f"model chose {manoeuvre_text(record)}")
+
+
+def _plot_xy(ax: Axes, xy: np.ndarray, **style: Any) -> None:
+    """A trajectory from the ego origin, in the view's axes (y left -> horizontal, x forward -> up)."""
+    if len(xy):
+        line = np.concatenate([np.zeros((1, 2)), xy])
+        ax.plot(line[:, 1], line[:, 0], marker="o", markevery=slice(1, None), **style)
+
+
+def _outline(ax: Axes, corners: np.ndarray, **style: Any) -> None:
+    from matplotlib.patches import Polygon
+
+    ax.add_patch(Polygon(corners[:, ::-1], closed=True, **style))
+
+
+def bev_figure(record: dict[str, Any]) -> Figure:
     """Top-down view (x forward pointing up, y left pointing left) of one sample: agents, the ground
-    truth, the model's and the constant-velocity plan, raters and their trust regions."""
+    truth, the model's and the constant-velocity plan, raters and their trust regions. The title
+    names the route command and the model's manoeuvre; the legend sits below the view, where no box
+    can cover it."""
     gt = record.get("gt") or {}
     valid = np.asarray(gt.get("valid") or [], dtype=bool)
     gt_xy = _points(gt.get("xy"))
@@ -251,26 +224,20 @@ def bev_overlay(record: dict[str, Any], path: Path) -> Path:
     lo, hi = pts.min(axis=0) - 6.0, pts.max(axis=0) + 6.0
     side = float(max(hi[0] - lo[0], hi[1] - lo[1], 20.0))
     centre = (lo + hi) / 2
-    scale = BEV_VIEW_PX / side
 
-    def px(p: Sequence[float] | np.ndarray) -> tuple[float, float]:
-        return (BEV_VIEW_PX / 2 - (p[1] - centre[1]) * scale, BEV_VIEW_PX / 2 - (p[0] - centre[0]) * scale)
+    figure = new_figure(BEV_SIZE)
+    height = 0.87 * BEV_VIEW_PX / BEV_SIZE[1]  # the view, with room above for the title
+    ax = figure.add_axes((0.08, 0.955 - height, 0.9, height))
+    ax.set_xlim(centre[1] + side / 2, centre[1] - side / 2)  # y left points left
+    ax.set_ylim(centre[0] - side / 2, centre[0] + side / 2)
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_title(bev_title(record), fontsize=10)
+    ax.set_xlabel("y left (m)", fontsize=8, labelpad=1)
+    ax.set_ylabel("x forward (m)", fontsize=8, labelpad=1)
+    ax.tick_params(labelsize=7)
+    ax.grid(color="0.9", linewidth=0.6)
+    ax.set_axisbelow(True)
 
-    image = Image.new("RGB", BEV_SIZE, BG)
-    d = ImageDraw.Draw(image)
-    font = _font()
-    grid = next(g for g in (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 1e9) if g * scale >= 12)
-    for axis in (0, 1):
-        first = math.ceil((centre[axis] - side / 2) / grid)
-        for k in range(first, math.floor((centre[axis] + side / 2) / grid) + 1):
-            m = k * grid
-            major = k % 5 == 0
-            a = px((m, centre[1] + side / 2) if axis == 0 else (centre[0] + side / 2, m))
-            b = px((m, centre[1] - side / 2) if axis == 0 else (centre[0] - side / 2, m))
-            d.line([a, b], fill=GRID_MAJOR if major else GRID)
-            if major:
-                d.text((a[0] + 2, a[1] + 1) if axis == 0 else (a[0] + 2, a[1] + 2), f"{m:g}", fill=(150, 150, 150),
-                       font=font)
     agents = record.get("agents") or {}
     steps = list(zip(agents.get("times_s") or [], agents.get("boxes") or [], strict=False))
     kinds = agents.get("kinds") or []
@@ -280,35 +247,40 @@ def bev_overlay(record: dict[str, Any], path: Path) -> Path:
             if len(box) != 5 or not all(math.isfinite(float(v)) for v in box):
                 continue
             kind = kinds[i][j] if i < len(kinds) and j < len(kinds[i]) else "agent"
-            color = _fade(AGENT.get(kind, AGENT_OTHER), alpha)
-            d.polygon([px(c) for c in _box_corners(*map(float, box))], outline=color, width=2 if i == 0 else 1)
-    d.polygon([px(c) for c in _box_corners(0.0, 0.0, 0.0, EGO_LENGTH_M, EGO_WIDTH_M)], fill=(60, 60, 60),
-              outline=INK)
+            _outline(ax, _box_corners(*map(float, box)), fill=False,
+                     edgecolor=rgb(AGENT.get(kind, AGENT_OTHER), alpha), linewidth=1.5 if i == 0 else 0.8)
+    _outline(ax, _box_corners(0.0, 0.0, 0.0, EGO_LENGTH_M, EGO_WIDTH_M), facecolor="0.24", edgecolor=rgb(INK))
     for h, corners in trust:
-        d.polygon([px(c) for c in corners], outline=_fade(RATER, 0.45 if h < 4 else 0.8), width=1)
+        _outline(ax, corners, fill=False, edgecolor=rgb(RATER, 0.45 if h < 4 else 0.8), linewidth=0.8)
     for xy, score in raters:
-        _trajectory(d, px, xy, _fade(RATER, 0.7), 1, 2)
+        _plot_xy(ax, xy, color=rgb(RATER, 0.7), linewidth=1, markersize=3)
         if len(xy) and score is not None:
-            d.text(px(xy[-1]), f"{score:g}", fill=RATER, font=font)
-    for xy, color, width in ((gt_xy, GT, 3), (cv_xy, CV, 2), (model_xy, MODEL, 3)):
-        _trajectory(d, px, xy, color, width, 3)
-    d.line([(BEV_VIEW_PX, BEV_VIEW_PX), (0, BEV_VIEW_PX)], fill=INK)
-    items = [("ground truth", GT), ("model", MODEL), ("constant velocity", CV)]
+            ax.annotate(f"{score:g}", (xy[-1, 1], xy[-1, 0]), color=rgb(RATER), fontsize=7)
+    for xy, color, width in ((gt_xy, GT, 2.5), (cv_xy, CV, 1.8), (model_xy, MODEL, 2.5)):
+        _plot_xy(ax, xy, color=rgb(color), linewidth=width, markersize=4)
+
+    from matplotlib.patches import Patch
+
+    items: list[tuple[str, Color]] = [("ground truth", GT), ("model", MODEL), ("constant velocity", CV)]
     present = {k for row in kinds for k in row} if kinds else ({"agent"} if steps else set())
     items += [(f"{kind} (fades with time)", AGENT.get(kind, AGENT_OTHER)) for kind in sorted(present)][:3]
     if raters:
         items.append(("raters + trust regions 3/5 s", RATER))
-    _legend(d, items, (8, BEV_VIEW_PX + 8), max_x=BEV_VIEW_PX - 8)
     metrics = record.get("metrics") or {}
     l2 = {p: _l2_at(metrics.get(p), 3.0) for p in ("model", "cv")}
-    caption = (f"{record.get('sample_id')}   status {record.get('status')}   "
-               f"L2@3s model {_fmt(l2['model'])} m, cv {_fmt(l2['cv'])} m")
-    d.text((8, BEV_VIEW_PX + 44), caption, fill=INK, font=_font(13))
-    note = f"grid {grid:g} m, x forward (up), y left (left), ego box at the origin"
-    d.text((8, BEV_VIEW_PX + 68), note, fill=INK, font=font)
+    figure.legend(handles=[Patch(color=rgb(c), label=name) for name, c in items], loc="lower left",
+                  bbox_to_anchor=(0.01, 0.075), ncols=3, fontsize=8, frameon=False, borderaxespad=0.0,
+                  handlelength=1.2, columnspacing=1.2)
+    caption = (f"status {record.get('status')}   L2@3s model {_fmt(l2['model'])} m, cv {_fmt(l2['cv'])} m"
+               f"   axes in metres, ego box at the origin")
+    figure.text(0.015, 0.045, caption, fontsize=8)
     if record.get("error"):
-        d.text((8, BEV_VIEW_PX + 88), str(record["error"])[:110], fill=MODEL, font=font)
-    return save_png(image, path)
+        figure.text(0.015, 0.012, str(record["error"])[:110], fontsize=8, color=rgb(MODEL))
+    return figure
+
+
+def bev_overlay(record: dict[str, Any], path: Path) -> Path:
+    return save_png(bev_figure(record), path)
 
 
 def _l2_at(metric: Any, t: float) -> float | None:
@@ -319,15 +291,6 @@ def _l2_at(metric: Any, t: float) -> float | None:
         if abs(float(time) - t) <= 1e-3 and ok:
             return num(l2)
     return None
-
-
-def _trajectory(d: ImageDraw.ImageDraw, px: Any, xy: np.ndarray, color: Color, width: int, dot: int) -> None:
-    if not len(xy):
-        return
-    line = [px((0.0, 0.0))] + [px(p) for p in xy]
-    d.line(line, fill=color, width=width, joint="curve")
-    for u, v in line[1:]:
-        d.ellipse((u - dot, v - dot, u + dot, v + dot), fill=color)
 
 
 def write_plots(records: Sequence[dict[str, Any]], summary: dict[str, Any], plots_dir: Path,

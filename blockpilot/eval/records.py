@@ -12,7 +12,8 @@ One record (a JSON object per line) per source item::
     raters          [{"xy": [[x, y], ..], "score": s}, ..]   (4 Hz from 0.25 s)
     predictions     {"model": P, "cv": P}; P = {"times_s": [..], "xy": [[x, y], ..]}; "model" is
                     absent when the plan did not parse; "cv" (constant velocity) is there whenever
-                    the sample has an ego state
+                    the sample has an ego state; "model" also has "behaviour", the manoeuvre the
+                    model chose (e.g. {"longitudinal": .., "lateral": ..}) or null
     metrics         {"model": M, "cv": M} for each prediction that could be scored against the truth;
                     M = {"times_s": [..] (times shared by prediction and truth),
                          "l2": [..], "valid": [bool, ..],
