@@ -12,7 +12,7 @@ Those batches are causal only: they do not exercise the bidirectional block atte
 
 from __future__ import annotations
 
-import sys
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..progress_bars import live_bar
 from ..runtime.plan_types import Observation, for_model
 from ..runtime.planner import Planner
 from ..vla.image import preprocess_images
@@ -83,9 +84,9 @@ class ForwardLoop:
         stats = self.stats
         stats.calls += 1
         t0 = time.perf_counter()
-        total = len(self.observations)
-        with torch.inference_mode():
-            for i, (sample_id, obs) in enumerate(zip(self.sample_ids, self.observations, strict=True)):
+        bar = live_bar(len(self.observations), "calibration", unit="plan", enabled=None if self.progress else False)
+        with torch.inference_mode(), contextlib.closing(bar):
+            for sample_id, obs in zip(self.sample_ids, self.observations, strict=True):
                 plan = self.planner.plan(obs)
                 stats.plans += 1
                 stats.forwards += plan.stats.forwards
@@ -97,9 +98,9 @@ class ForwardLoop:
                     stats.parse_failures += 1
                     if len(stats.failure_examples) < PARSE_FAILURE_EXAMPLES:
                         stats.failure_examples.append(f"{sample_id}: {plan.error}")
-                if self.progress:
-                    print(f"calibration {i + 1}/{total} {sample_id}: {plan.stats.forwards} forwards, "
-                          f"{'parsed' if plan.ok else 'parse failure'}", file=sys.stderr, flush=True)
+                bar.set_postfix_str(f"{sample_id}: {plan.stats.forwards} forwards, "
+                                    f"{'parsed' if plan.ok else 'parse failure'}", refresh=False)
+                bar.update()
         stats.seconds += time.perf_counter() - t0
 
 

@@ -21,8 +21,8 @@ made when the loop is built, before any quantizer is inserted.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from ..progress_bars import live_bar
 from ..runtime.backend import Prompt
 from ..runtime.decoders import section_blocks
 from ..runtime.plan_types import for_model
@@ -235,8 +236,9 @@ class TeacherForwardLoop:
         stats = self.stats
         stats.calls += 1
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            for i, sample in enumerate(self.samples):
+        bar = live_bar(len(self.samples), "calibration", unit="forward", enabled=None if self.progress else False)
+        with torch.inference_mode(), contextlib.closing(bar):
+            for sample in self.samples:
                 _, layout = self.forward(sample)
                 stats.forwards += 1
                 stats.packed_tokens += int(layout.slots.numel())
@@ -245,9 +247,9 @@ class TeacherForwardLoop:
                 stats.causal_queries += layout.clean_queries
                 stats.draft_queries += layout.draft_queries
                 stats.windows += int(layout.window.max()) + 1
-                if self.progress:
-                    print(f"calibration {i + 1}/{len(self.samples)} {sample.sample_id}: one packed forward of "
-                          f"{layout.slots.numel()} tokens ({sample.source} answer)", file=sys.stderr, flush=True)
+                bar.set_postfix_str(f"{sample.sample_id}: {layout.slots.numel()} tokens ({sample.source} answer)",
+                                    refresh=False)
+                bar.update()
         stats.seconds += time.perf_counter() - t0
 
 

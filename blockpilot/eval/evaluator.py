@@ -8,6 +8,7 @@ it) with :mod:`blockpilot.eval.metrics`. Aggregation and the report live in
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -18,6 +19,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ..progress_bars import is_terminal, live_bar
 from ..runtime.backend import BackendError
 from ..runtime.plan_types import Observation
 from .metrics import (
@@ -192,30 +194,38 @@ def evaluate_sample(planner: PlannerLike, sample: EvalSample | SampleFailure) ->
 
 
 class Progress:
-    """A one-line progress bar on a terminal; a line per 10% elsewhere (CI logs)."""
+    """A tqdm bar on a terminal (:mod:`blockpilot.progress_bars`); a line per 10% elsewhere (CI logs)."""
 
     def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True) -> None:
         self.total, self.stream, self.enabled = total, stream or sys.stderr, enabled
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.tty = is_terminal(self.stream)
+        self.bar = live_bar(total, "replay", stream=self.stream, unit="sample",
+                            enabled=enabled and self.tty and total > 0)
         self.start = time.perf_counter()
+        self._done = 0
         self._last_decile = -1
 
     def update(self, done: int, counts: dict[str, int]) -> None:
         if not self.enabled or self.total <= 0:
             return
-        frac = done / self.total
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / frac - elapsed if frac > 0 else 0.0
-        bar = "#" * int(24 * frac)
         tail = " ".join(f"{k} {v}" for k, v in counts.items() if v)
-        line = f"[{bar:<24}] {done}/{self.total} {tail} eta {eta:4.0f}s"
         if self.tty:
-            self.stream.write("\r" + line + ("\n" if done >= self.total else ""))
-            self.stream.flush()
-        elif int(frac * 10) != self._last_decile or done >= self.total:
+            self.bar.set_postfix_str(tail, refresh=False)
+            self.bar.update(done - self._done)
+            self._done = done
+            if done >= self.total:
+                self.bar.close()
+            return
+        frac = done / self.total
+        if int(frac * 10) != self._last_decile or done >= self.total:
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / frac - elapsed if frac > 0 else 0.0
             self._last_decile = int(frac * 10)
-            self.stream.write(line + "\n")
+            self.stream.write(f"[{'#' * int(24 * frac):<24}] {done}/{self.total} {tail} eta {eta:4.0f}s\n")
             self.stream.flush()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _check_resume(path: Path, header: dict[str, Any]) -> set[str]:
@@ -252,7 +262,7 @@ def run_evaluation(planner: PlannerLike, source: Source, out_dir: str | Path, *,
     counts = {"ok": 0, "parse_error": 0, "failed": 0, "skipped": 0}
     bar = Progress(total, enabled=progress)
     written = resumed = 0
-    with ResultsWriter(path, header=header) as writer:
+    with ResultsWriter(path, header=header) as writer, contextlib.closing(bar):
         for index, item in enumerate(_limited(source, limit)):
             if item.sample_id in done:
                 resumed += 1

@@ -1,7 +1,7 @@
-"""Progress bars per stage of a long CLI job (``blockpilot export``), on stderr, without dependencies.
+"""Progress per stage of a long CLI job (``blockpilot export``), on stderr.
 
-On a terminal each stage draws one bar that redraws in place (``\\r``); elsewhere (CI logs, pipes) each stage
-prints one line when it ends, so logs stay readable. Stage timings are kept for the closing summary.
+On a terminal each stage draws one tqdm bar (:mod:`blockpilot.progress_bars`); elsewhere (CI logs, pipes)
+each stage prints one line when it ends, so logs stay readable. Stage timings are kept for the closing summary.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from ..progress_bars import Bar, NoBar, is_terminal, live_bar
+
 BAR_WIDTH = 24
 
 
@@ -23,6 +25,7 @@ class Stage:
     done: int = 0
     detail: str = ""
     started: float = field(default_factory=time.perf_counter)
+    bar: Bar = field(default_factory=NoBar)
 
 
 class Progress:
@@ -33,7 +36,7 @@ class Progress:
 
     def __init__(self, stream: TextIO | None = None, *, enabled: bool | None = None, stages: int = 0) -> None:
         self.stream = stream if stream is not None else sys.stderr
-        self.live = bool(getattr(self.stream, "isatty", lambda: False)()) if enabled is None else enabled
+        self.live = is_terminal(self.stream) if enabled is None else enabled
         self.quiet = enabled is False
         self.stages = stages
         self.seconds: dict[str, float] = {}
@@ -41,31 +44,35 @@ class Progress:
     @contextmanager
     def stage(self, name: str, total: int = 1) -> Iterator[Stage]:
         stage = Stage(name, max(total, 1))
-        self._draw(stage)
+        if self.live and not self.quiet:
+            stage.bar = live_bar(stage.total, f"{self._prefix(len(self.seconds) + 1)}{name:<9}", stream=self.stream,
+                                 enabled=True, unit="step")
         try:
             yield stage
         finally:
             elapsed = time.perf_counter() - stage.started
             self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
-            stage.done = stage.total if stage.done < stage.total else stage.done
-            self._draw(stage, final=True, elapsed=elapsed)
+            if stage.done < stage.total:  # a finished stage shows as complete
+                stage.bar.update(stage.total - stage.done)
+                stage.done = stage.total
+            stage.bar.close()
+            if not self.live and not self.quiet:
+                self._line(stage, elapsed)
 
     def advance(self, stage: Stage, detail: str = "", step: int = 1) -> None:
-        stage.done = min(stage.total, stage.done + step)
+        step = min(step, stage.total - stage.done)
+        stage.done += step
         stage.detail = detail
-        self._draw(stage)
+        stage.bar.set_postfix_str(detail, refresh=False)
+        stage.bar.update(step)
 
-    def _draw(self, stage: Stage, *, final: bool = False, elapsed: float | None = None) -> None:
-        if self.quiet or not (self.live or final):
-            return
-        index = len(self.seconds) if final else len(self.seconds) + 1
-        prefix = f"[{index}/{self.stages}] " if self.stages else ""
+    def _prefix(self, index: int) -> str:
+        return f"[{index}/{self.stages}] " if self.stages else ""
+
+    def _line(self, stage: Stage, elapsed: float) -> None:
+        """The one line a finished stage leaves in a log."""
         filled = round(BAR_WIDTH * stage.done / stage.total)
         bar = "#" * filled + "-" * (BAR_WIDTH - filled)
-        tail = f"{elapsed:6.1f} s" if elapsed is not None else stage.detail
-        line = f"{prefix}{stage.name:<9} [{bar}] {stage.done}/{stage.total} {tail}"
-        if self.live:
-            self.stream.write("\r\x1b[2K" + line + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
+        self.stream.write(f"{self._prefix(len(self.seconds))}{stage.name:<9} [{bar}] {stage.done}/{stage.total} "
+                          f"{elapsed:6.1f} s\n")
         self.stream.flush()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic_io import atomic_write
+from ..progress_bars import is_terminal
 
 RECIPE_NAMES = ("fp8", "nvfp4", "w4a8", "int8_sq", "mixed", "auto")
 TARGET_NAMES = ("cpu", "orin", "thor", "h100", "rtx-ada")
@@ -52,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gate.add_argument("--gate-limit", type=positive_int, default=None, help="replay only the first N samples")
     parser.add_argument("--decoder", default="scaffold", choices=["ar", "block", "scaffold"])
     parser.add_argument("--out", default=None, help="output dir (default runs/quant/<recipe>)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars for calibration and the gate (they draw only on a terminal)")
     from ..vla.schema_io import add_schema_option
 
     add_schema_option(parser)
@@ -101,12 +104,14 @@ def run(args: argparse.Namespace) -> int:
     decoder = DecoderSettings(name=args.decoder)
     schema = driving_schema(checkpoint, args.schema)
     cache = Path(args.cache_dir) if args.cache_dir else None
+    # bars on stderr while calibration and the gate replay run (a terminal only; stdout keeps its lines)
+    progress = not (args.quiet or getattr(args, "json", False)) and is_terminal()
     calib_source = _source(args.calib_source, args.calib_dataroot, args.calib_scenes, "calib")
     if args.sensitivity:
         recipe = _sensitivity(args, checkpoint, decoder, recipe, calib_source, cache, out)
     outcome = quantize_checkpoint(checkpoint, recipe, calib_source, args.calib, out, target=target,
                                   allow_emulated=args.allow_emulated, decoder=decoder, cache_dir=cache,
-                                  schema=schema, calib_mode=args.calib_mode)
+                                  schema=schema, calib_mode=args.calib_mode, progress=progress)
     report = outcome.report.to_dict()
     print(f"recipe        {recipe.name}: {recipe.description}")
     for note in outcome.notes:
@@ -131,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
 
     fp32 = load_planner(checkpoint, decoder, schema=schema)
     result = run_gate(fp32, outcome.planner, make, gate_dir, checkpoint=checkpoint, precision=recipe.name,
-                      l2_bound=args.gate_bound, parse_drop=args.gate_parse_drop, limit=args.gate_limit)
+                      l2_bound=args.gate_bound, parse_drop=args.gate_parse_drop, limit=args.gate_limit,
+                      progress=progress)
     print(result.table)
     atomic_write(gate_dir / "gate.json", json.dumps(result.to_dict(), indent=2) + "\n")
     verdict = "PASSED" if result.passed else "FAILED: " + "; ".join(result.reasons)
