@@ -114,6 +114,30 @@ def test_onnxruntime_parity(exported: tuple[Path, dict[str, Any]], native: tuple
     np.testing.assert_allclose(got[3], ref[3], atol=1e-5)
 
 
+def test_typed_slot_inputs_survive_the_rewrite_and_match_on_onnxruntime(
+        exported: tuple[Path, dict[str, Any]], native: tuple[Path, dict[str, Any]]) -> None:
+    """The typed-slot tables are graph inputs with a default initializer (onnx-graphsurgeon would turn them
+    into constants): the rewritten graph keeps them as inputs, and an override masks its logits exactly as
+    it masks the decomposed graph's."""
+    out, spec = exported
+    path, _ = native
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = [i.name for i in model.graph.input]
+    assert inputs[-2:] == ["allowed_table", "token_class"]
+    assert {"allowed_table", "token_class"} <= {t.name for t in model.graph.initializer}
+    t = 12
+    feeds = _feeds(spec, 1, 20, t, seed=11, zero_cache=False)
+    rng = np.random.default_rng(12)
+    vocab = model.graph.input[-2].type.tensor_type.shape.dim[1].dim_value
+    feeds["allowed_table"] = np.stack([np.ones(vocab, bool), rng.random(vocab) < 0.05])
+    feeds["token_class"] = rng.integers(0, 2, size=(1, t)).astype(np.int64)
+    runs = [onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)
+            for p in (out / "lm_step.onnx", path)]
+    np.testing.assert_array_equal(runs[1][0], runs[0][0])
+    assert np.all(feeds["allowed_table"][feeds["token_class"][0], runs[1][0][0]])  # every top-1 id is allowed
+    np.testing.assert_allclose(runs[1][1], runs[0][1], atol=1e-4)
+
+
 def test_ungrouped_variant_matches_too(exported: tuple[Path, dict[str, Any]]) -> None:
     ort = onnxruntime
     out, spec = exported

@@ -32,150 +32,108 @@ NATIVE_OPSET = 23
 
 @dataclass(frozen=True)
 class _Match:
-    """One decomposed attention chain found in the graph."""
+    """One decomposed attention chain found in the graph (onnx-graphsurgeon tensors and nodes)."""
 
-    q: str
-    k: str
-    v: str
-    mask: str
+    q: Any
+    k: Any
+    v: Any
+    mask: Any
     scale: float
-    output: str
-    layer: int
+    out_mm: Any  # the chain's last MatMul: the Attention node takes its place and its output
     boolean: bool
     grouped: bool
 
 
-def _constant_value(name: str, producers: dict[str, Any], inits: dict[str, Any]) -> np.ndarray | None:
-    """The value of ``name`` when it is an initializer or a ``Constant`` node output, else ``None``."""
-    from onnx import numpy_helper
-
-    if name in inits:
-        return np.asarray(numpy_helper.to_array(inits[name]))
-    node = producers.get(name)
-    if node is not None and node.op_type == "Constant":
-        for attr in node.attribute:
-            if attr.name == "value":
-                return np.asarray(numpy_helper.to_array(attr.t))
-    return None
+def _producer(tensor: Any, op: str | tuple[str, ...]) -> Any:
+    """The node that makes ``tensor`` when its op is ``op`` (one of ``op``), else ``None``."""
+    node = tensor.inputs[0] if tensor.inputs else None
+    return node if node is not None and node.op in ((op,) if isinstance(op, str) else op) else None
 
 
-def _fill_value(name: str, producers: dict[str, Any], inits: dict[str, Any]) -> float | None:
+def _constant_value(tensor: Any) -> np.ndarray | None:
+    """The value of ``tensor`` when it is an initializer or a ``Constant`` node output, else ``None``."""
+    import onnx_graphsurgeon as gs
+
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    node = _producer(tensor, "Constant")
+    value = None if node is None else node.attrs.get("value")
+    return np.asarray(value.values) if isinstance(value, gs.Constant) else None
+
+
+def _fill_value(tensor: Any) -> float | None:
     """The single value a tensor is filled with (``ConstantOfShape`` or a uniform constant), else ``None``."""
-    from onnx import numpy_helper
-
-    node = producers.get(name)
-    if node is not None and node.op_type == "ConstantOfShape":
-        for attr in node.attribute:
-            if attr.name == "value":
-                return float(numpy_helper.to_array(attr.t).reshape(-1)[0])
-        return 0.0
-    value = _constant_value(name, producers, inits)
-    if value is not None and value.size > 0 and np.all(value == value.reshape(-1)[0]):
-        return float(value.reshape(-1)[0])
+    node = _producer(tensor, "ConstantOfShape")
+    if node is not None:
+        value = node.attrs.get("value")
+        return 0.0 if value is None else float(np.asarray(value.values).reshape(-1)[0])
+    array = _constant_value(tensor)
+    if array is not None and array.size > 0 and np.all(array == array.reshape(-1)[0]):
+        return float(array.reshape(-1)[0])
     return None
 
 
-def _unrepeat(name: str, producers: dict[str, Any]) -> str | None:
+def _unrepeat(tensor: Any) -> Any:
     """The K/V tensor before a ``Unsqueeze -> Tile -> Reshape`` (or ``Expand``) head repeat, else ``None``."""
-    reshape = producers.get(name)
-    if reshape is None or reshape.op_type != "Reshape":
+    reshape = _producer(tensor, "Reshape")
+    tile = reshape and _producer(reshape.inputs[0], ("Tile", "Expand"))
+    unsqueeze = tile and _producer(tile.inputs[0], "Unsqueeze")
+    return unsqueeze.inputs[0] if unsqueeze else None
+
+
+def _boolean_mask(tensor: Any) -> Any:
+    """``allowed`` when ``tensor`` is ``Where(allowed, 0, -inf)``, else ``None``."""
+    where = _producer(tensor, "Where")
+    if where is None:
         return None
-    tile = producers.get(reshape.input[0])
-    if tile is None or tile.op_type not in ("Tile", "Expand"):
+    on, off = _fill_value(where.inputs[1]), _fill_value(where.inputs[2])
+    return where.inputs[0] if on == 0.0 and off is not None and math.isinf(off) and off < 0 else None
+
+
+def _match(softmax: Any, gqa: bool, boolean: bool) -> _Match | None:
+    """The chain ``MatMul(Q, Transpose(K)) -> Mul/Div(scale) -> Add(mask) -> Softmax -> MatMul(V)`` that ends
+    at ``softmax``'s consumer, else ``None``."""
+    users = softmax.outputs[0].outputs
+    add = _producer(softmax.inputs[0], "Add")
+    if softmax.attrs.get("axis", -1) not in (-1, 3) or len(users) != 1 or users[0].op != "MatMul" or add is None:
         return None
-    unsq = producers.get(tile.input[0])
-    if unsq is None or unsq.op_type != "Unsqueeze":
+    out_mm = users[0]
+    if out_mm.inputs[0] is not softmax.outputs[0]:
         return None
-    return str(unsq.input[0])
-
-
-def _boolean_mask(name: str, producers: dict[str, Any], inits: dict[str, Any]) -> str | None:
-    """``allowed`` when ``name`` is ``Where(allowed, 0, -inf)``, else ``None``."""
-    node = producers.get(name)
-    if node is None or node.op_type != "Where":
+    scaled, mask = add.inputs[0], add.inputs[1]
+    scaler = _producer(scaled, ("Mul", "Div"))
+    if scaler is None:
+        scaled, mask = mask, scaled
+        scaler = _producer(scaled, ("Mul", "Div"))
+    if scaler is None:
         return None
-    on, off = _fill_value(node.input[1], producers, inits), _fill_value(node.input[2], producers, inits)
-    if on == 0.0 and off is not None and math.isinf(off) and off < 0:
-        return str(node.input[0])
-    return None
-
-
-def _find(graph: Any, gqa: bool, boolean: bool) -> list[tuple[_Match, list[Any]]]:
-    """Every decomposed attention chain with the nodes it replaces, in graph order."""
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    inits = {init.name: init for init in graph.initializer}
-    found: list[tuple[_Match, list[Any]]] = []
-    for softmax in graph.node:
-        if softmax.op_type != "Softmax":
-            continue
-        axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
-        users = consumers.get(softmax.output[0], [])
-        add = producers.get(softmax.input[0])
-        if axis not in (-1, 3) or len(users) != 1 or users[0].op_type != "MatMul" or add is None \
-                or add.op_type != "Add":
-            continue
-        out_mm = users[0]
-        if out_mm.input[0] != softmax.output[0]:
-            continue
-        scaled, mask = add.input[0], add.input[1]
-        scaler = producers.get(scaled)
-        if scaler is None or scaler.op_type not in ("Mul", "Div"):
-            scaled, mask = mask, scaled
-            scaler = producers.get(scaled)
-        if scaler is None or scaler.op_type not in ("Mul", "Div"):
-            continue
-        factor = _constant_value(scaler.input[1], producers, inits)
-        qk_name = scaler.input[0]
-        if factor is None and scaler.op_type == "Mul":
-            factor, qk_name = _constant_value(scaler.input[0], producers, inits), scaler.input[1]
-        qk = producers.get(qk_name)
-        if factor is None or factor.size != 1 or qk is None or qk.op_type != "MatMul":
-            continue
-        scale = float(factor.reshape(-1)[0]) if scaler.op_type == "Mul" else 1.0 / float(factor.reshape(-1)[0])
-        k_t = producers.get(qk.input[1])
-        if k_t is None or k_t.op_type != "Transpose":
-            continue
-        perm = next((list(a.ints) for a in k_t.attribute if a.name == "perm"), [])
-        if perm != [0, 1, 3, 2]:
-            continue
-        k, v = k_t.input[0], out_mm.input[1]
-        grouped = False
-        if gqa:
-            k_src, v_src = _unrepeat(k, producers), _unrepeat(v, producers)
-            if k_src is not None and v_src is not None:
-                k, v, grouped = k_src, v_src, True
-        bool_mask = _boolean_mask(mask, producers, inits) if boolean else None
-        match = _Match(q=qk.input[0], k=k, v=v, mask=bool_mask or mask, scale=scale, output=out_mm.output[0],
-                       layer=len(found), boolean=bool_mask is not None, grouped=grouped)
-        found.append((match, [k_t, qk, scaler, add, softmax, out_mm]))
-    return found
-
-
-def _prune(graph: Any) -> int:
-    """Drop nodes whose outputs nothing reads (graph outputs count as read); returns how many went."""
-    needed = {o.name for o in graph.output}
-    keep: list[Any] = []
-    for node in reversed(list(graph.node)):
-        if any(out in needed for out in node.output if out):
-            keep.append(node)
-            needed.update(name for name in node.input if name)
-    removed = len(graph.node) - len(keep)
-    del graph.node[:]
-    graph.node.extend(reversed(keep))
-    used = needed
-    inits = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    return removed
+    factor, qk_tensor = _constant_value(scaler.inputs[1]), scaler.inputs[0]
+    if factor is None and scaler.op == "Mul":
+        factor, qk_tensor = _constant_value(scaler.inputs[0]), scaler.inputs[1]
+    qk = _producer(qk_tensor, "MatMul")
+    if factor is None or factor.size != 1 or qk is None:
+        return None
+    scale = float(factor.reshape(-1)[0]) if scaler.op == "Mul" else 1.0 / float(factor.reshape(-1)[0])
+    k_t = _producer(qk.inputs[1], "Transpose")
+    if k_t is None or list(k_t.attrs.get("perm", [])) != [0, 1, 3, 2]:
+        return None
+    k, v, grouped = k_t.inputs[0], out_mm.inputs[1], False
+    if gqa:
+        k_src, v_src = _unrepeat(k), _unrepeat(v)
+        if k_src is not None and v_src is not None:
+            k, v, grouped = k_src, v_src, True
+    bool_mask = _boolean_mask(mask) if boolean else None
+    return _Match(q=qk.inputs[0], k=k, v=v, mask=mask if bool_mask is None else bool_mask, scale=scale,
+                  out_mm=out_mm, boolean=bool_mask is not None, grouped=grouped)
 
 
 def to_native_attention(onnx_in: str | Path, onnx_out: str | Path, *, gqa: bool = True,
                         boolean_mask: bool = True, full_check: bool = True) -> dict[str, Any]:
     """Write ``onnx_out``: ``onnx_in`` at opset 23 with each decomposed attention as one ``Attention`` node.
+
+    The rewrite runs on onnx-graphsurgeon's graph: each chain's last ``MatMul`` hands its output to the new
+    node in its place, and ``cleanup`` drops what became dead (the chains, the head repeats, the additive
+    mask and their unused initializers).
 
     Returns counts: ``attention_nodes`` (created), ``per_layer`` (one entry per layer, its scale and whether the
     mask is boolean and the K/V grouped), ``nodes_before`` / ``nodes_after``, ``nodes_removed`` (the replaced
@@ -183,39 +141,45 @@ def to_native_attention(onnx_in: str | Path, onnx_out: str | Path, *, gqa: bool 
     Raises ``ValueError`` when no attention chain is found.
     """
     import onnx
-    from onnx import helper, version_converter
+    import onnx_graphsurgeon as gs
+    from onnx import version_converter
 
     from .external_data import save_structure, share_external_data
 
     # Structure only (weights stay in the graph's external file): the opset conversion and the rewrite never
-    # serialize the weights, so graphs over protobuf's 2 GB limit convert too.
+    # serialize the weights (graphsurgeon passes external initializers through as they are), so graphs over
+    # protobuf's 2 GB limit convert too.
     model = onnx.load(str(onnx_in), load_external_data=False)
     nodes_before = len(model.graph.node)
     if not any(op.domain in ("", "ai.onnx") and op.version >= NATIVE_OPSET for op in model.opset_import):
         model = version_converter.convert_version(model, NATIVE_OPSET)
-    graph = model.graph
-    matches = _find(graph, gqa, boolean_mask)
+    inputs = list(model.graph.input)  # graphsurgeon drops inputs that have an initializer (the typed-slot tables)
+    graph = gs.import_onnx(model)
+    matches = [m for node in graph.nodes if node.op == "Softmax" and (m := _match(node, gqa, boolean_mask))]
     if not matches:
         raise ValueError(f"{onnx_in}: no MatMul -> scale -> Add(mask) -> Softmax -> MatMul attention found")
-    replaced = {id(node) for _, chain in matches for node in chain}
-    anchor = {id(chain[-1]): match for match, chain in matches}
-    new_nodes: list[Any] = []
     per_layer: list[dict[str, Any]] = []
-    for node in graph.node:
-        match = anchor.get(id(node))
-        if match is not None:
-            new_nodes.append(helper.make_node("Attention", [match.q, match.k, match.v, match.mask], [match.output],
-                                              name=f"/native_attention_{match.layer}", scale=match.scale))
-            per_layer.append({"layer": match.layer, "node": f"/native_attention_{match.layer}",
-                              "scale": match.scale, "boolean_mask": match.boolean, "grouped_kv": match.grouped})
-        elif id(node) not in replaced:
-            new_nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    del graph.value_info[:]  # stale shapes of removed tensors; inference redoes them
-    pruned = _prune(graph)
+    for layer, match in enumerate(matches):
+        name = f"/native_attention_{layer}"
+        output = match.out_mm.outputs[0]
+        match.out_mm.outputs.clear()  # the MatMul (and with it the chain) is now dead; cleanup removes it
+        node = gs.Node("Attention", name=name, attrs={"scale": match.scale},
+                       inputs=[match.q, match.k, match.v, match.mask], outputs=[output])
+        graph.nodes.insert(graph.nodes.index(match.out_mm), node)
+        per_layer.append({"layer": layer, "node": name, "scale": match.scale, "boolean_mask": match.boolean,
+                          "grouped_kv": match.grouped})
+    chain_nodes = 6 * len(matches)  # Transpose, MatMul, Mul/Div, Add, Softmax, MatMul per layer
+    nodes_replaced = len(graph.nodes)
+    graph.cleanup()
+    pruned = nodes_replaced - len(graph.nodes) - chain_nodes
+    graph.opset = NATIVE_OPSET
+    rewritten = gs.export_onnx(graph, do_type_check=False)
+    del rewritten.graph.input[:]
+    rewritten.graph.input.extend(inputs)
+    del rewritten.graph.value_info[:]  # stale shapes of removed tensors; inference redoes them
+    model.graph.CopyFrom(rewritten.graph)  # keeps the model's own fields (IR version, producer, metadata)
     del model.opset_import[:]
-    model.opset_import.extend([helper.make_opsetid("", NATIVE_OPSET)])
+    model.opset_import.extend(rewritten.opset_import)
     model = onnx.shape_inference.infer_shapes(model)
     Path(onnx_out).parent.mkdir(parents=True, exist_ok=True)
     share_external_data(onnx_in, onnx_out)
@@ -224,7 +188,7 @@ def to_native_attention(onnx_in: str | Path, onnx_out: str | Path, *, gqa: bool 
     nodes_after = len(model.graph.node)
     return {"attention_nodes": len(matches), "per_layer": per_layer, "nodes_before": nodes_before,
             "nodes_after": nodes_after, "nodes_removed": nodes_before - nodes_after + len(matches),
-            "chain_nodes_replaced": len(replaced), "dead_nodes_pruned": pruned, "opset": NATIVE_OPSET}
+            "chain_nodes_replaced": chain_nodes, "dead_nodes_pruned": pruned, "opset": NATIVE_OPSET}
 
 
 def attention_layer_types(onnx_path: str | Path) -> dict[str, int]:
