@@ -63,8 +63,30 @@ def test_cuda_memory_opens_or_says_why() -> None:
     if importlib.util.find_spec("pycuda") is None:
         with pytest.raises(CudaUnavailableError, match="pycuda is not installed"):
             CudaMemory(api="pycuda")
+    with pytest.raises(CudaUnavailableError, match=r"no usable CUDA GPU: cuda\.core cannot reach the NVIDIA driver"):
+        CudaMemory(api="cuda-core")  # cuda.core is part of cuda-python here
     with pytest.raises(ValueError, match="CUDA api"):
         CudaMemory(api="opencl")
+
+
+def test_cuda_core_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where cuda.core is not installed (an older cuda-python, a Jetson image), asking for it says so, and
+    ``auto`` never needs it."""
+    import importlib as importlib_
+
+    real = importlib_.import_module
+
+    def without_cuda_core(name: str, package: str | None = None) -> Any:
+        if name == "cuda.core" or name.startswith("cuda.core."):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, package)
+
+    monkeypatch.setattr(importlib_, "import_module", without_cuda_core)
+    with pytest.raises(CudaUnavailableError, match=r"no CUDA Python bindings: cuda-core is not installed"):
+        CudaMemory(api="cuda-core")
+    if _gpu() is None:
+        with pytest.raises(CudaUnavailableError, match="NVIDIA driver"):  # auto: cuda-python, no cuda.core
+            CudaMemory()
 
 
 def test_normalize_cc() -> None:
@@ -633,8 +655,10 @@ def fp32_bundle(tmp_path_factory: pytest.TempPathFactory, gpu_cc: str) -> Path:
 
 
 @pytest.mark.gpu
-def test_cuda_memory_round_trip_and_graph_replay(gpu_cc: str) -> None:
-    with CudaMemory() as memory:
+@pytest.mark.parametrize("api", ["cuda-python", "cuda-core"])
+def test_cuda_memory_round_trip_and_graph_replay(gpu_cc: str, api: str) -> None:
+    with CudaMemory(api=api) as memory:
+        assert memory.api == api and memory.compute_capability == gpu_cc
         data = np.arange(1024, dtype=np.float32)
         a, b = memory.alloc("a", data.nbytes), memory.alloc("b", data.nbytes)
         staged, back = memory.pinned(1024, np.float32), memory.pinned(1024, np.float32)
@@ -657,6 +681,14 @@ def test_cuda_memory_round_trip_and_graph_replay(gpu_cc: str) -> None:
             memory.download(back, b)
             memory.synchronize()
             np.testing.assert_array_equal(back, data)
+        memory.memset(b)
+        memory.copy_2d(b, a, width=8, height=4, dst_pitch=32, src_pitch=16)  # 4 rows of 8 bytes, re-pitched
+        memory.download(back, b)
+        memory.synchronize()
+        want = np.zeros(data.nbytes, np.uint8)
+        for row in range(4):
+            want[32 * row:32 * row + 8] = data.view(np.uint8)[16 * row:16 * row + 8]
+        np.testing.assert_array_equal(back.view(np.uint8), want)
         assert memory.allocated_bytes == 2 * data.nbytes
 
 
