@@ -9,13 +9,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from blockpilot.geometry import to_ego_frame
 from blockpilot.sim.cameras import FRONT_CAMERA, WOD_CAMERAS
 from blockpilot.sim.expert import overlap_steps
 from blockpilot.sim.generator import generate_scene
 from blockpilot.sim.path import Path
 from blockpilot.sim.render import render_camera
 from blockpilot.sim.samples import FUTURE_TIMES_5S, constant_velocity, keyframe_at, keyframes
-from blockpilot.sim.types import Road, Scene, Track, to_ego_frame
+from blockpilot.sim.types import Road, Scene, Track
 
 SEEDS = range(40)
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from blockpilot.sim.types import Agent, Road, Scene, Track, to_ego_frame
+from blockpilot.geometry import to_ego_frame
+from blockpilot.sim.types import Agent, Road, Scene, Track
 from blockpilot.vla.config import BlockDiffusionConfig, LMConfig, ModelConfig, SpecialTokens, VisionConfig
 from blockpilot.vla.loader import load_model, load_tokenizer
 from blockpilot.vla.model import VLAModel

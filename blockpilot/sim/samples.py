@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from blockpilot.geometry import to_ego_frame
 from blockpilot.sim.cameras import FRONT_CAMERA, CameraSpec
-from blockpilot.sim.types import FloatArray, Scene, to_ego_frame
+from blockpilot.sim.types import FloatArray, Scene
 
 PAST_TIMES_S = (-2.0, -1.5, -1.0, -0.5)
 FUTURE_TIMES_S = tuple(0.5 * (i + 1) for i in range(6))  # 2 Hz over 3 s

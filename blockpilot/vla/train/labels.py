@@ -16,7 +16,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ...sim.types import Scene, to_ego_frame
+from ...geometry import to_ego_frame
+from ...sim.types import Scene
 from ..plans import DrivingPlan, DrivingSchema
 
 FloatArray = npt.NDArray[np.float64]

@@ -1,4 +1,7 @@
-"""Small rigid-transform helpers for replay sources: quaternions [w, x, y, z] and 3-D poses.
+"""Small rigid-transform helpers: the ego frame, quaternions [w, x, y, z] and 3-D poses (numpy only).
+
+A leaf module (it imports nothing from blockpilot): the generated scenes (``sim``), the replay sources
+(``eval``), the training labels and the ROS nodes all write trajectories in the same ego frame.
 
 A :class:`Pose` maps points of its own frame into the parent frame (``parent = R @ local + t``),
 the way nuScenes stores ``ego_pose`` (ego in the global frame) and ``calibrated_sensor`` (sensor in
