@@ -59,8 +59,6 @@ NEVER: dict[str, frozenset[str]] = {
 
 # (importer, imported), each a module or a package prefix. Every entry is a violation today; remove it with the fix.
 KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("blockpilot.kernels.fp8_quant", "blockpilot.runtime.cuda_fp8"):
-        "issue 21 item 3: FP8 torch references into kernels/reference.py",
     ("blockpilot.quant.gate", "blockpilot.eval.cli"): "issue 21 item 3: library functions out of eval/cli.py",
     ("blockpilot.bench.run", "blockpilot.demo"): "issue 21 item 3: bench not importing demo",
     ("blockpilot.vla.train", "blockpilot.sim"): "issue 21 item 3: the training recipe as a top-level train/",
