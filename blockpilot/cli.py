@@ -96,7 +96,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_reference(args: argparse.Namespace) -> int:
-    from .vla.train.trainer import run
+    from .train.trainer import run
 
     run(args)
     return 0
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_cmd_plan)
     train = sub.add_parser("train-reference",
                            help="train the reference model on generated scenes (block-diffusion recipe)")
-    from .vla.train.trainer import add_arguments
+    from .train.trainer import add_arguments
 
     add_arguments(train)
     train.set_defaults(func=_cmd_train_reference)
