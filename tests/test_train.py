@@ -12,16 +12,6 @@ import torch
 
 from blockpilot.geometry import to_ego_frame
 from blockpilot.sim.types import Agent, Road, Scene, Track
-from blockpilot.vla.config import BlockDiffusionConfig, LMConfig, ModelConfig, SpecialTokens, VisionConfig
-from blockpilot.vla.loader import load_model, load_tokenizer
-from blockpilot.vla.model import VLAModel
-from blockpilot.vla.modes import AttentionMode
-from blockpilot.vla.plans import DrivingSchema
-from blockpilot.vla.reference import init_weights, reference_schema
-from blockpilot.vla.reference_tokenizer import build_reference_tokenizer
-from blockpilot.vla.scaffold import build_scaffold
-from blockpilot.vla.schema_io import SCHEMA_FILE, load_schema, save_schema
-from blockpilot.vla.tokenizer import Tokenizer
 from blockpilot.train.data import answer_sections, build_examples
 from blockpilot.train.labels import LabelRules, derive_plan
 from blockpilot.train.objective import (
@@ -39,6 +29,16 @@ from blockpilot.train.objective import (
     token_weights,
 )
 from blockpilot.train.trainer import evaluate, train_reference
+from blockpilot.vla.config import BlockDiffusionConfig, LMConfig, ModelConfig, SpecialTokens, VisionConfig
+from blockpilot.vla.loader import load_model, load_tokenizer
+from blockpilot.vla.model import VLAModel
+from blockpilot.vla.modes import AttentionMode
+from blockpilot.vla.plans import DrivingSchema
+from blockpilot.vla.reference import init_weights, reference_schema
+from blockpilot.vla.reference_tokenizer import build_reference_tokenizer
+from blockpilot.vla.scaffold import build_scaffold
+from blockpilot.vla.schema_io import SCHEMA_FILE, load_schema, save_schema
+from blockpilot.vla.tokenizer import Tokenizer
 
 DT = 0.1
 SCHEMA = reference_schema()

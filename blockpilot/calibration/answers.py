@@ -18,9 +18,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ..eval.types import Trajectory
+from ..train.labels import LabelRules, explanation, lateral_label, longitudinal_label
 from ..vla.plans import DrivingPlan, DrivingSchema
 from ..vla.slots import SchemaError
-from ..train.labels import LabelRules, explanation, lateral_label, longitudinal_label
 
 TokenIds = npt.NDArray[np.int64]
 
