@@ -72,8 +72,8 @@ def heldout_summary(scenes: int, out_dir: Path) -> dict[str, object]:
     """The shipped reference model exported to a verified bundle and replayed on the ONNX Runtime
     backend over held-out generated scenes written in the nuScenes format, through the same reader,
     evaluator and report as a real dataroot."""
-    from .eval.cli import evaluate_and_report, run_header
     from .eval.nuscenes import NuScenesSource
+    from .eval.replay import evaluate_and_report, run_header
     from .eval.synthetic import HELDOUT_SEED_BASE
     from .export.build import export_bundle
     from .runtime.bundle_planner import planner_from_bundle
