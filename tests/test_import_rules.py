@@ -28,16 +28,14 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "kernels": frozenset(),
     "vla": frozenset(),
     "formats": frozenset({"vla"}),
-    "memory_budget": frozenset({"vla"}),
     "trt": frozenset({"formats", "kernels"}),
     "sim": frozenset({"formats"}),
     "train": frozenset({"vla", "sim"}),
     "runtime": frozenset({"vla", "formats", "kernels", "trt"}),
     "eval": frozenset({"vla", "formats", "sim", "runtime"}),
     "calibration": frozenset({"vla", "sim", "train", "eval", "runtime"}),
-    "quant": frozenset({"vla", "memory_budget", "sim", "eval", "runtime", "calibration"}),
-    "export": frozenset({"vla", "formats", "kernels", "trt", "memory_budget", "runtime", "eval", "calibration",
-                         "quant"}),
+    "quant": frozenset({"vla", "sim", "eval", "runtime", "calibration"}),
+    "export": frozenset({"vla", "formats", "kernels", "trt", "runtime", "eval", "calibration", "quant"}),
     "ros_nodes": frozenset({"vla", "runtime", "eval"}),
     "jetson": frozenset({"vla", "formats", "runtime", "eval", "quant", "export"}),
     "plan_cli": frozenset({"cli_common", "vla", "runtime"}),
@@ -63,8 +61,6 @@ KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
     ("blockpilot.bench.run", "blockpilot.demo"): "issue 21 item 3: bench not importing demo",
     ("blockpilot.vla.image_policy", "blockpilot.formats.onnx_io"):
         "issue 21 items 2-3: image work out of formats/onnx_io.py; `inspect`'s bundle reader out of vla",
-    ("blockpilot.vla.loader", "blockpilot.memory_budget"):
-        "issue 21 item 3 (found by this test): the memory check sits above vla and vla's loader calls it",
 }
 
 # Modules that may import torch at module level although their package may not.

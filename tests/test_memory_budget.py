@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from blockpilot.cli import main
-from blockpilot.memory_budget import (
+from blockpilot.vla.checkpoint import CheckpointError
+from blockpilot.vla.loader import load_model
+from blockpilot.vla.memory_budget import (
     AVAILABLE_ENV,
     RUNTIME_BYTES,
     STAGE_FACTORS,
@@ -17,8 +19,6 @@ from blockpilot.memory_budget import (
     checkpoint_parameters,
     estimate_bytes,
 )
-from blockpilot.vla.checkpoint import CheckpointError
-from blockpilot.vla.loader import load_model
 
 REFERENCE = Path(__file__).resolve().parents[1] / "models" / "reference"
 
@@ -69,7 +69,7 @@ def test_export_estimate_follows_the_held_dtype_and_the_graph_size(monkeypatch: 
     """A bf16 checkpoint exports holding bf16 (half the fp32 need); a traced graph over 2 GB streams its weights, so
     the 3B shape (3.75 B parameters, 7.5 GB of bf16) is estimated at about 15 GB, not the 53 GB of a float32 model at
     the inline factor; engine builds count the float32 graphs whatever the held dtype."""
-    import blockpilot.memory_budget as budget
+    import blockpilot.vla.memory_budget as budget
 
     params = 3_754_622_976  # the 3b scale shape (Qwen2.5-VL-3B)
     monkeypatch.setattr(budget, "checkpoint_parameters", lambda _: params)

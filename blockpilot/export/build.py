@@ -120,7 +120,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
 
     check_bundle_target(Path(out), overwrite)
     driving = checked_schema(Path(checkpoint), schema)
-    from ..memory_budget import check_fits
+    from ..vla.memory_budget import check_fits
 
     load_dtype = export_dtype(checkpoint, dtype, float32_only=recipe is not None or any(p.route == "plugin"
                                                                                         for p in plans))
