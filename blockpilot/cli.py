@@ -42,7 +42,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export.build import export_bundle
-    from .export.progress import Progress
+    from .export.progress import StageProgress
     from .export.targets import EngineTargetError
     from .export.trt_build import TrtUnavailableError
     from .formats.bundle import BundleError
@@ -54,7 +54,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                 with_weights=args.with_weights, overwrite=args.overwrite,
                                 targets=tuple(t.strip() for t in (args.target or "").split(",") if t.strip()),
                                 engine_precision=args.engine_precision, recipe=args.recipe, calib=args.calib,
-                                attention=args.attention, progress=Progress(enabled=False if args.quiet else None),
+                                attention=args.attention, progress=StageProgress(enabled=False if args.quiet else None),
                                 timing_cache=Path(args.timing_cache) if args.timing_cache else None,
                                 schema=args.schema, image_sizes=tuple(args.image_size or ()),
                                 cameras=args.cameras, dtype=args.dtype)

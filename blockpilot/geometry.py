@@ -28,6 +28,13 @@ def to_ego_frame(points: npt.ArrayLike, origin_xy: npt.ArrayLike, origin_yaw: fl
     return np.column_stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]])
 
 
+def constant_velocity(speed_mps: float, times_s: npt.ArrayLike) -> FloatArray:
+    """The constant-velocity baseline in the ego frame: keep the current speed along the current heading (x
+    forward); ``(N, 2)`` positions at ``times_s`` seconds from now."""
+    t = np.asarray(times_s, dtype=np.float64)
+    return np.stack([speed_mps * t, np.zeros_like(t)], axis=1)
+
+
 def quaternion_matrix(q: Sequence[float] | FloatArray) -> FloatArray:
     """The rotation matrix (3, 3) of a quaternion [w, x, y, z]; it is normalised first.
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..atomic_io import atomic_open
-from .summary import HORIZONS_S, hkey, num, percentiles, total_ms
+from .summary import HORIZONS_S, hkey, num, percentiles_and_mean, total_ms
 
 LATENCY_SIZE = (800, 400)
 L2_SIZE = (800, 420)
@@ -127,7 +127,7 @@ def latency_histogram(records: Sequence[dict[str, Any]], path: Path) -> Path:
             x0, y0 = ax.px(float(e0), float(c))
             x1, y1 = ax.px(float(e1), 0.0)
             d.rectangle((x0 + 1, y0, max(x0 + 1, x1 - 1), y1), fill=(150, 150, 150), outline=(110, 110, 110))
-    pct = percentiles(totals)
+    pct = percentiles_and_mean(totals)
     for i, (name, color) in enumerate(PCT_COLORS.items()):
         value = pct[name]
         if value is None:

@@ -25,7 +25,7 @@ class Stage:
     started: float = field(default_factory=time.perf_counter)
 
 
-class Progress:
+class StageProgress:
     """``with progress.stage("engines", total=4) as stage: ...; progress.advance(stage, "lm_step rtx")``.
 
     ``enabled=None`` draws bars only when ``stream`` is a terminal; ``False`` silences everything.
