@@ -41,7 +41,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export.build import export_bundle
+    from .export.bundle_export import export_bundle
     from .export.progress import StageProgress
     from .export.targets import EngineTargetError
     from .export.trt_build import TrtUnavailableError

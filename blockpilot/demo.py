@@ -75,7 +75,7 @@ def heldout_summary(scenes: int, out_dir: Path) -> dict[str, object]:
     from .eval.nuscenes import NuScenesSource
     from .eval.replay import evaluate_and_report, run_header
     from .eval.synthetic import HELDOUT_SEED_BASE
-    from .export.build import export_bundle
+    from .export.bundle_export import export_bundle
     from .runtime.bundle_planner import planner_from_bundle
     from .sim.generator import generate_scene
     from .sim.writers.nuscenes import write_nuscenes

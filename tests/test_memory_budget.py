@@ -94,7 +94,7 @@ def test_quantize_refuses_up_front_and_writes_nothing(tmp_path: Path, monkeypatc
 
 
 def test_verify_refuses_before_loading_either_planner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from blockpilot.export.build import export_bundle
+    from blockpilot.export.bundle_export import export_bundle
     from blockpilot.export.verify import verify_bundle
 
     bundle = tmp_path / "bundle"

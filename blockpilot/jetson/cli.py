@@ -133,7 +133,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from ..export.build import export_bundle
+    from ..export.bundle_export import export_bundle
     from ..export.progress import StageProgress
     from ..quant.recipes import RecipeError
     from ..quant.targets import TargetError
