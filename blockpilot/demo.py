@@ -29,7 +29,7 @@ from .vla.loader import load_model, load_tokenizer
 from .vla.modes import AttentionMode
 from .vla.plans import DrivingPlan, DrivingSchema, PlanSchema, RobotActionSchema
 from .vla.prompt import DRIVING_SYSTEM_PROMPT, EgoState, chat_prompt_ids, driving_instruction
-from .vla.reference import write_reference_checkpoint
+from .vla.reference_model import write_reference_checkpoint
 from .vla.reference_tokenizer import build_reference_tokenizer
 from .vla.rope_index import continuation_positions, image_token_counts
 from .vla.scaffold import build_scaffold

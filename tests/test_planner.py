@@ -56,7 +56,7 @@ def _example(schema: Any, shift: float = 0.0) -> DrivingPlan:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from blockpilot.vla.reference import write_reference_checkpoint
+    from blockpilot.vla.reference_model import write_reference_checkpoint
 
     return write_reference_checkpoint(tmp_path_factory.mktemp("planner") / "ckpt", seed=0)
 

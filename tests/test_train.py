@@ -34,7 +34,7 @@ from blockpilot.vla.loader import load_model, load_tokenizer
 from blockpilot.vla.model import VLAModel
 from blockpilot.vla.modes import AttentionMode
 from blockpilot.vla.plans import DrivingSchema
-from blockpilot.vla.reference import init_weights, reference_schema
+from blockpilot.vla.reference_model import init_weights, reference_schema
 from blockpilot.vla.reference_tokenizer import build_reference_tokenizer
 from blockpilot.vla.scaffold import build_scaffold
 from blockpilot.vla.schema_io import SCHEMA_FILE, load_schema, save_schema

@@ -25,7 +25,7 @@ from ..atomic_io import atomic_write
 from ..vla.loader import save_checkpoint
 from ..vla.model import VLAModel
 from ..vla.plans import DrivingPlan, DrivingSchema
-from ..vla.reference import init_weights, reference_config, reference_schema
+from ..vla.reference_model import init_weights, reference_config, reference_schema
 from ..vla.reference_tokenizer import build_reference_tokenizer
 from ..vla.scaffold import Scaffold, build_scaffold
 from ..vla.schema_io import save_schema
