@@ -13,7 +13,7 @@ import time
 import torch
 
 from blockpilot.vla.modes import AttentionMode
-from blockpilot.vla.reference import build_reference_model
+from blockpilot.vla.reference_model import build_reference_model
 
 
 def _best_ms(fn, repeats: int) -> float:

@@ -31,7 +31,7 @@ from blockpilot.quant.recipes import resolve_recipe  # noqa: E402
 from blockpilot.runtime.planner import Planner  # noqa: E402
 from blockpilot.vla.config import LMConfig, ModelConfig  # noqa: E402
 from blockpilot.vla.model import VLAModel  # noqa: E402
-from blockpilot.vla.reference import init_weights, reference_config  # noqa: E402
+from blockpilot.vla.reference_model import init_weights, reference_config  # noqa: E402
 from blockpilot.vla.reference_tokenizer import build_reference_tokenizer  # noqa: E402
 
 SHAPES = {  # Qwen2.5 published dimensions (Fast_dLLM_v2 1.5B is Qwen2.5-1.5B-Instruct's)

@@ -41,7 +41,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
         model = load_model(Path(args.checkpoint), device=args.device)
         return model, load_tokenizer(Path(args.checkpoint), model.config), str(args.checkpoint)
-    from blockpilot.vla.reference import build_reference_model
+    from blockpilot.vla.reference_model import build_reference_model
 
     model, tokenizer = build_reference_model(seed=args.seed, std=args.std)
     return model.to(args.device), tokenizer, f"reference model (random, std {args.std}, seed {args.seed})"

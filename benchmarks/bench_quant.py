@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from blockpilot.calibration import synthetic_calibration_source  # noqa: E402
 from blockpilot.demo import SHIPPED_MODEL  # noqa: E402
-from blockpilot.eval.cli import evaluate_and_report, run_header  # noqa: E402
 from blockpilot.eval.nuscenes import NuScenesSource  # noqa: E402
+from blockpilot.eval.replay import evaluate_and_report, run_header  # noqa: E402
 from blockpilot.eval.synthetic import HELDOUT_SEED_BASE, heldout_keyframes, observation  # noqa: E402
 from blockpilot.quant.pipeline import load_planner, quantize_checkpoint  # noqa: E402
 from blockpilot.quant.recipes import resolve_recipe  # noqa: E402

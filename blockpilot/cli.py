@@ -41,8 +41,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export.build import export_bundle
-    from .export.progress import Progress
+    from .export.bundle_export import export_bundle
+    from .export.progress import StageProgress
     from .export.targets import EngineTargetError
     from .export.trt_build import TrtUnavailableError
     from .formats.bundle import BundleError
@@ -54,7 +54,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                 with_weights=args.with_weights, overwrite=args.overwrite,
                                 targets=tuple(t.strip() for t in (args.target or "").split(",") if t.strip()),
                                 engine_precision=args.engine_precision, recipe=args.recipe, calib=args.calib,
-                                attention=args.attention, progress=Progress(enabled=False if args.quiet else None),
+                                attention=args.attention, progress=StageProgress(enabled=False if args.quiet else None),
                                 timing_cache=Path(args.timing_cache) if args.timing_cache else None,
                                 schema=args.schema, image_sizes=tuple(args.image_size or ()),
                                 cameras=args.cameras, dtype=args.dtype)
@@ -96,7 +96,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_reference(args: argparse.Namespace) -> int:
-    from .vla.train.trainer import run
+    from .train.trainer import run
 
     run(args)
     return 0
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_cmd_plan)
     train = sub.add_parser("train-reference",
                            help="train the reference model on generated scenes (block-diffusion recipe)")
-    from .vla.train.trainer import add_arguments
+    from .train.trainer import add_arguments
 
     add_arguments(train)
     train.set_defaults(func=_cmd_train_reference)

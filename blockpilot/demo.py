@@ -29,7 +29,7 @@ from .vla.loader import load_model, load_tokenizer
 from .vla.modes import AttentionMode
 from .vla.plans import DrivingPlan, DrivingSchema, PlanSchema, RobotActionSchema
 from .vla.prompt import DRIVING_SYSTEM_PROMPT, EgoState, chat_prompt_ids, driving_instruction
-from .vla.reference import write_reference_checkpoint
+from .vla.reference_model import write_reference_checkpoint
 from .vla.reference_tokenizer import build_reference_tokenizer
 from .vla.rope_index import continuation_positions, image_token_counts
 from .vla.scaffold import build_scaffold
@@ -72,10 +72,10 @@ def heldout_summary(scenes: int, out_dir: Path) -> dict[str, object]:
     """The shipped reference model exported to a verified bundle and replayed on the ONNX Runtime
     backend over held-out generated scenes written in the nuScenes format, through the same reader,
     evaluator and report as a real dataroot."""
-    from .eval.cli import evaluate_and_report, run_header
     from .eval.nuscenes import NuScenesSource
+    from .eval.replay import evaluate_and_report, run_header
     from .eval.synthetic import HELDOUT_SEED_BASE
-    from .export.build import export_bundle
+    from .export.bundle_export import export_bundle
     from .runtime.bundle_planner import planner_from_bundle
     from .sim.generator import generate_scene
     from .sim.writers.nuscenes import write_nuscenes

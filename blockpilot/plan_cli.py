@@ -63,7 +63,7 @@ def read_ego(value: str) -> EgoState:
     """``--ego``: inline JSON (``{"past": [[x, y], ...], "speed": m/s, "accel": m/s2}``) or a file of it."""
     import numpy as np
 
-    from .vla.prompt import PromptError, check_ego_history
+    from .vla.prompt import PromptInputError, check_ego_history
 
     text = value
     if not value.lstrip().startswith("{"):
@@ -85,7 +85,7 @@ def read_ego(value: str) -> EgoState:
         ego = EgoState(np.asarray(data["past"], dtype=np.float64), float(data["speed"]), float(data["accel"]))
         check_ego_history(ego.past_waypoints)
         return ego
-    except (PromptError, TypeError, ValueError) as exc:
+    except (PromptInputError, TypeError, ValueError) as exc:
         raise UserError(f"--ego: {exc}") from None
 
 

@@ -28,7 +28,7 @@ from blockpilot.vla.config import BlockDiffusionConfig, LMConfig, ModelConfig, S
 from blockpilot.vla.model import VLAModel
 from blockpilot.vla.modes import AttentionMode
 from blockpilot.vla.plans import DrivingSchema
-from blockpilot.vla.reference import build_reference_model, init_weights
+from blockpilot.vla.reference_model import build_reference_model, init_weights
 from blockpilot.vla.scaffold import Scaffold, build_scaffold
 from blockpilot.vla.tokenizer import Tokenizer
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from blockpilot.cli import build_parser
-from blockpilot.vla.reference import write_reference_checkpoint
+from blockpilot.vla.reference_model import write_reference_checkpoint
 
 
 def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,7 @@ STAGES = {"prompt", "vision", "prefill", "decode", "parse", "total"}
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from blockpilot.vla.reference import write_reference_checkpoint
+    from blockpilot.vla.reference_model import write_reference_checkpoint
 
     root = tmp_path_factory.mktemp("cli_plan")
     front, left = root / "front.png", root / "left.jpg"

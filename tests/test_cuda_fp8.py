@@ -22,10 +22,11 @@ from runtime_fixtures import image_prompt, torch_threads
 from torch import nn
 
 from blockpilot.demo import SHIPPED_MODEL
+from blockpilot.kernels.reference import quant_scale
 from blockpilot.quant.apply import quantize_model
 from blockpilot.quant.recipes import quantizable_modules, resolve_recipe
 from blockpilot.runtime.cuda_backend import CudaBackend
-from blockpilot.runtime.cuda_fp8 import Fp8Linear, modelopt_scales, quant_scale
+from blockpilot.runtime.cuda_fp8 import Fp8Linear, modelopt_scales
 from blockpilot.runtime.cuda_lm import LINEARS
 from blockpilot.runtime.plan_types import PlannerSetupError
 from blockpilot.runtime.torch_backend import TorchBackend

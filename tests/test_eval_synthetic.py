@@ -7,7 +7,7 @@ import numpy as np
 from blockpilot.eval.synthetic import HELDOUT_SEED_BASE, evaluate, heldout_keyframes, observation
 from blockpilot.runtime.plan_types import DecoderSettings
 from blockpilot.runtime.planner import Planner
-from blockpilot.vla.reference import build_reference_model
+from blockpilot.vla.reference_model import build_reference_model
 
 
 def test_heldout_keyframes_are_valid_and_unseen() -> None:

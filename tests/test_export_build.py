@@ -13,7 +13,7 @@ from runtime_fixtures import assert_bundle_plans_like_torch, torch_threads
 from blockpilot.cli import main
 from blockpilot.demo import SHIPPED_MODEL
 from blockpilot.eval.synthetic import heldout_keyframes, observation
-from blockpilot.export.build import export_bundle
+from blockpilot.export.bundle_export import export_bundle
 from blockpilot.runtime.bundle_planner import planner_from_bundle
 from blockpilot.runtime.plan_types import DecoderSettings, PlannerSetupError
 

@@ -21,7 +21,7 @@ from test_export_native_attention import _feeds
 
 from blockpilot.eval.synthetic import heldout_keyframes, observation
 from blockpilot.export import fp32_graph
-from blockpilot.export.build import export_bundle, export_dtype
+from blockpilot.export.bundle_export import export_bundle, export_dtype
 from blockpilot.export.embedding_rows import Float32Rows
 from blockpilot.export.external_data import THRESHOLD_ENV
 from blockpilot.export.fp32_graph import Float32GraphError, to_float32_graph

@@ -16,7 +16,7 @@ from runtime_fixtures import assert_bundle_plans_like_torch, torch_threads
 from test_export_bundle import REFERENCE, external_graph
 
 from blockpilot.demo import SHIPPED_MODEL
-from blockpilot.export.build import export_bundle
+from blockpilot.export.bundle_export import export_bundle
 from blockpilot.export.external_data import THRESHOLD_ENV, consolidate, external_threshold
 from blockpilot.formats.bundle import BundleError, BundleWriter, describe_bundle, load_bundle
 from blockpilot.formats.onnx_external import ExternalDataError, check_external_data, external_files

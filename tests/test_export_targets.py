@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from blockpilot.export.progress import Progress
+from blockpilot.export.progress import StageProgress
 from blockpilot.export.targets import (
     ENGINE_TARGETS,
     EngineTargetError,
@@ -69,7 +69,7 @@ def test_buildable_here_names_what_to_do_instead() -> None:
 
 def test_progress_prints_one_line_per_stage_off_a_terminal() -> None:
     out = io.StringIO()
-    progress = Progress(out, stages=2)
+    progress = StageProgress(out, stages=2)
     with progress.stage("onnx", total=2) as stage:
         progress.advance(stage, "vision")
         progress.advance(stage, "lm_step")
@@ -84,7 +84,7 @@ def test_progress_prints_one_line_per_stage_off_a_terminal() -> None:
 
 def test_progress_redraws_in_place_on_a_terminal_and_can_be_silenced() -> None:
     out = io.StringIO()
-    progress = Progress(out, enabled=True, stages=1)
+    progress = StageProgress(out, enabled=True, stages=1)
     with progress.stage("engines", total=2) as stage:
         progress.advance(stage, "vision rtx")
     text = out.getvalue()
@@ -93,6 +93,6 @@ def test_progress_redraws_in_place_on_a_terminal_and_can_be_silenced() -> None:
     final = text.rstrip("\n").rsplit("\r", 1)[-1]
     assert final.startswith("[1/1] engines") and "2/2" in final and "vision rtx" in final
     quiet = io.StringIO()
-    with Progress(quiet, enabled=False).stage("load"):
+    with StageProgress(quiet, enabled=False).stage("load"):
         pass
     assert quiet.getvalue() == ""

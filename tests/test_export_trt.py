@@ -262,7 +262,7 @@ def test_fp16_cache_io_graph_and_engine_declare_half(graphs: tuple[Path, dict[st
     the strongly typed network TensorRT(-RTX) builds from it (on this CPU) takes and gives HALF for those."""
     import json
 
-    from blockpilot.export.build import kv_cache_record
+    from blockpilot.export.bundle_export import kv_cache_record
     from blockpilot.export.fp16_graph import KV_CACHE_IO
 
     trt = _trt_or_skip()

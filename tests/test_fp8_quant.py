@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from triton_interp import run_interpreted
 
-from blockpilot.runtime.cuda_fp8 import FP8_MAX, Fp8Linear, quant_scale, quantize_e4m3, weight_amax
+from blockpilot.kernels.reference import FP8_MAX, quant_scale, quantize_e4m3, quantize_rows_ref
+from blockpilot.runtime.cuda_fp8 import Fp8Linear, weight_amax
 from blockpilot.runtime.plan_types import PlannerSetupError
 
 E4M3 = torch.float8_e4m3fn
@@ -71,7 +72,7 @@ def _ref_prescaled(x: torch.Tensor, quant: torch.Tensor | None, rows: torch.Tens
 
 def _run_interpreted_cases() -> dict[str, dict[str, bool]]:
     """In the subprocess: each case through the kernels (float32 and float8 outputs) and the reference."""
-    from blockpilot.kernels.fp8_quant import _launch, quantize_rows, quantize_rows_ref
+    from blockpilot.kernels.fp8_quant import _launch, quantize_rows
 
     results: dict[str, dict[str, bool]] = {}
     for i, (name, case) in enumerate(CASES.items()):
@@ -121,7 +122,7 @@ def test_quantize_rows_matches_reference_interpreted(interpreted: dict[str, dict
 def test_quantize_rows_bytes_on_cuda(name: str) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from blockpilot.kernels.fp8_quant import quantize_rows, quantize_rows_ref
+    from blockpilot.kernels.fp8_quant import quantize_rows
 
     case = CASES[name]
     a = _inputs(case, seed=7, device="cuda")
@@ -136,7 +137,7 @@ def test_quantize_rows_bytes_on_cuda(name: str) -> None:
 def test_quantize_rows_large_and_in_a_cuda_graph() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from blockpilot.kernels.fp8_quant import quantize_rows, quantize_rows_ref
+    from blockpilot.kernels.fp8_quant import quantize_rows
 
     a = _inputs(dict(m=3000, k=4096, dtype="bfloat16", scale="masked"), seed=3, device="cuda")
     ref_q, ref_d = quantize_rows_ref(a["x"], rows=a["rows"])

@@ -18,7 +18,7 @@ import pytest
 from jetson_samples import AGX_THOR, TEGRA_THOR_JP71, TEGRA_THOR_JP72, write_root
 
 from blockpilot.cli import main
-from blockpilot.jetson.bench import STAGES, BenchError, heldout_observations, latency_table, run_bench
+from blockpilot.jetson.bench import STAGES, JetsonBenchError, heldout_observations, latency_table, run_jetson_bench
 from blockpilot.jetson.tegrastats import TegrastatsRecorder
 from blockpilot.runtime.plan_types import Observation
 
@@ -60,9 +60,9 @@ def test_latency_table_percentiles() -> None:
     assert table["decode"] == {"p50": 5.0, "p90": 5.0, "p99": 5.0, "mean": 5.0, "max": 5.0}
 
 
-def test_run_bench_times_only_after_warmup() -> None:
+def test_run_jetson_bench_times_only_after_warmup() -> None:
     planner = FakePlanner()
-    result = run_bench(planner, ["a", "b", "c", "d"], warmup=3, describe={"backend": "fake"})
+    result = run_jetson_bench(planner, ["a", "b", "c", "d"], warmup=3, describe={"backend": "fake"})
     assert planner.calls == ["a", "b", "c", "a", "b", "c", "d"]  # warm-up cycles through the observations
     assert result.samples == 4 and result.warmup == 3
     assert result.latency_ms["total"]["max"] == 70.0 and result.latency_ms["prompt"]["p50"] == 5.5  # calls 4..7
@@ -72,10 +72,10 @@ def test_run_bench_times_only_after_warmup() -> None:
     text = result.table()
     assert "4 plans after 3 warm-up, 3 parsed; backend fake" in text and "not a Jetson" in text
     assert json.loads(json.dumps(result.to_dict()))["latency_ms"]["total"]["p99"] == pytest.approx(69.7)
-    with pytest.raises(BenchError, match="no observations"):
-        run_bench(planner, [])
-    with pytest.raises(BenchError, match="warmup"):
-        run_bench(planner, ["a"], warmup=-1)
+    with pytest.raises(JetsonBenchError, match="no observations"):
+        run_jetson_bench(planner, [])
+    with pytest.raises(JetsonBenchError, match="warmup"):
+        run_jetson_bench(planner, ["a"], warmup=-1)
 
 
 FAKE_TEGRASTATS = f"""#!{sys.executable}
@@ -98,11 +98,11 @@ def fake_tegrastats_bin(tmp_path: Path) -> Path:
     return bin_dir
 
 
-def test_run_bench_summarises_tegrastats_over_the_timed_window(tmp_path: Path) -> None:
+def test_run_jetson_bench_summarises_tegrastats_over_the_timed_window(tmp_path: Path) -> None:
     recorder = TegrastatsRecorder(command=[str(fake_tegrastats_bin(tmp_path) / "tegrastats")])
     planner = FakePlanner(sleep=0.1)
-    result = run_bench(planner, list(range(4)), warmup=1, recorder=recorder, platform={"module": "X", "l4t": "38.2.1"},
-                       first_sample_timeout=20)
+    result = run_jetson_bench(planner, list(range(4)), warmup=1, recorder=recorder,
+                              platform={"module": "X", "l4t": "38.2.1"}, first_sample_timeout=20)
     assert recorder._process is None  # stopped by the benchmark
     summary = result.tegrastats
     assert summary is not None and summary.samples >= 2
@@ -119,7 +119,7 @@ def test_heldout_observations() -> None:
     again = heldout_observations(10)
     assert all(np.array_equal(a.images[0], b.images[0]) for a, b in zip(observations, again, strict=True))
     assert len(heldout_observations(3)) == 3
-    with pytest.raises(BenchError, match="at least 1"):
+    with pytest.raises(JetsonBenchError, match="at least 1"):
         heldout_observations(0)
 
 
@@ -159,8 +159,8 @@ def test_cli_bench_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "missing" in capsys.readouterr().err
 
 
-def test_run_bench_says_when_no_sample_fell_in_the_window() -> None:
+def test_run_jetson_bench_says_when_no_sample_fell_in_the_window() -> None:
     recorder = TegrastatsRecorder(command=[sys.executable, "-c", "pass"])
-    result = run_bench(FakePlanner(), ["a"], warmup=0, recorder=recorder, first_sample_timeout=0.5)
+    result = run_jetson_bench(FakePlanner(), ["a"], warmup=0, recorder=recorder, first_sample_timeout=0.5)
     assert result.tegrastats is None
     assert result.tegrastats_note.startswith("running, but no sample fell inside the timed window")

@@ -13,7 +13,7 @@ import pytest
 from jetson_samples import AGX_ORIN_64GB, AGX_THOR, AGX_XAVIER, CUDA_VERSION_JSON, ORIN_NANO_SUPER, write_root
 
 from blockpilot.cli import _cmd_export, build_parser, main
-from blockpilot.export import build as export_build
+from blockpilot.export import bundle_export
 
 
 def test_info_on_an_agx_orin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,7 +80,7 @@ def test_build_runs_export_with_the_platform_profile(board: Any, target: str, re
                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     recorded = RecordedExport()
-    monkeypatch.setattr(export_build, "export_bundle", recorded)
+    monkeypatch.setattr(bundle_export, "export_bundle", recorded)
     cache = tmp_path / "cache" / "timing.cache"
     rc = main(["jetson", "build", "--checkpoint", "/models/vla", "--out", str(tmp_path / "bundle"), "--calib", "8",
                "--timing-cache", str(cache), "--quiet", "--root", str(write_root(tmp_path / "root", board))])
@@ -96,7 +96,7 @@ def test_build_runs_export_with_the_platform_profile(board: Any, target: str, re
 
 def test_build_default_timing_cache_and_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     recorded = RecordedExport()
-    monkeypatch.setattr(export_build, "export_bundle", recorded)
+    monkeypatch.setattr(bundle_export, "export_bundle", recorded)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     root = str(write_root(tmp_path / "root", AGX_ORIN_64GB))
     assert main(["jetson", "build", "--checkpoint", "c", "--out", "o", "--quiet", "--root", root]) == 0

@@ -10,7 +10,7 @@ import torch
 from blockpilot.vla.checkpoint import CheckpointError
 from blockpilot.vla.hf_config import load_config
 from blockpilot.vla.loader import load_model, load_tokenizer, save_checkpoint
-from blockpilot.vla.reference import build_reference_model, write_reference_checkpoint
+from blockpilot.vla.reference_model import build_reference_model, write_reference_checkpoint
 from blockpilot.vla.tokenizer import TokenizerError
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from blockpilot.cli import main
-from blockpilot.memory_budget import (
+from blockpilot.vla.checkpoint import CheckpointError
+from blockpilot.vla.loader import load_model
+from blockpilot.vla.memory_budget import (
     AVAILABLE_ENV,
     RUNTIME_BYTES,
     STAGE_FACTORS,
@@ -17,8 +19,6 @@ from blockpilot.memory_budget import (
     checkpoint_parameters,
     estimate_bytes,
 )
-from blockpilot.vla.checkpoint import CheckpointError
-from blockpilot.vla.loader import load_model
 
 REFERENCE = Path(__file__).resolve().parents[1] / "models" / "reference"
 
@@ -69,7 +69,7 @@ def test_export_estimate_follows_the_held_dtype_and_the_graph_size(monkeypatch: 
     """A bf16 checkpoint exports holding bf16 (half the fp32 need); a traced graph over 2 GB streams its weights, so
     the 3B shape (3.75 B parameters, 7.5 GB of bf16) is estimated at about 15 GB, not the 53 GB of a float32 model at
     the inline factor; engine builds count the float32 graphs whatever the held dtype."""
-    import blockpilot.memory_budget as budget
+    import blockpilot.vla.memory_budget as budget
 
     params = 3_754_622_976  # the 3b scale shape (Qwen2.5-VL-3B)
     monkeypatch.setattr(budget, "checkpoint_parameters", lambda _: params)
@@ -94,7 +94,7 @@ def test_quantize_refuses_up_front_and_writes_nothing(tmp_path: Path, monkeypatc
 
 
 def test_verify_refuses_before_loading_either_planner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from blockpilot.export.build import export_bundle
+    from blockpilot.export.bundle_export import export_bundle
     from blockpilot.export.verify import verify_bundle
 
     bundle = tmp_path / "bundle"

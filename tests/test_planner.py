@@ -37,7 +37,7 @@ from blockpilot.vla.answer_parser import PlanParseError
 from blockpilot.vla.config import BlockDiffusionConfig
 from blockpilot.vla.modes import AttentionMode
 from blockpilot.vla.plans import DrivingPlan, render_plan
-from blockpilot.vla.prompt import EgoState, PromptError
+from blockpilot.vla.prompt import EgoState, PromptInputError
 
 STAGES = {"prompt", "vision", "prefill", "decode", "parse", "total"}
 
@@ -56,7 +56,7 @@ def _example(schema: Any, shift: float = 0.0) -> DrivingPlan:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from blockpilot.vla.reference import write_reference_checkpoint
+    from blockpilot.vla.reference_model import write_reference_checkpoint
 
     return write_reference_checkpoint(tmp_path_factory.mktemp("planner") / "ckpt", seed=0)
 
@@ -248,7 +248,7 @@ def test_bad_input_raises_typed_error_and_the_planner_recovers(observation: Any,
 
 
 def test_nan_ego_state_is_refused_at_construction_too() -> None:
-    with pytest.raises(PromptError, match="non-finite"):
+    with pytest.raises(PromptInputError, match="non-finite"):
         EgoState(np.zeros((2, 2)), float("nan"), 0.0)
 
 

@@ -21,7 +21,7 @@ from runtime_fixtures import torch_threads
 
 from blockpilot.demo import SHIPPED_MODEL
 from blockpilot.eval.synthetic import heldout_keyframes, observation
-from blockpilot.export.build import export_bundle
+from blockpilot.export.bundle_export import export_bundle
 from blockpilot.formats.bundle import Artifact, Bundle, load_bundle
 from blockpilot.runtime.backend import Prompt
 from blockpilot.runtime.bundle_planner import planner_from_bundle

@@ -9,13 +9,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from blockpilot.geometry import to_ego_frame
 from blockpilot.sim.cameras import FRONT_CAMERA, WOD_CAMERAS
 from blockpilot.sim.expert import overlap_steps
 from blockpilot.sim.generator import generate_scene
 from blockpilot.sim.path import Path
 from blockpilot.sim.render import render_camera
-from blockpilot.sim.samples import FUTURE_TIMES_5S, constant_velocity, keyframe_at, keyframes
-from blockpilot.sim.types import Road, Scene, Track, to_ego_frame
+from blockpilot.sim.samples import FUTURE_TIMES_5S, keyframe_at, keyframe_constant_velocity, keyframes
+from blockpilot.sim.types import Road, Scene, Track
 
 SEEDS = range(40)
 
@@ -106,7 +107,7 @@ def test_scene_mix_and_cv_baseline_clearly_worse(scenes: list[Scene]) -> None:
         for kf in keyframes(sc):
             if not kf.future_valid:
                 continue
-            errors.append(np.linalg.norm(constant_velocity(kf)[-1] - kf.future_xy[-1]))
+            errors.append(np.linalg.norm(keyframe_constant_velocity(kf)[-1] - kf.future_xy[-1]))
             horizon = slice(kf.step, kf.step + 31)
             turning.append(abs(_wrap(sc.ego.yaw[min(kf.step + 30, sc.num_steps - 1)] - sc.ego.yaw[kf.step])) > 0.5)
             braking.append(sc.ego.accel[horizon].min() < -1.0)
@@ -135,7 +136,7 @@ def test_keyframe_ego_frame_by_hand() -> None:
     np.testing.assert_allclose(kf.future_xy, [[5.0 * k, 0.0] for k in range(1, 7)], atol=1e-9)
     np.testing.assert_allclose(kf.future_xy_5s[:, 0], 10.0 * np.array(FUTURE_TIMES_5S), atol=1e-9)
     assert kf.future_valid and kf.future_valid_5s and kf.speed == 10.0 and kf.time_s == pytest.approx(3.0)
-    np.testing.assert_allclose(constant_velocity(kf), kf.future_xy, atol=1e-9)
+    np.testing.assert_allclose(keyframe_constant_velocity(kf), kf.future_xy, atol=1e-9)
     # 5 s into an 8 s scene the 3 s horizon fits and the 5 s one does not; at 6 s neither does.
     assert keyframe_at(sc, 50).future_valid and not keyframe_at(sc, 50).future_valid_5s
     assert not keyframe_at(sc, 60).future_valid

@@ -26,7 +26,8 @@ from sim_writer_fixtures import (
 )
 
 from blockpilot.formats.tfrecord import crc32c, read_tfrecord, write_tfrecord
-from blockpilot.sim.types import Scene, to_ego_frame
+from blockpilot.geometry import to_ego_frame
+from blockpilot.sim.types import Scene
 from blockpilot.sim.writers import nuscenes as nus
 from blockpilot.sim.writers.mcap_writer import write_rosbag2
 from blockpilot.sim.writers.wod_e2e import write_wod_e2e

@@ -28,7 +28,7 @@ from blockpilot.runtime.planner import Planner
 from blockpilot.vla.model import VLAModel
 from blockpilot.vla.modes import AttentionMode
 from blockpilot.vla.plans import DrivingSchema
-from blockpilot.vla.reference import init_weights, reference_config
+from blockpilot.vla.reference_model import init_weights, reference_config
 from blockpilot.vla.reference_tokenizer import build_reference_tokenizer
 from blockpilot.vla.rope_index import continuation_positions
 

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from blockpilot.demo import SHIPPED_MODEL
 from blockpilot.eval.synthetic import heldout_keyframes, observation
-from blockpilot.export.build import export_bundle
+from blockpilot.export.bundle_export import export_bundle
 from blockpilot.export.external_data import THRESHOLD_ENV
 from blockpilot.formats.bundle import BundleError, load_bundle
 from blockpilot.formats.embedding_table import EmbeddingError, EmbeddingTable, locate_tied_embedding

@@ -10,20 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from blockpilot.sim.types import Agent, Road, Scene, Track, to_ego_frame
-from blockpilot.vla.config import BlockDiffusionConfig, LMConfig, ModelConfig, SpecialTokens, VisionConfig
-from blockpilot.vla.loader import load_model, load_tokenizer
-from blockpilot.vla.model import VLAModel
-from blockpilot.vla.modes import AttentionMode
-from blockpilot.vla.plans import DrivingSchema
-from blockpilot.vla.reference import init_weights, reference_schema
-from blockpilot.vla.reference_tokenizer import build_reference_tokenizer
-from blockpilot.vla.scaffold import build_scaffold
-from blockpilot.vla.schema_io import SCHEMA_FILE, load_schema, save_schema
-from blockpilot.vla.tokenizer import Tokenizer
-from blockpilot.vla.train.data import answer_sections, build_examples
-from blockpilot.vla.train.labels import LabelRules, derive_plan
-from blockpilot.vla.train.objective import (
+from blockpilot.geometry import to_ego_frame
+from blockpilot.sim.types import Agent, Road, Scene, Track
+from blockpilot.train.data import answer_sections, build_examples
+from blockpilot.train.labels import LabelRules, derive_plan
+from blockpilot.train.objective import (
     CLEAN,
     AnswerLayout,
     ObjectiveConfig,
@@ -37,7 +28,17 @@ from blockpilot.vla.train.objective import (
     sample_views,
     token_weights,
 )
-from blockpilot.vla.train.trainer import evaluate, train_reference
+from blockpilot.train.trainer import evaluate, train_reference
+from blockpilot.vla.config import BlockDiffusionConfig, LMConfig, ModelConfig, SpecialTokens, VisionConfig
+from blockpilot.vla.loader import load_model, load_tokenizer
+from blockpilot.vla.model import VLAModel
+from blockpilot.vla.modes import AttentionMode
+from blockpilot.vla.plans import DrivingSchema
+from blockpilot.vla.reference_model import init_weights, reference_schema
+from blockpilot.vla.reference_tokenizer import build_reference_tokenizer
+from blockpilot.vla.scaffold import build_scaffold
+from blockpilot.vla.schema_io import SCHEMA_FILE, load_schema, save_schema
+from blockpilot.vla.tokenizer import Tokenizer
 
 DT = 0.1
 SCHEMA = reference_schema()
@@ -329,7 +330,7 @@ def test_few_steps_reduce_the_loss_and_seeded_runs_repeat() -> None:
 # ---- the training command end to end ----
 
 def test_train_reference_writes_a_loadable_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import blockpilot.vla.train.trainer as trainer
+    import blockpilot.train.trainer as trainer
 
     monkeypatch.setattr(trainer, "reference_config", lambda vocab, tokens: _tiny_config())
     out = tmp_path / "ckpt"
@@ -376,8 +377,8 @@ def test_explicit_attention_mask_overrides_the_mode(tiny_lm) -> None:
 
 
 def test_seed_arguments_round_trip() -> None:
-    from blockpilot.vla.train.card import seed_spec
-    from blockpilot.vla.train.trainer import parse_seeds
+    from blockpilot.train.card import seed_spec
+    from blockpilot.train.trainer import parse_seeds
 
     assert parse_seeds("3:7") == [3, 4, 5, 6] and parse_seeds("4") == [0, 1, 2, 3] and parse_seeds("5,1") == [5, 1]
     for seeds in ([3, 4, 5, 6], [5, 1, 9]):

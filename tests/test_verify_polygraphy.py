@@ -15,7 +15,7 @@ from runtime_fixtures import torch_threads
 from blockpilot.cli import main
 from blockpilot.demo import SHIPPED_MODEL
 from blockpilot.eval.synthetic import heldout_keyframes, observation
-from blockpilot.export.build import export_bundle
+from blockpilot.export.bundle_export import export_bundle
 from blockpilot.export.fp16_graph import to_fp16_graph
 from blockpilot.export.native_attention import to_native_attention
 from blockpilot.export.verify_trt import TOLERANCES, compare_graphs, lm_feeds, vision_feeds

@@ -3,7 +3,7 @@
 A driving answer needs every section of the schema; a recording only gives the future trajectory.
 The trajectory is the logged future resampled at the schema's waypoint times (from the ego at the
 origin at time 0); the meta behaviour follows from it with the training labeller's thresholds
-(:class:`~blockpilot.vla.train.labels.LabelRules`: speed over the last waypoint interval against the
+(:class:`~blockpilot.train.labels.LabelRules`: speed over the last waypoint interval against the
 ego speed now, heading of the last interval, sideways offset for a lane change); no critical object
 is flagged and the explanation is the labeller's template for a clear road. That is a plausible
 answer in the schema's exact token layout, which is what calibration needs: the activations of the
@@ -18,9 +18,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ..eval.types import Trajectory
+from ..train.labels import LabelRules, explanation, lateral_label, longitudinal_label
 from ..vla.plans import DrivingPlan, DrivingSchema
 from ..vla.slots import SchemaError
-from ..vla.train.labels import LabelRules, explanation, lateral_label, longitudinal_label
 
 TokenIds = npt.NDArray[np.int64]
 

@@ -1,7 +1,7 @@
 """Teacher-forced calibration: one forward per sample over prompt plus answer, in the packed
 block-diffusion layout that holds both attention patterns the decoders run.
 
-A packed row (as block-diffusion training packs one, :mod:`blockpilot.vla.train.objective`):
+A packed row (as block-diffusion training packs one, :mod:`blockpilot.train.objective`):
 
 * the **clean** sequence, prompt then answer, under the decoder's commit mask: causal (the prefill and
   the scaffold decoders' verify forwards), or block-causal for the block decoder with bidirectional

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ..geometry import constant_velocity
 from ..progress_bars import is_terminal, live_bar
 from ..runtime.backend import BackendError
 from ..runtime.plan_types import Observation
@@ -62,11 +63,6 @@ class RunSummary:
 def prediction_times(schema: Any) -> FloatArray:
     """The times of the schema's waypoints: ``(k + 1) / rate_hz`` for k < num_waypoints."""
     return (np.arange(int(schema.num_waypoints), dtype=np.float64) + 1.0) / float(schema.rate_hz)
-
-
-def constant_velocity(speed_mps: float, times_s: FloatArray) -> FloatArray:
-    """Keep the current speed along the current heading (x forward)."""
-    return np.stack([speed_mps * times_s, np.zeros_like(times_s)], axis=1)
 
 
 def to_sample_frame(sample: EvalSample, xy_ego: FloatArray) -> FloatArray:
@@ -193,7 +189,7 @@ def evaluate_sample(planner: PlannerLike, sample: EvalSample | SampleFailure) ->
     return {**record, "status": "ok", "error": None}
 
 
-class Progress:
+class SampleProgress:
     """A tqdm bar on a terminal (:mod:`blockpilot.progress_bars`); a line per 10% elsewhere (CI logs)."""
 
     def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True) -> None:
@@ -260,7 +256,7 @@ def run_evaluation(planner: PlannerLike, source: Source, out_dir: str | Path, *,
     done = _check_resume(path, header) if path.exists() else set()
     total = len(source) if limit is None else min(len(source), limit)
     counts = {"ok": 0, "parse_error": 0, "failed": 0, "skipped": 0}
-    bar = Progress(total, enabled=progress)
+    bar = SampleProgress(total, enabled=progress)
     written = resumed = 0
     with ResultsWriter(path, header=header) as writer, contextlib.closing(bar):
         for index, item in enumerate(_limited(source, limit)):

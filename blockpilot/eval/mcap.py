@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ..geometry import quaternion_yaw, to_ego_frame
 from ..vla.prompt import ROUTE_COMMANDS, EgoState
-from .geometry import quaternion_yaw, to_ego_frame
 from .images import decode_image, decode_raw
 from .mcap_track import OdomTrack, latest_at_or_before, nearest_value, select_keyframes
 from .types import DatasetError, EvalSample, ImageArray, SampleFailure, Trajectory, route_command_from_future

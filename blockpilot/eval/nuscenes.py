@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from ..geometry import Pose, matrix_yaw, quarter_turn, rot_z
 from ..vla.prompt import EgoState
-from .geometry import Pose, matrix_yaw, quarter_turn, rot_z
 from .nuscenes_tables import field, find_version, load_table, read_can_pose, read_image
 from .types import (
     FRAMES,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..atomic_io import atomic_open
-from .summary import HORIZONS_S, hkey, num, percentiles, total_ms
+from .summary import HORIZONS_S, hkey, num, percentiles_and_mean, total_ms
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -89,7 +89,7 @@ def latency_figure(records: Sequence[dict[str, Any]]) -> Figure:
     pad = max(0.05 * (hi - lo), 0.5)
     bins = int(np.clip(np.sqrt(arr.size) * 2, 5, 40))
     ax.hist(arr, bins=bins, range=(max(0.0, lo - pad), hi + pad), color="0.6", edgecolor="0.43")
-    for name, value in percentiles(totals).items():
+    for name, value in percentiles_and_mean(totals).items():
         if name in PCT_COLORS and value is not None:
             ax.axvline(value, color=rgb(PCT_COLORS[name]), linewidth=2, label=f"{name} {value:.2f} ms")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .metrics import percentiles
 from .records import STATUSES
 
 PREDICTORS = ("model", "cv")
@@ -254,10 +255,12 @@ def skipped_line(counts: dict[str, Any], shown: int = 3) -> str | None:
     return f"skipped {sum(reasons.values())}: " + "; ".join(parts) + tail
 
 
-def percentiles(values: Sequence[float]) -> dict[str, float | None]:
-    """``p50``/``p90``/``p99`` (numpy, linear interpolation) and the mean; ``None`` for no values."""
+def percentiles_and_mean(values: Sequence[float]) -> dict[str, float | None]:
+    """``p50``/``p90``/``p99`` (:func:`~blockpilot.eval.metrics.percentiles`) and the mean of the finite values;
+    each ``None`` for no values (the JSON a summary writes keeps every key)."""
     arr = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
-    out: dict[str, float | None] = {f"p{p}": num(np.percentile(arr, p)) if arr.size else None for p in PERCENTILES}
+    found = percentiles(arr, PERCENTILES)
+    out: dict[str, float | None] = {f"p{p}": num(found.get(f"p{p}")) for p in PERCENTILES}
     out["mean"] = num(arr.mean()) if arr.size else None
     return out
 
@@ -280,7 +283,7 @@ def _latency(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for stage, ms in (stats.get("stage_ms") or {}).items():
             if (value := num(ms)) is not None:
                 per_stage.setdefault(str(stage), []).append(value)
-    stages = {stage: {"samples": len(v), **percentiles(v)} for stage, v in per_stage.items()}
+    stages = {stage: {"samples": len(v), **percentiles_and_mean(v)} for stage, v in per_stage.items()}
     return {"samples": len(with_stats), "stages_ms": stages,
             "forwards_per_plan": _mean(num(s.get("forwards")) for s in with_stats),
             "tokens_per_forward": _mean(num(s.get("tokens_per_forward")) for s in with_stats)}

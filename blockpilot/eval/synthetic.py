@@ -16,7 +16,7 @@ import numpy as np
 from ..runtime.plan_types import Observation
 from ..runtime.planner import Planner
 from ..sim.generator import generate_scene
-from ..sim.samples import FUTURE_TIMES_S, Keyframe, constant_velocity, keyframes
+from ..sim.samples import FUTURE_TIMES_S, Keyframe, keyframe_constant_velocity, keyframes
 from ..vla.prompt import EgoState
 
 HELDOUT_SEED_BASE = 1_000_000
@@ -79,7 +79,7 @@ def evaluate(planner: Planner, samples: Iterable[Keyframe]) -> HeldoutReport:
             continue
         truth = keyframe.future_xy
         errors_model.append(np.linalg.norm(plan.waypoints - truth, axis=1))
-        errors_cv.append(np.linalg.norm(constant_velocity(keyframe) - truth, axis=1))
+        errors_cv.append(np.linalg.norm(keyframe_constant_velocity(keyframe) - truth, axis=1))
     model = np.array(errors_model).reshape(-1, len(FUTURE_TIMES_S))
     cv = np.array(errors_cv).reshape(-1, len(FUTURE_TIMES_S))
 

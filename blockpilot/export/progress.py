@@ -28,7 +28,7 @@ class Stage:
     bar: Bar = field(default_factory=NoBar)
 
 
-class Progress:
+class StageProgress:
     """``with progress.stage("engines", total=4) as stage: ...; progress.advance(stage, "lm_step rtx")``.
 
     ``enabled=None`` draws bars only when ``stream`` is a terminal; ``False`` silences everything.

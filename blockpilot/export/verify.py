@@ -79,7 +79,7 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, s
     reference = Path(checkpoint) if checkpoint is not None else loaded.path / "model"
     if not any(reference.glob("*.safetensors")):
         raise BundleError(f"{reference}: no weights to compare against; pass --checkpoint or export --with-weights")
-    from ..memory_budget import check_fits
+    from ..vla.memory_budget import check_fits
 
     # Both planners are held at once: refuse before either loads when the pair cannot fit.
     graphs = sum(f.stat().st_size for a in loaded.graphs("decomposed") for f in (loaded.path / a.path).parent.iterdir()

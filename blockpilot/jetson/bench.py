@@ -19,7 +19,7 @@ STAGES = ("prompt", "vision", "prefill", "decode", "parse", "total")
 PERCENTILES = (50, 90, 99)
 
 
-class BenchError(ValueError):
+class JetsonBenchError(ValueError):
     """A benchmark that cannot run as asked."""
 
 
@@ -32,7 +32,7 @@ def heldout_observations(count: int, *, first_seed: int | None = None) -> list[A
     from ..eval.synthetic import HELDOUT_SEED_BASE, heldout_keyframes, observation
 
     if count < 1:
-        raise BenchError(f"samples must be at least 1, got {count}")
+        raise JetsonBenchError(f"samples must be at least 1, got {count}")
     seed = HELDOUT_SEED_BASE if first_seed is None else first_seed
     keyframes: list[Any] = []
     scenes = 1
@@ -90,7 +90,7 @@ class BenchResult:
         return "\n".join(rows)
 
 
-def run_bench(planner: _Planner, observations: Sequence[Any], *, warmup: int = 2,
+def run_jetson_bench(planner: _Planner, observations: Sequence[Any], *, warmup: int = 2,
               recorder: TegrastatsRecorder | None = None, recorder_note: str = "not requested",
               describe: Mapping[str, Any] | None = None, platform: Mapping[str, Any] | None = None,
               clock: Callable[[], float] = time.monotonic, first_sample_timeout: float = 5.0) -> BenchResult:
@@ -99,9 +99,9 @@ def run_bench(planner: _Planner, observations: Sequence[Any], *, warmup: int = 2
     whole benchmark (its first sample awaited up to ``first_sample_timeout`` s) and is summarised over the timed
     window only; it uses the same ``clock``."""
     if not observations:
-        raise BenchError("no observations to plan")
+        raise JetsonBenchError("no observations to plan")
     if warmup < 0:
-        raise BenchError(f"warmup must be >= 0, got {warmup}")
+        raise JetsonBenchError(f"warmup must be >= 0, got {warmup}")
     if recorder is not None:
         recorder.clock = clock
         recorder.start()

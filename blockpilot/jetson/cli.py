@@ -85,14 +85,14 @@ def user_errors() -> tuple[type[Exception], ...]:
     from ..export.targets import EngineTargetError
     from ..export.trt_build import TrtUnavailableError
     from ..formats.bundle import BundleError
-    from .bench import BenchError
+    from .bench import JetsonBenchError
     from .commands import CommandError, ToolMissingError
     from .platform import PlatformError
     from .power import PowerError
     from .profiles import ProfileError
     from .tegrastats import TegrastatsError
 
-    return (JetsonUsageError, PlatformError, ProfileError, PowerError, CommandError, ToolMissingError, BenchError,
+    return (JetsonUsageError, PlatformError, ProfileError, PowerError, CommandError, ToolMissingError, JetsonBenchError,
             TegrastatsError, EngineTargetError, TrtUnavailableError, BundleError)
 
 
@@ -133,8 +133,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from ..export.build import export_bundle
-    from ..export.progress import Progress
+    from ..export.bundle_export import export_bundle
+    from ..export.progress import StageProgress
     from ..quant.recipes import RecipeError
     from ..quant.targets import TargetError
     from .profiles import check_gate, default_timing_cache, engine_profile
@@ -158,7 +158,7 @@ def _build(args: argparse.Namespace) -> int:
                             targets=(profile.target,),
                             engine_precision="fp16" if profile.recipe else profile.engine_precision,
                             recipe=profile.recipe, calib=args.calib, attention=profile.attention,
-                            progress=Progress(enabled=False if args.quiet else None),
+                            progress=StageProgress(enabled=False if args.quiet else None),
                             timing_cache=Path(cache) if cache else None)
     print(summary.table())
     return 0
@@ -193,11 +193,11 @@ def _power(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from ..runtime.plan_types import DecoderSettings
-    from .bench import BenchError, heldout_observations, run_bench
+    from .bench import JetsonBenchError, heldout_observations, run_jetson_bench
     from .tegrastats import TegrastatsRecorder
 
     if args.samples < 1 or args.warmup < 0:
-        raise BenchError("--samples must be at least 1 and --warmup at least 0")
+        raise JetsonBenchError("--samples must be at least 1 and --warmup at least 0")
     platform = _detect(args.root)
     settings = DecoderSettings(name=args.decoder)
     if args.bundle:
@@ -220,8 +220,8 @@ def _bench(args: argparse.Namespace) -> int:
             note = "absent: no tegrastats on PATH, latency only"
         else:
             recorder = TegrastatsRecorder(args.interval_ms)
-    result = run_bench(planner, heldout_observations(args.samples), warmup=args.warmup, recorder=recorder,
-                       recorder_note=note, describe=describe, platform=platform.to_dict() if platform else None)
+    result = run_jetson_bench(planner, heldout_observations(args.samples), warmup=args.warmup, recorder=recorder,
+                              recorder_note=note, describe=describe, platform=platform.to_dict() if platform else None)
     print(result.table())
     if args.json:
         atomic_write(args.json, json.dumps(result.to_dict(), indent=2) + "\n")

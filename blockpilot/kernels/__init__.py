@@ -1,8 +1,10 @@
 """GPU kernels for block-diffusion decoding (Triton), each beside the torch math it is checked against.
 
 ``reference``
-    Plain torch: :func:`~blockpilot.kernels.reference.block_diffusion_attention_ref` (the math every kernel is
-    checked against) and :func:`~blockpilot.kernels.reference.write_window`.
+    Plain torch, the math every kernel is checked against:
+    :func:`~blockpilot.kernels.reference.block_diffusion_attention_ref`,
+    :func:`~blockpilot.kernels.reference.write_window`, and the FP8 rule (``quant_scale``, ``quantize_e4m3``,
+    :func:`~blockpilot.kernels.reference.quantize_rows_ref`) that the CUDA backend's ``Fp8Linear`` uses.
 ``block_attention``
     The Triton kernel :func:`~blockpilot.kernels.block_attention.block_diffusion_attention` (and the in-place
     cache write :func:`~blockpilot.kernels.block_attention.write_window_`), shared by the TensorRT plugin and

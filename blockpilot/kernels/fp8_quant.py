@@ -8,12 +8,13 @@ row reduces those to the tensor's ``amax``, applies modelopt's rule (``quant = 4
 counting as 1), quantizes its row (zeros past the last row) and writes its row of the dequant scale. A static
 scale skips the first kernel. No host sync, so the pair can be captured in a CUDA graph.
 
-The arithmetic is the torch path's to the bit, :func:`quantize_rows_ref`: ``448 / amax`` in torch is
-``amax.reciprocal() * 448`` (two roundings, ``Tensor.__rtruediv__``), so the kernel does the same with IEEE
-divisions (``tl.div_rn``; Triton's ``/`` is an approximate division on NVIDIA GPUs). NaNs propagate through the
-max and the clamp as they do in torch. Without a GPU, set ``TRITON_INTERPRET=1`` before ``triton`` is imported;
-the interpreter's float32 -> float8 cast rounds wrongly (ties away from zero, a mantissa carry is dropped,
-subnormals truncate), so tests check the float32 values before the cast there and the bytes on a GPU.
+The arithmetic is the torch path's to the bit, :func:`~blockpilot.kernels.reference.quantize_rows_ref`:
+``448 / amax`` in torch is ``amax.reciprocal() * 448`` (two roundings, ``Tensor.__rtruediv__``), so the
+kernel does the same with IEEE divisions (``tl.div_rn``; Triton's ``/`` is an approximate division on NVIDIA
+GPUs). NaNs propagate through the max and the clamp as they do in torch. Without a GPU, set
+``TRITON_INTERPRET=1`` before ``triton`` is imported; the interpreter's float32 -> float8 cast rounds wrongly
+(ties away from zero, a mantissa carry is dropped, subnormals truncate), so tests check the float32 values
+before the cast there and the bytes on a GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-E4M3 = torch.float8_e4m3fn
+from .reference import E4M3, padded_rows
+
 AMAX_CHUNK = 1024  # row amaxes per load in the global reduction
 MAX_BLOCK_K = 1024  # row elements per load
 _FP8_MAX = tl.constexpr(448.0)
@@ -74,12 +76,6 @@ def _quantize_kernel(X, AMAX, QUANT, XQ, DEQUANT, M, K, stride_x, stride_q, STAT
         tl.store(dst + offs, q.to(XQ.dtype.element_ty), mask=offs < K)
 
 
-def _padded(m: int, pad_to: int) -> int:
-    if pad_to < 1:
-        raise ValueError(f"pad_to must be >= 1, got {pad_to}")
-    return -(-m // pad_to) * pad_to
-
-
 def _launch(x: torch.Tensor, quant: torch.Tensor | None, rows: torch.Tensor | None, pad_to: int, chunk: int,
             block_k: int | None, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_rows` into ``out_dtype``: float32 gives the clamped scaled values before the cast."""
@@ -88,7 +84,7 @@ def _launch(x: torch.Tensor, quant: torch.Tensor | None, rows: torch.Tensor | No
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
-    m_pad = _padded(m, pad_to)
+    m_pad = padded_rows(m, pad_to)
     xq = torch.empty(m_pad, k, dtype=out_dtype, device=x.device)
     dequant = torch.empty(m_pad, 1, dtype=torch.float32, device=x.device)
     if m_pad == 0:
@@ -124,17 +120,3 @@ def quantize_rows(x: torch.Tensor, *, quant: torch.Tensor | None = None, rows: t
     ``chunk`` (row amaxes per load, a power of two) and ``block_k`` (elements per load) tune the loops."""
     return _launch(x, quant, rows, pad_to, chunk, block_k, E4M3)
 
-
-def quantize_rows_ref(x: torch.Tensor, *, quant: torch.Tensor | None = None, rows: torch.Tensor | None = None,
-                      pad_to: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_rows` in torch ops: ``Fp8Linear``'s scale rule and quantization, what the kernels match."""
-    from ..runtime.cuda_fp8 import quant_scale, quantize_e4m3
-
-    m = x.shape[0]
-    if quant is None:
-        quant = quant_scale((x.abs() if rows is None else x.abs() * rows).amax())
-    quant = quant.reshape(()).to(torch.float32)
-    pad = _padded(m, pad_to) - m
-    xq = quantize_e4m3(torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x, quant)
-    dequant = (1.0 / quant).reshape(1, 1).expand(xq.shape[0], 1).contiguous()
-    return xq, dequant

@@ -1,10 +1,15 @@
-"""The block-diffusion attention of one LM step in plain torch: what every kernel and plugin is checked against.
+"""The torch math every kernel and plugin is checked against: block-diffusion attention and FP8 quantization.
 
-Shapes (batch one): ``q`` ``(1, H, T, D)`` holds the window's queries (after RoPE) at cache slots
+**Attention.** Shapes (batch one): ``q`` ``(1, H, T, D)`` holds the window's queries (after RoPE) at cache slots
 ``start .. start + T - 1``; the caches ``(1, Hkv, C, D)`` already hold the window's K/V (see
 :func:`write_window`). Query ``i`` sees key slot ``k < key_end`` when ``mode`` allows it for the query slot
 ``q = start + i``: 0 causal ``k <= q``, 1 block ``k // block_size <= q // block_size``, 2 bidirectional.
 Grouped-query attention maps query head ``h`` to K/V head ``h // (H // Hkv)``.
+
+**FP8 (e4m3).** modelopt's FP8 fake quantization (``tensor_quant._fp8_eager``): ``quant = 448 / amax`` (an
+``amax <= 2**-24`` counts as 1), ``q = e4m3(clamp(x * quant, ±448))``, dequantized as ``q * (1 / quant)``.
+:func:`quant_scale` and :func:`quantize_e4m3` are the rule, used by the CUDA backend's ``Fp8Linear``;
+:func:`quantize_rows_ref` is what the Triton kernels of :mod:`blockpilot.kernels.fp8_quant` match to the bit.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import torch
 from . import MODE_BIDIRECTIONAL, MODE_BLOCK, MODE_CAUSAL
 
 IntLike = int | torch.Tensor
+E4M3 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+TINY_AMAX = 1.0 / (1 << 24)  # an amax at or below this counts as 1
 
 
 def as_int(value: IntLike, name: str) -> int:
@@ -91,3 +99,37 @@ def write_window(past: torch.Tensor, new: torch.Tensor, start: IntLike) -> torch
     out = past.clone()
     out[:, :, start_i:start_i + t] = new.to(past.dtype)
     return out
+
+
+def quant_scale(amax: torch.Tensor) -> torch.Tensor:
+    """``448 / amax`` in float32, modelopt's rule (a zero or tiny ``amax`` counts as 1)."""
+    amax = amax.to(torch.float32)
+    safe = torch.where(amax <= TINY_AMAX, torch.ones_like(amax), amax)
+    return FP8_MAX / safe
+
+
+def quantize_e4m3(x: torch.Tensor, quant: torch.Tensor) -> torch.Tensor:
+    """``x * quant`` clamped to ±448 and rounded to float8 e4m3."""
+    return (x.to(torch.float32) * quant).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
+
+
+def padded_rows(m: int, pad_to: int) -> int:
+    """``m`` rounded up to a multiple of ``pad_to`` (``ValueError`` unless ``pad_to >= 1``)."""
+    if pad_to < 1:
+        raise ValueError(f"pad_to must be >= 1, got {pad_to}")
+    return -(-m // pad_to) * pad_to
+
+
+def quantize_rows_ref(x: torch.Tensor, *, quant: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                      pad_to: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(xq (M_pad, K) float8 e4m3, dequant (M_pad, 1) float32)`` of ``x`` ``(M, K)`` in torch ops: the static
+    scale ``quant`` or else ``448 / amax(|x|)`` over the rows that ``rows`` ``(M, 1)`` weights 1; rows past ``M``
+    (up to a multiple of ``pad_to``) are zeros. :func:`blockpilot.kernels.fp8_quant.quantize_rows` matches it."""
+    m = x.shape[0]
+    if quant is None:
+        quant = quant_scale((x.abs() if rows is None else x.abs() * rows).amax())
+    quant = quant.reshape(()).to(torch.float32)
+    pad = padded_rows(m, pad_to) - m
+    xq = quantize_e4m3(torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x, quant)
+    dequant = (1.0 / quant).reshape(1, 1).expand(xq.shape[0], 1).contiguous()
+    return xq, dequant

@@ -67,7 +67,7 @@ def _knobs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _source(kind: str, dataroot: str | None, scenes: int, what: str, heldout_dir: Path | None = None) -> Any:
-    from ..eval.cli import EvalUsageError, open_source
+    from ..eval.replay import EvalUsageError, open_source
 
     if kind != "synthetic":
         if not dataroot:
@@ -90,7 +90,7 @@ def _source(kind: str, dataroot: str | None, scenes: int, what: str, heldout_dir
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval.cli import driving_schema
+    from ..eval.replay import driving_schema
     from ..runtime.plan_types import DecoderSettings
     from .pipeline import QUANTIZED_DIR, load_planner, quantize_checkpoint
     from .recipes import resolve_recipe

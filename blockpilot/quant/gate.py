@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..eval.cli import evaluate_and_report, run_header
 from ..eval.compare import compare_runs, format_comparison
+from ..eval.replay import evaluate_and_report, run_header
 from ..eval.types import Source
 
 DEFAULT_L2_BOUND = 0.05

@@ -90,8 +90,8 @@ def quantize_checkpoint(checkpoint: Path, recipe: Recipe, calib_source: Source, 
                         calib_mode: str = DEFAULT_CALIB_MODE) -> QuantizeOutcome:
     """Load ``checkpoint`` into a planner, quantize it with ``recipe`` and save it in ``out_dir/quantized``
     (``schema``: the answer schema, default the checkpoint's own). Refuses before loading when the float32 model and
-    its quantizers would not fit this machine's memory (:class:`~blockpilot.memory_budget.MemoryBudgetError`)."""
-    from ..memory_budget import check_fits
+    its quantizers would not fit this machine's memory (:class:`~blockpilot.vla.memory_budget.MemoryBudgetError`)."""
+    from ..vla.memory_budget import check_fits
 
     check_fits(checkpoint, ("load", "quantize"), "float32", what=f"quantize --recipe {recipe.name}")
     planner = load_planner(checkpoint, decoder or DecoderSettings(name="scaffold"), device, schema=schema)

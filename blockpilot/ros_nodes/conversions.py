@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..eval.geometry import to_ego_frame
+from ..geometry import to_ego_frame
 from ..runtime.plan_types import Plan
 from ..vla.prompt import EgoState
 

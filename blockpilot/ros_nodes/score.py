@@ -27,11 +27,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..eval.evaluator import constant_velocity
-from ..eval.geometry import quaternion_yaw, to_ego_frame
 from ..eval.mcap_track import OdomTrack
 from ..eval.metrics import l2_errors
 from ..eval.summary import HORIZONS_S, hkey, summarize_predictor
+from ..geometry import constant_velocity, quaternion_yaw, to_ego_frame
 from .conversions import stamp_ns
 
 PATH_TYPE, ODOM_TYPE, STRING_TYPE = "nav_msgs/msg/Path", "nav_msgs/msg/Odometry", "std_msgs/msg/String"

@@ -43,7 +43,7 @@ from .backend import (
     check_tokens,
     prefill_length,
 )
-from .cuda_graphs import StepGraphs
+from .cuda_graphs import TorchStepGraphs
 from .cuda_lm import AttentionFn, DecodeLM, EpilogueFn, PrefixStep, top1_prob_ref
 from .plan_types import PlannerSetupError
 from .torch_backend import prompt_embeddings
@@ -128,7 +128,7 @@ class CudaBackend:
         self.kernel = kernel or ("triton" if on_cuda else "reference")
         if self.kernel not in KERNELS:
             raise PlannerSetupError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
-        self.graphs = StepGraphs(on_cuda if graphs is None else graphs)
+        self.graphs = TorchStepGraphs(on_cuda if graphs is None else graphs)
         if self.graphs.enabled and (not on_cuda or self.kernel == "reference"):
             raise PlannerSetupError("CUDA graphs need a CUDA device and the Triton kernels (the torch reference "
                                     "attention reads its scalars on the host); pass graphs=False")

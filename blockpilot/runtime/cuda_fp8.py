@@ -1,7 +1,8 @@
 """FP8 (e4m3) linears of the CUDA backend: weights and scales from a modelopt-quantized model, matmuls through
 ``torch._scaled_mm``.
 
-The scales follow modelopt's FP8 fake quantization exactly (``tensor_quant._fp8_eager``): with ``amax`` from the
+The scales follow modelopt's FP8 fake quantization exactly (``tensor_quant._fp8_eager``, in torch in
+:mod:`blockpilot.kernels.reference`): with ``amax`` from the
 quantizer, ``quant = 448 / amax`` (``amax <= 2**-24`` counts as 1), ``q = e4m3(clamp(x * quant, ±448))`` and the
 dequantized value is ``q * (1 / quant)``. A weight quantizer gives a per-tensor ``amax`` (``()``, modelopt's FP8
 default) or a per-output-channel one (``(out, 1)``, ``axis=0``); an input quantizer's calibrated ``amax`` gives a
@@ -27,25 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.reference import quant_scale, quantize_e4m3, quantize_rows_ref
 from .plan_types import PlannerSetupError
 
-E4M3 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-_TINY_AMAX = 1.0 / (1 << 24)
 MATMULS = ("auto", "scaled_mm", "dequantize")
 ACTIVATION_SCALES = ("dynamic", "static")
-
-
-def quant_scale(amax: torch.Tensor) -> torch.Tensor:
-    """``448 / amax`` in float32, modelopt's rule (a zero or tiny ``amax`` counts as 1)."""
-    amax = amax.to(torch.float32)
-    safe = torch.where(amax <= _TINY_AMAX, torch.ones_like(amax), amax)
-    return FP8_MAX / safe
-
-
-def quantize_e4m3(x: torch.Tensor, quant: torch.Tensor) -> torch.Tensor:
-    """``x * quant`` clamped to ±448 and rounded to float8 e4m3."""
-    return (x.to(torch.float32) * quant).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
 
 
 @dataclass(frozen=True)
@@ -230,13 +217,7 @@ class Fp8Linear:
         m = x2.shape[0]
         pad_to = 16 if x2.is_cuda else 1  # cuBLASLt's FP8 GEMMs like 16-aligned dimensions
         quantize = _triton_quantizer() if (x2.is_cuda if triton is None else triton) else None
-        if quantize is not None:
-            xq, dequant_x = quantize(x2, quant=self.input_quant, rows=rows, pad_to=pad_to)
-        else:
-            quant_x = self._quant_x(x2, rows)
-            pad = (-m) % pad_to
-            xq = quantize_e4m3(F.pad(x2, (0, 0, 0, pad)) if pad else x2, quant_x)
-            dequant_x = (1.0 / quant_x).to(torch.float32).reshape(1, 1).expand(xq.shape[0], 1).contiguous()
+        xq, dequant_x = (quantize or quantize_rows_ref)(x2, quant=self.input_quant, rows=rows, pad_to=pad_to)
         if self.per_channel:  # row-wise scaling: (M, 1) x (1, N)
             y = torch._scaled_mm(xq, self.weight.t(), dequant_x, self.dequant_w, out_dtype=torch.bfloat16)
         else:

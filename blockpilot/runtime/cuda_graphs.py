@@ -1,6 +1,6 @@
 """CUDA graphs of the backend's static-shape step, captured lazily, one per key, into one shared memory pool.
 
-The step function reads every input from static device buffers and returns its outputs; :meth:`StepGraphs.run`
+The step function reads every input from static device buffers and returns its outputs; :meth:`TorchStepGraphs.run`
 calls it eagerly the first time a key is seen (on a side stream, which also compiles the Triton kernels and
 warms the allocator), captures it, and replays the graph for every later call with that key. The first call's
 eager result is returned as is: a capture only records, so the cache writes it would make happen once, in the
@@ -18,7 +18,10 @@ import torch
 StepOutputs = tuple[Any, ...]
 
 
-class StepGraphs:
+class TorchStepGraphs:
+    """The ``cuda`` backend's CUDA graphs of a torch step function (the TensorRT backend's are
+    :class:`~blockpilot.runtime.trt_engine.TrtStepGraphs`)."""
+
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, StepOutputs]] = {}

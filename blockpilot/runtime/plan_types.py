@@ -19,8 +19,7 @@ from ..vla.answer_parser import PlanParseError
 from ..vla.config import BlockDiffusionConfig, ModelConfig
 from ..vla.image_grid import image_token_count
 from ..vla.plans import DrivingPlan, RobotActionPlan
-from ..vla.prompt import ROUTE_COMMANDS, EgoState, check_ego_history
-from ..vla.prompt import PromptError as InstructionError
+from ..vla.prompt import ROUTE_COMMANDS, EgoState, PromptInputError, check_ego_history
 from .backend import BackendError, PromptError
 from .decoders.block import SUB_BLOCK_RULES
 from .stats import PlanStats, RolloutSpread
@@ -208,7 +207,7 @@ def check_observation(observation: Observation, config: ModelConfig) -> list[npt
         raise ObservationError("observation.ego holds a non-finite value (past_waypoints, speed_mps or accel_mps2)")
     try:
         check_ego_history(ego.past_waypoints)
-    except InstructionError as exc:
+    except PromptInputError as exc:
         raise ObservationError(f"observation.{exc}") from None
     if observation.route_command not in ROUTE_COMMANDS:
         raise ObservationError(f"unknown route command {observation.route_command!r}; expected one of {ROUTE_COMMANDS}")

@@ -24,7 +24,7 @@ from ..vla.plans import DrivingPlan, DrivingSchema, PlanSchema, RobotActionPlan
 from ..vla.prompt import (
     DRIVING_SYSTEM_PROMPT,
     GENERIC_SYSTEM_PROMPT,
-    PromptError,
+    PromptInputError,
     chat_prompt_ids,
     driving_instruction,
 )
@@ -122,7 +122,7 @@ class Planner:
                                         f"classes; the {type(backend).__name__} engine takes up to {limit}")
         try:  # a tokenizer without the chat tokens fails here, not on the first observation
             chat_prompt_ids(tokenizer, DRIVING_SYSTEM_PROMPT, "", [1] if config.vision is not None else [])
-        except PromptError as exc:
+        except PromptInputError as exc:
             raise PlannerSetupError(str(exc)) from exc
 
     @property

@@ -66,7 +66,7 @@ from .cuda_memory import CudaMemory, CudaUnavailableError
 from .graph_backend import GraphBackend, GraphInputs, driving_model_files
 from .plan_types import DecoderSettings, PlannerSetupError
 from .planner import Planner
-from .trt_engine import StepGraphs, TrtEngine, bind, enqueue
+from .trt_engine import TrtEngine, TrtStepGraphs, bind, enqueue
 from .trt_slots import SlotFeed, has_typed_slots
 from .trt_vision import VisionEngineArg, VisionEngines, bundle_vision_engines, engine_paths, engine_policy
 
@@ -226,7 +226,7 @@ class TrtBackend(GraphBackend):
         self._embeds_host = m.pinned((cap, self._inputs.hidden), layout.dtypes["inputs_embeds"])
         self._pos_host = m.pinned(3 * cap, layout.dtypes["position_ids"])
         self._top1_host, self._prob_host = m.pinned(cap, layout.dtypes["top1"]), m.pinned(cap, layout.dtypes["prob"])
-        self.graphs = StepGraphs(m, cuda_graphs)
+        self.graphs = TrtStepGraphs(m, cuda_graphs)
         merge = int((self.spec.get("vision") or {}).get("spatial_merge_size", 1))
         self._vision = VisionEngines(m, dict(zip(vision_paths, engines[1:], strict=True)), merge) \
             if vision_paths else None

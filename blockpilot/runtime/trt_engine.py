@@ -168,7 +168,7 @@ def enqueue(context: Any, stream: int, what: str) -> None:
         raise BackendError(f"TensorRT execute_async_v3 failed ({what}); see the TensorRT log")
 
 
-class StepGraphs:
+class TrtStepGraphs:
     """CUDA graphs of LM steps keyed by ``(T, key_end, 0)``, each with its own execution context; at most
     ``limit`` kept, least recently used dropped. :attr:`note` says why graphs are off (``""`` while on)."""
 

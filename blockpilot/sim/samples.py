@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from blockpilot.geometry import constant_velocity, to_ego_frame
 from blockpilot.sim.cameras import FRONT_CAMERA, CameraSpec
-from blockpilot.sim.types import FloatArray, Scene, to_ego_frame
+from blockpilot.sim.types import FloatArray, Scene
 
 PAST_TIMES_S = (-2.0, -1.5, -1.0, -0.5)
 FUTURE_TIMES_S = tuple(0.5 * (i + 1) for i in range(6))  # 2 Hz over 3 s
@@ -95,7 +96,7 @@ def keyframes(scene: Scene, rate_hz: float = 2.0) -> list[Keyframe]:
     return [keyframe_at(scene, s) for s in steps if s < scene.num_steps]
 
 
-def constant_velocity(keyframe: Keyframe, times_s: Sequence[float] = FUTURE_TIMES_S) -> FloatArray:
-    """The baseline: keep the current speed along the current heading; (N, 2) in the ego frame."""
-    t = np.asarray(times_s, dtype=np.float64)
-    return np.stack([keyframe.speed * t, np.zeros_like(t)], axis=1)
+def keyframe_constant_velocity(keyframe: Keyframe, times_s: Sequence[float] = FUTURE_TIMES_S) -> FloatArray:
+    """The constant-velocity baseline of a keyframe (:func:`blockpilot.geometry.constant_velocity` at its speed);
+    (N, 2) in the ego frame."""
+    return constant_velocity(keyframe.speed, times_s)

@@ -2,7 +2,8 @@
 
 Everything is in a flat world frame (metres, x east, y north, yaw counter-clockwise from +x,
 radians) sampled at a fixed ``dt``. Ego-frame quantities (x forward, y left) are derived with
-:func:`to_ego_frame`. All of it is synthetic and labelled so wherever it is written out.
+:func:`blockpilot.geometry.to_ego_frame`. All of it is synthetic and labelled so wherever it is
+written out.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
-
-from ..eval.geometry import to_ego_frame as to_ego_frame  # re-exported for the sim writers
 
 FloatArray = npt.NDArray[np.float64]
 ROUTE_COMMANDS = ("turn left", "go straight", "turn right")

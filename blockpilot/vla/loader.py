@@ -41,7 +41,7 @@ def load_model(
     note = slow_dtype_note(dtype, device)
     if note:
         warnings.warn(f"loading {checkpoint_dir} in {dtype}: {note}", RuntimeWarning, stacklevel=2)
-    from ..memory_budget import check_fits
+    from .memory_budget import check_fits
 
     check_fits(checkpoint_dir, ("load",), dtype, what=f"loading in {dtype}")  # refuse before any allocation
     with torch.device("meta"), _no_random_init():

@@ -29,8 +29,9 @@ GENERIC_SYSTEM_PROMPT = "You are a helpful assistant. Answer in the JSON layout 
 DRIVING_PAST_TIMES_S = (-2.0, -1.5, -1.0, -0.5)
 
 
-class PromptError(ValueError):
-    """A prompt input is invalid; the message names the field."""
+class PromptInputError(ValueError):
+    """An input of prompt assembly (ego state, route command, tokenizer, image token counts) is invalid; the message
+    names the field. (A token prompt a backend refuses is :class:`blockpilot.runtime.backend.PromptError`.)"""
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,15 +46,15 @@ class EgoState:
     def __post_init__(self) -> None:
         past = np.array(self.past_waypoints, dtype=np.float64)  # a private, read-only copy
         if past.ndim != 2 or past.shape[1] != 2:
-            raise PromptError(f"EgoState.past_waypoints must have shape (K, 2), got {past.shape}")
+            raise PromptInputError(f"EgoState.past_waypoints must have shape (K, 2), got {past.shape}")
         if not (np.isfinite(past).all() and np.isfinite(self.speed_mps) and np.isfinite(self.accel_mps2)):
-            raise PromptError("EgoState holds a non-finite value (past_waypoints, speed_mps or accel_mps2)")
+            raise PromptInputError("EgoState holds a non-finite value (past_waypoints, speed_mps or accel_mps2)")
         past.flags.writeable = False
         object.__setattr__(self, "past_waypoints", past)
 
 
 def check_ego_history(past: npt.NDArray[np.float64]) -> None:
-    """Raise :class:`PromptError` naming what is missing unless ``past`` holds exactly the prompt's history."""
+    """Raise :class:`PromptInputError` naming what is missing unless ``past`` holds exactly the prompt's history."""
     need, got = len(DRIVING_PAST_TIMES_S), int(past.shape[0])
     if got == need:
         return
@@ -63,14 +64,14 @@ def check_ego_history(past: npt.NDArray[np.float64]) -> None:
         detail = f"got {got}: the oldest {need - got} ({missing}) are missing"
     else:
         detail = f"got {got}: resample the history to these {need} instants"
-    raise PromptError(f"ego past_waypoints: the driving prompt needs {need} past positions at {times} "
+    raise PromptInputError(f"ego past_waypoints: the driving prompt needs {need} past positions at {times} "
                       f"(2 s at 2 Hz, oldest first, ego frame); {detail}")
 
 
 def driving_instruction(ego: EgoState, route_command: str, number: FixedNumber | None = None) -> str:
     """The user-turn text for driving: ego state and route command, numbers in the answer's width."""
     if route_command not in ROUTE_COMMANDS:
-        raise PromptError(f"route_command must be one of {ROUTE_COMMANDS}, got {route_command!r}")
+        raise PromptInputError(f"route_command must be one of {ROUTE_COMMANDS}, got {route_command!r}")
     number = number or FixedNumber(2, 2)
 
     def fmt(value: float, what: str) -> str:
@@ -88,14 +89,14 @@ def chat_prompt_ids(tokenizer: Tokenizer, system: str, user_text: str, image_tok
     special = tokenizer.special
     im_start = tokenizer.token_to_id(IM_START)
     if im_start is None:
-        raise PromptError(f"{tokenizer.source}: the tokenizer has no {IM_START} token for the chat format")
+        raise PromptInputError(f"{tokenizer.source}: the tokenizer has no {IM_START} token for the chat format")
     if image_token_counts and None in (special.image, special.vision_start, special.vision_end):
-        raise PromptError("images need tokens.image, tokens.vision_start and tokens.vision_end in the config")
+        raise PromptInputError("images need tokens.image, tokens.vision_start and tokens.vision_end in the config")
     ids = [im_start, *tokenizer.encode(f"system\n{system}"), special.end, *tokenizer.encode("\n"),
            im_start, *tokenizer.encode("user\n")]
     for count in image_token_counts:
         if count <= 0:
-            raise PromptError(f"an image needs a positive number of image tokens, got {count}")
+            raise PromptInputError(f"an image needs a positive number of image tokens, got {count}")
         ids += [special.vision_start, *([special.image] * count), special.vision_end]  # type: ignore[list-item]
     ids += [*tokenizer.encode(user_text), special.end, *tokenizer.encode("\n"),
             im_start, *tokenizer.encode("assistant\n")]

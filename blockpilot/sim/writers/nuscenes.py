@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from blockpilot.sim.types import Agent, FloatArray, Scene, to_ego_frame
+from blockpilot.geometry import to_ego_frame
+from blockpilot.sim.types import Agent, FloatArray, Scene
 from blockpilot.sim.writers._common import (
     SYNTHETIC_LABEL,
     CameraLike,

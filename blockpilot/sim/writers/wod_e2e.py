@@ -17,7 +17,8 @@ import numpy as np
 from blockpilot.formats.tfrecord import write_tfrecord
 from blockpilot.formats.wod import dataset_pb2 as wod
 from blockpilot.formats.wod import end_to_end_driving_data_pb2 as e2e
-from blockpilot.sim.types import FloatArray, Scene, to_ego_frame
+from blockpilot.geometry import to_ego_frame
+from blockpilot.sim.types import FloatArray, Scene
 from blockpilot.sim.writers._common import (
     CameraLike,
     RenderFn,

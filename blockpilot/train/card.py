@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ...atomic_io import atomic_write
+from ..atomic_io import atomic_write
 
 
 def seed_spec(seeds: Sequence[int]) -> str:

@@ -1,4 +1,7 @@
-"""Small rigid-transform helpers for replay sources: quaternions [w, x, y, z] and 3-D poses.
+"""Small rigid-transform helpers: the ego frame, quaternions [w, x, y, z] and 3-D poses (numpy only).
+
+A leaf module (it imports nothing from blockpilot): the generated scenes (``sim``), the replay sources
+(``eval``), the training labels and the ROS nodes all write trajectories in the same ego frame.
 
 A :class:`Pose` maps points of its own frame into the parent frame (``parent = R @ local + t``),
 the way nuScenes stores ``ego_pose`` (ego in the global frame) and ``calibrated_sensor`` (sensor in
@@ -23,6 +26,13 @@ def to_ego_frame(points: npt.ArrayLike, origin_xy: npt.ArrayLike, origin_yaw: fl
     c, s = math.cos(origin_yaw), math.sin(origin_yaw)
     d = np.asarray(points, dtype=np.float64) - np.asarray(origin_xy, dtype=np.float64)
     return np.column_stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]])
+
+
+def constant_velocity(speed_mps: float, times_s: npt.ArrayLike) -> FloatArray:
+    """The constant-velocity baseline in the ego frame: keep the current speed along the current heading (x
+    forward); ``(N, 2)`` positions at ``times_s`` seconds from now."""
+    t = np.asarray(times_s, dtype=np.float64)
+    return np.stack([speed_mps * t, np.zeros_like(t)], axis=1)
 
 
 def quaternion_matrix(q: Sequence[float] | FloatArray) -> FloatArray:

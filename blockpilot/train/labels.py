@@ -16,8 +16,9 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ...sim.types import Scene, to_ego_frame
-from ..plans import DrivingPlan, DrivingSchema
+from ..geometry import to_ego_frame
+from ..sim.types import Scene
+from ..vla.plans import DrivingPlan, DrivingSchema
 
 FloatArray = npt.NDArray[np.float64]
 # Flag names of the driving schema that synthetic scenes can set; every other flag stays False.

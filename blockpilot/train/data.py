@@ -20,16 +20,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ...atomic_io import atomic_open
-from ...sim.types import Scene
-from ..config import VisionConfig
-from ..image_grid import smart_resize
-from ..plans import DrivingPlan, DrivingSchema
-from ..prompt import DRIVING_SYSTEM_PROMPT, EgoState, chat_prompt_ids, driving_instruction
-from ..scaffold import Scaffold
-from ..schema_io import schema_to_dict
-from ..slots import FixedNumber
-from ..tokenizer import Tokenizer
+from ..atomic_io import atomic_open
+from ..sim.types import Scene
+from ..vla.config import VisionConfig
+from ..vla.image_grid import smart_resize
+from ..vla.plans import DrivingPlan, DrivingSchema
+from ..vla.prompt import DRIVING_SYSTEM_PROMPT, EgoState, chat_prompt_ids, driving_instruction
+from ..vla.scaffold import Scaffold
+from ..vla.schema_io import schema_to_dict
+from ..vla.slots import FixedNumber
+from ..vla.tokenizer import Tokenizer
 from .labels import KeyframeLike, LabelRules, derive_plan
 
 DATA_VERSION = 1
@@ -113,10 +113,10 @@ def answer_sections(scaffold: Scaffold[Any]) -> tuple[tuple[str, ...], npt.NDArr
 
 
 def _sim_functions() -> tuple[SceneFn, KeyframesFn, CameraFn]:
-    from ...sim.cameras import FRONT_CAMERA
-    from ...sim.generator import generate_scene
-    from ...sim.render import render_camera
-    from ...sim.samples import keyframes
+    from ..sim.cameras import FRONT_CAMERA
+    from ..sim.generator import generate_scene
+    from ..sim.render import render_camera
+    from ..sim.samples import keyframes
 
     def camera(scene: Scene, step: int) -> npt.NDArray[np.uint8]:
         return np.asarray(render_camera(scene, step, FRONT_CAMERA), dtype=np.uint8)

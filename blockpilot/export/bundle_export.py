@@ -13,7 +13,7 @@ from typing import Any
 
 from ..formats.bundle import BundleError, BundleWriter, load_bundle
 from ..formats.onnx_io import EMBED_FILE, LM_FILE, SPEC_FILE, vision_graphs
-from .progress import Progress
+from .progress import StageProgress
 from .targets import (
     ATTENTION_ROUTES,
     EngineTarget,
@@ -72,7 +72,7 @@ class _EnginePlan:
 def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens: int | None = None,
                   with_weights: bool = False, overwrite: bool = False, targets: tuple[str, ...] = (),
                   engine_precision: str = "fp16", recipe: str | None = None, calib: int = 32,
-                  attention: str = "auto", progress: Progress | None = None,
+                  attention: str = "auto", progress: StageProgress | None = None,
                   timing_cache: Path | None = None, schema: str | None = None,
                   image_sizes: Sequence[tuple[int, int]] = (), cameras: int = 1, dtype: str = "auto") -> ExportSummary:
     """Export ``checkpoint`` into the bundle directory ``out`` and verify it by loading it back.
@@ -120,7 +120,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
 
     check_bundle_target(Path(out), overwrite)
     driving = checked_schema(Path(checkpoint), schema)
-    from ..memory_budget import check_fits
+    from ..vla.memory_budget import check_fits
 
     load_dtype = export_dtype(checkpoint, dtype, float32_only=recipe is not None or any(p.route == "plugin"
                                                                                         for p in plans))
@@ -128,7 +128,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
     check_fits(checkpoint, ("export", *(("engines",) if plans else ()), *(("quantize",) if recipe else ())),
                load_dtype, what="blockpilot export")  # before any weight is read: refuse, not be killed
 
-    progress = progress or Progress(enabled=False)
+    progress = progress or StageProgress(enabled=False)
     progress.stages = 3 + int(recipe is not None) + int(bool(plans))
     with progress.stage("load"):
         planner = Planner.from_checkpoint(Path(checkpoint), decoder=DecoderSettings(name="scaffold"),

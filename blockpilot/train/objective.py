@@ -24,11 +24,11 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig
-from ..image import preprocess_images
-from ..model import VLAModel
-from ..modes import AttentionMode
-from ..rope_index import mrope_positions
+from ..vla.config import ModelConfig
+from ..vla.image import preprocess_images
+from ..vla.model import VLAModel
+from ..vla.modes import AttentionMode
+from ..vla.rope_index import mrope_positions
 
 DEFAULT_SECTION_WEIGHTS = {"trajectory": 3.0, "future_meta_behavior": 1.5, "critical_objects": 1.0,
                            "explanation": 0.5, "end": 1.0}

@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...atomic_io import atomic_write
-from ..loader import save_checkpoint
-from ..model import VLAModel
-from ..plans import DrivingPlan, DrivingSchema
-from ..reference import init_weights, reference_config, reference_schema
-from ..reference_tokenizer import build_reference_tokenizer
-from ..scaffold import Scaffold, build_scaffold
-from ..schema_io import save_schema
+from ..atomic_io import atomic_write
+from ..vla.loader import save_checkpoint
+from ..vla.model import VLAModel
+from ..vla.plans import DrivingPlan, DrivingSchema
+from ..vla.reference_model import init_weights, reference_config, reference_schema
+from ..vla.reference_tokenizer import build_reference_tokenizer
+from ..vla.scaffold import Scaffold, build_scaffold
+from ..vla.schema_io import save_schema
 from .card import write_data_card
 from .data import CameraFn, ExampleSet, KeyframesFn, SceneFn, answer_sections, build_examples
 from .objective import AnswerLayout, ObjectiveConfig, TrainBatch, block_diffusion_loss, make_batch, maskable
@@ -207,7 +207,7 @@ def train_reference(
     save_checkpoint(model_cpu, root)
     tokenizer.save(root)
     if vision is not None:  # large frames are resized down to the pixel budget it was trained on
-        from ..image_policy import ImagePolicy, write_preprocessor_config
+        from ..vla.image_policy import ImagePolicy, write_preprocessor_config
 
         trained = int(train.images.shape[1] * train.images.shape[2])
         write_preprocessor_config(root, ImagePolicy.for_vision(vision, max_pixels=max(trained, (

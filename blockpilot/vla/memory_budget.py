@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .vla.checkpoint import CheckpointError
+from .checkpoint import CheckpointError
 
 AVAILABLE_ENV = "BLOCKPILOT_MEMORY_AVAILABLE"
 RUNTIME_BYTES = 600 << 20  # python + torch + onnx imported, before any weight
@@ -67,7 +67,7 @@ def available_bytes() -> int | None:
 
 def checkpoint_parameters(checkpoint: str | Path) -> int:
     """Parameters stored in a checkpoint's safetensors files, from their headers."""
-    from .vla.checkpoint import checkpoint_headers
+    from .checkpoint import checkpoint_headers
 
     total = 0
     for _, entries in checkpoint_headers(checkpoint):

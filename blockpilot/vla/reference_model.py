@@ -2,7 +2,7 @@
 
 Tests, benchmarks and the default demo use it because no checkpoint can be downloaded here. Its
 architecture, checkpoint layout and tokenizer files are those of a real Fast-dDrive checkpoint,
-only smaller; until it is trained (``vla.train``) its weights are random.
+only smaller; until it is trained (``blockpilot.train``) its weights are random.
 """
 
 from __future__ import annotations
