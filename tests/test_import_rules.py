@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1] / "blockpilot"
 MAY_IMPORT: dict[str, frozenset[str]] = {
     "atomic_io": frozenset(),  # a leaf (standard library only) that every layer may import: see LEAVES
     "cli_common": frozenset(),
-    "kernels": frozenset(),
     "vla": frozenset(),
+    "kernels": frozenset({"vla"}),  # vla.modes: AttentionMode carries the mode ids the kernels take
     "formats": frozenset({"vla"}),
     "memory_budget": frozenset({"vla"}),
     "trt": frozenset({"formats", "kernels"}),

@@ -20,7 +20,6 @@ SPEC_FILE = "onnx_spec.json"
 VISION_FILE = "vision.onnx"
 LM_FILE = "lm_step.onnx"
 EMBED_FILE = "embed_tokens.npy"
-MODE_IDS = {"causal": 0, "block": 1, "bidirectional": 2}
 # The lm_step's cache outputs by the spec's ``kv_io``: the window's rows (the default), or the whole cache with the
 # window written (exports before the window I/O; their specs have no ``kv_io``).
 KV_OUTPUTS = {"window": ("k_new", "v_new"), "full": ("present_k", "present_v")}

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..formats.onnx_io import KV_OUTPUTS, MODE_IDS, graph_has_typed_slots, kv_io, load_spec, vision_graphs
+from ..formats.onnx_io import KV_OUTPUTS, graph_has_typed_slots, kv_io, load_spec, vision_graphs
 from ..vla.modes import AttentionMode
 from ..vla.plans import DrivingSchema
 from .backend import AllowedTokens, BackendError, TokenArray
@@ -116,7 +116,7 @@ class OrtBackend(GraphBackend):
             "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
             "start": np.array(start, dtype=np.int64),
             "key_end": np.array(key_end, dtype=np.int64),
-            "mode": np.array(MODE_IDS[AttentionMode(mode).value], dtype=np.int64),
+            "mode": np.array(AttentionMode(mode).id, dtype=np.int64),
             "past_k": self._k,
             "past_v": self._v,
         }

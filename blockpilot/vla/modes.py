@@ -14,8 +14,33 @@ class AttentionMode(str, Enum):
     bidirectional inside a block; block boundaries at absolute slot multiples of ``block_size``.
     ``BIDIRECTIONAL``: the active window sees the whole cached prefix and all of itself (the
     block-diffusion denoising step).
+
+    Each mode carries the integer :attr:`id` the exported ``lm_step`` graph, the TensorRT plugin and the
+    Triton kernels take as their ``mode`` input (0, 1, 2); a bundle's spec records them as ``mode_ids``
+    (:meth:`ids`). They are part of the graph format: never renumber them.
     """
 
-    CAUSAL = "causal"
-    BLOCK = "block"
-    BIDIRECTIONAL = "bidirectional"
+    CAUSAL = ("causal", 0)
+    BLOCK = ("block", 1)
+    BIDIRECTIONAL = ("bidirectional", 2)
+
+    id: int
+
+    def __new__(cls, value: str, mode_id: int) -> AttentionMode:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.id = mode_id
+        return member
+
+    @classmethod
+    def ids(cls) -> dict[str, int]:
+        """``{"causal": 0, "block": 1, "bidirectional": 2}``: the name -> id table an export records."""
+        return {m.value: m.id for m in cls}
+
+    @classmethod
+    def from_id(cls, mode_id: int) -> AttentionMode:
+        """The mode of an integer id; ``ValueError`` naming the valid ids otherwise."""
+        for member in cls:
+            if member.id == mode_id:
+                return member
+        raise ValueError(f"mode must be one of {cls.ids()}, got {mode_id!r}")
