@@ -62,10 +62,7 @@ KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
     ("blockpilot.kernels.fp8_quant", "blockpilot.runtime.cuda_fp8"):
         "issue 21 item 3: FP8 torch references into kernels/reference.py",
     ("blockpilot.quant.gate", "blockpilot.eval.cli"): "issue 21 item 3: library functions out of eval/cli.py",
-    ("blockpilot.bench.run", "blockpilot.demo"): "issue 21 item 3: bench not importing demo",
     ("blockpilot.vla.train", "blockpilot.sim"): "issue 21 item 3: the training recipe as a top-level train/",
-    ("blockpilot.vla.image_policy", "blockpilot.formats.onnx_io"):
-        "issue 21 items 2-3: image work out of formats/onnx_io.py; `inspect`'s bundle reader out of vla",
     ("blockpilot.vla.loader", "blockpilot.memory_budget"):
         "issue 21 item 3 (found by this test): the memory check sits above vla and vla's loader calls it",
 }

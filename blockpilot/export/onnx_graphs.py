@@ -45,7 +45,7 @@ from torch import nn
 
 from ..atomic_io import atomic_write
 from ..formats.embedding_table import locate_tied_embedding
-from ..formats.onnx_io import EMBED_FILE, KV_OUTPUTS, LM_FILE, SPEC_FILE
+from ..formats.onnx_spec import EMBED_FILE, KV_OUTPUTS, LM_FILE, SPEC_FILE
 from ..vla.config import ModelConfig
 from ..vla.image_grid import smart_resize
 from ..vla.image_policy import ImagePolicy

@@ -59,7 +59,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..formats.bundle import Artifact, Bundle, BundleError, load_bundle
-from ..formats.onnx_io import load_spec
+from ..formats.onnx_spec import load_spec
 from ..vla.modes import AttentionMode
 from .backend import AllowedTokens, BackendError, TokenArray
 from .cuda_memory import CudaMemory, CudaUnavailableError

@@ -273,25 +273,6 @@ def describe_checkpoint_images(checkpoint_dir: str | Path) -> str:
     return "\n".join([f"image policy {policy.describe()}", frame_line(policy), budget_line(policy)])
 
 
-def describe_bundle_images(bundle_dir: str | Path) -> str:
-    """``inspect`` lines for a bundle: the image policy and vision graphs its export recorded, and its KV cache."""
-    from ..formats.onnx_io import SPEC_FILE, spec_policy, vision_graphs
-
-    spec_path = Path(bundle_dir) / "graphs" / "decomposed" / SPEC_FILE
-    try:
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ImagePolicyError(f"{spec_path}: cannot read the export's spec ({exc})") from None
-    lines = [f"kv cache     {spec.get('capacity')} slots (prompt + answer; fixed at export, --max-prompt-tokens)"]
-    vision = spec.get("vision")
-    if vision is None:
-        return "\n".join([*lines, "images       none (text-only model)"])
-    policy = spec_policy(vision, str(spec_path))
-    graphs = ", ".join(f"{g['file']} {g['grid_thw'][2] * policy.patch_size}x{g['grid_thw'][1] * policy.patch_size}"
-                       for g in vision_graphs(vision))
-    return "\n".join([*lines, f"image policy {policy.describe()}", f"vision       {graphs}", frame_line(policy)])
-
-
 def write_preprocessor_config(checkpoint_dir: str | Path, policy: ImagePolicy) -> Path:
     """Write ``preprocessor_config.json`` in the Qwen2.5-VL processor's layout (its pixel budget, patch sizes and
     normalization), so a checkpoint trained on small frames resizes large ones down to its trained budget."""

@@ -20,17 +20,14 @@ class AttentionMode(str, Enum):
     (:meth:`ids`). They are part of the graph format: never renumber them.
     """
 
-    CAUSAL = ("causal", 0)
-    BLOCK = ("block", 1)
-    BIDIRECTIONAL = ("bidirectional", 2)
+    CAUSAL = "causal"
+    BLOCK = "block"
+    BIDIRECTIONAL = "bidirectional"
 
-    id: int
-
-    def __new__(cls, value: str, mode_id: int) -> AttentionMode:
-        member = str.__new__(cls, value)
-        member._value_ = value
-        member.id = mode_id
-        return member
+    @property
+    def id(self) -> int:
+        """The integer the graphs, the plugin and the kernels take for this mode."""
+        return _MODE_IDS[self.value]
 
     @classmethod
     def ids(cls) -> dict[str, int]:
@@ -44,3 +41,7 @@ class AttentionMode(str, Enum):
             if member.id == mode_id:
                 return member
         raise ValueError(f"mode must be one of {cls.ids()}, got {mode_id!r}")
+
+
+# The graph format's mode ids (never renumber: exported bundles carry them); read through AttentionMode.id.
+_MODE_IDS = {AttentionMode.CAUSAL.value: 0, AttentionMode.BLOCK.value: 1, AttentionMode.BIDIRECTIONAL.value: 2}
