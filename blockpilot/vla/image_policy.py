@@ -8,8 +8,8 @@ both sides become multiples of ``patch_size * merge_size`` and the pixel count l
 
 A bundle's vision graphs are traced for fixed patch grids, so a bundle's policy also lists the exported
 ``sizes``: a frame whose smart-resized size is not one of them is resized to the exported size whose aspect
-ratio is closest to the frame's (ties: the larger size), never refused. Torch-free: the planner core, the ONNX
-Runtime / TensorRT backends and the torch preprocessing all ask this one type.
+ratio is closest to the frame's (ties: the larger size), never refused. Torch-free: the planner core and
+the one host-side preprocessing every backend shares (:mod:`blockpilot.vla.image`) ask this one type.
 """
 
 from __future__ import annotations
