@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from blockpilot.calibration import CALIBRATION_SEED_BASE, synthetic_calibration_source  # noqa: E402
-from blockpilot.demo import SHIPPED_MODEL  # noqa: E402
 from blockpilot.eval.nuscenes import NuScenesSource  # noqa: E402
 from blockpilot.eval.replay import evaluate_and_report, run_header  # noqa: E402
 from blockpilot.eval.synthetic import HELDOUT_SEED_BASE  # noqa: E402
@@ -34,6 +33,7 @@ from blockpilot.quant.recipes import resolve_recipe  # noqa: E402
 from blockpilot.runtime.plan_types import DecoderSettings  # noqa: E402
 from blockpilot.sim.generator import generate_scene  # noqa: E402
 from blockpilot.sim.writers.nuscenes import write_nuscenes  # noqa: E402
+from blockpilot.vla.reference_model import SHIPPED_MODEL  # noqa: E402
 
 
 def replay(planner: object, dataroot: Path, out: Path, limit: int | None) -> dict[str, float]:

@@ -18,13 +18,13 @@ import time
 import numpy as np
 import torch
 
-from blockpilot.demo import SHIPPED_MODEL
 from blockpilot.eval.synthetic import heldout_keyframes, observation
 from blockpilot.runtime.cuda_backend import CudaBackend
 from blockpilot.runtime.plan_types import DecoderSettings
 from blockpilot.runtime.planner import Planner
 from blockpilot.vla.loader import load_model, load_tokenizer
 from blockpilot.vla.plans import DrivingSchema
+from blockpilot.vla.reference_model import SHIPPED_MODEL
 from blockpilot.vla.schema_io import load_schema
 
 

@@ -24,7 +24,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     if (path / "manifest.json").is_file():
         from .formats.bundle import BundleError, describe_bundle
-        from .vla.image_policy import ImagePolicyError, describe_bundle_images
+        from .formats.onnx_spec import describe_bundle_images
+        from .vla.image_policy import ImagePolicyError
 
         try:
             print(describe_bundle(path))

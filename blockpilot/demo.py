@@ -1,10 +1,11 @@
 """``blockpilot demo``: the end-to-end CPU path as far as the project reaches today.
 
-Reference checkpoint written in the HF layout -> loaded back through the real loader -> camera
-image preprocessed -> driving prompt assembled -> answer scaffold built -> prompt prefilled into
-the static KV cache -> one bidirectional block-diffusion step over the first answer block -> a
-whole plan through the :class:`~blockpilot.runtime.planner.Planner` with the scaffold decoder,
-checked against the scaffold-constrained AR baseline (same answer, fewer forwards).
+Reference checkpoint written in the HF layout -> loaded back through the real loader -> a
+:class:`~blockpilot.runtime.planner.Planner` on the torch backend (answer scaffold built, camera image
+preprocessed and driving prompt assembled by the planner, as on the car) -> the prompt prefilled into the
+backend's static KV cache -> one bidirectional block-diffusion step over the first answer block through the
+backend -> a whole plan with the scaffold decoder, checked against the scaffold-constrained AR baseline (same
+answer, fewer forwards). Then the shipped reference model is exported and replayed (:func:`heldout_summary`).
 """
 
 from __future__ import annotations
@@ -18,20 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .atomic_io import atomic_write
 from .runtime.plan_types import DecoderSettings, Observation
 from .runtime.planner import Planner
 from .vla.config import SpecialTokens
-from .vla.image import preprocess_image
 from .vla.loader import load_model, load_tokenizer
 from .vla.modes import AttentionMode
 from .vla.plans import DrivingPlan, DrivingSchema, PlanSchema, RobotActionSchema
-from .vla.prompt import DRIVING_SYSTEM_PROMPT, EgoState, chat_prompt_ids, driving_instruction
-from .vla.reference_model import write_reference_checkpoint
+from .vla.prompt import EgoState
+from .vla.reference_model import SHIPPED_MODEL, write_reference_checkpoint
 from .vla.reference_tokenizer import build_reference_tokenizer
-from .vla.rope_index import continuation_positions, image_token_counts
 from .vla.scaffold import build_scaffold
 from .vla.tokenizer import Tokenizer
 
@@ -63,9 +61,6 @@ def road_image(size: int) -> np.ndarray:
         ok = (cols >= 0) & (cols < size)
         img[rows[ok], cols[ok]] = (240, 240, 240)
     return img
-
-
-SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "reference"
 
 
 def heldout_summary(scenes: int, out_dir: Path) -> dict[str, object]:
@@ -105,6 +100,13 @@ def heldout_summary(scenes: int, out_dir: Path) -> dict[str, object]:
     return metrics
 
 
+def demo_observation(image_size: int = 112) -> Observation:
+    """The demo's observation: :func:`road_image` in front, driving straight at 5 m/s."""
+    ego = EgoState(past_waypoints=np.array([[-5.0 + 1.25 * i, 0.0] for i in range(4)]), speed_mps=5.0,
+                   accel_mps2=0.0)
+    return Observation([road_image(image_size)], ego, "go straight")
+
+
 def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112, heldout_scenes: int = 10) -> dict[str, object]:
     timer = StageTimer()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -113,36 +115,25 @@ def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112, heldout_scenes
     with timer.stage("load_checkpoint"):
         model = load_model(ckpt)
         tokenizer = load_tokenizer(ckpt, model.config)
-    config = model.config
-    assert config.vision is not None  # the reference model is a VLA
-    schema = DrivingSchema.nuscenes()
-    with timer.stage("build_scaffold"):
-        scaffold = build_scaffold(schema, tokenizer)
-    image = road_image(image_size)
-    with timer.stage("preprocess_image"):
-        patches, grid = preprocess_image(image, config.vision)
-    ego = EgoState(past_waypoints=np.array([[-5.0 + 1.25 * i, 0.0] for i in range(4)]), speed_mps=5.0,
-                   accel_mps2=0.0)
-    instruction = driving_instruction(ego, "go straight")
-    prompt = chat_prompt_ids(tokenizer, DRIVING_SYSTEM_PROMPT, instruction,
-                             image_token_counts(grid, config.vision.spatial_merge_size))
-    block = config.diffusion.block_size
-    ids = torch.tensor([prompt])
-    cache = model.new_cache(capacity=len(prompt) + len(scaffold) + block)
-    with torch.inference_mode():
-        with timer.stage("prefill"):
-            _, deltas = model.rope_index(ids, grid)
-            hidden = model(ids, pixel_values=patches, grid_thw=grid, cache=cache, mode=AttentionMode.CAUSAL)
-        window = torch.from_numpy(scaffold.token_ids[:block].copy())[None]
-        with timer.stage("block_step"):
-            step = model(window, position_ids=continuation_positions(len(prompt), block, deltas), cache=cache,
-                         start=len(prompt), mode=AttentionMode.BIDIRECTIONAL, write_kv=False)
-            # Shifted prediction: the state before a position predicts the token at it.
-            logits = model.logits(torch.cat((hidden[:, -1:], step[:, :-1]), dim=1))[0]
-            probs, top1 = logits.softmax(-1).max(-1)
-    observation = Observation([image], ego, "go straight")
+    with timer.stage("build_planner"):  # the answer scaffold, the backend and its KV cache
+        planner = Planner.from_model(model, tokenizer, decoder=DecoderSettings(name="scaffold"))
+    scaffold, schema, policy = planner.scaffold, planner.schema, planner.image_policy
+    assert isinstance(schema, DrivingSchema) and policy is not None  # the reference model is a driving VLA
+    observation = demo_observation(image_size)
+    with timer.stage("prompt"):
+        prompt, _ = planner.prompt(observation)
+    grid = [list(policy.grid(image_size, image_size))]
+    block, backend = planner.config.diffusion.block_size, planner.backend
+    with timer.stage("prefill"):  # the image encoded and the prompt written into the backend's KV cache
+        first = backend.prefill(prompt)
+    window = np.array(scaffold.token_ids[:block], dtype=np.int64)[None]  # value slots masked
+    with timer.stage("block_step"):  # one bidirectional step over the first answer block, cache left as it was
+        step = backend.step(window, len(prompt), mode=AttentionMode.BIDIRECTIONAL, write_kv=False)
+    # Shifted prediction: the state before a position predicts the token at it.
+    top1 = np.concatenate((first.top1[0, -1:], step.top1[0, :-1]))
+    probs = np.concatenate((first.prob[0, -1:], step.prob[0, :-1]))
     with timer.stage("plan"):
-        plan = Planner.from_model(model, tokenizer, decoder=DecoderSettings(name="scaffold")).plan(observation)
+        plan = planner.plan(observation)
     baseline = Planner.from_model(model, tokenizer, decoder=DecoderSettings(name="ar")).plan(observation)
     same_answer = bool(np.array_equal(plan.tokens, baseline.tokens))
     masked = ~scaffold.frozen[:block]
@@ -154,24 +145,24 @@ def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112, heldout_scenes
     summary: dict[str, object] = {
         "checkpoint": str(ckpt),
         "prompt_tokens": len(prompt),
-        "image_grid_thw": grid.tolist(),
+        "image_grid_thw": grid,
         "answer_tokens": len(scaffold),
         "value_slots": len(scaffold.slots),
         "frozen_fraction": round(float(scaffold.frozen.mean()), 3),
         "first_block_masked": int(masked.sum()),
-        "first_block_above_threshold": int((probs.numpy()[masked] > PROBABILITY_THRESHOLD).sum()),
+        "first_block_above_threshold": int((probs[masked] > PROBABILITY_THRESHOLD).sum()),
         "round_trip_exact": bool(np.array_equal(round_trip.waypoints, example.waypoints)),
         "timings_ms": {k: round(v, 2) for k, v in timer.ms.items()},
         "plan": {**plan.to_dict(), "ar_forwards": baseline.stats.forwards, "same_answer_as_ar": same_answer},
     }
     print(f"reference checkpoint   {ckpt}  (random weights: values decoded below are not a plan yet)")
-    print(f"prompt                 {len(prompt)} tokens, image grid {grid.tolist()[0]}")
+    print(f"prompt                 {len(prompt)} tokens, image grid {grid[0]}")
     print(f"answer scaffold        {len(scaffold)} tokens, {len(scaffold.slots)} value slots, "
           f"{summary['frozen_fraction']:.0%} frozen")
     print(scaffold.describe())
     print(f"block step             first block of {block}: {int(masked.sum())} masked positions, "
           f"{summary['first_block_above_threshold']} above p={PROBABILITY_THRESHOLD}")
-    print("top-1 in masked slots  " + tokenizer.decode(top1.numpy()[masked].tolist()).replace("\n", " ")[:80])
+    print("top-1 in masked slots  " + tokenizer.decode(top1[masked].tolist()).replace("\n", " ")[:80])
     print(f"schema round trip      plan -> tokens -> plan exact: {summary['round_trip_exact']}")
     stats = plan.stats
     print(f"plan (scaffold)        {stats.forwards} forwards vs {baseline.stats.forwards} for AR, "

@@ -26,9 +26,9 @@ from runtime_fixtures import (
 from blockpilot.runtime.backend import Prompt
 from blockpilot.runtime.decoders import BlockOptions, Decoded, block_threshold
 from blockpilot.runtime.torch_backend import TorchBackend
-from blockpilot.vla.image import preprocess_images
 from blockpilot.vla.model import VLAModel
 from blockpilot.vla.modes import AttentionMode
+from blockpilot.vla.vision import image_inputs
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,7 +45,7 @@ class FullSequenceModel:
         self.pixels = self.grid = None
         if prompt.images:
             assert model.config.vision is not None
-            self.pixels, self.grid = preprocess_images(list(prompt.images), model.config.vision)
+            self.pixels, self.grid = image_inputs(list(prompt.images), model.config.vision)
         self.forwards = 0
 
     @torch.inference_mode()

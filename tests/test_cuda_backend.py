@@ -19,7 +19,6 @@ import torch
 from runtime_fixtures import TEXT_MASK, assert_same_step, image_prompt, text_model, torch_threads
 from triton_interp import run_interpreted
 
-from blockpilot.demo import SHIPPED_MODEL
 from blockpilot.runtime.backend import CacheFullError, Prompt, Sampling
 from blockpilot.runtime.cuda_backend import CudaBackend
 from blockpilot.runtime.cuda_lm import top1_prob_ref
@@ -29,6 +28,7 @@ from blockpilot.runtime.torch_backend import TorchBackend
 from blockpilot.vla.loader import load_model
 from blockpilot.vla.model import VLAModel
 from blockpilot.vla.modes import AttentionMode
+from blockpilot.vla.reference_model import SHIPPED_MODEL
 from blockpilot.vla.tokenizer import Tokenizer
 
 MODES = tuple(AttentionMode)

@@ -11,16 +11,15 @@ import numpy as np
 import onnx
 import pytest
 
-from blockpilot.demo import SHIPPED_MODEL
 from blockpilot.eval.synthetic import heldout_keyframes, observation
 from blockpilot.export import export_onnx
-from blockpilot.formats.onnx_io import image_patches, mrope_positions_np
 from blockpilot.runtime.backend import Prompt, PromptError, Sampling
 from blockpilot.runtime.ort_backend import OrtBackend, OrtUnsupportedError, ort_planner
 from blockpilot.runtime.plan_types import DecoderSettings, Observation, PlannerSetupError
 from blockpilot.runtime.planner import Planner
 from blockpilot.runtime.torch_backend import TorchBackend
 from blockpilot.vla.modes import AttentionMode
+from blockpilot.vla.reference_model import SHIPPED_MODEL
 
 pytestmark = pytest.mark.skipif(not SHIPPED_MODEL.is_dir(), reason="the shipped reference model is missing")
 
@@ -67,23 +66,27 @@ def test_graphs_pass_the_checker_and_spec_names_their_io(exported: tuple[Path, d
     assert spec["capacity"] == CAPACITY and spec["vision"]["grid_thw"] == [1, 8, 8]
 
 
-def test_numpy_prompt_helpers_match_the_torch_ones(observations: list[Observation]) -> None:
+def test_the_torch_model_reads_the_one_host_side_image_path(observations: list[Observation]) -> None:
+    """The graph backends' prompt_images and the torch model's inputs (image_inputs, rope_index) are one numpy
+    implementation: same patches, same grid, same M-RoPE positions and delta."""
     import torch
 
-    from blockpilot.vla.image import preprocess_images
-    from blockpilot.vla.rope_index import mrope_positions
+    from blockpilot.vla.image import prompt_images, vision_policy
+    from blockpilot.vla.loader import load_model
+    from blockpilot.vla.vision import image_inputs
 
+    model = load_model(SHIPPED_MODEL)
+    image_id = model.config.tokens.image
+    assert image_id is not None
     image = observations[0].images[0]
-    ref, grid = preprocess_images([image], _vision_config())
-    patches, np_grid = image_patches(image, 14, 2, 2)
-    assert np_grid == tuple(grid[0].tolist())
-    np.testing.assert_allclose(patches, ref.numpy(), atol=1e-6)
-    ids = np.array([1, 5] + [7] * 16 + [6, 9, 7, 7, 7, 7, 3], dtype=np.int64)
-    grids = [(1, 8, 8), (1, 4, 4)]
-    pos, delta = mrope_positions_np(ids, grids, 7, 2)
-    ref_pos, ref_delta = mrope_positions(torch.from_numpy(ids)[None], torch.tensor(grids), 7, 2)
-    np.testing.assert_array_equal(pos, ref_pos.numpy())
-    assert delta == int(ref_delta[0])
+    patches, grid = image_inputs([image], _vision_config())
+    ids = np.array([1, 5] + [image_id] * (int(grid[0, 1] * grid[0, 2]) // 4) + [6, 9, 3], dtype=np.int64)
+    host = prompt_images(ids, [image], vision_policy(_vision_config()), image_id)
+    np.testing.assert_array_equal(host.patches[0], patches.numpy())
+    assert host.grid_thw.tolist() == grid.tolist()
+    positions, delta = model.rope_index(torch.from_numpy(ids)[None], grid)
+    np.testing.assert_array_equal(host.positions, positions.numpy())
+    assert host.rope_delta == int(delta[0]) < 0
 
 
 def _vision_config() -> Any:

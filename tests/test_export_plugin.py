@@ -27,7 +27,7 @@ from blockpilot.export.plugin_attention import export_plugin_graph, plugin_nodes
 from blockpilot.export.trt_build import PluginGraphError, check_buildable
 from blockpilot.export.trt_plugin import build_plugin_engine, plugin_profiles
 from blockpilot.formats.embedding_table import EmbeddingTable
-from blockpilot.formats.onnx_io import (
+from blockpilot.formats.onnx_spec import (
     LM_FILE,
     PLUGIN_DOMAIN,
     PLUGIN_NAME,

@@ -301,8 +301,8 @@ def test_fp16_cache_io_graph_decodes_like_fp32_on_onnxruntime(graphs: tuple[Path
 
     from blockpilot.export.fp16_graph import KV_CACHE_IO
     from blockpilot.formats.embedding_table import EmbeddingTable
-    from blockpilot.formats.onnx_io import MODE_IDS
     from blockpilot.runtime.kv_window import write_rows
+    from blockpilot.vla.modes import AttentionMode
 
     onnx_dir, spec = graphs
     to_fp16_graph(onnx_dir / "lm_step.onnx", tmp_path / "lm16.onnx", fp16_io=KV_CACHE_IO)
@@ -316,8 +316,8 @@ def test_fp16_cache_io_graph_decodes_like_fp32_on_onnxruntime(graphs: tuple[Path
         for t in (24, 8, 8, 8):  # a prefill, then three committed blocks
             feeds = {"inputs_embeds": table[ids[start:start + t]][None],
                      "position_ids": np.broadcast_to(np.arange(start, start + t), (3, 1, t)).copy(),
-                     "start": np.array(start), "key_end": np.array(start + t), "mode": np.array(MODE_IDS["causal"]),
-                     "past_k": k, "past_v": v}
+                     "start": np.array(start), "key_end": np.array(start + t),
+                     "mode": np.array(AttentionMode.CAUSAL.id), "past_k": k, "past_v": v}
             top1, _, k_new, v_new = session.run(["top1", "prob", "k_new", "v_new"], feeds)
             assert k_new.dtype == v_new.dtype == dtype
             write_rows(k, k_new, start)

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blockpilot.formats.onnx_io import image_patches
 from blockpilot.vla.config import VisionConfig
-from blockpilot.vla.image import preprocess_image
+from blockpilot.vla.image import image_patches
 from blockpilot.vla.image_policy import (
     ImagePolicy,
     ImagePolicyError,
@@ -64,13 +63,19 @@ def test_fixed_sizes_pick_the_nearest_aspect_ratio() -> None:
         ImagePolicy(sizes=((100, 100),))
 
 
-def test_torch_and_numpy_preprocessing_agree_under_a_policy() -> None:
+def test_preprocessing_follows_the_policy() -> None:
+    """Target size (the pixel budget, or the exported size nearest in aspect) and normalization come from the
+    policy; a frame that is not HxWx3 uint8 is refused."""
     policy = ImagePolicy.for_vision(_vision(), max_pixels=112 * 112)
     image = np.random.default_rng(0).integers(0, 256, (900, 1600, 3), dtype=np.uint8)
-    patches, grid = preprocess_image(image, _vision(), policy=policy)
-    np_patches, np_grid = image_patches(image, 14, 2, 2, policy=policy)
-    assert grid.tolist() == [list(np_grid)] == [[1, 4, 10]]
-    np.testing.assert_allclose(patches.numpy(), np_patches, atol=1e-5)
+    patches, grid = image_patches(image, policy)
+    assert grid == (1, 4, 10) and patches.shape == (40, 3 * 2 * 14 * 14) and patches.dtype == np.float32
+    assert image_patches(image, policy.with_sizes(((112, 112),)))[1] == (1, 8, 8)
+    half = ImagePolicy.for_vision(_vision(), image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    white = np.full((56, 56, 3), 255, dtype=np.uint8)
+    np.testing.assert_allclose(image_patches(white, half)[0], 1.0)
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        image_patches(image.astype(np.float32), policy)  # type: ignore[arg-type]
 
 
 def test_preprocessor_config_round_trip_and_size_dict(tmp_path: Path) -> None:

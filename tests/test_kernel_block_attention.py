@@ -21,8 +21,6 @@ from blockpilot.kernels.reference import block_diffusion_attention_ref, write_wi
 from blockpilot.vla.masks import attention_mask
 from blockpilot.vla.modes import AttentionMode
 
-MODES = {0: AttentionMode.CAUSAL, 1: AttentionMode.BLOCK, 2: AttentionMode.BIDIRECTIONAL}
-
 # heads, kv_heads, T, capacity, head_dim, start, key_end (None: start + T), mode, block_size, tiles (m, n) or None
 CASES: dict[str, dict[str, Any]] = {
     "gqa-causal-multi-tile": dict(h=4, hkv=2, t=40, c=96, d=32, start=7, end=None, mode=0, bs=8, tiles=(16, 16)),
@@ -104,7 +102,8 @@ def _decomposed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, s
     groups = q.shape[1] // k_cache.shape[1]
     keys = k_cache[:, :, :key_end].repeat_interleave(groups, dim=1)
     values = v_cache[:, :, :key_end].repeat_interleave(groups, dim=1)
-    allowed = attention_mask(start + torch.arange(q.shape[2]), torch.arange(key_end), MODES[mode], block_size)
+    allowed = attention_mask(start + torch.arange(q.shape[2]), torch.arange(key_end), AttentionMode.from_id(mode),
+                             block_size)
     mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
     return torch.matmul(torch.softmax(torch.matmul(q, keys.transpose(2, 3)) * scale + mask, dim=-1), values)
 

@@ -11,7 +11,7 @@ import pytest
 
 from blockpilot.demo import SHIPPED_MODEL
 from blockpilot.eval.synthetic import heldout_keyframes, observation
-from blockpilot.formats.onnx_io import KV_OUTPUTS, kv_io, load_spec
+from blockpilot.formats.onnx_spec import KV_OUTPUTS, kv_io, load_spec
 from blockpilot.runtime.backend import Prompt
 from blockpilot.runtime.kv_window import slot_bytes, step_traffic, write_rows
 from blockpilot.runtime.ort_backend import OrtBackend, ort_planner

@@ -86,3 +86,12 @@ def test_unknown_mode_is_rejected() -> None:
     slots = torch.arange(4)
     with pytest.raises(ValueError, match="unknown attention mode"):
         attention_mask(slots, slots, "sideways")  # type: ignore[arg-type]
+
+
+def test_attention_modes_carry_their_graph_ids() -> None:
+    """One table of mode ids (the graph format): the export records it, every backend and kernel reads ``.id``."""
+    assert AttentionMode.ids() == {"causal": 0, "block": 1, "bidirectional": 2}
+    assert [AttentionMode.from_id(i) for i in range(3)] == list(AttentionMode)
+    assert AttentionMode("block") is AttentionMode.BLOCK and AttentionMode.BLOCK == "block"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        AttentionMode.from_id(3)

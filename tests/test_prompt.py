@@ -6,7 +6,7 @@ import pytest
 from blockpilot.vla.prompt import (
     DRIVING_SYSTEM_PROMPT,
     EgoState,
-    PromptError,
+    PromptInputError,
     chat_prompt_ids,
     driving_instruction,
 )
@@ -55,10 +55,37 @@ def test_prompt_layout_and_image_placeholders(tokenizer) -> None:
     ],
 )
 def test_bad_inputs_raise_prompt_error(make, match) -> None:
-    with pytest.raises(PromptError, match=match):
+    with pytest.raises(PromptInputError, match=match):
         make()
 
 
 def test_zero_image_tokens_rejected(tokenizer) -> None:
-    with pytest.raises(PromptError, match="image tokens"):
+    with pytest.raises(PromptInputError, match="image tokens"):
         chat_prompt_ids(tokenizer, "s", "u", [0])
+
+
+@pytest.mark.parametrize("schema", ["nuscenes", "wod_e2e"])
+def test_planner_training_data_and_demo_build_one_driving_prompt(schema: str) -> None:
+    """One driving_prompt_ids: the planner's prompt of the demo's observation is the training example's prompt of
+    the same keyframe, token for token, and both write the numbers in the schema's format (WOD-E2E: three
+    integer digits, where the demo's old copy of the prompt wrote nuScenes' two whatever the schema)."""
+    from types import SimpleNamespace
+
+    from blockpilot.demo import demo_observation
+    from blockpilot.runtime.planner import Planner
+    from blockpilot.train.data import prompt_ids
+    from blockpilot.vla.plans import DrivingSchema
+    from blockpilot.vla.reference_model import SHIPPED_MODEL
+
+    driving = getattr(DrivingSchema, schema)()
+    planner = Planner.from_checkpoint(SHIPPED_MODEL, schema=driving)
+    observation = demo_observation(112)
+    prompt, image_tokens = planner.prompt(observation)
+    ego = observation.ego
+    keyframe = SimpleNamespace(past_xy=ego.past_waypoints, speed=ego.speed_mps, accel=ego.accel_mps2,
+                               route_command=observation.route_command)
+    np.testing.assert_array_equal(prompt_ids(keyframe, planner.tokenizer, driving, image_tokens), prompt.token_ids)
+    text = planner.tokenizer.decode(prompt.token_ids.tolist())
+    speed = FixedNumber(driving.int_digits, driving.frac_digits).format_value(ego.speed_mps, "speed")
+    assert f"Ego speed {speed} m/s" in text
+    assert ("+005.00" in text) == (schema == "wod_e2e")

@@ -22,10 +22,10 @@ from blockpilot.runtime.plan_types import DecoderSettings, Observation
 from blockpilot.runtime.planner import Planner
 from blockpilot.vla.config import ConfigError
 from blockpilot.vla.hf_config import load_config
-from blockpilot.vla.image import preprocess_images
 from blockpilot.vla.loader import load_model, load_tokenizer
 from blockpilot.vla.prompt import EgoState
 from blockpilot.vla.tokenizer import Tokenizer, TokenizerError
+from blockpilot.vla.vision import image_inputs
 
 EGO = '{"past": [[-7.5, 0], [-5, 0], [-2.5, 0], [0, 0]], "speed": 5.0, "accel": 0.0}'
 TEXTS = ('{"trajectory":[[+14.70,-00.04],[+29.41,-00.10]]}', "The ego vehicle should slow down because a cyclist",
@@ -142,7 +142,7 @@ def test_logits_match_transformers(layouts: dict[str, Layout], name: str) -> Non
     ids = [151644, 8, 9, 10, 11, 151645, 12]
     kwargs: dict[str, Any] = {}
     if ours.config.vision is not None:
-        pixels, grid = preprocess_images([road_image(56)], ours.config.vision)
+        pixels, grid = image_inputs([road_image(56)], ours.config.vision)
         n = int(grid.prod()) // 4
         ids = [*ids[:3], 151652, *[151655] * n, 151653, *ids[3:]]
         kwargs = {"pixel_values": pixels, "image_grid_thw": grid}

@@ -12,12 +12,13 @@ import pytest
 from blockpilot.demo import SHIPPED_MODEL
 from blockpilot.eval.synthetic import heldout_keyframes, observation
 from blockpilot.export import export_onnx
-from blockpilot.formats.onnx_io import continuation_positions_np, load_spec
+from blockpilot.formats.onnx_spec import load_spec
 from blockpilot.runtime.backend import CacheFullError, Prompt, PromptError
 from blockpilot.runtime.graph_backend import GraphInputs
 from blockpilot.runtime.ort_backend import OrtBackend, ort_planner
 from blockpilot.runtime.plan_types import DecoderSettings
 from blockpilot.vla.modes import AttentionMode
+from blockpilot.vla.rope_index import continuation_positions
 
 CAPACITY = 384
 LM_INPUTS = {"inputs_embeds", "position_ids", "start", "key_end", "mode", "past_k", "past_v"}
@@ -112,7 +113,7 @@ def test_step_checks_and_window(exported: Path) -> None:
     tokens = np.array([[7, 8, 9]], dtype=np.int64)
     window = inputs.step(tokens, 10, length=12, write_kv=False, kv_end=None, rope_delta=-6)
     np.testing.assert_array_equal(window.embeds, inputs.embed[[7, 8, 9]])
-    np.testing.assert_array_equal(window.positions, continuation_positions_np(10, 3, -6))
+    np.testing.assert_array_equal(window.positions, continuation_positions(10, 3, -6))
     assert (window.key_end, window.committed_length) == (13, 13)
     window = inputs.step(tokens, 10, length=20, write_kv=True, kv_end=18, rope_delta=0)
     assert (window.key_end, window.committed_length) == (18, 18)

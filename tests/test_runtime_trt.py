@@ -294,7 +294,7 @@ def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("plugin", [False, True])
 def test_key_end_is_fed_where_the_engine_reads_it(onnx_dir: Path, plugin: bool, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from blockpilot.formats.onnx_io import load_spec
+    from blockpilot.formats.onnx_spec import load_spec
 
     memory = _Memory()
     engine = _Engine(load_spec(onnx_dir), memory, key_end_on_host=not plugin)
@@ -331,7 +331,7 @@ def test_a_committed_step_copies_only_the_windows_rows_into_the_one_cache(onnx_d
                                                                           kv_kind: str, dtype: Any) -> None:
     """The cache in the engine's dtype (HALF: fp16 engines since the fp16 cache I/O; FLOAT: fp32 engines and
     fp16 engines built before it): buffers, the strided copy's byte layout and the bytes report follow it."""
-    from blockpilot.formats.onnx_io import load_spec
+    from blockpilot.formats.onnx_spec import load_spec
     from blockpilot.runtime.kv_window import write_rows
 
     memory, spec = _Memory(), load_spec(onnx_dir)
@@ -375,7 +375,7 @@ def test_a_committed_step_copies_only_the_windows_rows_into_the_one_cache(onnx_d
 
 def test_an_engine_of_the_whole_cache_io_is_refused_saying_to_re_export(onnx_dir: Path, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from blockpilot.formats.onnx_io import load_spec
+    from blockpilot.formats.onnx_spec import load_spec
     from blockpilot.runtime.kv_window import StaleExportError
 
     memory = _Memory()
@@ -390,7 +390,7 @@ def test_an_engine_of_the_whole_cache_io_is_refused_saying_to_re_export(onnx_dir
 
 def test_a_cache_and_window_of_different_types_are_refused(onnx_dir: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from blockpilot.formats.onnx_io import load_spec
+    from blockpilot.formats.onnx_spec import load_spec
 
     memory = _Memory()
     engine = _Engine(load_spec(onnx_dir), memory, key_end_on_host=True, kv_kind="HALF")
@@ -414,7 +414,7 @@ def _load_standins(monkeypatch: pytest.MonkeyPatch, engines: dict[str, Any]) -> 
 def test_typed_slots_are_fed_to_an_engine_that_takes_them(onnx_dir: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from blockpilot.export.trt_build import MAX_SLOT_CLASSES, SLOT_TABLE_ROWS
-    from blockpilot.formats.onnx_io import load_spec
+    from blockpilot.formats.onnx_spec import load_spec
     from blockpilot.runtime.backend import AllowedTokens
     from blockpilot.runtime.trt_slots import SlotTableError
 
@@ -490,7 +490,7 @@ def sized_onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_planner_constrains_on_new_engines_and_not_on_older_ones(sized_onnx_dir: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from blockpilot.formats.onnx_io import load_spec
+    from blockpilot.formats.onnx_spec import load_spec
     from blockpilot.runtime.backend import AllowedTokens
     from blockpilot.runtime.graph_backend import driving_model_files
     from blockpilot.runtime.planner import Planner
@@ -553,7 +553,7 @@ class _VisionEngine:
 
 def test_each_frame_runs_the_vision_engine_of_its_size(sized_onnx_dir: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from blockpilot.formats.onnx_io import load_spec, vision_graphs
+    from blockpilot.formats.onnx_spec import load_spec, vision_graphs
     from blockpilot.runtime.ort_backend import OrtBackend
 
     spec = load_spec(sized_onnx_dir)
@@ -596,7 +596,7 @@ def test_each_frame_runs_the_vision_engine_of_its_size(sized_onnx_dir: Path, tmp
 
 
 def test_bundle_vision_engines_one_per_exported_size(rtx_bundle: Bundle) -> None:
-    from blockpilot.formats.onnx_io import load_spec
+    from blockpilot.formats.onnx_spec import load_spec
     from blockpilot.runtime.trt_vision import bundle_vision_engines
 
     chosen = select_engines(rtx_bundle, "8.9")
@@ -781,7 +781,7 @@ def test_fp16_engines_keep_an_fp16_cache_and_older_fp32_cache_engines_still_run(
     its dtype from the engine, and both predict (nearly) the same tokens."""
     from blockpilot.export.fp16_graph import to_fp16_graph
     from blockpilot.export.trt_build import build_engine, load_tensorrt, profiles_from_spec
-    from blockpilot.formats.onnx_io import load_spec
+    from blockpilot.formats.onnx_spec import load_spec
     from blockpilot.runtime.trt_backend import engine_flavor
     from blockpilot.runtime.trt_vision import bundle_vision_engines
 

@@ -18,19 +18,17 @@ from blockpilot.calibration import CalibrationError, build_calibration_set, synt
 from blockpilot.calibration.answers import resample_future, truth_plan, truth_tokens
 from blockpilot.calibration.teacher import CLEAN, draft_windows, make_teacher_loop, noisy_ids, packed_layout
 from blockpilot.cli import main
-from blockpilot.demo import SHIPPED_MODEL
 from blockpilot.eval.types import Trajectory
 from blockpilot.quant.apply import iter_quantizers
 from blockpilot.quant.pipeline import quantize_planner
 from blockpilot.quant.recipes import resolve_recipe
 from blockpilot.runtime.plan_types import DecoderSettings
 from blockpilot.runtime.planner import Planner
-from blockpilot.vla.model import VLAModel
+from blockpilot.vla.model import VLAModel, rope_continuation
 from blockpilot.vla.modes import AttentionMode
 from blockpilot.vla.plans import DrivingSchema
-from blockpilot.vla.reference_model import init_weights, reference_config
+from blockpilot.vla.reference_model import SHIPPED_MODEL, init_weights, reference_config
 from blockpilot.vla.reference_tokenizer import build_reference_tokenizer
-from blockpilot.vla.rope_index import continuation_positions
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -98,13 +96,13 @@ def test_one_packed_forward_equals_the_decoders_causal_verify_and_bidirectional_
     with torch.inference_mode():  # the decode path: causal prefill + verify, then one window's draft
         backend.prefill(sample.prompt)
         delta = backend._rope_delta
-        verify = model(torch.from_numpy(sample.answer)[None], position_ids=continuation_positions(p, a, delta),
+        verify = model(torch.from_numpy(sample.answer)[None], position_ids=rope_continuation(p, a, delta),
                        cache=backend._cache, start=p, mode=AttentionMode.CAUSAL)
         assert torch.allclose(hidden[0, p:p + a], verify[0], atol=1e-4)
         lo, hi = windows[1]
         ids = noisy_ids(sample.answer, planner.scaffold.frozen, [(lo, hi)], planner.config.tokens.mask)
         assert (ids == planner.config.tokens.mask).any()
-        draft = model(torch.from_numpy(ids)[None], position_ids=continuation_positions(p + lo, hi - lo, delta),
+        draft = model(torch.from_numpy(ids)[None], position_ids=rope_continuation(p + lo, hi - lo, delta),
                       cache=backend._cache, start=p + lo, mode=AttentionMode.BIDIRECTIONAL, write_kv=False)
         at = p + a + (windows[0][1] - windows[0][0])
         assert torch.allclose(hidden[0, at:at + hi - lo], draft[0], atol=1e-4)

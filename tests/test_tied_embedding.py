@@ -21,7 +21,7 @@ from blockpilot.export.bundle_export import export_bundle
 from blockpilot.export.external_data import THRESHOLD_ENV
 from blockpilot.formats.bundle import BundleError, load_bundle
 from blockpilot.formats.embedding_table import EmbeddingError, EmbeddingTable, locate_tied_embedding
-from blockpilot.formats.onnx_io import EMBED_FILE, load_spec
+from blockpilot.formats.onnx_spec import EMBED_FILE, load_spec
 from blockpilot.formats.onnx_tensor import find_initializer
 from blockpilot.runtime.bundle_planner import planner_from_bundle
 from blockpilot.runtime.ort_backend import ort_planner

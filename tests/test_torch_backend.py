@@ -14,8 +14,8 @@ from runtime_fixtures import TEXT_MASK, image_prompt, reference, text_model, tor
 from blockpilot.runtime.backend import Backend, CacheFullError, Prompt, PromptError, Sampling, StepResult
 from blockpilot.runtime.sampling import gumbel_keys
 from blockpilot.runtime.torch_backend import TorchBackend
-from blockpilot.vla.image import preprocess_images
 from blockpilot.vla.modes import AttentionMode
+from blockpilot.vla.vision import image_inputs
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -263,7 +263,7 @@ def test_sampled_tokens_follow_the_slot_keyed_gumbel_rule(prompt: Prompt) -> Non
     res = backend.step(window, p, mode=CAUSAL, write_kv=False, sampling=Sampling(temperature, (42,)))
     # The same draw from a cache-free causal forward of prompt + window and the documented noise,
     # keyed by absolute slot.
-    pixels, grid = preprocess_images(list(prompt.images), model.config.vision)
+    pixels, grid = image_inputs(list(prompt.images), model.config.vision)
     with torch.inference_mode():
         ids = torch.from_numpy(np.concatenate([prompt.token_ids, window[0]]))[None]
         logits = model.logits(model(ids, pixel_values=pixels, grid_thw=grid, mode=CAUSAL)[:, p:]).float()

@@ -24,9 +24,9 @@ from blockpilot.export import plugin_attention, trt_build, trt_plugin
 from blockpilot.export.native_attention import to_native_attention
 from blockpilot.export.onnx_graphs import export_onnx
 from blockpilot.export.plugin_attention import export_plugin_graph, plugin_nodes
-from blockpilot.formats import onnx_io
+from blockpilot.formats import onnx_spec
 from blockpilot.formats.bundle import BundleWriter, load_bundle
-from blockpilot.formats.onnx_io import LM_FILE, PLUGIN_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from blockpilot.formats.onnx_spec import LM_FILE, PLUGIN_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from blockpilot.runtime.kv_window import StaleExportError
 from blockpilot.runtime.plan_types import PlannerSetupError
 from blockpilot.runtime.trt_backend import EngineSelectionError, select_engines
@@ -86,8 +86,8 @@ def test_old_names_are_the_moved_objects() -> None:
         assert getattr(trt_plugin, name) is getattr(plugin, name), name
     for name in ("PLUGIN_DOMAIN", "PLUGIN_NAME", "PLUGIN_VERSION", "PLUGIN_NAMESPACE", "PLUGIN_OPSET",
                  "PLUGIN_INPUTS", "PLUGIN_OUTPUTS"):
-        assert getattr(plugin_attention, name) is getattr(onnx_io, name), name
-    assert plugin.PLUGIN_INPUTS is onnx_io.PLUGIN_INPUTS
+        assert getattr(plugin_attention, name) is getattr(onnx_spec, name), name
+    assert plugin.PLUGIN_INPUTS is onnx_spec.PLUGIN_INPUTS
 
 
 def test_load_tensorrt_names_the_one_missing_module() -> None:
@@ -312,7 +312,7 @@ def test_build_plugin_engine_registers_and_asks_for_aliasing(graphs: dict[str, P
     proper = TensorRT(rtx.module, "tensorrt", rtx.version)
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(trt_plugin, "build_engine", lambda *a, **kw: calls.append({"args": a, **kw}))
-    spec = onnx_io.load_spec(graphs["plugin"].parent)
+    spec = onnx_spec.load_spec(graphs["plugin"].parent)
     trt_plugin.build_plugin_engine(graphs["plugin"], tmp_path / "p.engine", spec=spec, trt=proper)
     (call,) = calls
     assert call["preview_features"] == ("ALIASED_PLUGIN_IO_10_03",) and call["compute_capability"] is None

@@ -20,7 +20,7 @@ from blockpilot.export.fp16_graph import to_fp16_graph
 from blockpilot.export.native_attention import to_native_attention
 from blockpilot.export.verify_trt import TOLERANCES, compare_graphs, lm_feeds, vision_feeds
 from blockpilot.formats.embedding_table import EmbeddingTable
-from blockpilot.formats.onnx_io import load_spec
+from blockpilot.formats.onnx_spec import load_spec
 
 
 @pytest.fixture(scope="module")

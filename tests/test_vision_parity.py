@@ -23,10 +23,12 @@ from safetensors.torch import load_file, save_file
 from blockpilot.vla.checkpoint import load_weights
 from blockpilot.vla.config import VisionConfig
 from blockpilot.vla.hf_config import load_config
-from blockpilot.vla.image import CLIP_STD, preprocess_image, preprocess_images, smart_resize
+from blockpilot.vla.image import image_patches
+from blockpilot.vla.image_grid import smart_resize
+from blockpilot.vla.image_policy import ImagePolicy
 from blockpilot.vla.model import VLAModel
 from blockpilot.vla.rope_index import image_token_counts
-from blockpilot.vla.vision import VisionTower, vision_layout
+from blockpilot.vla.vision import VisionTower, image_inputs, vision_layout
 
 IMAGE, VIDEO, VISION_START, VISION_END, MASK, NULL, EOS, BOS = range(390, 398)
 # Both image sizes are multiples of patch*merge = 8 and larger than the 16-pixel windows, so
@@ -113,20 +115,44 @@ def test_patches_match_reference_processor_without_resize() -> None:
     processor = _reference_processor()
     image = np.random.default_rng(0).integers(0, 256, (56, 84, 3), dtype=np.uint8)  # multiples of 28
     ref = processor(image, return_tensors="np")
-    patches, grid = preprocess_image(image, _vision())
-    assert grid.tolist() == ref["image_grid_thw"].tolist() == [[1, 4, 6]]
-    np.testing.assert_allclose(patches.numpy(), ref["pixel_values"], rtol=0, atol=1e-5)
+    patches, grid = image_patches(image, ImagePolicy())
+    assert [list(grid)] == ref["image_grid_thw"].tolist() == [[1, 4, 6]]
+    np.testing.assert_allclose(patches, ref["pixel_values"], rtol=0, atol=1e-6)
 
 
-def test_resized_patches_within_one_grey_level_of_reference_processor() -> None:
+# Odd-sized camera frames (every one is resized): nuScenes' 1600x900 landscape, portrait and landscape 333x517, a
+# WOD-E2E side camera, and frames small enough to be scaled up to min_pixels.
+ODD_FRAMES = ((900, 1600), (517, 333), (333, 517), (886, 1920), (100, 150), (30, 40))
+
+
+@pytest.mark.parametrize("kind", ["noise", "smooth"])
+def test_resized_patches_equal_the_reference_processor(kind: str) -> None:
+    """The one host-side path (Pillow bicubic to the smart-resized size, rescale, CLIP normalization, patches)
+    gives the reference processor's pixel values to float32 rounding, and its grid, on frames that need a
+    resize; noise is the hard case for a resize kernel (a different filter is off by tens of grey levels)."""
     processor = _reference_processor()
-    one_level = 1.0 / 255.0 / min(CLIP_STD) + 1e-5
-    for i, shape in enumerate(((100, 150, 3), (333, 517, 3), (30, 40, 3))):
-        image = _smooth_image(shape, seed=i)
+    policy = ImagePolicy()
+    for i, (h, w) in enumerate(ODD_FRAMES):
+        image = _smooth_image((h, w, 3), seed=i) if kind == "smooth" else \
+            np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)
         ref = processor(image, return_tensors="np")
-        patches, grid = preprocess_image(image, _vision())
-        assert grid.tolist() == ref["image_grid_thw"].tolist()
-        np.testing.assert_allclose(patches.numpy(), ref["pixel_values"], rtol=0, atol=one_level)
+        patches, grid = image_patches(image, policy)
+        assert [list(grid)] == ref["image_grid_thw"].tolist(), (h, w)
+        assert policy.target_size(h, w) != (h, w)  # every frame here is resized
+        np.testing.assert_allclose(patches, ref["pixel_values"], rtol=0, atol=2e-6, err_msg=f"{w}x{h}")
+
+
+def test_several_frames_and_a_checkpoint_budget_match_the_reference_processor() -> None:
+    """Frames of different sizes in one call, under a small pixel budget (as the reference model's
+    preprocessor_config.json sets): concatenated patches and grid_thw as the processor gives them."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    frames = [np.random.default_rng(7).integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ODD_FRAMES[:4]]
+    ref = processor(frames, return_tensors="np")
+    patches, grid = image_inputs(frames, _vision(), min_pixels=56 * 56, max_pixels=112 * 112)
+    assert grid.tolist() == ref["image_grid_thw"].tolist()
+    np.testing.assert_allclose(patches.numpy(), ref["pixel_values"], rtol=0, atol=2e-6)
 
 
 def test_smart_resize_dimensions() -> None:
@@ -153,7 +179,7 @@ def test_smart_resize_dimensions() -> None:
 def test_vision_tower_matches_transformers(reference: tuple[Any, Path], ours: VLAModel) -> None:
     hf, _ = reference
     assert ours.visual is not None
-    pixels, grid = preprocess_images(_images(2), ours.visual.config, min_pixels=64)
+    pixels, grid = image_inputs(_images(2), ours.visual.config, min_pixels=64)
     layout = vision_layout(grid, ours.visual.config)
     assert int(layout.window_id.unique().numel()) > 4  # windowing really splits both images
     with torch.no_grad():
@@ -174,7 +200,7 @@ def _tower_config(model: VLAModel) -> VisionConfig:
 
 def test_rope_index_matches_transformers(reference: tuple[Any, Path], ours: VLAModel) -> None:
     hf, _ = reference
-    _, grid = preprocess_images(_images(2), _tower_config(ours), min_pixels=64)
+    _, grid = image_inputs(_images(2), _tower_config(ours), min_pixels=64)
     ids = _prompt(grid)
     expected, expected_delta = hf.model.get_rope_index(ids, (ids == IMAGE).int(), image_grid_thw=grid)
     positions, delta = ours.rope_index(ids, grid)
@@ -185,7 +211,7 @@ def test_rope_index_matches_transformers(reference: tuple[Any, Path], ours: VLAM
 @pytest.mark.parametrize("num_images", [1, 2])
 def test_logits_match_transformers(reference: tuple[Any, Path], ours: VLAModel, num_images: int) -> None:
     hf, _ = reference
-    pixels, grid = preprocess_images(_images(num_images), _tower_config(ours), min_pixels=64)
+    pixels, grid = image_inputs(_images(num_images), _tower_config(ours), min_pixels=64)
     ids = _prompt(grid)
     with torch.no_grad():
         expected = hf(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
@@ -209,7 +235,7 @@ def test_old_hub_layout_gives_identical_logits(reference: tuple[Any, Path], ours
     assert "text_config" in json.loads((tmp_path / "config.json").read_text())
     old = VLAModel(load_config(tmp_path)).eval()
     load_weights(old, tmp_path, "qwen2_5_vl")
-    pixels, grid = preprocess_images(_images(2), _tower_config(ours), min_pixels=64)
+    pixels, grid = image_inputs(_images(2), _tower_config(ours), min_pixels=64)
     ids = _prompt(grid)
     with torch.no_grad():
         assert torch.equal(old.logits(old(ids, pixel_values=pixels, grid_thw=grid)),

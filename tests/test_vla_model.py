@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from blockpilot.vla.config import LMConfig, ModelConfig, SpecialTokens, VisionConfig
-from blockpilot.vla.image import preprocess_images
-from blockpilot.vla.model import VLAModel
+from blockpilot.vla.model import VLAModel, rope_continuation
 from blockpilot.vla.modes import AttentionMode
-from blockpilot.vla.rope_index import continuation_positions, image_token_counts, mrope_positions
-from blockpilot.vla.vision import vision_layout
+from blockpilot.vla.rope_index import image_token_counts, mrope_positions
+from blockpilot.vla.vision import image_inputs, vision_layout
 
 IMAGE, VISION_START, VISION_END = 390, 392, 393
 
@@ -49,7 +48,7 @@ def _image_prompt(
     assert vision is not None
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, s, dtype=np.uint8) for s in shapes]
-    pixels, grid = preprocess_images(images, vision, min_pixels=64)
+    pixels, grid = image_inputs(images, vision, min_pixels=64)
     ids = [1, 2]
     for n in image_token_counts(grid, 2):
         ids += [VISION_START] + [IMAGE] * n + [VISION_END]
@@ -67,7 +66,7 @@ def test_prefill_with_image_then_cached_continuation_matches_full_forward(model:
         got = [model.logits(model(prompt, pixel_values=pixels, grid_thw=grid, cache=cache))]
         _, delta = model.rope_index(prompt, grid)
         for start, stop in ((p, p + 2), (p + 2, p + 6)):
-            positions = continuation_positions(start, stop - start, delta)
+            positions = rope_continuation(start, stop - start, delta)
             hidden = model(full_ids[:, start:stop], position_ids=positions, cache=cache, start=start)
             got.append(model.logits(hidden))
     torch.testing.assert_close(torch.cat(got, dim=1), full, rtol=0, atol=1e-4)
@@ -80,7 +79,7 @@ def test_continuation_positions_extend_the_prompt_positions(model: VLAModel) -> 
     _, delta = model.rope_index(prompt, grid)
     assert torch.equal(delta, full_delta)
     p = prompt.shape[1]
-    assert torch.equal(continuation_positions(p, 3, delta), full_positions[:, :, p:])
+    assert torch.equal(rope_continuation(p, 3, delta), full_positions[:, :, p:])
 
 
 def test_block_diffusion_step_after_image_prefill_leaves_cache_unchanged(model: VLAModel) -> None:
@@ -92,7 +91,7 @@ def test_block_diffusion_step_after_image_prefill_leaves_cache_unchanged(model: 
         model(prompt, pixel_values=pixels, grid_thw=grid, cache=cache)
         _, delta = model.rope_index(prompt, grid)
         before = cache.k.clone()
-        positions = continuation_positions(p, 4, delta)
+        positions = rope_continuation(p, 4, delta)
         step = model(block, position_ids=positions, cache=cache, start=p,
                      mode=AttentionMode.BIDIRECTIONAL, write_kv=False)
         assert torch.equal(cache.k, before)

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..demo import SHIPPED_MODEL
 from ..runtime.backend import Backend, Prompt
 from ..vla.config import LMConfig
 from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
+from ..vla.reference_model import SHIPPED_MODEL
 from .estimate import VISION_SHAPES, plan_estimates, vision_ms
 from .measure import Bandwidth, device_name, measure_bandwidth, p50_ms
 from .models import DTYPES, MODELS, forward_bytes, hf_twin, random_model

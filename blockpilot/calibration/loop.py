@@ -24,7 +24,7 @@ import torch
 from ..progress_bars import live_bar
 from ..runtime.plan_types import Observation, for_model
 from ..runtime.planner import Planner
-from ..vla.image import preprocess_images
+from ..vla.vision import image_inputs
 from .sets import CalibrationError, CalibrationSet
 
 IGNORE_INDEX = -100
@@ -153,7 +153,7 @@ def observation_batches(planner: Planner, observations: Sequence[Observation],
         }
         if vision is not None and prompt.images:
             with torch.no_grad():
-                patches, grid = preprocess_images(list(prompt.images), vision)
+                patches, grid = image_inputs(list(prompt.images), vision)
             batch["pixel_values"], batch["grid_thw"] = patches.to(device), grid.to(device)
         batches.append(batch)
     return batches

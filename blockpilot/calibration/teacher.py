@@ -39,9 +39,8 @@ from ..runtime.plan_types import for_model
 from ..runtime.planner import Planner
 from ..runtime.torch_backend import prompt_embeddings
 from ..vla.masks import attention_mask
-from ..vla.model import VLAModel
+from ..vla.model import VLAModel, rope_continuation
 from ..vla.modes import AttentionMode
-from ..vla.rope_index import continuation_positions
 from .answers import truth_tokens
 from .loop import planner_model
 from .sets import CalibrationError, CalibrationSet
@@ -216,8 +215,8 @@ class TeacherForwardLoop:
         slots = layout.slots.to(device)
         if planner.config.lm.mrope_section is not None:
             deltas = delta if delta is not None else torch.zeros(1, dtype=torch.long, device=device)
-            answer_pos = continuation_positions(p, a, deltas)
-            full = torch.cat([positions if positions is not None else continuation_positions(0, p, deltas),
+            answer_pos = rope_continuation(p, a, deltas)
+            full = torch.cat([positions if positions is not None else rope_continuation(0, p, deltas),
                               answer_pos], dim=-1)
             pos = full[..., slots]
         else:

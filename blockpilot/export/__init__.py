@@ -1,6 +1,6 @@
 """ONNX export, TensorRT engine builds and bundles.
 
-Importing the package stays torch-free (the ONNX Runtime backend reads :mod:`blockpilot.formats.onnx_io`);
+Importing the package stays torch-free (the ONNX Runtime backend reads :mod:`blockpilot.formats.onnx_spec`);
 ``export_onnx`` loads the torch exporter on first use.
 """
 

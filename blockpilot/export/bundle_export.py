@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..formats.bundle import BundleError, BundleWriter, load_bundle
-from ..formats.onnx_io import EMBED_FILE, LM_FILE, SPEC_FILE, vision_graphs
+from ..formats.onnx_spec import EMBED_FILE, LM_FILE, SPEC_FILE, vision_graphs
 from .progress import StageProgress
 from .targets import (
     ATTENTION_ROUTES,

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..formats.onnx_io import KV_OUTPUTS
+from ..formats.onnx_spec import KV_OUTPUTS
 from .trt_build import all_nodes
 
 # Kept fp32 by default: softmax (the attention and the top-1 probability), RoPE angles (position * inv_freq

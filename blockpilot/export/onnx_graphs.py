@@ -45,12 +45,13 @@ from torch import nn
 
 from ..atomic_io import atomic_write
 from ..formats.embedding_table import locate_tied_embedding
-from ..formats.onnx_io import EMBED_FILE, KV_OUTPUTS, LM_FILE, MODE_IDS, SPEC_FILE
+from ..formats.onnx_spec import EMBED_FILE, KV_OUTPUTS, LM_FILE, SPEC_FILE
 from ..vla.config import ModelConfig
 from ..vla.image_grid import smart_resize
 from ..vla.image_policy import ImagePolicy
 from ..vla.lm import DecoderLayer, DecoderLM, rotate_half
 from ..vla.model import VLAModel
+from ..vla.modes import AttentionMode
 from .embedding_rows import Float32Rows
 from .fp32_graph import finish_traced_graph, traced_scalars
 from .typed_slots_graph import TYPED_SLOT_AXES, TYPED_SLOT_INPUTS, add_typed_slot_defaults, typed_slot_specs
@@ -104,7 +105,8 @@ class LMStep(nn.Module):
         block = torch.div(k, self.block_size, rounding_mode="floor") <= torch.div(q, self.block_size,
                                                                                   rounding_mode="floor")
         # Boolean Where has no ONNX Runtime CPU kernel: select the mode's rule with and/or instead.
-        allowed = ((mode == 0) & causal) | ((mode == 1) & block) | (mode == 2)
+        allowed = (((mode == AttentionMode.CAUSAL.id) & causal) | ((mode == AttentionMode.BLOCK.id) & block)
+                   | (mode == AttentionMode.BIDIRECTIONAL.id))
         neg = torch.full_like(allowed, float("-inf"), dtype=x.dtype)
         mask = torch.where(allowed, torch.zeros_like(neg), neg)  # (T, key_end) additive
         # Cache slot c takes the window's row c - start when start <= c < start + T: over every slot for the
@@ -268,7 +270,7 @@ def export_onnx(model: VLAModel, out_dir: str | Path, capacity: int, *,
         "opset": opset,
         "capacity": capacity,
         "batch": 1,
-        "mode_ids": MODE_IDS,
+        "mode_ids": AttentionMode.ids(),
         "block_size": config.diffusion.block_size,
         "vocab_size": lm_cfg.vocab_size,
         "hidden_size": lm_cfg.hidden_size,

@@ -1,7 +1,7 @@
 """The ``plugin`` variant of ``lm_step.onnx``: each layer's KV-cache write + attention as ONE custom node.
 
 Node contract (domain ``blockpilot``, op ``BlockDiffusionAttention``, opset 1), shared with the TensorRT plugin
-of :mod:`blockpilot.trt.plugin` (the names: :mod:`blockpilot.formats.onnx_io`):
+of :mod:`blockpilot.trt.plugin` (the names: :mod:`blockpilot.formats.onnx_spec`):
 
 inputs
     ``q`` ``(1, H, T, D)`` and ``k_new`` / ``v_new`` ``(1, Hkv, T, D)``: the window's projections after RoPE, in
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..atomic_io import atomic_write
-from ..formats.onnx_io import (  # the node's constants belong to the graph format; re-exported here
+from ..formats.onnx_spec import (  # the node's constants belong to the graph format; re-exported here
     LM_FILE,
     PLUGIN_DOMAIN,
     PLUGIN_INPUTS,

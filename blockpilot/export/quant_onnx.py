@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from ..formats.onnx_io import LM_FILE, VISION_FILE, vision_graphs
+from ..formats.onnx_spec import LM_FILE, VISION_FILE, vision_graphs
 from ..vla.image_policy import ImagePolicy
 from ..vla.model import VLAModel
 from .external_data import save_structure
@@ -340,7 +340,7 @@ def ort_agreement(model: VLAModel, onnx_dir: str | Path, batch: dict[str, Any]) 
     import onnxruntime as ort
     import torch
 
-    from ..formats.onnx_io import SPEC_FILE
+    from ..formats.onnx_spec import SPEC_FILE
     from .onnx_graphs import LMStep
 
     out = Path(onnx_dir)

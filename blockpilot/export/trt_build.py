@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic_io import atomic_write
-from ..formats.onnx_io import graph_has_typed_slots
+from ..formats.onnx_spec import graph_has_typed_slots
 from ..trt.compat import TensorRT, load_tensorrt
 from ..trt.compat import TrtUnavailableError as TrtUnavailableError  # moved to blockpilot.trt; re-exported here
 

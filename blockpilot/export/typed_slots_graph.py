@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..formats.onnx_io import TYPED_SLOT_INPUTS
+from ..formats.onnx_spec import TYPED_SLOT_INPUTS
 
 TYPED_SLOT_AXES: dict[str, dict[int, str]] = {"allowed_table": {0: "C"}, "token_class": {1: "Tc"}}
 

@@ -218,15 +218,16 @@ def vision_feeds(spec: Mapping[str, Any], observations: Sequence[Any], *, limit:
     """``{"patches": ...}`` of the observations' camera images (at most ``limit``), preprocessed as the backends do;
     with ``size`` (an exported vision graph's ``(height, width)``) each image is resized to it by the export's
     policy."""
-    from ..formats.onnx_io import image_patches, spec_policy
+    from ..formats.onnx_spec import spec_policy
+    from ..vla.image import image_patches
+    from ..vla.image_policy import ImagePolicy
 
     vision = spec["vision"]
-    policy = None if size is None else spec_policy(dict(vision), "onnx_spec.json").with_sizes((size,))
+    policy = ImagePolicy(patch_size=int(vision["patch_size"]), merge_size=int(vision["spatial_merge_size"]),
+                         temporal_patch_size=int(vision["temporal_patch_size"])) if size is None else \
+        spec_policy(dict(vision), "onnx_spec.json").with_sizes((size,))
     images = [image for obs in observations for image in obs.images][:limit]
-    return [{"patches": image_patches(np.asarray(image, dtype=np.uint8), int(vision["patch_size"]),
-                                      int(vision["spatial_merge_size"]), int(vision["temporal_patch_size"]),
-                                      policy=policy)[0]}
-            for image in images]
+    return [{"patches": image_patches(np.asarray(image, dtype=np.uint8), policy)[0]} for image in images]
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,7 @@ def verify_engines(bundle: str | Path | Bundle, *, samples: int = 8, steps: int 
     graph it came from, over real feeds of ``samples`` held-out observations, with :data:`TOLERANCES` of the
     engine's precision."""
     from ..eval.synthetic import heldout_keyframes, observation
-    from ..formats.onnx_io import load_spec
+    from ..formats.onnx_spec import load_spec
     from ..runtime.cuda_memory import CudaUnavailableError, compute_capability
     from ..runtime.trt_backend import EngineSelectionError, engine_flavor, select_engines
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..formats.onnx_io import VISION_FILE
+from ..formats.onnx_spec import VISION_FILE
 from ..vla.image_policy import ImagePolicy
 from ..vla.model import VLAModel
 from ..vla.vision import VisionTower, vision_layout

@@ -25,12 +25,6 @@
     Dynamic or static per-tensor FP8 (e4m3) quantization of a GEMM's activations in two launches, padded for
     ``torch._scaled_mm``; needs ``triton``.
 
-Mode ids are those of :data:`blockpilot.formats.onnx_io.MODE_IDS`: 0 causal (key slot <= query slot), 1 block
-(``key // block_size <= query // block_size``), 2 bidirectional. Importing this package loads none of them.
+The ``mode`` the kernels take is :attr:`blockpilot.vla.modes.AttentionMode.id`: 0 causal (key slot <= query slot),
+1 block (``key // block_size <= query // block_size``), 2 bidirectional. Importing this package loads none of them.
 """
-
-from __future__ import annotations
-
-MODE_CAUSAL, MODE_BLOCK, MODE_BIDIRECTIONAL = 0, 1, 2
-
-__all__ = ["MODE_BIDIRECTIONAL", "MODE_BLOCK", "MODE_CAUSAL"]

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..vla.modes import AttentionMode
 from .merge import merge_splits_
 from .reference import IntLike, as_int, check_shapes
 
@@ -243,8 +244,8 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start
         s, e = as_int(start, "start"), as_int(key_end, "key_end")
         if s < 0 or not 0 <= e <= capacity:
             raise ValueError(f"need start >= 0 and 0 <= key_end <= capacity {capacity}, got {s}, {e}")
-    if not isinstance(mode, torch.Tensor) and as_int(mode, "mode") not in (0, 1, 2):
-        raise ValueError(f"mode must be 0 (causal), 1 (block) or 2 (bidirectional), got {mode}")
+    if not isinstance(mode, torch.Tensor):
+        AttentionMode.from_id(as_int(mode, "mode"))  # ValueError naming the valid ids
     device = q.device
     if out is None:
         out = torch.empty_like(q)

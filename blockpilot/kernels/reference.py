@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import MODE_BIDIRECTIONAL, MODE_BLOCK, MODE_CAUSAL
+from ..vla.modes import AttentionMode
 
 IntLike = int | torch.Tensor
 E4M3 = torch.float8_e4m3fn
@@ -37,15 +37,15 @@ def allowed_keys(q_slots: torch.Tensor, key_end: int, mode: int, block_size: int
     """Boolean ``(len(q_slots), key_end)``: True where the query slot may see the key slot."""
     k = torch.arange(key_end, device=q_slots.device)[None, :]
     q = q_slots[:, None]
-    if mode == MODE_CAUSAL:
+    if mode == AttentionMode.CAUSAL.id:
         return k <= q
-    if mode == MODE_BLOCK:
+    if mode == AttentionMode.BLOCK.id:
         if block_size <= 0:
             raise ValueError(f"block mode needs a positive block_size, got {block_size}")
         return torch.div(k, block_size, rounding_mode="floor") <= torch.div(q, block_size, rounding_mode="floor")
-    if mode == MODE_BIDIRECTIONAL:
+    if mode == AttentionMode.BIDIRECTIONAL.id:
         return torch.ones(q.shape[0], key_end, dtype=torch.bool, device=q_slots.device)
-    raise ValueError(f"mode must be 0 (causal), 1 (block) or 2 (bidirectional), got {mode}")
+    raise ValueError(f"mode must be one of {AttentionMode.ids()}, got {mode}")
 
 
 def check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int, int]:

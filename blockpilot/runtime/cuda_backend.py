@@ -29,7 +29,6 @@ import time
 import numpy as np
 import torch
 
-from ..kernels import MODE_BIDIRECTIONAL, MODE_BLOCK, MODE_CAUSAL
 from ..vla.image_policy import ImagePolicy
 from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
@@ -48,8 +47,6 @@ from .cuda_lm import AttentionFn, DecodeLM, EpilogueFn, PrefixStep, top1_prob_re
 from .plan_types import PlannerSetupError
 from .torch_backend import prompt_embeddings
 
-MODE_IDS = {AttentionMode.CAUSAL: MODE_CAUSAL, AttentionMode.BLOCK: MODE_BLOCK,
-            AttentionMode.BIDIRECTIONAL: MODE_BIDIRECTIONAL}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 KERNELS = ("triton", "reference")
 
@@ -223,7 +220,7 @@ class CudaBackend:
         t0 = time.perf_counter()
         slots = torch.arange(n, device=self.device)
         pos = positions[..., :n].to(self.device) if positions is not None else self._positions(slots, 1)
-        scalars = torch.tensor([0, n, MODE_IDS[AttentionMode(mode)]], dtype=torch.int32, device=self.device)
+        scalars = torch.tensor([0, n, AttentionMode(mode).id], dtype=torch.int32, device=self.device)
         k, v = self._single
         hidden = self.lm.forward(embeds[:, :n].to(self.device, self.dtype), pos, slots, scalars[0:1], scalars[1:2],
                                  scalars[2:3], k, v, write_kv=True)
@@ -259,11 +256,11 @@ class CudaBackend:
             raise CacheFullError(f"KV cache write of {t} token(s) at slot {start} exceeds capacity {self.capacity}")
         bucket = next((b for b in self.buckets if b >= t), None)
         width = bucket or t
-        prefix = self._prefix_step(rows, start, t, width, end, MODE_IDS[AttentionMode(mode)], write_kv)
+        prefix = self._prefix_step(rows, start, t, width, end, AttentionMode(mode).id, write_kv)
         ids_host = self._ids_host if bucket is not None else torch.zeros(rows, t, dtype=torch.int64)
         ids_host[:rows, :t] = torch.from_numpy(arr)
         ids_host[:rows, t:width] = 0
-        self._scalars_host.copy_(torch.tensor([start, end, MODE_IDS[AttentionMode(mode)], t], dtype=torch.int32))
+        self._scalars_host.copy_(torch.tensor([start, end, AttentionMode(mode).id, t], dtype=torch.int32))
         self._scalars.copy_(self._scalars_host, non_blocking=True)
         if sampling is not None:
             self._seeds_host[:rows] = torch.tensor(sampling.seeds, dtype=torch.int64)
@@ -298,7 +295,7 @@ class CudaBackend:
     def _prefix_step(self, rows: int, start: int, t: int, width: int, end: int, mode: int,
                      write_kv: bool) -> PrefixStep | None:
         """The split of this step under ``prefix_reuse`` (``None``: the plain forward), keeping the stored window."""
-        if not self.prefix_reuse or write_kv or mode == MODE_CAUSAL:
+        if not self.prefix_reuse or write_kv or mode == AttentionMode.CAUSAL.id:
             if self.prefix_reuse:
                 self._drop_prefix()
             return None

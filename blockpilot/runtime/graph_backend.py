@@ -7,7 +7,7 @@ vision features written over the image tokens, Qwen2.5-VL's M-RoPE positions, an
 a step checked against the cache. :class:`GraphBackend` is the :class:`~blockpilot.runtime.backend.Backend`
 surface over it (prefill, step, fork, truncate, the cache length and rope delta); a subclass supplies how it runs
 the vision graph on one image's patches and the LM step itself. Torch-free (like
-:mod:`blockpilot.formats.onnx_io`).
+:mod:`blockpilot.formats.onnx_spec` and :mod:`blockpilot.vla.image`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ import numpy as np
 import numpy.typing as npt
 
 from ..formats.embedding_table import EmbeddingError, EmbeddingTable
-from ..formats.onnx_io import continuation_positions_np, image_patches, mrope_positions_np, spec_policy
+from ..formats.onnx_spec import spec_policy
+from ..vla.image import prompt_images
 from ..vla.modes import AttentionMode
+from ..vla.rope_index import check_image_tokens, continuation_positions
 from .backend import (
     AllowedTokens,
     BackendError,
@@ -90,25 +92,26 @@ class GraphInputs:
         where there is no vision model); returns the prefill's result and the prompt's rope delta."""
         stage: dict[str, float] = {}
         ids = prompt.token_ids
-        is_image = ids == self.image_id
         embeds = self.embed[ids]
         if prompt.images:
+            if self.policy is None or encode is None:
+                raise PromptError(f"the prompt has images but {self._no_vision}")
             t0 = time.perf_counter()
-            features, grids = self._encode_images(prompt.images, int(is_image.sum()), encode)
-            if bool(is_image[n:].any()):
-                raise PromptError(f"image tokens lie past the prefill length {n}; prefill through the images")
-            stage["vision"] = (time.perf_counter() - t0) * 1e3
-            try:
-                positions, rope_delta = mrope_positions_np(ids, grids, self.image_id,
-                                                           int(self.spec["vision"]["spatial_merge_size"]))
+            try:  # patches, image-token checks and M-RoPE positions: the one host-side implementation
+                host = prompt_images(ids, prompt.images, self.policy, self.image_id, prefill=n)
             except ValueError as exc:
                 raise PromptError(str(exc)) from exc
-            embeds[is_image] = features
+            features = [encode(p, g) for p, g in zip(host.patches, host.grids, strict=True)]
+            stage["vision"] = (time.perf_counter() - t0) * 1e3
+            embeds[ids == self.image_id] = np.concatenate(features).astype(np.float32, copy=False)
+            positions, rope_delta = host.positions, host.rope_delta
         else:
-            if is_image.any():
-                raise PromptError(f"the prompt holds {int(is_image.sum())} image tokens but no images were given")
+            try:
+                check_image_tokens(ids, self.image_id, [])
+            except ValueError as exc:
+                raise PromptError(str(exc)) from exc
             rope_delta = 0
-            positions = continuation_positions_np(0, len(prompt), 0)
+            positions = continuation_positions(0, len(prompt), 0)
         if n == 0:
             return StepResult(np.zeros((1, 0), dtype=np.int64), np.zeros((1, 0), dtype=np.float32), None,
                               stage), rope_delta
@@ -136,32 +139,8 @@ class GraphInputs:
         if end > self.capacity:  # the graph writes the window into its present cache even for a draft
             raise CacheFullError(f"KV cache write of {end - start} token(s) at slot {start} exceeds capacity "
                                  f"{self.capacity}")
-        return StepWindow(self.embed[arr[0]], continuation_positions_np(start, t, rope_delta), end,
+        return StepWindow(self.embed[arr[0]], continuation_positions(start, t, rope_delta), end,
                           max(start + t, kv_end or 0))
-
-    def _encode_images(self, images: tuple[npt.NDArray[np.uint8], ...], n_image_tokens: int,
-                       encode: Encode | None) -> tuple[FloatArray, list[tuple[int, int, int]]]:
-        """Image features for the image tokens (one ``encode`` per image) and each image's patch grid."""
-        vision = self.spec.get("vision")
-        if vision is None or encode is None:
-            raise PromptError(f"the prompt has images but {self._no_vision}")
-        merge = int(vision["spatial_merge_size"])
-        grids: list[tuple[int, int, int]] = []
-        patch_sets = []
-        for i, image in enumerate(images):
-            try:
-                patches, grid = image_patches(image, int(vision["patch_size"]), merge,
-                                              int(vision["temporal_patch_size"]), policy=self.policy)
-            except ValueError as exc:
-                raise PromptError(f"image {i}: {exc}") from exc
-            grids.append(grid)
-            patch_sets.append(patches)
-        needed = sum(g[0] * g[1] * g[2] // (merge * merge) for g in grids)
-        if n_image_tokens != needed:
-            raise PromptError(f"the prompt holds {n_image_tokens} image tokens but its {len(images)} image(s) "
-                              f"need {needed}")
-        features = [encode(patches, grid) for patches, grid in zip(patch_sets, grids, strict=True)]
-        return np.concatenate(features).astype(np.float32, copy=False), grids
 
 
 class GraphBackend(ABC):

@@ -10,9 +10,9 @@ writes nothing, and :meth:`OrtBackend.truncate` only moves the length. An export
 replaces it on a committed step. Batch one and greedy only:
 sampling and :meth:`OrtBackend.fork` with more than one row raise :class:`OrtUnsupportedError`.
 
-Every frame is resized by the export's image policy to one of its exported sizes (one vision graph per size);
-torch is imported only for that resize (:func:`blockpilot.formats.onnx_io.image_patches`), which a frame already
-at an exported size never needs.
+Every frame is resized by the export's image policy to one of its exported sizes (one vision graph per size), by
+the host-side image code every backend shares (:func:`blockpilot.vla.image.prompt_images`: numpy and Pillow, no
+torch).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..formats.onnx_io import KV_OUTPUTS, MODE_IDS, graph_has_typed_slots, kv_io, load_spec, vision_graphs
+from ..formats.onnx_spec import KV_OUTPUTS, graph_has_typed_slots, kv_io, load_spec, vision_graphs
 from ..vla.modes import AttentionMode
 from ..vla.plans import DrivingSchema
 from .backend import AllowedTokens, BackendError, TokenArray
@@ -116,7 +116,7 @@ class OrtBackend(GraphBackend):
             "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
             "start": np.array(start, dtype=np.int64),
             "key_end": np.array(key_end, dtype=np.int64),
-            "mode": np.array(MODE_IDS[AttentionMode(mode).value], dtype=np.int64),
+            "mode": np.array(AttentionMode(mode).id, dtype=np.int64),
             "past_k": self._k,
             "past_v": self._v,
         }

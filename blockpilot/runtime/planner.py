@@ -26,11 +26,10 @@ from ..vla.prompt import (
     GENERIC_SYSTEM_PROMPT,
     PromptInputError,
     chat_prompt_ids,
-    driving_instruction,
+    driving_prompt_ids,
 )
 from ..vla.scaffold import Scaffold, build_scaffold
 from ..vla.slot_constraints import SlotConstraints, build_constraints
-from ..vla.slots import FixedNumber
 from ..vla.tokenizer import Tokenizer
 from .backend import Backend, Prompt, TokenArray
 from .decoders import (
@@ -110,8 +109,6 @@ class Planner:
             raise PlannerSetupError(f"max_prompt_tokens {prompt_limit}: the backend's KV cache ({backend.capacity} "
                                     f"slots, {self.answer_budget} of them the answer's) fits prompts of 1.."
                                     f"{backend.capacity - self.answer_budget} tokens; {self._capacity_fix}")
-        self._number = FixedNumber(self.schema.int_digits, self.schema.frac_digits) \
-            if isinstance(self.schema, DrivingSchema) else None
         # Typed slots: built once with the scaffold, applied where the backend can (see slot_constraints).
         self.constraints: SlotConstraints | None = None
         if getattr(backend, "constrains_tokens", False) and self.settings.uses_scaffold:
@@ -218,13 +215,12 @@ class Planner:
 
     def prompt(self, observation: Observation) -> tuple[Prompt, int]:
         """The checked prompt of ``observation`` and how many of its tokens are image tokens."""
-        if self._number is None:
+        if not isinstance(self.schema, DrivingSchema):
             raise ObservationError(f"this planner answers in a {type(self.schema).__name__} layout, not a driving "
                                    "one: plan it from an instruction with plan_text()")
         images = check_observation(observation, self.config)
         counts = self._image_counts(images)
-        text = driving_instruction(observation.ego, observation.route_command, self._number)
-        ids = chat_prompt_ids(self.tokenizer, DRIVING_SYSTEM_PROMPT, text, counts)
+        ids = driving_prompt_ids(self.tokenizer, self.schema, observation.ego, observation.route_command, counts)
         return Prompt(np.asarray(ids, dtype=np.int64), tuple(images)), sum(counts)
 
     def _image_counts(self, images: Sequence[Any]) -> list[int]:

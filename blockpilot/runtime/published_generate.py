@@ -32,10 +32,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ..vla.image import preprocess_images
-from ..vla.model import VLAModel
+from ..vla.model import VLAModel, rope_continuation
 from ..vla.modes import AttentionMode
-from ..vla.rope_index import continuation_positions
+from ..vla.vision import image_inputs
 
 
 @dataclass
@@ -64,11 +63,11 @@ class _Oracle:
         vision = self.model.config.vision
         if vision is None:
             raise ValueError("the prompt has images but the model has no vision tower")
-        self.pixels, self.grid = preprocess_images(list(images), vision)
+        self.pixels, self.grid = image_inputs(list(images), vision)
         self.delta = self.model.rope_index(torch.tensor([ids]), self.grid)[1]
 
     def _positions(self, start: int, length: int) -> torch.Tensor | None:
-        return None if self.delta is None else continuation_positions(start, length, self.delta)
+        return None if self.delta is None else rope_continuation(start, length, self.delta)
 
     def _top1(self, hidden: torch.Tensor) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         logits = self.model.logits(hidden)[0]

@@ -7,12 +7,12 @@ import time
 import numpy as np
 import torch
 
-from ..vla.image import preprocess_images
+from ..vla.image import prompt_images, vision_policy
 from ..vla.image_policy import ImagePolicy
 from ..vla.kv_cache import CacheCapacityError
-from ..vla.model import VLAModel
+from ..vla.model import VLAModel, rope_continuation
 from ..vla.modes import AttentionMode
-from ..vla.rope_index import continuation_positions, image_token_counts
+from ..vla.rope_index import check_image_tokens
 from .backend import (
     AllowedTokens,
     CacheFullError,
@@ -33,34 +33,32 @@ def prompt_embeddings(
         policy: ImagePolicy | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The prompt's input embeddings ``(1, L, hidden)`` on the model's device with the image features written
     over the image tokens, plus the M-RoPE positions and rope delta of an image prompt (``None``, ``None``
-    without images). Images are resized by ``policy`` (default: the processor defaults). The image-token count
-    is checked against the images, and no image token may lie past the prefill length ``n``; the vision
+    without images). Images are resized by ``policy`` (default: the processor defaults); patches, positions and
+    the image-token checks are :func:`blockpilot.vla.image.prompt_images`, as on every backend. The vision
     tower's time goes into ``stage["vision"]`` (ms)."""
     config, device = model.config, next(model.parameters()).device
     ids = torch.from_numpy(prompt.token_ids).to(device)[None]
     image_id = config.tokens.image if config.tokens.image is not None else -1
-    n_image_tokens = int((ids == image_id).sum())
     if not prompt.images:
-        if n_image_tokens:
-            raise PromptError(f"the prompt holds {n_image_tokens} image tokens but no images were given")
+        try:
+            check_image_tokens(prompt.token_ids, image_id, [])
+        except ValueError as exc:
+            raise PromptError(str(exc)) from exc
         return model.lm.embed_tokens(ids), None, None
     vision = config.vision
     if vision is None or model.visual is None:
         raise PromptError("the prompt has images but the model has no vision tower")
     t0 = time.perf_counter()
     try:
-        patches, grid = preprocess_images(list(prompt.images), vision, policy=policy)
+        host = prompt_images(prompt.token_ids, prompt.images, vision_policy(vision, policy=policy), image_id,
+                             prefill=n)
     except ValueError as exc:
         raise PromptError(str(exc)) from exc
-    needed = sum(image_token_counts(grid, vision.spatial_merge_size))
-    if n_image_tokens != needed:
-        raise PromptError(f"the prompt holds {n_image_tokens} image tokens but its {len(prompt.images)} "
-                          f"image(s) need {needed}")
-    if bool((ids[0, n:] == image_id).any()):
-        raise PromptError(f"image tokens lie past the prefill length {n}; prefill through the images")
-    features = model.encode_images(patches.to(device), grid.to(device))
+    patches = torch.from_numpy(np.concatenate(host.patches)).to(device)
+    features = model.encode_images(patches, torch.from_numpy(host.grid_thw).to(device))
     stage["vision"] = (time.perf_counter() - t0) * 1e3
-    positions, delta = model.rope_index(ids, grid)
+    positions = torch.from_numpy(host.positions).to(device)
+    delta = torch.tensor([host.rope_delta], dtype=torch.long, device=device)
     return model.embed(ids, features), positions, delta
 
 
@@ -118,7 +116,7 @@ class TorchBackend:
         self._rope_delta = delta if delta is not None else torch.zeros(1, dtype=torch.long, device=self.device)
         t0 = time.perf_counter()
         if positions is None and self.config.lm.mrope_section is not None:
-            positions = continuation_positions(0, len(prompt), self._rope_delta)
+            positions = rope_continuation(0, len(prompt), self._rope_delta)
         pos = positions[..., :n] if positions is not None else None
         if n == 0:
             empty = np.zeros((1, 0), dtype=np.int64)
@@ -149,7 +147,7 @@ class TorchBackend:
         ids = torch.from_numpy(arr).to(self.device)
         pos = None
         if self.config.lm.mrope_section is not None:
-            pos = continuation_positions(start, t, self._rope_delta.expand(self._batch))
+            pos = rope_continuation(start, t, self._rope_delta.expand(self._batch))
         try:
             hidden = self.model(ids, position_ids=pos, cache=self._cache, start=start, mode=mode,
                                 block_size=self.config.diffusion.block_size, write_kv=write_kv, kv_end=kv_end)

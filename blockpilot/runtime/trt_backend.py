@@ -59,7 +59,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..formats.bundle import Artifact, Bundle, BundleError, load_bundle
-from ..formats.onnx_io import MODE_IDS, load_spec
+from ..formats.onnx_spec import load_spec
 from ..vla.modes import AttentionMode
 from .backend import AllowedTokens, BackendError, TokenArray
 from .cuda_memory import CudaMemory, CudaUnavailableError
@@ -263,7 +263,7 @@ class TrtBackend(GraphBackend):
         self._embeds_host[:t] = embeds
         self._pos_host[: 3 * t] = np.asarray(positions).reshape(-1)
         staged = self._staged
-        staged["start"][0], staged["mode"][0] = start, MODE_IDS[AttentionMode(mode).value]
+        staged["start"][0], staged["mode"][0] = start, AttentionMode(mode).id
         staged["key_end"][0] = key_end  # on the host: read when the work is enqueued
         m.upload(self._buf["inputs_embeds"], self._embeds_host[:t])
         m.upload(self._buf["position_ids"], self._pos_host[: 3 * t])

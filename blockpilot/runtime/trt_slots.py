@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ..formats.onnx_io import TYPED_SLOT_INPUTS
+from ..formats.onnx_spec import TYPED_SLOT_INPUTS
 from .backend import AllowedTokens, BackendError
 from .plan_types import PlannerSetupError
 

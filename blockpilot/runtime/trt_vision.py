@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ..formats.onnx_io import vision_graphs
+from ..formats.onnx_spec import vision_graphs
 from .backend import PromptError
 from .plan_types import PlannerSetupError
 from .trt_engine import TrtEngine, bind, enqueue

@@ -23,12 +23,11 @@ import numpy.typing as npt
 from ..atomic_io import atomic_open
 from ..sim.types import Scene
 from ..vla.config import VisionConfig
-from ..vla.image_grid import smart_resize
+from ..vla.image_grid import image_token_count
 from ..vla.plans import DrivingPlan, DrivingSchema
-from ..vla.prompt import DRIVING_SYSTEM_PROMPT, EgoState, chat_prompt_ids, driving_instruction
+from ..vla.prompt import DRIVING_SYSTEM_PROMPT, EgoState, driving_prompt_ids
 from ..vla.scaffold import Scaffold
 from ..vla.schema_io import schema_to_dict
-from ..vla.slots import FixedNumber
 from ..vla.tokenizer import Tokenizer
 from .labels import KeyframeLike, LabelRules, derive_plan
 
@@ -83,17 +82,11 @@ class ExampleSet:
                        longitudinal=z["longitudinal"], lateral=z["lateral"], stats=json.loads(str(z["stats"])))
 
 
-def image_token_count(height: int, width: int, vision: VisionConfig) -> int:
-    """LM tokens one ``height`` x ``width`` camera image takes in the prompt."""
-    h, w = smart_resize(height, width, vision.patch_size * vision.spatial_merge_size)
-    return (h // vision.patch_size) * (w // vision.patch_size) // vision.spatial_merge_size**2
-
-
 def prompt_ids(keyframe: KeyframeLike, tokenizer: Tokenizer, schema: DrivingSchema, image_tokens: int) -> IntArray:
     ego = EgoState(past_waypoints=np.asarray(keyframe.past_xy, dtype=np.float64), speed_mps=float(keyframe.speed),
                    accel_mps2=float(keyframe.accel))
-    text = driving_instruction(ego, keyframe.route_command, FixedNumber(schema.int_digits, schema.frac_digits))
-    return np.array(chat_prompt_ids(tokenizer, DRIVING_SYSTEM_PROMPT, text, [image_tokens]), dtype=np.int64)
+    return np.array(driving_prompt_ids(tokenizer, schema, ego, keyframe.route_command, [image_tokens]),
+                    dtype=np.int64)
 
 
 def answer_ids(plan: DrivingPlan, scaffold: Scaffold[DrivingPlan]) -> IntArray:

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from ..vla.config import ModelConfig
-from ..vla.image import preprocess_images
 from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
 from ..vla.rope_index import mrope_positions
+from ..vla.vision import image_inputs
 
 DEFAULT_SECTION_WEIGHTS = {"trajectory": 3.0, "future_meta_behavior": 1.5, "critical_objects": 1.0,
                            "explanation": 0.5, "end": 1.0}
@@ -112,8 +112,9 @@ def make_batch(images: Sequence[np.ndarray], prompts: Sequence[np.ndarray], answ
     for b, (row, w) in enumerate(zip(rows, weights, strict=True)):
         ids[b, :len(row)] = torch.from_numpy(row)
         w_t[b, :len(w)] = torch.from_numpy(w)
-    pixels, grid = preprocess_images(list(images), model_config.vision)
-    positions, _ = mrope_positions(ids, grid, tokens.image, model_config.vision.spatial_merge_size)
+    pixels, grid = image_inputs(list(images), model_config.vision)
+    positions = torch.from_numpy(mrope_positions(ids.numpy(), grid.numpy(), tokens.image,
+                                                 model_config.vision.spatial_merge_size)[0])
     return TrainBatch(ids, positions, w_t, prompt_lens, lengths, pixels, grid)
 
 

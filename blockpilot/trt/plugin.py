@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..formats.onnx_io import PLUGIN_INPUTS, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_OUTPUTS, PLUGIN_VERSION
+from ..formats.onnx_spec import PLUGIN_INPUTS, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_OUTPUTS, PLUGIN_VERSION
 from .compat import TensorRT, trt_module
 
 __all__ = ["ALIASES", "FIELD_TYPES", "FLOAT_TYPES", "OUTPUT_SHAPE_FROM", "PARSER_FIELDS", "SCALAR_POSITIONS",

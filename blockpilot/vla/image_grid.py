@@ -1,4 +1,4 @@
-"""Image size arithmetic of the Qwen2-VL processor, free of torch so the runtime core can use it."""
+"""Image size arithmetic of the Qwen2-VL processor (smart resize, tokens per frame), torch-free."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ both sides become multiples of ``patch_size * merge_size`` and the pixel count l
 
 A bundle's vision graphs are traced for fixed patch grids, so a bundle's policy also lists the exported
 ``sizes``: a frame whose smart-resized size is not one of them is resized to the exported size whose aspect
-ratio is closest to the frame's (ties: the larger size), never refused. Torch-free: the planner core, the ONNX
-Runtime / TensorRT backends and the torch preprocessing all ask this one type.
+ratio is closest to the frame's (ties: the larger size), never refused. Torch-free: the planner core and
+the one host-side preprocessing every backend shares (:mod:`blockpilot.vla.image`) ask this one type.
 """
 
 from __future__ import annotations
@@ -271,25 +271,6 @@ def describe_checkpoint_images(checkpoint_dir: str | Path) -> str:
         return "images       none (text-only model)\n" + budget_line(None)
     policy = load_image_policy(checkpoint_dir, config.vision)
     return "\n".join([f"image policy {policy.describe()}", frame_line(policy), budget_line(policy)])
-
-
-def describe_bundle_images(bundle_dir: str | Path) -> str:
-    """``inspect`` lines for a bundle: the image policy and vision graphs its export recorded, and its KV cache."""
-    from ..formats.onnx_io import SPEC_FILE, spec_policy, vision_graphs
-
-    spec_path = Path(bundle_dir) / "graphs" / "decomposed" / SPEC_FILE
-    try:
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ImagePolicyError(f"{spec_path}: cannot read the export's spec ({exc})") from None
-    lines = [f"kv cache     {spec.get('capacity')} slots (prompt + answer; fixed at export, --max-prompt-tokens)"]
-    vision = spec.get("vision")
-    if vision is None:
-        return "\n".join([*lines, "images       none (text-only model)"])
-    policy = spec_policy(vision, str(spec_path))
-    graphs = ", ".join(f"{g['file']} {g['grid_thw'][2] * policy.patch_size}x{g['grid_thw'][1] * policy.patch_size}"
-                       for g in vision_graphs(vision))
-    return "\n".join([*lines, f"image policy {policy.describe()}", f"vision       {graphs}", frame_line(policy)])
 
 
 def write_preprocessor_config(checkpoint_dir: str | Path, policy: ImagePolicy) -> Path:

@@ -18,6 +18,13 @@ from .rope_index import mrope_positions
 from .vision import VisionTower
 
 
+def rope_continuation(start: int, length: int, deltas: torch.Tensor) -> torch.Tensor:
+    """Positions ``(3, B, length)`` of slots ``start ..`` on the deltas' device: the torch form of
+    :func:`blockpilot.vla.rope_index.continuation_positions`, so a step on an accelerator copies nothing."""
+    slots = torch.arange(start, start + length, device=deltas.device)
+    return (slots[None, :] + deltas.reshape(-1, 1))[None].expand(3, -1, -1)
+
+
 class VLAModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -57,11 +64,14 @@ class VLAModel(nn.Module):
 
     def rope_index(self, input_ids: torch.Tensor,
                    grid_thw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """3-D positions ``(3, B, T)`` and rope deltas ``(B,)``; see :func:`mrope_positions`."""
+        """3-D positions ``(3, B, T)`` and rope deltas ``(B,)`` on ``input_ids``' device; see
+        :func:`~blockpilot.vla.rope_index.mrope_positions` (numpy, the one implementation)."""
         if self.config.lm.mrope_section is None:
             raise ValueError("rope_index needs a multimodal-RoPE LM (lm.mrope_section is not set)")
         merge = self.config.vision.spatial_merge_size if self.config.vision is not None else 1
-        return mrope_positions(input_ids, grid_thw, self._image_token_id(), merge)
+        grids = None if grid_thw is None else grid_thw.cpu().numpy()
+        positions, deltas = mrope_positions(input_ids.cpu().numpy(), grids, self._image_token_id(), merge)
+        return torch.from_numpy(positions).to(input_ids.device), torch.from_numpy(deltas).to(input_ids.device)
 
     def forward(
         self,
@@ -84,7 +94,7 @@ class VLAModel(nn.Module):
         With ``pixel_values`` (and ``grid_thw``) the images are encoded and scattered into the
         image tokens of ``input_ids``; unless ``position_ids`` is given, the 3-D positions are
         computed for a prompt that starts at slot 0. Tokens after a prompt with images need
-        explicit positions (:func:`blockpilot.vla.rope_index.continuation_positions`). ``attn_mask``
+        explicit positions (:func:`rope_continuation`). ``attn_mask``
         overrides the mode's mask (see :meth:`DecoderLM.forward`).
         """
         if pixel_values is not None:

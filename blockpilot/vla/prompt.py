@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from .plans import DrivingSchema
 from .slots import FixedNumber
 from .tokenizer import Tokenizer
 
@@ -101,3 +102,14 @@ def chat_prompt_ids(tokenizer: Tokenizer, system: str, user_text: str, image_tok
     ids += [*tokenizer.encode(user_text), special.end, *tokenizer.encode("\n"),
             im_start, *tokenizer.encode("assistant\n")]
     return ids
+
+
+def driving_prompt_ids(tokenizer: Tokenizer, schema: DrivingSchema, ego: EgoState, route_command: str,
+                       image_token_counts: Sequence[int]) -> list[int]:
+    """The driving chat prompt: the system prompt, ``image_token_counts[i]`` placeholders per camera, and the ego
+    state and route command written in ``schema``'s number format (the width the answer's numbers take).
+
+    The one assembly of a driving prompt: the planner, the training examples and the demo all call it, so a
+    model is planned with exactly the prompt it was trained on."""
+    text = driving_instruction(ego, route_command, FixedNumber(schema.int_digits, schema.frac_digits))
+    return chat_prompt_ids(tokenizer, DRIVING_SYSTEM_PROMPT, text, image_token_counts)

@@ -65,6 +65,10 @@ def build_reference_model(seed: int = 0, std: float = 0.02) -> tuple[VLAModel, T
     return model, tokenizer
 
 
+# The trained reference checkpoint shipped in the repository (models/reference, see its DATA_CARD.md): what the
+# demo exports and replays, and what bench, the cuda backend's checks and many tests plan with.
+SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "reference"
+
 # The reference model sees 112x112 frames (16 image tokens); larger frames are resized down to that budget.
 REFERENCE_MAX_PIXELS = 112 * 112
 

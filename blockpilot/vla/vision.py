@@ -8,17 +8,32 @@ width ``out_hidden_size`` (the LM hidden size).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
+from .image import preprocess_images
+from .image_grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from .image_policy import ImagePolicy
 from .lm import MLP, RMSNorm, rotate_half
 
 # Qwen2.5-VL's vision RoPE base; no released checkpoint changes it, so VisionConfig does not carry it.
 VISION_ROPE_THETA = 10000.0
+
+
+def image_inputs(images: Sequence[npt.NDArray[np.uint8]], vision: VisionConfig, min_pixels: int = DEFAULT_MIN_PIXELS,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, *,
+                 policy: ImagePolicy | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tower's inputs for ``images``: :func:`blockpilot.vla.image.preprocess_images` (numpy, the one
+    implementation) as CPU tensors, float32 patches ``(N, C*T*p*p)`` and ``grid_thw`` ``(num_images, 3)``."""
+    patches, grid = preprocess_images(images, vision, min_pixels, max_pixels, policy=policy)
+    return torch.from_numpy(patches), torch.from_numpy(grid)
 
 
 @dataclass(frozen=True)
