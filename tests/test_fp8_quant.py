@@ -2,10 +2,11 @@
 
 The kernels run on CPU in Triton's interpreter (``TRITON_INTERPRET=1`` before ``triton`` is imported): one
 subprocess runs the selected tests' cases (this file as a script) and reports JSON: by default one case
-(``FAST_CASE``), the scale rule and NaN; the other cases are marked ``slow`` (seconds each in the interpreter). The interpreter's float32 -> float8 cast
-rounds wrongly (ties go away from zero, a carry out of the mantissa is dropped so 126.4 becomes 64, subnormals
-truncate), so there the kernels write the float32 values they would cast, which must equal the reference's
-exactly (and then cast by torch to the reference's bytes); the float8 bytes themselves are compared on a GPU.
+(``FAST_CASE``), the scale rule and NaN; the other cases are marked ``slow`` (seconds each in the interpreter).
+The interpreter's float32 -> float8 cast rounds wrongly (ties go away from zero, a carry out of the mantissa is
+dropped so 126.4 becomes 64, subnormals truncate), so there the kernels write the float32 values they would cast,
+which must equal the reference's exactly (and then cast by torch to the reference's bytes); the float8 bytes
+themselves are compared on a GPU.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ As in ``test_kernel_block_attention.py``, the Triton kernels run on CPU in Trito
 (this file as a script, ``TRITON_INTERPRET=1``) that reports max abs differences as JSON: every split case at 1,
 2, 3 and 7 splits against the torch reference (the output) and ``torch.logsumexp`` of the masked scores (the
 log-sum-exp), the merge kernel against its torch reference, and the CUDA backend's decode forward with the kernel
-forced to 3 splits against the torch backend. The subprocess computes only the cases the selected tests read: the
-default run one small case (``FAST_SPLIT_CASE``, at every split count) and the merge; the other cases and the
-decode forward (minutes in the interpreter) are marked ``slow``. The CUDA tests check the 3B shape (16/2 heads, head_dim 128, a
-1,024-slot cache), one captured CUDA graph replayed at several positions, and the merge.
+forced to 3 splits against the torch backend. The subprocess computes only the cases the selected tests read: in
+the default run one small case (``FAST_SPLIT_CASE``, at every split count) and the merge; the other cases and the
+decode forward (minutes in the interpreter) are marked ``slow``. The CUDA tests check the 3B shape (16/2 heads,
+head_dim 128, a 1,024-slot cache), one captured CUDA graph replayed at several positions, and the merge.
 """
 
 from __future__ import annotations
