@@ -1,21 +1,24 @@
 """The FP8 activation quantizer kernels against their torch reference, and ``Fp8Linear.concat``.
 
 The kernels run on CPU in Triton's interpreter (``TRITON_INTERPRET=1`` before ``triton`` is imported): one
-subprocess runs every case (this file as a script) and reports JSON. The interpreter's float32 -> float8 cast
-rounds wrongly (ties go away from zero, a carry out of the mantissa is dropped so 126.4 becomes 64, subnormals
-truncate), so there the kernels write the float32 values they would cast, which must equal the reference's
-exactly (and then cast by torch to the reference's bytes); the float8 bytes themselves are compared on a GPU.
+subprocess runs the selected tests' cases (this file as a script) and reports JSON: by default one case
+(``FAST_CASE``), the scale rule and NaN; the other cases are marked ``slow`` (seconds each in the interpreter).
+The interpreter's float32 -> float8 cast rounds wrongly (ties go away from zero, a carry out of the mantissa is
+dropped so 126.4 becomes 64, subnormals truncate), so there the kernels write the float32 values they would cast,
+which must equal the reference's exactly (and then cast by torch to the reference's bytes); the float8 bytes
+themselves are compared on a GPU.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_interp import run_interpreted
+from triton_interp import run_interpreted, selected_params
 
 from blockpilot.kernels.reference import FP8_MAX, quant_scale, quantize_e4m3, quantize_rows_ref
 from blockpilot.runtime.cuda_fp8 import Fp8Linear, weight_amax
@@ -35,6 +38,7 @@ CASES: dict[str, dict[str, Any]] = {
     "m9-bf16-static": dict(m=9, k=128, dtype="bfloat16", scale="static"),
     "m3-fp32-zeros": dict(m=3, k=64, dtype="float32", scale="zeros"),
 }
+FAST_CASE = "m70-bf16-masked-chunks"  # the default run's representative (masked scale, chunks, block_k, padding)
 
 
 def _inputs(case: dict[str, Any], seed: int, device: str = "cpu") -> dict[str, Any]:
@@ -70,12 +74,15 @@ def _ref_prescaled(x: torch.Tensor, quant: torch.Tensor | None, rows: torch.Tens
     return (torch.nn.functional.pad(x, (0, 0, 0, pad)).float() * quant).clamp(-FP8_MAX, FP8_MAX)
 
 
-def _run_interpreted_cases() -> dict[str, dict[str, bool]]:
-    """In the subprocess: each case through the kernels (float32 and float8 outputs) and the reference."""
+def _run_interpreted_cases(names: list[str]) -> dict[str, dict[str, bool]]:
+    """In the subprocess: each case in ``names`` through the kernels (float32 and float8 outputs) and the
+    reference; the scale rule and NaN where ``names`` holds them."""
     from blockpilot.kernels.fp8_quant import _launch, quantize_rows
 
     results: dict[str, dict[str, bool]] = {}
     for i, (name, case) in enumerate(CASES.items()):
+        if name not in names:
+            continue
         a = _inputs(case, seed=i)
         tune = _tuning(case)
         ref_q, ref_d = quantize_rows_ref(a["x"], quant=a["quant"], rows=a["rows"], pad_to=tune["pad_to"])
@@ -93,25 +100,36 @@ def _run_interpreted_cases() -> dict[str, dict[str, bool]]:
             "pad_rows_zero": not got_q[m:].view(torch.uint8).any().item(),
             "zeros_quant_448": case["scale"] != "zeros" or bool((ref_d == 1.0 / 448.0).all().item()),
         }
-    # the scale rule over many amaxes (448 / amax rounds twice in torch: amax.reciprocal() * 448)
+    if "scale-rule" in names:
+        results["scale-rule"] = {"dequant": _scale_rule_holds()}
+    if "nan" in names:
+        nan = torch.full((3, 16), float("nan"))
+        results["nan"] = {"dequant": bool(quantize_rows(nan)[1].isnan().all().item()
+                                          and quantize_rows_ref(nan)[1].isnan().all().item())}
+    return results
+
+
+def _scale_rule_holds() -> bool:
+    """In the subprocess: the scale rule over many amaxes (448 / amax rounds twice in torch:
+    amax.reciprocal() * 448)."""
+    from blockpilot.kernels.fp8_quant import quantize_rows
+
     amaxes = torch.exp2(torch.empty(200).uniform_(-30, 20, generator=torch.Generator().manual_seed(1)))
     rule = []
     for amax in [*amaxes.tolist(), 2.0**-24, 2.0**-23]:
         x = torch.full((1, 16), amax)
         rule.append(torch.equal(quantize_rows(x, pad_to=1, chunk=16)[1], quantize_rows_ref(x, pad_to=1)[1]))
-    results["scale-rule"] = {"dequant": all(rule)}
-    nan = torch.full((3, 16), float("nan"))
-    results["nan"] = {"dequant": bool(quantize_rows(nan)[1].isnan().all().item()
-                                      and quantize_rows_ref(nan)[1].isnan().all().item())}
-    return results
+    return all(rule)
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> dict[str, dict[str, bool]]:
-    return run_interpreted(__file__)
+def interpreted(request: pytest.FixtureRequest) -> dict[str, dict[str, bool]]:
+    """The interpreter's results for the selected tests' cases only."""
+    return run_interpreted(__file__, *selected_params(request, "name"))
 
 
-@pytest.mark.parametrize("name", [*CASES, "scale-rule", "nan"])
+@pytest.mark.parametrize("name", [*(pytest.param(n, marks=() if n == FAST_CASE else pytest.mark.slow) for n in CASES),
+                                  "scale-rule", "nan"])
 def test_quantize_rows_matches_reference_interpreted(interpreted: dict[str, dict[str, bool]], name: str) -> None:
     got = interpreted[name]
     assert all(got.values()), got
@@ -233,7 +251,7 @@ def test_concat_refuses_parts_that_differ() -> None:
 
 if __name__ == "__main__":
     # The interpreted run of the `interpreted` fixture: TRITON_INTERPRET=1 is already in the environment.
-    print(json.dumps(_run_interpreted_cases()))
+    print(json.dumps(_run_interpreted_cases(sys.argv[1:])))
 
 
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])

@@ -4,19 +4,22 @@ As in ``test_kernel_block_attention.py``, the Triton kernels run on CPU in Trito
 (this file as a script, ``TRITON_INTERPRET=1``) that reports max abs differences as JSON: every split case at 1,
 2, 3 and 7 splits against the torch reference (the output) and ``torch.logsumexp`` of the masked scores (the
 log-sum-exp), the merge kernel against its torch reference, and the CUDA backend's decode forward with the kernel
-forced to 3 splits against the torch backend. The CUDA tests check the 3B shape (16/2 heads, head_dim 128, a
-1,024-slot cache), one captured CUDA graph replayed at several positions, and the merge.
+forced to 3 splits against the torch backend. The subprocess computes only the cases the selected tests read: in
+the default run one small case (``FAST_SPLIT_CASE``, at every split count) and the merge; the other cases and the
+decode forward (minutes in the interpreter) are marked ``slow``. The CUDA tests check the 3B shape (16/2 heads,
+head_dim 128, a 1,024-slot cache), one captured CUDA graph replayed at several positions, and the merge.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import pytest
 import torch
 from test_kernel_block_attention import _inputs  # the one-pass cases' inputs, for these cases too
-from triton_interp import run_interpreted
+from triton_interp import run_interpreted, selected_params, selected_tests
 
 from blockpilot.kernels.reference import block_diffusion_attention_ref, write_window
 from blockpilot.vla.modes import AttentionMode
@@ -35,6 +38,7 @@ SPLIT_CASES: dict[str, dict[str, Any]] = {
                                        tiles=(None, 16), dtype="float16"),
     "no-key": dict(h=4, hkv=2, t=4, c=32, d=16, start=0, end=0, mode=0, bs=4, tiles=(16, 16)),
 }
+FAST_SPLIT_CASE = "mha4-4-block"  # the default run's representative; the rest are `slow`
 
 
 def _masked_scores(x: dict[str, Any], case: dict[str, Any]) -> torch.Tensor:
@@ -49,8 +53,9 @@ def _masked_scores(x: dict[str, Any], case: dict[str, Any]) -> torch.Tensor:
     return scores.masked_fill(~allowed, float("-inf"))
 
 
-def _run_split_cases() -> dict[str, dict[str, float]]:
-    """In the subprocess: the split-KV path at every count in SPLITS against the reference and logsumexp."""
+def _run_split_cases(names: list[str]) -> dict[str, dict[str, float]]:
+    """In the subprocess: the split-KV path of the cases ``names`` at every count in SPLITS against the reference
+    and logsumexp."""
     from blockpilot.kernels.block_attention import (
         attention_with_lse,
         attention_workspace,
@@ -61,6 +66,8 @@ def _run_split_cases() -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     storage = torch.full((workspace_numel(16, 32, 64, 7) + 5,), float("nan"))  # one buffer: every shape's views
     for i, (name, case) in enumerate(SPLIT_CASES.items()):
+        if name not in names:
+            continue
         x = _inputs(case, seed=50 + i)
         x["k_cache"] = write_window(x["past_k"], x["k_new"], x["start"])
         x["v_cache"] = write_window(x["past_v"], x["v_new"], x["start"])
@@ -144,16 +151,25 @@ def _run_decode_forward_split() -> dict[str, float]:
     return {"top1_equal": float(equal), "prob": max(diffs), "regrown": float(len(ours.lm._retired) > 1)}
 
 
-def _run_interpreted_cases() -> dict[str, Any]:
-    return {**_run_split_cases(), **_run_merge_cases(), "decode-forward-split-kv": _run_decode_forward_split()}
+DECODE_FORWARD = "--decode-forward"
+
+
+def _run_interpreted_cases(args: list[str]) -> dict[str, Any]:
+    """The split cases named in ``args``, the merge, and the decode forward if ``args`` holds DECODE_FORWARD."""
+    decode = {"decode-forward-split-kv": _run_decode_forward_split()} if DECODE_FORWARD in args else {}
+    return {**_run_split_cases(args), **_run_merge_cases(), **decode}
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> dict[str, dict[str, float]]:
-    return run_interpreted(__file__)
+def interpreted(request: pytest.FixtureRequest) -> dict[str, dict[str, float]]:
+    """The interpreter's results for the selected tests only (see the module docstring)."""
+    decode = [DECODE_FORWARD] if "test_decode_forward_on_split_kv_matches_the_torch_backend" in selected_tests(
+        request) else []
+    return run_interpreted(__file__, *selected_params(request, "name"), *decode)
 
 
-@pytest.mark.parametrize("name", list(SPLIT_CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == FAST_SPLIT_CASE else pytest.mark.slow)
+                                  for n in SPLIT_CASES])
 @pytest.mark.parametrize("splits", SPLITS)
 def test_split_kv_matches_reference_interpreted(interpreted: dict[str, dict[str, float]], name: str,
                                                 splits: int) -> None:
@@ -171,6 +187,7 @@ def test_merge_kernel_matches_reference_interpreted(interpreted: dict[str, dict[
     assert got["lse_inf"] == got["both_empty"] == got["dtype_kept"] == 1.0, got
 
 
+@pytest.mark.slow  # ~25 s in the interpreter; test_cuda_backend.py runs the backend on the Triton kernels by default
 def test_decode_forward_on_split_kv_matches_the_torch_backend(interpreted: dict[str, dict[str, float]]) -> None:
     got = interpreted["decode-forward-split-kv"]
     assert got["top1_equal"] == 1.0 and got["prob"] <= 1e-5 and got["regrown"] == 1.0, got
@@ -271,4 +288,4 @@ def test_merge_kernel_on_cuda(dtype: torch.dtype) -> None:
 
 if __name__ == "__main__":
     # The interpreted run of the `interpreted` fixture: TRITON_INTERPRET=1 is already in the environment.
-    print(json.dumps(_run_interpreted_cases()))
+    print(json.dumps(_run_interpreted_cases(sys.argv[1:])))

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import yaml
 from ros_harness import run_in_loopback
 
@@ -46,7 +45,6 @@ def scenario_replay_plan_record(bag: str, params: str, out: str) -> dict[str, An
                 "recorder_log": rec.log(), "planner_log": planner_proc.log()[-4000:]}
 
 
-@pytest.mark.slow
 def test_replayed_scene_through_planner_is_recorded_and_scored(tmp_path: Path) -> None:
     bag = write_rosbag2(generate_scene(11, duration_s=SCENE_S), tmp_path / "scene")
     export = subprocess.run([sys.executable, "-m", "blockpilot.cli", "export", "--checkpoint",
@@ -111,7 +109,6 @@ def scenario_cli_planner_with_shipped_params() -> dict[str, Any]:
     return {"active": active, "rc": rc, "log": log[-3000:]}
 
 
-@pytest.mark.slow
 def test_cli_planner_runs_with_the_shipped_params() -> None:
     result = run_in_loopback(scenario_cli_planner_with_shipped_params, timeout_s=240)
     assert result["active"] and result["rc"] == 0, result["log"]
