@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1] / "blockpilot"
 # Package (or top-level module) -> the blockpilot packages it may import. Lower layers first.
 MAY_IMPORT: dict[str, frozenset[str]] = {
     "atomic_io": frozenset(),  # a leaf (standard library only) that every layer may import: see LEAVES
-    "cli_common": frozenset(),
+    "errors": frozenset(),  # a leaf: BlockpilotError, the root of every typed error
+    "cli_common": frozenset(),  # a leaf (imports only the other leaves): the one-line user error, argument checks
     "kernels": frozenset(),
     "vla": frozenset(),
     "formats": frozenset({"vla"}),
@@ -46,7 +47,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
 }
 
 # Leaf modules any module may import: they import nothing from blockpilot (MAY_IMPORT gives them nothing).
-LEAVES = frozenset({"atomic_io"})
+LEAVES = frozenset({"atomic_io", "errors", "cli_common"})
 
 # House rules that hold whatever the table above says (ARCHITECTURE: the car needs none of these).
 NEVER: dict[str, frozenset[str]] = {

@@ -22,11 +22,16 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from ..errors import BlockpilotError
+
 ATTENTION_ROUTES = ("decomposed", "native", "plugin")
+# Recipes whose graphs a bundle carries (standard FP8 Q/DQ). NVFP4 / W4A8 graphs keep modelopt's custom nodes, which
+# neither ONNX Runtime nor TensorRT-RTX runs, and INT8 SmoothQuant graphs are not exported yet.
+EXPORTABLE_RECIPES = ("fp8",)
 NATIVE_MIN_TENSORRT = (10, 14)  # IAttention and the ONNX Attention op arrived in TensorRT 10.14
 
 
-class EngineTargetError(ValueError):
+class EngineTargetError(BlockpilotError, ValueError):
     """An engine target that is unknown, or that this machine's TensorRT cannot build."""
 
 
@@ -59,6 +64,8 @@ ENGINE_TARGETS: MappingProxyType[str, EngineTarget] = MappingProxyType({
                          "H100 box with TensorRT 10.14+ / 11, built on the H100"),
 })
 ALIASES = MappingProxyType({"rtx-ada": "rtx"})
+# ``--target cpu`` builds no engine: the bundle's ONNX Runtime graphs run on the CPU (quantize's ``cpu`` target).
+CPU_TARGET = "cpu"
 
 
 def resolve_engine_target(name: str) -> EngineTarget:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import BlockpilotError
 from .slots import FixedNumber
 from .tokenizer import Tokenizer
 
@@ -29,7 +30,7 @@ GENERIC_SYSTEM_PROMPT = "You are a helpful assistant. Answer in the JSON layout 
 DRIVING_PAST_TIMES_S = (-2.0, -1.5, -1.0, -0.5)
 
 
-class PromptError(ValueError):
+class PromptError(BlockpilotError, ValueError):
     """A prompt input is invalid; the message names the field."""
 
 
