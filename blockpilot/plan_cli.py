@@ -109,7 +109,7 @@ def read_images(value: str) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .runtime.plan_types import DecoderSettings, Observation
+    from .runtime.plan_types import DecoderSettings, Observation, PromptTooLongError
     from .runtime.planner import Planner
     from .vla.hf_config import load_config
     from .vla.plans import DrivingSchema
@@ -143,10 +143,15 @@ def run(args: argparse.Namespace) -> int:
     planner = Planner.from_checkpoint(Path(args.checkpoint), decoder=settings, device=args.device,
                                       dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens, schema=schema,
                                       cameras=len(images))
-    if ego is not None:
-        plan = planner.plan(Observation(images, ego, args.route_command))
-    else:
-        plan = planner.plan_text(args.prompt, images, system=args.system or GENERIC_SYSTEM_PROMPT)
+    try:
+        if ego is not None:
+            plan = planner.plan(Observation(images, ego, args.route_command))
+        else:
+            plan = planner.plan_text(args.prompt, images, system=args.system or GENERIC_SYSTEM_PROMPT)
+    except PromptTooLongError as exc:  # name the flag that sized the cache, when the user gave it
+        if args.max_prompt_tokens is None:
+            raise
+        raise UserError(f"--max-prompt-tokens {args.max_prompt_tokens}: {exc}") from None
     print(json.dumps(plan.to_dict(), indent=2))
     if plan.plan is None:
         # Exit 3: the model answered, the JSON above holds its text, but no plan came out of it.
