@@ -62,38 +62,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_targets(args: argparse.Namespace) -> tuple[str, ...]:
-    """``--target`` names and ``--recipe``, checked before anything loads: known names, the recipe's gate."""
-    from .export.targets import CPU_TARGET, resolve_engine_target
-
-    names = tuple(t.strip() for t in (args.target or "").split(",") if t.strip())
-    if args.target is not None and not names:
-        raise UserError("--target: give at least one target name")
-    with about("--target"):  # cpu: the bundle's ONNX Runtime graphs, always there (quantize's cpu target)
-        gates = [CPU_TARGET if name.lower() == CPU_TARGET else resolve_engine_target(name).gate for name in names]
-    if args.recipe is not None:
-        from .export.targets import EXPORTABLE_RECIPES
-        from .quant.recipes import resolve_recipe
-        from .quant.targets import check_recipe
-
-        with about("--recipe"):
-            recipe = resolve_recipe(args.recipe)
-            for gate in gates:
-                check_recipe(recipe, gate)
-        if args.recipe not in EXPORTABLE_RECIPES:
-            raise UserError(f"--recipe {args.recipe}: bundles carry {', '.join(EXPORTABLE_RECIPES)} graphs today "
-                            "(NVFP4 / W4A8 graphs hold modelopt's custom nodes, which neither ONNX Runtime nor "
-                            "TensorRT-RTX runs; INT8 SmoothQuant graphs are not exported yet); `blockpilot quantize` "
-                            "runs every recipe for an accuracy study")
-    return tuple(name for name in names if name.lower() != CPU_TARGET)
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
     existing_dir("--checkpoint", args.checkpoint, holding="config.json")
     writable_target("--out", args.out, overwrite=args.overwrite, directory=True)
     if args.timing_cache:
         writable_target("--timing-cache", args.timing_cache)
-    targets = _export_targets(args)
+    from .export.targets import check_export_request
+
+    targets = check_export_request(args.target, args.recipe)
     from .export.build import export_bundle
     from .export.progress import Progress
 

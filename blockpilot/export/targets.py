@@ -141,3 +141,30 @@ def current_compute_capability() -> str | None:
         return f"{major}.{minor}"
     except Exception:  # a broken driver means no GPU to build for
         return None
+
+
+def check_export_request(target: str | None, recipe: str | None) -> tuple[str, ...]:
+    """``blockpilot export --target T1,T2 --recipe R``, checked before anything loads: known target names (those of
+    ``quantize --target`` too), the recipe against each target's precision gate, and a recipe a bundle can carry.
+    Returns the engine target names (``cpu`` builds none). Errors name the flags."""
+    from ..cli_common import UserError, about
+
+    names = tuple(t.strip() for t in (target or "").split(",") if t.strip())
+    if target is not None and not names:
+        raise UserError("--target: give at least one target name")
+    with about("--target"):
+        gates = [CPU_TARGET if name.lower() == CPU_TARGET else resolve_engine_target(name).gate for name in names]
+    if recipe is not None:
+        from ..quant.recipes import resolve_recipe
+        from ..quant.targets import check_recipe
+
+        with about("--recipe"):
+            resolved = resolve_recipe(recipe)
+            for gate in gates:
+                check_recipe(resolved, gate)
+        if recipe not in EXPORTABLE_RECIPES:
+            raise UserError(f"--recipe {recipe}: bundles carry {', '.join(EXPORTABLE_RECIPES)} graphs today (NVFP4 / "
+                            "W4A8 graphs hold modelopt's custom nodes, which neither ONNX Runtime nor TensorRT-RTX "
+                            "runs; INT8 SmoothQuant graphs are not exported yet); `blockpilot quantize` runs every "
+                            "recipe for an accuracy study")
+    return tuple(name for name in names if name.lower() != CPU_TARGET)
