@@ -153,8 +153,9 @@ def test_cli_bench_with_tegrastats_on_a_jetson(tmp_path: Path, monkeypatch: pyte
 
 
 def test_cli_bench_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["jetson", "bench", "--checkpoint", str(REFERENCE), "--samples", "0"]) == 2
-    assert "--samples must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse's range check: one line, exit 2
+        main(["jetson", "bench", "--checkpoint", str(REFERENCE), "--samples", "0"])
+    assert exit_.value.code == 2 and "argument --samples: expected an integer >= 1" in capsys.readouterr().err
     assert main(["jetson", "bench", "--bundle", str(tmp_path / "missing"), "--root", str(tmp_path)]) == 2
     assert "missing" in capsys.readouterr().err
 
