@@ -1,19 +1,41 @@
-"""The ``blockpilot`` command line. Each command imports its work lazily so ``--help`` stays fast."""
+"""The ``blockpilot`` command line. Each command imports its work lazily so ``--help`` stays fast.
+
+Errors are handled once, in :func:`main`: a :class:`~blockpilot.errors.BlockpilotError` (a bad flag, file or
+value: the user's to fix) is one line on stderr and its exit code (2; 1 for ``eval compare`` runs that cannot be
+compared); argparse's own errors are one line and exit 2 too; Ctrl-C exits 130; a closed stdout (``| head``)
+exits quietly. Anything else is the program's fault and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from .atomic_io import atomic_write
-from .cli_common import UserError
+from . import __version__
+from .cli_common import (
+    UserError,
+    about,
+    add_json_option,
+    bounded,
+    emit,
+    existing_dir,
+    fraction,
+    positive_int,
+    writable_target,
+)
+from .errors import BlockpilotError
 
 __all__ = ["UserError", "build_parser", "main"]
+INTERRUPTED = "interrupted; rerun with the same --out to resume"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    writable_target("--out", args.out, directory=True)
     from .demo import run_demo
 
     run_demo(out_dir=Path(args.out), seed=args.seed, image_size=args.image_size, heldout_scenes=args.heldout_scenes)
@@ -22,17 +44,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such checkpoint or bundle directory")
     if (path / "manifest.json").is_file():
-        from .formats.bundle import BundleError, describe_bundle
+        from .formats.bundle import describe_bundle
         from .formats.onnx_spec import describe_bundle_images
-        from .vla.image_policy import ImagePolicyError
 
-        try:
-            print(describe_bundle(path))
-            print(describe_bundle_images(path))
-        except (BundleError, ImagePolicyError) as exc:
-            raise UserError(str(exc)) from None
+        print(describe_bundle(path))
+        print(describe_bundle_images(path))
         return 0
+    existing_dir("CHECKPOINT", path, holding="config.json")
     from .vla.image_policy import describe_checkpoint_images
     from .vla.loader import describe_checkpoint
 
@@ -42,42 +63,37 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    existing_dir("--checkpoint", args.checkpoint, holding="config.json")
+    writable_target("--out", args.out, overwrite=args.overwrite, directory=True)
+    if args.timing_cache:
+        writable_target("--timing-cache", args.timing_cache)
+    from .export.targets import check_export_request
+
+    targets = check_export_request(args.target, args.recipe)
     from .export.bundle_export import export_bundle
     from .export.progress import StageProgress
-    from .export.targets import EngineTargetError
-    from .export.trt_build import TrtUnavailableError
-    from .formats.bundle import BundleError
-    from .quant.recipes import RecipeError
-    from .quant.targets import TargetError
 
-    try:
-        summary = export_bundle(Path(args.checkpoint), Path(args.out), max_prompt_tokens=args.max_prompt_tokens,
-                                with_weights=args.with_weights, overwrite=args.overwrite,
-                                targets=tuple(t.strip() for t in (args.target or "").split(",") if t.strip()),
-                                engine_precision=args.engine_precision, recipe=args.recipe, calib=args.calib,
-                                attention=args.attention, progress=StageProgress(enabled=False if args.quiet else None),
-                                timing_cache=Path(args.timing_cache) if args.timing_cache else None,
-                                schema=args.schema, image_sizes=tuple(args.image_size or ()),
-                                cameras=args.cameras, dtype=args.dtype)
-    except (BundleError, RecipeError, TargetError, EngineTargetError, TrtUnavailableError) as exc:
-        raise UserError(str(exc)) from None
-    print(summary.table())
+    summary = export_bundle(Path(args.checkpoint), Path(args.out), max_prompt_tokens=args.max_prompt_tokens,
+                            with_weights=args.with_weights, overwrite=args.overwrite, targets=targets,
+                            engine_precision=args.engine_precision, recipe=args.recipe, calib=args.calib,
+                            attention=args.attention, progress=StageProgress(enabled=False if args.quiet else None),
+                            timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+                            schema=args.schema, image_sizes=tuple(args.image_size or ()),
+                            cameras=args.cameras, dtype=args.dtype)
+    emit(args, dataclasses.asdict(summary), summary.table())
     return 0
 
 
 def _cmd_scaffold(args: argparse.Namespace) -> int:
     from .demo import SCHEMAS, print_scaffold
     from .vla.json_schema import load_json_schema
-    from .vla.slots import SchemaError
 
-    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    checkpoint = existing_dir("--checkpoint", args.checkpoint) if args.checkpoint else None
     if args.schema not in SCHEMAS and not Path(args.schema).is_file():
         raise UserError(f"--schema {args.schema!r} is neither a preset ({', '.join(SCHEMAS)}) nor a JSON Schema file")
-    try:
+    with about(f"--schema {args.schema}"):
         schema = args.schema if args.schema in SCHEMAS else load_json_schema(args.schema)
-        print_scaffold(schema_name=schema, checkpoint=checkpoint)
-    except SchemaError as exc:
-        raise UserError(str(exc)) from None
+    print_scaffold(schema_name=schema, checkpoint=checkpoint)
     return 0
 
 
@@ -97,40 +113,49 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_reference(args: argparse.Namespace) -> int:
-    from .train.trainer import run
+    for flag, value, low in (("--steps", args.steps, 1), ("--batch", args.batch, 1),
+                             ("--eval-every", args.eval_every, 1), ("--keyframe-stride", args.keyframe_stride, 1),
+                             ("--ar-weight", args.ar_weight, 0)):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+    if not args.lr > 0:
+        raise UserError(f"--lr {args.lr}: must be above 0")
+    writable_target("--out", args.out, directory=True)
+    from .train.trainer import parse_seeds, run
+
+    seeds = {}
+    for flag, text in (("--train-seeds", args.train_seeds), ("--eval-seeds", args.eval_seeds)):
+        try:
+            seeds[flag] = set(parse_seeds(text)) if text else set()
+        except ValueError:
+            raise UserError(f"{flag} {text!r}: expected 'lo:hi', 'a,b,c' or a count") from None
+    if not seeds["--train-seeds"]:
+        raise UserError(f"--train-seeds {args.train_seeds!r}: no scene seeds")
+    if seeds["--train-seeds"] & seeds["--eval-seeds"]:
+        raise UserError(f"--eval-seeds {args.eval_seeds!r} overlaps --train-seeds {args.train_seeds!r}; held-out "
+                        "scenes must be unseen (a count N means seeds 0 to N-1)")
 
     run(args)
     return 0
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from .calibration.sets import CalibrationError
-    from .quant.apply import QuantizedCheckpointError
     from .quant.cli import run
-    from .quant.recipes import RecipeError
-    from .quant.targets import TargetError
 
-    try:
-        return run(args)
-    except (RecipeError, TargetError, CalibrationError, QuantizedCheckpointError) as exc:
-        raise UserError(str(exc)) from None
+    return run(args)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    import json
-
+    existing_dir("BUNDLE", args.bundle, holding="manifest.json")
+    if args.checkpoint:
+        existing_dir("--checkpoint", args.checkpoint, holding="config.json")
+    if args.json_out:
+        writable_target("--json-out", args.json_out)
     from .export.verify import verify_bundle
-    from .formats.bundle import BundleError
-    from .runtime.backend import BackendError
 
-    try:
-        report = verify_bundle(Path(args.bundle), args.checkpoint, samples=args.samples, tolerance=args.tolerance,
-                               backend=args.backend)
-    except (BundleError, BackendError) as exc:
-        raise UserError(str(exc)) from None
-    print(report.text())
-    if args.json:
-        atomic_write(args.json, json.dumps(report.to_dict(), indent=2) + "\n")
+    report = verify_bundle(Path(args.bundle), args.checkpoint, samples=args.samples, tolerance=args.tolerance,
+                           backend=args.backend)
+    emit(args, report.to_dict(), report.text())
     return 0 if report.passed else 1
 
 
@@ -141,47 +166,49 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_ros(args: argparse.Namespace) -> int:
-    from .ros_nodes.cli import run, user_errors
+    from .ros_nodes.cli import run
 
-    try:
-        return run(args)
-    except user_errors() as exc:
-        raise UserError(str(exc)) from None
+    return run(args)
 
 
 def _cmd_jetson(args: argparse.Namespace) -> int:
-    from .jetson.cli import run, user_errors
+    from .jetson.cli import run
 
-    try:
-        return run(args)
-    except user_errors() as exc:
-        raise UserError(str(exc)) from None
+    return run(args)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.cli import run
-    from .bench.run import BenchError
 
-    try:
-        return run(args)
-    except BenchError as exc:
-        raise UserError(str(exc)) from None
+    return run(args)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the message and where the help is), exit 2, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .vla.schema_io import add_schema_option
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="blockpilot",
         description="Deploy block-diffusion vision-language-action models on robots and cars.",
+        epilog="exit status: 0 done; 1 a check failed (verify, eval, quantize --gate, bench) or eval compare "
+               "found nothing to compare; 2 bad input (one line on stderr names the flag or file); 3 plan's answer "
+               "did not parse; 130 interrupted. --json on any command that has it prints JSON on stdout instead "
+               "of text.",
     )
+    parser.add_argument("--version", action="version", version=f"blockpilot {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = sub.add_parser("demo", help="end-to-end CPU demo on the reference model")
     demo.add_argument("--out", default="runs/demo", help="directory for the demo checkpoint and outputs")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--image-size", type=int, default=112, help="camera image side in pixels")
-    demo.add_argument("--heldout-scenes", type=int, default=10,
+    demo.add_argument("--image-size", type=bounded(int, 28), default=112, help="camera image side in pixels (>= 28)")
+    demo.add_argument("--heldout-scenes", type=bounded(int, 0), default=10,
                       help="held-out generated scenes to evaluate the shipped reference model on (0: skip)")
     demo.set_defaults(func=_cmd_demo)
 
@@ -217,20 +244,26 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="bundle directory to create")
     export.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
     export.add_argument("--with-weights", action="store_true", help="also copy the safetensors (torch backend)")
-    export.add_argument("--max-prompt-tokens", type=int, default=None,
+    export.add_argument("--max-prompt-tokens", type=positive_int, default=None,
                         help="prompt budget the KV cache is sized for (default: --cameras frames of the largest "
                              "--image-size under the checkpoint's image policy, at least 1024)")
     export.add_argument("--image-size", action="append", type=_image_size, default=None, metavar="WxH",
                         help="camera resolution the vision graphs take, e.g. 1600x900 (repeatable: one graph per "
                              "resized size; default 112x112); other sizes are resized to the nearest exported one")
-    export.add_argument("--cameras", type=int, default=1, help="cameras per prompt the KV cache is sized for")
+    export.add_argument("--cameras", type=positive_int, default=1, help="cameras per prompt the KV cache is sized for")
     export.add_argument("--target", default=None,
-                        help="also build TensorRT engines (comma-separated): rtx, rtx-blackwell (TensorRT-RTX, ahead "
-                             "of time on any machine); orin, thor, h100 (TensorRT proper, on that device)")
+                        help="also build TensorRT engines (comma-separated): rtx (alias rtx-ada), rtx-blackwell "
+                             "(TensorRT-RTX, ahead of time on any machine); orin, thor, h100 (TensorRT proper, on that "
+                             "device); cpu: no engines (the ONNX Runtime graphs every bundle has); the names "
+                             "`blockpilot quantize --target` takes")
     export.add_argument("--engine-precision", default="fp16", choices=["fp32", "fp16"], help="engine precision")
-    export.add_argument("--recipe", default=None, choices=["fp8"],
-                        help="quantize with modelopt first (FP8 Q/DQ graphs and engines)")
-    export.add_argument("--calib", type=int, default=32, help="calibration samples for --recipe")
+    from .quant.cli import RECIPE_NAMES
+
+    export.add_argument("--recipe", default=None, choices=RECIPE_NAMES,
+                        help="quantize with modelopt first; each --target's precision gate must allow the recipe "
+                             "(the same recipes as `blockpilot quantize`); bundles carry fp8 (FP8 Q/DQ graphs and "
+                             "engines) today")
+    export.add_argument("--calib", type=positive_int, default=32, help="calibration samples for --recipe")
     export.add_argument("--attention", default="auto", choices=["auto", "decomposed", "native", "plugin"],
                         help="LM-step engines' attention: TensorRT's attention layer (native), the "
                              "BlockDiffusionAttention plugin, or plain ops (decomposed); auto: the target's")
@@ -242,15 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--timing-cache", default=None,
                         help="TensorRT timing cache file, read and updated by every engine build (TensorRT proper)")
     add_schema_option(export)
+    add_json_option(export)
     export.set_defaults(func=_cmd_export)
 
     verify = sub.add_parser("verify", help="check a bundle: its TensorRT engines against its ONNX graphs (Polygraphy, "
                                            "on a GPU), or its ONNX Runtime backend against the torch backend")
     verify.add_argument("bundle", help="bundle directory")
     verify.add_argument("--checkpoint", default=None, help="reference checkpoint (default: the bundle's weights)")
-    verify.add_argument("--samples", type=int, default=8, help="held-out observations to compare")
-    verify.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed probability difference")
-    verify.add_argument("--json", default=None, help="also write the report here")
+    verify.add_argument("--samples", type=positive_int, default=8, help="held-out observations to compare")
+    verify.add_argument("--tolerance", type=fraction, default=1e-4,
+                        help="largest allowed probability difference (0 to 1)")
+    add_json_option(verify, file_help="also write the JSON report here (was --json PATH)")
     verify.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                         help="tensorrt: the bundle's engines against its ONNX graphs through Polygraphy (needs a GPU "
                              "that runs them); onnxruntime: ONNX Runtime against torch; auto: tensorrt where it runs")
@@ -293,22 +328,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
-    from .eval.cli import USER_ERRORS
-    from .eval.records import ResultsFileError
-    from .runtime.backend import BackendError
-    from .vla.checkpoint import CheckpointError
-    from .vla.config import ConfigError
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line: a multi-line message's lines joined with '; ' (a space after a colon)."""
+    text = ""
+    for line in (part.strip() for part in str(exc).splitlines()):
+        if line:
+            text += ("" if not text else " " if text.endswith(":") else "; ") + line
+    return text or type(exc).__name__
 
-    reported: tuple[type[Exception], ...] = (UserError, CheckpointError, ConfigError, FileNotFoundError,
-                                             ResultsFileError, BackendError, *USER_ERRORS)
+
+def _quiet_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush does not fail again."""
     try:
-        return func(args)
-    except reported as exc:
-        print(f"blockpilot {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured in tests)
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. argparse errors (and ``--help`` / ``--version``) end in ``SystemExit`` as usual."""
+    prog = "blockpilot"
+    try:
+        args = build_parser().parse_args(argv)
+        prog = f"blockpilot {args.command}"
+        func: Callable[[argparse.Namespace], int] = args.func
+        code = func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BlockpilotError as exc:
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"\n{prog}: {INTERRUPTED}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `blockpilot inspect DIR | head -1`: the reader has what it wanted
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE, what a command killed by the closed pipe reports
 
 
 if __name__ == "__main__":

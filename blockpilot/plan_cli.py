@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli_common import UserError
+from .cli_common import UserError, existing_dir, fraction, positive_float, positive_int
 from .vla.prompt import EgoState
 
 EGO_EXAMPLE = '{"past": [[-7.5, 0], [-5, 0], [-2.5, 0], [0, 0]], "speed": 5.0, "accel": 0.0}'
@@ -40,9 +40,9 @@ def add_arguments(plan: argparse.ArgumentParser) -> None:
     plan.add_argument("--decoder", default="scaffold", choices=list(DECODERS),
                       help="ar: scaffold-constrained greedy baseline; ar_free / block: free text; scaffold: "
                            "Fast-dDrive speculative; rollouts: N sampled trajectories (default: scaffold)")
-    plan.add_argument("--rollouts", type=int, default=4, help="trajectories for --decoder rollouts")
-    plan.add_argument("--temperature", type=float, default=0.5, help="sampling temperature for rollouts")
-    plan.add_argument("--threshold", type=float, default=None,
+    plan.add_argument("--rollouts", type=positive_int, default=4, help="trajectories for --decoder rollouts")
+    plan.add_argument("--temperature", type=positive_float, default=0.5, help="sampling temperature for rollouts")
+    plan.add_argument("--threshold", type=fraction, default=None,
                       help="confidence threshold (default: 0.9 for block, 0.0 for scaffold and rollouts)")
     plan.add_argument("--sub-block-cache", action="store_true", help="block decoder: reuse the block's KV")
     plan.add_argument("--sub-block-rule", default="published", choices=["published", "window"],
@@ -55,8 +55,10 @@ def add_arguments(plan: argparse.ArgumentParser) -> None:
     plan.add_argument("--seed", type=int, default=0, help="rollout sampling seed")
     plan.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     add_dtype_option(plan)
-    plan.add_argument("--max-prompt-tokens", type=int, default=None,
+    plan.add_argument("--max-prompt-tokens", type=positive_int, default=None,
                       help="prompt budget the KV cache is sized for (default: from the image policy and cameras)")
+    plan.add_argument("--json", action="store_true", help="print JSON on stdout (plan always does; accepted so "
+                                                          "--json means the same on every command)")
 
 
 def read_ego(value: str) -> EgoState:
@@ -107,14 +109,12 @@ def read_images(value: str) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .runtime.backend import BackendError
-    from .runtime.plan_types import DecoderSettings, Observation
+    from .runtime.plan_types import DecoderSettings, Observation, PromptTooLongError
     from .runtime.planner import Planner
-    from .vla.config import ConfigError
+    from .vla.hf_config import load_config
     from .vla.plans import DrivingSchema
     from .vla.prompt import GENERIC_SYSTEM_PROMPT
     from .vla.schema_io import resolve_schema
-    from .vla.slots import SchemaError
 
     if args.prompt is None and args.ego is None:
         raise UserError(f"give --ego (a driving observation, e.g. --ego '{EGO_EXAMPLE}') or --prompt TEXT")
@@ -122,32 +122,36 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--prompt and --ego are alternatives: an instruction, or a driving observation")
     if args.system is not None and args.prompt is None:
         raise UserError("--system goes with --prompt")
+    existing_dir("--checkpoint", args.checkpoint, holding="config.json")
     ego = read_ego(args.ego) if args.ego is not None else None
     images = read_images(args.image) if args.image else []
+    schema = resolve_schema(Path(args.checkpoint), args.schema) if args.schema else None
+    if ego is not None and schema is not None and not isinstance(schema, DrivingSchema):
+        raise UserError(f"--schema {args.schema}: --ego plans the driving prompt and needs a driving schema, "
+                        f"got {type(schema).__name__}; use --prompt TEXT for other layouts")
+    vision = load_config(Path(args.checkpoint)).vision  # refuse before the weights load
+    if vision is None and images:
+        raise UserError(f"--image: {args.checkpoint} is a text-only model (no vision_config in config.json); "
+                        "leave --image out")
+    if vision is not None and not images:
+        raise UserError(f"--image is required: {args.checkpoint} has a vision tower (vision_config in "
+                        "config.json) and plans from camera images")
+    settings = DecoderSettings(name=args.decoder, threshold=args.threshold, rollouts=args.rollouts,
+                               temperature=args.temperature, seed=args.seed,
+                               sub_block_cache=args.sub_block_cache, sub_block_rule=args.sub_block_rule,
+                               softmax_dtype=args.softmax_dtype)
+    planner = Planner.from_checkpoint(Path(args.checkpoint), decoder=settings, device=args.device,
+                                      dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens, schema=schema,
+                                      cameras=len(images))
     try:
-        schema = resolve_schema(Path(args.checkpoint), args.schema) if args.schema else None
-        if ego is not None and schema is not None and not isinstance(schema, DrivingSchema):
-            raise UserError(f"--schema {args.schema}: --ego plans the driving prompt and needs a driving schema, "
-                            f"got {type(schema).__name__}; use --prompt TEXT for other layouts")
-        settings = DecoderSettings(name=args.decoder, threshold=args.threshold, rollouts=args.rollouts,
-                                   temperature=args.temperature, seed=args.seed,
-                                   sub_block_cache=args.sub_block_cache, sub_block_rule=args.sub_block_rule,
-                                   softmax_dtype=args.softmax_dtype)
-        planner = Planner.from_checkpoint(Path(args.checkpoint), decoder=settings, device=args.device,
-                                          dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens, schema=schema,
-                                          cameras=len(images))
-        if planner.config.vision is None and images:
-            raise UserError(f"--image: {args.checkpoint} is a text-only model (no vision_config in config.json); "
-                            "leave --image out")
-        if planner.config.vision is not None and not images:
-            raise UserError(f"--image is required: {args.checkpoint} has a vision tower (vision_config in "
-                            "config.json) and plans from camera images")
         if ego is not None:
             plan = planner.plan(Observation(images, ego, args.route_command))
         else:
             plan = planner.plan_text(args.prompt, images, system=args.system or GENERIC_SYSTEM_PROMPT)
-    except (BackendError, ConfigError, SchemaError) as exc:
-        raise UserError(str(exc)) from None
+    except PromptTooLongError as exc:  # name the flag that sized the cache, when the user gave it
+        if args.max_prompt_tokens is None:
+            raise
+        raise UserError(f"--max-prompt-tokens {args.max_prompt_tokens}: {exc}") from None
     print(json.dumps(plan.to_dict(), indent=2))
     if plan.plan is None:
         # Exit 3: the model answered, the JSON above holds its text, but no plan came out of it.

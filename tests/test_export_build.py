@@ -122,7 +122,7 @@ def test_verify_compares_the_bundle_with_torch(bundle: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     with torch_threads(1):
         assert main(["verify", str(bundle), "--checkpoint", str(SHIPPED_MODEL), "--samples", "2",
-                     "--json", str(tmp_path / "v.json")]) == 0
+                     "--json-out", str(tmp_path / "v.json")]) == 0
     report = json.loads((tmp_path / "v.json").read_text())
     assert report["passed"] and report["identical_plans"] == 2 and report["max_prefill_prob_diff"] < 1e-4
     assert "2/2 identical answers" in capsys.readouterr().out

@@ -25,7 +25,8 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "atomic_io": frozenset(),  # a leaf (standard library only) that every layer may import: see LEAVES
     "progress_bars": frozenset(),  # a leaf too (tqdm, optional)
     "geometry": frozenset(),  # a leaf (numpy only): ego frame, quaternions, poses
-    "cli_common": frozenset(),
+    "errors": frozenset(),  # a leaf: BlockpilotError, the root of every typed error
+    "cli_common": frozenset(),  # a leaf (imports only the other leaves): the one-line user error, argument checks
     "vla": frozenset(),
     "kernels": frozenset({"vla"}),  # vla.modes: AttentionMode carries the mode ids the kernels take
     "formats": frozenset({"vla"}),
@@ -47,7 +48,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
 }
 
 # Leaf modules any module may import: they import nothing from blockpilot (MAY_IMPORT gives them nothing).
-LEAVES = frozenset({"atomic_io", "progress_bars", "geometry"})
+LEAVES = frozenset({"atomic_io", "progress_bars", "geometry", "errors", "cli_common"})
 
 # House rules that hold whatever the table above says (ARCHITECTURE: the car needs none of these).
 NEVER: dict[str, frozenset[str]] = {

@@ -126,7 +126,7 @@ def test_heldout_observations() -> None:
 def test_cli_bench_on_x86_records_latency_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     rc = main(["jetson", "bench", "--checkpoint", str(REFERENCE), "--samples", "1", "--warmup", "0", "--tegrastats",
-               "--root", str(write_root(tmp_path / "x86", None)), "--json", str(out)])
+               "--root", str(write_root(tmp_path / "x86", None)), "--json-out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "tegrastats absent: not a Jetson, latency only" in text and "device     not a Jetson" in text
@@ -142,7 +142,7 @@ def test_cli_bench_with_tegrastats_on_a_jetson(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv("PATH", f"{fake_tegrastats_bin(tmp_path)}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "bench.json"
     rc = main(["jetson", "bench", "--checkpoint", str(REFERENCE), "--samples", "1", "--warmup", "1", "--tegrastats",
-               "--interval-ms", "20", "--root", str(write_root(tmp_path / "thor", AGX_THOR)), "--json", str(out)])
+               "--interval-ms", "20", "--root", str(write_root(tmp_path / "thor", AGX_THOR)), "--json-out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["platform"]["name"] == "thor" and data["platform"]["module"] == "Jetson AGX Thor T5000 128GB"
@@ -153,8 +153,9 @@ def test_cli_bench_with_tegrastats_on_a_jetson(tmp_path: Path, monkeypatch: pyte
 
 
 def test_cli_bench_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["jetson", "bench", "--checkpoint", str(REFERENCE), "--samples", "0"]) == 2
-    assert "--samples must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse's range check: one line, exit 2
+        main(["jetson", "bench", "--checkpoint", str(REFERENCE), "--samples", "0"])
+    assert exit_.value.code == 2 and "argument --samples: expected an integer >= 1" in capsys.readouterr().err
     assert main(["jetson", "bench", "--bundle", str(tmp_path / "missing"), "--root", str(tmp_path)]) == 2
     assert "missing" in capsys.readouterr().err
 

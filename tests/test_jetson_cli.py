@@ -14,6 +14,9 @@ from jetson_samples import AGX_ORIN_64GB, AGX_THOR, AGX_XAVIER, CUDA_VERSION_JSO
 
 from blockpilot.cli import _cmd_export, build_parser, main
 from blockpilot.export import bundle_export
+from blockpilot.vla.reference_model import SHIPPED_MODEL
+
+CKPT = str(SHIPPED_MODEL)  # build checks --checkpoint before any work, so it must be a checkpoint directory
 
 
 def test_info_on_an_agx_orin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -82,11 +85,11 @@ def test_build_runs_export_with_the_platform_profile(board: Any, target: str, re
     recorded = RecordedExport()
     monkeypatch.setattr(bundle_export, "export_bundle", recorded)
     cache = tmp_path / "cache" / "timing.cache"
-    rc = main(["jetson", "build", "--checkpoint", "/models/vla", "--out", str(tmp_path / "bundle"), "--calib", "8",
+    rc = main(["jetson", "build", "--checkpoint", CKPT, "--out", str(tmp_path / "bundle"), "--calib", "8",
                "--timing-cache", str(cache), "--quiet", "--root", str(write_root(tmp_path / "root", board))])
     assert rc == 0, capsys.readouterr().err
     (args, kwargs), = recorded.calls
-    assert args == (Path("/models/vla"), tmp_path / "bundle")
+    assert args == (SHIPPED_MODEL, tmp_path / "bundle")
     assert kwargs["targets"] == (target,) and kwargs["recipe"] == recipe and kwargs["attention"] == "plugin"
     assert kwargs["engine_precision"] == precision and kwargs["calib"] == 8
     assert kwargs["timing_cache"] == cache and cache.parent.is_dir()
@@ -99,9 +102,10 @@ def test_build_default_timing_cache_and_none(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(bundle_export, "export_bundle", recorded)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     root = str(write_root(tmp_path / "root", AGX_ORIN_64GB))
-    assert main(["jetson", "build", "--checkpoint", "c", "--out", "o", "--quiet", "--root", root]) == 0
+    out = str(tmp_path / "o")
+    assert main(["jetson", "build", "--checkpoint", CKPT, "--out", out, "--quiet", "--root", root]) == 0
     assert recorded.calls[-1][1]["timing_cache"] == tmp_path / "xdg" / "blockpilot" / "tensorrt-timing.cache"
-    assert main(["jetson", "build", "--checkpoint", "c", "--out", "o", "--timing-cache", "", "--root", root]) == 0
+    assert main(["jetson", "build", "--checkpoint", CKPT, "--out", out, "--timing-cache", "", "--root", root]) == 0
     assert recorded.calls[-1][1]["timing_cache"] is None
 
 
@@ -129,7 +133,7 @@ def test_build_through_the_real_export_refuses_a_foreign_tensorrt(tmp_path: Path
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     # A fake Orin root on this x86 machine: the export's own checks refuse before loading anything (TensorRT proper
     # for sm 8.7 is not here), with a one-line error and exit 2.
-    rc = main(["jetson", "build", "--checkpoint", "c", "--out", str(tmp_path / "b"), "--timing-cache", "", "--quiet",
+    rc = main(["jetson", "build", "--checkpoint", CKPT, "--out", str(tmp_path / "b"), "--timing-cache", "", "--quiet",
                "--root", str(write_root(tmp_path / "orin", AGX_ORIN_64GB))])
     assert rc == 2
     err = capsys.readouterr().err

@@ -105,7 +105,10 @@ def test_cli_refuses_what_the_target_cannot_run(capsys: pytest.CaptureFixture[st
     assert "sm_90" in err and "--allow-emulated" in err
 
 
-def test_cli_quantizes_and_gates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_quantizes_and_gates(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from blockpilot.quant import gate as gate_module
+
     args = ["quantize", "--checkpoint", str(SHIPPED_MODEL), "--recipe", "fp8", "--target", "thor", "--calib", "4",
             "--calib-scenes", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "q"),
             "--gate", "--gate-scenes", "1", "--gate-limit", "8"]
@@ -114,7 +117,13 @@ def test_cli_quantizes_and_gates(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "quality gate" in out and "| L2 (m) UniAD at 3 s |" in out
     gate = json.loads((tmp_path / "q" / "gate" / "gate.json").read_text())
     assert rc == (0 if gate["passed"] else 1) and gate["samples"] > 0
+    # A negative bound is refused before any work, naming the flag.
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--gate-bound", "-1.0"])
+    assert exit_.value.code == 2 and "argument --gate-bound" in capsys.readouterr().err
     # A bound no real change can meet (L2 must shrink by 100 %) fails the gate and the command.
-    assert main([*args, "--gate-bound", "-1.0"]) == 1
+    real_gate = gate_module.run_gate
+    monkeypatch.setattr(gate_module, "run_gate", lambda *a, **k: real_gate(*a, **{**k, "l2_bound": -1.0}))
+    assert main(args) == 1
     assert "FAILED" in capsys.readouterr().out
     assert torch.get_num_threads() == 1

@@ -263,12 +263,12 @@ def test_score_cli_prints_and_writes_the_summary(scene: Scene, source_bag: Path,
 
     recorded = write_path_bag(tmp_path / "run", planned_paths(scene))
     cmd = [sys.executable, "-m", "blockpilot.cli", "ros", "score", "--recorded", str(recorded), "--source",
-           str(source_bag), "--json", str(tmp_path / "score.json")]
+           str(source_bag), "--json-out", str(tmp_path / "score.json")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     printed, written = json.loads(result.stdout), json.loads((tmp_path / "score.json").read_text())
     assert printed["l2_m"] == written["l2_m"] == pytest.approx(direct_l2(scene), abs=1e-9)
-    assert "model" in written and "model" not in printed  # the full breakdown goes to --json only
+    assert "model" in written and "model" not in printed  # the full breakdown goes to --json-out / --json only
     assert written["plans"] == {"messages": 0, "parse_errors": 0, "not_json": 0}  # no plan JSON topic recorded
     bad = subprocess.run([*cmd[:6], str(tmp_path / "missing"), *cmd[7:9]], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

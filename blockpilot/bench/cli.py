@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..atomic_io import atomic_write
+from ..cli_common import add_json_option, existing_dir, positive_int, writable_target
 from .models import DTYPES, MODELS
 from .run import BenchOptions, Report, run_bench
 
@@ -18,6 +20,22 @@ def _names(value: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
     if bad or not names:
         raise argparse.ArgumentTypeError(f"{what}: {bad or value!r} not in {', '.join(allowed)}")
     return names
+
+
+def _threads(value: str) -> str:
+    counts = [t.strip() for t in value.split(",") if t.strip()]
+    if not counts or not all(t.isdigit() and int(t) >= 1 for t in counts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated thread counts >= 1, got {value!r}")
+    return value
+
+
+def _decoders(value: str) -> str:
+    from ..runtime.plan_types import DECODERS
+
+    bad = [d.strip() for d in value.split(",") if d.strip() and d.strip() not in DECODERS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{', '.join(bad)} not in {', '.join(DECODERS)}")
+    return value
 
 
 def _image(value: str) -> tuple[int, int]:
@@ -38,12 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated: fp32, bf16, fp16, fp8 (default: bf16,fp8 on a GPU, fp32,bf16 on a CPU)")
     parser.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda or cpu")
     parser.add_argument("--allow-slow", action="store_true", help="also run the 1.5B / 3B shapes on a CPU")
-    parser.add_argument("--repeats", type=int, default=10, help="timed forwards per measurement (the p50 is kept)")
-    parser.add_argument("--plan-repeats", type=int, default=5, help="timed plans per decoder and backend")
-    parser.add_argument("--threads", default="1,2", help="CPU thread counts to run at (comma-separated)")
-    parser.add_argument("--kv-tokens", type=int, default=1024, help="KV cache slots a block step attends to")
-    parser.add_argument("--block-tokens", type=int, default=32, help="tokens of one block step")
-    parser.add_argument("--decoders", default="ar,block,scaffold",
+    parser.add_argument("--repeats", type=positive_int, default=10,
+                        help="timed forwards per measurement (the p50 is kept)")
+    parser.add_argument("--plan-repeats", type=positive_int, default=5, help="timed plans per decoder and backend")
+    parser.add_argument("--threads", default="1,2", type=_threads, help="CPU thread counts to run at (comma-separated)")
+    parser.add_argument("--kv-tokens", type=positive_int, default=1024, help="KV cache slots a block step attends to")
+    parser.add_argument("--block-tokens", type=positive_int, default=32, help="tokens of one block step")
+    parser.add_argument("--decoders", default="ar,block,scaffold", type=_decoders,
                         help="decoders to plan with on the reference model (empty: no plans)")
     parser.add_argument("--no-transformers", dest="hf", action="store_false",
                         help="skip transformers generate")
@@ -55,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default="504x896", type=_image,
                         help="HEIGHTxWIDTH of the camera image the 3b plan estimate's vision tower encodes")
     parser.add_argument("--out", default="runs/bench/bench.json", help="JSON report path")
+    add_json_option(parser)
     sub = parser.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
     scale = sub.add_parser("scale", help="every stage (load, plan, quantize, export, engines, bundle, eval, ROS) on a "
                                          "random-weight checkpoint of a published shape: wall time and peak RSS")
@@ -152,10 +172,18 @@ def run(args: argparse.Namespace) -> int:
         from .scale_cli import run as run_scale_command
 
         return run_scale_command(args)
+    if args.checkpoint:
+        existing_dir("--checkpoint", args.checkpoint, holding="config.json")
+    writable_target("--out", args.out)
     opts = options_from(args)
-    report = run_bench(opts, log=lambda line: print(line, flush=True),
+    log = sys.stderr if args.json else sys.stdout  # --json: stdout holds the report's JSON alone
+    report = run_bench(opts, log=lambda line: print(line, file=log, flush=True),
                        progress=lambda partial: write_report(partial, args.out))
-    print()
-    print(format_report(report), end="")
-    print(f"report: {write_report(report, args.out)}")
+    path = write_report(report, args.out)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print()
+        print(format_report(report), end="")
+        print(f"report: {path}")
     return 1 if report.failed else 0

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import BlockpilotError
+
 REFERENCE_TOKENIZER = Path(__file__).resolve().parents[2] / "models" / "reference" / "tokenizer.json"
 REGULAR_VOCAB = 151643
 EMBEDDING_ROWS = 151936
@@ -31,7 +33,7 @@ ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = (
 MASK_ID, ENDOFTEXT_ID, IM_END_ID = 151665, 151643, 151645
 
 
-class PublishedLayoutError(RuntimeError):
+class PublishedLayoutError(BlockpilotError, RuntimeError):
     """A published-layout file could not be written (missing reference tokenizer, bad dimensions)."""
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import BlockpilotError
 from ..runtime.backend import Backend, Prompt
 from ..vla.config import LMConfig
 from ..vla.model import VLAModel
@@ -40,7 +41,7 @@ from .models import DTYPES, MODELS, forward_bytes, hf_twin, random_model
 Log = Callable[[str], None]
 
 
-class BenchError(ValueError):
+class BenchError(BlockpilotError, ValueError):
     """A bench that cannot run as asked (unknown model or dtype, no such device)."""
 
 

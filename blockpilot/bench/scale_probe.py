@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import BlockpilotError
 from ..vla.dtypes import add_dtype_option
 
 RESULT_PREFIX = "SCALE_RESULT "
@@ -69,7 +70,7 @@ def _observation(config: Any) -> Any:
     return Observation(images=images, ego=ego, route_command=ROUTE_COMMANDS[1])
 
 
-class _Budget(Exception):
+class _Budget(BlockpilotError):
     """Raised by the counting wrapper once the plan has made its budget of block steps."""
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic_io import atomic_dir
+from ..errors import BlockpilotError
 from ..eval.types import EvalSample, ImageArray, SampleError, SampleFailure, Source, Trajectory
 from ..runtime.plan_types import Observation
 from ..vla.prompt import ROUTE_COMMANDS, EgoState
@@ -42,7 +43,7 @@ _LOAD_ERRORS = (SampleError, OSError, ValueError)
 _TEXT_FIELDS = {"sample_ids": "sample_id", "sources": "source", "commands": "route_command", "speed_bins": "speed_bin"}
 
 
-class CalibrationError(ValueError):
+class CalibrationError(BlockpilotError, ValueError):
     """A calibration set cannot be built as asked; the message names the source and the counts."""
 
 
@@ -281,7 +282,7 @@ def build_calibration_set(source: Source, size: int, *, cache_dir: str | Path | 
     return CalibrationSet(tuple(samples), manifest, where if stored else None, rebuilt_reason=reason)
 
 
-class _StaleCache(Exception):
+class _StaleCache(BlockpilotError):
     """A cached set that must not be used; the message says why."""
 
 

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from ..cli_common import UserError, add_json_option, emit, existing_dir, existing_path, fraction, positive_int
 from .replay import (
     SOURCES,
     EvalUsageError,
@@ -16,19 +16,12 @@ from .replay import (
     parse_cameras,
     run_header,
 )
-from .types import DatasetError, Source
+from .types import Source
 
 DECODERS = ("ar", "ar_free", "block", "scaffold", "rollouts")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+__all__ = ["positive_int"]  # re-exported for the command modules that took it from here
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="model checkpoint dir (config.json, safetensors, tokenizer.json)")
     parser.add_argument("--bundle", help="exported bundle dir (verified, run on ONNX Runtime) instead of --checkpoint")
     parser.add_argument("--decoder", default="scaffold", choices=DECODERS, help="decoder (default: scaffold)")
-    parser.add_argument("--threshold", type=float, default=None, help="decoder confidence threshold")
+    parser.add_argument("--threshold", type=fraction, default=None, help="decoder confidence threshold (0 to 1)")
     parser.add_argument("--rollouts", type=positive_int, default=4, help="trajectories for --decoder rollouts")
     parser.add_argument("--out", default="runs/eval", help="run directory: results.jsonl and report/")
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N samples")
@@ -48,12 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..vla.dtypes import add_dtype_option
 
     add_dtype_option(parser)  # with --checkpoint; a bundle runs in the dtype it was exported in
-    parser.add_argument("--max-prompt-tokens", type=int, default=None,
+    parser.add_argument("--max-prompt-tokens", type=positive_int, default=None,
                         help="prompt budget of the KV cache (default: the checkpoint's image policy times the "
                              "cameras; with --bundle at most what its export holds)")
     from ..vla.schema_io import add_schema_option
 
     add_schema_option(parser)
+    add_json_option(parser)
     nus = parser.add_argument_group("nuScenes")
     nus.add_argument("--version", default="auto", help="table folder, e.g. v1.0-trainval (default: the only one)")
     nus.add_argument("--frame", default="ego", choices=["ego", "lidar"],
@@ -72,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     compare.add_argument("run_a", help="run directory or results.jsonl (baseline)")
     compare.add_argument("run_b", help="run directory or results.jsonl (candidate)")
     compare.add_argument("--out", dest="compare_out", default=None, help="write compare.md / compare.json here")
+    add_json_option(compare)
 
 
 def build_source(args: argparse.Namespace) -> Source:
@@ -84,20 +79,38 @@ def build_source(args: argparse.Namespace) -> Source:
                        route_topic=args.route_topic)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse before any work: the model, the dataset and the run directory, each named by its flag."""
+    if bool(args.checkpoint) == bool(args.bundle):
+        raise EvalUsageError("pass exactly one of --checkpoint (torch) and --bundle (ONNX Runtime)")
+    if not args.source or not args.dataroot:
+        raise EvalUsageError("--source and --dataroot are required")
+    if args.checkpoint:
+        existing_dir("--checkpoint", args.checkpoint, holding="config.json")
+    else:
+        existing_dir("--bundle", args.bundle, holding="manifest.json")
+    existing_path("--dataroot", args.dataroot)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out}: exists and is a file; --out is the run directory (results.jsonl, "
+                        "report/): give a directory")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.eval_command == "compare":
         from .compare import compare_runs, format_comparison
 
+        if args.compare_out and Path(args.compare_out).is_file():
+            raise UserError(f"--out {args.compare_out}: exists and is a file; give a directory for compare.md")
         result = compare_runs(args.run_a, args.run_b, out_dir=args.compare_out)
-        print(format_comparison(result))
+        emit(args, result, format_comparison(result))
         return 0
-    if bool(args.checkpoint) == bool(args.bundle):
-        raise EvalUsageError("pass exactly one of --checkpoint (torch) and --bundle (ONNX Runtime)")
     if args.bundle and getattr(args, "schema", None):
         raise EvalUsageError("--schema applies to --checkpoint; a bundle decodes with the schema it was exported with")
     if args.bundle and args.dtype != "auto":
         raise EvalUsageError(f"--dtype {args.dtype} applies to --checkpoint; a bundle runs in the dtype it was "
                              "exported in")
+    check_arguments(args)
     source = build_source(args)
     from ..runtime.plan_types import DecoderSettings
 
@@ -124,13 +137,12 @@ def run(args: argparse.Namespace) -> int:
     header["backend"] = "onnxruntime" if args.bundle else "torch"
     if not args.bundle:
         header["dtype"] = getattr(planner.backend, "dtype", None)  # what auto resolved to; a resume must match it
-    return evaluate_and_report(planner, source, Path(args.out), header=header, limit=args.limit,
-                               overwrite=args.overwrite, progress=not args.no_progress)
+    code = evaluate_and_report(planner, source, Path(args.out), header=header, limit=args.limit,
+                               overwrite=args.overwrite, progress=not args.no_progress, quiet=args.json)
+    if args.json:
+        from .evaluator import REPORT_DIR
+
+        print((Path(args.out) / REPORT_DIR / "metrics.json").read_text(), end="")
+    return code
 
 
-def report_error(exc: Exception) -> int:
-    print(f"blockpilot eval: error: {exc}", file=sys.stderr)
-    return 2
-
-
-USER_ERRORS: tuple[type[Exception], ...] = (EvalUsageError, DatasetError)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic_io import atomic_write
+from ..errors import BlockpilotError
 from .records import read_results
 from .report import fmt
 from .summary import ADE_HORIZONS_S, HORIZONS_S, hkey, num, summarize
@@ -22,15 +23,22 @@ RESULTS_NAME = "results.jsonl"
 SCORED = ("ok", "parse_error")
 
 
+class CompareError(BlockpilotError, ValueError):
+    """Two runs that cannot be compared: one is missing, or they scored no sample in common. ``blockpilot eval
+    compare`` exits 1 (like a failed check), not 2: the invocation was fine, the runs hold nothing to compare."""
+
+    exit_code = 1
+
+
 def resolve_results(path: str | Path) -> Path:
     """The results file of a run directory (``results.jsonl`` in it) or the file itself."""
     p = Path(path)
     if p.is_dir():
         if not (p / RESULTS_NAME).is_file():
-            raise ValueError(f"{p}: run directory has no {RESULTS_NAME}")
+            raise CompareError(f"{p}: run directory has no {RESULTS_NAME}")
         return p / RESULTS_NAME
     if not p.is_file():
-        raise ValueError(f"{p}: no such results file or run directory")
+        raise CompareError(f"{p}: no such results file or run directory")
     return p
 
 
@@ -87,11 +95,15 @@ def _rows(sa: dict[str, Any], sb: dict[str, Any]) -> list[dict[str, Any]]:
 def compare_runs(a_dir_or_results: str | Path, b_dir_or_results: str | Path,
                  out_dir: str | Path | None = None) -> dict[str, Any]:
     """Compare run B against run A on their common scored samples; with ``out_dir``, also write
-    ``compare.md`` and ``compare.json`` there. Raises ``ValueError`` naming a run without results."""
+    ``compare.md`` and ``compare.json`` there. Raises :class:`CompareError` naming a run without results, or when
+    the runs scored no sample in common."""
     paths = resolve_results(a_dir_or_results), resolve_results(b_dir_or_results)
     (ha, ra), (hb, rb) = read_results(paths[0]), read_results(paths[1])
     ia, ib = _by_id(ra), _by_id(rb)
     common = [sid for sid in ia if sid in ib]
+    if not common:
+        raise CompareError(f"{paths[0]} ({len(ia)} scored of {len(ra)}) and {paths[1]} ({len(ib)} scored of "
+                           f"{len(rb)}) have no scored sample in common: nothing to compare")
     paired = {sid for sid in common if _has_model(ia[sid]) and _has_model(ib[sid])}
 
     def subset(by_id: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

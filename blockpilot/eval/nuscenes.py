@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import BlockpilotError
 from ..geometry import Pose, matrix_yaw, quarter_turn, rot_z
 from ..vla.prompt import EgoState
 from .nuscenes_tables import field, find_version, load_table, read_can_pose, read_image
@@ -61,7 +62,7 @@ STP3_OFFSET_M = 0.5  # ST-P3 puts the ego footprint's centre this far ahead of t
 Row = dict[str, Any]
 
 
-class _Skip(Exception):
+class _Skip(BlockpilotError):
     """A sample left out by design (too little history)."""
 
 

@@ -35,11 +35,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..errors import BlockpilotError
+
 STATUSES = ("ok", "parse_error", "failed", "skipped")
 FINISHED = frozenset(STATUSES)
 
 
-class ResultsFileError(ValueError):
+class ResultsFileError(BlockpilotError, ValueError):
     """A results file cannot be used (corrupt line, header for different settings); names the file and line."""
 
 

@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import BlockpilotError
 from .types import Source
 
 SOURCES = ("nuscenes", "wod", "mcap")
 
 
-class EvalUsageError(ValueError):
+class EvalUsageError(BlockpilotError, ValueError):
     """A bad ``blockpilot eval`` invocation (missing option, unknown source)."""
 
 

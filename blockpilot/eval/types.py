@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import BlockpilotError
 from ..vla.prompt import EgoState
 
 FloatArray = npt.NDArray[np.float64]
@@ -35,11 +36,11 @@ def route_command_from_future(xy: npt.ArrayLike, valid: npt.ArrayLike) -> str:
     return "turn left" if left >= TURN_THRESHOLD_M else "turn right" if left <= -TURN_THRESHOLD_M else "go straight"
 
 
-class DatasetError(ValueError):
+class DatasetError(BlockpilotError, ValueError):
     """A source cannot be read at all (missing dataroot, table, index, bag); the message names the file."""
 
 
-class SampleError(ValueError):
+class SampleError(BlockpilotError, ValueError):
     """One sample cannot be used (missing or corrupt image, broken record, non-finite pose); the
     message names the file, record or field. The evaluator records it and goes on."""
 

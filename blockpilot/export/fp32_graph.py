@@ -22,12 +22,14 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import BlockpilotError
+
 LOW_TYPES = (10, 16)  # TensorProto.FLOAT16, TensorProto.BFLOAT16
 FLOAT = 1  # TensorProto.FLOAT
 SYMBOLIC_SCALARS = (math.sqrt(2.0), 1.0 / math.sqrt(2.0), math.sqrt(2.0 / math.pi), 0.044715)
 
 
-class Float32GraphError(ValueError):
+class Float32GraphError(BlockpilotError, ValueError):
     """A traced graph cannot be widened to float32 (control flow, an unreadable tensor); names the graph."""
 
 

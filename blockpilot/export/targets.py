@@ -22,11 +22,16 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from ..errors import BlockpilotError
+
 ATTENTION_ROUTES = ("decomposed", "native", "plugin")
+# Recipes whose graphs a bundle carries (standard FP8 Q/DQ). NVFP4 / W4A8 graphs keep modelopt's custom nodes, which
+# neither ONNX Runtime nor TensorRT-RTX runs, and INT8 SmoothQuant graphs are not exported yet.
+EXPORTABLE_RECIPES = ("fp8",)
 NATIVE_MIN_TENSORRT = (10, 14)  # IAttention and the ONNX Attention op arrived in TensorRT 10.14
 
 
-class EngineTargetError(ValueError):
+class EngineTargetError(BlockpilotError, ValueError):
     """An engine target that is unknown, or that this machine's TensorRT cannot build."""
 
 
@@ -59,6 +64,8 @@ ENGINE_TARGETS: MappingProxyType[str, EngineTarget] = MappingProxyType({
                          "H100 box with TensorRT 10.14+ / 11, built on the H100"),
 })
 ALIASES = MappingProxyType({"rtx-ada": "rtx"})
+# ``--target cpu`` builds no engine: the bundle's ONNX Runtime graphs run on the CPU (quantize's ``cpu`` target).
+CPU_TARGET = "cpu"
 
 
 def resolve_engine_target(name: str) -> EngineTarget:
@@ -134,3 +141,30 @@ def current_compute_capability() -> str | None:
         return f"{major}.{minor}"
     except Exception:  # a broken driver means no GPU to build for
         return None
+
+
+def check_export_request(target: str | None, recipe: str | None) -> tuple[str, ...]:
+    """``blockpilot export --target T1,T2 --recipe R``, checked before anything loads: known target names (those of
+    ``quantize --target`` too), the recipe against each target's precision gate, and a recipe a bundle can carry.
+    Returns the engine target names (``cpu`` builds none). Errors name the flags."""
+    from ..cli_common import UserError, about
+
+    names = tuple(t.strip() for t in (target or "").split(",") if t.strip())
+    if target is not None and not names:
+        raise UserError("--target: give at least one target name")
+    with about("--target"):
+        gates = [CPU_TARGET if name.lower() == CPU_TARGET else resolve_engine_target(name).gate for name in names]
+    if recipe is not None:
+        from ..quant.recipes import resolve_recipe
+        from ..quant.targets import check_recipe
+
+        with about("--recipe"):
+            resolved = resolve_recipe(recipe)
+            for gate in gates:
+                check_recipe(resolved, gate)
+        if recipe not in EXPORTABLE_RECIPES:
+            raise UserError(f"--recipe {recipe}: bundles carry {', '.join(EXPORTABLE_RECIPES)} graphs today (NVFP4 / "
+                            "W4A8 graphs hold modelopt's custom nodes, which neither ONNX Runtime nor TensorRT-RTX "
+                            "runs; INT8 SmoothQuant graphs are not exported yet); `blockpilot quantize` runs every "
+                            "recipe for an accuracy study")
+    return tuple(name for name in names if name.lower() != CPU_TARGET)

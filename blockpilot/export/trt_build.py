@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic_io import atomic_write
+from ..errors import BlockpilotError
 from ..formats.onnx_spec import graph_has_typed_slots
 from ..trt.compat import TensorRT, load_tensorrt
 from ..trt.compat import TrtUnavailableError as TrtUnavailableError  # moved to blockpilot.trt; re-exported here
@@ -29,11 +30,11 @@ Shape = Sequence[int]
 Profiles = Mapping[str, tuple[Shape, Shape, Shape]]
 
 
-class PluginGraphError(ValueError):
+class PluginGraphError(BlockpilotError, ValueError):
     """The graph holds nodes in a non-standard ONNX domain (plugin layers) that this TensorRT cannot build."""
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(BlockpilotError, RuntimeError):
     """Parsing or building failed; the message carries the parser's errors or points at the TensorRT log."""
 
 

@@ -23,6 +23,7 @@ from blockpilot.formats.file_hash import sha256_file
 from blockpilot.formats.onnx_external import check_bundle_graphs, graph_files
 
 from ..atomic_io import atomic_write, replace_dir, staging_dir
+from ..errors import BlockpilotError
 
 FORMAT = "blockpilot-bundle"
 FORMAT_VERSION = 1
@@ -38,7 +39,7 @@ TOOL_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "tensorrt_rtx": ("tensorrt-rtx", "tensorrt-rtx-cu13", "tensorrt-rtx-cu12")}
 
 
-class BundleError(ValueError):
+class BundleError(BlockpilotError, ValueError):
     """A bundle that cannot be written or loaded as asked; the message names the file."""
 
 

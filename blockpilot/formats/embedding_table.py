@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import BlockpilotError
 from .onnx_tensor import TensorLocationError, find_initializer, initializers, map_initializer, to_float32
 
 LAYOUTS = ("rows", "columns")
@@ -30,7 +31,7 @@ class RowBlocks(Protocol):
     def __getitem__(self, rows: slice) -> npt.NDArray[np.float32]: ...
 
 
-class EmbeddingError(ValueError):
+class EmbeddingError(BlockpilotError, ValueError):
     """An export's embedding table is missing or does not match its spec; names the file and the tensor."""
 
 

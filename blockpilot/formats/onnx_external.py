@@ -14,8 +14,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from ..errors import BlockpilotError
 
-class ExternalDataError(ValueError):
+
+class ExternalDataError(BlockpilotError, ValueError):
     """A graph references external data that is missing, outside its directory or too short; names both files."""
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import BlockpilotError
 from .onnx_external import _GRAPH_INIT, _MODEL_GRAPH, ExternalDataError, _fields, _tensor, _varint
 
 _TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_RAW = 1, 2, 9
@@ -22,7 +23,7 @@ _TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_RAW = 1, 2, 9
 FLOAT_TYPES = {1: "float32", 10: "float16", 16: "bfloat16"}
 
 
-class TensorLocationError(ValueError):
+class TensorLocationError(BlockpilotError, ValueError):
     """An initializer is missing from a graph, stored in a form that cannot be mapped, or its bytes are short."""
 
 

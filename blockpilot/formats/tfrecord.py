@@ -17,13 +17,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
+from ..errors import BlockpilotError
+
 _POLY = 0x82F63B78
 _MASK_DELTA = 0xA282EAD8
 _HEADER = 12  # length (8) + its CRC (4)
 _FOOTER = 4  # data CRC
 
 
-class TFRecordError(ValueError):
+class TFRecordError(BlockpilotError, ValueError):
     """One record of a TFRecord file is broken; the message names the file and the record index."""
 
     def __init__(self, path: str | Path, index: int, problem: str) -> None:

@@ -13,13 +13,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..errors import BlockpilotError
 from .tegrastats import TegrastatsRecorder, TegrastatsSummary
 
 STAGES = ("prompt", "vision", "prefill", "decode", "parse", "total")
 PERCENTILES = (50, 90, 99)
 
 
-class JetsonBenchError(ValueError):
+class JetsonBenchError(BlockpilotError, ValueError):
     """A benchmark that cannot run as asked."""
 
 

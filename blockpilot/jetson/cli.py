@@ -11,7 +11,16 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from ..atomic_io import atomic_write
+from ..cli_common import (
+    JSON_HELP,
+    add_json_option,
+    emit,
+    existing_dir,
+    non_negative_int,
+    positive_int,
+    writable_target,
+)
+from ..errors import BlockpilotError
 from .power import STATE_FILE, PowerControl
 
 DECODERS = ("ar", "ar_free", "block", "scaffold", "rollouts")
@@ -19,7 +28,7 @@ NOT_A_JETSON = ("not a Jetson (no NVIDIA Tegra device tree under {root}); on a w
                 "engines ahead of time with `blockpilot export --target rtx`")
 
 
-class JetsonUsageError(ValueError):
+class JetsonUsageError(BlockpilotError, ValueError):
     """A ``blockpilot jetson`` action that cannot run here (for example a device build off-Jetson)."""
 
 
@@ -33,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     info.add_argument("--root", default="/", help=root_help)
     info.add_argument("--checkpoint", default="CHECKPOINT_DIR", help="checkpoint shown in the export command")
     info.add_argument("--out", default="BUNDLE_DIR", help="bundle shown in the export command")
-    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.add_argument("--json", action="store_true", help=JSON_HELP)
 
     build = sub.add_parser("build", help="build this Jetson's engines on the device (blockpilot export with the "
                                          "platform's target, recipe and attention route)")
@@ -41,11 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--out", required=True, help="bundle directory to create")
     build.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
     build.add_argument("--with-weights", action="store_true", help="also copy the safetensors (torch backend)")
-    build.add_argument("--calib", type=int, default=32, help="calibration samples for a quantized recipe (Thor fp8)")
-    build.add_argument("--max-prompt-tokens", type=int, default=None,
+    build.add_argument("--calib", type=positive_int, default=32,
+                       help="calibration samples for a quantized recipe (Thor fp8)")
+    build.add_argument("--max-prompt-tokens", type=positive_int, default=None,
                        help="prompt budget the KV cache is sized for (default: the checkpoint's image policy for "
                             "--cameras frames)")
-    build.add_argument("--cameras", type=int, default=1, help="camera frames per prompt the bundle is sized for")
+    build.add_argument("--cameras", type=positive_int, default=1,
+                       help="camera frames per prompt the bundle is sized for")
     build.add_argument("--timing-cache", default=None,
                        help="TensorRT timing cache (default ~/.cache/blockpilot/tensorrt-timing.cache; '' for none)")
     build.add_argument("--root", default="/", help=root_help)
@@ -70,30 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..vla.dtypes import add_dtype_option
 
     add_dtype_option(bench)
-    bench.add_argument("--threads", type=int, default=1, help="CPU threads of the ONNX Runtime backend")
+    bench.add_argument("--threads", type=positive_int, default=1, help="CPU threads of the ONNX Runtime backend")
     bench.add_argument("--decoder", default="scaffold", choices=DECODERS, help="decoder (default: scaffold)")
-    bench.add_argument("--samples", type=int, default=20, help="timed plans, one held-out observation each")
-    bench.add_argument("--warmup", type=int, default=2, help="untimed plans first (CUDA graphs, caches)")
+    bench.add_argument("--samples", type=positive_int, default=20, help="timed plans, one held-out observation each")
+    bench.add_argument("--warmup", type=non_negative_int, default=2, help="untimed plans first (CUDA graphs, caches)")
     bench.add_argument("--tegrastats", action="store_true", help="record tegrastats over the timed window")
-    bench.add_argument("--interval-ms", type=int, default=100, help="tegrastats sampling interval")
-    bench.add_argument("--json", default=None, help="also write the result as JSON here")
+    bench.add_argument("--interval-ms", type=positive_int, default=100, help="tegrastats sampling interval")
+    add_json_option(bench, file_help="also write the result as JSON here (was --json PATH)")
     bench.add_argument("--root", default="/", help=root_help)
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """The errors ``run`` raises that are the user's to fix (reported as one line, exit 2)."""
-    from ..export.targets import EngineTargetError
-    from ..export.trt_build import TrtUnavailableError
-    from ..formats.bundle import BundleError
-    from .bench import JetsonBenchError
-    from .commands import CommandError, ToolMissingError
-    from .platform import PlatformError
-    from .power import PowerError
-    from .profiles import ProfileError
-    from .tegrastats import TegrastatsError
-
-    return (JetsonUsageError, PlatformError, ProfileError, PowerError, CommandError, ToolMissingError, JetsonBenchError,
-            TegrastatsError, EngineTargetError, TrtUnavailableError, BundleError)
 
 
 def power_control() -> PowerControl:
@@ -135,19 +130,16 @@ def _info(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from ..export.bundle_export import export_bundle
     from ..export.progress import StageProgress
-    from ..quant.recipes import RecipeError
-    from ..quant.targets import TargetError
     from .profiles import check_gate, default_timing_cache, engine_profile
 
     platform = _detect(args.root)
     if platform is None:
         raise JetsonUsageError("jetson build runs on the Jetson itself (TensorRT builds for the GPU it runs on); "
                                + NOT_A_JETSON.format(root=args.root))
+    existing_dir("--checkpoint", args.checkpoint, holding="config.json")
+    writable_target("--out", args.out, overwrite=args.overwrite, directory=True)
     profile = engine_profile(platform)
-    try:
-        check_gate(profile)
-    except (RecipeError, TargetError) as exc:
-        raise JetsonUsageError(str(exc)) from None
+    check_gate(profile)
     cache = default_timing_cache() if args.timing_cache is None else args.timing_cache
     if cache:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
@@ -193,11 +185,15 @@ def _power(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from ..runtime.plan_types import DecoderSettings
-    from .bench import JetsonBenchError, heldout_observations, run_jetson_bench
+    from .bench import heldout_observations, run_jetson_bench
     from .tegrastats import TegrastatsRecorder
 
-    if args.samples < 1 or args.warmup < 0:
-        raise JetsonBenchError("--samples must be at least 1 and --warmup at least 0")
+    if args.bundle:
+        existing_dir("--bundle", args.bundle, holding="manifest.json")
+    else:
+        existing_dir("--checkpoint", args.checkpoint, holding="config.json")
+    if args.json_out:
+        writable_target("--json-out", args.json_out)
     platform = _detect(args.root)
     settings = DecoderSettings(name=args.decoder)
     if args.bundle:
@@ -221,10 +217,8 @@ def _bench(args: argparse.Namespace) -> int:
         else:
             recorder = TegrastatsRecorder(args.interval_ms)
     result = run_jetson_bench(planner, heldout_observations(args.samples), warmup=args.warmup, recorder=recorder,
-                              recorder_note=note, describe=describe, platform=platform.to_dict() if platform else None)
-    print(result.table())
-    if args.json:
-        atomic_write(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
+                       recorder_note=note, describe=describe, platform=platform.to_dict() if platform else None)
+    emit(args, result.to_dict(), result.table())
     return 0
 
 

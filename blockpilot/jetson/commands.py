@@ -7,8 +7,10 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..errors import BlockpilotError
 
-class ToolMissingError(FileNotFoundError):
+
+class ToolMissingError(BlockpilotError, FileNotFoundError):
     """A board tool is not installed (or not on ``PATH``): this is not a Jetson, or JetPack is incomplete."""
 
     def __init__(self, tool: str, hint: str = "") -> None:
@@ -17,7 +19,7 @@ class ToolMissingError(FileNotFoundError):
                          + (f" ({hint})" if hint else ""))
 
 
-class CommandError(RuntimeError):
+class CommandError(BlockpilotError, RuntimeError):
     """A board tool ran and failed; the message carries the command line, its exit status and its output."""
 
     def __init__(self, result: CommandResult) -> None:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from ..errors import BlockpilotError
 from .commands import Runner, ToolMissingError, run_command
 
 NV_TEGRA_RELEASE = "etc/nv_tegra_release"
@@ -26,7 +27,7 @@ CUDA_VERSION_JSON = "usr/local/cuda/version.json"
 PACKAGES = ("nvidia-jetpack", "libnvinfer10", "nvidia-l4t-core")
 
 
-class PlatformError(ValueError):
+class PlatformError(BlockpilotError, ValueError):
     """The platform cannot be identified as asked."""
 
 

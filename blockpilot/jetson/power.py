@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic_io import atomic_write
+from ..errors import BlockpilotError
 from .commands import CommandError, Runner, ToolMissingError, run_command
 
 NVPMODEL_CONF = Path("/etc/nvpmodel.conf")
 STATE_FILE = Path("/var/lib/blockpilot/power-state.json")
 
 
-class PowerError(RuntimeError):
+class PowerError(BlockpilotError, RuntimeError):
     """A power-mode operation that failed; the message says which and why."""
 
 

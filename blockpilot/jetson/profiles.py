@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from ..errors import BlockpilotError
 from ..export.targets import ENGINE_TARGETS, EngineTarget, attention_route
 from .platform import JetsonPlatform
 
@@ -31,7 +32,7 @@ def default_timing_cache() -> str:
     return str(Path(base) / "blockpilot" / "tensorrt-timing.cache")
 
 
-class ProfileError(ValueError):
+class ProfileError(BlockpilotError, ValueError):
     """No engine profile for this platform."""
 
 

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from ..errors import BlockpilotError
+
 _RAM = re.compile(r"\bRAM (\d+)/(\d+)MB")
 _SWAP = re.compile(r"\bSWAP (\d+)/(\d+)MB")
 _CPU = re.compile(r"\bCPU \[([^\]]*)\]")
@@ -34,7 +36,7 @@ OFF_SENSOR_C = -200.0  # below this a reading is a powered-off sensor (tegrastat
 UNCONNECTED_RAILS = frozenset({"NC"})
 
 
-class TegrastatsError(RuntimeError):
+class TegrastatsError(BlockpilotError, RuntimeError):
     """tegrastats is missing, or a line is not a tegrastats line."""
 
 

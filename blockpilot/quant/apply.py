@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..atomic_io import atomic_open, atomic_write
+from ..errors import BlockpilotError
 from .emulation import emulation_active, enable_cpu_nvfp4_emulation
 
 STATE_FILE = "modelopt_state.pth"
@@ -35,7 +36,7 @@ _FLOAT_NAMES: dict[tuple[int, ...], str] = {
 _MX_NAMES: dict[tuple[int, ...], str] = {(4, 3): "mxfp8", (2, 1): "mxfp4", (3, 2): "mxfp6", (2, 3): "mxfp6_e2m3"}
 
 
-class QuantizedCheckpointError(ValueError):
+class QuantizedCheckpointError(BlockpilotError, ValueError):
     """A saved quantized model cannot be restored; the message names the file."""
 
 

@@ -10,16 +10,26 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic_io import atomic_write
+from ..cli_common import (
+    UserError,
+    existing_dir,
+    existing_path,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    writable_target,
+)
 from ..progress_bars import is_terminal
 
 RECIPE_NAMES = ("fp8", "nvfp4", "w4a8", "int8_sq", "mixed", "auto")
-TARGET_NAMES = ("cpu", "orin", "thor", "h100", "rtx-ada")
+# quant.targets.TARGETS and its ALIASES (the export target names), torch-free for --help; a test keeps them in step.
+TARGET_NAMES = ("cpu", "orin", "thor", "h100", "rtx-ada", "rtx", "rtx-blackwell")
 SOURCES = ("synthetic", "nuscenes", "wod", "mcap")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..eval.cli import positive_int
-
     parser.add_argument("--checkpoint", required=True, help="full-precision checkpoint dir")
     parser.add_argument("--recipe", required=True, choices=RECIPE_NAMES)
     parser.add_argument("--target", default="cpu", choices=TARGET_NAMES,
@@ -30,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     knobs.add_argument("--vision", default=None, help="vision tower format (fp8, nvfp4, int8_sq, none)")
     knobs.add_argument("--first-last-layers", default=None, help="format of the first and last decoder layer")
     knobs.add_argument("--kv-cache", default=None, choices=["fp8"], help="FP8 KV cache")
-    knobs.add_argument("--effective-bits", type=float, default=None, help="auto: weight-bits budget (default 6.0)")
+    knobs.add_argument("--effective-bits", type=positive_float, default=None,
+                       help="auto: weight-bits budget (default 6.0)")
     calib = parser.add_argument_group("calibration")
     calib.add_argument("--calib", type=positive_int, default=64, help="calibration samples (default 64)")
     calib.add_argument("--calib-mode", default="teacher", choices=["teacher", "decode"],
@@ -41,12 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calib.add_argument("--calib-scenes", type=positive_int, default=8, help="generated scenes for synthetic")
     calib.add_argument("--cache-dir", default=None, help="calibration cache (default ~/.cache/blockpilot)")
     parser.add_argument("--sensitivity", action="store_true", help="write a per-group sensitivity report")
-    parser.add_argument("--keep-sensitive", type=int, default=0,
+    parser.add_argument("--keep-sensitive", type=non_negative_int, default=0,
                         help="with --sensitivity: the K most sensitive groups go to fp8 (auto: out of the search)")
     gate = parser.add_argument_group("quality gate")
     gate.add_argument("--gate", action="store_true", help="replay fp32 and quantized; fail on a quality drop")
-    gate.add_argument("--gate-bound", type=float, default=0.05, help="allowed relative L2@3s growth (default 0.05)")
-    gate.add_argument("--gate-parse-drop", type=float, default=0.0, help="allowed parse-rate drop (default 0)")
+    gate.add_argument("--gate-bound", type=non_negative_float, default=0.05,
+                      help="allowed relative L2@3s growth (default 0.05)")
+    gate.add_argument("--gate-parse-drop", type=fraction, default=0.0,
+                      help="allowed parse-rate drop, 0 to 1 (default 0)")
     gate.add_argument("--gate-source", default="synthetic", choices=SOURCES)
     gate.add_argument("--gate-dataroot", default=None, help="dataset for --gate-source nuscenes/wod/mcap")
     gate.add_argument("--gate-scenes", type=positive_int, default=4, help="held-out generated scenes for synthetic")
@@ -89,7 +102,26 @@ def _source(kind: str, dataroot: str | None, scenes: int, what: str, heldout_dir
     return NuScenesSource(heldout_dir)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse before any work (calibration and the gate take minutes): paths and pairings, named by their flags."""
+    existing_dir("--checkpoint", args.checkpoint, holding="config.json")
+    for what in ("calib", "gate"):
+        source, dataroot = getattr(args, f"{what}_source"), getattr(args, f"{what}_dataroot")
+        if what == "gate" and not args.gate:
+            continue
+        if source != "synthetic" and not dataroot:
+            raise UserError(f"--{what}-source {source} needs --{what}-dataroot")
+        if dataroot:
+            existing_path(f"--{what}-dataroot", dataroot)
+    writable_target("--out", args.out or f"runs/quant/{args.recipe}", directory=True)
+    if args.cache_dir:
+        writable_target("--cache-dir", args.cache_dir, directory=True)
+    if args.keep_sensitive and not args.sensitivity:
+        raise UserError("--keep-sensitive goes with --sensitivity")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     from ..eval.replay import driving_schema
     from ..runtime.plan_types import DecoderSettings
     from .pipeline import QUANTIZED_DIR, load_planner, quantize_checkpoint

@@ -32,6 +32,8 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import BlockpilotError
+
 NONE = "none"
 AUTO = "auto"  # the precision map's value for a module an auto recipe leaves to the search
 LAST = "{last}"
@@ -39,7 +41,7 @@ PROTECTED = ("lm.lm_head", "lm.embed_tokens", "visual.patch_embed.*")
 KV_PROJECTIONS = ("*.k_proj", "*.v_proj")
 
 
-class RecipeError(ValueError):
+class RecipeError(BlockpilotError, ValueError):
     """An unknown recipe, knob or format, or a recipe that cannot be built as asked."""
 
 

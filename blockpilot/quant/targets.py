@@ -14,12 +14,13 @@ from types import MappingProxyType
 
 from torch import nn
 
+from ..errors import BlockpilotError
 from .recipes import AUTO, FORMATS, KV_PROJECTIONS, NONE, Recipe, as_module_names
 
 _SHOWN = 4  # modules named per offending format in a refusal
 
 
-class TargetError(ValueError):
+class TargetError(BlockpilotError, ValueError):
     """An unknown deployment target."""
 
 
@@ -65,13 +66,20 @@ TARGETS: Mapping[str, Target] = MappingProxyType({
 })
 
 
+# The engine target names of ``blockpilot export --target`` (blockpilot.export.targets) whose gate has another name
+# here, so ``quantize`` and ``export`` accept the same target names (a test keeps the two lists in step).
+ALIASES: Mapping[str, str] = MappingProxyType({"rtx": "rtx-ada", "rtx-blackwell": "rtx-ada"})
+
+
 def resolve_target(name: str | Target) -> Target:
-    """The :class:`Target` called ``name`` (case-insensitive); a :class:`TargetError` lists the targets."""
+    """The :class:`Target` called ``name`` (case-insensitive; an export target name resolves to its gate); a
+    :class:`TargetError` lists the targets."""
     if isinstance(name, Target):
         return name
-    target = TARGETS.get(name.strip().lower()) if isinstance(name, str) else None
+    key = name.strip().lower() if isinstance(name, str) else ""
+    target = TARGETS.get(ALIASES.get(key, key))
     if target is None:
-        raise TargetError(f"unknown target {name!r}; targets: {', '.join(TARGETS)}")
+        raise TargetError(f"unknown target {name!r}; targets: {', '.join([*TARGETS, *ALIASES])}")
     return target
 
 

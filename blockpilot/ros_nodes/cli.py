@@ -13,7 +13,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..atomic_io import atomic_write
+from ..cli_common import (
+    UserError,
+    add_json_option,
+    emit,
+    existing_path,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    writable_target,
+)
 
 PARAMS_RESOURCE = ("config", "planner.yaml")
 RECORDED_TOPICS = ("path_topic", "plan_json_topic", "diagnostics_topic", "odometry_topic")
@@ -36,22 +46,25 @@ def ros_args_of(args: argparse.Namespace) -> list[str]:
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bag", help="rosbag2 directory (metadata.yaml + .mcap) or an .mcap file")
-    parser.add_argument("--rate", type=float, default=1.0, help="playback speed; 0: as fast as possible")
+    parser.add_argument("--rate", type=non_negative_float, default=1.0, help="playback speed; 0: as fast as possible")
     parser.add_argument("--loop", action="store_true", help="repeat until interrupted")
-    parser.add_argument("--loops", type=int, default=None, help="play this many times (overrides --loop)")
+    parser.add_argument("--loops", type=positive_int, default=None, help="play this many times (overrides --loop)")
     parser.add_argument("--topics", nargs="+", default=(), help="play only these bag topics")
     parser.add_argument("--remap", nargs="+", default=(), help="FROM:=TO renames of bag topics")
     parser.add_argument("--clock", action="store_true", help="also publish /clock with the bag stamps")
-    parser.add_argument("--wait-for-subscribers", type=int, default=0,
+    parser.add_argument("--wait-for-subscribers", type=non_negative_int, default=0,
                         help="first wait until every played topic has this many subscribers")
-    parser.add_argument("--wait-timeout", type=float, default=30.0, help="seconds to wait for subscribers")
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before the first message")
+    parser.add_argument("--wait-timeout", type=non_negative_float, default=30.0,
+                        help="seconds to wait for subscribers")
+    parser.add_argument("--delay", type=non_negative_float, default=0.0,
+                        help="seconds to wait before the first message")
     add_ros_args(parser)
 
 
 def add_record_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="rosbag2 directory to create (must not exist)")
-    parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)")
+    parser.add_argument("--duration", type=non_negative_float, default=0.0,
+                        help="stop after this many seconds (0: until Ctrl-C)")
     for name in RECORDED_TOPICS:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
                             help="topic to record (default: the planner's; '' leaves it out)")
@@ -65,9 +78,9 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path-topic", default=None, help="nav_msgs/Path topic (default: the planner's)")
     parser.add_argument("--odometry-topic", default="/odom", help="odometry topic of the source bag")
     parser.add_argument("--plan-json-topic", default=None, help="plan JSON topic (default: the planner's)")
-    parser.add_argument("--waypoint-rate-hz", type=float, default=2.0,
+    parser.add_argument("--waypoint-rate-hz", type=positive_float, default=2.0,
                         help="waypoints per second of the planner's schema (2 for driving-nuscenes)")
-    parser.add_argument("--json", default=None, help="also write the summary here")
+    add_json_option(parser, file_help="also write the full summary here (was --json PATH)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,9 +97,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_parser("params", help="print the path of the shipped planner params YAML")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse before any node starts: the files each action reads or writes, named by their flags."""
+    command = args.ros_command
+    if command == "planner" and args.params:
+        existing_path("--params", args.params)
+    elif command == "replay":
+        existing_path("BAG", args.bag)
+    elif command == "record":
+        if Path(args.out).exists():
+            raise UserError(f"--out {args.out}: already exists; the recorder creates a new rosbag2 directory")
+        writable_target("--out", args.out, directory=True)
+    elif command == "score":
+        existing_path("--recorded", args.recorded)
+        existing_path("--source", args.source)
+        if args.json_out:
+            writable_target("--json-out", args.json_out)
+
+
 def run(args: argparse.Namespace) -> int:
     """Dispatch ``blockpilot ros NODE``. Raises :class:`~blockpilot.ros_nodes.score.BagError` (replay,
     score) or :class:`~blockpilot.ros_nodes.recorder_node.RecorderError` for the caller to report."""
+    check_arguments(args)
     command = args.ros_command
     if command == "params":
         print(default_params_file())
@@ -112,17 +144,8 @@ def run(args: argparse.Namespace) -> int:
         result = score_run(args.recorded, args.source, path_topic=args.path_topic,
                            odometry_topic=args.odometry_topic, plan_json_topic=args.plan_json_topic,
                            waypoint_rate_hz=args.waypoint_rate_hz)
-        if args.json:
-            atomic_write(args.json, json.dumps(result, indent=2) + "\n")
-        result = {k: v for k, v in result.items() if k not in ("model", "cv")}  # the full breakdown: --json
+        brief = {k: v for k, v in result.items() if k not in ("model", "cv")}  # the full breakdown: --json
+        emit(args, result, json.dumps(brief, indent=2))
+        return 0
     print(json.dumps(result, indent=2))
     return 0
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """The errors ``run`` raises that are the user's to fix (reported without a traceback); the replay
-    and recorder errors are bag errors too."""
-    from .params import ParamsError
-    from .score import BagError
-
-    return BagError, ParamsError

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import BlockpilotError
 from ..geometry import to_ego_frame
 from ..runtime.plan_types import Plan
 from ..vla.prompt import EgoState
@@ -41,7 +42,7 @@ MAX_PIXELS = 4096 * 4096
 ImageArray = npt.NDArray[np.uint8]
 
 
-class ConversionError(ValueError):
+class ConversionError(BlockpilotError, ValueError):
     """A message cannot be used; ``kind`` is the diagnostics category it counts under."""
 
     kind = "malformed_input"

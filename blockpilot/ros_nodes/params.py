@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import BlockpilotError
 from ..runtime.plan_types import DECODERS, DecoderSettings, PlannerSetupError
 from ..vla.dtypes import DTYPE_CHOICES
 from ..vla.prompt import ROUTE_COMMANDS
@@ -78,7 +79,7 @@ _TOPIC = re.compile(rf"^(~/|/)?{_NAME_TOKEN}(/{_NAME_TOKEN})*$")
 _FRAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
 
 
-class ParamsError(ValueError):
+class ParamsError(BlockpilotError, ValueError):
     """A parameter value, a params file or a set of parameters is unusable; ``field`` names the culprit."""
 
     def __init__(self, field: str, reason: str, source: str | None = None) -> None:

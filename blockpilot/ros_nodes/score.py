@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import BlockpilotError
 from ..eval.mcap_track import OdomTrack
 from ..eval.metrics import l2_errors
 from ..eval.summary import HORIZONS_S, hkey, summarize_predictor
@@ -37,7 +38,7 @@ PATH_TYPE, ODOM_TYPE, STRING_TYPE = "nav_msgs/msg/Path", "nav_msgs/msg/Odometry"
 DEFAULT_WAYPOINT_RATE_HZ = 2.0  # the driving-nuscenes schema: 6 waypoints, 0.5 s apart
 
 
-class BagError(Exception):
+class BagError(BlockpilotError):
     """A bag that cannot be used: missing, not a bag, several where one is needed, unreadable, or
     lacking a topic the caller needs."""
 

@@ -14,12 +14,13 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import BlockpilotError
 from ..vla.modes import AttentionMode
 
 TokenArray = npt.NDArray[np.int64]
 
 
-class BackendError(RuntimeError):
+class BackendError(BlockpilotError, RuntimeError):
     """Base of the runtime's typed errors."""
 
 

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from ..errors import BlockpilotError
+
 MODULES = ("tensorrt", "tensorrt_rtx")
 
 
-class TrtUnavailableError(ImportError):
+class TrtUnavailableError(BlockpilotError, ImportError):
     """None of the requested TensorRT modules can be imported here."""
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import BlockpilotError
 from ..formats.onnx_spec import PLUGIN_INPUTS, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_OUTPUTS, PLUGIN_VERSION
 from .compat import TensorRT, trt_module
 
@@ -47,7 +48,7 @@ OUTPUT_SHAPE_FROM = (0, 3, 4)  # attn like q, present_k like past_k, present_v l
 ALIASES = {1: 3, 2: 4}  # output -> input it may alias (the in-place cache write)
 
 
-class PluginFieldError(ValueError):
+class PluginFieldError(BlockpilotError, ValueError):
     """A plugin field is missing, unknown or has a bad value; ``field`` names it."""
 
     def __init__(self, field: str, message: str) -> None:
@@ -55,7 +56,7 @@ class PluginFieldError(ValueError):
         self.field = field
 
 
-class PluginShapeError(ValueError):
+class PluginShapeError(BlockpilotError, ValueError):
     """The plugin's input shapes do not agree with each other or with its fields."""
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
+from ..errors import BlockpilotError
 from .plans import PlanSchema, PlanT
 from .schema import SchemaLayout
 from .slots import Slot, SlotValueError
 
 
-class PlanParseError(ValueError):
+class PlanParseError(BlockpilotError, ValueError):
     """Generated text is not a valid answer.
 
     ``field`` is a slot path (``trajectory.3.1``), a section key, or ``answer`` for the text as a

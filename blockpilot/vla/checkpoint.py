@@ -18,13 +18,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic_io import atomic_path
+from ..errors import BlockpilotError
 from .safetensors_read import SafetensorsFormatError, TensorEntry, read_header, read_into
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BlockpilotError, RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the model; the message names what and where."""
 
 

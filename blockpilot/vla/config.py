@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..errors import BlockpilotError
+
 # Documented defaults of Fast-dLLM v2 / Fast-dDrive checkpoints (Qwen2 vocabulary): the mask is the
 # tokenizer's added |<MASK>| token; the filler (null) is <|endoftext|>, a token the vocabulary has
 # (see blockpilot.vla.special_tokens for how a checkpoint's own ids are chosen).
@@ -22,7 +24,7 @@ DEFAULT_BLOCK_SIZE = 32
 DEFAULT_SUB_BLOCK_SIZE = 8
 
 
-class ConfigError(ValueError):
+class ConfigError(BlockpilotError, ValueError):
     """A configuration value is missing or inconsistent; the message names the field and file."""
 
 

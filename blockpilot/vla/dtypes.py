@@ -18,6 +18,8 @@ import argparse
 import functools
 from pathlib import Path
 
+from ..errors import BlockpilotError
+
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
 _STORED = {"float64": "float32", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -31,7 +33,7 @@ def add_dtype_option(parser: argparse.ArgumentParser, default: str = "auto") -> 
                              f"float32 for the reference model), float32, bfloat16, float16 (default: {default})")
 
 
-class DtypeError(ValueError):
+class DtypeError(BlockpilotError, ValueError):
     """A dtype that is not one the torch backend plans in, or that the device cannot run; the message names the
     option (``--dtype`` on the command line, ``dtype`` elsewhere) and the value."""
 

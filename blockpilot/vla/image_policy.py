@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic_io import atomic_write
+from ..errors import BlockpilotError
 from .config import VisionConfig, read_json_object
 from .image_grid import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, smart_resize
 
@@ -36,7 +37,7 @@ TOKENS_PER_IMAGE_FRAME = 2  # <|vision_start|> and <|vision_end|> around each im
 Size = tuple[int, int]
 
 
-class ImagePolicyError(ValueError):
+class ImagePolicyError(BlockpilotError, ValueError):
     """An unusable image policy (bad ``preprocessor_config.json`` field, inconsistent sizes); names the field."""
 
 

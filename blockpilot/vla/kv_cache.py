@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import BlockpilotError
 from .config import LMConfig
 
 
-class CacheCapacityError(RuntimeError):
+class CacheCapacityError(BlockpilotError, RuntimeError):
     """A write would go past the preallocated capacity of the cache."""
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import BlockpilotError
 from .plans import DrivingSchema
 from .slots import FixedNumber
 from .tokenizer import Tokenizer
@@ -30,7 +31,7 @@ GENERIC_SYSTEM_PROMPT = "You are a helpful assistant. Answer in the JSON layout 
 DRIVING_PAST_TIMES_S = (-2.0, -1.5, -1.0, -0.5)
 
 
-class PromptInputError(ValueError):
+class PromptInputError(BlockpilotError, ValueError):
     """An input of prompt assembly (ego state, route command, tokenizer, image token counts) is invalid; the message
     names the field. (A token prompt a backend refuses is :class:`blockpilot.runtime.backend.PromptError`.)"""
 

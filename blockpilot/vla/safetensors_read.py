@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ..errors import BlockpilotError
+
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -25,7 +27,7 @@ DTYPES: dict[str, torch.dtype] = {
 MAX_HEADER = 100 << 20
 
 
-class SafetensorsFormatError(ValueError):
+class SafetensorsFormatError(BlockpilotError, ValueError):
     """A safetensors file whose header or layout is broken; the message names the file (and tensor)."""
 
 

@@ -14,14 +14,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..errors import BlockpilotError
+
 _KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
-class SchemaError(ValueError):
+class SchemaError(BlockpilotError, ValueError):
     """A schema is malformed, or a value does not fit its slot; the message names the field."""
 
 
-class SlotValueError(ValueError):
+class SlotValueError(BlockpilotError, ValueError):
     """A slot's raw text is not a valid value; ``offset`` counts characters into that raw text."""
 
     def __init__(self, reason: str, offset: int) -> None:
