@@ -1,6 +1,6 @@
-"""The host side shared by the ONNX Runtime and TensorRT backends (:class:`blockpilot.runtime.graph_backend.GraphBackend`,
-driven here through a subclass that records its forwards) and the ONNX Runtime backend's public feed hook, over a real
-export of the shipped model (torch-free at run time)."""
+"""The host side shared by the ONNX Runtime and TensorRT backends
+(:class:`blockpilot.runtime.graph_backend.GraphBackend`, driven here through a subclass that records its forwards)
+and the ONNX Runtime backend's public feed hook, over a real export of the shipped model (torch-free at run time)."""
 
 from __future__ import annotations
 

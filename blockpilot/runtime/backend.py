@@ -75,12 +75,14 @@ class AllowedTokens:
     classes: TokenArray
 
     def check(self, batch: int, tokens: int, vocab_size: int) -> None:
-        """Raise :class:`BackendArgumentError` naming what disagrees with a step of ``(batch, tokens)`` over ``vocab_size``."""
+        """Raise :class:`BackendArgumentError` naming what disagrees with a step of ``(batch, tokens)`` over
+        ``vocab_size``."""
         if self.table.ndim != 2 or self.table.shape[1] != vocab_size or self.table.dtype != np.bool_:
             raise BackendArgumentError(f"allowed-token table must be bool (C, {vocab_size}), got {self.table.dtype} "
                              f"{self.table.shape}")
         if self.classes.shape != (batch, tokens):
-            raise BackendArgumentError(f"allowed-token classes must have shape ({batch}, {tokens}), got {self.classes.shape}")
+            raise BackendArgumentError(f"allowed-token classes must have shape ({batch}, {tokens}), got "
+                                       f"{self.classes.shape}")
         if self.classes.size and (self.classes.min() < 0 or self.classes.max() >= self.table.shape[0]):
             raise BackendArgumentError(f"allowed-token classes must lie in [0, {self.table.shape[0]}), got range "
                              f"[{self.classes.min()}, {self.classes.max()}]")
