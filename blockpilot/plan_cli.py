@@ -1,4 +1,4 @@
-"""``blockpilot plan``: one plan from a local checkpoint, printed as JSON.
+"""``blockpilot plan``: one plan from a local checkpoint, a quantize output or a bundle, printed as JSON.
 
 Two inputs: a driving observation (camera images for a VLA, none for a text-only model, the ego state and
 the route command), or a free instruction (``--prompt TEXT``) answered in any schema (``--schema``: a
@@ -11,20 +11,28 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cli_common import UserError
 from .vla.prompt import EgoState
+
+if TYPE_CHECKING:
+    from .runtime.sources import RestoreQuantized
 
 EGO_EXAMPLE = '{"past": [[-7.5, 0], [-5, 0], [-2.5, 0], [0, 0]], "speed": 5.0, "accel": 0.0}'
 
 
 def add_arguments(plan: argparse.ArgumentParser) -> None:
+    from .runtime.backend import BACKENDS
     from .runtime.plan_types import DECODERS
     from .vla.dtypes import add_dtype_option
     from .vla.schema_io import add_schema_option
 
-    plan.add_argument("--checkpoint", required=True, help="checkpoint dir (config.json, safetensors, tokenizer)")
+    plan.add_argument("--checkpoint", required=True,
+                      help="checkpoint dir (config.json, safetensors, tokenizer), what blockpilot quantize wrote "
+                           "(its --out dir: plans as the checkpoint with the quantizers restored), or a bundle dir")
+    plan.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                      help="auto: torch for a checkpoint or quantize output, onnxruntime for a bundle")
     plan.add_argument("--image", default=None, help="camera image file(s), comma-separated, in prompt order "
                                                    "(required for a model with a vision tower; refused without one)")
     plan.add_argument("--ego", default=None,
@@ -106,10 +114,10 @@ def read_images(value: str) -> list[Any]:
     return images
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None = None) -> int:
     from .runtime.backend import BackendError
     from .runtime.plan_types import DecoderSettings, Observation
-    from .runtime.planner import Planner
+    from .runtime.sources import detect_source, open_planner
     from .vla.config import ConfigError
     from .vla.plans import DrivingSchema
     from .vla.prompt import GENERIC_SYSTEM_PROMPT
@@ -125,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     ego = read_ego(args.ego) if args.ego is not None else None
     images = read_images(args.image) if args.image else []
     try:
-        schema = resolve_schema(Path(args.checkpoint), args.schema) if args.schema else None
+        source = detect_source(args.checkpoint, flag="--checkpoint")
+        schema = resolve_schema(source.checkpoint or source.path, args.schema) if args.schema else None
         if ego is not None and schema is not None and not isinstance(schema, DrivingSchema):
             raise UserError(f"--schema {args.schema}: --ego plans the driving prompt and needs a driving schema, "
                             f"got {type(schema).__name__}; use --prompt TEXT for other layouts")
@@ -133,9 +142,9 @@ def run(args: argparse.Namespace) -> int:
                                    temperature=args.temperature, seed=args.seed,
                                    sub_block_cache=args.sub_block_cache, sub_block_rule=args.sub_block_rule,
                                    softmax_dtype=args.softmax_dtype)
-        planner = Planner.from_checkpoint(Path(args.checkpoint), decoder=settings, device=args.device,
-                                          dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens, schema=schema,
-                                          cameras=len(images))
+        planner = open_planner(source, backend=args.backend, decoder=settings, device=args.device,
+                               dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens, schema=schema,
+                               cameras=len(images), restore_quantized=restore_quantized, flag="--checkpoint")
         if planner.config.vision is None and images:
             raise UserError(f"--image: {args.checkpoint} is a text-only model (no vision_config in config.json); "
                             "leave --image out")

@@ -31,7 +31,7 @@ from ..vla.scaffold import Scaffold, build_scaffold
 from ..vla.slot_constraints import SlotConstraints, build_constraints
 from ..vla.slots import FixedNumber
 from ..vla.tokenizer import Tokenizer
-from .backend import Backend, Prompt, TokenArray
+from .backend import CHECKPOINT_BACKENDS, Backend, Prompt, TokenArray
 from .decoders import (
     ArOptions,
     BlockOptions,
@@ -59,7 +59,6 @@ from .plan_types import (
 if TYPE_CHECKING:
     from ..vla.model import VLAModel
 
-BACKENDS = ("torch", "cuda")  # cuda: runtime.cuda_backend (static cache, graphs, Triton)
 DEFAULT_MAX_PROMPT_TOKENS = 1024
 
 
@@ -156,8 +155,8 @@ class Planner:
         from ..vla.loader import load_model, load_tokenizer
         from ..vla.schema_io import load_schema
 
-        if backend not in BACKENDS:
-            raise PlannerSetupError(f"backend {backend!r} is not available; choose from {BACKENDS}")
+        if backend not in CHECKPOINT_BACKENDS:
+            raise PlannerSetupError(f"backend {backend!r} is not available; choose from {CHECKPOINT_BACKENDS}")
         try:
             kind = torch.device(device).type
         except RuntimeError as exc:  # an unparseable device string
@@ -186,8 +185,8 @@ class Planner:
         """A planner on the torch backend (or ``backend="cuda"``) over an in-memory model, its cache sized for
         the decoder and ``max_prompt_tokens`` (default: the prompt budget of ``cameras`` frames under
         ``image_policy``, itself defaulting to the processor defaults)."""
-        if backend not in BACKENDS:
-            raise PlannerSetupError(f"backend {backend!r} is not available; choose from {BACKENDS}")
+        if backend not in CHECKPOINT_BACKENDS:
+            raise PlannerSetupError(f"backend {backend!r} is not available; choose from {CHECKPOINT_BACKENDS}")
         if backend == "cuda":
             from .cuda_backend import CudaBackend as make_backend
         else:
