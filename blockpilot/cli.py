@@ -91,10 +91,14 @@ def _image_size(text: str) -> tuple[int, int]:
 
 def _restore_quantized(model: object, directory: Path) -> object:
     """What ``blockpilot quantize`` wrote, restored onto a fresh model: how ``plan`` and ``eval`` open a quantize
-    output (the runtime takes it as ``restore_quantized``; it never imports quant itself)."""
+    output (the runtime takes it as ``restore_quantized``; it never imports quant itself). Model Optimizer's
+    progress lines go to stderr: ``plan`` prints its JSON on stdout."""
+    import contextlib
+
     from .quant.apply import load_quantized
 
-    return load_quantized(model, directory)  # type: ignore[arg-type]
+    with contextlib.redirect_stdout(sys.stderr):
+        return load_quantized(model, directory)  # type: ignore[arg-type]
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
