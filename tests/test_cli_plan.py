@@ -72,7 +72,7 @@ def test_rollouts_with_two_cameras_and_ego_file(files: dict[str, Path], capsys: 
     ({"--ego": "nowhere.json"}, "neither inline JSON nor an existing file"),
     ({"--command": "fly"}, "unknown route command 'fly'"),
     ({"--threshold": "2"}, "threshold must lie in [0, 1]"),
-    ({"--checkpoint": "no_such_dir"}, "no config.json"),
+    ({"--checkpoint": "no_such_dir"}, "no_such_dir: does not exist"),
     ({"--max-prompt-tokens": "50"}, "max_prompt_tokens"),
 ])
 def test_bad_arguments_exit_2_with_one_line(change: dict[str, str], message: str, files: dict[str, Path],

@@ -58,14 +58,16 @@ def export_source(checkpoint: str | Path, recipe: str | None) -> ExportSource:
     """Resolve ``--checkpoint`` (a checkpoint, or a quantize output: :func:`blockpilot.runtime.sources.detect_source`)
     with ``--recipe``. A quantize output exports in its own recipe, which a bundle must carry (fp8 today); a
     ``--recipe`` beside it must name the same one. Raises :class:`BundleError` naming the path."""
-    from ..runtime.sources import PlannerSourceError, detect_source
+    from ..runtime.sources import QUANTIZED_MAP, QUANTIZED_SUBDIR, PlannerSourceError, detect_source
 
+    root = Path(checkpoint)
+    if not any((d / QUANTIZED_MAP).is_file() for d in (root, root / QUANTIZED_SUBDIR)):
+        return ExportSource(root, recipe)  # a checkpoint, or what the checkpoint checks refuse, naming the file
     try:
         found = detect_source(checkpoint, kinds=("checkpoint", "quantized"), flag="--checkpoint")
     except PlannerSourceError as exc:
         raise BundleError(str(exc)) from None
-    if found.quantized is None or found.checkpoint is None:
-        return ExportSource(found.path, recipe)
+    assert found.quantized is not None and found.checkpoint is not None
     from ..quant.apply import QuantizedCheckpointError, read_precision_file
 
     try:
