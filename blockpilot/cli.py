@@ -106,10 +106,22 @@ def _image_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _restore_quantized(model: object, directory: Path) -> object:
+    """What ``blockpilot quantize`` wrote, restored onto a fresh model: how ``plan`` and ``eval`` open a quantize
+    output (the runtime takes it as ``restore_quantized``; it never imports quant itself). Model Optimizer's
+    progress lines go to stderr: ``plan`` prints its JSON on stdout."""
+    import contextlib
+
+    from .quant.apply import load_quantized
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return load_quantized(model, directory)  # type: ignore[arg-type]
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .plan_cli import run
 
-    return run(args)
+    return run(args, restore_quantized=_restore_quantized)
 
 
 def _cmd_train_reference(args: argparse.Namespace) -> int:
@@ -162,7 +174,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval.cli import run
 
-    return run(args)
+    return run(args, restore_quantized=_restore_quantized)
 
 
 def _cmd_ros(args: argparse.Namespace) -> int:
@@ -240,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a checkpoint to a verified bundle (ONNX graphs for the "
                                            "ONNX Runtime backend, config, tokenizer, schema, sha256 manifest)")
-    export.add_argument("--checkpoint", required=True, help="checkpoint dir (config.json, safetensors, tokenizer.json)")
+    export.add_argument("--checkpoint", required=True,
+                        help="checkpoint dir (config.json, safetensors, tokenizer.json), or what blockpilot quantize "
+                             "wrote (its --out dir; fp8)")
     export.add_argument("--out", required=True, help="bundle directory to create")
     export.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
     export.add_argument("--with-weights", action="store_true", help="also copy the safetensors (torch backend)")

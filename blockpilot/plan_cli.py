@@ -1,4 +1,4 @@
-"""``blockpilot plan``: one plan from a local checkpoint, printed as JSON.
+"""``blockpilot plan``: one plan from a local checkpoint, a quantize output or a bundle, printed as JSON.
 
 Two inputs: a driving observation (camera images for a VLA, none for a text-only model, the ego state and
 the route command), or a free instruction (``--prompt TEXT``) answered in any schema (``--schema``: a
@@ -11,20 +11,28 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .cli_common import UserError, existing_dir, fraction, positive_float, positive_int
+from .cli_common import UserError, fraction, positive_float, positive_int
 from .vla.prompt import EgoState
+
+if TYPE_CHECKING:
+    from .runtime.sources import RestoreQuantized
 
 EGO_EXAMPLE = '{"past": [[-7.5, 0], [-5, 0], [-2.5, 0], [0, 0]], "speed": 5.0, "accel": 0.0}'
 
 
 def add_arguments(plan: argparse.ArgumentParser) -> None:
+    from .runtime.backend import BACKENDS
     from .runtime.plan_types import DECODERS
     from .vla.dtypes import add_dtype_option
     from .vla.schema_io import add_schema_option
 
-    plan.add_argument("--checkpoint", required=True, help="checkpoint dir (config.json, safetensors, tokenizer)")
+    plan.add_argument("--checkpoint", required=True,
+                      help="checkpoint dir (config.json, safetensors, tokenizer), what blockpilot quantize wrote "
+                           "(its --out dir: plans as the checkpoint with the quantizers restored), or a bundle dir")
+    plan.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                      help="auto: torch for a checkpoint or quantize output, onnxruntime for a bundle")
     plan.add_argument("--image", default=None, help="camera image file(s), comma-separated, in prompt order "
                                                    "(required for a model with a vision tower; refused without one)")
     plan.add_argument("--ego", default=None,
@@ -108,9 +116,9 @@ def read_images(value: str) -> list[Any]:
     return images
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None = None) -> int:
     from .runtime.plan_types import DecoderSettings, Observation, PromptTooLongError
-    from .runtime.planner import Planner
+    from .runtime.sources import detect_source, open_planner
     from .vla.hf_config import load_config
     from .vla.plans import DrivingSchema
     from .vla.prompt import GENERIC_SYSTEM_PROMPT
@@ -122,27 +130,32 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--prompt and --ego are alternatives: an instruction, or a driving observation")
     if args.system is not None and args.prompt is None:
         raise UserError("--system goes with --prompt")
-    existing_dir("--checkpoint", args.checkpoint, holding="config.json")
+    source = detect_source(args.checkpoint, flag="--checkpoint")  # a checkpoint, a quantize output or a bundle
     ego = read_ego(args.ego) if args.ego is not None else None
     images = read_images(args.image) if args.image else []
-    schema = resolve_schema(Path(args.checkpoint), args.schema) if args.schema else None
+    schema = resolve_schema(source.checkpoint or source.path, args.schema) if args.schema else None
     if ego is not None and schema is not None and not isinstance(schema, DrivingSchema):
         raise UserError(f"--schema {args.schema}: --ego plans the driving prompt and needs a driving schema, "
                         f"got {type(schema).__name__}; use --prompt TEXT for other layouts")
-    vision = load_config(Path(args.checkpoint)).vision  # refuse before the weights load
-    if vision is None and images:
-        raise UserError(f"--image: {args.checkpoint} is a text-only model (no vision_config in config.json); "
-                        "leave --image out")
-    if vision is not None and not images:
-        raise UserError(f"--image is required: {args.checkpoint} has a vision tower (vision_config in "
-                        "config.json) and plans from camera images")
+
+    def check_vision(has_vision: bool) -> None:
+        if not has_vision and images:
+            raise UserError(f"--image: {args.checkpoint} is a text-only model (no vision_config in config.json); "
+                            "leave --image out")
+        if has_vision and not images:
+            raise UserError(f"--image is required: {args.checkpoint} has a vision tower (vision_config in "
+                            "config.json) and plans from camera images")
+
+    if source.checkpoint is not None:  # refuse before the weights load
+        check_vision(load_config(source.checkpoint).vision is not None)
     settings = DecoderSettings(name=args.decoder, threshold=args.threshold, rollouts=args.rollouts,
                                temperature=args.temperature, seed=args.seed,
                                sub_block_cache=args.sub_block_cache, sub_block_rule=args.sub_block_rule,
                                softmax_dtype=args.softmax_dtype)
-    planner = Planner.from_checkpoint(Path(args.checkpoint), decoder=settings, device=args.device,
-                                      dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens, schema=schema,
-                                      cameras=len(images))
+    planner = open_planner(source, backend=args.backend, decoder=settings, device=args.device,
+                           dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens, schema=schema,
+                           cameras=len(images), restore_quantized=restore_quantized, flag="--checkpoint")
+    check_vision(planner.config.vision is not None)
     try:
         if ego is not None:
             plan = planner.plan(Observation(images, ego, args.route_command))

@@ -14,6 +14,7 @@ import pytest
 from blockpilot.demo import road_image
 from blockpilot.runtime.backend import BackendError, CacheFullError, StepResult
 from blockpilot.runtime.decoders import (
+    ArOptions,
     BlockOptions,
     Decoded,
     RolloutOptions,
@@ -23,6 +24,7 @@ from blockpilot.runtime.decoders import (
     scaffold_speculative,
     shared_prefix_rollouts,
 )
+from blockpilot.runtime.plan_stats import rollout_spread
 from blockpilot.runtime.plan_types import (
     DecoderSettings,
     Observation,
@@ -31,7 +33,6 @@ from blockpilot.runtime.plan_types import (
     PromptTooLongError,
 )
 from blockpilot.runtime.planner import Planner, cache_capacity
-from blockpilot.runtime.stats import rollout_spread
 from blockpilot.runtime.torch_backend import TorchBackend
 from blockpilot.vla.answer_parser import PlanParseError
 from blockpilot.vla.config import BlockDiffusionConfig
@@ -112,6 +113,28 @@ def test_each_decoder_plans_with_the_decoders_exact_counts(name: str, planners: 
     json.dumps(plan.to_dict())  # JSON-ready, whatever parsed
 
 
+def test_resolve_gives_each_decoder_its_typed_options(planners: dict[str, Planner]) -> None:
+    diffusion, tokens = BlockDiffusionConfig(block_size=16, sub_block_size=4), planners["block"].config.tokens
+    ar = DecoderSettings(name="ar").resolve(diffusion, 100, tokens)
+    free = DecoderSettings(name="ar_free", max_new_tokens=7).resolve(diffusion, 100, tokens)
+    assert ar == ArOptions(end_id=tokens.end, max_new_tokens=100, scaffold=True)
+    assert free == ArOptions(end_id=tokens.end, max_new_tokens=7, scaffold=False)
+    block = DecoderSettings(name="block", commit_mode="causal", sub_block_cache=True).resolve(diffusion, 100, tokens)
+    assert block == BlockOptions(mask_id=tokens.mask, end_id=tokens.end, block_size=16, sub_block_size=4,
+                                 threshold=0.9, max_new_tokens=100, commit_mode=AttentionMode.CAUSAL,
+                                 sub_block_cache=True)
+    speculative = SpeculativeOptions(mask_id=tokens.mask, block_size=16, threshold=0.0)
+    assert DecoderSettings(name="scaffold").resolve(diffusion, 100, tokens) == speculative
+    rollouts = DecoderSettings(name="rollouts", rollouts=3, seed=5).resolve(diffusion, 100, tokens, fork_section="x")
+    assert rollouts == RolloutOptions(speculative, rollouts=3, temperature=0.5, seed=5, fork_section="x")
+    # The planner runs what resolve gives (its decode only dispatches on the type).
+    assert {name: type(p.options).__name__ for name, p in planners.items()} == {
+        "ar": "ArOptions", "ar_free": "ArOptions", "block": "BlockOptions", "scaffold": "SpeculativeOptions",
+        "rollouts": "RolloutOptions"}
+    fork = planners["rollouts"].options
+    assert isinstance(fork, RolloutOptions) and fork.fork_section == planners["rollouts"].scaffold.sections[-1].key
+
+
 def test_default_settings_come_from_the_model_config(planners: dict[str, Planner]) -> None:
     config = planners["block"].config
     block = planners["block"].settings
@@ -119,7 +142,7 @@ def test_default_settings_come_from_the_model_config(planners: dict[str, Planner
     assert block.threshold == 0.9 and block.max_new_tokens == len(planners["block"].scaffold)
     assert planners["scaffold"].settings.threshold == 0.0
     assert (planners["rollouts"].settings.rollouts, planners["rollouts"].settings.temperature) == (4, 0.5)
-    other = DecoderSettings(name="block").resolve(BlockDiffusionConfig(block_size=16, sub_block_size=4), 100)
+    other = DecoderSettings(name="block").filled(BlockDiffusionConfig(block_size=16, sub_block_size=4), 100)
     assert (other.block_size, other.sub_block_size, other.max_new_tokens) == (16, 4, 100)
     assert set(DecoderSettings(name="ar").to_dict()) == {"name", "block_size", "max_new_tokens"}
     assert DecoderSettings(name="rollouts", rollouts=2).to_dict()["rollouts"] == 2

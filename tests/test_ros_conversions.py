@@ -29,8 +29,8 @@ from blockpilot.ros_nodes.conversions import (
     time_msg,
 )
 from blockpilot.ros_nodes.diagnostics import OUTCOME_LEVELS, FrameSlot, PlannerDiagnostics, status_values
+from blockpilot.runtime.plan_stats import PlanStats
 from blockpilot.runtime.plan_types import Plan
-from blockpilot.runtime.stats import PlanStats
 from blockpilot.vla.plans import DrivingPlan
 
 RNG = np.random.default_rng(0)

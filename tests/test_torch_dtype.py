@@ -122,7 +122,7 @@ def test_ros_params_take_a_dtype_for_a_checkpoint_only() -> None:
     from blockpilot.ros_nodes.params import ParamsError, PlannerParams
 
     params = PlannerParams(checkpoint="ckpt", dtype="bfloat16")
-    assert params.checkpoint_options()["dtype"] == "bfloat16" and PlannerParams().dtype == "auto"
+    assert params.planner_options()["dtype"] == "bfloat16" and PlannerParams().dtype == "auto"
     with pytest.raises(ParamsError, match="dtype: must be one of"):
         PlannerParams(checkpoint="ckpt", dtype="float64")
     with pytest.raises(ParamsError, match="dtype: 'float16' applies to a checkpoint"):

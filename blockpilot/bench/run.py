@@ -227,7 +227,7 @@ def _plans_in(report: Report, opts: BenchOptions, dtype: str, device: torch.devi
     assert isinstance(schema, DrivingSchema)
     obs = observation(heldout_keyframes(1, stride=8)[1])
     answer = len(build_scaffold(schema, tokenizer))
-    resolved = DecoderSettings().resolve(model.config.diffusion, answer)  # every decoder's budget: the scaffold's
+    resolved = DecoderSettings().filled(model.config.diffusion, answer)  # every decoder's budget: the scaffold's
     assert resolved.max_new_tokens is not None and resolved.block_size is not None
     capacity = cache_capacity(DEFAULT_MAX_PROMPT_TOKENS, resolved.max_new_tokens, resolved.block_size)
     runs: list[tuple[str, int | None]]

@@ -78,16 +78,11 @@ def _plan(model: Path, backend: str, steps: int, dtype: str = "auto") -> dict[st
     """One plan through the Planner's real decoder loop (scaffold decoder), stopped after ``steps`` block steps
     (0: the whole plan): random weights make the step count of a whole plan arbitrary, so a fixed budget is timed."""
     from ..runtime.plan_types import DecoderSettings
-    from ..runtime.planner import Planner
+    from ..runtime.sources import open_planner
 
-    decoder = DecoderSettings(name="scaffold")
     t0 = time.perf_counter()
-    if backend == "torch":
-        planner = Planner.from_checkpoint(model, decoder=decoder, device="cpu", dtype=dtype)
-    else:
-        from ..runtime.bundle_planner import planner_from_bundle
-
-        planner = planner_from_bundle(model, decoder=decoder, backend=backend)
+    planner = open_planner(model, backend=backend, decoder=DecoderSettings(name="scaffold"), device="cpu",
+                           dtype=dtype, kinds=("checkpoint", "bundle"))
     setup_s = time.perf_counter() - t0
     real_prefill, real_step = planner.backend.prefill, planner.backend.step
     times: dict[str, list[float]] = {"prefill": [], "step": []}

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..cli_common import UserError, add_json_option, emit, existing_dir, existing_path, fraction, positive_int
+from ..runtime.backend import BACKENDS
+from ..runtime.plan_types import DECODERS
 from .replay import (
     SOURCES,
     EvalUsageError,
@@ -18,7 +21,8 @@ from .replay import (
 )
 from .types import Source
 
-DECODERS = ("ar", "ar_free", "block", "scaffold", "rollouts")
+if TYPE_CHECKING:
+    from ..runtime.sources import RestoreQuantized
 
 
 __all__ = ["positive_int"]  # re-exported for the command modules that took it from here
@@ -27,8 +31,13 @@ __all__ = ["positive_int"]  # re-exported for the command modules that took it f
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", choices=SOURCES, help="dataset format of --dataroot")
     parser.add_argument("--dataroot", help="nuScenes dataroot, WOD-E2E TFRecord file or folder, rosbag2 folder")
-    parser.add_argument("--checkpoint", help="model checkpoint dir (config.json, safetensors, tokenizer.json)")
-    parser.add_argument("--bundle", help="exported bundle dir (verified, run on ONNX Runtime) instead of --checkpoint")
+    parser.add_argument("--checkpoint", help="model checkpoint dir (config.json, safetensors, tokenizer.json), or what "
+                                             "blockpilot quantize wrote (its --out dir)")
+    parser.add_argument("--bundle", help="exported bundle dir (verified; ONNX Runtime, or --backend tensorrt) instead "
+                                         "of --checkpoint")
+    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                        help="auto: torch for --checkpoint, onnxruntime for --bundle; tensorrt runs a bundle's "
+                             "engines, cuda a checkpoint on the GPU fast path")
     parser.add_argument("--decoder", default="scaffold", choices=DECODERS, help="decoder (default: scaffold)")
     parser.add_argument("--threshold", type=fraction, default=None, help="decoder confidence threshold (0 to 1)")
     parser.add_argument("--rollouts", type=positive_int, default=4, help="trajectories for --decoder rollouts")
@@ -86,7 +95,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if not args.source or not args.dataroot:
         raise EvalUsageError("--source and --dataroot are required")
     if args.checkpoint:
-        existing_dir("--checkpoint", args.checkpoint, holding="config.json")
+        existing_dir("--checkpoint", args.checkpoint)  # a checkpoint or a quantize output: detect_source tells
     else:
         existing_dir("--bundle", args.bundle, holding="manifest.json")
     existing_path("--dataroot", args.dataroot)
@@ -96,7 +105,8 @@ def check_arguments(args: argparse.Namespace) -> None:
                         "report/): give a directory")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None = None) -> int:
+    """``blockpilot eval`` (``restore_quantized``: how a quantize output given as ``--checkpoint`` is restored)."""
     if args.eval_command == "compare":
         from .compare import compare_runs, format_comparison
 
@@ -111,32 +121,31 @@ def run(args: argparse.Namespace) -> int:
         raise EvalUsageError(f"--dtype {args.dtype} applies to --checkpoint; a bundle runs in the dtype it was "
                              "exported in")
     check_arguments(args)
-    source = build_source(args)
     from ..runtime.plan_types import DecoderSettings
+    from ..runtime.sources import detect_source, open_planner
 
+    source = build_source(args)
+    flag = "--bundle" if args.bundle else "--checkpoint"
+    found = detect_source(args.bundle or args.checkpoint, flag=flag,
+                          kinds=("bundle",) if args.bundle else ("checkpoint", "quantized"))
     settings = DecoderSettings(name=args.decoder, threshold=args.threshold, rollouts=args.rollouts)
-    if args.bundle:
-        from ..runtime.bundle_planner import planner_from_bundle
+    if args.threads and not args.bundle:
+        import torch
 
-        model_path = Path(args.bundle)
-        planner = planner_from_bundle(model_path, decoder=settings, threads=args.threads or 1,
-                                      max_prompt_tokens=args.max_prompt_tokens)
-    else:
-        from ..runtime.planner import Planner
-
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        model_path = Path(args.checkpoint)
-        planner = Planner.from_checkpoint(model_path, decoder=settings, device=args.device,
-                                          dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens,
-                                          schema=driving_schema(model_path, getattr(args, "schema", None)),
-                                          cameras=len(getattr(source, "cameras", ("one",))))
+        torch.set_num_threads(args.threads)
+    model_path = found.path
+    schema = None if args.bundle else driving_schema(found.checkpoint or model_path, getattr(args, "schema", None))
+    backend = getattr(args, "backend", "auto")
+    planner = open_planner(found, backend=backend, decoder=settings, device=args.device,
+                           dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens, schema=schema,
+                           cameras=len(getattr(source, "cameras", ("one",))), threads=args.threads or 1,
+                           restore_quantized=restore_quantized, flag=flag)
     header = run_header(source, model_path, planner)
-    header["backend"] = "onnxruntime" if args.bundle else "torch"
+    header["backend"] = found.default_backend if backend == "auto" else backend
     if not args.bundle:
         header["dtype"] = getattr(planner.backend, "dtype", None)  # what auto resolved to; a resume must match it
+    if found.kind == "quantized":
+        header["quantized"] = str(found.quantized.resolve()) if found.quantized else None
     code = evaluate_and_report(planner, source, Path(args.out), header=header, limit=args.limit,
                                overwrite=args.overwrite, progress=not args.no_progress, quiet=args.json)
     if args.json:

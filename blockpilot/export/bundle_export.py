@@ -101,8 +101,14 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
     in TensorRT-RTX, which caches at run time), so rebuilding on a Jetson skips tactic timing.
     ``schema`` is the shared ``--schema`` option (:func:`blockpilot.vla.schema_io.resolve_schema`); the bundle
     records the resolved schema in its manifest and ``model/blockpilot.json``. The output path, config,
-    tokenizer and schema are checked before any weight is read or graph exported.
+    tokenizer and schema are checked before any weight is read or graph exported. ``checkpoint`` may also be what
+    ``blockpilot quantize`` wrote (:func:`~blockpilot.export.checkpoint_check.export_source`): exported as fp8 from
+    its saved quantizers, not quantized again.
     """
+    from .checkpoint_check import export_source
+
+    source = export_source(checkpoint, recipe)
+    checkpoint, recipe = source.checkpoint, source.recipe
     if recipe not in (None, "fp8"):
         raise BundleError(f"export --recipe {recipe!r}: bundles carry fp32 or fp8 graphs today (NVFP4 graphs hold "
                           "modelopt's custom nodes, which neither ONNX Runtime nor TensorRT-RTX runs)")
@@ -139,7 +145,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
     quant_report: dict[str, Any] | None = None
     if recipe is not None:
         with progress.stage("quantize"):
-            quant_report = _quantize(planner, recipe, calib)
+            quant_report = _quantize(planner, recipe, calib, source.quantized)
     precision = recipe or "fp32"
     plugin = any(p.route == "plugin" for p in plans)
     with tempfile.TemporaryDirectory(prefix="blockpilot-export-") as tmp:
@@ -266,8 +272,18 @@ def _plan_engines(targets: tuple[str, ...], precision: str, recipe: str | None, 
     return plans
 
 
-def _quantize(planner: Any, recipe: str, calib: int) -> dict[str, Any]:
-    """Quantize the planner's model in place with ``recipe`` (targets' gates were checked before)."""
+def _quantize(planner: Any, recipe: str, calib: int, saved: Path | None = None) -> dict[str, Any]:
+    """Quantize the planner's model in place with ``recipe`` (targets' gates were checked before), or restore the
+    quantize output ``saved`` onto it."""
+    if saved is not None:
+        from ..quant.apply import QuantizedCheckpointError, load_quantized, read_precision_file
+
+        try:
+            load_quantized(planner.backend.model, saved)
+        except QuantizedCheckpointError as exc:
+            raise BundleError(str(exc)) from None
+        info = read_precision_file(saved)
+        return {"precision": info["precision"], "recipe": info["recipe"]}
     from ..calibration import synthetic_calibration_source
     from ..quant.pipeline import quantize_planner
     from ..quant.recipes import resolve_recipe

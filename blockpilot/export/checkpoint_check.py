@@ -1,9 +1,11 @@
 """What ``export`` settles about a checkpoint before any weight is read or graph exported: the answer
 schema (the shared ``--schema`` option, or the checkpoint's ``blockpilot.json``, or the nuScenes preset),
-and how the bundle records it for a checkpoint that has no ``blockpilot.json``."""
+and how the bundle records it for a checkpoint that has no ``blockpilot.json``; and what ``--checkpoint`` names
+(a checkpoint, or what ``blockpilot quantize`` wrote)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..formats.bundle import BundleError, BundleWriter
@@ -39,3 +41,44 @@ def write_schema_file(writer: BundleWriter, schema: DrivingSchema, checkpoint: P
     if explicit or not (checkpoint / SCHEMA_FILE).is_file():
         written = save_schema(scratch / "schema", schema, source="blockpilot export")
         writer.add_file(written, "model")
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    """What ``export --checkpoint`` names: the ``checkpoint`` to load, the ``recipe`` its graphs are exported in
+    (``None``: fp32) and, for what ``blockpilot quantize`` wrote, its directory (``quantized``), restored onto
+    the checkpoint's float32 model instead of quantizing again."""
+
+    checkpoint: Path
+    recipe: str | None
+    quantized: Path | None = None
+
+
+def export_source(checkpoint: str | Path, recipe: str | None) -> ExportSource:
+    """Resolve ``--checkpoint`` (a checkpoint, or a quantize output: :func:`blockpilot.runtime.sources.detect_source`)
+    with ``--recipe``. A quantize output exports in its own recipe, which a bundle must carry (fp8 today); a
+    ``--recipe`` beside it must name the same one. Raises :class:`BundleError` naming the path."""
+    from ..runtime.sources import QUANTIZED_MAP, QUANTIZED_SUBDIR, PlannerSourceError, detect_source
+
+    root = Path(checkpoint)
+    if not any((d / QUANTIZED_MAP).is_file() for d in (root, root / QUANTIZED_SUBDIR)):
+        return ExportSource(root, recipe)  # a checkpoint, or what the checkpoint checks refuse, naming the file
+    try:
+        found = detect_source(checkpoint, kinds=("checkpoint", "quantized"), flag="--checkpoint")
+    except PlannerSourceError as exc:
+        raise BundleError(str(exc)) from None
+    assert found.quantized is not None and found.checkpoint is not None
+    from ..quant.apply import QuantizedCheckpointError, read_precision_file
+
+    try:
+        saved = read_precision_file(found.quantized).get("recipe") or {}
+    except QuantizedCheckpointError as exc:
+        raise BundleError(str(exc)) from None
+    name = saved.get("name") if isinstance(saved, dict) else None
+    if recipe is not None and recipe != name:
+        raise BundleError(f"--checkpoint {found.path}: quantized with recipe {name!r}; --recipe {recipe} would "
+                          "quantize again (leave --recipe out to export it as it is)")
+    if name != "fp8":
+        raise BundleError(f"--checkpoint {found.path}: quantized with recipe {name!r}; bundles carry fp32 or fp8 "
+                          "graphs today (quantize with --recipe fp8 to export it)")
+    return ExportSource(found.checkpoint, name, found.quantized)

@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..runtime.backend import BUNDLE_BACKENDS
+
 if TYPE_CHECKING:
     from .verify_trt import EngineVerifyReport
 
 DEFAULT_PROB_TOLERANCE = 1e-4
-VERIFY_BACKENDS = ("auto", "onnxruntime", "tensorrt")
+VERIFY_BACKENDS = ("auto", *BUNDLE_BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,8 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, s
     engines where they can run here, else ONNX Runtime against torch (the report says why)."""
     from ..eval.synthetic import heldout_keyframes, observation
     from ..formats.bundle import BundleError, load_bundle
-    from ..runtime.bundle_planner import planner_from_bundle
     from ..runtime.plan_types import DecoderSettings, for_model
-    from ..runtime.planner import Planner
+    from ..runtime.sources import open_planner
     from .verify_trt import EngineVerifyError, tensorrt_unavailable, verify_engines
 
     if backend not in VERIFY_BACKENDS:
@@ -87,9 +88,10 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, s
     check_fits(reference, ("load",), "float32", what="verify (ONNX Runtime against torch float32)",
                also=(int(graphs * ORT_GRAPH_FACTOR), "the bundle's ONNX Runtime session"))
     settings = DecoderSettings(name="scaffold")
-    ort = planner_from_bundle(loaded.path, decoder=settings)
+    ort = open_planner(loaded.path, backend="onnxruntime", decoder=settings, kinds=("bundle",), flag="bundle")
     # The bundle's schema (it may have been exported with --schema), not the checkpoint's own.
-    torch_planner = Planner.from_checkpoint(reference, decoder=settings, schema=ort.schema)
+    torch_planner = open_planner(reference, backend="torch", decoder=settings, schema=ort.schema,
+                                 kinds=("checkpoint",), flag="--checkpoint")
     frames = heldout_keyframes(max(1, (samples + 9) // 10), stride=4)[:samples]
     identical, agree, worst = 0, [], 0.0
     for frame in frames:

@@ -165,11 +165,12 @@ def lm_feeds(bundle: str | Path, observations: Sequence[Any], *, steps: int = 2)
     """LM-step feeds of real plans: for each observation the prefill and the first ``steps`` decode forwards of
     the bundle's ONNX Runtime planner (scaffold decoder), KV cache state included, recorded through the
     backend's :attr:`~blockpilot.runtime.ort_backend.OrtBackend.feed_observer`."""
-    from ..runtime.bundle_planner import planner_from_bundle
     from ..runtime.ort_backend import OrtBackend
     from ..runtime.plan_types import DecoderSettings
+    from ..runtime.sources import open_planner
 
-    planner = planner_from_bundle(bundle, decoder=DecoderSettings(name="scaffold"), verify=False)
+    planner = open_planner(bundle, backend="onnxruntime", decoder=DecoderSettings(name="scaffold"), verify=False,
+                           kinds=("bundle",), flag="bundle")
     backend = planner.backend
     assert isinstance(backend, OrtBackend)
     feeds: list[Feed] = []

@@ -21,9 +21,10 @@ from ..cli_common import (
     writable_target,
 )
 from ..errors import BlockpilotError
+from ..runtime.backend import BUNDLE_BACKENDS
+from ..runtime.plan_types import DECODERS
 from .power import STATE_FILE, PowerControl
 
-DECODERS = ("ar", "ar_free", "block", "scaffold", "rollouts")
 NOT_A_JETSON = ("not a Jetson (no NVIDIA Tegra device tree under {root}); on a workstation build TensorRT-RTX "
                 "engines ahead of time with `blockpilot export --target rtx`")
 
@@ -75,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = bench.add_mutually_exclusive_group(required=True)
     model.add_argument("--bundle", help="bundle directory (TensorRT on a Jetson, ONNX Runtime elsewhere)")
     model.add_argument("--checkpoint", help="checkpoint directory (torch backend)")
-    bench.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+    bench.add_argument("--backend", default="auto", choices=["auto", *BUNDLE_BACKENDS],
                        help="backend for --bundle (auto: tensorrt on a Jetson, onnxruntime elsewhere)")
     bench.add_argument("--device", default="cpu", help="torch device for --checkpoint (cpu, cuda)")
     from ..vla.dtypes import add_dtype_option
@@ -185,6 +186,7 @@ def _power(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from ..runtime.plan_types import DecoderSettings
+    from ..runtime.sources import open_planner
     from .bench import heldout_observations, run_jetson_bench
     from .tegrastats import TegrastatsRecorder
 
@@ -197,15 +199,13 @@ def _bench(args: argparse.Namespace) -> int:
     platform = _detect(args.root)
     settings = DecoderSettings(name=args.decoder)
     if args.bundle:
-        from ..runtime.bundle_planner import planner_from_bundle
-
         backend = args.backend if args.backend != "auto" else ("tensorrt" if platform is not None else "onnxruntime")
-        planner = planner_from_bundle(args.bundle, decoder=settings, backend=backend, threads=args.threads)
+        planner = open_planner(args.bundle, backend=backend, decoder=settings, threads=args.threads, kinds=("bundle",),
+                               flag="--bundle")
         describe = {"model": args.bundle, "backend": backend, "decoder": args.decoder}
     else:
-        from ..runtime.planner import Planner
-
-        planner = Planner.from_checkpoint(Path(args.checkpoint), decoder=settings, device=args.device, dtype=args.dtype)
+        planner = open_planner(args.checkpoint, decoder=settings, device=args.device, dtype=args.dtype,
+                               kinds=("checkpoint",), flag="--checkpoint")
         describe = {"model": args.checkpoint, "backend": f"torch ({args.device})", "decoder": args.decoder,
                     "dtype": getattr(planner.backend, "dtype", args.dtype)}
     recorder, note = None, "not requested (--tegrastats)"

@@ -21,11 +21,12 @@ from torch import nn
 
 from ..atomic_io import atomic_open, atomic_write
 from ..errors import BlockpilotError
+from ..runtime.sources import QUANTIZED_MAP
 from .emulation import emulation_active, enable_cpu_nvfp4_emulation
 
 STATE_FILE = "modelopt_state.pth"
 WEIGHTS_FILE = "quantized_weights.pth"
-MAP_FILE = "precision_map.json"
+MAP_FILE = QUANTIZED_MAP  # how runtime.sources recognises a quantize output
 EMULATION_NOTE = "NVFP4 emulated on CPU"
 
 ForwardLoop = Callable[[nn.Module], Any]

@@ -19,12 +19,13 @@ from ..calibration.teacher import make_teacher_loop
 from ..eval.types import Source
 from ..runtime.plan_types import DecoderSettings
 from ..runtime.planner import Planner
-from .apply import QuantReport, is_emulated, modelopt_version, quantize_model, save_quantized
+from ..runtime.sources import QUANTIZED_SUBDIR, open_planner
+from .apply import QuantReport, is_emulated, load_quantized, modelopt_version, quantize_model, save_quantized
 from .auto import auto_quantize_model
 from .recipes import Recipe, RecipeError, quantizable_modules
 from .targets import Target, check_recipe
 
-QUANTIZED_DIR = "quantized"
+QUANTIZED_DIR = QUANTIZED_SUBDIR  # what quantize writes, where open_planner looks for it
 CALIB_MODES = ("teacher", "decode")
 DEFAULT_CALIB_MODE = "teacher"
 
@@ -40,10 +41,12 @@ class QuantizeOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load_planner(checkpoint: Path, decoder: DecoderSettings, device: str = "cpu",
-                 max_prompt_tokens: int = 1024, schema: Any = None) -> Planner:
-    return Planner.from_checkpoint(checkpoint, decoder=decoder, device=device, max_prompt_tokens=max_prompt_tokens,
-                                   schema=schema)
+def load_planner(source: Path, decoder: DecoderSettings, device: str = "cpu", max_prompt_tokens: int = 1024,
+                 schema: Any = None, *, kinds: tuple[str, ...] = ("checkpoint", "quantized")) -> Planner:
+    """A torch planner on ``source`` (:func:`~blockpilot.runtime.sources.open_planner`): a checkpoint, or what
+    :func:`quantize_checkpoint` wrote, restored onto its checkpoint (:func:`~blockpilot.quant.apply.load_quantized`)."""
+    return open_planner(source, decoder=decoder, device=device, max_prompt_tokens=max_prompt_tokens, schema=schema,
+                        kinds=kinds, restore_quantized=load_quantized, flag="--checkpoint")
 
 
 def quantize_planner(planner: Planner, recipe: Recipe, calib_source: Source, calib_size: int, *,
@@ -94,7 +97,8 @@ def quantize_checkpoint(checkpoint: Path, recipe: Recipe, calib_source: Source, 
     from ..vla.memory_budget import check_fits
 
     check_fits(checkpoint, ("load", "quantize"), "float32", what=f"quantize --recipe {recipe.name}")
-    planner = load_planner(checkpoint, decoder or DecoderSettings(name="scaffold"), device, schema=schema)
+    planner = load_planner(checkpoint, decoder or DecoderSettings(name="scaffold"), device, schema=schema,
+                           kinds=("checkpoint",))
     report, notes, manifest, auto_result = quantize_planner(
         planner, recipe, calib_source, calib_size, target=target, allow_emulated=allow_emulated,
         cache_dir=cache_dir, progress=progress, calib_mode=calib_mode)

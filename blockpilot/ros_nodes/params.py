@@ -43,22 +43,25 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BlockpilotError
+from ..runtime import backend as runtime_backends
 from ..runtime.plan_types import DECODERS, DecoderSettings, PlannerSetupError
 from ..vla.dtypes import DTYPE_CHOICES
 from ..vla.prompt import ROUTE_COMMANDS
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
-CHECKPOINT_BACKENDS = ("auto", "torch")
-BUNDLE_BACKENDS = ("auto", "onnxruntime", "tensorrt")
+# The runtime's backend names, each with "auto" (torch for a checkpoint, onnxruntime for a bundle).
+BACKENDS = ("auto", *runtime_backends.BACKENDS)
+CHECKPOINT_BACKENDS = ("auto", *runtime_backends.CHECKPOINT_BACKENDS)
+BUNDLE_BACKENDS = ("auto", *runtime_backends.BUNDLE_BACKENDS)
 OUTPUT_KINDS = ("path", "pose_array", "both")
 DEFAULT_NODE_NAME = "blockpilot_planner"
 # Declared by every rclpy node itself; the planner node passes it on as an override.
 ROS_NODE_PARAMETERS = ("use_sim_time",)
 # One line per parameter, for the ROS parameter descriptors.
 PARAM_DESCRIPTIONS = {
-    "checkpoint": "local checkpoint directory (torch); exactly one of checkpoint and bundle",
-    "bundle": "bundle directory (onnxruntime, tensorrt); exactly one of checkpoint and bundle",
-    "backend": "auto | torch | onnxruntime | tensorrt (auto: torch for a checkpoint, onnxruntime for a bundle)",
+    "checkpoint": f"local checkpoint directory ({', '.join(CHECKPOINT_BACKENDS[1:])}); exactly one of checkpoint and "
+                  "bundle",
+    "bundle": f"bundle directory ({', '.join(BUNDLE_BACKENDS[1:])}); exactly one of checkpoint and bundle",
+    "backend": f"{' | '.join(BACKENDS)} (auto: torch for a checkpoint, onnxruntime for a bundle)",
     "device": "torch device of a checkpoint planner (cpu, cuda:0)",
     "dtype": "dtype a checkpoint is loaded and planned in: auto (the dtype its weights are stored in) | float32 | "
              "bfloat16 | float16; a bundle runs in the dtype it was exported in",
@@ -132,7 +135,8 @@ class PlannerParams:
         need(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}, got {self.backend!r}")
         if self.checkpoint:
             need(self.backend in CHECKPOINT_BACKENDS, "backend",
-                 f"a checkpoint runs on torch; {self.backend!r} needs a bundle (export one first)")
+                 f"a checkpoint runs on {' or '.join(CHECKPOINT_BACKENDS[1:])}; {self.backend!r} needs a bundle "
+                 "(export one first)")
         if self.bundle:
             need(self.backend in BUNDLE_BACKENDS, "backend",
                  f"a bundle runs on {' or '.join(BUNDLE_BACKENDS[1:])}, not {self.backend!r}")
@@ -200,9 +204,13 @@ class PlannerParams:
     def decoder_settings(self) -> DecoderSettings:
         return DecoderSettings(name=self.decoder, rollouts=self.rollouts)
 
-    def checkpoint_options(self) -> dict[str, Any]:
-        """Keyword arguments of :meth:`~blockpilot.runtime.planner.Planner.from_checkpoint` for :attr:`checkpoint`."""
-        return {"decoder": self.decoder_settings(), "device": self.device, "dtype": self.dtype}
+    def planner_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~blockpilot.runtime.sources.open_planner` for :attr:`model_path`."""
+        if self.bundle:
+            return {"backend": self.resolved_backend, "decoder": self.decoder_settings(), "threads": self.threads,
+                    "kinds": ("bundle",), "flag": "bundle"}
+        return {"backend": self.resolved_backend, "decoder": self.decoder_settings(), "device": self.device,
+                "dtype": self.dtype, "kinds": ("checkpoint",), "flag": "checkpoint"}
 
     def ros_parameters(self) -> list[tuple[str, Any, str]]:
         """``(name, value, description)`` of every parameter the node declares (not those rclpy declares)."""

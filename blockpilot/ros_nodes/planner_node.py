@@ -1,10 +1,9 @@
 """``PlannerNode``: a ROS 2 lifecycle node around :class:`~blockpilot.runtime.planner.Planner`.
 
 Lifecycle (as Nav2's planner server): *configure* validates the parameters, loads the planner
-(bundle -> :func:`~blockpilot.runtime.bundle_planner.planner_from_bundle`, checkpoint ->
-:meth:`Planner.from_checkpoint`), runs one warm-up plan and creates the publishers, subscriptions
-and the planning thread; *activate* / *deactivate* open and close the gate to planning and to the
-lifecycle publishers; *cleanup* and *shutdown* stop the thread and free the planner.
+(:func:`~blockpilot.runtime.sources.open_planner` on the bundle or the checkpoint), runs one warm-up plan and creates
+the publishers, subscriptions and the planning thread; *activate* / *deactivate* open and close the gate to
+planning and to the lifecycle publishers; *cleanup* and *shutdown* stop the thread and free the planner.
 
 Inputs: the front camera as ``sensor_msgs/Image`` and/or ``CompressedImage`` (best effort, keep
 last ``camera_queue_depth``, 5 as in rclpy's sensor-data profile: the callback only moves a frame
@@ -187,15 +186,13 @@ class PlannerNode(LifecycleNode):
         return SUCCESS
 
     def _load_planner(self, params: PlannerParams) -> Planner:
-        if params.bundle:
-            from ..runtime.bundle_planner import planner_from_bundle
+        from ..runtime.sources import open_planner
 
-            return planner_from_bundle(params.bundle, decoder=params.decoder_settings(),
-                                       backend=params.resolved_backend, threads=params.threads)
-        import torch
+        if not params.bundle:
+            import torch
 
-        torch.set_num_threads(params.threads)
-        return Planner.from_checkpoint(params.checkpoint, **params.checkpoint_options())
+            torch.set_num_threads(params.threads)
+        return open_planner(params.model_path, **params.planner_options())
 
     def _warm_up(self, planner: Planner) -> None:
         """One plan on a grey frame, so that the first camera frame does not pay for lazy initialisation."""

@@ -32,6 +32,17 @@ class PromptError(BackendError):
     """A prompt cannot be run as given (too long for the cache, images in the wrong place, ...)."""
 
 
+class BackendArgumentError(BackendError, ValueError):
+    """A ``step`` / ``fork`` / ``truncate`` call breaks the :class:`Backend` contract; the message names the
+    argument. Raised by the shared checks below, before any forward, so a refused call changes nothing."""
+
+
+# The backend names, once: a checkpoint runs on torch or cuda, a bundle on ONNX Runtime or TensorRT.
+CHECKPOINT_BACKENDS = ("torch", "cuda")  # cuda: runtime.cuda_backend (static cache, graphs, Triton)
+BUNDLE_BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = CHECKPOINT_BACKENDS + BUNDLE_BACKENDS
+
+
 @dataclass(frozen=True, slots=True)
 class Sampling:
     """Draw one token per position at ``temperature``, one ``seed`` per batch row.
@@ -65,14 +76,16 @@ class AllowedTokens:
     classes: TokenArray
 
     def check(self, batch: int, tokens: int, vocab_size: int) -> None:
-        """Raise ``ValueError`` naming what disagrees with a step of ``(batch, tokens)`` over ``vocab_size``."""
+        """Raise :class:`BackendArgumentError` naming what disagrees with a step of ``(batch, tokens)`` over
+        ``vocab_size``."""
         if self.table.ndim != 2 or self.table.shape[1] != vocab_size or self.table.dtype != np.bool_:
-            raise ValueError(f"allowed-token table must be bool (C, {vocab_size}), got {self.table.dtype} "
+            raise BackendArgumentError(f"allowed-token table must be bool (C, {vocab_size}), got {self.table.dtype} "
                              f"{self.table.shape}")
         if self.classes.shape != (batch, tokens):
-            raise ValueError(f"allowed-token classes must have shape ({batch}, {tokens}), got {self.classes.shape}")
+            raise BackendArgumentError(f"allowed-token classes must have shape ({batch}, {tokens}), got "
+                                       f"{self.classes.shape}")
         if self.classes.size and (self.classes.min() < 0 or self.classes.max() >= self.table.shape[0]):
-            raise ValueError(f"allowed-token classes must lie in [0, {self.table.shape[0]}), got range "
+            raise BackendArgumentError(f"allowed-token classes must lie in [0, {self.table.shape[0]}), got range "
                              f"[{self.classes.min()}, {self.classes.max()}]")
 
 
@@ -149,10 +162,67 @@ def check_tokens(tokens: npt.ArrayLike, vocab_size: int, batch: int) -> TokenArr
     """Tokens as an ``(batch, T)`` int64 array, with a clear error for a bad shape or id."""
     arr = np.asarray(tokens, dtype=np.int64)
     if arr.ndim != 2 or arr.shape[0] != batch or arr.shape[1] == 0:
-        raise ValueError(f"step tokens must have shape ({batch}, T>0), got {arr.shape}")
+        raise BackendArgumentError(f"step tokens must have shape ({batch}, T>0), got {arr.shape}")
     if arr.min() < 0 or arr.max() >= vocab_size:
-        raise ValueError(f"step token ids must lie in [0, {vocab_size}), got range [{arr.min()}, {arr.max()}]")
+        raise BackendArgumentError(f"step token ids must lie in [0, {vocab_size}), got range "
+                                   f"[{arr.min()}, {arr.max()}]")
     return arr
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedStep:
+    """A step that passed :func:`check_step`: its ``(batch, T)`` tokens and the end of the keys it sees
+    (``[0, key_end)``), which is also the cache length once the step is written (with ``write_kv``)."""
+
+    tokens: TokenArray
+    key_end: int
+
+
+def check_step(tokens: npt.ArrayLike, start: int, *, length: int, capacity: int, batch: int, vocab_size: int,
+               write_kv: bool, kv_end: int | None = None, sampling: Sampling | None = None,
+               allowed: AllowedTokens | None = None) -> CheckedStep:
+    """The :meth:`Backend.step` contract, checked once for every backend over a cache of ``capacity`` slots that
+    holds ``length`` valid ones in ``batch`` rows. Raises :class:`BackendArgumentError` (or
+    :class:`CacheFullError` for a window past ``capacity``).
+
+    The ``kv_end`` rule (Fast-dLLM v2's sub-block cache, :mod:`blockpilot.runtime.decoders.block`): the step
+    writes its own window and lets it see keys up to ``kv_end``, so ``kv_end`` needs ``write_kv`` and lies in
+    ``[start + T, max(length, start + T)]``: it may end the window, or reach slots written before, never
+    unwritten ones."""
+    arr = check_tokens(tokens, vocab_size, batch)
+    t = arr.shape[1]
+    if allowed is not None:
+        allowed.check(batch, t, vocab_size)
+    if start < 0 or start > length:
+        raise BackendArgumentError(f"step at slot {start} outside 0..{length}: the cache holds {length} slots "
+                                   "and a later start would leave a gap")
+    if sampling is not None and len(sampling.seeds) != batch:
+        raise BackendArgumentError(f"sampling needs {batch} seeds (one per row), got {len(sampling.seeds)}")
+    end = start + t
+    if kv_end is not None:
+        if not write_kv or kv_end < end:
+            raise BackendArgumentError(f"kv_end={kv_end} needs write_kv=True and kv_end >= start + tokens ({end})")
+        if kv_end > max(length, end):
+            raise BackendArgumentError(f"kv_end {kv_end} reaches past the valid cache ({length} slots)")
+    if end > capacity:  # every backend holds the window in its cache, a draft (write_kv=False) too
+        raise CacheFullError(f"KV cache write of {t} token(s) at slot {start} exceeds capacity {capacity}")
+    return CheckedStep(arr, end if kv_end is None else kv_end)
+
+
+def check_fork(n: int, *, rows: int, max_batch: int) -> None:
+    """The :meth:`Backend.fork` contract: from a batch-one cache (``rows``) into ``1 <= n <= max_batch`` rows."""
+    if rows != 1:
+        raise BackendArgumentError("fork() needs a batch-one cache; prefill first")
+    if n < 1:
+        raise BackendArgumentError(f"fork({n}) needs at least one row")
+    if n > max_batch:
+        raise BackendArgumentError(f"fork({n}) exceeds this backend's max_batch {max_batch}")
+
+
+def check_truncate(length: int, current: int) -> None:
+    """The :meth:`Backend.truncate` contract: keep ``0 <= length <= current`` valid slots."""
+    if not 0 <= length <= current:
+        raise BackendArgumentError(f"truncate({length}) outside 0..{current}")
 
 
 def row_seeds(seed: int, rows: int) -> Sequence[int]:

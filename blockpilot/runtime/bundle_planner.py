@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..formats.bundle import BundleError, load_bundle
+from .backend import BUNDLE_BACKENDS
 from .plan_types import DecoderSettings, PlannerSetupError
 from .planner import Planner
-
-BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def planner_from_bundle(path: str | Path, *, decoder: DecoderSettings | None = None, backend: str = "onnxruntime",
@@ -17,8 +16,8 @@ def planner_from_bundle(path: str | Path, *, decoder: DecoderSettings | None = N
     and build a planner on ``backend``: ``onnxruntime`` over its graphs, ``tensorrt`` over its engines for this
     GPU (:func:`blockpilot.runtime.trt_backend.trt_planner`); a tampered or incomplete bundle is refused.
     ``max_prompt_tokens`` lowers the prompt budget below what the export's KV cache holds (more is refused)."""
-    if backend not in BACKENDS:
-        raise PlannerSetupError(f"bundle backend {backend!r}: this build runs bundles on {', '.join(BACKENDS)}")
+    if backend not in BUNDLE_BACKENDS:
+        raise PlannerSetupError(f"bundle backend {backend!r}: this build runs bundles on {', '.join(BUNDLE_BACKENDS)}")
     if backend == "tensorrt":
         from .trt_backend import trt_planner
 

@@ -15,8 +15,9 @@ keys of :mod:`blockpilot.runtime.sampling` (the torch backend's draw); it materi
 ``(rows, T, vocab)`` noise, so sampled steps cost more memory than greedy ones.
 
 Prefill runs eagerly (the vision tower and the embedding of image features are the model's own modules); the
-window is written into the cache by the same forward. A draft step (``write_kv=False``) must fit the cache, like
-every step (:class:`CacheFullError` otherwise); the torch backend lets a draft run past ``capacity``.
+window is written into the cache by the same forward. Step, fork and truncate arguments are checked by the
+shared contract (:func:`blockpilot.runtime.backend.check_step`): a draft step (``write_kv=False``) must fit the
+cache too, as on every backend.
 
 ``device="cpu"`` (graphs off, ``kernel="reference"`` or, under ``TRITON_INTERPRET=1``, ``"triton"``) runs the same
 code on the CPU: that is how the parity tests check it without a GPU.
@@ -34,12 +35,13 @@ from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
 from .backend import (
     AllowedTokens,
-    CacheFullError,
     Prompt,
     Sampling,
     StepResult,
     TokenArray,
-    check_tokens,
+    check_fork,
+    check_step,
+    check_truncate,
     prefill_length,
 )
 from .cuda_graphs import TorchStepGraphs
@@ -236,24 +238,10 @@ class CudaBackend:
              kv_end: int | None = None, sampling: Sampling | None = None,
              allowed: AllowedTokens | None = None) -> StepResult:
         rows = self._rows
-        arr = check_tokens(tokens, self.config.lm.vocab_size, rows)
-        t = arr.shape[1]
-        if allowed is not None:
-            allowed.check(rows, t, self.config.lm.vocab_size)
-        if start < 0 or start > self._length:
-            raise ValueError(f"step at slot {start} outside 0..{self._length}: the cache holds {self._length} slots "
-                             "and a later start would leave a gap")
-        if sampling is not None and len(sampling.seeds) != rows:
-            raise ValueError(f"sampling needs {rows} seeds (one per row), got {len(sampling.seeds)}")
-        end = start + t
-        if kv_end is not None:
-            if kv_end > self._length and kv_end > end:
-                raise ValueError(f"kv_end {kv_end} reaches past the valid cache ({self._length} slots)")
-            if not write_kv or kv_end < end:
-                raise ValueError(f"kv_end={kv_end} needs write_kv=True and kv_end >= start + tokens ({end})")
-            end = kv_end
-        if start + t > self.capacity:
-            raise CacheFullError(f"KV cache write of {t} token(s) at slot {start} exceeds capacity {self.capacity}")
+        checked = check_step(tokens, start, length=self._length, capacity=self.capacity, batch=rows,
+                             vocab_size=self.config.lm.vocab_size, write_kv=write_kv, kv_end=kv_end,
+                             sampling=sampling, allowed=allowed)
+        arr, t, end = checked.tokens, checked.tokens.shape[1], checked.key_end
         bucket = next((b for b in self.buckets if b >= t), None)
         width = bucket or t
         prefix = self._prefix_step(rows, start, t, width, end, AttentionMode(mode).id, write_kv)
@@ -285,7 +273,7 @@ class CudaBackend:
                                                                 sampling is not None, padded=True))
         top1, prob, sampled = self._to_host(outputs, rows, t)
         if write_kv:
-            self._length = max(start + t, kv_end or 0)
+            self._length = end
         return StepResult(top1, prob, sampled)
 
     def _drop_prefix(self) -> None:
@@ -349,15 +337,10 @@ class CudaBackend:
         return top1, prob, sampled
 
     def fork(self, n: int) -> None:
-        if self._rows != 1:
-            raise ValueError("fork() needs a batch-one cache; prefill first")
-        if n < 1:
-            raise ValueError(f"fork({n}) needs at least one row")
+        check_fork(n, rows=self._rows, max_batch=self.max_batch)
         self._drop_prefix()
-        if n == 1:
+        if n == 1 or self._multi is None:
             return
-        if self._multi is None or n > self._max_batch:
-            raise ValueError(f"fork({n}) exceeds this backend's max_batch {self.max_batch}")
         end = self._length
         with torch.inference_mode():
             for multi, single in zip(self._multi, self._single, strict=True):
@@ -366,7 +349,6 @@ class CudaBackend:
         self._rows = n
 
     def truncate(self, length: int) -> None:
-        if not 0 <= length <= self._length:
-            raise ValueError(f"truncate({length}) outside 0..{self._length}")
+        check_truncate(length, self._length)
         self._drop_prefix()
         self._length = length

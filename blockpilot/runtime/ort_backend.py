@@ -28,7 +28,7 @@ from ..formats.onnx_spec import KV_OUTPUTS, graph_has_typed_slots, kv_io, load_s
 from ..vla.modes import AttentionMode
 from ..vla.plans import DrivingSchema
 from .backend import AllowedTokens, BackendError, TokenArray
-from .graph_backend import GraphBackend, GraphInputs, driving_model_files
+from .graph_backend import GraphBackend, driving_model_files
 from .kv_window import write_rows
 from .plan_types import DecoderSettings, PlannerSetupError
 from .planner import Planner
@@ -77,7 +77,7 @@ class OrtBackend(GraphBackend):
             tuple(int(x) for x in g["grid_thw"]): ort.InferenceSession(str(root / g["file"]), options,
                                                                        providers=providers)
             for g in vision_graphs(vision)}
-        self._inputs = GraphInputs(self.spec, root, vision="graph")
+        self._load_inputs(self.spec, root, vision="graph")
         self._image_encoder = self._encode if self._vision else None
         past = next(i for i in self.spec["lm_step"]["inputs"] if i["name"] == "past_k")
         self.kv_io = kv_io(self.spec)
@@ -95,7 +95,7 @@ class OrtBackend(GraphBackend):
                 "top1": np.zeros(self.capacity, np.int64), "prob": np.zeros(self.capacity, np.float32),
                 "k_new": np.zeros(window, self._k.dtype), "v_new": np.zeros(window, self._v.dtype)}
             # The typed-slot inputs' defaults (allow everything), bound when a step has no ``allowed``.
-            self._unconstrained = {"allowed_table": np.ones((1, self._inputs.vocab), np.bool_),
+            self._unconstrained = {"allowed_table": np.ones((1, self.vocab), np.bool_),
                                    "token_class": np.zeros((1, 1), np.int64)}
 
     def _encode(self, patches: npt.NDArray[np.float32], grid: tuple[int, int, int]) -> npt.NDArray[np.float32]:

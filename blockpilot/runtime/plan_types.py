@@ -16,13 +16,14 @@ import numpy as np
 import numpy.typing as npt
 
 from ..vla.answer_parser import PlanParseError
-from ..vla.config import BlockDiffusionConfig, ModelConfig
+from ..vla.config import BlockDiffusionConfig, ModelConfig, SpecialTokens
 from ..vla.image_grid import image_token_count
+from ..vla.modes import AttentionMode
 from ..vla.plans import DrivingPlan, RobotActionPlan
 from ..vla.prompt import ROUTE_COMMANDS, EgoState, PromptInputError, check_ego_history
 from .backend import BackendError, PromptError
-from .decoders.block import SUB_BLOCK_RULES
-from .stats import PlanStats, RolloutSpread
+from .decoders import SUB_BLOCK_RULES, ArOptions, BlockOptions, RolloutOptions, SpeculativeOptions
+from .plan_stats import PlanStats, RolloutSpread
 
 # "ar" is the scaffold-constrained greedy baseline that Fast-dDrive compares against (same
 # answer as "scaffold", one token per forward); "ar_free" and "block" generate free text.
@@ -32,6 +33,9 @@ COMMIT_MODES = ("bidirectional", "causal")
 # "model": the published bf16 confidence arithmetic, torch backend only (see runtime.confidence)
 SOFTMAX_DTYPES = ("float32", "model")
 DEFAULT_THRESHOLDS = {"block": 0.9, "scaffold": 0.0, "rollouts": 0.0}
+
+# What DecoderSettings.resolve gives each decoder: the options its function takes.
+DecoderOptions = ArOptions | BlockOptions | SpeculativeOptions | RolloutOptions
 
 # A schema compiled from a JSON Schema document (blockpilot.vla.json_schema) answers with plain JSON values.
 VlaPlan = DrivingPlan | RobotActionPlan | dict[str, Any]
@@ -94,13 +98,34 @@ class DecoderSettings:
     def uses_scaffold(self) -> bool:
         return self.name in SCAFFOLD_DECODERS
 
-    def resolve(self, diffusion: BlockDiffusionConfig, answer_tokens: int) -> DecoderSettings:
-        """Every ``None`` filled from the model's diffusion config and the scaffold length."""
+    def filled(self, diffusion: BlockDiffusionConfig, answer_tokens: int) -> DecoderSettings:
+        """These settings with every ``None`` filled from the model's diffusion config and the scaffold length
+        (what a plan reports it ran with)."""
         block = self.block_size or diffusion.block_size
         sub = self.sub_block_size or (diffusion.sub_block_size if block % diffusion.sub_block_size == 0 else block)
         return replace(self, block_size=block, sub_block_size=sub,
                        threshold=self.threshold if self.threshold is not None else DEFAULT_THRESHOLDS.get(self.name),
                        max_new_tokens=answer_tokens if self.uses_scaffold else self.max_new_tokens or answer_tokens)
+
+    def resolve(self, diffusion: BlockDiffusionConfig, answer_tokens: int, tokens: SpecialTokens, *,
+                fork_section: str = "trajectory") -> DecoderOptions:
+        """The typed options of this decoder's function (:mod:`blockpilot.runtime.decoders`), every ``None``
+        filled as :meth:`filled` does; ``fork_section``: the scaffold section rollouts sample from."""
+        s = self.filled(diffusion, answer_tokens)
+        assert s.block_size is not None and s.sub_block_size is not None and s.max_new_tokens is not None
+        if s.name in ("ar", "ar_free"):
+            return ArOptions(end_id=tokens.end, max_new_tokens=s.max_new_tokens, scaffold=s.name == "ar")
+        threshold = s.threshold if s.threshold is not None else 0.0
+        if s.name == "block":
+            return BlockOptions(mask_id=tokens.mask, end_id=tokens.end, block_size=s.block_size,
+                                sub_block_size=s.sub_block_size, threshold=threshold, max_new_tokens=s.max_new_tokens,
+                                commit_mode=AttentionMode(s.commit_mode), sub_block_cache=s.sub_block_cache,
+                                sub_block_rule=s.sub_block_rule)
+        speculative = SpeculativeOptions(mask_id=tokens.mask, block_size=s.block_size, threshold=threshold)
+        if s.name == "scaffold":
+            return speculative
+        return RolloutOptions(speculative, rollouts=s.rollouts, temperature=s.temperature, seed=s.seed,
+                              fork_section=fork_section)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings that matter for ``name`` (rollout knobs only for rollouts, and so on)."""

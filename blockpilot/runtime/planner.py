@@ -19,7 +19,6 @@ import numpy as np
 from ..vla.answer_parser import PlanParseError, parse_plan
 from ..vla.config import ConfigError, ModelConfig
 from ..vla.image_policy import ImagePolicy, ImagePolicyError, load_image_policy, prompt_budget
-from ..vla.modes import AttentionMode
 from ..vla.plans import DrivingPlan, DrivingSchema, PlanSchema, RobotActionPlan
 from ..vla.prompt import (
     DRIVING_SYSTEM_PROMPT,
@@ -31,11 +30,11 @@ from ..vla.prompt import (
 from ..vla.scaffold import Scaffold, build_scaffold
 from ..vla.slot_constraints import SlotConstraints, build_constraints
 from ..vla.tokenizer import Tokenizer
-from .backend import Backend, Prompt, TokenArray
+from .backend import CHECKPOINT_BACKENDS, Backend, Prompt, TokenArray
 from .decoders import (
+    ArOptions,
     BlockOptions,
     Decoded,
-    RolloutOptions,
     SpeculativeOptions,
     ar_greedy,
     block_threshold,
@@ -43,6 +42,7 @@ from .decoders import (
     scaffold_speculative,
     shared_prefix_rollouts,
 )
+from .plan_stats import PlanStats, rollout_spread
 from .plan_types import (
     DecoderSettings,
     Observation,
@@ -54,12 +54,10 @@ from .plan_types import (
     check_images,
     check_observation,
 )
-from .stats import PlanStats, StageClock, rollout_spread
 
 if TYPE_CHECKING:
     from ..vla.model import VLAModel
 
-BACKENDS = ("torch", "cuda")  # cuda: runtime.cuda_backend (static cache, graphs, Triton)
 DEFAULT_MAX_PROMPT_TOKENS = 1024
 
 
@@ -90,7 +88,11 @@ class Planner:
         # Any answer layout: driving plans from observations (plan), every schema from an instruction (plan_text).
         self.schema: PlanSchema[Any] = schema or DrivingSchema.nuscenes()
         self.scaffold: Scaffold[Any] = build_scaffold(self.schema, tokenizer)
-        self.settings = (decoder or DecoderSettings()).resolve(config.diffusion, len(self.scaffold))
+        chosen = decoder or DecoderSettings()
+        self.settings = chosen.filled(config.diffusion, len(self.scaffold))
+        # The last section (the trajectory) is the one rollouts sample: everything before it is shared.
+        self.options = chosen.resolve(config.diffusion, len(self.scaffold), config.tokens,
+                                      fork_section=self.scaffold.sections[-1].key)
         assert self.settings.max_new_tokens is not None and self.settings.block_size is not None
         self.answer_budget = self.settings.max_new_tokens + self.settings.block_size
         if backend.capacity <= self.answer_budget:
@@ -150,8 +152,8 @@ class Planner:
         from ..vla.loader import load_model, load_tokenizer
         from ..vla.schema_io import load_schema
 
-        if backend not in BACKENDS:
-            raise PlannerSetupError(f"backend {backend!r} is not available; choose from {BACKENDS}")
+        if backend not in CHECKPOINT_BACKENDS:
+            raise PlannerSetupError(f"backend {backend!r} is not available; choose from {CHECKPOINT_BACKENDS}")
         try:
             kind = torch.device(device).type
         except RuntimeError as exc:  # an unparseable device string
@@ -180,8 +182,8 @@ class Planner:
         """A planner on the torch backend (or ``backend="cuda"``) over an in-memory model, its cache sized for
         the decoder and ``max_prompt_tokens`` (default: the prompt budget of ``cameras`` frames under
         ``image_policy``, itself defaulting to the processor defaults)."""
-        if backend not in BACKENDS:
-            raise PlannerSetupError(f"backend {backend!r} is not available; choose from {BACKENDS}")
+        if backend not in CHECKPOINT_BACKENDS:
+            raise PlannerSetupError(f"backend {backend!r} is not available; choose from {CHECKPOINT_BACKENDS}")
         if backend == "cuda":
             from .cuda_backend import CudaBackend as make_backend
         else:
@@ -197,7 +199,7 @@ class Planner:
                 raise PlannerSetupError(f"prompt budget for {cameras} camera(s): {exc}") from exc
         settings = decoder or DecoderSettings()
         answer = len(build_scaffold(schema or DrivingSchema.nuscenes(), tokenizer))
-        resolved = settings.resolve(model.config.diffusion, answer)
+        resolved = settings.filled(model.config.diffusion, answer)
         assert resolved.max_new_tokens is not None and resolved.block_size is not None
         capacity = cache_capacity(max_prompt_tokens, resolved.max_new_tokens, resolved.block_size)
         rows = settings.rollouts if settings.name == "rollouts" else 1
@@ -261,39 +263,28 @@ class Planner:
                 f"with the {self.settings.name} decoder's answer budget of {self.answer_budget} slots the KV cache "
                 f"({self.backend.capacity} slots) fits at most {self.max_prompt_tokens}: {self._capacity_fix}, or "
                 f"send fewer cameras")
-        clock = StageClock(self.backend)
         t1 = time.perf_counter()
-        decoded = self.decode(clock, prompt)
+        decoded = self.decode(self.backend, prompt)
         t2 = time.perf_counter()
-        stage_ms = {"prompt": (t1 - t0) * 1e3, "vision": clock.stage_ms.get("vision", 0.0),
-                    "prefill": clock.stage_ms.get("prefill", 0.0)}
+        stage_ms = {"prompt": (t1 - t0) * 1e3, "vision": decoded.stage_ms.get("vision", 0.0),
+                    "prefill": decoded.stage_ms.get("prefill", 0.0)}
         stage_ms["decode"] = (t2 - t1) * 1e3 - stage_ms["vision"] - stage_ms["prefill"]
         return self.finish(decoded, stage_ms, prompt_tokens=len(prompt), image_tokens=image_tokens, started=t0)
 
     def decode(self, backend: Backend, prompt: Prompt) -> Decoded:
         """Run the configured decoder on ``prompt`` (answer tokens and forward counts)."""
-        s, tokens = self.settings, self.config.tokens
-        assert s.block_size is not None and s.sub_block_size is not None and s.max_new_tokens is not None
-        check_no_mask(prompt, tokens.mask)  # MaskInPromptError (a PromptError) for every decoder
-        if s.name == "ar":
-            return ar_greedy(backend, prompt, max_new_tokens=s.max_new_tokens, end_id=tokens.end,
+        check_no_mask(prompt, self.config.tokens.mask)  # MaskInPromptError (a PromptError) for every decoder
+        options = self.options
+        if isinstance(options, ArOptions):
+            if not options.scaffold:  # ar_free
+                return ar_greedy(backend, prompt, max_new_tokens=options.max_new_tokens, end_id=options.end_id)
+            return ar_greedy(backend, prompt, max_new_tokens=options.max_new_tokens, end_id=options.end_id,
                              scaffold=self.scaffold, constraints=self.constraints)
-        if s.name == "ar_free":
-            return ar_greedy(backend, prompt, max_new_tokens=s.max_new_tokens, end_id=tokens.end)
-        threshold = s.threshold if s.threshold is not None else 0.0
-        if s.name == "block":
-            options = BlockOptions(mask_id=tokens.mask, end_id=tokens.end, block_size=s.block_size,
-                                   sub_block_size=s.sub_block_size, threshold=threshold,
-                                   max_new_tokens=s.max_new_tokens, commit_mode=AttentionMode(s.commit_mode),
-                                   sub_block_cache=s.sub_block_cache, sub_block_rule=s.sub_block_rule)
+        if isinstance(options, BlockOptions):
             return block_threshold(backend, prompt, options)
-        speculative = SpeculativeOptions(mask_id=tokens.mask, block_size=s.block_size, threshold=threshold)
-        if s.name == "scaffold":
-            return scaffold_speculative(backend, prompt, self.scaffold, speculative, self.constraints)
-        # The last section (the trajectory) is the one worth sampling: everything before it is shared.
-        rollouts = RolloutOptions(speculative, rollouts=s.rollouts, temperature=s.temperature, seed=s.seed,
-                                  fork_section=self.scaffold.sections[-1].key)
-        return shared_prefix_rollouts(backend, prompt, self.scaffold, rollouts, self.constraints)
+        if isinstance(options, SpeculativeOptions):
+            return scaffold_speculative(backend, prompt, self.scaffold, options, self.constraints)
+        return shared_prefix_rollouts(backend, prompt, self.scaffold, options, self.constraints)
 
     def finish(self, decoded: Decoded, stage_ms: dict[str, float], *, prompt_tokens: int = 0,
                image_tokens: int = 0, started: float | None = None) -> Plan:

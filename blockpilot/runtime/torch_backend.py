@@ -21,7 +21,9 @@ from .backend import (
     Sampling,
     StepResult,
     TokenArray,
-    check_tokens,
+    check_fork,
+    check_step,
+    check_truncate,
     prefill_length,
 )
 from .confidence import check_softmax_dtype, top1_probability
@@ -132,18 +134,10 @@ class TorchBackend:
     def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
              kv_end: int | None = None, sampling: Sampling | None = None,
              allowed: AllowedTokens | None = None) -> StepResult:
-        arr = check_tokens(tokens, self.config.lm.vocab_size, self._batch)
-        t = arr.shape[1]
-        if allowed is not None:
-            allowed.check(self._batch, t, self.config.lm.vocab_size)
-        if start < 0 or start > self._length:
-            raise ValueError(f"step at slot {start} outside 0..{self._length}: the cache holds {self._length} slots "
-                             "and a later start would leave a gap")
-        if sampling is not None and len(sampling.seeds) != self._batch:
-            # Checked before the forward, which may write KV: a refused call changes nothing.
-            raise ValueError(f"sampling needs {self._batch} seeds (one per row), got {len(sampling.seeds)}")
-        if kv_end is not None and kv_end > self._length and kv_end > start + t:
-            raise ValueError(f"kv_end {kv_end} reaches past the valid cache ({self._length} slots)")
+        checked = check_step(tokens, start, length=self._length, capacity=self.capacity, batch=self._batch,
+                             vocab_size=self.config.lm.vocab_size, write_kv=write_kv, kv_end=kv_end,
+                             sampling=sampling, allowed=allowed)
+        arr, t = checked.tokens, checked.tokens.shape[1]
         ids = torch.from_numpy(arr).to(self.device)
         pos = None
         if self.config.lm.mrope_section is not None:
@@ -154,19 +148,14 @@ class TorchBackend:
         except CacheCapacityError as exc:
             raise CacheFullError(str(exc)) from exc
         if write_kv:
-            self._length = max(start + t, kv_end or 0)
+            self._length = checked.key_end
         slots = torch.arange(start, start + t, device=self.device)
         return self._predict(hidden, sampling, slots, allowed)
 
     def fork(self, n: int) -> None:
-        if self._batch != 1:
-            raise ValueError("fork() needs a batch-one cache; prefill first")
-        if n < 1:
-            raise ValueError(f"fork({n}) needs at least one row")
-        if n == 1:
+        check_fork(n, rows=self._batch, max_batch=self.max_batch)
+        if n == 1 or self._multi is None:
             return
-        if self._multi is None or n > self._multi.batch:
-            raise ValueError(f"fork({n}) exceeds this backend's max_batch {self.max_batch}")
         end = self._length
         with torch.inference_mode():
             self._multi.k[:, :n, :, :end] = self._single.k[:, :1, :, :end]
@@ -175,8 +164,7 @@ class TorchBackend:
         self._batch = n
 
     def truncate(self, length: int) -> None:
-        if not 0 <= length <= self._length:
-            raise ValueError(f"truncate({length}) outside 0..{self._length}")
+        check_truncate(length, self._length)
         self._length = length
 
     def _device_table(self, table: object) -> torch.Tensor:

@@ -63,7 +63,7 @@ from ..formats.onnx_spec import load_spec
 from ..vla.modes import AttentionMode
 from .backend import AllowedTokens, BackendError, TokenArray
 from .cuda_memory import CudaMemory, CudaUnavailableError
-from .graph_backend import GraphBackend, GraphInputs, driving_model_files
+from .graph_backend import GraphBackend, driving_model_files
 from .plan_types import DecoderSettings, PlannerSetupError
 from .planner import Planner
 from .trt_engine import TrtEngine, TrtStepGraphs, bind, enqueue
@@ -168,11 +168,11 @@ class TrtBackend(GraphBackend):
                cuda_graphs: int) -> None:
         m = self.memory
         self.spec: dict[str, Any] = load_spec(onnx_dir)
-        self._inputs = GraphInputs(self.spec, onnx_dir, vision="engine")
+        self._load_inputs(self.spec, onnx_dir, vision="engine")
         vision_paths = engine_paths(self.spec, vision_engine)
-        if self._inputs.policy is not None and vision_paths:
+        if self.image_policy is not None and vision_paths:
             # Every frame is resized to a size with an engine (the ONNX Runtime backend's choice over its graphs).
-            self._inputs.policy = engine_policy(self._inputs.policy, self.spec, list(vision_paths))
+            self.image_policy = engine_policy(self.image_policy, self.spec, list(vision_paths))
         cap = self.capacity
         engines = TrtEngine.load(flavor, [lm_path, *vision_paths.values()], m.compute_capability, plugin=plugin)
         lm = engines[0]
@@ -190,7 +190,7 @@ class TrtBackend(GraphBackend):
             device_inputs.append("key_end")
         self._buf = {n: m.alloc(n, lm.nbytes(n, lm.max_shape(n))) for n in device_inputs}
         # Typed value slots (trt_slots): engines built with the inputs constrain; older ones run unconstrained.
-        self._slots = SlotFeed(m, lm, cap, self._inputs.vocab) if has_typed_slots(lm) else None
+        self._slots = SlotFeed(m, lm, cap, self.vocab) if has_typed_slots(lm) else None
         self.constrains_tokens = self._slots is not None
         self.max_slot_classes = None if self._slots is None else self._slots.max_classes
         self.cache_shape = cache = lm.max_shape("past_k")
@@ -223,7 +223,7 @@ class TrtBackend(GraphBackend):
                                     f"cache is {lm.kind('past_k')} / {lm.kind('past_v')}; the rows are copied as is, "
                                     "so all four need one type")
         self._shape_of: dict[int, int] = {}
-        self._embeds_host = m.pinned((cap, self._inputs.hidden), layout.dtypes["inputs_embeds"])
+        self._embeds_host = m.pinned((cap, self.hidden), layout.dtypes["inputs_embeds"])
         self._pos_host = m.pinned(3 * cap, layout.dtypes["position_ids"])
         self._top1_host, self._prob_host = m.pinned(cap, layout.dtypes["top1"]), m.pinned(cap, layout.dtypes["prob"])
         self.graphs = TrtStepGraphs(m, cuda_graphs)
@@ -313,7 +313,7 @@ class TrtBackend(GraphBackend):
     def _set_shapes(self, context: Any, t: int, key_end: int) -> None:
         self._staged["key_end"][0] = key_end
         slots = self._slots.shapes(t) if self._slots is not None else ()
-        for name, shape in (("inputs_embeds", (1, t, self._inputs.hidden)), ("position_ids", (3, 1, t)), *slots):
+        for name, shape in (("inputs_embeds", (1, t, self.hidden)), ("position_ids", (3, 1, t)), *slots):
             if not context.set_input_shape(name, shape):
                 raise BackendError(f"set_input_shape({name}, {shape}) refused: outside the engine's profile")
 

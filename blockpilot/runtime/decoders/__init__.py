@@ -1,6 +1,6 @@
 """Decoders: short functions over a :class:`~blockpilot.runtime.backend.Backend`, torch-free."""
 
-from .ar import ar_greedy
+from .ar import ArOptions, ar_greedy
 from .block import SUB_BLOCK_RULES, BlockOptions, block_threshold
 from .common import CountingBackend, Decoded, MaskInPromptError, ScaffoldLike, check_no_mask
 from .rollouts import RolloutOptions, shared_prefix_rollouts
@@ -8,6 +8,7 @@ from .speculative import SpeculativeOptions, scaffold_speculative, section_block
 
 __all__ = [
     "SUB_BLOCK_RULES",
+    "ArOptions",
     "BlockOptions",
     "CountingBackend",
     "Decoded",

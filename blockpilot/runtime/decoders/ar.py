@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ...vla.modes import AttentionMode
 from ...vla.slot_constraints import SlotConstraints
 from ..backend import Backend, Prompt
 from .common import CountingBackend, Decoded, ScaffoldLike, allowed_after, first_prediction
+
+
+@dataclass(frozen=True, slots=True)
+class ArOptions:
+    """The ``ar`` decoder (``scaffold=True``: the scaffold-constrained baseline) or ``ar_free`` (free text up to
+    ``max_new_tokens`` or ``end_id``)."""
+
+    end_id: int
+    max_new_tokens: int
+    scaffold: bool = True
 
 
 def ar_greedy(backend: Backend, prompt: Prompt, *, max_new_tokens: int, end_id: int,

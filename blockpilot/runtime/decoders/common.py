@@ -1,9 +1,9 @@
-"""What every decoder shares: the result type, forward counting and the scaffold view."""
+"""What every decoder shares: the result type, the counting backend wrapper and the scaffold view."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -61,7 +61,8 @@ class Decoded:
     """Answer tokens ``(rows, n)`` (no end token) and the forward passes that made them.
 
     ``forwards`` counts backend calls (prefill included); ``row_forwards`` weighs each call by its
-    batch rows, so N forked rollouts in one batched call count N.
+    batch rows, so N forked rollouts in one batched call count N. ``stage_ms`` holds the last prefill's
+    stage timings as the backend reported them (``vision``, ``prefill``).
     """
 
     tokens: TokenArray
@@ -69,6 +70,7 @@ class Decoded:
     row_forwards: int
     prefill_forwards: int
     stop: str  # "end" | "max_new_tokens" | "scaffold"
+    stage_ms: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def decode_forwards(self) -> int:
@@ -80,17 +82,23 @@ class Decoded:
 
 
 class CountingBackend:
-    """Forwards calls to a backend and counts them; decoders report these counts."""
+    """A backend pass-through that counts the forwards and keeps the last prefill's stage timings (vision,
+    prefill); every decoder runs over one and reports both in its :class:`Decoded`."""
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.forwards = 0
         self.row_forwards = 0
         self.prefill_forwards = 0
+        self.stage_ms: dict[str, float] = {}
 
     @property
     def length(self) -> int:
         return self.backend.length
+
+    @property
+    def capacity(self) -> int:
+        return self.backend.capacity
 
     def prefill(self, prompt: Prompt, *, length: int | None = None,
                 mode: AttentionMode = AttentionMode.CAUSAL) -> StepResult:
@@ -98,7 +106,9 @@ class CountingBackend:
             self.forwards += 1
             self.row_forwards += 1
             self.prefill_forwards += 1
-        return self.backend.prefill(prompt, length=length, mode=mode)
+        result = self.backend.prefill(prompt, length=length, mode=mode)
+        self.stage_ms = dict(result.stage_ms)
+        return result
 
     def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
              kv_end: int | None = None, sampling: Sampling | None = None,
@@ -119,7 +129,7 @@ class CountingBackend:
     def result(self, tokens: npt.ArrayLike, stop: str) -> Decoded:
         arr = np.asarray(tokens, dtype=np.int64)
         return Decoded(arr[None] if arr.ndim == 1 else arr, self.forwards, self.row_forwards,
-                       self.prefill_forwards, stop)
+                       self.prefill_forwards, stop, dict(self.stage_ms))
 
 
 def allowed_after(constraints: SlotConstraints | None, tokens: TokenArray, begin: int) -> AllowedTokens | None:

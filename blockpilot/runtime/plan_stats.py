@@ -1,4 +1,4 @@
-"""Plan statistics and rollout spread (torch-free)."""
+"""What a plan cost (:class:`PlanStats`) and how its rollouts disagree (:class:`RolloutSpread`), torch-free."""
 
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
-from ..vla.modes import AttentionMode
-from .backend import AllowedTokens, Backend, Prompt, Sampling, StepResult, TokenArray
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,39 +64,3 @@ class PlanStats:
         out["tokens_per_forward"] = round(self.tokens_per_forward, 3)
         out["stage_ms"] = {k: round(v, 3) for k, v in self.stage_ms.items()}
         return out
-
-
-class StageClock:
-    """A backend pass-through that keeps the stage timings of the last prefill (vision, prefill)."""
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        self.stage_ms: dict[str, float] = {}
-
-    @property
-    def length(self) -> int:
-        return self.backend.length
-
-    @property
-    def capacity(self) -> int:
-        return self.backend.capacity
-
-    def prefill(self, prompt: Prompt, *, length: int | None = None,
-                mode: AttentionMode = AttentionMode.CAUSAL) -> StepResult:
-        result = self.backend.prefill(prompt, length=length, mode=mode)
-        self.stage_ms = dict(result.stage_ms)
-        return result
-
-    def step(self, tokens: TokenArray, start: int, *, mode: AttentionMode, write_kv: bool,
-             kv_end: int | None = None, sampling: Sampling | None = None,
-             allowed: AllowedTokens | None = None) -> StepResult:
-        if allowed is not None:  # only constrained decoders pass it (a backend without support never sees it)
-            return self.backend.step(tokens, start, mode=mode, write_kv=write_kv, kv_end=kv_end, sampling=sampling,
-                                     allowed=allowed)
-        return self.backend.step(tokens, start, mode=mode, write_kv=write_kv, kv_end=kv_end, sampling=sampling)
-
-    def fork(self, n: int) -> None:
-        self.backend.fork(n)
-
-    def truncate(self, length: int) -> None:
-        self.backend.truncate(length)
