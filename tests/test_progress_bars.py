@@ -6,7 +6,7 @@ import io
 import subprocess
 import sys
 
-from blockpilot.eval.evaluator import Progress as ReplayProgress
+from blockpilot.eval.evaluator import SampleProgress
 from blockpilot.progress_bars import NoBar, is_terminal, live_bar, track
 
 
@@ -44,7 +44,7 @@ def test_track_yields_every_item_and_closes_on_break() -> None:
 def test_replay_progress_is_a_bar_on_a_terminal_and_deciles_in_a_log() -> None:
     term, log = Terminal(), io.StringIO()
     for stream in (term, log):
-        progress = ReplayProgress(20, stream=stream)
+        progress = SampleProgress(20, stream=stream)
         for done in range(1, 21):
             progress.update(done, {"ok": done, "failed": 0})
         progress.close()
@@ -54,7 +54,7 @@ def test_replay_progress_is_a_bar_on_a_terminal_and_deciles_in_a_log() -> None:
     assert len(lines) == 11 and "\r" not in log.getvalue()  # one line per 10 % (0 % .. 100 %), never a redraw
     assert lines[-1].startswith("[########################] 20/20 ok 20")
     quiet = Terminal()
-    ReplayProgress(5, stream=quiet, enabled=False).update(5, {"ok": 5})
+    SampleProgress(5, stream=quiet, enabled=False).update(5, {"ok": 5})
     assert quiet.getvalue() == ""
 
 
