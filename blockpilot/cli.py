@@ -202,6 +202,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _package_command(sub: argparse._SubParsersAction[_Parser], name: str, help: str,
+                     add_arguments: Callable[[argparse.ArgumentParser], None],
+                     func: Callable[[argparse.Namespace], int]) -> None:
+    """A subcommand whose flags its package's command-line module defines (``add_arguments``) and ``func`` runs."""
+    parser = sub.add_parser(name, help=help)
+    add_arguments(parser)
+    parser.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .vla.schema_io import add_schema_option
 
@@ -236,19 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="checkpoint dir with config.json and tokenizer.json (default: reference tokenizer)")
     scaffold.set_defaults(func=_cmd_scaffold)
 
-    plan = sub.add_parser("plan", help="plan once: from camera images (none for a text-only model), ego state and "
-                                       "route command, or from --prompt TEXT in any --schema; print JSON (exit 3: "
-                                       "the answer did not parse)")
     from .plan_cli import add_arguments as add_plan_arguments
 
-    add_plan_arguments(plan)
-    plan.set_defaults(func=_cmd_plan)
-    train = sub.add_parser("train-reference",
-                           help="train the reference model on generated scenes (block-diffusion recipe)")
-    from .train.trainer import add_arguments
+    _package_command(sub, "plan", "plan once: from camera images (none for a text-only model), ego state and route "
+                                  "command, or from --prompt TEXT in any --schema; print JSON (exit 3: the answer did "
+                                  "not parse)", add_plan_arguments, _cmd_plan)
 
-    add_arguments(train)
-    train.set_defaults(func=_cmd_train_reference)
+    from .train.trainer import add_arguments as add_train_arguments
+
+    _package_command(sub, "train-reference", "train the reference model on generated scenes (block-diffusion recipe)",
+                     add_train_arguments, _cmd_train_reference)
 
     export = sub.add_parser("export", help="export a checkpoint to a verified bundle (ONNX graphs for the "
                                            "ONNX Runtime backend, config, tokenizer, schema, sha256 manifest)")
@@ -305,40 +311,31 @@ def build_parser() -> argparse.ArgumentParser:
                              "that runs them); onnxruntime: ONNX Runtime against torch; auto: tensorrt where it runs")
     verify.set_defaults(func=_cmd_verify)
 
-    evaluate = sub.add_parser("eval", help="replay nuScenes / WOD-E2E / rosbag2 logs through the planner; "
-                                           "metrics and report (eval compare A B: two runs side by side)")
     from .eval.cli import add_arguments as add_eval_arguments
 
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(func=_cmd_eval)
+    _package_command(sub, "eval", "replay nuScenes / WOD-E2E / rosbag2 logs through the planner; metrics and report "
+                                  "(eval compare A B: two runs side by side)", add_eval_arguments, _cmd_eval)
 
-    quantize = sub.add_parser("quantize", help="quantize a checkpoint with modelopt (fp8, nvfp4, w4a8, int8_sq, "
-                                               "mixed, auto) for a target; optional replay quality gate")
     from .quant.cli import add_arguments as add_quant_arguments
 
-    add_quant_arguments(quantize)
-    quantize.set_defaults(func=_cmd_quantize)
+    _package_command(sub, "quantize", "quantize a checkpoint with modelopt (fp8, nvfp4, w4a8, int8_sq, mixed, auto) "
+                                      "for a target; optional replay quality gate", add_quant_arguments, _cmd_quantize)
 
-    ros = sub.add_parser("ros", help="ROS 2 nodes: planner (lifecycle), replay a rosbag2, record a run; "
-                                     "score a recorded run against its source bag")
     from .ros_nodes.cli import add_arguments as add_ros_arguments
 
-    add_ros_arguments(ros)
-    ros.set_defaults(func=_cmd_ros)
+    _package_command(sub, "ros", "ROS 2 nodes: planner (lifecycle), replay a rosbag2, record a run; score a recorded "
+                                 "run against its source bag", add_ros_arguments, _cmd_ros)
 
-    jetson = sub.add_parser("jetson", help="on a Jetson: platform and versions, on-device engine build, power modes, "
-                                           "device benchmark with tegrastats")
     from .jetson.cli import add_arguments as add_jetson_arguments
 
-    add_jetson_arguments(jetson)
-    jetson.set_defaults(func=_cmd_jetson)
+    _package_command(sub, "jetson", "on a Jetson: platform and versions, on-device engine build, power modes, device "
+                                    "benchmark with tegrastats", add_jetson_arguments, _cmd_jetson)
 
-    bench = sub.add_parser("bench", help="block-step forwards vs the memory roofline, AR vs transformers, plans per "
-                                         "decoder, in one run (GPU: the cuda backend; CPU: torch and ONNX Runtime)")
     from .bench.cli import add_arguments as add_bench_arguments
 
-    add_bench_arguments(bench)
-    bench.set_defaults(func=_cmd_bench)
+    _package_command(sub, "bench", "block-step forwards vs the memory roofline, AR vs transformers, plans per "
+                                   "decoder, in one run (GPU: the cuda backend; CPU: torch and ONNX Runtime)",
+                     add_bench_arguments, _cmd_bench)
     return parser
 
 

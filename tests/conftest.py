@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +78,13 @@ def shipped() -> tuple[Any, Any]:
 
     model = load_model(SHIPPED_MODEL)
     return model, load_tokenizer(SHIPPED_MODEL, model.config)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for a whole test module: ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    The shipped and random models are tiny: more threads only spin-wait on a busy machine."""
+    from runtime_fixtures import torch_threads
+
+    with torch_threads(1):
+        yield

@@ -7,8 +7,6 @@ builds from a block-mode prefill, bidirectional commits and bidirectional denois
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -20,7 +18,6 @@ from runtime_fixtures import (
     image_prompt,
     reference,
     text_model,
-    torch_threads,
 )
 
 from blockpilot.runtime.backend import Prompt
@@ -30,11 +27,7 @@ from blockpilot.vla.model import VLAModel
 from blockpilot.vla.modes import AttentionMode
 from blockpilot.vla.vision import image_inputs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FullSequenceModel:

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from runtime_fixtures import torch_threads
 
 from blockpilot.calibration import (
     CALIBRATION_SEED_BASE,
@@ -43,6 +42,8 @@ from blockpilot.sim.generator import generate_scene
 from blockpilot.sim.writers.nuscenes import write_nuscenes
 from blockpilot.vla.modes import AttentionMode
 from blockpilot.vla.prompt import EgoState
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 Item = EvalSample | SampleFailure
 
@@ -239,12 +240,6 @@ def test_nuscenes_source_over_a_written_dataroot(tmp_path: Path) -> None:
     assert_even(calib.manifest)
     assert all(im.dtype == np.uint8 and im.ndim == 3 for s in calib.samples for im in s.images)
     assert build_calibration_set(src, 6, cache_dir=tmp_path / "cache").from_cache
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):  # the shipped model is tiny: more threads only spin-wait on a busy machine
-        yield
 
 
 @pytest.fixture(scope="module")

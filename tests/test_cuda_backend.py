@@ -10,13 +10,12 @@ replay against eager, the Triton path against the torch backend on CUDA, FP8 aga
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from runtime_fixtures import TEXT_MASK, assert_same_step, image_prompt, text_model, torch_threads
+from runtime_fixtures import TEXT_MASK, assert_same_step, image_prompt, text_model
 from triton_interp import run_interpreted
 
 from blockpilot.runtime.backend import CacheFullError, Prompt, Sampling
@@ -41,10 +40,7 @@ STEPS: tuple[tuple[int, AttentionMode, bool, int | None], ...] = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _drive(a: Any, b: Any, prompt: Prompt, steps: Any = STEPS, seed: int = 0, tol: float = 1e-5,

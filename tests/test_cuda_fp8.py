@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from runtime_fixtures import image_prompt, torch_threads
+from runtime_fixtures import image_prompt
 from torch import nn
 
 from blockpilot.demo import SHIPPED_MODEL
@@ -34,11 +34,7 @@ from blockpilot.vla.loader import load_model, load_tokenizer
 from blockpilot.vla.model import VLAModel
 from blockpilot.vla.modes import AttentionMode
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quantized(per_channel: bool) -> VLAModel:

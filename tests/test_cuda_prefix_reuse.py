@@ -8,11 +8,9 @@ prefix part: an approximation whose effect on plans is measured here (reported, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
-from runtime_fixtures import assert_same_step, image_prompt, torch_threads
+from runtime_fixtures import assert_same_step, image_prompt
 
 from blockpilot.demo import SHIPPED_MODEL
 from blockpilot.runtime.backend import StepResult
@@ -29,10 +27,7 @@ from blockpilot.vla.tokenizer import Tokenizer
 BID = AttentionMode.BIDIRECTIONAL
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(shipped: tuple[VLAModel, Tokenizer]) -> tuple[CudaBackend, CudaBackend]:

@@ -3,7 +3,6 @@ sampling reference, exact forward accounting, prefix sharing, and the AR stop co
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,6 @@ from runtime_fixtures import (
     nuscenes_scaffold,
     reference,
     text_model,
-    torch_threads,
     toy_scaffold,
 )
 
@@ -38,11 +36,7 @@ from blockpilot.runtime.decoders import (
 from blockpilot.runtime.torch_backend import TorchBackend
 from blockpilot.vla.modes import AttentionMode
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SEEDS = range(5)
 

@@ -8,7 +8,6 @@ written from the published rules, the bf16 confidence arithmetic, and prompts ho
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ from runtime_fixtures import (
     image_prompt,
     reference,
     text_model,
-    torch_threads,
 )
 
 from blockpilot.runtime.backend import BackendError, Prompt, PromptError, StepResult, TokenArray
@@ -40,10 +38,7 @@ from blockpilot.vla.prompt import DRIVING_SYSTEM_PROMPT, chat_prompt_ids
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "reference"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

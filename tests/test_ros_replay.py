@@ -136,6 +136,19 @@ def test_bad_bag_is_a_typed_error_before_any_ros(tmp_path: Path) -> None:
         run(_args(str(tmp_path / "notes.txt")))
 
 
+def test_node_entry_points_report_their_error_on_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The colcon entry points (``ros_nodes.cli.node_main``): the node's typed error is one stderr line, exit 2."""
+    from blockpilot.ros_nodes import recorder_node, replay_node
+
+    assert replay_node.main([str(tmp_path / "missing")]) == 2
+    (tmp_path / "taken").mkdir()
+    assert recorder_node.main(["--out", str(tmp_path / "taken")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [
+        f"replay_node: error: rosbag2 path {tmp_path / 'missing'} does not exist",
+        f"recorder_node: error: {tmp_path / 'taken'} exists already; the recorder never overwrites a bag"]
+
+
 def test_missing_topic_and_bad_options_are_typed_errors(sim_bag: Path) -> None:
     with pytest.raises(ReplayError, match="has no topic /nope"):
         run(_args(str(sim_bag), "--topics", "/nope"))

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from runtime_fixtures import torch_threads
 
 from blockpilot.calibration import CalibrationError, build_calibration_set, synthetic_calibration_source
 from blockpilot.calibration.answers import resample_future, truth_plan, truth_tokens
@@ -30,11 +28,7 @@ from blockpilot.vla.plans import DrivingSchema
 from blockpilot.vla.reference_model import SHIPPED_MODEL, init_weights, reference_config
 from blockpilot.vla.reference_tokenizer import build_reference_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

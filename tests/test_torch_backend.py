@@ -4,12 +4,11 @@ prompts it must refuse, the mask token never predicted, and seeded sampling keye
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
-from runtime_fixtures import TEXT_MASK, image_prompt, reference, text_model, torch_threads
+from runtime_fixtures import TEXT_MASK, image_prompt, reference, text_model
 
 from blockpilot.runtime.backend import Backend, CacheFullError, Prompt, PromptError, Sampling, StepResult
 from blockpilot.runtime.sampling import gumbel_keys
@@ -17,11 +16,7 @@ from blockpilot.runtime.torch_backend import TorchBackend
 from blockpilot.vla.modes import AttentionMode
 from blockpilot.vla.vision import image_inputs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CAUSAL, BIDIR = AttentionMode.CAUSAL, AttentionMode.BIDIRECTIONAL
 

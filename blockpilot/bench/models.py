@@ -19,6 +19,7 @@ import torch
 
 from ..vla.config import BlockDiffusionConfig, LMConfig, ModelConfig, SpecialTokens
 from ..vla.model import VLAModel
+from ..vla.reference_model import init_parameters
 
 SHAPES: dict[str, LMConfig] = {
     "1.5b": LMConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
@@ -92,14 +93,7 @@ def init_random_(module: ModuleT, seed: int) -> ModuleT:
     returns it in eval mode."""
     device = next(module.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in module.named_parameters():
-            if pname.endswith("bias"):
-                p.zero_()
-            elif p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+    init_parameters(module, lambda p: p.normal_(0.0, 0.02, generator=gen))
     return module.eval()
 
 

@@ -138,6 +138,19 @@ def _next_length(f: BinaryIO, path: str | Path, index: int, size: int) -> int | 
     return int(length)
 
 
+def _lengths(f: BinaryIO, path: str | Path) -> Iterator[tuple[int, int | TFRecordError]]:
+    """``(index, data length)`` of each record from ``f``'s position, or ``(index, TFRecordError)`` as the last item
+    where an error ends the file. Before taking the next item the caller moves ``f`` past the record's data and
+    footer (reading or seeking)."""
+    size = os.fstat(f.fileno()).st_size
+    index = 0
+    while (length := _next_length(f, path, index, size)) is not None:
+        yield index, length
+        if isinstance(length, TFRecordError):
+            return
+        index += 1
+
+
 def scan_tfrecord(path: str | Path) -> Iterator[tuple[int, bytes | TFRecordError]]:
     """Yield ``(index, data)`` for each record, or ``(index, TFRecordError)`` for a broken one.
 
@@ -146,12 +159,7 @@ def scan_tfrecord(path: str | Path) -> Iterator[tuple[int, bytes | TFRecordError
     file may raise ``OSError``.
     """
     with Path(path).open("rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        index = 0
-        while True:
-            length = _next_length(f, path, index, size)
-            if length is None:
-                return
+        for index, length in _lengths(f, path):
             if isinstance(length, TFRecordError):
                 yield index, length
                 return
@@ -161,22 +169,17 @@ def scan_tfrecord(path: str | Path) -> Iterator[tuple[int, bytes | TFRecordError
                 yield index, TFRecordError(path, index, "data CRC mismatch")
             else:
                 yield index, data
-            index += 1
 
 
 def count_tfrecords(path: str | Path) -> int:
     """How many items :func:`scan_tfrecord` yields, found by walking the headers (data is not read)."""
+    count = 0
     with Path(path).open("rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        index = 0
-        while True:
-            length = _next_length(f, path, index, size)
-            if length is None:
-                return index
-            if isinstance(length, TFRecordError):
-                return index + 1
-            f.seek(length + _FOOTER, os.SEEK_CUR)
-            index += 1
+        for index, length in _lengths(f, path):
+            count = index + 1
+            if not isinstance(length, TFRecordError):
+                f.seek(length + _FOOTER, os.SEEK_CUR)
+    return count
 
 
 def read_tfrecord(path: str | Path) -> Iterator[bytes]:

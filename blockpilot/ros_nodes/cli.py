@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,23 @@ def add_ros_args(parser: argparse.ArgumentParser) -> None:
 def ros_args_of(args: argparse.Namespace) -> list[str]:
     extra = getattr(args, "ros_args", None)
     return [] if extra is None else ["--ros-args", *extra]
+
+
+def node_main(argv: Sequence[str] | None, prog: str, description: str,
+              add_node_arguments: Callable[[argparse.ArgumentParser], None],
+              run_node: Callable[[argparse.Namespace, list[str]], dict[str, Any]], error: type[Exception]) -> int:
+    """A node module's own ``main`` (its colcon entry point): parse its flags (``argv``, default ``sys.argv[1:]``),
+    run it with the ``--ros-args`` for rclpy and print its result as JSON; ``error`` is one line on stderr, exit 2."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_node_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        result = run_node(args, ros_args_of(args))
+    except error as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
 
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,6 @@ import argparse
 import json
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -175,18 +174,10 @@ def run(args: argparse.Namespace, ros_args: Sequence[str] = ()) -> dict[str, Any
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .cli import add_record_arguments, ros_args_of
+    from .cli import add_record_arguments, node_main
 
-    parser = argparse.ArgumentParser(prog="recorder_node", description="Record planner outputs to a rosbag2 MCAP.")
-    add_record_arguments(parser)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        result = run(args, ros_args_of(args))
-    except RecorderError as exc:
-        print(f"recorder_node: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+    return node_main(argv, "recorder_node", "Record planner outputs to a rosbag2 MCAP.", add_record_arguments, run,
+                     RecorderError)
 
 
 if __name__ == "__main__":

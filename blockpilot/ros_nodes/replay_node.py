@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -305,18 +304,10 @@ def run(args: argparse.Namespace, ros_args: Sequence[str] = ()) -> ReplayReport:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .cli import add_replay_arguments, ros_args_of
+    from .cli import add_replay_arguments, node_main
 
-    parser = argparse.ArgumentParser(prog="replay_node", description="Play a rosbag2 MCAP onto its topics.")
-    add_replay_arguments(parser)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        report = run(args, ros_args_of(args))
-    except ReplayError as exc:
-        print(f"replay_node: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(report.to_dict()))
-    return 0
+    return node_main(argv, "replay_node", "Play a rosbag2 MCAP onto its topics.", add_replay_arguments,
+                     lambda args, ros_args: run(args, ros_args).to_dict(), ReplayError)
 
 
 if __name__ == "__main__":

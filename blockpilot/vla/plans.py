@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .json_schema import MAX_TOKENS_KEY, compile_schema
-from .schema import FixedNumber, SchemaError, SchemaLayout
+from .schema import FixedNumber, SchemaError, SchemaLayout, exact_mapping
 from .slots import check_unique
 
 PlanT = TypeVar("PlanT")
@@ -67,16 +67,6 @@ def _object(properties: dict[str, Any], *, dialect: bool = False, title: str | N
     head: dict[str, Any] = {"$schema": JSON_SCHEMA_DIALECT, "title": title} if dialect else {}
     return {**head, "type": "object", "properties": properties, "required": list(properties),
             "additionalProperties": False}
-
-
-def _exact_keys(value: object, keys: tuple[str, ...], what: str) -> Mapping[str, object]:
-    if not isinstance(value, Mapping):
-        raise SchemaError(f"{what}: expected a mapping with keys {list(keys)}, got {type(value).__name__}")
-    missing = [k for k in keys if k not in value]
-    extra = sorted(str(k) for k in value if k not in keys)
-    if missing or extra:
-        raise SchemaError(f"{what}: missing keys {missing}, unexpected keys {extra}")
-    return value
 
 
 def _shaped(value: object, shape: tuple[int, int], what: str) -> npt.NDArray[np.float64]:
@@ -174,7 +164,7 @@ class DrivingSchema:
         }, dialect=True, title="Fast-dDrive driving answer")
 
     def sections_from_plan(self, plan: DrivingPlan) -> dict[str, object]:
-        flags = _exact_keys(plan.critical_objects, self.critical_object_keys, "critical_objects")
+        flags = exact_mapping(plan.critical_objects, self.critical_object_keys, "critical_objects")
         for key, value in flags.items():
             if not isinstance(value, (bool, np.bool_)):
                 raise SchemaError(f"critical_objects.{key}: expected a bool, got {value!r}")

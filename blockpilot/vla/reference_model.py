@@ -7,6 +7,7 @@ only smaller; until it is trained (``blockpilot.train``) its weights are random.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,6 +48,12 @@ def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
     need; the default is what training starts from.
     """
     gen = torch.Generator().manual_seed(seed)
+    init_parameters(model, lambda p: p.copy_(torch.randn(p.shape, generator=gen) * std))
+
+
+def init_parameters(model: nn.Module, matrix: Callable[[torch.Tensor], object]) -> None:
+    """The Qwen2 initialisation's rule, in place and without autograd: biases zero, 1-D parameters (norm weights)
+    one, and every other parameter (matrices, embeddings) drawn by ``matrix``, in ``named_parameters`` order."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -54,7 +61,7 @@ def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
             elif p.dim() == 1:
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                matrix(p)
 
 
 def build_reference_model(seed: int = 0, std: float = 0.02) -> tuple[VLAModel, Tokenizer]:

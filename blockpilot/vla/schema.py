@@ -32,7 +32,7 @@ from .slots import (
 
 __all__ = [
     "Categorical", "FixedNumber", "FlagGroup", "FreeText", "Item", "Part", "Record", "SchemaError", "SchemaLayout",
-    "Section", "Slot", "SlotKind", "SlotValueError", "Structure", "WaypointList",
+    "Section", "Slot", "SlotKind", "SlotValueError", "Structure", "WaypointList", "exact_mapping",
 ]
 
 
@@ -67,7 +67,7 @@ class FlagGroup(Part):
         return out
 
     def format_slots(self, value: object, path: str) -> list[str]:
-        flags = _exact_mapping(value, self.keys, path)
+        flags = exact_mapping(value, self.keys, path)
         out = []
         for k in self.keys:
             v = flags[k]
@@ -109,7 +109,7 @@ class Record(Part):
         return out
 
     def format_slots(self, value: object, path: str) -> list[str]:
-        record = _exact_mapping(value, [k for k, _ in self.fields], path)
+        record = exact_mapping(value, [k for k, _ in self.fields], path)
         return [text for key, part in self.fields for text in part.format_slots(record[key], f"{path}.{key}")]
 
     def assemble(self, values: Sequence[object]) -> object:
@@ -164,7 +164,8 @@ class WaypointList(Part):
         return np.array(values, dtype=np.float64).reshape(self.num_points, self.dims)
 
 
-def _exact_mapping(value: object, keys: Sequence[str], path: str) -> Mapping[str, object]:
+def exact_mapping(value: object, keys: Sequence[str], path: str) -> Mapping[str, object]:
+    """``value`` as a mapping with exactly ``keys``; a :class:`SchemaError` naming ``path`` otherwise."""
     if not isinstance(value, Mapping):
         raise SchemaError(f"{path}: expected a mapping with keys {list(keys)}, got {type(value).__name__}")
     missing = [k for k in keys if k not in value]
@@ -236,7 +237,7 @@ class SchemaLayout:
 
     def format_slots(self, values: Mapping[str, object]) -> list[str]:
         """Slot texts of a section-keyed value dict, in template order."""
-        checked = _exact_mapping(values, self.keys, "answer")
+        checked = exact_mapping(values, self.keys, "answer")
         return [text for s in self.sections for text in s.part.format_slots(checked[s.key], s.key)]
 
     def render(self, values: Mapping[str, object]) -> str:
