@@ -127,8 +127,12 @@ def _bundle_route(bundle: Bundle, found: _Found, attention: str) -> tuple[str | 
     variants = sorted({a.variant for a in lm}, key=lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else 99)
     engines = Check("engines", ", ".join(targets) + f"; lm_step {'/'.join(variants)}", needed, OK)
     if attention != "auto" and attention not in variants:
+        trt = found.tensorrt[0]
+        fix = (f"TensorRT {trt} has no attention layer (10.14+); build decomposed or plugin engines" if
+               attention == "native" and trt and version_tuple(trt, 2) < (10, 14) else
+               f"{BUILD_HERE} --attention {attention}")
         return None, None, [engines, Check("attention route", f"lm_step engines: {', '.join(variants)}", attention,
-                                           FAIL, f"{BUILD_HERE} --attention {attention}")]
+                                           FAIL, fix)]
     route = variants[0] if attention == "auto" else attention
     return route, next(a for a in lm if a.variant == route), [engines]
 
@@ -187,7 +191,7 @@ def _tensorrt_python(found: _Found) -> Check:
     system = found.deb(r"python3-libnvinfer")
     if have is None:
         if system is not None:
-            return Check("TensorRT Python", f"{system[1]} [system Python only]", needed, FAIL,
+            return Check("TensorRT Python", f"{system[1].split('-')[0]} [system Python only]", needed, FAIL,
                          "python3 -m venv --system-site-packages VENV  (JetPack's bindings live in the system Python)")
         return Check("TensorRT Python", "not installed", needed, FAIL, "sudo apt install python3-libnvinfer")
     if trt is not None and major_minor(have) != major_minor(trt):

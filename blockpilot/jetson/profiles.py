@@ -4,8 +4,8 @@
 
 * Orin (sm 8.7, JetPack 6, TensorRT 10.3): fp16 engines, LM-step attention through the ``BlockDiffusionAttention``
   plugin where torch and Triton import on the Orin, else the decomposed graph (TensorRT 10.3 has no attention layer
-  but fuses the decomposed pattern itself). TensorRT there has no FP8 or FP4 kernels; INT8 SmoothQuant passes the ``orin`` gate but bundles do not
-  carry INT8 graphs yet (``export --recipe`` is fp8 only), so fp16 it is.
+  but fuses the decomposed pattern itself). TensorRT there has no FP8 or FP4 kernels; INT8 SmoothQuant passes the
+  ``orin`` gate but bundles do not carry INT8 graphs yet (``export --recipe`` is fp8 only), so fp16 it is.
 * Thor (sm 11.0, JetPack 7): the ``fp8`` recipe (modelopt Q/DQ graphs, strongly typed FP8 engines); on TensorRT
   10.13 the plugin or the decomposed graph as on Orin, TensorRT's own attention layer from 10.14 (JetPack 7.2's 10.16).
 """
