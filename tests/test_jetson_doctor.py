@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -255,3 +257,22 @@ def test_plain_dpkg_query_lines() -> None:
     assert parsed == {"libnvinfer10": "10.3.0.30-1+cuda12.5", "nvidia-jetpack": "6.2+b77"}
     assert stack.python_versions(lambda name: {"cuda-bindings": "12.9.0", "pytorch-triton": "3.3.0"}.get(name)) == {
         "cuda-python": "12.9.0", "triton": "3.3.0"}
+
+
+def test_doctor_in_a_fresh_process_imports_neither_torch_nor_triton(tmp_path: Path) -> None:
+    # Through the jetson command's own parser: the top-level parser loads every command (train imports torch).
+    root = write_root(tmp_path / "orin", AGX_ORIN_JP62)
+    (tmp_path / "dpkg.txt").write_text(DPKG_ORIN_JP62)
+    bundle = _bundle(tmp_path / "b", [("orin", "8.7", "plugin", "10.3.0.30")])
+    argv = ["doctor", "--root", str(root), "--dpkg-listing", str(tmp_path / "dpkg.txt"), "--bundle", str(bundle),
+            "--json"]
+    code = ("import argparse, json, sys\nfrom blockpilot.jetson.cli import add_arguments, run\n"
+            "parser = argparse.ArgumentParser()\nadd_arguments(parser)\n"
+            f"rc = run(parser.parse_args({argv!r}))\n"
+            "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, 'triton': 'triton' in sys.modules}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    *report_lines, verdict_line = done.stdout.strip().splitlines()
+    report, verdict = json.loads("\n".join(report_lines)), json.loads(verdict_line)
+    assert report["attention"]["route"] == "plugin"  # the bundle's only LM-step engine
+    assert verdict == {"rc": 0 if report["ok"] else 1, "torch": False, "triton": False}
