@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..errors import BlockpilotError
+from ..export.targets import has_native_attention
 from ..formats.bundle import Artifact, Bundle
 from .platform import JetsonPlatform
 from .stack import JetPackLine, dpkg_match, line_for, major_minor, version_tuple
@@ -129,7 +130,7 @@ def _bundle_route(bundle: Bundle, found: _Found, attention: str) -> tuple[str | 
     if attention != "auto" and attention not in variants:
         trt = found.tensorrt[0]
         fix = (f"TensorRT {trt} has no attention layer (10.14+); build decomposed or plugin engines" if
-               attention == "native" and trt and version_tuple(trt, 2) < (10, 14) else
+               attention == "native" and trt and not has_native_attention("tensorrt", trt) else
                f"{BUILD_HERE} --attention {attention}")
         return None, None, [engines, Check("attention route", f"lm_step engines: {', '.join(variants)}", attention,
                                            FAIL, fix)]
@@ -152,7 +153,7 @@ def _route_check(route: str, found: _Found, tensorrt: str | None) -> Check:
     status, fix = OK, ""
     if route == "plugin" and not found.plugin_runtime:
         status, fix = FAIL, f"install torch and Triton (below), or build without the plugin: {BUILD_HERE}"
-    elif route == "native" and tensorrt is not None and version_tuple(tensorrt, 2) < (10, 14):
+    elif route == "native" and tensorrt is not None and not has_native_attention("tensorrt", tensorrt):
         status, fix = FAIL, f"TensorRT {tensorrt} has no attention layer: {BUILD_HERE}"
     return Check("attention route", route, ROUTE_NEEDS.get(route, route), status, fix)
 
