@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--calib", type=positive_int, default=32, help="calibration samples for --recipe")
     export.add_argument("--attention", default="auto", choices=["auto", "decomposed", "native", "plugin"],
                         help="LM-step engines' attention: TensorRT's attention layer (native), the "
-                             "BlockDiffusionAttention plugin, or plain ops (decomposed); auto: the target's")
+                             "BlockDiffusionAttention plugin, or plain ops (decomposed); auto: the target's, with the "
+                             "plugin only where torch and Triton import (else decomposed)")
     export.add_argument("--dtype", default="auto", choices=["auto", "float32"],
                         help="dtype the model is loaded and traced in: auto = the checkpoint's stored dtype (bf16/fp16 "
                              "checkpoints never make a float32 copy; the graphs are widened to float32 exactly); "

@@ -5,10 +5,15 @@ which GPU, through which attention route, and which quantization gate its recipe
   (TensorRT's attention layer, ONNX ``Attention`` at opset 23).
 * ``rtx-blackwell``: sm 12.0, TensorRT-RTX; native attention.
 * ``orin``: sm 8.7, JetPack 6's TensorRT 10.3 on the Orin itself; the ``BlockDiffusionAttention`` plugin
-  (10.3 has no attention layer).
+  (10.3 has no attention layer) where torch and Triton import, else the decomposed graph, whose attention
+  pattern TensorRT fuses itself.
 * ``thor``: sm 11.0, JetPack 7's TensorRT 10.13 on the Thor itself; native where its TensorRT is 10.14 or
-  newer, else the plugin (``auto`` picks).
-* ``h100``: sm 9.0, TensorRT 10.14+ / 11 on the H100 box; native (the plugin on an older TensorRT).
+  newer, else the plugin or the decomposed graph as on Orin (``auto`` picks).
+* ``h100``: sm 9.0, TensorRT 10.14+ / 11 on the H100 box; native (the plugin or decomposed on an older TensorRT).
+
+The plugin runs its Triton kernel through torch when the engine runs, so ``auto`` takes it only where both
+import (:func:`auto_attention` decides, :func:`plugin_runtime_available` looks): TensorRT builds and runs on
+the same device, and an engine whose plugin cannot load there would be no use.
 
 TensorRT proper builds only for the GPU it runs on, so ``orin``/``thor``/``h100`` engines are built on that
 platform (``blockpilot export`` runs there unchanged); TensorRT-RTX builds ahead of time for a chosen compute
@@ -29,6 +34,7 @@ ATTENTION_ROUTES = ("decomposed", "native", "plugin")
 # neither ONNX Runtime nor TensorRT-RTX runs, and INT8 SmoothQuant graphs are not exported yet.
 EXPORTABLE_RECIPES = ("fp8",)
 NATIVE_MIN_TENSORRT = (10, 14)  # IAttention and the ONNX Attention op arrived in TensorRT 10.14
+PLUGIN_RUNTIME = ("torch", "triton")  # what the plugin's kernel runs through (blockpilot.trt.plugin.run_plugin)
 
 
 class EngineTargetError(BlockpilotError, ValueError):
@@ -85,26 +91,66 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def attention_route(target: EngineTarget, flavor: str, version: str, requested: str = "auto") -> str:
+def has_native_attention(flavor: str, version: str) -> bool:
+    """Whether TensorRT ``flavor`` ``version`` has the attention layer (TensorRT-RTX: always)."""
+    return flavor == "tensorrt-rtx" or _version_tuple(version) >= NATIVE_MIN_TENSORRT
+
+
+def auto_attention(target: EngineTarget, flavor: str, version: str, *, plugin_runtime: bool) -> str:
+    """The route ``--attention auto`` takes (a pure function of what it is given).
+
+    The target's preference; ``native`` becomes ``plugin`` where TensorRT has no attention layer (proper older
+    than 10.14), and ``plugin`` becomes ``decomposed`` where the plugin cannot run: TensorRT-RTX builds no plugin
+    layers, and without ``plugin_runtime`` (torch and Triton importable) the engine could not run its kernel.
+    """
+    route = target.attention
+    if route == "native" and not has_native_attention(flavor, version):
+        route = "plugin"
+    if route == "plugin" and (flavor == "tensorrt-rtx" or not plugin_runtime):
+        route = "decomposed"
+    return route
+
+
+def plugin_runtime_available(*, import_them: bool = True) -> bool:
+    """Whether torch and Triton (:data:`PLUGIN_RUNTIME`) import here; ``import_them=False`` only looks whether
+    they are installed (cheap: nothing imported), for commands that must stay light."""
+    import importlib
+    import importlib.util
+
+    for module in PLUGIN_RUNTIME:
+        try:
+            if importlib.util.find_spec(module) is None:
+                return False
+            if import_them:
+                importlib.import_module(module)
+        except Exception:  # a torch whose CUDA libraries are missing fails to import with OSError and others
+            return False
+    return True
+
+
+def attention_route(target: EngineTarget, flavor: str, version: str, requested: str = "auto", *,
+                    plugin_runtime: bool | None = None) -> str:
     """The attention route the LM-step engine of ``target`` takes on TensorRT ``flavor`` ``version``.
 
-    ``auto`` is the target's preference, with ``native`` turning into ``plugin`` on a TensorRT proper older
-    than 10.14. An explicit route is honoured when the flavor can build it: TensorRT-RTX builds no plugins and
-    TensorRT older than 10.14 has no attention layer; ``decomposed`` builds everywhere.
+    ``auto`` is :func:`auto_attention`, with ``plugin_runtime`` looked up (:func:`plugin_runtime_available`) when
+    not given and the answer depends on it. An explicit route is honoured when the flavor can build it:
+    TensorRT-RTX builds no plugins and TensorRT older than 10.14 has no attention layer; ``decomposed`` builds
+    everywhere.
     """
     if requested not in ("auto", *ATTENTION_ROUTES):
         raise EngineTargetError(f"attention route {requested!r}: choose auto or one of {', '.join(ATTENTION_ROUTES)}")
-    has_native = flavor == "tensorrt-rtx" or _version_tuple(version) >= NATIVE_MIN_TENSORRT
-    route = target.attention if requested == "auto" else requested
-    if requested == "auto" and route == "native" and not has_native:
-        route = "plugin"
-    if route == "plugin" and flavor == "tensorrt-rtx":
+    if requested == "auto":
+        if plugin_runtime is None:  # look only where the answer depends on it (importing torch takes seconds)
+            wants_plugin = auto_attention(target, flavor, version, plugin_runtime=True) == "plugin"
+            plugin_runtime = plugin_runtime_available() if wants_plugin else True
+        return auto_attention(target, flavor, version, plugin_runtime=plugin_runtime)
+    if requested == "plugin" and flavor == "tensorrt-rtx":
         raise EngineTargetError(f"target {target.name}: TensorRT-RTX builds no plugin layers; use --attention "
                                 "native or decomposed")
-    if route == "native" and not has_native:
+    if requested == "native" and not has_native_attention(flavor, version):
         raise EngineTargetError(f"target {target.name}: TensorRT {version} has no attention layer (needs "
                                 f"{'.'.join(map(str, NATIVE_MIN_TENSORRT))}+); use --attention plugin or decomposed")
-    return route
+    return requested
 
 
 def check_buildable_here(target: EngineTarget, trt: Any, current_sm: str | None) -> None:

@@ -13,18 +13,23 @@ from typing import Any
 
 from ..cli_common import (
     JSON_HELP,
+    about,
     add_json_option,
     emit,
     existing_dir,
+    existing_path,
     non_negative_int,
     positive_int,
     writable_target,
 )
 from ..errors import BlockpilotError
+from ..export.targets import ATTENTION_ROUTES
 from ..runtime.backend import BUNDLE_BACKENDS
 from ..runtime.plan_types import DECODERS
 from .power import STATE_FILE, PowerControl
 
+ATTENTION_HELP = ("LM-step attention route: auto takes the plugin only where torch and Triton import on this device, "
+                  "else decomposed (TensorRT 10.3 fuses it); native needs TensorRT 10.14+")
 NOT_A_JETSON = ("not a Jetson (no NVIDIA Tegra device tree under {root}); on a workstation build TensorRT-RTX "
                 "engines ahead of time with `blockpilot export --target rtx`")
 
@@ -60,8 +65,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="camera frames per prompt the bundle is sized for")
     build.add_argument("--timing-cache", default=None,
                        help="TensorRT timing cache (default ~/.cache/blockpilot/tensorrt-timing.cache; '' for none)")
+    build.add_argument("--attention", default="auto", choices=["auto", *ATTENTION_ROUTES],
+                       help=ATTENTION_HELP)
     build.add_argument("--root", default="/", help=root_help)
     build.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    doctor = sub.add_parser("doctor", help="L4T / JetPack, CUDA, TensorRT, cuDNN, rclpy, torch, Triton and "
+                                           "cuda-python found against what a bundle (or an on-device build) needs, "
+                                           "with the install command for each gap; exit 1 when it cannot run here")
+    doctor.add_argument("--bundle", default=None, help="bundle directory whose engines and attention route to check "
+                                                       "(default: what `jetson build` would build here)")
+    doctor.add_argument("--attention", default="auto", choices=["auto", *ATTENTION_ROUTES],
+                        help="route to check: auto is the bundle's (native, decomposed, then plugin, as the runtime "
+                             "picks) or, without --bundle, the one `jetson build` takes here")
+    doctor.add_argument("--dpkg-listing", default=None, metavar="FILE",
+                        help="read `dpkg-query -W` output from FILE (one recorded on the car) instead of running "
+                             "dpkg-query")
+    doctor.add_argument("--root", default="/", help=root_help)
+    doctor.add_argument("--json", action="store_true", help=JSON_HELP)
 
     power = sub.add_parser("power", help="show the power mode; set one (--mode, saving the current mode and clocks) "
                                          "or put the saved one back (--restore); needs root")
@@ -106,6 +127,7 @@ def _detect(root: str) -> Any:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from ..export.targets import plugin_runtime_available
     from .profiles import engine_profile, recommended_export_args
 
     platform = _detect(args.root)
@@ -113,8 +135,9 @@ def _info(args: argparse.Namespace) -> int:
         message = NOT_A_JETSON.format(root=args.root)
         print(json.dumps({"jetson": False, "reason": message}, indent=2) if args.json else message)
         return 0
-    profile = engine_profile(platform)
-    command = recommended_export_args(platform, args.checkpoint, args.out)
+    installed = plugin_runtime_available(import_them=False)  # info stays light: nothing imported
+    profile = engine_profile(platform, plugin_runtime=installed)
+    command = recommended_export_args(platform, args.checkpoint, args.out, plugin_runtime=installed)
     if args.json:
         print(json.dumps({"jetson": True, "platform": platform.to_dict(), "profile": profile.to_dict(),
                           "export_command": command}, indent=2))
@@ -139,7 +162,7 @@ def _build(args: argparse.Namespace) -> int:
                                + NOT_A_JETSON.format(root=args.root))
     existing_dir("--checkpoint", args.checkpoint, holding="config.json")
     writable_target("--out", args.out, overwrite=args.overwrite, directory=True)
-    profile = engine_profile(platform)
+    profile = engine_profile(platform, attention=args.attention)
     check_gate(profile)
     cache = default_timing_cache() if args.timing_cache is None else args.timing_cache
     if cache:
@@ -155,6 +178,32 @@ def _build(args: argparse.Namespace) -> int:
                             timing_cache=Path(cache) if cache else None)
     print(summary.table())
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from ..formats.bundle import load_bundle
+    from . import stack
+    from .commands import run_command
+    from .doctor import diagnose
+    from .platform import detect_platform
+
+    bundle = None
+    if args.bundle is not None:
+        existing_dir("--bundle", args.bundle, holding="manifest.json")
+        with about("--bundle"):
+            bundle = load_bundle(args.bundle, verify=False)  # sizes and manifest; `blockpilot verify` hashes
+    if args.dpkg_listing is not None:
+        with about("--dpkg-listing"):
+            dpkg = stack.read_listing(existing_path("--dpkg-listing", args.dpkg_listing))
+    elif Path(args.root).resolve() == Path("/"):
+        dpkg = stack.query_dpkg(run_command)
+    else:
+        dpkg = {}
+    platform = detect_platform(args.root, runner=None, packages=dpkg)
+    report = diagnose(platform, dpkg, stack.python_versions(), bundle=bundle, attention=args.attention,
+                      root=args.root)
+    emit(args, report.to_dict(), report.table())
+    return 0 if report.ok else 1
 
 
 def _power(args: argparse.Namespace) -> int:
@@ -223,5 +272,5 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    actions = {"info": _info, "build": _build, "power": _power, "bench": _bench}
+    actions = {"info": _info, "build": _build, "doctor": _doctor, "power": _power, "bench": _bench}
     return actions[args.jetson_command](args)

@@ -186,12 +186,14 @@ def parse_cuda_version_json(text: str, path: str | Path = "/" + CUDA_VERSION_JSO
 
 
 def parse_dpkg_query(text: str) -> dict[str, str]:
-    """``Package<TAB>Status<TAB>Version`` lines -> the versions of installed (``ii``) packages."""
+    """``Package<TAB>Status<TAB>Version`` lines -> the versions of installed (``ii``) packages. Plain ``dpkg-query -W``
+    lines (``Package<TAB>Version``; an empty version: known, not installed) count too; an ``:arm64`` qualifier goes."""
     out: dict[str, str] = {}
     for line in text.splitlines():
         parts = line.split("\t")
-        if len(parts) == 3 and parts[1].strip().startswith("ii") and parts[2].strip():
-            out[parts[0].strip()] = parts[2].strip()
+        installed = len(parts) == 2 or (len(parts) == 3 and parts[1].strip().startswith("ii"))
+        if installed and parts[-1].strip():
+            out[parts[0].strip().split(":", 1)[0]] = parts[-1].strip()
     return out
 
 
@@ -301,14 +303,15 @@ def identify(compatible: bytes | str, release: str | None, model: bytes | str | 
         versions["cuda"] = _major_minor(parse_cuda_version_json(cuda_json, root / CUDA_VERSION_JSON))
         sources["cuda"] = str(root / CUDA_VERSION_JSON)
     installed = {"jetpack": packages.get("nvidia-jetpack", "").split("+")[0] or None,
-                 "tensorrt": packages.get("libnvinfer10", "").split("-")[0] or None}
+                 "tensorrt": (packages.get("libnvinfer10") or packages.get("libnvinfer8", "")).split("-")[0] or None}
     for key, value in installed.items():
         if value is None:
             continue
         if versions[key] is not None and _major_minor(value) != _major_minor(str(versions[key])):
             notes.append(f"installed {key} {value} differs from the matrix's {versions[key]}; the installed one counts")
         versions[key] = value
-        sources[key] = "dpkg " + ("nvidia-jetpack" if key == "jetpack" else "libnvinfer10")
+        sources[key] = "dpkg " + ("nvidia-jetpack" if key == "jetpack" else
+                                  "libnvinfer10" if "libnvinfer10" in packages else "libnvinfer8")
     return JetsonPlatform(name=name, soc=soc, module=module, part=part, model=model_text, sm=sm,
                           l4t=l4t.version if l4t else None, jetpack=versions["jetpack"], tensorrt=versions["tensorrt"],
                           cuda=versions["cuda"], super_variant=super_variant, sources=sources, notes=tuple(notes))
@@ -323,15 +326,18 @@ def _read(path: Path) -> bytes | None:
         raise PlatformFileError(path, f"cannot be read ({exc.strerror or exc})") from None
 
 
-def detect_platform(root: str | Path = "/", *, runner: Runner | None = run_command) -> JetsonPlatform | None:
+def detect_platform(root: str | Path = "/", *, runner: Runner | None = run_command,
+                    packages: Mapping[str, str] | None = None) -> JetsonPlatform | None:
     """The Jetson under ``root`` (``/`` normally), or ``None`` off-Jetson (no NVIDIA device tree, e.g. x86).
-    ``runner`` runs ``dpkg-query`` (``None``: skip the package query)."""
+    ``runner`` runs ``dpkg-query`` (``None``: skip the package query); ``packages`` (dpkg versions already read,
+    e.g. a recorded listing) replaces the query."""
     root = Path(root)
     compatible = next((data for rel in DT_COMPATIBLE if (data := _read(root / rel)) is not None), None)
     if compatible is None or jetson_soc(parse_compatible(compatible, root / DT_COMPATIBLE[0])) is None:
         return None
     release, model, cuda = (_read(root / rel) for rel in (NV_TEGRA_RELEASE, DT_MODEL, CUDA_VERSION_JSON))
-    packages = query_packages(runner) if runner is not None else {}
+    if packages is None:
+        packages = query_packages(runner) if runner is not None else {}
     return identify(compatible, release.decode("utf-8", errors="replace") if release is not None else None, model,
                     packages=packages, cuda_json=cuda.decode("utf-8", errors="replace") if cuda is not None else None,
                     root=root)

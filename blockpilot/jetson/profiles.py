@@ -3,10 +3,11 @@
 (:data:`blockpilot.quant.targets.TARGETS`).
 
 * Orin (sm 8.7, JetPack 6, TensorRT 10.3): fp16 engines, LM-step attention through the ``BlockDiffusionAttention``
-  plugin. TensorRT there has no FP8 or FP4 kernels; INT8 SmoothQuant passes the ``orin`` gate but bundles do not
-  carry INT8 graphs yet (``export --recipe`` is fp8 only), so fp16 it is.
-* Thor (sm 11.0, JetPack 7): the ``fp8`` recipe (modelopt Q/DQ graphs, strongly typed FP8 engines); the plugin on
-  TensorRT 10.13, TensorRT's own attention layer from 10.14 (JetPack 7.2's 10.16).
+  plugin where torch and Triton import on the Orin, else the decomposed graph (TensorRT 10.3 has no attention layer
+  but fuses the decomposed pattern itself). TensorRT there has no FP8 or FP4 kernels; INT8 SmoothQuant passes the
+  ``orin`` gate but bundles do not carry INT8 graphs yet (``export --recipe`` is fp8 only), so fp16 it is.
+* Thor (sm 11.0, JetPack 7): the ``fp8`` recipe (modelopt Q/DQ graphs, strongly typed FP8 engines); on TensorRT
+  10.13 the plugin or the decomposed graph as on Orin, TensorRT's own attention layer from 10.14 (JetPack 7.2's 10.16).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from ..errors import BlockpilotError
-from ..export.targets import ENGINE_TARGETS, EngineTarget, attention_route
+from ..export.targets import ENGINE_TARGETS, PLUGIN_RUNTIME, EngineTarget, attention_route
 from .platform import JetsonPlatform
 
 # platform -> (recipe or None for unquantized graphs, engine precision used without a recipe)
@@ -55,9 +56,12 @@ class EngineProfile:
         return out
 
 
-def engine_profile(platform: JetsonPlatform) -> EngineProfile:
+def engine_profile(platform: JetsonPlatform, *, attention: str = "auto",
+                   plugin_runtime: bool | None = None) -> EngineProfile:
     """The profile of ``platform``: its :data:`ENGINE_TARGETS` preset, the recipe its gate runs for real, and the
-    attention route its TensorRT takes (:func:`blockpilot.export.targets.attention_route`)."""
+    attention route its TensorRT takes for ``attention`` (:func:`blockpilot.export.targets.attention_route`, which
+    refuses a route this TensorRT cannot build; ``plugin_runtime``: whether torch and Triton import here, looked up
+    when ``None``)."""
     if platform.name not in PRECISIONS:
         raise ProfileError(f"no engine profile for platform {platform.name!r}; profiles: {', '.join(PRECISIONS)}")
     target: EngineTarget = ENGINE_TARGETS[platform.name]
@@ -66,12 +70,17 @@ def engine_profile(platform: JetsonPlatform) -> EngineProfile:
     if platform.sm != target.sm:
         notes.append(f"this GPU is sm {platform.sm} but the {target.name} target builds for sm {target.sm}")
     if platform.tensorrt is None:
-        attention = "auto"
-        notes.append("TensorRT version unknown: the attention route is picked at build time (--attention auto)")
+        if attention == "auto":
+            notes.append("TensorRT version unknown: the attention route is picked at build time (--attention auto)")
     else:
         if not platform.tensorrt.startswith("10."):
             notes.append(f"TensorRT {platform.tensorrt}: the plugin needs TensorRT 10 (IPluginV3); JetPack 6.1+ has it")
-        attention = attention_route(target, "tensorrt", platform.tensorrt, "auto")
+        requested, attention = attention, attention_route(target, "tensorrt", platform.tensorrt, attention,
+                                                          plugin_runtime=plugin_runtime)
+        if requested == "auto" and attention == "decomposed" and target.attention != "decomposed":
+            notes.append(f"attention decomposed: the plugin route needs {' and '.join(PLUGIN_RUNTIME)} on this "
+                         "device (`blockpilot jetson doctor` says what to install); TensorRT fuses the decomposed "
+                         "attention itself")
     if platform.name == "orin":
         notes.append("fp16 engines: Orin's TensorRT has no FP8/FP4; INT8 SmoothQuant is not exported into bundles yet")
     return EngineProfile(platform=platform.name, target=target.name, gate=target.gate, recipe=recipe,
@@ -107,6 +116,8 @@ def export_args(profile: EngineProfile, checkpoint: str = "CHECKPOINT_DIR", out:
 
 
 def recommended_export_args(platform: JetsonPlatform, checkpoint: str = "CHECKPOINT_DIR", out: str = "BUNDLE_DIR",
-                            *, calib: int = DEFAULT_CALIB, timing_cache: str | None = "") -> list[str]:
+                            *, calib: int = DEFAULT_CALIB, timing_cache: str | None = "",
+                            plugin_runtime: bool | None = None) -> list[str]:
     """The exact ``blockpilot export ... --target orin|thor ...`` command line for ``platform``."""
-    return export_args(engine_profile(platform), checkpoint, out, calib=calib, timing_cache=timing_cache)
+    return export_args(engine_profile(platform, plugin_runtime=plugin_runtime), checkpoint, out, calib=calib,
+                       timing_cache=timing_cache)
