@@ -31,9 +31,31 @@ UNANNOTATED_RETURNS = {"get_logger": "rclpy.impl.rcutils_logger.RcutilsLogger",
                        "create_lifecycle_publisher": "rclpy.lifecycle.publisher.LifecyclePublisher"}
 
 
-def load_api(name: str) -> dict[str, Any]:
-    api: dict[str, Any] = json.loads((DATA / f"{name}_rclpy_api.json").read_text())
+def load_api(distro: str) -> dict[str, Any]:
+    """``<distro>_rclpy_api.json`` with ``<distro>_ros_interfaces.json`` merged in: ``pkg.msg`` / ``pkg.srv``
+    modules whose classes have the fields as attributes and constructor keywords."""
+    api: dict[str, Any] = json.loads((DATA / f"{distro}_rclpy_api.json").read_text())
+    api["label"] = f"{distro.capitalize()} (rclpy {api['source']['rclpy_version']})"
+    interfaces = json.loads((DATA / f"{distro}_ros_interfaces.json").read_text())["interfaces"]
+    for key, record in interfaces.items():
+        package, kind, name = key.split("/")
+        qualname = f"{package}.{kind}.{name}"
+        api["modules"].setdefault(f"{package}.{kind}", {})[name] = qualname
+        if kind == "msg":
+            api["classes"][qualname] = message_class(record)
+        else:
+            api["classes"][qualname] = {"bases": [], "attributes": ["Request", "Response"], "methods": {}}
+            for half in ("Request", "Response"):
+                api["classes"][f"{qualname}.{half}"] = message_class(record[half.lower()])
     return api
+
+
+def message_class(record: dict[str, Any]) -> dict[str, Any]:
+    fields = record["fields"]
+    types = {name: ftype.replace("/", ".msg.") for name, ftype in fields.items()
+             if "/" in ftype and "[" not in ftype}  # a nested message (arrays are not followed)
+    return {"bases": [], "attributes": sorted([*fields, *record["constants"]]), "field_types": types,
+            "methods": {"__init__": {"params": list(fields), "varargs": False, "varkw": False, "returns": None}}}
 
 
 @dataclass
@@ -121,29 +143,36 @@ class Checker(ast.NodeVisitor):
 
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
-            if alias.name.split(".")[0] != "rclpy":
+            if not self.checked_root(alias.name):
                 continue
             if self.kind(alias.name) != "module":
-                self.report(node, f"import {alias.name}: no such module in rclpy {self.version}")
-            self.names[alias.asname or "rclpy"] = alias.name if alias.asname else "rclpy"
+                self.report(node, f"import {alias.name}: no such module in {self.version}")
+            self.names[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else \
+                alias.name.split(".")[0]
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         module = node.module or ""
-        if node.level or module.split(".")[0] != "rclpy":
+        if node.level or not self.checked_root(module):
             return
         if self.kind(module) != "module":
-            self.report(node, f"from {module} import ...: no such module in rclpy {self.version}")
+            self.report(node, f"from {module} import ...: no such module in {self.version}")
             return
         for alias in node.names:
             target = self.module_member(module, alias.name)
             if target is None:
-                self.report(node, f"from {module} import {alias.name}: not in rclpy {self.version}")
+                self.report(node, f"from {module} import {alias.name}: not in {self.version}")
             else:
                 self.names[alias.asname or alias.name] = target
 
     @property
     def version(self) -> str:
-        return str(self.api["source"]["rclpy_version"])
+        return str(self.api.get("label") or f"rclpy {self.api['source']['rclpy_version']}")
+
+    def checked_root(self, module: str) -> bool:
+        """rclpy and the interface packages are checked (an unknown ``*.msg`` / ``*.srv`` package too)."""
+        root = module.split(".")[0]
+        return root == "rclpy" or any(m.split(".")[0] == root for m in self.api["modules"]) \
+            or module.endswith((".msg", ".srv"))
 
     # ---- classes and scopes ----------------------------------------------------------------------
 
@@ -232,7 +261,8 @@ class Checker(ast.NodeVisitor):
                 return self.module_member(owner, expr.attr)
             if f"{owner}.{expr.attr}" in self.api["classes"]:
                 return f"{owner}.{expr.attr}"  # a nested class (Parameter.Type)
-            return None
+            field_type = self.api["classes"].get(owner, {}).get("field_types", {}).get(expr.attr)
+            return field_type if field_type in self.api["classes"] else None  # msg.header.stamp
         if isinstance(expr, ast.Call):
             return self.instance_of(expr)
         return None
@@ -263,11 +293,11 @@ class Checker(ast.NodeVisitor):
             return
         if self.kind(owner) == "module":
             if self.module_member(owner, node.attr) is None:
-                self.report(node, f"{owner}.{node.attr}: not in rclpy {self.version}")
+                self.report(node, f"{owner}.{node.attr}: not in {self.version}")
             return
         attrs = self.class_attributes(owner)
         if attrs is not None and node.attr not in attrs:
-            self.report(node, f"{self.rclpy_class(owner)}.{node.attr}: not in rclpy {self.version}")
+            self.report(node, f"{self.rclpy_class(owner)}.{node.attr}: not in {self.version}")
 
     def visit_Call(self, node: ast.Call) -> None:
         self.generic_visit(node)
@@ -287,7 +317,7 @@ class Checker(ast.NodeVisitor):
             return
         for kw in node.keywords:
             if kw.arg is not None and kw.arg not in sig["params"]:
-                self.report(node, f"{name}: no keyword {kw.arg!r} in rclpy {self.version}")
+                self.report(node, f"{name}: no keyword {kw.arg!r} in {self.version}")
 
 
 def feature_checks(tree: ast.AST) -> set[str]:

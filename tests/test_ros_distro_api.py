@@ -1,8 +1,10 @@
-"""The package uses only rclpy APIs that ROS 2 Humble (rclpy 3.3, JetPack 6) provides.
+"""The package uses only rclpy and message APIs that ROS 2 Humble (rclpy 3.3, JetPack 6) provides.
 
-Humble has no wheel on the package index, so its API is a list kept in the repository
-(``tests/data/humble_rclpy_api.json``, written by ``scripts/extract_rclpy_api.py`` from the
-``humble`` branch of github.com/ros2/rclpy at the commit it names). Every module of ``blockpilot``
+Humble has no wheel on the package index, so its API is a list kept in the repository:
+``tests/data/humble_rclpy_api.json`` (written by ``scripts/extract_rclpy_api.py`` from the ``humble``
+branch of github.com/ros2/rclpy at the commit it names) and ``tests/data/humble_ros_interfaces.json``
+(``scripts/extract_ros_interfaces.py``: the messages and services of ros2/common_interfaces and
+ros2/rcl_interfaces at their ``humble`` commits). Every module of ``blockpilot``
 is checked statically against it (``tests/rclpy_api_check.py``); only the compatibility module
 ``blockpilot/ros_nodes/rclpy_compat.py`` may use a newer API, and only one it tests for with
 ``hasattr``/``getattr``. Jazzy and the current release run the ROS tests themselves
@@ -32,6 +34,8 @@ def _rclpy_modules() -> list[Path]:
 
 
 def test_the_list_names_its_source(humble: dict) -> None:
+    assert humble["label"].startswith("Humble (rclpy 3.3.")
+    assert humble["classes"]["nav_msgs.msg.Odometry"]["field_types"]["header"] == "std_msgs.msg.Header"
     source = humble["source"]
     assert source["repository"] == "https://github.com/ros2/rclpy"
     assert re.fullmatch(r"[0-9a-f]{40}", source["commit"])
@@ -82,20 +86,27 @@ class Talker(Node):
 
 
 @pytest.mark.parametrize(("source", "expected"), [
-    (POST_SET, "rclpy.node.Node.add_post_set_parameters_callback: not in rclpy 3.3"),
+    (POST_SET, "rclpy.node.Node.add_post_set_parameters_callback: not in Humble"),
+    ("from std_msgs.msg import Header\nh = Header(frame_id='a', seq=3)\n",  # seq left with ROS 1
+     "std_msgs.msg.Header(): no keyword 'seq'"),
+    ("from nav_msgs.msg import Odometry\ndef f(m: Odometry):\n    return m.header.stamp.nanosec + m.header.seq\n",
+     "std_msgs.msg.Header.seq: not in Humble"),
+    ("from lifecycle_msgs.srv import ChangeState\nChangeState.Event\n",  # service events came with Iron
+     "lifecycle_msgs.srv.ChangeState.Event: not in Humble"),
+    ("from vision_msgs.msg import Detection2D\n", "from vision_msgs.msg import ...: no such module in Humble"),
     ("import rclpy\nrclpy.init(args=[], domain_id=0, context_options=None)\n",
      "rclpy.init: no keyword 'context_options'"),
     ("from rclpy.executors import SingleThreadedExecutor\nex = SingleThreadedExecutor()\nex.spin_forever()\n",
-     "rclpy.executors.SingleThreadedExecutor.spin_forever: not in rclpy 3.3"),
+     "rclpy.executors.SingleThreadedExecutor.spin_forever: not in Humble"),
     ("from rclpy.event_handler import SubscriptionEventCallbacks\n",  # Iron renamed qos_event
-     "from rclpy.event_handler import ...: no such module"),
+     "from rclpy.event_handler import ...: no such module in Humble"),
     ("from rclpy.qos import QoSProfile, HistoryPolicy\nq = QoSProfile(depth=1)\nh = HistoryPolicy.KEEP_NEWEST\n",
-     "rclpy.qos.HistoryPolicy.KEEP_NEWEST: not in rclpy 3.3"),
+     "rclpy.qos.HistoryPolicy.KEEP_NEWEST: not in Humble"),
     ("from rclpy.lifecycle import LifecycleNode\nclass N(LifecycleNode):\n    def go(self):\n"
      "        self.get_clock().now().to_nanoseconds()\n",
-     "rclpy.time.Time.to_nanoseconds: not in rclpy 3.3"),
+     "rclpy.time.Time.to_nanoseconds: not in Humble"),
     ("import rclpy\ndef f(node: 'rclpy.node.Node'):\n    node.get_logger().warn_once('x')\n",
-     "rclpy.impl.rcutils_logger.RcutilsLogger.warn_once: not in rclpy 3.3"),
+     "rclpy.impl.rcutils_logger.RcutilsLogger.warn_once: not in Humble"),
 ])
 def test_the_check_finds_what_humble_lacks(humble: dict, source: str, expected: str) -> None:
     problems = check_source(source, "snippet.py", humble)
