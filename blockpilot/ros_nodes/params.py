@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -227,6 +227,11 @@ class PlannerParams:
             if name not in known:
                 raise ParamsError(str(name), f"unknown parameter; known: {', '.join(sorted(known))}")
         return replace(self, **dict(changes))
+
+    def with_ros_changes(self, parameters: Iterable[Any]) -> PlannerParams:
+        """:meth:`with_changes` from rclpy ``Parameter`` objects; names that are not planner parameters are ignored."""
+        known = {f.name for f in fields(self)}
+        return self.with_changes({p.name: p.value for p in parameters if p.name in known})
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> PlannerParams:

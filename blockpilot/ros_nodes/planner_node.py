@@ -63,6 +63,7 @@ from ..vla.prompt import ROUTE_COMMANDS, EgoState
 from . import conversions as conv
 from .diagnostics import FrameSlot, PlannerDiagnostics
 from .params import DEFAULT_NODE_NAME, ParamsError, PlannerParams, load_params_file
+from .rclpy_compat import add_parameters_callbacks
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 # Read for every frame; every other parameter is read at configure.
@@ -96,8 +97,7 @@ class PlannerNode(LifecycleNode):
         for name, value, description in params.ros_parameters():
             self.declare_parameter(name, value, ParameterDescriptor(description=description))
         self.params = self._read_params()
-        self.add_on_set_parameters_callback(self._check_parameters)
-        self.add_post_set_parameters_callback(self._apply_parameters)
+        add_parameters_callbacks(self, self._check_parameters, self._apply_parameters)
         self.finalized = False
         self.planner: Planner | None = None
         self.diagnostics = PlannerDiagnostics(f"{self.get_name()}: planner", "none", {"state": "unconfigured"})
@@ -118,15 +118,14 @@ class PlannerNode(LifecycleNode):
         return PlannerParams.from_mapping({n: self.get_parameter(n).value for n in names})
 
     def _check_parameters(self, parameters: list[Parameter[Any]]) -> SetParametersResult:
-        known = {f.name for f in fields(PlannerParams)}
         try:
-            self.params.with_changes({p.name: p.value for p in parameters if p.name in known})
+            self.params.with_ros_changes(parameters)
         except ParamsError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         return SetParametersResult(successful=True)
 
     def _apply_parameters(self, parameters: list[Parameter[Any]]) -> None:
-        self.params = self._read_params()
+        self.params = self.params.with_ros_changes(parameters)  # not get_parameter: Humble stores them after
         later = sorted({p.name for p in parameters} - set(LIVE_PARAMETERS))
         if later and self.planner is not None:
             self.get_logger().info(f"{', '.join(later)} take effect at the next configure")
