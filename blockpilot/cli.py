@@ -28,7 +28,7 @@ from .cli_common import (
     positive_int,
     writable_target,
 )
-from .errors import BlockpilotError
+from .errors import BlockpilotError, require_extra
 
 __all__ = ["UserError", "build_parser", "main"]
 INTERRUPTED = "interrupted; rerun with the same --out to resume"
@@ -70,6 +70,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export.targets import check_export_request
 
     targets = check_export_request(args.target, args.recipe)
+    require_extra("torch", "export", "export (tracing the checkpoint)")
+    if args.recipe:
+        require_extra("modelopt", "quant", f"export --recipe {args.recipe}")
     from .export.bundle_export import export_bundle
     from .export.progress import StageProgress
 
@@ -85,6 +88,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_scaffold(args: argparse.Namespace) -> int:
+    require_extra("torch", "torch", "scaffold")
     from .demo import SCHEMAS, print_scaffold
     from .vla.json_schema import load_json_schema
 
@@ -133,7 +137,7 @@ def _cmd_train_reference(args: argparse.Namespace) -> int:
     if not args.lr > 0:
         raise UserError(f"--lr {args.lr}: must be above 0")
     writable_target("--out", args.out, directory=True)
-    from .train.trainer import parse_seeds, run
+    from .train.options import parse_seeds
 
     seeds = {}
     for flag, text in (("--train-seeds", args.train_seeds), ("--eval-seeds", args.eval_seeds)):
@@ -146,12 +150,15 @@ def _cmd_train_reference(args: argparse.Namespace) -> int:
     if seeds["--train-seeds"] & seeds["--eval-seeds"]:
         raise UserError(f"--eval-seeds {args.eval_seeds!r} overlaps --train-seeds {args.train_seeds!r}; held-out "
                         "scenes must be unseen (a count N means seeds 0 to N-1)")
+    require_extra("torch", "torch", "train-reference")
+    from .train.trainer import run
 
     run(args)
     return 0
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    require_extra("modelopt", "quant", "quantize")
     from .quant.cli import run
 
     return run(args)
@@ -245,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_cmd_plan)
     train = sub.add_parser("train-reference",
                            help="train the reference model on generated scenes (block-diffusion recipe)")
-    from .train.trainer import add_arguments
+    from .train.options import add_arguments
 
     add_arguments(train)
     train.set_defaults(func=_cmd_train_reference)
