@@ -36,6 +36,7 @@ INTERRUPTED = "interrupted; rerun with the same --out to resume"
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     writable_target("--out", args.out, directory=True)
+    require_extra("torch", "export", "demo")
     from .demo import run_demo
 
     run_demo(out_dir=Path(args.out), seed=args.seed, image_size=args.image_size, heldout_scenes=args.heldout_scenes)

@@ -271,6 +271,8 @@ print(type(planner.backend).__name__)
     (["train-reference", "--out", "OUT"], "torch"),
     (["export", "--checkpoint", str(SHIPPED_MODEL), "--out", "OUT"], "export"),
     (["bench", "--out", "OUT/bench.json"], "torch"),
+    (["demo", "--out", "OUT"], "export"),
+    (["scaffold"], "torch"),
 ])
 def test_c_commands_that_need_torch_name_the_extra(args: list[str], extra: str, camera: Path, tmp_path: Path) -> None:
     args = [a.replace("OUT", str(tmp_path / "out")).replace("IMAGE", str(camera)) for a in args]
