@@ -28,7 +28,7 @@ from .cli_common import (
     positive_int,
     writable_target,
 )
-from .errors import BlockpilotError
+from .errors import BlockpilotError, require_extra
 
 __all__ = ["UserError", "build_parser", "main"]
 INTERRUPTED = "interrupted; rerun with the same --out to resume"
@@ -36,6 +36,7 @@ INTERRUPTED = "interrupted; rerun with the same --out to resume"
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     writable_target("--out", args.out, directory=True)
+    require_extra("torch", "export", "demo")
     from .demo import run_demo
 
     run_demo(out_dir=Path(args.out), seed=args.seed, image_size=args.image_size, heldout_scenes=args.heldout_scenes)
@@ -70,6 +71,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export.targets import check_export_request
 
     targets = check_export_request(args.target, args.recipe)
+    require_extra("torch", "export", "export (tracing the checkpoint)")
+    if args.recipe:
+        require_extra("modelopt", "quant", f"export --recipe {args.recipe}")
     from .export.bundle_export import export_bundle
     from .export.progress import StageProgress
 
@@ -85,6 +89,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_scaffold(args: argparse.Namespace) -> int:
+    require_extra("torch", "torch", "scaffold")
     from .demo import SCHEMAS, print_scaffold
     from .vla.json_schema import load_json_schema
 
@@ -133,7 +138,7 @@ def _cmd_train_reference(args: argparse.Namespace) -> int:
     if not args.lr > 0:
         raise UserError(f"--lr {args.lr}: must be above 0")
     writable_target("--out", args.out, directory=True)
-    from .train.trainer import parse_seeds, run
+    from .train.options import parse_seeds
 
     seeds = {}
     for flag, text in (("--train-seeds", args.train_seeds), ("--eval-seeds", args.eval_seeds)):
@@ -146,12 +151,15 @@ def _cmd_train_reference(args: argparse.Namespace) -> int:
     if seeds["--train-seeds"] & seeds["--eval-seeds"]:
         raise UserError(f"--eval-seeds {args.eval_seeds!r} overlaps --train-seeds {args.train_seeds!r}; held-out "
                         "scenes must be unseen (a count N means seeds 0 to N-1)")
+    require_extra("torch", "torch", "train-reference")
+    from .train.trainer import run
 
     run(args)
     return 0
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    require_extra("modelopt", "quant", "quantize")
     from .quant.cli import run
 
     return run(args)
@@ -251,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "command, or from --prompt TEXT in any --schema; print JSON (exit 3: the answer did "
                                   "not parse)", add_plan_arguments, _cmd_plan)
 
-    from .train.trainer import add_arguments as add_train_arguments
+    from .train.options import add_arguments as add_train_arguments
 
     _package_command(sub, "train-reference", "train the reference model on generated scenes (block-diffusion recipe)",
                      add_train_arguments, _cmd_train_reference)

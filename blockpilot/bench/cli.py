@@ -6,12 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..atomic_io import atomic_write
 from ..cli_common import add_json_option, existing_dir, positive_int, writable_target
-from .models import DTYPES, MODELS
-from .run import BenchOptions, Report, run_bench
+from ..errors import require_extra
+from .shapes import DTYPE_NAMES, MODELS
+
+if TYPE_CHECKING:  # the bench itself needs torch: imported when it runs
+    from .run import BenchOptions, Report
 
 
 def _names(value: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -52,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=",".join(MODELS), type=lambda v: _names(v, MODELS, "--models"),
                         help="comma-separated: reference (the shipped checkpoint), 1.5b (Fast_dLLM_v2_1.5B shape), "
                              "3b (Fast-dDrive / Qwen2.5-VL-3B LM shape); the last two have random weights")
-    parser.add_argument("--dtypes", default=None, type=lambda v: _names(v, tuple(DTYPES), "--dtypes"),
+    parser.add_argument("--dtypes", default=None, type=lambda v: _names(v, DTYPE_NAMES, "--dtypes"),
                         help="comma-separated: fp32, bf16, fp16, fp8 (default: bf16,fp8 on a GPU, fp32,bf16 on a CPU)")
     parser.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda or cpu")
     parser.add_argument("--allow-slow", action="store_true", help="also run the 1.5B / 3B shapes on a CPU")
@@ -84,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> BenchOptions:
+    from .run import BenchOptions
+
     threads = tuple(int(t) for t in str(args.threads).split(",") if t.strip())
     decoders = tuple(d.strip() for d in str(args.decoders).split(",") if d.strip())
     extra: dict[str, Any] = {"checkpoint": Path(args.checkpoint)} if args.checkpoint else {}
@@ -175,7 +180,10 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint:
         existing_dir("--checkpoint", args.checkpoint, holding="config.json")
     writable_target("--out", args.out)
+    require_extra("torch", "torch", "bench")
     opts = options_from(args)
+    from .run import run_bench
+
     log = sys.stderr if args.json else sys.stdout  # --json: stdout holds the report's JSON alone
     report = run_bench(opts, log=lambda line: print(line, file=log, flush=True),
                        progress=lambda partial: write_report(partial, args.out))

@@ -20,16 +20,11 @@ import torch
 from ..vla.config import BlockDiffusionConfig, LMConfig, ModelConfig, SpecialTokens
 from ..vla.model import VLAModel
 from ..vla.reference_model import init_parameters
+from .shapes import BYTES, MODELS, SHAPES
 
-SHAPES: dict[str, LMConfig] = {
-    "1.5b": LMConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
-                     num_kv_heads=2, rope_theta=1_000_000.0, tie_word_embeddings=True),
-    "3b": LMConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36, num_heads=16,
-                   num_kv_heads=2, rope_theta=1_000_000.0, tie_word_embeddings=True, mrope_section=(16, 24, 24)),
-}
-MODELS = ("reference", *SHAPES)
+__all__ = ["BYTES", "DTYPES", "MODELS", "SHAPES", "ForwardBytes", "forward_bytes", "hf_twin", "random_model"]
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 
 
 @dataclass(frozen=True)

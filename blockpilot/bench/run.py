@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import BlockpilotError
 from ..runtime.backend import Backend, Prompt
 from ..vla.config import LMConfig
 from ..vla.model import VLAModel
@@ -37,12 +36,9 @@ from ..vla.reference_model import SHIPPED_MODEL
 from .estimate import VISION_SHAPES, plan_estimates, vision_ms
 from .measure import Bandwidth, device_name, measure_bandwidth, p50_ms
 from .models import DTYPES, MODELS, forward_bytes, hf_twin, random_model
+from .shapes import BenchError
 
 Log = Callable[[str], None]
-
-
-class BenchError(BlockpilotError, ValueError):
-    """A bench that cannot run as asked (unknown model or dtype, no such device)."""
 
 
 @dataclass(frozen=True)

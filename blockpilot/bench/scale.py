@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .run import BenchError
 from .scale_probe import RESULT_PREFIX
 from .scale_shapes import SCALE_SHAPES, ScaleShape
+from .shapes import BenchError
 
 ERROR_TAIL = 1500
 EGO = '{"past": [[-7.5, 0], [-5, 0], [-2.5, 0], [0, 0]], "speed": 5.0, "accel": 0.0}'

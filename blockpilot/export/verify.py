@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import require_extra
 from ..runtime.backend import BUNDLE_BACKENDS
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, s
     reference = Path(checkpoint) if checkpoint is not None else loaded.path / "model"
     if not any(reference.glob("*.safetensors")):
         raise BundleError(f"{reference}: no weights to compare against; pass --checkpoint or export --with-weights")
+    require_extra("torch", "torch", "verify on ONNX Runtime (against the torch planner)")
     from ..vla.memory_budget import check_fits
 
     # Both planners are held at once: refuse before either loads when the pair cannot fit.

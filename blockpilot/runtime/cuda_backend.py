@@ -62,7 +62,7 @@ def _kernels(kind: str) -> tuple[AttentionFn, EpilogueFn]:
         from ..kernels.block_attention import block_diffusion_attention
         from ..kernels.top1 import top1_prob
     except ImportError as exc:
-        raise PlannerSetupError(f"the CUDA backend's kernels need triton: pip install 'blockpilot[kernels]' ({exc})") \
+        raise PlannerSetupError(f"the CUDA backend's kernels need triton: pip install 'blockpilot[plugin]' ({exc})") \
             from exc
     return block_diffusion_attention, top1_prob
 

@@ -352,4 +352,4 @@ def open_driver(api: str, device: int) -> Driver:
         except ImportError as exc:
             missing.append(f"{name} is not installed ({exc})")
     raise CudaUnavailableError("no CUDA Python bindings: " + "; ".join(missing)
-                               + " (install cuda-python, the blockpilot[trt] extra)")
+                               + " (pip install 'blockpilot[trt-runtime]')")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import require_extra
 from ..vla.answer_parser import PlanParseError, parse_plan
 from ..vla.config import ConfigError, ModelConfig
 from ..vla.image_policy import ImagePolicy, ImagePolicyError, load_image_policy, prompt_budget
@@ -145,6 +146,7 @@ class Planner:
         checkpoint's image policy for ``cameras`` frames (of size ``image_hw`` when given). ``dtype`` is float32,
         bfloat16, float16 or ``auto`` (the dtype the weights are stored in). Raises :class:`PlannerSetupError`
         naming the file for an unusable checkpoint, or the dtype for one the device cannot run."""
+        require_extra("torch", "torch", f"planning from the checkpoint {checkpoint_dir} (backend {backend})")
         import torch
 
         from ..vla.checkpoint import CheckpointError

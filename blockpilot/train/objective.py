@@ -16,8 +16,8 @@ weighted by its section, with null padding and template structure down-weighted.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -29,21 +29,9 @@ from ..vla.model import VLAModel
 from ..vla.modes import AttentionMode
 from ..vla.rope_index import mrope_positions
 from ..vla.vision import image_inputs
+from .objective_config import ObjectiveConfig
 
-DEFAULT_SECTION_WEIGHTS = {"trajectory": 3.0, "future_meta_behavior": 1.5, "critical_objects": 1.0,
-                           "explanation": 0.5, "end": 1.0}
 CLEAN, PAD = 0, -1  # segment ids of a packed row; noisy view v is segment v + 1
-
-
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    section_weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SECTION_WEIGHTS))
-    null_weight: float = 0.2  # null padding inside a slot
-    structure_weight: float = 0.5  # template tokens a scaffold decoder never has to write
-    tail_weight: float = 0.1  # end tokens that fill the last block after the answer's end
-    ar_weight: float = 0.5  # auxiliary causal next-token loss; 0 skips its forward
-    mask_ratio: tuple[float, float] = (0.0, 1.0)  # per-block ratio drawn uniformly in this range
-    complementary: bool = True
 
 
 @dataclass(frozen=True, eq=False)
