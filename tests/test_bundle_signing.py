@@ -303,3 +303,25 @@ def test_ros_trusted_keys_param(exported: Path, tmp_path: Path, keys: dict[str, 
     with pytest.raises(ParamsError, match="trusted_keys: checks a signed bundle"):
         PlannerParams(checkpoint="models/reference", trusted_keys=str(keys["team"].pub))
     assert PlannerParams(bundle=str(exported)).planner_options()["trusted_keys"] == []  # as before: unchecked
+
+
+def test_cryptography_is_needed_only_for_keys(signed: Path, keys: dict[str, Pair],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    code = ("import sys\nfrom blockpilot.formats.bundle import describe_bundle, load_bundle\n"
+            f"load_bundle({str(signed)!r}); print(describe_bundle({str(signed)!r}).count('by key'))\n"
+            "assert 'cryptography' not in sys.modules, 'cryptography was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr
+    from blockpilot.formats.signing import SigningUnavailableError
+
+    monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives", None)  # as if not installed
+    with pytest.raises(SigningUnavailableError, match="pip install cryptography"):
+        load_bundle(signed, trusted_keys=[keys["team"].pub])
+
+
+def test_tensorrt_backend_checks_the_signature_before_the_gpu(signed: Path, keys: dict[str, Pair]) -> None:
+    from blockpilot.runtime.bundle_planner import BundleRefusedError, planner_from_bundle
+
+    with pytest.raises(BundleRefusedError, match=f"signed by key {keys['team'].id}") as refused:
+        planner_from_bundle(signed, backend="tensorrt", trusted_keys=[keys["other"].pub])
+    assert isinstance(refused.value.cause, UntrustedKeyError)
