@@ -21,6 +21,7 @@ from .cli_common import (
     UserError,
     about,
     add_json_option,
+    add_trusted_key_option,
     bounded,
     emit,
     existing_dir,
@@ -68,6 +69,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     writable_target("--out", args.out, overwrite=args.overwrite, directory=True)
     if args.timing_cache:
         writable_target("--timing-cache", args.timing_cache)
+    from .formats.signing import load_signing_key
+
+    signer = load_signing_key(args.sign) if args.sign else None  # a bad key is refused before any work
     from .export.targets import check_export_request
 
     targets = check_export_request(args.target, args.recipe)
@@ -83,7 +87,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                             attention=args.attention, progress=StageProgress(enabled=False if args.quiet else None),
                             timing_cache=Path(args.timing_cache) if args.timing_cache else None,
                             schema=args.schema, image_sizes=tuple(args.image_size or ()),
-                            cameras=args.cameras, dtype=args.dtype)
+                            cameras=args.cameras, dtype=args.dtype, sign=signer)
     emit(args, dataclasses.asdict(summary), summary.table())
     return 0
 
@@ -174,7 +178,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .export.verify import verify_bundle
 
     report = verify_bundle(Path(args.bundle), args.checkpoint, samples=args.samples, tolerance=args.tolerance,
-                           backend=args.backend)
+                           backend=args.backend, trusted_keys=args.trusted_keys)
     emit(args, report.to_dict(), report.text())
     return 0 if report.passed else 1
 
@@ -303,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quiet", action="store_true", help="no progress bars (they draw only on a terminal)")
     export.add_argument("--timing-cache", default=None,
                         help="TensorRT timing cache file, read and updated by every engine build (TensorRT proper)")
+    export.add_argument("--sign", default=None, metavar="KEY",
+                        help="sign the manifest with this Ed25519 private key (PKCS#8 PEM, from blockpilot keygen)")
     add_schema_option(export)
     add_json_option(export)
     export.set_defaults(func=_cmd_export)
@@ -318,8 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                         help="tensorrt: the bundle's engines against its ONNX graphs through Polygraphy (needs a GPU "
                              "that runs them); onnxruntime: ONNX Runtime against torch; auto: tensorrt where it runs")
+    add_trusted_key_option(verify)
     verify.set_defaults(func=_cmd_verify)
 
+    from .export.signing_cli import add_commands as add_signing_commands
+
+    add_signing_commands(sub)  # keygen, sign
     from .eval.cli import add_arguments as add_eval_arguments
 
     _package_command(sub, "eval", "replay nuScenes / WOD-E2E / rosbag2 logs through the planner; metrics and report "

@@ -123,3 +123,17 @@ def emit(args: argparse.Namespace, data: Any, text: str | None) -> None:
         print(rendered, end="")
     else:
         print(text)
+
+
+def _key_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such key file")
+    return text
+
+
+def add_trusted_key_option(parser: argparse.ArgumentParser) -> None:
+    """``--trusted-key FILE`` (repeatable, into ``args.trusted_keys``): accept a bundle only when signed by one of
+    these public keys (:mod:`blockpilot.formats.signing`)."""
+    parser.add_argument("--trusted-key", dest="trusted_keys", action="append", default=[], type=_key_file,
+                        metavar="FILE", help="public key (PEM, from blockpilot keygen) a bundle must be signed by; "
+                                             "repeatable; unsigned, altered or otherwise signed bundles are refused")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli_common import UserError, fraction, positive_float, positive_int
+from .cli_common import UserError, add_trusted_key_option, fraction, positive_float, positive_int
 from .vla.prompt import EgoState
 
 if TYPE_CHECKING:
@@ -67,6 +67,7 @@ def add_arguments(plan: argparse.ArgumentParser) -> None:
                       help="prompt budget the KV cache is sized for (default: from the image policy and cameras)")
     plan.add_argument("--json", action="store_true", help="print JSON on stdout (plan always does; accepted so "
                                                           "--json means the same on every command)")
+    add_trusted_key_option(plan)
 
 
 def read_ego(value: str) -> EgoState:
@@ -154,7 +155,8 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
                                softmax_dtype=args.softmax_dtype)
     planner = open_planner(source, backend=args.backend, decoder=settings, device=args.device,
                            dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens, schema=schema,
-                           cameras=len(images), restore_quantized=restore_quantized, flag="--checkpoint")
+                           cameras=len(images), restore_quantized=restore_quantized, flag="--checkpoint",
+                           trusted_keys=args.trusted_keys)
     check_vision(planner.config.vision is not None)
     try:
         if ego is not None:

@@ -22,8 +22,8 @@ def test_help_lists_every_command() -> None:
     result = _run("--help")
     assert result.returncode == 0
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert set(commands) == {"bench", "demo", "eval", "export", "inspect", "jetson", "plan", "quantize", "ros",
-                             "scaffold", "train-reference", "verify"}
+    assert set(commands) == {"bench", "demo", "eval", "export", "inspect", "jetson", "keygen", "plan", "quantize",
+                             "ros", "scaffold", "sign", "train-reference", "verify"}
     for name in commands:
         assert name in result.stdout
 

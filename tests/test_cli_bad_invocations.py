@@ -111,6 +111,15 @@ CASES: list[tuple[str, list[str], int, tuple[str, ...]]] = [
     ("verify-tolerance-negative", ["verify", "{bad_bundle}", "--tolerance", "-1"], 2, ("--tolerance",)),
     ("verify-missing-checkpoint", ["verify", "{bad_bundle}", "--checkpoint", "{missing}"], 2, ("--checkpoint",)),
     ("verify-json-out-is-dir", ["verify", "{bad_bundle}", "--json-out", "{existing}"], 2, ("--json-out",)),
+    ("verify-missing-trusted-key", ["verify", "{bad_bundle}", "--trusted-key", "{missing}"], 2,
+     ("--trusted-key", "{missing}")),
+    # signing (keygen, sign, export --sign)
+    ("keygen-no-out", ["keygen"], 2, ("--out",)),
+    ("keygen-bad-name", ["keygen", "--out", "{root}/keys", "--name", "../up"], 2, ("../up",)),
+    ("sign-not-a-bundle", ["sign", "{empty}", "--key", "{afile}"], 2, ("BUNDLE", "manifest.json")),
+    ("sign-key-not-pem", ["sign", "{bad_bundle}", "--key", "{afile}"], 2, ("afile.txt", "not a PEM file")),
+    ("export-sign-not-pem", ["export", "--checkpoint", "{ckpt}", "--out", "{root}/b9", "--sign", "{afile}"], 2,
+     ("afile.txt", "not a PEM file")),
     # eval
     ("eval-no-model", ["eval", "--source", "nuscenes", "--dataroot", "{empty}"], 2, ("--checkpoint", "--bundle")),
     ("eval-missing-checkpoint", ["eval", "--source", "nuscenes", "--dataroot", "{empty}", "--checkpoint",

@@ -7,7 +7,16 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..cli_common import UserError, add_json_option, emit, existing_dir, existing_path, fraction, positive_int
+from ..cli_common import (
+    UserError,
+    add_json_option,
+    add_trusted_key_option,
+    emit,
+    existing_dir,
+    existing_path,
+    fraction,
+    positive_int,
+)
 from ..runtime.backend import BACKENDS
 from ..runtime.plan_types import DECODERS
 from .replay import (
@@ -57,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_schema_option(parser)
     add_json_option(parser)
+    add_trusted_key_option(parser)  # with --bundle
     nus = parser.add_argument_group("nuScenes")
     nus.add_argument("--version", default="auto", help="table folder, e.g. v1.0-trainval (default: the only one)")
     nus.add_argument("--frame", default="ego", choices=["ego", "lidar"],
@@ -139,7 +149,7 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
     planner = open_planner(found, backend=backend, decoder=settings, device=args.device,
                            dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens, schema=schema,
                            cameras=len(getattr(source, "cameras", ("one",))), threads=args.threads or 1,
-                           restore_quantized=restore_quantized, flag=flag)
+                           restore_quantized=restore_quantized, flag=flag, trusted_keys=args.trusted_keys)
     header = run_header(source, model_path, planner)
     header["backend"] = found.default_backend if backend == "auto" else backend
     if not args.bundle:

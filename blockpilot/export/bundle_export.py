@@ -73,7 +73,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
                   with_weights: bool = False, overwrite: bool = False, targets: tuple[str, ...] = (),
                   engine_precision: str = "fp16", recipe: str | None = None, calib: int = 32,
                   attention: str = "auto", progress: StageProgress | None = None,
-                  timing_cache: Path | None = None, schema: str | None = None,
+                  timing_cache: Path | None = None, schema: str | None = None, sign: Any = None,
                   image_sizes: Sequence[tuple[int, int]] = (), cameras: int = 1, dtype: str = "auto") -> ExportSummary:
     """Export ``checkpoint`` into the bundle directory ``out`` and verify it by loading it back.
 
@@ -167,7 +167,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
         # graph's weights held by the parser and the builder, not the model's as well.
         del model, planner
         gc.collect()
-        with BundleWriter(out, overwrite=overwrite) as writer:
+        with BundleWriter(out, overwrite=overwrite, sign=sign) as writer:  # sign: signs the manifest (Ed25519)
             writer.add_model(checkpoint, weights=with_weights)
             write_schema_file(writer, driving, Path(checkpoint), root, explicit=schema is not None)
             writer.precision_map = quant_report["precision"] if quant_report else {}

@@ -6,6 +6,7 @@ instead (:mod:`blockpilot.export.verify_trt`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,22 +55,24 @@ ORT_GRAPH_FACTOR = 1.1  # ONNX Runtime's peak over the graph files' bytes (1.5B:
 
 
 def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, samples: int = 8,
-                  tolerance: float = DEFAULT_PROB_TOLERANCE,
-                  backend: str = "auto") -> VerifyReport | EngineVerifyReport:
+                  tolerance: float = DEFAULT_PROB_TOLERANCE, backend: str = "auto",
+                  trusted_keys: Sequence[str | Path] = ()) -> VerifyReport | EngineVerifyReport:
     """``backend="onnxruntime"``: compare the bundle on ONNX Runtime with the torch planner of ``checkpoint``
     (default: the bundle's own ``model/`` when it was exported ``--with-weights``). ``"tensorrt"``: compare the
     bundle's engines for this GPU with their ONNX graphs (:func:`blockpilot.export.verify_trt.verify_engines`;
     raises :class:`~blockpilot.export.verify_trt.EngineVerifyError` where that cannot run). ``"auto"``: the
-    engines where they can run here, else ONNX Runtime against torch (the report says why)."""
+    engines where they can run here, else ONNX Runtime against torch (the report says why). ``trusted_keys`` (public
+    key files): the bundle must be signed by one of them (:func:`blockpilot.runtime.bundle_planner.open_bundle`)."""
     from ..eval.synthetic import heldout_keyframes, observation
-    from ..formats.bundle import BundleError, load_bundle
+    from ..formats.bundle import BundleError
+    from ..runtime.bundle_planner import open_bundle
     from ..runtime.plan_types import DecoderSettings, for_model
     from ..runtime.sources import open_planner
     from .verify_trt import EngineVerifyError, tensorrt_unavailable, verify_engines
 
     if backend not in VERIFY_BACKENDS:
         raise BundleError(f"verify backend {backend!r}: choose one of {', '.join(VERIFY_BACKENDS)}")
-    loaded = load_bundle(bundle)
+    loaded = open_bundle(bundle, trusted_keys=trusted_keys)
     note = ""
     if backend != "onnxruntime":
         why = tensorrt_unavailable(loaded)
@@ -90,7 +93,8 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, s
     check_fits(reference, ("load",), "float32", what="verify (ONNX Runtime against torch float32)",
                also=(int(graphs * ORT_GRAPH_FACTOR), "the bundle's ONNX Runtime session"))
     settings = DecoderSettings(name="scaffold")
-    ort = open_planner(loaded.path, backend="onnxruntime", decoder=settings, kinds=("bundle",), flag="bundle")
+    ort = open_planner(loaded.path, backend="onnxruntime", decoder=settings, kinds=("bundle",), flag="bundle",
+                       trusted_keys=trusted_keys)
     # The bundle's schema (it may have been exported with --schema), not the checkpoint's own.
     torch_planner = open_planner(reference, backend="torch", decoder=settings, schema=ort.schema,
                                  kinds=("checkpoint",), flag="--checkpoint")

@@ -1,6 +1,7 @@
 """Bundles, the one directory that travels from a workstation to the car (standard library only): ``model/``,
 ``graphs/<variant>/``, ``engines/<target>/``, ``quant/`` and ``manifest.json``, which lists every other file's
-size and sha256, the model config, schema, precision map, recipe, graphs, engines and the tools that built them."""
+size and sha256, the model config, schema, precision map, recipe, graphs, engines and the tools that built them.
+A signed bundle also holds ``manifest.sig`` (:mod:`blockpilot.formats.signing`), checked when trusted keys are given."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockpilot import __version__
 from blockpilot.formats.file_hash import sha256_file
@@ -25,9 +26,13 @@ from blockpilot.formats.onnx_external import check_bundle_graphs, graph_files
 from ..atomic_io import atomic_write, replace_dir, staging_dir
 from ..errors import BlockpilotError
 
+if TYPE_CHECKING:
+    from .signing import SigningKey, TrustedKeys
+
 FORMAT = "blockpilot-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"  # beside the manifest, not listed in it (blockpilot.formats.signing)
 CHUNK = 1 << 20
 ROLE_DIRS: dict[str, str] = {"model": "model", "graph": "graphs", "engine": "engines", "quant": "quant"}
 MODEL_FILES = ("config.json", "tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json",  # or the BPE files
@@ -58,7 +63,8 @@ def tool_versions() -> dict[str, str]:
 
 
 def _check_rel(rel: str, where: str) -> str:
-    if rel == MANIFEST or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in rel.split("/")):
+    if rel in (MANIFEST, SIGNATURE) or rel.startswith("/") or "\\" in rel or \
+            any(p in ("", ".", "..") for p in rel.split("/")):
         raise BundleError(f"{where}: {rel!r} is not a valid file path inside the bundle")
     return rel
 
@@ -71,9 +77,9 @@ def _walk_files(root: Path) -> Iterator[tuple[str, Path]]:
             yield (Path(dirpath) / name).relative_to(root).as_posix(), Path(dirpath) / name
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
+def _read_json_object(path: Path, raw: bytes | None = None) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_bytes() if raw is None else raw)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         state = "missing" if isinstance(exc, FileNotFoundError) else "not readable JSON"
         raise BundleError(f"{path}: {state} ({exc})") from exc
@@ -117,11 +123,18 @@ class BundleWriter:
     """Stage a bundle beside ``out_dir``; :meth:`finish` writes the manifest last and renames it into place
     (a ``with`` block finishes on a clean exit, drops the staging if it raises). An existing ``out_dir`` is
     refused unless ``overwrite`` (then only an empty dir or a bundle). ``tools`` adds to the versions found
-    here. Assign ``model_config``, ``schema``, ``precision_map``, ``recipe``, or let add_model/add_quant."""
+    here. Assign ``model_config``, ``schema``, ``precision_map``, ``recipe``, or let add_model/add_quant. ``sign``
+    (a private key file or a loaded :class:`~blockpilot.formats.signing.SigningKey`) signs the manifest."""
 
-    def __init__(self, out_dir: str | Path, *, overwrite: bool = False, tools: Mapping[str, str] | None = None):
+    def __init__(self, out_dir: str | Path, *, overwrite: bool = False, tools: Mapping[str, str] | None = None,
+                 sign: SigningKey | str | Path | None = None):
         self.out_dir, self.overwrite = Path(out_dir).absolute(), overwrite
         self._check_target()
+        if isinstance(sign, (str, Path)):  # a bad key is refused before anything is staged
+            from .signing import load_signing_key
+
+            sign = load_signing_key(sign)
+        self.signer: SigningKey | None = sign
         self.staging = staging_dir(self.out_dir)
         self.tools: dict[str, str] = {**tool_versions(), **dict(tools or {})}
         self.model_config: dict[str, Any] | None = None
@@ -211,6 +224,10 @@ class BundleWriter:
             "graphs": [a.to_dict() for a in self.artifacts if a.kind == "graph"],
             "engines": [a.to_dict() for a in self.artifacts if a.kind == "engine"], "files": files, "tools": self.tools}
         atomic_write(self.staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        if self.signer is not None:
+            from .signing import sign_manifest
+
+            sign_manifest(self.staging, self.signer)
         self._check_target()
         replace_dir(self.staging, self.out_dir)  # readers see the old bundle, no bundle, or the new one, never a mix
         self._done = True
@@ -304,7 +321,7 @@ def _check_files(root: Path, files: Mapping[str, Mapping[str, Any]], verify: boo
             raise BundleError(f"{path}: {'truncated' if size < info['bytes'] else 'modified'} "
                                        f"({size} bytes, {MANIFEST} lists {info['bytes']})")
     for rel, path in _walk_files(root):
-        if rel not in files and rel != MANIFEST:
+        if rel not in files and rel not in (MANIFEST, SIGNATURE):
             raise BundleError(f"{path}: not listed in {MANIFEST} (planted or left over); refusing the bundle")
     for rel, info in files.items() if verify else ():
         if sha256_file(root / rel) != info["sha256"]:
@@ -325,12 +342,22 @@ def check_tools(bundle: Bundle, required: Mapping[str, str]) -> None:
                                          f"{runtime}; the major versions must match")
 
 
-def load_bundle(path: str | Path, *, verify: bool = True, require_tools: Mapping[str, str] | None = None) -> Bundle:
+def load_bundle(path: str | Path, *, verify: bool = True, require_tools: Mapping[str, str] | None = None,
+                trusted_keys: TrustedKeys | Sequence[str | Path] | None = None) -> Bundle:
     """Read and check a bundle: manifest format, listed files' sizes (and sha256 when ``verify``), no
-    unlisted file, and ``require_tools`` (see :func:`check_tools`)."""
+    unlisted file, and ``require_tools`` (see :func:`check_tools`). ``trusted_keys`` (public key files): the
+    manifest's bytes must carry a signature by one of them (:func:`~blockpilot.formats.signing.check_signature`),
+    checked before anything in it is used; every sha256 is then checked whatever ``verify`` says."""
     if not (where := Path(path) / MANIFEST).is_file():
         raise BundleError(f"{where}: missing (not a bundle, or an export that did not finish)")
-    artifacts = _check_manifest(m := _read_json_object(where), where)
+    raw = where.read_bytes()
+    if trusted_keys is not None:
+        from .signing import check_signature, load_trusted_keys
+
+        if trusted := load_trusted_keys(trusted_keys):
+            check_signature(Path(path), raw, trusted)
+            verify = True
+    artifacts = _check_manifest(m := _read_json_object(where, raw), where)
     _check_files(Path(path), m["files"], verify)
     check_bundle_graphs(Path(path), [a.path for a in artifacts if a.kind == "graph"], m["files"], BundleError)
     bundle = Bundle(Path(path), m, m["model_config"], m["schema"], m["precision_map"], m["recipe"],
@@ -345,6 +372,8 @@ def _size(n: int) -> str:
 
 def describe_bundle(path: str | Path, *, verify: bool = True) -> str:
     """A human summary of a checked bundle (files, sizes, precisions, tools) for ``blockpilot inspect``."""
+    from .signing import describe_signature
+
     b = load_bundle(path, verify=verify)
     arch = ", ".join(b.model_config.get("architectures") or []) or str(b.model_config.get("model_type", "?"))
     counts = Counter(f"{role} {label}".strip() for labels in b.precision_map.values()
@@ -358,6 +387,7 @@ def describe_bundle(path: str | Path, *, verify: bool = True) -> str:
         f"precision  {f'{len(b.precision_map)} modules; {precision}' if counts else 'full precision (empty map)'}",
         f"recipe     {(b.recipe or {}).get('name', 'none')}",
         f"tools      {', '.join(f'{k} {v}' for k, v in sorted(b.tools.items())) or 'none recorded'}",
+        f"signature  {describe_signature(b.path)}",
     ]
     lines += [f"{a.kind:<10} {a.path}  ({a.role}, {a.variant}, {a.precision}"  # an LM engine's cache dtype, if recorded
               f"{f', target {a.target} sm {a.sm}' if a.kind == 'engine' else ''}"

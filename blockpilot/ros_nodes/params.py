@@ -5,6 +5,7 @@ Every field is a ROS parameter of the same name. A params file in the ROS 2 layo
     blockpilot_planner:
       ros__parameters:
         checkpoint: models/reference      # or bundle: path/to/bundle (exactly one of the two)
+        trusted_keys: ""                  # bundle only: public key files, comma-separated (or a YAML list)
         backend: auto                     # auto | torch | onnxruntime | tensorrt
         dtype: auto                       # checkpoint only: auto (its stored dtype) | float32 | bfloat16 | float16
         threads: 1
@@ -61,6 +62,8 @@ PARAM_DESCRIPTIONS = {
     "checkpoint": f"local checkpoint directory ({', '.join(CHECKPOINT_BACKENDS[1:])}); exactly one of checkpoint and "
                   "bundle",
     "bundle": f"bundle directory ({', '.join(BUNDLE_BACKENDS[1:])}); exactly one of checkpoint and bundle",
+    "trusted_keys": "public key files (PEM), comma-separated: run the bundle only if signed by one of them; empty: "
+                    "signatures are not checked",
     "backend": f"{' | '.join(BACKENDS)} (auto: torch for a checkpoint, onnxruntime for a bundle)",
     "device": "torch device of a checkpoint planner (cpu, cuda:0)",
     "dtype": "dtype a checkpoint is loaded and planned in: auto (the dtype its weights are stored in) | float32 | "
@@ -99,6 +102,7 @@ class PlannerParams:
 
     checkpoint: str = ""
     bundle: str = ""
+    trusted_keys: str = ""  # a ROS string, comma-separated (an empty string array would be declared as bytes)
     backend: str = "auto"
     device: str = "cpu"
     dtype: str = "auto"
@@ -132,6 +136,8 @@ class PlannerParams:
 
         if self.checkpoint and self.bundle:
             raise ParamsError("checkpoint", f"give a checkpoint or a bundle, not both (bundle is {self.bundle!r})")
+        need(not (self.trusted_keys and self.checkpoint), "trusted_keys", "checks a signed bundle; a checkpoint "
+                                                                          "carries no signature")
         need(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}, got {self.backend!r}")
         if self.checkpoint:
             need(self.backend in CHECKPOINT_BACKENDS, "backend",
@@ -208,7 +214,8 @@ class PlannerParams:
         """Keyword arguments of :func:`~blockpilot.runtime.sources.open_planner` for :attr:`model_path`."""
         if self.bundle:
             return {"backend": self.resolved_backend, "decoder": self.decoder_settings(), "threads": self.threads,
-                    "kinds": ("bundle",), "flag": "bundle"}
+                    "kinds": ("bundle",), "flag": "bundle",
+                    "trusted_keys": [k.strip() for k in self.trusted_keys.split(",") if k.strip()]}
         return {"backend": self.resolved_backend, "decoder": self.decoder_settings(), "device": self.device,
                 "dtype": self.dtype, "kinds": ("checkpoint",), "flag": "checkpoint"}
 
@@ -226,7 +233,9 @@ class PlannerParams:
         for name in changes:
             if name not in known:
                 raise ParamsError(str(name), f"unknown parameter; known: {', '.join(sorted(known))}")
-        return replace(self, **dict(changes))
+        keys = changes.get("trusted_keys")  # a YAML list of key files is accepted too
+        listed = {"trusted_keys": ",".join(map(str, keys))} if isinstance(keys, (list, tuple)) else {}
+        return replace(self, **{**dict(changes), **listed})
 
     def with_ros_changes(self, parameters: Iterable[Any]) -> PlannerParams:
         """:meth:`with_changes` from rclpy ``Parameter`` objects; names that are not planner parameters are ignored."""

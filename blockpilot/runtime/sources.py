@@ -107,16 +107,18 @@ def open_planner(source: str | Path | PlannerSource, *, backend: str = "auto", d
                  schema: PlanSchema[Any] | None = None, device: str = "cpu", dtype: str = "float32",
                  max_prompt_tokens: int | None = None, cameras: int = 1, image_hw: tuple[int, int] | None = None,
                  threads: int = 1, verify: bool = True, kinds: Sequence[str] = SOURCE_KINDS,
-                 restore_quantized: RestoreQuantized | None = None, flag: str = "source") -> Planner:
+                 restore_quantized: RestoreQuantized | None = None, flag: str = "source",
+                 trusted_keys: Sequence[str | Path] = ()) -> Planner:
     """A ready planner from a checkpoint, a bundle or a quantize output (:func:`detect_source`).
 
     ``backend``: ``auto`` (torch for a checkpoint or a quantize output, onnxruntime for a bundle) or one of
     :data:`~blockpilot.runtime.backend.BACKENDS` the source runs on. A checkpoint takes ``schema``, ``device``,
     ``dtype``, ``cameras`` and ``image_hw`` (:meth:`Planner.from_checkpoint`); a bundle ``threads`` and ``verify``
     (:func:`~blockpilot.runtime.bundle_planner.planner_from_bundle`) and answers in its own schema. A quantize
-    output loads its checkpoint in float32 and needs ``restore_quantized``. ``kinds`` limits what is accepted;
-    ``flag`` names the option in errors. Raises :class:`PlannerSetupError` (:class:`PlannerSourceError` about the
-    source itself)."""
+    output loads its checkpoint in float32 and needs ``restore_quantized``. ``trusted_keys`` (public key files):
+    only a bundle signed by one of them runs (a checkpoint or quantize output is refused). ``kinds`` limits what is
+    accepted; ``flag`` names the option in errors. Raises :class:`PlannerSetupError` (:class:`PlannerSourceError`
+    about the source itself)."""
     found = source if isinstance(source, PlannerSource) else detect_source(source, kinds=kinds, flag=flag)
     chosen = found.default_backend if backend == "auto" else backend
     if chosen not in BACKENDS:
@@ -125,6 +127,9 @@ def open_planner(source: str | Path | PlannerSource, *, backend: str = "auto", d
         raise PlannerSourceError(f"{flag} {found.path}: a {_WORDS[found.kind]} runs on "
                                  f"{' or '.join(found.backends)}, not {chosen}" +
                                  ("; export a bundle first (blockpilot export)" if found.kind != "bundle" else ""))
+    if trusted_keys and found.kind != "bundle":
+        raise PlannerSourceError(f"{flag} {found.path}: a {_WORDS[found.kind]} carries no signature; trusted keys "
+                                 "accept only a bundle signed by one of them (blockpilot export --sign)")
     if found.kind == "bundle":
         if schema is not None:
             raise PlannerSourceError(f"{flag} {found.path}: a bundle answers in the schema it was exported with; "
@@ -132,7 +137,7 @@ def open_planner(source: str | Path | PlannerSource, *, backend: str = "auto", d
         from .bundle_planner import planner_from_bundle
 
         return planner_from_bundle(found.path, decoder=decoder, backend=chosen, threads=threads, verify=verify,
-                                   max_prompt_tokens=max_prompt_tokens)
+                                   max_prompt_tokens=max_prompt_tokens, trusted_keys=trusted_keys)
     from .planner import Planner
 
     assert found.checkpoint is not None

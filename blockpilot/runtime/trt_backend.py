@@ -52,13 +52,14 @@ restricted to the sizes with an engine, and its grid picks the engine (:mod:`blo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ..formats.bundle import Artifact, Bundle, BundleError, load_bundle
+from ..formats.bundle import Artifact, Bundle
 from ..formats.onnx_spec import load_spec
 from ..vla.modes import AttentionMode
 from .backend import AllowedTokens, BackendError, TokenArray
@@ -319,18 +320,17 @@ class TrtBackend(GraphBackend):
 
 
 def trt_planner(bundle_path: str | Path, *, decoder: DecoderSettings | None = None, verify: bool = True,
-                precision: str | None = None, variant: str | None = None, cuda_graphs: int = 4,
-                device: int = 0, max_prompt_tokens: int | None = None) -> Planner:
+                precision: str | None = None, variant: str | None = None, cuda_graphs: int = 4, device: int = 0,
+                max_prompt_tokens: int | None = None, trusted_keys: Sequence[str | Path] = ()) -> Planner:
     """A :class:`Planner` on :class:`TrtBackend` over the bundle's engines for this GPU (:func:`select_engines`);
-    config, tokenizer and schema from the bundle's ``model/``. Raises :class:`PlannerSetupError` naming what is
-    missing: the GPU, a matching engine, the TensorRT module."""
+    config, tokenizer and schema from the bundle's ``model/`` (signed by one of ``trusted_keys`` when given). Raises
+    :class:`PlannerSetupError` naming what is missing: the GPU, a matching engine, the TensorRT module."""
     settings = decoder or DecoderSettings()
     if settings.name == "rollouts":
         raise PlannerSetupError("the rollouts decoder on the TensorRT backend: rollouts need the torch backend")
-    try:
-        bundle = load_bundle(bundle_path, verify=verify)
-    except BundleError as exc:
-        raise PlannerSetupError(f"bundle refused: {exc}") from exc
+    from .bundle_planner import open_bundle
+
+    bundle = open_bundle(bundle_path, verify=verify, trusted_keys=trusted_keys)  # signed by them, when given
     try:
         memory = CudaMemory(device)
     except CudaUnavailableError as exc:
