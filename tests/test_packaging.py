@@ -29,7 +29,7 @@ from blockpilot.vla.reference_model import SHIPPED_MODEL
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 JETPACK_TORCH = "2.5.0a0+872d972e41.nv24.08"  # JetPack 6.1's torch build, as NVIDIA versions it
-BASE = {"numpy", "onnx", "onnxruntime", "tokenizers", "pillow"}
+BASE = {"numpy", "onnx", "onnxruntime", "tokenizers", "pillow", "cryptography"}
 # What a car may install: none of these may replace the torch a Jetson already holds.
 RUNTIME_EXTRAS = ("trt-runtime", "plugin", "ros", "eval", "bags")
 # Ubuntu 22.04 (JetPack 6) and 24.04 (JetPack 7) have glibc 2.35 / 2.39: every manylinux tag up to 2.35 installs.
