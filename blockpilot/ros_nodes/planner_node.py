@@ -56,8 +56,9 @@ from rclpy.timer import Timer
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Float64, String
 
+from ..errors import BlockpilotError, require_extra
 from ..runtime.backend import BackendError
-from ..runtime.plan_types import Observation, ObservationError, PlannerSetupError
+from ..runtime.plan_types import Observation, ObservationError
 from ..runtime.planner import Planner
 from ..vla.prompt import ROUTE_COMMANDS, EgoState
 from . import conversions as conv
@@ -136,7 +137,7 @@ class PlannerNode(LifecycleNode):
         try:
             params = self.params.require_model()
             self.planner = self._load_planner(params)
-        except (ParamsError, PlannerSetupError, BackendError, OSError) as exc:
+        except (BlockpilotError, OSError) as exc:  # a bad param, model, bundle or missing extra: the user's to fix
             self.get_logger().error(f"configure failed: {exc}")
             return FAILURE
         self._warm_up(self.planner)
@@ -188,6 +189,7 @@ class PlannerNode(LifecycleNode):
         from ..runtime.sources import open_planner
 
         if not params.bundle:
+            require_extra("torch", "torch", "the planner node on a checkpoint")
             import torch
 
             torch.set_num_threads(params.threads)
