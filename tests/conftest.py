@@ -88,3 +88,14 @@ def one_thread() -> Iterator[None]:
 
     with torch_threads(1):
         yield
+
+
+@pytest.fixture(scope="module")
+def shipped_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped reference model exported with the defaults (ONNX Runtime graphs only), once per module."""
+    from blockpilot.export.bundle_export import export_bundle
+    from blockpilot.vla.reference_model import SHIPPED_MODEL
+
+    out = tmp_path_factory.mktemp("shipped_bundle") / "bundle"
+    export_bundle(SHIPPED_MODEL, out)
+    return out

@@ -275,3 +275,21 @@ def assert_bundle_plans_like_torch(bundle: Any, checkpoint: Any, frames: int = 2
         for frame in heldout_keyframes(1, stride=12)[:frames]:
             obs = observation(frame)
             assert np.array_equal(ort.plan(obs).tokens, torch_planner.plan(obs).tokens)
+
+
+def assert_plans_without_torch(imports: str, opener: str, timeout: float = 300) -> None:
+    """In a fresh interpreter: ``imports`` (lines), then ``p = <opener>``, one held-out plan that parses, and no
+    torch in ``sys.modules`` afterwards (the car's path stays torch-free)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from blockpilot.eval.synthetic import heldout_keyframes, observation\n"
+            "from blockpilot.runtime.plan_types import DecoderSettings\n"
+            f"{imports}\n"
+            f"p = {opener}\n"
+            "plan = p.plan(observation(heldout_keyframes(1)[0]))\n"
+            "assert plan.error is None, plan.error\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr

@@ -230,17 +230,11 @@ def exported(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, Pair]) ->
 
 
 def test_signed_bundle_plans_without_torch(exported: Path, keys: dict[str, Pair]) -> None:
-    code = ("import sys\n"
-            "from blockpilot.eval.synthetic import heldout_keyframes, observation\n"
-            "from blockpilot.runtime.plan_types import DecoderSettings\n"
-            "from blockpilot.runtime.sources import open_planner\n"
-            f"p = open_planner({str(exported)!r}, decoder=DecoderSettings(name='scaffold'), "
-            f"trusted_keys=[{str(keys['team'].pub)!r}])\n"
-            "plan = p.plan(observation(heldout_keyframes(1)[0]))\n"
-            "assert plan.error is None, plan.error\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    from runtime_fixtures import assert_plans_without_torch
+
+    assert_plans_without_torch("from blockpilot.runtime.sources import open_planner",
+                               f"open_planner({str(exported)!r}, decoder=DecoderSettings(name='scaffold'), "
+                               f"trusted_keys=[{str(keys['team'].pub)!r}])")
 
 
 @pytest.mark.parametrize("case", ["unsigned", "resigned_untrusted", "planted_and_listed", "graph_byte_flipped"])

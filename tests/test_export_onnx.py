@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -171,13 +169,8 @@ def test_sampling_fork_and_bad_images_raise_clearly(exported: tuple[Path, dict[s
 
 
 def test_ort_planner_runs_without_importing_torch(exported: tuple[Path, dict[str, Any]]) -> None:
-    code = ("import sys\n"
-            "from blockpilot.eval.synthetic import heldout_keyframes, observation\n"
-            "from blockpilot.runtime.ort_backend import ort_planner\n"
-            "from blockpilot.runtime.plan_types import DecoderSettings\n"
-            f"p = ort_planner({str(SHIPPED_MODEL)!r}, {str(exported[0])!r}, decoder=DecoderSettings(name='scaffold'))\n"
-            "plan = p.plan(observation(heldout_keyframes(1)[0]))\n"
-            "assert plan.error is None, plan.error\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    from runtime_fixtures import assert_plans_without_torch
+
+    assert_plans_without_torch("from blockpilot.runtime.ort_backend import ort_planner",
+                               f"ort_planner({str(SHIPPED_MODEL)!r}, {str(exported[0])!r}, "
+                               "decoder=DecoderSettings(name='scaffold'))", timeout=120)

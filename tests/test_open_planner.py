@@ -36,12 +36,8 @@ def _one_thread() -> Any:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from blockpilot.export.bundle_export import export_bundle
-
-    out = tmp_path_factory.mktemp("open_bundle") / "bundle"
-    export_bundle(SHIPPED_MODEL, out)
-    return out
+def bundle(shipped_bundle: Path) -> Path:
+    return shipped_bundle  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -208,12 +208,8 @@ def _cli(tmp_path: Path, *args: str, block_torch: bool = True) -> tuple[subproce
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from blockpilot.export.bundle_export import export_bundle
-
-    out = tmp_path_factory.mktemp("car") / "bundle"
-    export_bundle(SHIPPED_MODEL, out)
-    return out
+def bundle(shipped_bundle: Path) -> Path:
+    return shipped_bundle  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
