@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +25,9 @@ from .cli_common import (
     emit,
     existing_dir,
     fraction,
+    one_line,
     positive_int,
+    quiet_stdout,
     writable_target,
 )
 from .errors import BlockpilotError, require_extra
@@ -358,25 +359,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def one_line(exc: BaseException) -> str:
-    """The error's message on one line: a multi-line message's lines joined with '; ' (a space after a colon)."""
-    text = ""
-    for line in (part.strip() for part in str(exc).splitlines()):
-        if line:
-            text += ("" if not text else " " if text.endswith(":") else "; ") + line
-    return text or type(exc).__name__
-
-
-def _quiet_stdout() -> None:
-    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush does not fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured in tests)
-        pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. argparse errors (and ``--help`` / ``--version``) end in ``SystemExit`` as usual."""
     prog = "blockpilot"
@@ -394,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{prog}: {INTERRUPTED}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `blockpilot inspect DIR | head -1`: the reader has what it wanted
-        _quiet_stdout()
+        quiet_stdout()
         return 141  # 128 + SIGPIPE, what a command killed by the closed pipe reports
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -137,3 +138,22 @@ def add_trusted_key_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trusted-key", dest="trusted_keys", action="append", default=[], type=_key_file,
                         metavar="FILE", help="public key (PEM, from blockpilot keygen) a bundle must be signed by; "
                                              "repeatable; unsigned, altered or otherwise signed bundles are refused")
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line: a multi-line message's lines joined with '; ' (a space after a colon)."""
+    text = ""
+    for line in (part.strip() for part in str(exc).splitlines()):
+        if line:
+            text += ("" if not text else " " if text.endswith(":") else "; ") + line
+    return text or type(exc).__name__
+
+
+def quiet_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured in tests)
+        pass
