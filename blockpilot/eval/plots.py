@@ -227,11 +227,11 @@ def bev_figure(record: dict[str, Any]) -> Figure:
 
     figure = new_figure(BEV_SIZE)
     height = 0.87 * BEV_VIEW_PX / BEV_SIZE[1]  # the view, with room above for the title
-    ax = figure.add_axes((0.08, 0.955 - height, 0.9, height))
+    ax = figure.add_axes((0.08, 0.92 - height, 0.9, height))  # room for a title wrapped on two lines
     ax.set_xlim(centre[1] + side / 2, centre[1] - side / 2)  # y left points left
     ax.set_ylim(centre[0] - side / 2, centre[0] + side / 2)
     ax.set_aspect("equal", adjustable="box")
-    ax.set_title(bev_title(record), fontsize=10)
+    ax.set_title(bev_title(record), fontsize=10, wrap=True)  # a long sample id wraps, never clips
     ax.set_xlabel("y left (m)", fontsize=8, labelpad=1)
     ax.set_ylabel("x forward (m)", fontsize=8, labelpad=1)
     ax.tick_params(labelsize=7)
