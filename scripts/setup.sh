@@ -11,5 +11,9 @@ fi
 stamp=".venv/.blockpilot-${extras//,/-}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[${extras}]"
+  # LeRobot's dataset library without its metadata's pins (pyproject.toml, the robot extra): its imports are in the extra
+  case ",${extras}," in *,robot,*|*,dev,*)
+    .venv/bin/python -m pip install --quiet --no-deps -c constraints.txt lerobot-dataset ;;
+  esac
   touch "$stamp"
 fi

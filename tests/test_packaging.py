@@ -64,12 +64,12 @@ def _closure(extra: str) -> list[Requirement]:
 def test_the_base_install_is_what_a_car_needs_and_no_torch() -> None:
     assert {r.name.lower() for r in _requirements()} == BASE
     extras = PYPROJECT["project"]["optional-dependencies"]
-    roles = {"trt-runtime", "trt-build", "plugin", "torch", "quant", "export", "eval", "ros", "sim", "dev"}
+    roles = {"trt-runtime", "trt-build", "plugin", "torch", "quant", "export", "eval", "ros", "sim", "robot", "dev"}
     assert roles <= set(extras)
     for extra in extras:  # pins live in constraints files: metadata holds ranges only
         assert not [str(r) for r in _closure(extra) if any(s.operator in ("==", "===") for s in r.specifier)], extra
     torch_in = {extra for extra in extras if any(r.name == "torch" for r in _closure(extra))}
-    assert torch_in == {"torch", "plugin", "export", "quant", "dev", "kernels"}
+    assert torch_in == {"torch", "plugin", "export", "quant", "robot", "dev", "kernels"}
     assert not any(r.name == "torch" for r in _closure("trt-runtime") + _closure("trt-build") + _closure("ros"))
 
 
