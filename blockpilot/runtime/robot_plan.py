@@ -5,6 +5,7 @@ decoding (scaffold, ``ar``, rollouts) and parsing are the same as for driving.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,11 +55,11 @@ def check_state(schema: Any, state: npt.NDArray[np.float64], gripper: float | No
 
 
 def robot_prompt(observation: RobotObservation, config: ModelConfig, schema: Any, tokenizer: Tokenizer,
-                 image_tokens: Any) -> tuple[Prompt, int]:
+                 image_tokens: Callable[[Sequence[npt.NDArray[np.uint8]]], list[int]]) -> tuple[Prompt, int]:
     """The checked robot prompt and how many of its tokens are image tokens; ``image_tokens(images)`` gives each
     image's placeholder count (the planner's image policy)."""
     images, state, number = check_robot_observation(observation, config, schema)
-    counts: list[int] = image_tokens(images)
+    counts = image_tokens(images)
     try:
         ids = robot_prompt_ids(tokenizer, number, observation.instruction, state, counts, gripper=observation.gripper)
     except PromptInputError as exc:
