@@ -43,7 +43,7 @@ from blockpilot.runtime.torch_backend import TorchBackend
 from blockpilot.vla.answer_parser import PlanParseError
 from blockpilot.vla.json_schema import load_json_schema
 from blockpilot.vla.loader import load_model, load_tokenizer
-from blockpilot.vla.plans import DrivingSchema, PlanSchema, RobotActionSchema
+from blockpilot.vla.plans import ActionChunkSchema, DrivingSchema, PlanSchema, RobotActionSchema
 from blockpilot.vla.scaffold import build_scaffold
 from blockpilot.vla.schema_io import load_schema
 
@@ -53,13 +53,15 @@ SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 
 def schemas(checkpoint: str) -> list[tuple[str, PlanSchema[Any]]]:
     """The checkpoint's own layout (nuScenes driving with its trained explanation budget), the same
-    budget in the WOD-E2E layout, the robot preset, then the JSON Schema documents."""
+    budget in the WOD-E2E layout, the robot preset, the two action-chunk presets, then the JSON Schema documents."""
     trained = load_schema(checkpoint)
     assert isinstance(trained, DrivingSchema)
     out: list[tuple[str, PlanSchema[Any]]] = [
         ("driving nuScenes", trained),
         ("driving WOD-E2E", replace(DrivingSchema.wod_e2e(), explanation_tokens=trained.explanation_tokens)),
         ("robot action", RobotActionSchema()),
+        ("so101-joints", ActionChunkSchema.so101_joints()),
+        ("ee-delta", ActionChunkSchema.ee_delta()),
     ]
     out += [(path.stem, load_json_schema(path)) for path in sorted(SCHEMA_DIR.glob("*.json"))]
     return out
@@ -80,13 +82,14 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=str(ROOT / "models" / "reference"))
     parser.add_argument("--repeats", type=int, default=3, help="timed decodes per decoder (best is reported)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--only", default="", help="run only the schemas whose name contains this text")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint, model.config)
     tokens = model.config.tokens
-    block = DecoderSettings(name="scaffold").resolve(model.config.diffusion, 1).block_size
+    block = DecoderSettings(name="scaffold").filled(model.config.diffusion, 1).block_size
     assert block is not None
     # The driving prompt of a held-out generated scene, for every schema.
     planner = Planner.from_model(model, tokenizer, schema=load_schema(args.checkpoint))
@@ -98,6 +101,8 @@ def main() -> None:
     print(f"{'schema':<18}{'len':>5}{'slots':>6}{'NFE ar':>8}{'NFE sc':>8}{'tok/fw ar':>10}{'tok/fw sc':>10}"
           f"{'NFE ar/sc':>10}{'NFE ff':>8}{'ff/sc':>7}{'ms ar':>8}{'ms sc':>8}{'ms ar/sc':>9}  same  parsed")
     for name, schema in schemas(args.checkpoint):
+        if args.only not in name:
+            continue
         scaffold = build_scaffold(schema, tokenizer)
         backend = TorchBackend(model, len(prompt) + len(scaffold) + block + 1)
 

@@ -26,16 +26,15 @@ from .runtime.planner import Planner
 from .vla.config import SpecialTokens
 from .vla.loader import load_model, load_tokenizer
 from .vla.modes import AttentionMode
-from .vla.plans import DrivingPlan, DrivingSchema, PlanSchema, RobotActionSchema
+from .vla.plans import DrivingPlan, DrivingSchema, PlanSchema
 from .vla.prompt import EgoState
 from .vla.reference_model import SHIPPED_MODEL, write_reference_checkpoint
 from .vla.reference_tokenizer import build_reference_tokenizer
 from .vla.scaffold import build_scaffold
+from .vla.schema_io import SCHEMA_PRESETS
 from .vla.tokenizer import Tokenizer
 
-SCHEMAS: dict[str, Callable[[], PlanSchema[Any]]] = {
-    "driving-nuscenes": DrivingSchema.nuscenes, "driving-wod": DrivingSchema.wod_e2e, "robot": RobotActionSchema,
-}
+SCHEMAS: dict[str, Callable[[], PlanSchema[Any]]] = SCHEMA_PRESETS  # the --schema presets, action chunks included
 PROBABILITY_THRESHOLD = 0.9  # Fast-dLLM v2's default confidence threshold, reported for reference
 
 

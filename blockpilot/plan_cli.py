@@ -1,8 +1,10 @@
 """``blockpilot plan``: one plan from a local checkpoint, a quantize output or a bundle, printed as JSON.
 
-Two inputs: a driving observation (camera images for a VLA, none for a text-only model, the ego state and
-the route command), or a free instruction (``--prompt TEXT``) answered in any schema (``--schema``: a
-preset or a JSON Schema file). Exit 0 with a plan, 2 for bad input, 3 when the answer did not parse.
+Three inputs: a driving observation (camera images for a VLA, none for a text-only model, the ego state and
+the route command), a robot observation (``--instruction TEXT --state JSON``, third-person and wrist images,
+answered as an action chunk in a schema such as ``so101-joints``), or a free instruction (``--prompt TEXT``)
+answered in any schema (``--schema``: a preset or a JSON Schema file).
+Exit 0 with a plan, 2 for bad input, 3 when the answer did not parse.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .vla.prompt import EgoState
 if TYPE_CHECKING:
     from .runtime.sources import RestoreQuantized
 
+STATE_EXAMPLE = '[0.0, -1.2, 1.1, 0.4, 0.0, 0.3]'
 EGO_EXAMPLE = '{"past": [[-7.5, 0], [-5, 0], [-2.5, 0], [0, 0]], "speed": 5.0, "accel": 0.0}'
 
 
@@ -41,6 +44,12 @@ def add_arguments(plan: argparse.ArgumentParser) -> None:
     plan.add_argument("--prompt", default=None,
                       help="plan from this instruction instead of a driving observation, answering in --schema "
                            "(any layout, e.g. a JSON Schema file)")
+    plan.add_argument("--instruction", default=None,
+                      help="plan a robot action chunk for this task (with --state; images: third-person, then wrist); "
+                           "needs an action-chunk schema, e.g. --schema so101-joints")
+    plan.add_argument("--state", default=None,
+                      help=f"with --instruction: the joint positions as JSON or a JSON file, {STATE_EXAMPLE} or "
+                           '{"joints": [...], "gripper": 0.3}')
     plan.add_argument("--system", default=None, help="with --prompt: the system message (default: a generic one)")
     add_schema_option(plan)
     plan.add_argument("--command", dest="route_command", default="go straight",
@@ -100,6 +109,36 @@ def read_ego(value: str) -> EgoState:
         raise UserError(f"--ego: {exc}") from None
 
 
+def read_state(value: str) -> tuple[Any, float | None]:
+    """``--state``: a JSON list of joint positions, or ``{"joints": [...], "gripper": x}``, inline or in a file."""
+    import numpy as np
+
+    text = value
+    if not value.lstrip().startswith(("[", "{")):
+        if not Path(value).is_file():
+            raise UserError(f"--state: {value!r} is neither inline JSON nor an existing file")
+        text = Path(value).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--state: not valid JSON ({exc})") from None
+    gripper = None
+    if isinstance(data, dict):
+        unknown = set(data) - {"joints", "gripper"}
+        if "joints" not in data or unknown:
+            raise UserError(f"--state: expected keys joints (and gripper), got {sorted(data)}")
+        data, gripper = data["joints"], data.get("gripper")
+    try:
+        state = np.asarray(data, dtype=np.float64)
+        grip = None if gripper is None else float(gripper)
+    except (TypeError, ValueError):
+        raise UserError(f"--state: expected a list of numbers, e.g. {STATE_EXAMPLE}") from None
+    if state.ndim != 1 or state.size == 0 or not np.isfinite(state).all() or (grip is not None
+                                                                              and not np.isfinite(grip)):
+        raise UserError(f"--state: expected a non-empty flat list of finite numbers, e.g. {STATE_EXAMPLE}")
+    return state, grip
+
+
 def read_images(value: str) -> list[Any]:
     import numpy as np
     from PIL import Image, UnidentifiedImageError
@@ -125,19 +164,28 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
     from .vla.prompt import GENERIC_SYSTEM_PROMPT
     from .vla.schema_io import resolve_schema
 
-    if args.prompt is None and args.ego is None:
-        raise UserError(f"give --ego (a driving observation, e.g. --ego '{EGO_EXAMPLE}') or --prompt TEXT")
-    if args.prompt is not None and args.ego is not None:
-        raise UserError("--prompt and --ego are alternatives: an instruction, or a driving observation")
+    if (args.state is None) != (args.instruction is None):
+        raise UserError("--state goes with --instruction" if args.instruction is None else
+                        f"--instruction needs --state, the robot's joint positions (e.g. --state '{STATE_EXAMPLE}')")
+    given = [flag for flag, value in (("--ego", args.ego), ("--instruction", args.instruction),
+                                      ("--prompt", args.prompt)) if value is not None]
+    if not given:
+        raise UserError(f"give --ego (a driving observation, e.g. --ego '{EGO_EXAMPLE}'), --instruction TEXT with "
+                        "--state (a robot observation) or --prompt TEXT")
+    if len(given) > 1:
+        raise UserError(f"{' and '.join(given)} are alternatives: a driving observation (--ego), a robot observation "
+                        "(--instruction) or a free instruction (--prompt)")
     if args.system is not None and args.prompt is None:
         raise UserError("--system goes with --prompt")
     source = detect_source(args.checkpoint, flag="--checkpoint")  # a checkpoint, a quantize output or a bundle
     ego = read_ego(args.ego) if args.ego is not None else None
+    state = read_state(args.state) if args.state is not None else None
     images = read_images(args.image) if args.image else []
     schema = resolve_schema(source.checkpoint or source.path, args.schema) if args.schema else None
     if ego is not None and schema is not None and not isinstance(schema, DrivingSchema):
         raise UserError(f"--schema {args.schema}: --ego plans the driving prompt and needs a driving schema, "
-                        f"got {type(schema).__name__}; use --prompt TEXT for other layouts")
+                        f"got {type(schema).__name__}; use --instruction (a robot observation) or --prompt TEXT "
+                        "for other layouts")
 
     def check_vision(has_vision: bool) -> None:
         if not has_vision and images:
@@ -161,6 +209,8 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
     try:
         if ego is not None:
             plan = planner.plan(Observation(images, ego, args.route_command))
+        elif state is not None:
+            plan = planner.plan(robot_observation(planner.schema, args, images, *state))
         else:
             plan = planner.plan_text(args.prompt, images, system=args.system or GENERIC_SYSTEM_PROMPT)
     except PromptTooLongError as exc:  # name the flag that sized the cache, when the user gave it
@@ -173,3 +223,21 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
         print(f"blockpilot plan: the answer did not parse: {plan.error}", file=sys.stderr)
         return 3
     return 0
+
+
+def robot_observation(schema: Any, args: argparse.Namespace, images: list[Any], joints: Any,
+                      gripper: float | None) -> Any:
+    """The ``--instruction`` / ``--state`` observation, its state checked against ``schema`` (the flag named)."""
+    from .runtime.plan_types import ObservationError, RobotObservation
+    from .runtime.robot_plan import check_state
+    from .vla.plans import ActionChunkSchema, RobotActionSchema
+
+    if not isinstance(schema, (ActionChunkSchema, RobotActionSchema)):
+        where = f"--schema {args.schema}" if args.schema else f"{args.checkpoint}'s schema"
+        raise UserError(f"{where}: --instruction plans a robot action chunk and needs an action-chunk schema "
+                        f"(--schema so101-joints or ee-delta), got {type(schema).__name__}")
+    try:
+        check_state(schema, joints, gripper)
+    except ObservationError as exc:
+        raise UserError(f"--state: {exc}") from None
+    return RobotObservation(images, args.instruction, joints, gripper)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..formats.bundle import BundleError, BundleWriter
 from ..vla.config import ConfigError
-from ..vla.plans import DrivingSchema
-from ..vla.schema_io import SCHEMA_FILE, resolve_schema, save_schema, schema_to_dict
+from ..vla.plans import ActionChunkSchema, DrivingSchema
+from ..vla.schema_io import SCHEMA_FILE, StoredSchema, resolve_schema, save_schema, schema_to_dict
 
 
 def check_bundle_target(out: Path, overwrite: bool) -> None:
@@ -19,21 +19,23 @@ def check_bundle_target(out: Path, overwrite: bool) -> None:
     BundleWriter(out, overwrite=overwrite).abort()
 
 
-def checked_schema(checkpoint: Path, spec: str | None) -> DrivingSchema:
-    """The driving schema the bundle's planner decodes with; :class:`BundleError` naming the file otherwise."""
+def checked_schema(checkpoint: Path, spec: str | None) -> DrivingSchema | ActionChunkSchema:
+    """The driving or action-chunk schema the bundle's planner decodes with; :class:`BundleError` naming the file
+    otherwise."""
     if not (checkpoint / "config.json").is_file():
         raise BundleError(f"{checkpoint}: no config.json (export needs a checkpoint directory)")
     try:
         schema = resolve_schema(checkpoint, spec)
     except ConfigError as exc:
         raise BundleError(str(exc)) from exc
-    if not isinstance(schema, DrivingSchema):
+    if not isinstance(schema, (DrivingSchema, ActionChunkSchema)):
         where = f"--schema {spec}" if spec is not None else str(checkpoint / SCHEMA_FILE)
-        raise BundleError(f"{where}: bundles hold a driving planner today; got a {type(schema).__name__}")
+        raise BundleError(f"{where}: bundles hold a driving or an action-chunk planner (e.g. --schema so101-joints) "
+                          f"today; got a {type(schema).__name__}")
     return schema
 
 
-def write_schema_file(writer: BundleWriter, schema: DrivingSchema, checkpoint: Path, scratch: Path, *,
+def write_schema_file(writer: BundleWriter, schema: StoredSchema, checkpoint: Path, scratch: Path, *,
                       explicit: bool) -> None:
     """Record ``schema`` in the manifest, and as ``model/blockpilot.json`` where the checkpoint has none or
     ``--schema`` chose another (so the bundle's planner reads the schema it was exported with)."""

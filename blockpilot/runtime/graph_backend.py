@@ -41,7 +41,7 @@ from .backend import (
 if TYPE_CHECKING:
     from ..vla.config import ModelConfig
     from ..vla.image_policy import ImagePolicy
-    from ..vla.plans import DrivingSchema
+    from ..vla.plans import ActionChunkSchema, DrivingSchema
     from ..vla.tokenizer import Tokenizer
     from .backend import Prompt, Sampling
 
@@ -173,14 +173,14 @@ class GraphBackend(ABC):
         self._length = length
 
 
-def driving_model_files(model_dir: str | Path,
-                        schema: DrivingSchema | None = None) -> tuple[ModelConfig, Tokenizer, DrivingSchema]:
-    """Config, tokenizer and driving schema (``schema``, else the directory's own) of a checkpoint directory or a
-    bundle's ``model/``, no weights read: what a planner over exported graphs needs besides them. Raises
-    :class:`~blockpilot.runtime.plan_types.PlannerSetupError` naming what is missing or wrong."""
+def driving_model_files(model_dir: str | Path, schema: DrivingSchema | ActionChunkSchema | None = None,
+                        ) -> tuple[ModelConfig, Tokenizer, DrivingSchema | ActionChunkSchema]:
+    """Config, tokenizer and schema (``schema``, else the directory's own: a driving or an action-chunk layout) of
+    a checkpoint directory or a bundle's ``model/``, no weights read: what a planner over exported graphs needs
+    besides them. Raises :class:`~blockpilot.runtime.plan_types.PlannerSetupError` naming what is missing or wrong."""
     from ..vla.config import ConfigError
     from ..vla.hf_config import load_config
-    from ..vla.plans import DrivingSchema
+    from ..vla.plans import ActionChunkSchema, DrivingSchema
     from ..vla.schema_io import load_schema
     from ..vla.tokenizer import Tokenizer
     from .plan_types import PlannerSetupError
@@ -191,7 +191,7 @@ def driving_model_files(model_dir: str | Path,
         loaded = load_schema(model_dir) if schema is None else schema
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         raise PlannerSetupError(str(exc)) from exc
-    if not isinstance(loaded, DrivingSchema):
-        raise PlannerSetupError(f"{model_dir}: the checkpoint answers in the {type(loaded).__name__} layout; the "
-                                "Planner plans driving")
+    if not isinstance(loaded, (DrivingSchema, ActionChunkSchema)):
+        raise PlannerSetupError(f"{model_dir}: the checkpoint answers in the {type(loaded).__name__} layout; a "
+                                "planner over exported graphs plans driving or action chunks")
     return config, tokenizer, loaded

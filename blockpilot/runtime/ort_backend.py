@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from ..formats.onnx_spec import KV_OUTPUTS, graph_has_typed_slots, kv_io, load_spec, vision_graphs
 from ..vla.modes import AttentionMode
-from ..vla.plans import DrivingSchema
+from ..vla.plans import ActionChunkSchema, DrivingSchema
 from .backend import AllowedTokens, BackendError, TokenArray
 from .graph_backend import GraphBackend, driving_model_files
 from .kv_window import write_rows
@@ -161,7 +161,7 @@ class OrtBackend(GraphBackend):
 
 
 def ort_planner(checkpoint_dir: str | Path, onnx_dir: str | Path, *, decoder: DecoderSettings | None = None,
-                schema: DrivingSchema | None = None, threads: int = 1,
+                schema: DrivingSchema | ActionChunkSchema | None = None, threads: int = 1,
                 max_prompt_tokens: int | None = None) -> Planner:
     """A :class:`Planner` on :class:`OrtBackend`: config, tokenizer and schema from ``checkpoint_dir``
     (no weights are read), graphs from ``onnx_dir``. The cache capacity is the export's; ``max_prompt_tokens``

@@ -19,7 +19,7 @@ from ..vla.answer_parser import PlanParseError
 from ..vla.config import BlockDiffusionConfig, ModelConfig, SpecialTokens
 from ..vla.image_grid import image_token_count
 from ..vla.modes import AttentionMode
-from ..vla.plans import DrivingPlan, RobotActionPlan
+from ..vla.plans import ActionChunkPlan, DrivingPlan, RobotActionPlan
 from ..vla.prompt import ROUTE_COMMANDS, EgoState, PromptInputError, check_ego_history
 from .backend import BackendError, PromptError
 from .decoders import SUB_BLOCK_RULES, ArOptions, BlockOptions, RolloutOptions, SpeculativeOptions
@@ -38,7 +38,7 @@ DEFAULT_THRESHOLDS = {"block": 0.9, "scaffold": 0.0, "rollouts": 0.0}
 DecoderOptions = ArOptions | BlockOptions | SpeculativeOptions | RolloutOptions
 
 # A schema compiled from a JSON Schema document (blockpilot.vla.json_schema) answers with plain JSON values.
-VlaPlan = DrivingPlan | RobotActionPlan | dict[str, Any]
+VlaPlan = DrivingPlan | RobotActionPlan | ActionChunkPlan | dict[str, Any]
 
 
 class ObservationError(BackendError, ValueError):
@@ -153,6 +153,34 @@ class Observation:
     route_command: str
 
 
+@dataclass(frozen=True, eq=False)
+class RobotObservation:
+    """One manipulation input: camera images (``HxWx3`` uint8 RGB; third-person first, then wrist), the language
+    ``instruction`` and the proprioceptive ``state`` (joint positions, radians) with an optional separate
+    ``gripper`` value; planned into an action chunk by a planner with an
+    :class:`~blockpilot.vla.plans.ActionChunkSchema` (or the ``robot`` layout)."""
+
+    images: Sequence[npt.NDArray[np.uint8]]
+    instruction: str
+    state: npt.ArrayLike
+    gripper: float | None = None
+
+
+def plan_points(plan: VlaPlan | None) -> npt.NDArray[np.float64] | None:
+    """The numeric rows rollouts average: a driving or robot plan's waypoints, an action chunk's actions."""
+    if isinstance(plan, (DrivingPlan, RobotActionPlan)):
+        return plan.waypoints
+    return plan.actions if isinstance(plan, ActionChunkPlan) else None
+
+
+def with_points(plan: DrivingPlan | RobotActionPlan | ActionChunkPlan,
+                points: npt.NDArray[np.float64]) -> DrivingPlan | RobotActionPlan | ActionChunkPlan:
+    """``plan`` with its numeric rows (see :func:`plan_points`) replaced by ``points``."""
+    if isinstance(plan, ActionChunkPlan):
+        return replace(plan, actions=points)
+    return replace(plan, waypoints=points)
+
+
 def for_model(observation: Observation, config: ModelConfig) -> Observation:
     """``observation`` as a model sees a dataset replay: a text-only model (no vision tower) plans from the
     ego state and route command alone, so the replayed camera images are left out."""
@@ -196,8 +224,13 @@ class Plan:
             return {"subtask": self.plan.subtask, "gripper": self.plan.gripper}
         return None
 
+    @property
+    def actions(self) -> npt.NDArray[np.float64] | None:
+        """``(steps, dims)`` for an action chunk (the rollouts' mean with rollouts); ``None`` otherwise."""
+        return self.plan.actions if isinstance(self.plan, ActionChunkPlan) else None
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: waypoints, behaviour, text, parse error, rollouts and statistics."""
+        """JSON-ready: waypoints (or an action chunk), behaviour, text, parse error, rollouts and statistics."""
         out: dict[str, Any] = {
             "waypoints": None if self.waypoints is None else self.waypoints.tolist(),
             "behaviour": self.behaviour,
@@ -207,6 +240,9 @@ class Plan:
         if isinstance(self.plan, DrivingPlan):
             out["critical_objects"] = [k for k, v in self.plan.critical_objects.items() if v]
             out["explanation"] = self.plan.explanation
+        if isinstance(self.plan, ActionChunkPlan):
+            out["actions"] = self.plan.actions.tolist()
+            out["action_dims"] = list(self.plan.dims)
         if isinstance(self.plan, dict):  # a JSON Schema layout: the parsed value itself
             out["value"] = self.plan
         if self.rollout_texts:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,7 @@ from ..errors import require_extra
 from ..vla.answer_parser import PlanParseError, parse_plan
 from ..vla.config import ConfigError, ModelConfig
 from ..vla.image_policy import ImagePolicy, ImagePolicyError, load_image_policy, prompt_budget
-from ..vla.plans import DrivingPlan, DrivingSchema, PlanSchema, RobotActionPlan
+from ..vla.plans import DrivingSchema, PlanSchema
 from ..vla.prompt import (
     DRIVING_SYSTEM_PROMPT,
     GENERIC_SYSTEM_PROMPT,
@@ -51,10 +50,14 @@ from .plan_types import (
     Plan,
     PlannerSetupError,
     PromptTooLongError,
+    RobotObservation,
     VlaPlan,
     check_images,
     check_observation,
+    plan_points,
+    with_points,
 )
+from .robot_plan import robot_prompt
 
 if TYPE_CHECKING:
     from ..vla.model import VLAModel
@@ -217,11 +220,13 @@ class Planner:
         made.image_policy = image_policy
         return cls(made, model.config, tokenizer, decoder=settings, schema=schema)
 
-    def prompt(self, observation: Observation) -> tuple[Prompt, int]:
-        """The checked prompt of ``observation`` and how many of its tokens are image tokens."""
+    def prompt(self, observation: Observation | RobotObservation) -> tuple[Prompt, int]:
+        """The checked prompt of ``observation`` (driving or robot) and how many of its tokens are image tokens."""
+        if isinstance(observation, RobotObservation):
+            return robot_prompt(observation, self.config, self.schema, self.tokenizer, self._image_counts)
         if not isinstance(self.schema, DrivingSchema):
             raise ObservationError(f"this planner answers in a {type(self.schema).__name__} layout, not a driving "
-                                   "one: plan it from an instruction with plan_text()")
+                                   "one: plan a RobotObservation, or an instruction with plan_text()")
         images = check_observation(observation, self.config)
         counts = self._image_counts(images)
         ids = driving_prompt_ids(self.tokenizer, self.schema, observation.ego, observation.route_command, counts)
@@ -249,9 +254,15 @@ class Planner:
         prompt, image_tokens = self.text_prompt(instruction, images, system=system)
         return self.run(prompt, image_tokens, started=t0)
 
-    def plan(self, observation: Observation) -> Plan:
-        """Plan once. Raises only :class:`~blockpilot.runtime.backend.BackendError` subclasses for
-        bad input or a full cache; an answer that does not parse comes back as ``Plan.error``."""
+    def plan_robot(self, observation: RobotObservation) -> Plan:
+        """Plan an action chunk from a :class:`RobotObservation` (as :meth:`plan`, which takes either kind)."""
+        if not isinstance(observation, RobotObservation):
+            raise ObservationError(f"plan_robot takes a RobotObservation, got {type(observation).__name__}")
+        return self.plan(observation)
+
+    def plan(self, observation: Observation | RobotObservation) -> Plan:
+        """Plan once (a driving or a robot observation). Raises only :class:`~blockpilot.runtime.backend.BackendError`
+        subclasses for bad input or a full cache; an answer that does not parse comes back as ``Plan.error``."""
         t0 = time.perf_counter()
         prompt, image_tokens = self.prompt(observation)
         return self.run(prompt, image_tokens, started=t0)
@@ -302,11 +313,11 @@ class Planner:
             error = next((e for _, e, _ in answers if e is not None), None) if not parsed else None
             text = answers[0][2]
             plan = None
-            trajectories = [p for p in parsed if isinstance(p, (DrivingPlan, RobotActionPlan))]
-            if trajectories and len(trajectories) == len(parsed):
-                spread = rollout_spread([p.waypoints for p in trajectories])
-                # Rollouts share every section before the trajectory; the plan carries their mean.
-                plan = replace(trajectories[0], waypoints=spread.mean)
+            points = [plan_points(p) for p in parsed]
+            if parsed and all(p is not None for p in points):
+                spread = rollout_spread([p for p in points if p is not None])
+                # Rollouts share every section before the trajectory (or chunk); the plan carries their mean.
+                plan = with_points(parsed[0], spread.mean)  # type: ignore[arg-type]
             elif parsed:  # a layout without waypoints has no mean to take: the first rollout that parsed
                 plan = parsed[0]
         t1 = time.perf_counter()

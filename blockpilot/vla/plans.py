@@ -1,4 +1,4 @@
-"""Typed plans and the two answer schemas that lay them out: driving (Fast-dDrive) and robot action.
+"""Typed plans and the answer schemas that lay them out: driving (Fast-dDrive), robot action and action chunk.
 
 A plan schema is a frozen config (horizon, rate, number widths, vocabularies) that builds its
 :class:`SchemaLayout` once and converts between its typed plan and the layout's section values.
@@ -27,6 +27,10 @@ CRITICAL_OBJECT_KEYS = (
 LONGITUDINAL_BEHAVIOURS = ("accelerate", "keep_speed", "decelerate", "stop")
 LATERAL_BEHAVIOURS = ("straight", "left_turn", "right_turn", "left_lane_change", "right_lane_change")
 GRIPPER_STATES = ("open", "close")
+# SO-101 (LeRobot's arm): five joints and the gripper, in the order LeRobot names its motors.
+SO101_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
+EE_DELTA_DIMS = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
+ACTION_KINDS = ("joint_targets", "ee_delta")
 FLAG_YES, FLAG_NO = "yes", "no"  # how the driving layout spells a critical-object flag
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -224,7 +228,81 @@ class RobotActionSchema:
         )
 
 
-Plan = DrivingPlan | RobotActionPlan
+@dataclass(frozen=True, eq=False)
+class ActionChunkPlan:
+    """An action chunk: ``actions`` ``(steps, dims)``, one row per control step, columns named by ``dims``."""
+
+    actions: npt.NDArray[np.float64]
+    dims: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dims", tuple(self.dims))
+        object.__setattr__(self, "actions", _points(self.actions, len(self.dims), "ActionChunkPlan.actions"))
+
+
+@dataclass(frozen=True, slots=True)
+class ActionChunkSchema:
+    """A manipulation answer that is only an action chunk: ``steps`` rows of ``len(dims)`` fixed-width numbers.
+
+    ``action`` says what a row is: ``joint_targets`` (absolute joint positions, radians, gripper included) or
+    ``ee_delta`` (end-effector delta pose: metres and radians, then the gripper, 0 open .. 1 closed). Rows are
+    ``1 / rate_hz`` apart. ``state_dims`` names the proprioceptive values the prompt carries (empty: any
+    number). The answer is ``{"actions": [[...], ...]}``, so rollouts sample the whole chunk.
+    """
+
+    steps: int = 8
+    dims: tuple[str, ...] = EE_DELTA_DIMS
+    action: str = "ee_delta"
+    rate_hz: float = 30.0
+    int_digits: int = 1
+    frac_digits: int = 3
+    state_dims: tuple[str, ...] = ()
+    layout: SchemaLayout = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= 64:
+            raise SchemaError(f"ActionChunkSchema.steps must be 1..64, got {self.steps!r}")
+        if not self.dims:
+            raise SchemaError("ActionChunkSchema.dims needs at least one action dimension")
+        check_unique(list(self.dims), "ActionChunkSchema.dims")
+        check_unique(list(self.state_dims), "ActionChunkSchema.state_dims")
+        if self.action not in ACTION_KINDS:
+            raise SchemaError(f"ActionChunkSchema.action must be one of {ACTION_KINDS}, got {self.action!r}")
+        if not isinstance(self.rate_hz, (int, float)) or not self.rate_hz > 0:
+            raise SchemaError(f"ActionChunkSchema.rate_hz must be positive, got {self.rate_hz}")
+        FixedNumber(self.int_digits, self.frac_digits)  # validates the widths
+        object.__setattr__(self, "layout", compile_schema(self.json_schema(), "ActionChunkSchema").layout)
+
+    @classmethod
+    def so101_joints(cls) -> ActionChunkSchema:
+        """SO-101 joint targets: 8 steps of 5 joints + gripper, radians, at 30 Hz; the state is the same 6 joints."""
+        return cls(steps=8, dims=SO101_JOINTS, action="joint_targets", state_dims=SO101_JOINTS)
+
+    @classmethod
+    def ee_delta(cls) -> ActionChunkSchema:
+        """End-effector deltas: 8 steps of dx, dy, dz, droll, dpitch, dyaw, gripper at 30 Hz."""
+        return cls(steps=8, dims=EE_DELTA_DIMS, action="ee_delta")
+
+    @property
+    def number(self) -> FixedNumber:
+        return FixedNumber(self.int_digits, self.frac_digits)
+
+    def json_schema(self) -> dict[str, Any]:
+        """The answer layout as a JSON Schema document (what :func:`compile_schema` builds the layout from)."""
+        row = _fixed_array(len(self.dims), _number_schema(self.int_digits, self.frac_digits))
+        return _object({"actions": _fixed_array(self.steps, row)}, dialect=True,
+                       title=f"Action chunk ({self.action}: {', '.join(self.dims)})")
+
+    def sections_from_plan(self, plan: ActionChunkPlan) -> dict[str, object]:
+        if tuple(plan.dims) != self.dims:
+            raise SchemaError(f"actions: the plan's dims {list(plan.dims)} are not the schema's {list(self.dims)}")
+        return {"actions": _shaped(plan.actions, (self.steps, len(self.dims)), "actions")}
+
+    def plan_from_sections(self, sections: Mapping[str, object]) -> ActionChunkPlan:
+        return ActionChunkPlan(np.asarray(sections["actions"], dtype=np.float64), self.dims)
+
+
+Plan = DrivingPlan | RobotActionPlan | ActionChunkPlan
 
 DRIVING_PRESETS: dict[str, DrivingSchema] = {
     "nuscenes": DrivingSchema.nuscenes(),

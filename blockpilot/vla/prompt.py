@@ -29,6 +29,8 @@ GENERIC_SYSTEM_PROMPT = "You are a helpful assistant. Answer in the JSON layout 
 # the positions 2.0, 1.5, 1.0 and 0.5 s before now (2 s at 2 Hz), oldest first. No padding rule: a
 # shorter history is refused (a model never saw repeated points and would read them as standing still).
 DRIVING_PAST_TIMES_S = (-2.0, -1.5, -1.0, -0.5)
+# How the robot prompt names its cameras, in prompt order (a third camera and more: "camera 3", ...).
+ROBOT_CAMERA_NAMES = ("third-person", "wrist")
 
 
 class PromptInputError(BlockpilotError, ValueError):
@@ -114,3 +116,34 @@ def driving_prompt_ids(tokenizer: Tokenizer, schema: DrivingSchema, ego: EgoStat
     model is planned with exactly the prompt it was trained on."""
     text = driving_instruction(ego, route_command, FixedNumber(schema.int_digits, schema.frac_digits))
     return chat_prompt_ids(tokenizer, DRIVING_SYSTEM_PROMPT, text, image_token_counts)
+
+
+def robot_instruction(instruction: str, state: npt.ArrayLike, number: FixedNumber, *, cameras: int = 0,
+                      gripper: float | None = None) -> str:
+    """The user-turn text for manipulation: the cameras' names, the task, and the proprioceptive ``state`` (joint
+    positions, then the optional ``gripper``) written in ``number``'s width, clipped to its range."""
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise PromptInputError("instruction is empty: give the task the robot should do")
+    values = np.asarray(state, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise PromptInputError(f"state must be a non-empty list of joint positions, got shape {values.shape}")
+    if not np.isfinite(values).all() or (gripper is not None and not np.isfinite(gripper)):
+        raise PromptInputError("state holds a non-finite value")
+
+    def fmt(value: float, what: str) -> str:
+        return number.format_value(float(np.clip(value, -number.max_abs, number.max_abs)), what)
+
+    names = [ROBOT_CAMERA_NAMES[i] if i < len(ROBOT_CAMERA_NAMES) else f"camera {i + 1}" for i in range(cameras)]
+    views = f"Cameras: {', '.join(names)}. " if names else ""
+    joints = ",".join(fmt(v, f"state[{i}]") for i, v in enumerate(values))
+    grip = "" if gripper is None else f" Gripper {fmt(gripper, 'gripper')}."
+    return f"{views}Task: {instruction.strip()} Robot state [{joints}].{grip} Plan the next actions."
+
+
+def robot_prompt_ids(tokenizer: Tokenizer, number: FixedNumber, instruction: str, state: npt.ArrayLike,
+                     image_token_counts: Sequence[int], *, gripper: float | None = None) -> list[int]:
+    """The manipulation chat prompt: the robot system prompt, ``image_token_counts[i]`` placeholders per camera
+    (third-person first, then wrist), the instruction and the state in the answer's number width ``number``.
+    The one assembly of a robot prompt, as :func:`driving_prompt_ids` is for driving."""
+    text = robot_instruction(instruction, state, number, cameras=len(image_token_counts), gripper=gripper)
+    return chat_prompt_ids(tokenizer, ROBOT_SYSTEM_PROMPT, text, image_token_counts)

@@ -2,7 +2,7 @@
 
 A checkpoint directory in the HF layout says nothing about the answer layout its model learned;
 a model trained on a shorter explanation slot, for one, needs that scaffold to decode. The file
-holds ``{"schema": {"kind": "driving" | "robot", <schema fields>}, ...}``; other top-level keys
+holds ``{"schema": {"kind": "driving" | "robot" | "action_chunk", <schema fields>}, ...}``; other top-level keys
 (training provenance) are kept for readers that want them. Without the file a checkpoint is
 taken to answer in the nuScenes driving layout, as Fast-dDrive checkpoints do.
 """
@@ -17,20 +17,23 @@ from typing import Any
 
 from ..atomic_io import atomic_write
 from .config import ConfigError, read_json_object
-from .plans import DrivingSchema, RobotActionSchema
+from .plans import ActionChunkSchema, DrivingSchema, RobotActionSchema
 
 SCHEMA_FILE = "blockpilot.json"
 # ``--schema`` preset names (the CLI's shared option) and what each builds.
 SCHEMA_PRESETS: dict[str, Any] = {
     "driving-nuscenes": DrivingSchema.nuscenes, "driving-wod": DrivingSchema.wod_e2e, "robot": RobotActionSchema,
+    "so101-joints": ActionChunkSchema.so101_joints, "ee-delta": ActionChunkSchema.ee_delta,
 }
-_KINDS: dict[str, type[DrivingSchema] | type[RobotActionSchema]] = {
-    "driving": DrivingSchema, "robot": RobotActionSchema,
+# The layouts a blockpilot.json (and a bundle's manifest) can hold, by their "kind".
+StoredSchema = DrivingSchema | RobotActionSchema | ActionChunkSchema
+_KINDS: dict[str, type[DrivingSchema] | type[RobotActionSchema] | type[ActionChunkSchema]] = {
+    "driving": DrivingSchema, "robot": RobotActionSchema, "action_chunk": ActionChunkSchema,
 }
 
 
-def schema_to_dict(schema: DrivingSchema | RobotActionSchema) -> dict[str, Any]:
-    kind = "driving" if isinstance(schema, DrivingSchema) else "robot"
+def schema_to_dict(schema: StoredSchema) -> dict[str, Any]:
+    kind = next(k for k, cls in _KINDS.items() if isinstance(schema, cls))
     out: dict[str, Any] = {"kind": kind}
     for f in fields(schema):
         if f.init:
@@ -39,7 +42,7 @@ def schema_to_dict(schema: DrivingSchema | RobotActionSchema) -> dict[str, Any]:
     return out
 
 
-def schema_from_dict(data: dict[str, Any], where: str = SCHEMA_FILE) -> DrivingSchema | RobotActionSchema:
+def schema_from_dict(data: dict[str, Any], where: str = SCHEMA_FILE) -> StoredSchema:
     kind = data.get("kind")
     if kind not in _KINDS:
         raise ConfigError(f"{where}: schema.kind must be one of {sorted(_KINDS)}, got {kind!r}")
@@ -56,15 +59,14 @@ def schema_from_dict(data: dict[str, Any], where: str = SCHEMA_FILE) -> DrivingS
         raise ConfigError(f"{where}: invalid {kind} schema ({exc})") from exc
 
 
-def save_schema(checkpoint_dir: str | Path, schema: DrivingSchema | RobotActionSchema,
-                **extra: Any) -> Path:
+def save_schema(checkpoint_dir: str | Path, schema: StoredSchema, **extra: Any) -> Path:
     """Write ``blockpilot.json`` with the schema and any ``extra`` top-level entries."""
     path = Path(checkpoint_dir) / SCHEMA_FILE
     atomic_write(path, json.dumps({"schema": schema_to_dict(schema), **extra}, indent=2) + "\n")
     return path
 
 
-def load_schema(checkpoint_dir: str | Path) -> DrivingSchema | RobotActionSchema:
+def load_schema(checkpoint_dir: str | Path) -> StoredSchema:
     """The checkpoint's answer schema; :meth:`DrivingSchema.nuscenes` when it has no ``blockpilot.json``."""
     path = Path(checkpoint_dir) / SCHEMA_FILE
     if not path.is_file():
