@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -49,6 +50,10 @@ def _eval(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str
     return rc, out, err
 
 
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
 def _hand_baseline(episodes: list[RobotEpisode]) -> dict[str, object]:
     """Repeat-last-action by hand: each frame after the first repeats the previous action over the next 8 steps."""
     all_actions = np.concatenate([ep.actions for ep in episodes]).astype(np.float64)
@@ -78,7 +83,7 @@ def test_lerobot_replay_scores_model_and_repeat_last_action(data: dict, tmp_path
     rc, stdout, err = _eval(capsys, "--checkpoint", str(data["ckpt"]), "--dataroot", str(data["good"]),
                             "--schema", "so101-joints", "--out", str(out))
     assert rc == 0, err
-    assert "repeat-last-action" in stdout
+    assert "repeat-last-action" in stdout and "paired" in stdout
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     counts = metrics["counts"]
     assert counts["total"] == sum(LENGTHS) and counts["failed"] == 0
@@ -96,11 +101,14 @@ def test_lerobot_replay_scores_model_and_repeat_last_action(data: dict, tmp_path
     steps = [base["l1"]["per_step"][str(k)] for k in range(STEPS)]
     assert steps[:4] == pytest.approx(hand["l1_step"][:4], abs=1e-5) and steps[4:] == [None] * 4
     assert base["gripper_accuracy"] == pytest.approx(hand["grip"], abs=1e-6)
+    paired = metrics["paired"]
+    assert paired["samples"] == sum(1 for r in _records(out) if r["pred"] and r["baseline"])
+    assert paired["baseline_l1"] == pytest.approx(hand["l1"], abs=1e-5) or paired["samples"] < base["samples"]
     model = metrics["model"]
     assert model["samples"] == counts["ok"]
     if counts["ok"]:
         assert set(model["l1"]["per_dim"]) == set(SO101_JOINTS) and 0 <= model["gripper_accuracy"] <= 1
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    records = _records(out)
     assert len(records) == sum(LENGTHS) and all(len(r["target"]) == STEPS for r in records)
     summary = (out / "report" / "summary.md").read_text()
     assert "repeat-last-action" in summary and "shoulder_pan" in summary
@@ -113,3 +121,45 @@ def test_dataset_dims_that_disagree_with_the_schema_exit_2_naming_the_feature(
     assert rc == 2 and stdout == ""
     assert len(err.strip().splitlines()) == 1 and "'action'" in err and "shoulder_pan" in err
     assert not (tmp_path / "bad_run" / "results.jsonl").exists()
+
+
+class _StubPlanner:
+    """Answers a constant chunk; refuses the 3rd observation and fails to parse the 4th."""
+
+    def __init__(self) -> None:
+        from blockpilot.vla.plans import ActionChunkSchema
+
+        self.schema, self.calls = ActionChunkSchema.so101_joints(), 0
+
+    def plan_robot(self, observation: object) -> SimpleNamespace:
+        from blockpilot.runtime.plan_types import ObservationError
+
+        self.calls += 1
+        assert np.asarray(observation.state).shape == (6,) and len(observation.images) == 1  # type: ignore[attr-defined]
+        if self.calls == 3:
+            raise ObservationError("observation.images: broken frame")
+        stats = SimpleNamespace(stage_ms={"total": float(self.calls)})
+        if self.calls == 4:
+            return SimpleNamespace(plan=None, error="no closing bracket", stats=stats)
+        return SimpleNamespace(plan=SimpleNamespace(actions=np.full((STEPS, 6), 0.25)), error=None, stats=stats)
+
+
+def test_a_bad_sample_is_counted_with_its_reason_and_the_model_is_scored_exactly(data: dict) -> None:
+    from blockpilot.eval.robot_eval import open_robot_source, replay_robot
+    from blockpilot.eval.robot_metrics import robot_metrics
+
+    records, facts = replay_robot(_StubPlanner(), open_robot_source(data["good"], chunk=STEPS))
+    metrics = robot_metrics(records, facts)
+    counts = metrics["counts"]
+    assert (counts["ok"], counts["parse_error"], counts["failed"]) == (6, 1, 1)
+    assert counts["parse_rate"] == pytest.approx(6 / 7)
+    assert [(f["index"], f["status"]) for f in counts["failures"]] == [(2, "failed"), (3, "parse_error")]
+    assert "broken frame" in counts["failures"][0]["error"]
+    assert metrics["latency_ms"]["samples"] == 7 and metrics["latency_ms"]["p50"] == pytest.approx(5.0)
+    # by hand: the constant 0.25 chunk against every non-padded target row of the frames that parsed
+    errors = [0.25 - ep.actions[t + k].astype(np.float64)
+              for e, ep in enumerate(data["episodes"]) for t in range(ep.length)
+              if sum(LENGTHS[:e]) + t not in (2, 3) for k in range(STEPS) if t + k < ep.length]
+    assert metrics["model"]["rows"] == len(errors)
+    assert metrics["model"]["l1"]["mean"] == pytest.approx(np.abs(errors).mean(), abs=1e-5)
+    assert metrics["model"]["mse"]["per_dim"]["gripper"] == pytest.approx(np.square(errors)[:, 5].mean(), abs=1e-5)

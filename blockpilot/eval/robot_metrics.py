@@ -4,6 +4,8 @@ Per predictor (``model``, ``baseline``: repeat-last-action), over the chunk rows
 (LeRobot's ``action_is_pad``: past the episode's end):
 
 - ``l1`` / ``mse``: the mean absolute / squared error, overall, per action dimension and per chunk step;
+- ``paired``: both predictors' mean L1 and gripper accuracy on the samples both scored (the model parsed and the
+  baseline had a previous action), and the model's L1 reduction against the baseline (``1 - model / baseline``);
 - ``gripper_accuracy``: the share of rows where the predicted gripper is on the same side of the threshold as the
   target (``value > threshold`` is one state, the rest the other; which side is "closed" depends on the robot,
   the accuracy does not). The threshold is the midpoint of the dataset's gripper action min and max
@@ -74,12 +76,19 @@ def robot_metrics(records: Sequence[dict[str, Any]], facts: dict[str, Any]) -> d
                            for r in records if r["status"] != "ok"]}
     totals = [float(r["stage_ms"]["total"]) for r in records if "total" in (r.get("stage_ms") or {})]
     threshold = facts.get("gripper_threshold")
+    both = [r for r in records if r.get("pred") is not None and r.get("baseline") is not None]
+    paired = {who: score(both, "pred" if who == "model" else who, facts["dims"], threshold) for who in PREDICTORS}
+    l1s = [(paired[who].get("l1") or {}).get("mean") for who in PREDICTORS]
     return {"kind": "robot", **facts,
             "gripper_rule": None if threshold is None else f"state = value > {threshold:g} (midpoint of the "
                                                            "dataset's gripper action range)",
             "counts": counts, "latency_ms": {"samples": len(totals), **percentiles_and_mean(totals)},
             **{who: score(records, "pred" if who == "model" else who, facts["dims"], threshold)
-               for who in PREDICTORS}}
+               for who in PREDICTORS},
+            "paired": {"samples": len(both), "model_l1": l1s[0], "baseline_l1": l1s[1],
+                       "l1_reduction": _round(1 - l1s[0] / l1s[1]) if l1s[0] is not None and l1s[1] else None,
+                       "model_gripper_accuracy": paired["model"]["gripper_accuracy"],
+                       "baseline_gripper_accuracy": paired["baseline"]["gripper_accuracy"]}}
 
 
 def _fmt(x: Any, pct: bool = False) -> str:
@@ -97,11 +106,12 @@ def _table(metrics: dict[str, Any], metric: str, part: str, labels: Sequence[str
 
 
 def headline(metrics: dict[str, Any]) -> str:
-    m, b = metrics["model"], metrics["baseline"]
-    l1 = [(x.get("l1") or {}).get("mean") for x in (m, b)]
-    grip = [x.get("gripper_accuracy") for x in (m, b)]
-    c, lat = metrics["counts"], metrics["latency_ms"]
-    return (f"action L1 model {_fmt(l1[0])} vs repeat-last-action {_fmt(l1[1])}; gripper accuracy "
+    """One line, on the samples both predictors scored (``paired``)."""
+    p, c, lat = metrics["paired"], metrics["counts"], metrics["latency_ms"]
+    l1 = [p["model_l1"], p["baseline_l1"]]
+    grip = [p["model_gripper_accuracy"], p["baseline_gripper_accuracy"]]
+    return (f"on {p['samples']} paired samples: action L1 model {_fmt(l1[0])} vs repeat-last-action {_fmt(l1[1])} "
+            f"(reduction {_fmt(p['l1_reduction'], True)}); gripper accuracy "
             f"{_fmt(grip[0], True)} vs {_fmt(grip[1], True)}; parsed {_fmt(c['parse_rate'], True)} of "
             f"{c['ok'] + c['parse_error']} planned; latency p50 {_fmt(lat.get('p50'))} ms")
 
