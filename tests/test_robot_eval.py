@@ -111,7 +111,9 @@ def test_lerobot_replay_scores_model_and_repeat_last_action(data: dict, tmp_path
     records = _records(out)
     assert len(records) == sum(LENGTHS) and all(len(r["target"]) == STEPS for r in records)
     summary = (out / "report" / "summary.md").read_text()
-    assert "repeat-last-action" in summary and "shoulder_pan" in summary
+    assert "repeat-last-action" in summary and "shoulder_pan" in summary and "plots/l1_per_step.png" in summary
+    plots = ("latency.png", "l1_per_step.png", "l1_per_dim.png")
+    assert all((out / "report" / "plots" / f).stat().st_size > 0 for f in plots)
 
 
 def test_dataset_dims_that_disagree_with_the_schema_exit_2_naming_the_feature(

@@ -122,7 +122,7 @@ def replay_robot(planner: Any, source: Any, *, limit: int | None = None) -> tupl
         except BackendError as exc:  # refused observation, prompt too long, full cache: counted, go on
             records.append(_failure(record, exc))
             continue
-        record["stage_ms"] = {k: round(float(v), 3) for k, v in plan.stats.stage_ms.items()}
+        record["stats"] = {"stage_ms": {k: round(float(v), 3) for k, v in plan.stats.stage_ms.items()}}
         if plan.plan is None:
             record.update(status="parse_error", error=str(plan.error))
         else:
@@ -143,14 +143,17 @@ def check_robot_schema(schema: Any, flag: str) -> None:
 
 
 def write_robot_run(out: Path, records: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> Path:
-    """``out/results.jsonl``, ``out/report/metrics.json`` and ``out/report/summary.md``; returns the report dir."""
+    """``out/results.jsonl``, ``out/report/metrics.json``, ``out/report/summary.md`` and ``out/report/plots/``;
+    returns the report dir."""
     from .robot_metrics import summary_markdown
+    from .robot_plots import write_robot_plots
 
     report = out / REPORT_DIR
     report.mkdir(parents=True, exist_ok=True)
     atomic_write(out / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in records))
     atomic_write(report / "metrics.json", json.dumps(metrics, indent=1) + "\n")
-    atomic_write(report / "summary.md", summary_markdown(metrics))
+    plots = write_robot_plots(records, metrics, report / "plots")
+    atomic_write(report / "summary.md", summary_markdown(metrics, [p.name for p in plots]))
     return report
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .summary import percentiles_and_mean
+from .summary import percentiles_and_mean, total_ms
 
 PREDICTORS = ("model", "baseline")
 
@@ -74,7 +74,7 @@ def robot_metrics(records: Sequence[dict[str, Any]], facts: dict[str, Any]) -> d
               "baseline_skipped_first_frames": sum(1 for r in records if "target" in r and r.get("baseline") is None),
               "failures": [{"index": r["index"], "status": r["status"], "error": r["error"]}
                            for r in records if r["status"] != "ok"]}
-    totals = [float(r["stage_ms"]["total"]) for r in records if "total" in (r.get("stage_ms") or {})]
+    totals = [v for r in records if (v := total_ms(r)) is not None]
     threshold = facts.get("gripper_threshold")
     both = [r for r in records if r.get("pred") is not None and r.get("baseline") is not None]
     paired = {who: score(both, "pred" if who == "model" else who, facts["dims"], threshold) for who in PREDICTORS}
@@ -116,7 +116,7 @@ def headline(metrics: dict[str, Any]) -> str:
             f"{c['ok'] + c['parse_error']} planned; latency p50 {_fmt(lat.get('p50'))} ms")
 
 
-def summary_markdown(metrics: dict[str, Any]) -> str:
+def summary_markdown(metrics: dict[str, Any], plots: Sequence[str] = ()) -> str:
     dims, steps = metrics["dims"], [str(k) for k in range(metrics["steps"])]
     c, lat = metrics["counts"], metrics["latency_ms"]
     lines = ["# Robot replay", "", headline(metrics), "",
@@ -128,6 +128,7 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
              f"Latency ms p50/p90/p99: {_fmt(lat.get('p50'))}/{_fmt(lat.get('p90'))}/{_fmt(lat.get('p99'))}.", ""]
     for metric in ("l1", "mse"):
         lines += ["", *_table(metrics, metric, "per_dim", dims), "", *_table(metrics, metric, "per_step", steps)]
+    lines += [""] + [f"![{name}](plots/{name})" for name in plots]
     if c["failures"]:
         lines += ["", "## Not scored", ""] + [f"- sample {f['index']} ({f['status']}): {f['error']}"
                                               for f in c["failures"][:20]]
