@@ -28,6 +28,7 @@ from .replay import (
     parse_cameras,
     run_header,
 )
+from .robot_eval import ROBOT_SOURCES
 from .types import Source
 
 if TYPE_CHECKING:
@@ -38,8 +39,9 @@ __all__ = ["positive_int"]  # re-exported for the command modules that took it f
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", choices=SOURCES, help="dataset format of --dataroot")
-    parser.add_argument("--dataroot", help="nuScenes dataroot, WOD-E2E TFRecord file or folder, rosbag2 folder")
+    parser.add_argument("--source", choices=(*SOURCES, *ROBOT_SOURCES), help="dataset format of --dataroot")
+    parser.add_argument("--dataroot", help="nuScenes dataroot, WOD-E2E TFRecord file or folder, rosbag2 folder, "
+                                          "LeRobot dataset folder")
     parser.add_argument("--checkpoint", help="model checkpoint dir (config.json, safetensors, tokenizer.json), or what "
                                              "blockpilot quantize wrote (its --out dir)")
     parser.add_argument("--bundle", help="exported bundle dir (verified; ONNX Runtime, or --backend tensorrt) instead "
@@ -134,7 +136,13 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
     from ..runtime.plan_types import DecoderSettings
     from ..runtime.sources import detect_source, open_planner
 
-    source = build_source(args)
+    robot = args.source in ROBOT_SOURCES
+    if robot:
+        from .robot_eval import open_robot_source
+
+        source: Source = open_robot_source(args.dataroot)
+    else:
+        source = build_source(args)
     flag = "--bundle" if args.bundle else "--checkpoint"
     found = detect_source(args.bundle or args.checkpoint, flag=flag,
                           kinds=("bundle",) if args.bundle else ("checkpoint", "quantized"))
@@ -144,12 +152,27 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
 
         torch.set_num_threads(args.threads)
     model_path = found.path
-    schema = None if args.bundle else driving_schema(found.checkpoint or model_path, getattr(args, "schema", None))
+    spec = getattr(args, "schema", None)
+    if args.bundle:
+        schema = None
+    elif robot:
+        from ..vla.schema_io import resolve_schema
+
+        schema = None if spec is None else resolve_schema(found.checkpoint or model_path, spec)
+    else:
+        schema = driving_schema(found.checkpoint or model_path, spec)
     backend = getattr(args, "backend", "auto")
     planner = open_planner(found, backend=backend, decoder=settings, device=args.device,
                            dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens, schema=schema,
                            cameras=len(getattr(source, "cameras", ("one",))), threads=args.threads or 1,
                            restore_quantized=restore_quantized, flag=flag, trusted_keys=args.trusted_keys)
+    if robot:
+        from .robot_eval import run_robot
+
+        code = run_robot(planner, source, Path(args.out), limit=args.limit, quiet=args.json)
+        if args.json:
+            print((Path(args.out) / "report" / "metrics.json").read_text(), end="")
+        return code
     header = run_header(source, model_path, planner)
     header["backend"] = found.default_backend if backend == "auto" else backend
     if not args.bundle:

@@ -1,0 +1,190 @@
+"""Replay a LeRobot dataset through a manipulation planner (``blockpilot eval --source lerobot``).
+
+Each frame becomes a :class:`~blockpilot.runtime.plan_types.RobotObservation`: the dataset's ``observation.state``
+and ``action`` columns are mapped onto the schema's ``state_dims`` and ``dims`` by name (a trailing ``.pos`` is
+ignored; a feature without names maps by position when its size matches). A dataset whose dims cannot be mapped is
+refused before any planning with :class:`RobotDimsError`, naming the feature. One bad sample (unreadable frame,
+refused observation, full cache) is recorded with its reason and the replay goes on, as the driving evaluator does.
+
+Scored beside the model: the **repeat-last-action** baseline, which repeats the episode's previous action for every
+step of the chunk (an episode's first frame has no previous action, so the baseline skips it). Metrics and the
+gripper rule are in :mod:`blockpilot.eval.robot_metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..atomic_io import atomic_write
+from .replay import EvalUsageError
+
+ROBOT_SOURCES = ("lerobot",)
+RESULTS_FILE = "results.jsonl"
+REPORT_DIR = "report"
+STATE_KEY, ACTION_KEY = "observation.state", "action"
+
+
+class RobotDimsError(EvalUsageError):
+    """The dataset's state or action columns do not map onto the planner's schema; the message names the feature."""
+
+
+def _normalise(name: str) -> str:
+    return name[:-len(".pos")] if name.endswith(".pos") else name
+
+
+def feature_names(feature: dict[str, Any]) -> list[str] | None:
+    """A LeRobot feature's per-dim names (a list, or LeRobot's ``{"motors": [...]}`` form), or None."""
+    names = feature.get("names")
+    if isinstance(names, dict) and len(names) == 1:
+        names = next(iter(names.values()))
+    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+        return [_normalise(n) for n in names]
+    return None
+
+
+def map_dims(info: dict[str, Any], key: str, wanted: Sequence[str], *, where: str) -> npt.NDArray[np.int64] | None:
+    """Column indices of ``info``'s feature ``key`` in the order of ``wanted`` (None: ``wanted`` is empty, keep all);
+    raises :class:`RobotDimsError` naming the feature when they disagree."""
+    if not wanted:
+        return None
+    feature = info["features"][key]
+    size = int(np.prod(feature.get("shape") or [0]))
+    names = feature_names(feature)
+    if names is not None and set(wanted) <= set(names):
+        return np.asarray([names.index(w) for w in wanted], dtype=np.int64)
+    if names is None and size == len(wanted):
+        return np.arange(size, dtype=np.int64)
+    raise RobotDimsError(f"{where}: dataset feature {key!r} has {size} dim(s) {names or '(unnamed)'}; the schema "
+                         f"wants {len(wanted)}: {', '.join(wanted)}")
+
+
+def gripper_threshold(root: Path, info: dict[str, Any], action_map: npt.NDArray[np.int64],
+                      dims: Sequence[str]) -> float | None:
+    """The open/closed threshold of the schema's ``gripper`` dim: the midpoint of that action column's min and max
+    in the dataset's ``meta/stats.json`` (LeRobot's own statistics), else 0.5. None: the schema has no gripper."""
+    if "gripper" not in dims:
+        return None
+    column = int(action_map[list(dims).index("gripper")])
+    try:
+        stats = json.loads((root / "meta" / "stats.json").read_text(encoding="utf-8"))[ACTION_KEY]
+        return float((float(stats["min"][column]) + float(stats["max"][column])) / 2)
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return 0.5
+
+
+def _failure(record: dict[str, Any], exc: Exception) -> dict[str, Any]:
+    record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    return record
+
+
+def replay_robot(planner: Any, source: Any, *, limit: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Plan every sample of ``source`` (a :class:`~blockpilot.sim.robot.lerobot_io.LeRobotReplaySource`) with
+    ``planner``; returns the per-sample records and the mapping facts (dims, gripper threshold)."""
+    from ..runtime.backend import BackendError
+    from ..runtime.plan_types import RobotObservation
+    from ..sim.robot.types import RobotDataError
+
+    schema = planner.schema
+    where = str(source.root / "meta" / "info.json")
+    state_map = map_dims(source.info, STATE_KEY, getattr(schema, "state_dims", ()), where=where)
+    action_map = map_dims(source.info, ACTION_KEY, schema.dims, where=where)
+    assert action_map is not None  # an action-chunk schema has dims
+    threshold = gripper_threshold(source.root, source.info, action_map, schema.dims)
+    records: list[dict[str, Any]] = []
+    previous: dict[int, list[float]] = {}  # episode -> its last action seen (frames come in order)
+    total = len(source) if limit is None else min(limit, len(source))
+    for index in range(total):
+        record: dict[str, Any] = {"index": index, "status": "ok", "error": None}
+        try:
+            sample = source[index]
+        except (RobotDataError, OSError, ValueError, KeyError) as exc:
+            records.append(_failure(record, exc))
+            continue
+        episode, frame = sample.episode_index, sample.frame_index
+        target = sample.actions[:, action_map].astype(np.float64)
+        record.update(episode=episode, frame=frame, target=target.tolist(), pad=sample.action_pad.tolist(),
+                      baseline=None, pred=None)
+        last = previous.get(episode) if frame > 0 else None
+        if last is not None:
+            record["baseline"] = [last] * len(target)
+        previous[episode] = target[0].tolist()
+        state = sample.state if state_map is None else sample.state[state_map]
+        observation = RobotObservation(images=[sample.images[c] for c in source.cameras],
+                                       instruction=sample.instruction, state=state.astype(np.float64))
+        try:
+            plan = planner.plan_robot(observation)
+        except BackendError as exc:  # refused observation, prompt too long, full cache: counted, go on
+            records.append(_failure(record, exc))
+            continue
+        record["stats"] = {"stage_ms": {k: round(float(v), 3) for k, v in plan.stats.stage_ms.items()}}
+        if plan.plan is None:
+            record.update(status="parse_error", error=str(plan.error))
+        else:
+            record["pred"] = np.asarray(plan.plan.actions, dtype=np.float64).tolist()
+        records.append(record)
+    facts = {"dims": list(schema.dims), "steps": int(schema.steps), "action": schema.action,
+             "state_columns": None if state_map is None else state_map.tolist(),
+             "action_columns": action_map.tolist(), "gripper_threshold": threshold}
+    return records, facts
+
+
+def check_robot_schema(schema: Any, flag: str) -> None:
+    from ..vla.plans import ActionChunkSchema
+
+    if not isinstance(schema, ActionChunkSchema):
+        raise EvalUsageError(f"{flag}: --source lerobot replays plan action chunks and need an action-chunk schema "
+                             f"(--schema so101-joints or ee-delta), got {type(schema).__name__}")
+
+
+def write_robot_run(out: Path, records: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> Path:
+    """``out/results.jsonl``, ``out/report/metrics.json``, ``out/report/summary.md`` and ``out/report/plots/``;
+    returns the report dir."""
+    from .robot_metrics import summary_markdown
+    from .robot_plots import write_robot_plots
+
+    report = out / REPORT_DIR
+    report.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write(report / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    plots = write_robot_plots(records, metrics, report / "plots")
+    atomic_write(report / "summary.md", summary_markdown(metrics, [p.name for p in plots]))
+    return report
+
+
+def open_robot_source(dataroot: str | Path, chunk: int = 8) -> Any:
+    """The LeRobot dataset at ``dataroot`` as a replay source (its target chunks ``chunk`` actions long)."""
+    from ..sim.robot.lerobot_io import LeRobotReplaySource
+
+    return LeRobotReplaySource(dataroot, chunk=chunk)
+
+
+def run_robot(planner: Any, source: Any, out: Path, *, limit: int | None = None, quiet: bool = False) -> int:
+    """Replay, score and write the run; 1 when no sample could be planned, else 0."""
+    import sys
+
+    from .robot_metrics import headline, robot_metrics
+
+    check_robot_schema(planner.schema, "--schema")
+    if source.chunk != planner.schema.steps:
+        source = open_robot_source(source.root, chunk=planner.schema.steps)
+    records, facts = replay_robot(planner, source, limit=limit)
+    metrics = robot_metrics(records, facts)
+    report = write_robot_run(out, records, metrics)
+    counts = metrics["counts"]
+    if not quiet:
+        print(headline(metrics))
+        print(f"results: {out / RESULTS_FILE}\nreport:  {report / 'summary.md'}")
+    if counts["failed"]:
+        first = counts["failures"][0]
+        print(f"blockpilot eval: {counts['failed']} of {counts['total']} samples failed; first: sample "
+              f"{first['index']}: {first['error']}", file=sys.stderr)
+    if counts["total"] and not counts["ok"] + counts["parse_error"]:
+        print(f"blockpilot eval: error: no sample of {counts['total']} could be planned on", file=sys.stderr)
+        return 1
+    return 0
