@@ -42,7 +42,8 @@ def _obs(**change: Any) -> RobotObservation:
 
 def _chunk(schema: ActionChunkSchema, shift: float = 0.0) -> ActionChunkPlan:
     steps, dims = schema.steps, len(schema.dims)
-    return ActionChunkPlan(np.round(np.linspace(-1, 1, steps * dims).reshape(steps, dims) + shift, 3), schema.dims)
+    values = np.linspace(-1, 1, steps * dims).reshape(steps, dims) + shift
+    return ActionChunkPlan(np.round(values, schema.frac_digits), schema.dims)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_presets_round_trip_through_scaffold_and_blockpilot_json(tmp_path: Path)
     _, tokenizer = reference(0)
     from blockpilot.vla.scaffold import build_scaffold
 
-    for name, steps, dims in (("so101-joints", 8, 6), ("ee-delta", 8, 7)):
+    for name, steps, dims in (("so101-joints", 8, 6), ("ee-delta", 8, 7), ("so101-ee", 8, 4)):
         schema = resolve_schema(None, name)
         assert isinstance(schema, ActionChunkSchema) and (schema.steps, len(schema.dims)) == (steps, dims)
         chunk = _chunk(schema)

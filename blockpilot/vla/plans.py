@@ -30,6 +30,8 @@ GRIPPER_STATES = ("open", "close")
 # SO-101 (LeRobot's arm): five joints and the gripper, in the order LeRobot names its motors.
 SO101_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
 EE_DELTA_DIMS = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
+# The SO-101 MuJoCo tasks' action (``lerobot-env-so101``): a Cartesian step of the gripper point and the grasp.
+SO101_EE_DIMS = ("dx", "dy", "dz", "gripper")
 ACTION_KINDS = ("joint_targets", "ee_delta")
 FLAG_YES, FLAG_NO = "yes", "no"  # how the driving layout spells a critical-object flag
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -282,6 +284,14 @@ class ActionChunkSchema:
     def ee_delta(cls) -> ActionChunkSchema:
         """End-effector deltas: 8 steps of dx, dy, dz, droll, dpitch, dyaw, gripper at 30 Hz."""
         return cls(steps=8, dims=EE_DELTA_DIMS, action="ee_delta")
+
+    @classmethod
+    def so101_ee(cls) -> ActionChunkSchema:
+        """The SO-101 simulator's own action: 8 steps of dx, dy, dz in [-1, 1] (the environment scales them by
+        its ``action_scale``, 0.025 m by default) and the gripper command (0 open .. 1 closed), at its 10 Hz;
+        the state is the six joint positions."""
+        return cls(steps=8, dims=SO101_EE_DIMS, action="ee_delta", rate_hz=10.0, frac_digits=2,
+                   state_dims=SO101_JOINTS)
 
     @property
     def number(self) -> FixedNumber:
