@@ -265,6 +265,7 @@ print(type(planner.backend).__name__)
 @pytest.mark.parametrize(("args", "extra"), [
     (["plan", "--checkpoint", str(SHIPPED_MODEL), "--image", "IMAGE", "--ego", EGO], "torch"),
     (["train-reference", "--out", "OUT"], "torch"),
+    (["train-robot", "--out", "OUT"], "torch"),
     (["export", "--checkpoint", str(SHIPPED_MODEL), "--out", "OUT"], "export"),
     (["bench", "--out", "OUT/bench.json"], "torch"),
     (["demo", "--out", "OUT"], "export"),

@@ -100,7 +100,7 @@ def test_train_robot_writes_a_loadable_checkpoint_and_card(tmp_path: Path, monke
     monkeypatch.setattr(robot_data, "expert_rollouts", fake_rollouts)
     out = tmp_path / "robot"
     code = main(["train-robot", "--out", str(out), "--steps", "3", "--batch", "2", "--train-seeds", "0:2",
-                 "--eval-seeds", "100:101", "--eval-every", "3", "--cache-dir", ""])
+                 "--eval-seeds", "100:101", "--eval-every", "3", "--cache-dir", "", "--threads", "1"])
     assert code == 0
     for name in ("config.json", "model.safetensors", "tokenizer.json", "blockpilot.json", "preprocessor_config.json",
                  "DATA_CARD.md", "train_log.json"):

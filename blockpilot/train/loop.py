@@ -28,9 +28,16 @@ from .objective_config import ObjectiveConfig
 
 
 class Examples(Protocol):
-    images: npt.NDArray[np.uint8]
-    prompts: tuple[npt.NDArray[np.int64], ...]
-    answers: npt.NDArray[np.int64]
+    """What the loop reads of an example set: row ``i`` of each is example ``i``."""
+
+    @property
+    def images(self) -> npt.NDArray[np.uint8]: ...
+
+    @property
+    def prompts(self) -> tuple[npt.NDArray[np.int64], ...]: ...
+
+    @property
+    def answers(self) -> npt.NDArray[np.int64]: ...
 
     def __len__(self) -> int: ...
 

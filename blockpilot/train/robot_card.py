@@ -82,7 +82,8 @@ def write_robot_card(root: Path) -> None:
                f"--task {roll['task']} --steps {metrics['steps']} --batch {metrics['batch']} --lr {metrics['lr']} "
                f"--seed {metrics['seed']} --train-seeds {log['train_seeds']} --eval-seeds {log['eval_seeds']} "
                f"--dart-noise {roll['dart_noise']} --dart-fraction {roll['dart_fraction']} "
-               f"--ar-weight {objective['ar_weight']}")
+               f"--ar-weight {objective['ar_weight']} --eval-every {metrics['eval_every']} "
+               f"--threads {metrics['threads']}")
     lines = [
         "# Data card: blockpilot SO-101 manipulation model",
         "",
@@ -114,7 +115,7 @@ def write_robot_card(root: Path) -> None:
         f"template tokens x{objective['structure_weight']}, end-token tail x{objective['tail_weight']}",
         f"- optimizer: {json.dumps(rec['optimizer'])}",
         f"- {metrics['steps']} steps x batch {metrics['batch']}, peak lr {metrics['lr']}, seed {metrics['seed']}, "
-        f"device {metrics['device']}",
+        f"device {metrics['device']}, {metrics['threads']} CPU thread(s)",
         "",
         "## Result",
         f"- final training loss (mean of the last steps): {metrics['final_train_loss']:.4f}",

@@ -116,7 +116,8 @@ def expert_rollouts(seeds: Sequence[int], config: RolloutConfig, train: bool) ->
         env.close()
 
 
-def action_chunks(actions: npt.NDArray[np.float32], steps: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+def action_chunks(actions: npt.NDArray[np.float32],
+                  steps: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
     """Per frame t, the actions t .. t+steps-1, the episode's last action repeated past its end, and which rows are
     that padding: ``(T, steps, A)`` and ``(T, steps)``."""
     index = np.arange(len(actions))[:, None] + np.arange(steps)[None, :]

@@ -11,11 +11,14 @@ def add_robot_arguments(p: argparse.ArgumentParser) -> None:
     """The ``train-robot`` options, for the CLI's subcommand parser."""
     p.add_argument("--out", required=True, help="checkpoint directory to write (with --record: the one to update)")
     p.add_argument("--task", choices=ROBOT_TASKS, default="reach_close", help="SO-101 task of the expert rollouts")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=240)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (a CPU run repeats bit for bit for one seed and thread count; on a busy "
+                        "machine one thread trains fastest)")
     p.add_argument("--train-seeds", default="0:500", help="episode seeds: 'lo:hi', 'a,b,c' or a count")
     p.add_argument("--eval-seeds", default="1000000:1000032", help="held-out episode seeds")
     p.add_argument("--dart-noise", type=float, default=0.2,

@@ -138,8 +138,9 @@ def train_robot(
                       lambda: evaluate_robot(model, held_out, scaffold, layout, objective, dev, config.batch), log)
     root = Path(out_dir)
     model = save_trained(root, model, tokenizer, train.images.shape)
-    metrics = run_metrics(config, dev, model, result, train_examples=len(train), eval_examples=len(held_out),
-                          data_s=data_s, t_start=t_start)
+    metrics = {**run_metrics(config, dev, model, result, train_examples=len(train), eval_examples=len(held_out),
+                             data_s=data_s, t_start=t_start), "threads": torch.get_num_threads(),
+               "eval_every": config.eval_every}
     run_recipe = {**recipe(objective, config, model.config.diffusion.block_size), "rollout": asdict(rollout)}
     provenance = {"train_seeds": _spec(train_seeds), "eval_seeds": _spec(eval_seeds), "train_stats": train.stats,
                   "eval_stats": held_out.stats}
@@ -174,7 +175,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     config = OptimConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, eval_every=args.eval_every)
     rollout = RolloutConfig(task=args.task, dart_noise=args.dart_noise, dart_fraction=args.dart_fraction)
-    train_robot(args.out, parse_seeds(args.train_seeds), config, args.device,
-                eval_seeds=parse_seeds(args.eval_seeds), rollout=rollout, cache_dir=args.cache_dir or None,
-                objective=ObjectiveConfig(section_weights=dict(ROBOT_SECTION_WEIGHTS), ar_weight=args.ar_weight))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        train_robot(args.out, parse_seeds(args.train_seeds), config, args.device,
+                    eval_seeds=parse_seeds(args.eval_seeds), rollout=rollout, cache_dir=args.cache_dir or None,
+                    objective=ObjectiveConfig(section_weights=dict(ROBOT_SECTION_WEIGHTS), ar_weight=args.ar_weight))
+    finally:
+        torch.set_num_threads(threads)
     return 0
