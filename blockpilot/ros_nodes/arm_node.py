@@ -49,7 +49,6 @@ class ArmNode(PlanningNode):
 
     params_class = ArmParams
     live_parameters = LIVE_PARAMETERS
-    params: ArmParams
 
     def __init__(self, params: ArmParams | None = None, *, node_name: str = DEFAULT_ARM_NODE_NAME,
                  **node_kwargs: Any) -> None:

@@ -13,9 +13,11 @@ and reliable subscribers alike.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rclpy.node import Node
@@ -49,13 +51,17 @@ def load_episode(dataroot: str, episode: int) -> Episode:
     """Episode ``episode`` of the LeRobot dataset at ``dataroot``, every frame decoded."""
     from ..eval.robot_eval import open_robot_source
 
+    info = Path(dataroot) / "meta" / "info.json"
+    try:  # checked first: LeRobot looks for an episode it does not have on the Hugging Face Hub
+        total = int(json.loads(info.read_text(encoding="utf-8"))["total_episodes"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LeRobotReplayError(f"DATAROOT {dataroot}: {info} has no readable total_episodes ({exc})") from None
+    if not 0 <= episode < total:
+        raise LeRobotReplayError(f"--episode {episode}: {dataroot} has {total} episode(s), 0..{total - 1}")
     try:
         source = open_robot_source(dataroot, chunk=1, episodes=[episode])
     except BlockpilotError as exc:
         raise LeRobotReplayError(f"DATAROOT {dataroot}: {exc}") from None
-    total = int(source.info.get("total_episodes", 0))
-    if not 0 <= episode < total:
-        raise LeRobotReplayError(f"--episode {episode}: {dataroot} has episodes 0..{total - 1}")
     frames = tuple(source)
     if not frames:
         raise LeRobotReplayError(f"--episode {episode}: no frame in {dataroot}")

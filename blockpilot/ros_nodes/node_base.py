@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
@@ -50,6 +50,7 @@ from .params import ModelParams, ParamsError, load_params_file
 from .rclpy_compat import add_parameters_callbacks
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
+LIVE_PARAMETERS: tuple[str, ...] = ("deadline_ms",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +71,8 @@ class PlanningNode(LifecycleNode):
     ``--ros-args -p``, still win). Subclasses set :attr:`params_class` and :attr:`live_parameters` and fill in
     the hooks :meth:`_warm_up`, :meth:`_create_entities`, :meth:`_reset_inputs` and :meth:`_plan`."""
 
-    params_class: ClassVar[type[ModelParams]]
-    live_parameters: ClassVar[tuple[str, ...]] = ("deadline_ms",)  # read for every frame; the rest at configure
+    params_class = ModelParams  # each node its own
+    live_parameters = LIVE_PARAMETERS  # read for every frame; the rest at configure
 
     def __init__(self, params: Any = None, *, node_name: str, **node_kwargs: Any) -> None:
         params = params or self.params_class()

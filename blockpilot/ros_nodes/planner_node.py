@@ -58,7 +58,6 @@ class PlannerNode(PlanningNode):
 
     params_class = PlannerParams
     live_parameters = LIVE_PARAMETERS
-    params: PlannerParams
 
     def __init__(self, params: PlannerParams | None = None, *, node_name: str = DEFAULT_NODE_NAME,
                  **node_kwargs: Any) -> None:
