@@ -24,7 +24,7 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from ..errors import BlockpilotError
-from .replay_node import ReplayError, sleep_until, wait_for_subscribers
+from .replay_node import ReplayError, play_with_rclpy, sleep_until, wait_for_subscribers
 
 NODE_NAME = "blockpilot_lerobot_replay"
 STATE_FEATURE = "observation.state"
@@ -179,21 +179,10 @@ class LeRobotReplayNode(Node):
 
 def run(args: argparse.Namespace, ros_args: Sequence[str] = ()) -> LeRobotReplayReport:
     """Load the episode (a bad dataset fails before any DDS traffic), init rclpy, play, shut down."""
-    import rclpy
-
     episode = load_episode(args.dataroot, args.episode)
-    rclpy.init(args=["lerobot_replay_node", *ros_args])
-    try:
-        node = LeRobotReplayNode(episode, args)
-        try:
-            return node.play()
-        except KeyboardInterrupt:
-            node.report.interrupted = True
-            return node.report
-        finally:
-            node.destroy_node()
-    finally:
-        rclpy.try_shutdown()
+    report: LeRobotReplayReport = play_with_rclpy("lerobot_replay_node", lambda: LeRobotReplayNode(episode, args),
+                                                  ros_args)
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import argparse
 import importlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -296,13 +296,20 @@ def options_from_args(args: argparse.Namespace) -> ReplayOptions:
 
 def run(args: argparse.Namespace, ros_args: Sequence[str] = ()) -> ReplayReport:
     """Init rclpy, play, shut down; Ctrl-C ends playback early and still returns the counts so far."""
-    import rclpy
-
     options = options_from_args(args)
     playback_topics(_resolve(args.bag), options)  # a bad bag or type fails before any DDS traffic
-    rclpy.init(args=["replay_node", *ros_args])
+    report: ReplayReport = play_with_rclpy("replay_node", lambda: ReplayNode(args.bag, options), ros_args)
+    return report
+
+
+def play_with_rclpy(program: str, make_node: Callable[[], Any], ros_args: Sequence[str] = ()) -> Any:
+    """Init rclpy, build a player node (``play()`` returns its ``report``), play, shut down; Ctrl-C ends playback
+    early and still returns the report so far."""
+    import rclpy
+
+    rclpy.init(args=[program, *ros_args])
     try:
-        node = ReplayNode(args.bag, options)
+        node = make_node()
         try:
             return node.play()
         except KeyboardInterrupt:
