@@ -51,7 +51,7 @@ def quantized(files: dict[str, Path]) -> dict[str, Any]:
     out = files["root"] / "quant"
     argv = ["quantize", "--checkpoint", str(files["ckpt"]), "--recipe", "fp8", "--calib", "4",
             "--calib-source", "lerobot", "--calib-dataroot", str(files["dataset"]), "--out", str(out),
-            "--gate", "--gate-source", "lerobot", "--gate-dataroot", str(files["dataset"]), "--gate-limit", "3",
+            "--gate", "--gate-source", "lerobot", "--gate-dataroot", str(files["dataset"]), "--gate-limit", "1",
             "--gate-action-l1", "10"]
     with torch_threads(1):
         rc = main(argv)
@@ -70,7 +70,7 @@ def test_quantize_calibrates_on_robot_frames_and_gates_on_action_l1(quantized: d
     assert {r.get("weight") for r in info["precision"].values()} == {"fp8_e4m3"}
     gate = json.loads((quantized["out"] / "gate" / "gate.json").read_text())
     assert gate["metric"] == "action_l1_vs_fp32" and gate["passed"] and gate["l2_3s_fp32"] is None
-    assert gate["samples"] <= 3 and 0 <= gate["action_l1_vs_fp32"] <= gate["action_max_abs_diff_vs_fp32"]
+    assert gate["samples"] <= 1 and 0 <= gate["action_l1_vs_fp32"] <= gate["action_max_abs_diff_vs_fp32"]
     assert set(gate["action_l1_vs_target"]) == {"fp32", "quantized"}
     assert (quantized["out"] / "gate" / "fp8" / "report" / "metrics.json").is_file()
 
@@ -103,14 +103,12 @@ def test_quantize_output_plans_in_its_recorded_schema_and_exports_to_an_fp8_bund
 
     obs = LeRobotCalibrationSource(files["dataset"], ActionChunkSchema.so101_ee()).sample(3).observation()
     with torch_threads(1):
-        torch_quant = load_planner(quantized["out"], DecoderSettings(name="scaffold"))
-        assert isinstance(torch_quant.schema, ActionChunkSchema)
-        torch_plan = torch_quant.plan_robot(obs)
+        assert load_planner(quantized["out"], DecoderSettings(name="scaffold")).schema == ActionChunkSchema.so101_ee()
         bundle = export_bundle(quantized["out"], files["root"] / "fp8-bundle").bundle
         ort = open_planner(bundle, backend="onnxruntime", decoder=DecoderSettings(name="scaffold"))
         plan = ort.plan_robot(obs)
+    assert ort.schema == ActionChunkSchema.so101_ee() and plan.stats.image_tokens > 0
     assert plan.ok and plan.actions is not None and plan.actions.shape == (8, 4)
-    assert torch_plan.actions is not None and np.abs(plan.actions - torch_plan.actions).mean() < 0.5
 
 
 def test_verify_compares_a_robot_bundle_on_robot_samples(files: dict[str, Path], tmp_path: Path,
@@ -119,11 +117,11 @@ def test_verify_compares_a_robot_bundle_on_robot_samples(files: dict[str, Path],
 
     with torch_threads(1):
         bundle = export_bundle(files["ckpt"], tmp_path / "bundle", with_weights=True).bundle
-        rc = main(["verify", str(bundle), "--samples", "2", "--dataroot", str(files["dataset"]), "--json-out",
+        rc = main(["verify", str(bundle), "--samples", "1", "--dataroot", str(files["dataset"]), "--json-out",
                    str(tmp_path / "v.json")])
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "v.json").read_text())
-    assert rc == 0 and report["passed"] and report["identical_plans"] == report["samples"] == 2, out
+    assert rc == 0 and report["passed"] and report["identical_plans"] == report["samples"] == 1, out
     assert report["action_l1"] == 0.0 and report["action_max_abs_diff"] == 0.0
     assert "LeRobot dataset" in report["samples_from"] and "actions  L1" in out
     assert main(["verify", str(bundle)]) == 2  # a robot bundle without robot samples: refused, naming the flag
@@ -169,3 +167,24 @@ def test_export_with_a_recipe_refuses_to_calibrate_a_robot_model_on_driving_scen
     with pytest.raises(BundleError, match="--calib-source lerobot"):
         export_bundle(files["ckpt"], tmp_path / "b", recipe="fp8")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_quantize_output_plans_in_the_schema_it_was_quantized_for(tmp_path: Path) -> None:
+    """``quantize --schema so101-ee`` on a checkpoint without its own: open_planner answers in the recorded schema."""
+    from blockpilot.runtime.sources import PlannerSourceError, open_planner
+    from blockpilot.vla.plans import DrivingSchema
+    from blockpilot.vla.reference_model import write_reference_checkpoint
+    from blockpilot.vla.schema_io import schema_to_dict
+
+    ckpt = write_reference_checkpoint(tmp_path / "ckpt")  # no blockpilot.json: the driving layout
+    out = tmp_path / "q" / "quantized"
+    out.mkdir(parents=True)
+    info = {"checkpoint": str(ckpt), "schema": schema_to_dict(ActionChunkSchema.so101_ee())}
+    (out / "precision_map.json").write_text(json.dumps(info))
+    restored: list[Path] = []
+    planner = open_planner(tmp_path / "q", restore_quantized=lambda model, where: restored.append(where))
+    assert planner.schema == ActionChunkSchema.so101_ee() and restored == [out]
+    assert isinstance(open_planner(ckpt).schema, DrivingSchema)
+    (out / "precision_map.json").write_text(json.dumps({**info, "schema": {"kind": "torques"}}))
+    with pytest.raises(PlannerSourceError, match=r"precision_map\.json"):
+        open_planner(tmp_path / "q", restore_quantized=lambda model, where: None)

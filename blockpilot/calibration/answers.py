@@ -96,7 +96,8 @@ def chunk_tokens(scaffold: Any, actions: Any) -> TokenIds | None:
     if chunk.shape != (schema.steps, len(schema.dims)) or not np.isfinite(chunk).all():
         return None
     limit = 10.0 ** schema.int_digits - 10.0 ** -schema.frac_digits
-    plan = ActionChunkPlan(np.round(np.clip(chunk, -limit, limit), schema.frac_digits), schema.dims)
+    rounded = np.round(np.clip(chunk, -limit, limit), schema.frac_digits).astype(np.float64)
+    plan = ActionChunkPlan(rounded, schema.dims)
     try:
         ids: TokenIds = np.asarray(scaffold.encode_plan(plan), dtype=np.int64)
     except SchemaError:

@@ -35,9 +35,9 @@ def checked_schema(checkpoint: Path, spec: str | None, *,
         raise BundleError(f"{where}: bundles hold a driving or an action-chunk planner (e.g. --schema so101-joints) "
                           f"today; got a {type(schema).__name__}")
     if calibrate is not None and isinstance(schema, ActionChunkSchema):
-        raise BundleError(f"--recipe {calibrate}: export calibrates on generated driving scenes, and this model answers "
-                          "in action chunks; quantize it on robot observations first (blockpilot quantize --checkpoint "
-                          f"{checkpoint} --recipe {calibrate} --calib-source lerobot --calib-dataroot DATASET) and "
+        raise BundleError(f"--recipe {calibrate}: export calibrates on generated driving scenes, and this model "
+                          "answers in action chunks; quantize it on robot observations first (blockpilot quantize "
+                          f"--checkpoint {checkpoint} --recipe {calibrate} --calib-source lerobot --calib-dataroot DATASET) and "
                           "export that output")
     return schema
 

@@ -1,10 +1,10 @@
 """``blockpilot verify BUNDLE``: the bundle's ONNX Runtime backend against the torch backend on the
-same checkpoint, over observations chosen by the bundle's schema: held-out generated driving scenes for a driving
-bundle, frames of a LeRobot dataset (``--dataroot``) for an action-chunk bundle. Reported, not hidden: per-plan
-answer equality, the prefill's top-1 agreement and the largest probability difference, and for an action-chunk
-bundle the action L1 and largest absolute difference between the two backends' chunks. Where TensorRT and a GPU that runs
-the bundle's engines are present, the engines are compared with their ONNX graphs through Polygraphy
-instead (:mod:`blockpilot.export.verify_trt`)."""
+same checkpoint, over observations chosen by the bundle's schema: held-out generated driving scenes for a
+driving bundle, frames of a LeRobot dataset (``--dataroot``) for an action-chunk bundle. Reported, not
+hidden: per-plan answer equality, the prefill's top-1 agreement and the largest probability difference,
+and for an action-chunk bundle the action L1 and largest absolute difference between the two backends'
+chunks. Where TensorRT and a GPU that runs the bundle's engines are present, the engines are compared
+with their ONNX graphs through Polygraphy instead (:mod:`blockpilot.export.verify_trt`)."""
 
 from __future__ import annotations
 

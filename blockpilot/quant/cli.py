@@ -210,9 +210,8 @@ def run(args: argparse.Namespace) -> int:
 def _schema(checkpoint: Path, spec: str | None) -> Any:
     """The answer schema the model is quantized for: ``--schema``, else the checkpoint's own."""
     from ..vla.config import ConfigError
-    from ..vla.schema_io import resolve_schema
-
     from ..vla.plans import ActionChunkSchema, DrivingSchema
+    from ..vla.schema_io import resolve_schema
 
     try:
         schema = resolve_schema(checkpoint, spec)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..calibration import build_calibration_set
-from ..calibration.robot import check_calibration_matches
 from ..calibration.loop import calibration_batches, make_forward_loop, planner_model
+from ..calibration.robot import check_calibration_matches
 from ..calibration.teacher import make_teacher_loop
 from ..eval.types import Source
 from ..runtime.plan_types import DecoderSettings
@@ -106,8 +106,9 @@ def quantize_checkpoint(checkpoint: Path, recipe: Recipe, calib_source: Source, 
         planner, recipe, calib_source, calib_size, target=target, allow_emulated=allow_emulated,
         cache_dir=cache_dir, progress=progress, calib_mode=calib_mode)
     target_name = target if isinstance(target, str) else target.name
+    answers: Any = planner.schema  # recorded: open_planner answers in it (a --schema given here included)
     extra = {"recipe": recipe.to_dict(), "target": target_name, "target_notes": notes, "calibration": manifest,
              "checkpoint": str(Path(checkpoint).resolve()), "auto_search": auto_result,
-             "schema": schema_to_dict(planner.schema)}  # open_planner answers in it (a --schema given here)
+             "schema": schema_to_dict(answers)}
     saved = save_quantized(planner_model(planner), out_dir / QUANTIZED_DIR, report, extra=extra)
     return QuantizeOutcome(planner, report, notes, saved, manifest, auto_result, extra)
