@@ -37,8 +37,8 @@ def checked_schema(checkpoint: Path, spec: str | None, *,
     if calibrate is not None and isinstance(schema, ActionChunkSchema):
         raise BundleError(f"--recipe {calibrate}: export calibrates on generated driving scenes, and this model "
                           "answers in action chunks; quantize it on robot observations first (blockpilot quantize "
-                          f"--checkpoint {checkpoint} --recipe {calibrate} --calib-source lerobot --calib-dataroot DATASET) and "
-                          "export that output")
+                          f"--checkpoint {checkpoint} --recipe {calibrate} --calib-source lerobot --calib-dataroot "
+                          "DATASET) and export that output")
     return schema
 
 
