@@ -176,10 +176,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         existing_dir("--checkpoint", args.checkpoint, holding="config.json")
     if args.json_out:
         writable_target("--json-out", args.json_out)
+    if args.dataroot:
+        existing_dir("--dataroot", args.dataroot)
     from .export.verify import verify_bundle
 
     report = verify_bundle(Path(args.bundle), args.checkpoint, samples=args.samples, tolerance=args.tolerance,
-                           backend=args.backend, trusted_keys=args.trusted_keys)
+                           backend=args.backend, trusted_keys=args.trusted_keys, dataroot=args.dataroot)
     emit(args, report.to_dict(), report.text())
     return 0 if report.passed else 1
 
@@ -319,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("bundle", help="bundle directory")
     verify.add_argument("--checkpoint", default=None, help="reference checkpoint (default: the bundle's weights)")
     verify.add_argument("--samples", type=positive_int, default=8, help="held-out observations to compare")
+    verify.add_argument("--dataroot", default=None,
+                        help="LeRobot dataset whose frames an action-chunk bundle is verified on (driving bundles "
+                             "use generated scenes)")
     verify.add_argument("--tolerance", type=fraction, default=1e-4,
                         help="largest allowed probability difference (0 to 1)")
     add_json_option(verify, file_help="also write the JSON report here (was --json PATH)")
