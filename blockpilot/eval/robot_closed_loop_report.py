@@ -28,8 +28,10 @@ def success_figure(summary: dict[str, Any]) -> Any:
     ax = figure.add_subplot()
     names = list(summary["policies"])
     rates = [summary["policies"][n]["success_rate"] * 100 for n in names]
-    lows = [rate - summary["policies"][n]["success_ci95"][0] * 100 for n, rate in zip(names, rates, strict=True)]
-    highs = [summary["policies"][n]["success_ci95"][1] * 100 - rate for n, rate in zip(names, rates, strict=True)]
+    lows = [max(0.0, rate - summary["policies"][n]["success_ci95"][0] * 100) for n, rate in zip(names, rates,
+                                                                                                strict=True)]
+    highs = [max(0.0, summary["policies"][n]["success_ci95"][1] * 100 - rate) for n, rate in zip(names, rates,
+                                                                                                 strict=True)]
     x = np.arange(len(names))
     ax.bar(x, rates, color=[rgb(_color(n)) for n in names], yerr=[lows, highs], capsize=6)
     ax.set_xticks(x, [f"{n}\n({summary['policies'][n]['episodes']} ep.)" for n in names])
