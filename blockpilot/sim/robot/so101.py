@@ -138,44 +138,134 @@ def _make(config: ExpertConfig, seed: int) -> tuple[Any, Callable[[dict[str, Any
             lambda obs, info: is_reach_close_success(flat(obs)))
 
 
-def _environment_state(env: Any, config: ExpertConfig) -> np.ndarray:
-    block = np.array(env.data.sensor("block_pos").data, dtype=np.float32)
-    return np.concatenate([block, np.asarray(env.goal_pos, np.float32)]) if config.task == "pick_place" else block
+class SimSession:
+    """One seeded episode of a task: its environment (reset), our camera, the task's expert and success check.
+
+    The expert recording (:func:`run_expert_episode`) and the closed loop
+    (:func:`~blockpilot.sim.robot.closed_loop.run_closed_loop_episode`) both step through one of these, so the two
+    see the same scene, frames and success. Use it as a context manager (it closes the renderer and the env)."""
+
+    def __init__(self, config: ExpertConfig, seed: int) -> None:
+        if seed < 0:
+            raise RobotDataError(f"seed must be non-negative, got {seed}")
+        self.config, self.seed = config, seed
+        self.env, self._expert, self._succeeded = _make(config, seed)  # picks the GL backend before MuJoCo loads
+        import mujoco
+
+        try:
+            self.camera = _Camera(self.env, config)
+        except BaseException:
+            self.env.close()
+            raise
+        self._mujoco = mujoco
+        model = self.env.model
+        self._joints = [model.joint(name).qposadr[0] for name in JOINT_NAMES]
+        self._floor = model.geom("floor").id
+        shoulder = model.body("shoulder").id
+        self._arm_bodies = frozenset(b for b in range(model.nbody) if _descends(model, b, shoulder))
+        self.obs, _ = self.env.reset(seed=seed)
+
+    @property
+    def step_limit(self) -> int:
+        return self.config.max_steps or self.config.spec.max_steps
+
+    @property
+    def fps(self) -> int:
+        return round(1.0 / self.env.control_dt)
+
+    @property
+    def instruction(self) -> str:
+        return self.config.spec.instruction
+
+    def frames(self) -> dict[str, np.ndarray]:
+        """Each configured camera's frame now, ``(H, W, 3)`` uint8."""
+        return {name: self.camera.frame(self.env.data, name) for name in self.config.cameras}
+
+    def joint_state(self) -> np.ndarray:
+        """The six joint positions (radians, the gripper last): the ``state`` a policy is given."""
+        return np.asarray(self.env.data.qpos[self._joints], dtype=np.float32)
+
+    def ee_pose(self) -> np.ndarray:
+        return _ee_pose(self.env, self._mujoco)
+
+    def environment_state(self) -> np.ndarray:
+        block = np.array(self.env.data.sensor("block_pos").data, dtype=np.float32)
+        if self.config.task == "pick_place":
+            return np.concatenate([block, np.asarray(self.env.goal_pos, np.float32)])
+        return block
+
+    def expert_action(self) -> np.ndarray:
+        return np.asarray(self._expert(self.obs), dtype=np.float32)
+
+    def gripper_command(self) -> float:
+        """The grasp command the gripper actuator holds now, in action units (0 closed, 1 open)."""
+        from lerobot_env_so101.gripper import ctrl_to_normalized
+
+        actuator = self.env.model.actuator("gripper")
+        return float(ctrl_to_normalized(self.env.data.ctrl[actuator.id], actuator.ctrlrange))
+
+    def block_distance(self) -> float:
+        """Metres from the block to its target: the goal (in the plane) for ``pick_place``, the gripper's grasp
+        point for ``reach_close``."""
+        block = np.array(self.env.data.sensor("block_pos").data, dtype=np.float64)
+        if self.config.task == "pick_place":
+            return float(np.linalg.norm(block[:2] - np.asarray(self.env.goal_pos, np.float64)[:2]))
+        return float(np.linalg.norm(block - np.asarray(self.env.ik_point_pos, np.float64)))
+
+    def arm_touches_floor(self) -> bool:
+        """Whether a link of the arm (the shoulder and everything it carries) is in contact with the table."""
+        data, model = self.env.data, self.env.model
+        for k in range(data.ncon):
+            pair = (int(data.contact.geom1[k]), int(data.contact.geom2[k]))
+            if self._floor in pair:
+                other = pair[1] if pair[0] == self._floor else pair[0]
+                if int(model.geom_bodyid[other]) in self._arm_bodies:
+                    return True
+        return False
+
+    def step(self, action: np.ndarray) -> tuple[bool, bool]:
+        """Apply one action; (the task's success check after it, whether the environment ended the episode)."""
+        self.obs, _, terminated, truncated, info = self.env.step(np.asarray(action, dtype=np.float32))
+        return bool(self._succeeded(self.obs, info)), bool(terminated or truncated)
+
+    def close(self) -> None:
+        self.camera.close()
+        self.env.close()
+
+    def __enter__(self) -> SimSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _descends(model: Any, body: int, ancestor: int) -> bool:
+    while body != ancestor and body != 0:
+        body = int(model.body_parentid[body])
+    return body == ancestor
 
 
 def run_expert_episode(seed: int, config: ExpertConfig | None = None) -> RobotEpisode:
     """Run the task's scripted expert from ``seed`` until success or the step limit, recording every step."""
     config = config or ExpertConfig()
-    if seed < 0:
-        raise RobotDataError(f"seed must be non-negative, got {seed}")
-    env, expert, succeeded = _make(config, seed)
-    import mujoco
-
-    camera = _Camera(env, config)
     rows: dict[str, list[Any]] = {k: [] for k in ("joint", "ee", "env", "action", "success")}
     frames: dict[str, list[np.ndarray]] = {name: [] for name in config.cameras}
-    joints = [env.model.joint(name).qposadr[0] for name in JOINT_NAMES]
-    try:
-        obs, _ = env.reset(seed=seed)
-        for _ in range(config.max_steps or config.spec.max_steps):
-            for name in config.cameras:
-                frames[name].append(camera.frame(env.data, name))
-            rows["joint"].append(np.asarray(env.data.qpos[joints], dtype=np.float32))
-            rows["ee"].append(_ee_pose(env, mujoco))
-            rows["env"].append(_environment_state(env, config))
-            action = np.asarray(expert(obs), dtype=np.float32)
-            obs, _, terminated, truncated, info = env.step(action)
-            done = succeeded(obs, info)
+    with SimSession(config, seed) as sim:
+        for _ in range(sim.step_limit):
+            for name, frame in sim.frames().items():
+                frames[name].append(frame)
+            rows["joint"].append(sim.joint_state())
+            rows["ee"].append(sim.ee_pose())
+            rows["env"].append(sim.environment_state())
+            action = sim.expert_action()
+            done, ended = sim.step(action)
             rows["action"].append(action)
             rows["success"].append(done)
-            if done or terminated or truncated:
+            if done or ended:
                 break
-    finally:
-        camera.close()
-        env.close()
     return RobotEpisode(
         seed=seed, task=config.spec.env_id, instruction=config.spec.instruction,
-        fps=round(1.0 / env.control_dt), images={k: np.stack(v) for k, v in frames.items()},
+        fps=sim.fps, images={k: np.stack(v) for k, v in frames.items()},
         joint_names=JOINT_NAMES, joint_state=np.stack(rows["joint"]), ee_pose=np.stack(rows["ee"]),
         environment_state=np.stack(rows["env"]), action_names=ACTION_NAMES, actions=np.stack(rows["action"]),
         success=np.asarray(rows["success"], dtype=bool))
