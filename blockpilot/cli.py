@@ -41,7 +41,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     require_extra("torch", "export", "demo")
     from .demo import run_demo
 
-    run_demo(out_dir=Path(args.out), seed=args.seed, image_size=args.image_size, heldout_scenes=args.heldout_scenes)
+    run_demo(out_dir=Path(args.out), seed=args.seed, image_size=args.image_size, heldout_scenes=args.heldout_scenes,
+             robot_episodes=args.robot_episodes)
     return 0
 
 
@@ -246,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image-size", type=bounded(int, 28), default=112, help="camera image side in pixels (>= 28)")
     demo.add_argument("--heldout-scenes", type=bounded(int, 0), default=10,
                       help="held-out generated scenes to evaluate the shipped reference model on (0: skip)")
+    demo.add_argument("--robot-episodes", type=bounded(int, 0), default=10,
+                      help="held-out SO-101 episodes the shipped robot model runs in closed loop (0: skip)")
     demo.set_defaults(func=_cmd_demo)
 
     inspect = sub.add_parser("inspect", help="validate a local HF checkpoint or a bundle (hashes checked), describe it")

@@ -170,6 +170,20 @@ def _save_strip(path: Path, frames: npt.NDArray[np.uint8]) -> None:
         np.savez_compressed(f, frames=frames)
 
 
+def closed_loop_header(config: Any, seeds: range, *, execute: int | None = None, max_steps: int | None = None,
+                       planner: Any = None, model: str | None = None, backend: str | None = None) -> dict[str, Any]:
+    """A closed-loop run's header (what resuming checks, what the report states); ``planner``: the model's, if any."""
+    header: dict[str, Any] = {"kind": "closed_loop", "task": config.task, "model": model, "backend": backend,
+                              "decoder": None, "schema": None, "execute": execute, "max_steps": max_steps,
+                              "image_size": config.image_size, "render": config.render,
+                              "seeds": [seeds.start, seeds.stop], "held_out_start": HELD_OUT_START}
+    if planner is not None:
+        schema = planner.schema
+        header.update(decoder=planner.settings.to_dict(), dtype=getattr(planner.backend, "dtype", None),
+                      schema={"dims": list(schema.dims), "steps": int(schema.steps), "rate_hz": float(schema.rate_hz)})
+    return header
+
+
 def run_closed_loop(policies: Sequence[Any], seeds: Sequence[int], config: Any, out: Path, *,
                     header: dict[str, Any], overwrite: bool = False, errors: tuple[type[BaseException], ...] = (),
                     on_episode: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:

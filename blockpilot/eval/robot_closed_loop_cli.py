@@ -112,22 +112,23 @@ def run_closed_loop_command(args: argparse.Namespace, *, restore_quantized: Rest
 
     from ..runtime.backend import BackendError
     from ..sim.robot.closed_loop import ExpertPolicy, HoldPolicy
-    from .robot_closed_loop import PlanAnswerError, PlannerPolicy, headline, progress_line, run_closed_loop
+    from .robot_closed_loop import (
+        PlanAnswerError,
+        PlannerPolicy,
+        closed_loop_header,
+        headline,
+        progress_line,
+        run_closed_loop,
+    )
 
     config, seeds, baselines = check_closed_loop_arguments(args)
     policies: list[Any] = []
-    header: dict[str, Any] = {"kind": "closed_loop", "task": config.task, "model": None, "backend": None,
-                              "decoder": None, "schema": None, "execute": args.execute, "max_steps": args.max_steps,
-                              "image_size": config.image_size, "render": config.render,
-                              "seeds": [seeds.start, seeds.stop], "held_out_start": HELD_OUT_START}
+    header = closed_loop_header(config, seeds, execute=args.execute, max_steps=args.max_steps)
     if args.checkpoint or args.bundle:
         planner = _planner(args, config, restore_quantized)
         policies.append(PlannerPolicy(planner, args.execute))
-        schema = planner.schema
-        header.update(model=str(Path(args.bundle or args.checkpoint).resolve()),
-                      backend=args.backend,
-                      decoder=planner.settings.to_dict(), dtype=getattr(planner.backend, "dtype", None),
-                      schema={"dims": list(schema.dims), "steps": int(schema.steps), "rate_hz": float(schema.rate_hz)})
+        header = closed_loop_header(config, seeds, execute=args.execute, max_steps=args.max_steps, planner=planner,
+                                    model=str(Path(args.bundle or args.checkpoint).resolve()), backend=args.backend)
     elif args.execute is not None:
         raise ClosedLoopUsageError("--execute applies to a planner: pass --checkpoint or --bundle")
     policies += [{"expert": ExpertPolicy, "hold": HoldPolicy}[name]() for name in baselines]

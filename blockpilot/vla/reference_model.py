@@ -75,6 +75,9 @@ def build_reference_model(seed: int = 0, std: float = 0.02) -> tuple[VLAModel, T
 # The trained reference checkpoint shipped in the repository (models/reference, see its DATA_CARD.md): what the
 # demo exports and replays, and what bench, the cuda backend's checks and many tests plan with.
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "reference"
+# The SO-101 manipulation model trained on the MuJoCo arm's expert (``blockpilot train-robot``, models/robot-so101
+# and its DATA_CARD.md): the reference architecture answering so101-ee action chunks.
+SHIPPED_ROBOT_MODEL = SHIPPED_MODEL.parent / "robot-so101"
 
 # The reference model sees 112x112 frames (16 image tokens); larger frames are resized down to that budget.
 REFERENCE_MAX_PIXELS = 112 * 112
