@@ -41,7 +41,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     require_extra("torch", "export", "demo")
     from .demo import run_demo
 
-    run_demo(out_dir=Path(args.out), seed=args.seed, image_size=args.image_size, heldout_scenes=args.heldout_scenes)
+    run_demo(out_dir=Path(args.out), seed=args.seed, image_size=args.image_size, heldout_scenes=args.heldout_scenes,
+             robot_episodes=args.robot_episodes)
     return 0
 
 
@@ -197,10 +198,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         existing_dir("--checkpoint", args.checkpoint, holding="config.json")
     if args.json_out:
         writable_target("--json-out", args.json_out)
+    if args.dataroot:
+        existing_dir("--dataroot", args.dataroot)
     from .export.verify import verify_bundle
 
     report = verify_bundle(Path(args.bundle), args.checkpoint, samples=args.samples, tolerance=args.tolerance,
-                           backend=args.backend, trusted_keys=args.trusted_keys)
+                           backend=args.backend, trusted_keys=args.trusted_keys, dataroot=args.dataroot)
     emit(args, report.to_dict(), report.text())
     return 0 if report.passed else 1
 
@@ -265,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image-size", type=bounded(int, 28), default=112, help="camera image side in pixels (>= 28)")
     demo.add_argument("--heldout-scenes", type=bounded(int, 0), default=10,
                       help="held-out generated scenes to evaluate the shipped reference model on (0: skip)")
+    demo.add_argument("--robot-episodes", type=bounded(int, 0), default=10,
+                      help="held-out SO-101 episodes the shipped robot model runs in closed loop (0: skip)")
     demo.set_defaults(func=_cmd_demo)
 
     inspect = sub.add_parser("inspect", help="validate a local HF checkpoint or a bundle (hashes checked), describe it")
@@ -346,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("bundle", help="bundle directory")
     verify.add_argument("--checkpoint", default=None, help="reference checkpoint (default: the bundle's weights)")
     verify.add_argument("--samples", type=positive_int, default=8, help="held-out observations to compare")
+    verify.add_argument("--dataroot", default=None,
+                        help="LeRobot dataset whose frames an action-chunk bundle is verified on (driving bundles "
+                             "use generated scenes)")
     verify.add_argument("--tolerance", type=fraction, default=1e-4,
                         help="largest allowed probability difference (0 to 1)")
     add_json_option(verify, file_help="also write the JSON report here (was --json PATH)")

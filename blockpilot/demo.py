@@ -106,7 +106,8 @@ def demo_observation(image_size: int = 112) -> Observation:
     return Observation([road_image(image_size)], ego, "go straight")
 
 
-def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112, heldout_scenes: int = 10) -> dict[str, object]:
+def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112, heldout_scenes: int = 10,
+             robot_episodes: int = 10) -> dict[str, object]:
     timer = StageTimer()
     out_dir.mkdir(parents=True, exist_ok=True)
     with timer.stage("write_checkpoint"):
@@ -172,6 +173,14 @@ def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112, heldout_scenes
     print("timings (ms)           " + ", ".join(f"{k} {v:.1f}" for k, v in timer.ms.items()))
     if heldout_scenes > 0 and SHIPPED_MODEL.is_dir():
         summary["heldout"] = heldout_summary(heldout_scenes, out_dir)
+    if robot_episodes > 0:
+        from .demo_robot import robot_available, robot_summary
+
+        missing = robot_available()
+        if missing is None:
+            summary["robot"] = robot_summary(robot_episodes, out_dir)
+        else:
+            print(f"robot                  skipped: {missing}")
     atomic_write(out_dir / "demo.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -5,8 +5,12 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
 .venv/bin/ruff check blockpilot tests benchmarks
 .venv/bin/mypy
+# One pytest-xdist worker per core, at most 4 (BLOCKPILOT_TEST_WORKERS overrides; 0 runs in this process), each
+# taking whole test files so module fixtures are built once; extra arguments (a later -n too) go to pytest.
+cores=$(nproc 2>/dev/null || echo 1)
+workers=${BLOCKPILOT_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
 set +e
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q -n "$workers" --dist loadfile "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected nothing: that is a failure of the suite, not a pass.

@@ -32,10 +32,10 @@ assert prefix == install / "blockpilot_ros", prefix
 for rel in ("package.xml", "launch/planner.launch.py", "config/planner.yaml"):
     assert (share / rel).is_file(), f"missing {share / rel}"
     assert (share / rel).read_bytes() == (Path("ros/blockpilot_ros") / rel).read_bytes(), rel
-for exe in ("planner_node", "replay_node", "recorder_node"):
+for exe in ("planner_node", "arm_node", "replay_node", "lerobot_replay_node", "recorder_node"):
     path = prefix / "lib" / "blockpilot_ros" / exe
     run = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "usage:" in run.stdout, f"{exe} --help: {run.returncode}\n{run.stdout}{run.stderr}"
     print(f"{exe}: {run.stdout.splitlines()[0]}")
-print(f"colcon build of blockpilot_ros: ament index, share files and 3 executables OK ({prefix.name})")
+print(f"colcon build of blockpilot_ros: ament index, share files and 5 executables OK ({prefix.name})")
 PY

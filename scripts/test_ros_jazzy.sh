@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv-jazzy
 python="${PYTHON:-python3}"
-extras="ros,bags,sim,export"
+extras="ros,bags,sim,export,robot"
 if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
@@ -24,6 +24,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   grep -v '^ros-' constraints.txt > "$base"
   "$venv/bin/python" -m pip install --quiet -c "$base" -c constraints-ros-jazzy.txt \
     -e ".[${extras}]" "ros-rclpy[fastrtps]" pytest hypothesis transformers
+  # LeRobot's dataset library, without its stale pins (as scripts/setup.sh): the arm node test writes a dataset
+  "$venv/bin/python" -m pip install --quiet --no-deps -c "$base" lerobot-dataset
   touch "$stamp"
 fi
 version=$("$venv/bin/python" -c 'from importlib.metadata import version; print(version("ros-rclpy"))')

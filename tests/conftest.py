@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,13 @@ TINY_QWEN2: dict[str, Any] = {
     "bd_size": 4,
     "sub_block_size": 2,
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # scripts/test.sh runs one pytest-xdist worker per core: a worker's torch keeps to one thread, as the
+    # ``one_thread`` modules already do, so two workers do not spin-wait on each other's cores.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:

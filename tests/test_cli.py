@@ -55,7 +55,7 @@ def test_scaffold_prints_slots(schema: str) -> None:
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    result = _run("demo", "--out", str(tmp_path / "demo"), "--heldout-scenes", "1")
+    result = _run("demo", "--out", str(tmp_path / "demo"), "--heldout-scenes", "1", "--robot-episodes", "1")
     assert result.returncode == 0, result.stderr
     # The shipped model went into a verified bundle, replayed on ONNX Runtime through the nuScenes
     # reader, the evaluator and the report.
@@ -75,3 +75,11 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     # The scaffold decoder is lossless: the planner's answer is the constrained AR baseline's.
     assert summary["plan"]["same_answer_as_ar"] is True
     assert summary["plan"]["stats"]["decoder"] == "scaffold"
+    # The robot part: the shipped SO-101 model's bundle plans on ONNX Runtime, lossless against AR, then drives the
+    # arm in closed loop on one held-out seed beside the expert and the hold baseline.
+    robot = summary["robot"]
+    assert robot["plan"]["same_answer_as_ar"] is True and robot["plan"]["forwards"] < robot["plan"]["ar_forwards"]
+    assert set(robot["closed_loop"]) == {"model", "expert", "hold"}
+    assert robot["closed_loop"]["expert"]["succeeded"] == 1 and robot["closed_loop"]["hold"]["succeeded"] == 0
+    assert (tmp_path / "demo" / "robot-closed-loop" / "report.html").is_file()
+    assert "robot closed loop" in result.stdout

@@ -23,11 +23,14 @@ from blockpilot.ros_nodes.params import PlannerParams, load_params_file
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "ros" / "blockpilot_ros"
 LAUNCH = PKG / "launch" / "planner.launch.py"
-EXEC_DEPENDS = {"rclpy", "std_msgs", "sensor_msgs", "nav_msgs", "geometry_msgs", "diagnostic_msgs", "lifecycle_msgs",
-                "launch_ros"}
+EXEC_DEPENDS = {"rclpy", "std_msgs", "sensor_msgs", "nav_msgs", "geometry_msgs", "trajectory_msgs", "diagnostic_msgs",
+                "lifecycle_msgs", "launch_ros"}
 ENTRY_POINTS = {"planner_node": "blockpilot.ros_nodes.planner_node:main",
+                "arm_node": "blockpilot.ros_nodes.arm_node:main",
                 "replay_node": "blockpilot.ros_nodes.replay_node:main",
+                "lerobot_replay_node": "blockpilot.ros_nodes.lerobot_replay:main",
                 "recorder_node": "blockpilot.ros_nodes.recorder_node:main"}
+ARM_EXECUTABLES = {"arm_node", "lerobot_replay_node"}
 
 
 def _setup_call() -> ast.Call:
@@ -104,7 +107,7 @@ def test_launch_file_compiles_and_drives_a_lifecycle_node(tmp_path: Path) -> Non
     assert {"params_file", "autostart", "bag", "record_out"} <= declared
     (planner,) = _launch_calls("LifecycleNode")
     executables = {_keyword(c, "executable").value for c in [planner, *_launch_calls("Node")]}  # type: ignore[attr-defined]
-    assert executables == set(ENTRY_POINTS)
+    assert executables == set(ENTRY_POINTS) - ARM_EXECUTABLES  # the driving launch file
     # The flags the launch file passes are ones the nodes accept.
     assert _string_flags(planner) == ["--params", "--no-autostart"]
     parsers = {"replay_node": add_replay_arguments, "recorder_node": add_record_arguments}

@@ -1,5 +1,8 @@
 """Answers for teacher-forced calibration, read off a replay source's ground truth (torch-free).
 
+An action-chunk answer is the recorded next ``steps`` actions themselves (a robot calibration sample's target
+chunk, :mod:`blockpilot.calibration.robot`), clipped to the width the schema writes.
+
 A driving answer needs every section of the schema; a recording only gives the future trajectory.
 The trajectory is the logged future resampled at the schema's waypoint times (from the ego at the
 origin at time 0); the meta behaviour follows from it with the training labeller's thresholds
@@ -19,7 +22,7 @@ import numpy.typing as npt
 
 from ..eval.types import Trajectory
 from ..train.labels import LabelRules, explanation, lateral_label, longitudinal_label
-from ..vla.plans import DrivingPlan, DrivingSchema
+from ..vla.plans import ActionChunkPlan, ActionChunkSchema, DrivingPlan, DrivingSchema
 from ..vla.slots import SchemaError
 
 TokenIds = npt.NDArray[np.int64]
@@ -81,3 +84,31 @@ def truth_tokens(scaffold: Any, future: Trajectory | None, speed_mps: float) -> 
     except SchemaError:
         return None
     return ids
+
+
+def chunk_tokens(scaffold: Any, actions: Any) -> TokenIds | None:
+    """The scaffold's answer row for a recorded action chunk (``(steps, dims)``, clipped to the schema's number
+    width); ``None`` for a non-chunk schema or a chunk of another shape or with a non-finite value."""
+    schema = getattr(scaffold, "schema", None)
+    if not isinstance(schema, ActionChunkSchema):
+        return None
+    chunk = np.asarray(actions, dtype=np.float64)
+    if chunk.shape != (schema.steps, len(schema.dims)) or not np.isfinite(chunk).all():
+        return None
+    limit = 10.0 ** schema.int_digits - 10.0 ** -schema.frac_digits
+    rounded = np.round(np.clip(chunk, -limit, limit), schema.frac_digits).astype(np.float64)
+    plan = ActionChunkPlan(rounded, schema.dims)
+    try:
+        ids: TokenIds = np.asarray(scaffold.encode_plan(plan), dtype=np.int64)
+    except SchemaError:
+        return None
+    return ids
+
+
+def sample_truth_tokens(scaffold: Any, sample: Any) -> TokenIds | None:
+    """The ground-truth answer row of a calibration sample: a robot sample's target chunk (:func:`chunk_tokens`),
+    a driving sample's future (:func:`truth_tokens`); ``None`` where it has none the schema can render."""
+    actions = getattr(sample, "actions", None)
+    if actions is not None:
+        return chunk_tokens(scaffold, actions)
+    return truth_tokens(scaffold, sample.future, sample.ego.speed_mps)

@@ -252,6 +252,10 @@ def build_calibration_set(source: Source, size: int, *, cache_dir: str | Path | 
     if any(isinstance(v, bool) or not isinstance(v, int) for v in (size, seed)) or size < 1:
         raise CalibrationError(f"calibration set size must be a positive integer and seed an integer, got {size!r}, "
                                f"{seed!r}")
+    if getattr(source, "robot", False):  # robot frames for an action-chunk model: not cached (a local dataset)
+        from .robot import build_robot_calibration_set
+
+        return build_robot_calibration_set(source, size, seed)  # type: ignore[arg-type]
     edges = _check_bins(speed_bins)
     key = cache_key(source, size, seed, edges)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

@@ -41,7 +41,7 @@ from ..runtime.torch_backend import prompt_embeddings
 from ..vla.masks import attention_mask
 from ..vla.model import VLAModel, rope_continuation
 from ..vla.modes import AttentionMode
-from .answers import truth_tokens
+from .answers import sample_truth_tokens
 from .loop import planner_model
 from .sets import CalibrationError, CalibrationSet
 
@@ -183,7 +183,7 @@ class TeacherForwardLoop:
         planner = self.planner
         obs = for_model(sample.observation(), planner.config)
         prompt, _ = planner.prompt(obs)
-        ids = truth_tokens(planner.scaffold, sample.future, sample.ego.speed_mps) if answers == "truth" else None
+        ids = sample_truth_tokens(planner.scaffold, sample) if answers == "truth" else None
         source = "truth"
         if ids is None:
             with torch.inference_mode():

@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cameras", default=None,
                         help="comma-separated cameras in prompt order (default: CAM_FRONT / FRONT), or 'all': "
                              "nuScenes' 6 or WOD-E2E's 8 in the documented order")
+    from .robot_closed_loop_cli import add_closed_loop_arguments
+
+    add_closed_loop_arguments(parser)
     bag = parser.add_argument_group("rosbag2 (MCAP)")
     bag.add_argument("--image-topic", default="/camera/front/image_raw/compressed")
     bag.add_argument("--odom-topic", default="/odom")
@@ -132,6 +135,10 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
     if args.bundle and args.dtype != "auto":
         raise EvalUsageError(f"--dtype {args.dtype} applies to --checkpoint; a bundle runs in the dtype it was "
                              "exported in")
+    if args.closed_loop:
+        from .robot_closed_loop_cli import run_closed_loop_command
+
+        return run_closed_loop_command(args, restore_quantized=restore_quantized)
     check_arguments(args)
     from ..runtime.plan_types import DecoderSettings
     from ..runtime.sources import detect_source, open_planner

@@ -12,7 +12,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -224,10 +224,10 @@ class SampleProgress:
         self.bar.close()
 
 
-def _check_resume(path: Path, header: dict[str, Any]) -> set[str]:
+def _check_resume(path: Path, header: dict[str, Any], keys: Sequence[str] = RESUME_KEYS) -> set[str]:
     old_header, records = read_results(path)
     if old_header is not None:
-        for key in RESUME_KEYS:
+        for key in keys:
             if old_header.get(key) != header.get(key):
                 raise ResultsFileError(
                     f"{path}: written for a different {key} ({old_header.get(key)!r}, now {header.get(key)!r}); "

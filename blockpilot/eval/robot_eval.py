@@ -157,11 +157,12 @@ def write_robot_run(out: Path, records: Sequence[dict[str, Any]], metrics: dict[
     return report
 
 
-def open_robot_source(dataroot: str | Path, chunk: int = 8) -> Any:
-    """The LeRobot dataset at ``dataroot`` as a replay source (its target chunks ``chunk`` actions long)."""
+def open_robot_source(dataroot: str | Path, chunk: int = 8, episodes: Sequence[int] | None = None) -> Any:
+    """The LeRobot dataset at ``dataroot`` (only ``episodes`` when given) as a replay source (its target chunks
+    ``chunk`` actions long)."""
     from ..sim.robot.lerobot_io import LeRobotReplaySource
 
-    return LeRobotReplaySource(dataroot, chunk=chunk)
+    return LeRobotReplaySource(dataroot, chunk=chunk, episodes=episodes)
 
 
 def run_robot(planner: Any, source: Any, out: Path, *, limit: int | None = None, quiet: bool = False) -> int:

@@ -125,7 +125,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, max_prompt_tokens:
     from .onnx_graphs import export_onnx
 
     check_bundle_target(Path(out), overwrite)
-    driving = checked_schema(Path(checkpoint), schema)
+    driving = checked_schema(Path(checkpoint), schema, calibrate=recipe if source.quantized is None else None)
     from ..vla.memory_budget import check_fits
 
     load_dtype = export_dtype(checkpoint, dtype, float32_only=recipe is not None or any(p.route == "plugin"

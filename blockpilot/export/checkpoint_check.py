@@ -19,9 +19,11 @@ def check_bundle_target(out: Path, overwrite: bool) -> None:
     BundleWriter(out, overwrite=overwrite).abort()
 
 
-def checked_schema(checkpoint: Path, spec: str | None) -> DrivingSchema | ActionChunkSchema:
+def checked_schema(checkpoint: Path, spec: str | None, *,
+                   calibrate: str | None = None) -> DrivingSchema | ActionChunkSchema:
     """The driving or action-chunk schema the bundle's planner decodes with; :class:`BundleError` naming the file
-    otherwise."""
+    otherwise. ``calibrate`` (the ``--recipe`` export quantizes with itself, on generated driving scenes): refused for
+    an action-chunk schema, which must be calibrated on robot observations by ``blockpilot quantize`` first."""
     if not (checkpoint / "config.json").is_file():
         raise BundleError(f"{checkpoint}: no config.json (export needs a checkpoint directory)")
     try:
@@ -32,6 +34,11 @@ def checked_schema(checkpoint: Path, spec: str | None) -> DrivingSchema | Action
         where = f"--schema {spec}" if spec is not None else str(checkpoint / SCHEMA_FILE)
         raise BundleError(f"{where}: bundles hold a driving or an action-chunk planner (e.g. --schema so101-joints) "
                           f"today; got a {type(schema).__name__}")
+    if calibrate is not None and isinstance(schema, ActionChunkSchema):
+        raise BundleError(f"--recipe {calibrate}: export calibrates on generated driving scenes, and this model "
+                          "answers in action chunks; quantize it on robot observations first (blockpilot quantize "
+                          f"--checkpoint {checkpoint} --recipe {calibrate} --calib-source lerobot --calib-dataroot "
+                          "DATASET) and export that output")
     return schema
 
 

@@ -1,8 +1,10 @@
 """``blockpilot verify BUNDLE``: the bundle's ONNX Runtime backend against the torch backend on the
-same checkpoint, over held-out generated observations. Reported, not hidden: per-plan answer equality,
-the prefill's top-1 agreement and the largest probability difference. Where TensorRT and a GPU that runs
-the bundle's engines are present, the engines are compared with their ONNX graphs through Polygraphy
-instead (:mod:`blockpilot.export.verify_trt`)."""
+same checkpoint, over observations chosen by the bundle's schema: held-out generated driving scenes for a
+driving bundle, frames of a LeRobot dataset (``--dataroot``) for an action-chunk bundle. Reported, not
+hidden: per-plan answer equality, the prefill's top-1 agreement and the largest probability difference,
+and for an action-chunk bundle the action L1 and largest absolute difference between the two backends'
+chunks. Where TensorRT and a GPU that runs the bundle's engines are present, the engines are compared
+with their ONNX graphs through Polygraphy instead (:mod:`blockpilot.export.verify_trt`)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 
 from ..errors import require_extra
 from ..runtime.backend import BUNDLE_BACKENDS
+from ..vla.plans import ActionChunkSchema
 
 if TYPE_CHECKING:
     from .verify_trt import EngineVerifyReport
@@ -33,6 +36,9 @@ class VerifyReport:
     max_prefill_prob_diff: float
     tolerance: float
     note: str = ""  # why the engines were not compared instead (auto, on a bundle with engines)
+    samples_from: str = "generated driving scenes"
+    action_l1: float | None = None  # action-chunk bundles: mean |onnxruntime - torch| over the chunks' values
+    action_max_abs_diff: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -45,10 +51,14 @@ class VerifyReport:
     def text(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
         note = f"tensorrt not compared: {self.note}\n" if self.note else ""
+        actions = "" if self.action_l1 is None or self.action_max_abs_diff is None else (
+            f"actions  L1 {self.action_l1:.2e}, max |diff| {self.action_max_abs_diff:.2e} between the backends' "
+            "chunks\n")
         return (f"verify   {self.bundle} (onnxruntime) against {self.reference} (torch)\n"
                 f"plans    {self.identical_plans}/{self.samples} identical answers (scaffold decoder)\n"
                 f"prefill  top-1 agreement {self.prefill_top1_agreement:.2%}, max |prob diff| "
-                f"{self.max_prefill_prob_diff:.2e} (tolerance {self.tolerance:.0e})\n{note}{verdict}")
+                f"{self.max_prefill_prob_diff:.2e} (tolerance {self.tolerance:.0e})\n{actions}"
+                f"samples  {self.samples_from}\n{note}{verdict}")
 
 
 ORT_GRAPH_FACTOR = 1.1  # ONNX Runtime's peak over the graph files' bytes (1.5B: 7.12 GiB for 6.5 GB of graphs)
@@ -56,14 +66,15 @@ ORT_GRAPH_FACTOR = 1.1  # ONNX Runtime's peak over the graph files' bytes (1.5B:
 
 def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, samples: int = 8,
                   tolerance: float = DEFAULT_PROB_TOLERANCE, backend: str = "auto",
-                  trusted_keys: Sequence[str | Path] = ()) -> VerifyReport | EngineVerifyReport:
+                  trusted_keys: Sequence[str | Path] = (),
+                  dataroot: str | Path | None = None) -> VerifyReport | EngineVerifyReport:
     """``backend="onnxruntime"``: compare the bundle on ONNX Runtime with the torch planner of ``checkpoint``
     (default: the bundle's own ``model/`` when it was exported ``--with-weights``). ``"tensorrt"``: compare the
     bundle's engines for this GPU with their ONNX graphs (:func:`blockpilot.export.verify_trt.verify_engines`;
     raises :class:`~blockpilot.export.verify_trt.EngineVerifyError` where that cannot run). ``"auto"``: the
     engines where they can run here, else ONNX Runtime against torch (the report says why). ``trusted_keys`` (public
-    key files): the bundle must be signed by one of them (:func:`blockpilot.runtime.bundle_planner.open_bundle`)."""
-    from ..eval.synthetic import heldout_keyframes, observation
+    key files): the bundle must be signed by one of them (:func:`blockpilot.runtime.bundle_planner.open_bundle`).
+    ``dataroot``: the LeRobot dataset an action-chunk bundle is verified on (:func:`verify_observations`)."""
     from ..formats.bundle import BundleError
     from ..runtime.bundle_planner import open_bundle
     from ..runtime.plan_types import DecoderSettings, for_model
@@ -95,17 +106,64 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, s
     settings = DecoderSettings(name="scaffold")
     ort = open_planner(loaded.path, backend="onnxruntime", decoder=settings, kinds=("bundle",), flag="bundle",
                        trusted_keys=trusted_keys)
+    observations, described = verify_observations(ort.schema, samples, dataroot)
     # The bundle's schema (it may have been exported with --schema), not the checkpoint's own.
     torch_planner = open_planner(reference, backend="torch", decoder=settings, schema=ort.schema,
-                                 kinds=("checkpoint",), flag="--checkpoint")
-    frames = heldout_keyframes(max(1, (samples + 9) // 10), stride=4)[:samples]
-    identical, agree, worst = 0, [], 0.0
-    for frame in frames:
-        obs = for_model(observation(frame), torch_planner.config)  # no camera for a text-only model
-        identical += int(np.array_equal(ort.plan(obs).tokens, torch_planner.plan(obs).tokens))
+                                 kinds=("checkpoint",), flag="--checkpoint",
+                                 cameras=max([1, *(len(o.images) for o in observations)]))
+    identical, agree, worst, diffs = 0, [], 0.0, []
+    for observation in observations:
+        obs = for_model(_bundle_sized(observation, ort.image_policy), torch_planner.config)  # text-only: no camera
+        a_plan, b_plan = ort.plan(obs), torch_planner.plan(obs)
+        identical += int(np.array_equal(a_plan.tokens, b_plan.tokens))
+        if a_plan.actions is not None and b_plan.actions is not None:
+            diffs.append(np.abs(np.asarray(a_plan.actions) - np.asarray(b_plan.actions)).ravel())
         prompt, _ = torch_planner.prompt(obs)
         a, b = ort.backend.prefill(prompt), torch_planner.backend.prefill(prompt)
         agree.append(float((a.top1 == b.top1).mean()))
         worst = max(worst, float(np.abs(a.prob - b.prob).max()))
-    return VerifyReport(str(loaded.path), str(reference), len(frames), identical, float(np.mean(agree)), worst,
-                        tolerance, note)
+    robot = isinstance(ort.schema, ActionChunkSchema)
+    every = np.concatenate(diffs) if diffs else np.zeros(0)
+    return VerifyReport(str(loaded.path), str(reference), len(observations), identical, float(np.mean(agree)), worst,
+                        tolerance, note, described,
+                        float(every.mean()) if robot and every.size else None,
+                        float(every.max()) if robot and every.size else None)
+
+
+def verify_observations(schema: Any, samples: int, dataroot: str | Path | None) -> tuple[list[Any], str]:
+    """Up to ``samples`` observations for a planner answering in ``schema``, and what they are: frames evenly spaced
+    over the LeRobot dataset ``dataroot`` for an action-chunk schema (required: :class:`BundleError` naming
+    ``--dataroot`` without it), held-out generated scenes for a driving one (``dataroot`` must then be None)."""
+    from ..formats.bundle import BundleError
+
+    if isinstance(schema, ActionChunkSchema):
+        if dataroot is None:
+            raise BundleError("this bundle plans action chunks and is verified on robot observations: pass "
+                              "--dataroot DATASET (a LeRobot dataset recorded for its schema)")
+        from ..calibration.robot import LeRobotCalibrationSource, build_robot_calibration_set
+
+        picked = build_robot_calibration_set(LeRobotCalibrationSource(dataroot, schema, flag="--dataroot"), samples)
+        return [s.observation() for s in picked.samples], f"{len(picked)} frames of the LeRobot dataset {dataroot}"
+    if dataroot is not None:
+        raise BundleError(f"--dataroot {dataroot}: this bundle plans driving and is verified on generated scenes; "
+                          "--dataroot goes with an action-chunk bundle")
+    from ..eval.synthetic import heldout_keyframes, observation
+
+    frames = heldout_keyframes(max(1, (samples + 9) // 10), stride=4)[:samples]
+    return [observation(f) for f in frames], f"{len(frames)} held-out generated driving scenes"
+
+
+def _bundle_sized(observation: Any, policy: Any) -> Any:
+    """``observation`` with each frame resized to the size the bundle's vision graphs take (its policy's target
+    size), so both backends see the same pixels and image tokens; a recorded frame has the dataset's own size."""
+    import dataclasses
+
+    from ..vla.image import resize_bicubic
+
+    if policy is None or not observation.images:
+        return observation
+    images = []
+    for image in observation.images:
+        height, width = policy.target_size(*image.shape[:2])
+        images.append(image if image.shape[:2] == (height, width) else resize_bicubic(image, height, width))
+    return dataclasses.replace(observation, images=images)

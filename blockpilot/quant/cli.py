@@ -26,7 +26,7 @@ from ..progress_bars import is_terminal
 RECIPE_NAMES = ("fp8", "nvfp4", "w4a8", "int8_sq", "mixed", "auto")
 # quant.targets.TARGETS and its ALIASES (the export target names), torch-free for --help; a test keeps them in step.
 TARGET_NAMES = ("cpu", "orin", "thor", "h100", "rtx-ada", "rtx", "rtx-blackwell")
-SOURCES = ("synthetic", "nuscenes", "wod", "mcap")
+SOURCES = ("synthetic", "nuscenes", "wod", "mcap", "lerobot")  # lerobot: robot frames, an action-chunk model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="teacher: one packed forward per sample over prompt plus ground-truth answer, causal "
                             "and masked-block attention (default); decode: a full planned decode per sample")
     calib.add_argument("--calib-source", default="synthetic", choices=SOURCES)
-    calib.add_argument("--calib-dataroot", default=None, help="dataset for --calib-source nuscenes/wod/mcap")
+    calib.add_argument("--calib-dataroot", default=None,
+                       help="dataset for --calib-source nuscenes/wod/mcap, or a LeRobot dataset for lerobot (the "
+                            "source an action-chunk model must calibrate on)")
     calib.add_argument("--calib-scenes", type=positive_int, default=8, help="generated scenes for synthetic")
     calib.add_argument("--cache-dir", default=None, help="calibration cache (default ~/.cache/blockpilot)")
     parser.add_argument("--sensitivity", action="store_true", help="write a per-group sensitivity report")
@@ -60,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="allowed relative L2@3s growth (default 0.05)")
     gate.add_argument("--gate-parse-drop", type=fraction, default=0.0,
                       help="allowed parse-rate drop, 0 to 1 (default 0)")
+    gate.add_argument("--gate-action-l1", type=non_negative_float, default=0.05,
+                      help="action-chunk model: allowed mean |quantized - fp32| action difference (default 0.05)")
     gate.add_argument("--gate-source", default="synthetic", choices=SOURCES)
     gate.add_argument("--gate-dataroot", default=None, help="dataset for --gate-source nuscenes/wod/mcap")
     gate.add_argument("--gate-scenes", type=positive_int, default=4, help="held-out generated scenes for synthetic")
@@ -79,9 +83,25 @@ def _knobs(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _source(kind: str, dataroot: str | None, scenes: int, what: str, heldout_dir: Path | None = None) -> Any:
+def _source(kind: str, dataroot: str | None, scenes: int, what: str, schema: Any,
+            heldout_dir: Path | None = None) -> Any:
+    """The ``--{what}-source`` samples for a model answering in ``schema``: robot frames for an action-chunk schema,
+    driving scenes for a driving one; the other pairing is a :class:`UserError` naming the flag."""
     from ..eval.replay import EvalUsageError, open_source
+    from ..vla.plans import ActionChunkSchema
 
+    robot = isinstance(schema, ActionChunkSchema)
+    if robot != (kind == "lerobot"):
+        raise UserError(f"--{what}-source {kind}: " + (
+            f"this model answers in action chunks ({', '.join(schema.dims)}) and is calibrated and gated on robot "
+            f"observations: pass --{what}-source lerobot --{what}-dataroot DATASET (a LeRobot dataset)" if robot else
+            f"this model plans driving ({type(schema).__name__}); robot frames go with an action-chunk schema"))
+    if robot:
+        from ..calibration.robot import LeRobotCalibrationSource
+
+        if not dataroot:
+            raise UserError(f"--{what}-source lerobot needs --{what}-dataroot")
+        return LeRobotCalibrationSource(dataroot, schema, flag=f"--{what}-dataroot")
     if kind != "synthetic":
         if not dataroot:
             raise EvalUsageError(f"--{what}-source {kind} needs --{what}-dataroot")
@@ -122,8 +142,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
-    from ..eval.replay import driving_schema
     from ..runtime.plan_types import DecoderSettings
+    from ..vla.plans import ActionChunkSchema
     from .pipeline import QUANTIZED_DIR, load_planner, quantize_checkpoint
     from .recipes import resolve_recipe
     from .targets import check_recipe, resolve_target
@@ -134,13 +154,16 @@ def run(args: argparse.Namespace) -> int:
     target = resolve_target(args.target)
     check_recipe(recipe, target, allow_emulated=args.allow_emulated)  # refuse before any work
     decoder = DecoderSettings(name=args.decoder)
-    schema = driving_schema(checkpoint, args.schema)
+    schema = _schema(checkpoint, args.schema)
     cache = Path(args.cache_dir) if args.cache_dir else None
     # bars on stderr while calibration and the gate replay run (a terminal only; stdout keeps its lines)
     progress = not (args.quiet or getattr(args, "json", False)) and is_terminal()
-    calib_source = _source(args.calib_source, args.calib_dataroot, args.calib_scenes, "calib")
+    calib_source = _source(args.calib_source, args.calib_dataroot, args.calib_scenes, "calib", schema)
+    gate_source = None  # robot frames, opened (or refused, naming --gate-source) before calibration runs
+    if args.gate and (args.gate_source == "lerobot" or isinstance(schema, ActionChunkSchema)):
+        gate_source = _source(args.gate_source, args.gate_dataroot, args.gate_scenes, "gate", schema)
     if args.sensitivity:
-        recipe = _sensitivity(args, checkpoint, decoder, recipe, calib_source, cache, out)
+        recipe = _sensitivity(args, checkpoint, decoder, recipe, calib_source, cache, out, schema)
     outcome = quantize_checkpoint(checkpoint, recipe, calib_source, args.calib, out, target=target,
                                   allow_emulated=args.allow_emulated, decoder=decoder, cache_dir=cache,
                                   schema=schema, calib_mode=args.calib_mode, progress=progress)
@@ -164,9 +187,11 @@ def run(args: argparse.Namespace) -> int:
     gate_dir = out / "gate"
 
     def make() -> Any:
-        return _source(args.gate_source, args.gate_dataroot, args.gate_scenes, "gate", gate_dir / "heldout")
+        return _source(args.gate_source, args.gate_dataroot, args.gate_scenes, "gate", schema, gate_dir / "heldout")
 
     fp32 = load_planner(checkpoint, decoder, schema=schema)
+    if gate_source is not None:
+        return _robot_gate(args, fp32, outcome.planner, gate_source, gate_dir, recipe.name)
     result = run_gate(fp32, outcome.planner, make, gate_dir, checkpoint=checkpoint, precision=recipe.name,
                       l2_bound=args.gate_bound, parse_drop=args.gate_parse_drop, limit=args.gate_limit,
                       progress=progress)
@@ -182,6 +207,36 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def _schema(checkpoint: Path, spec: str | None) -> Any:
+    """The answer schema the model is quantized for: ``--schema``, else the checkpoint's own."""
+    from ..vla.config import ConfigError
+    from ..vla.plans import ActionChunkSchema, DrivingSchema
+    from ..vla.schema_io import resolve_schema
+
+    try:
+        schema = resolve_schema(checkpoint, spec)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from exc
+    if not isinstance(schema, (DrivingSchema, ActionChunkSchema)):
+        raise UserError(f"--schema {spec}: quantize takes a driving or an action-chunk model (e.g. so101-ee), got "
+                        f"{type(schema).__name__}")
+    return schema
+
+
+def _robot_gate(args: argparse.Namespace, fp32: Any, quant: Any, source: Any, gate_dir: Path, precision: str) -> int:
+    from .gate import run_robot_gate
+
+    result = run_robot_gate(fp32, quant, source, gate_dir, precision=precision, l1_bound=args.gate_action_l1,
+                            parse_drop=args.gate_parse_drop, limit=args.gate_limit)
+    print(result.table)
+    atomic_write(gate_dir / "gate.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    verdict = "PASSED" if result.passed else "FAILED: " + "; ".join(result.reasons)
+    l1 = "n/a" if result.action_l1_vs_fp32 is None else f"{result.action_l1_vs_fp32:.4f}"
+    print(f"quality gate  {verdict} (action L1 vs fp32 {l1} on {result.samples} samples, bound "
+          f"{args.gate_action_l1:g}; CPU latencies of fake-quantized models are not deployment latencies)")
+    return 0 if result.passed else 1
+
+
 def _loop_summary(stats: dict[str, Any] | None) -> str:
     if not stats:
         return ""
@@ -193,7 +248,7 @@ def _loop_summary(stats: dict[str, Any] | None) -> str:
 
 
 def _sensitivity(args: argparse.Namespace, checkpoint: Path, decoder: Any, recipe: Any, calib_source: Any,
-                 cache: Path | None, out: Path) -> Any:
+                 cache: Path | None, out: Path, schema: Any = None) -> Any:
     from ..calibration import build_calibration_set
     from .pipeline import load_planner
     from .recipes import FORMATS, NONE
@@ -202,7 +257,7 @@ def _sensitivity(args: argparse.Namespace, checkpoint: Path, decoder: Any, recip
     formats = [f for f in (recipe.auto.formats if recipe.auto else recipe.formats_used) if f != NONE]
     narrowest = min(formats, key=lambda f: FORMATS[f].effective_bits)
     calib = build_calibration_set(calib_source, args.calib, cache_dir=cache)
-    report = sensitivity_report(lambda: load_planner(checkpoint, decoder), calib, narrowest)
+    report = sensitivity_report(lambda: load_planner(checkpoint, decoder, schema=schema), calib, narrowest)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "sensitivity.json", report.to_json())
     atomic_write(out / "sensitivity.md", report.to_markdown())

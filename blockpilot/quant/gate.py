@@ -4,6 +4,11 @@ bound (default 5 %) or the parse rate drops.
 
 L2 at 3 s is the UniAD convention (the error at 3 s, :mod:`blockpilot.eval.summary`) on the samples
 whose plan parsed in both runs; the ST-P3/VAD average is shown beside it in the table.
+
+An action-chunk model is gated on robot frames (a LeRobot dataset, :func:`run_robot_gate`): the quantized chunks
+against the fp32 chunks on the samples both parsed, over the rows that are not padding: the mean absolute
+difference (action L1, in the schema's action units) must stay within a bound (default 0.05) and the parse rate
+must not drop; the largest absolute difference and both models' L1 against the recorded actions are reported.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from ..eval.types import Source
 
 DEFAULT_L2_BOUND = 0.05
 DEFAULT_PARSE_DROP = 0.0
+DEFAULT_ACTION_L1_BOUND = 0.05
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,10 @@ class GateResult:
     parse_rate_quant: float | None
     samples: int
     table: str
+    metric: str = "l2_3s"  # or "action_l1_vs_fp32" (an action-chunk model)
+    action_l1_vs_fp32: float | None = None  # mean |quantized - fp32| over the compared chunk rows
+    action_max_abs_diff_vs_fp32: float | None = None
+    action_l1_vs_target: dict[str, float | None] | None = None  # {"fp32": .., "quantized": ..}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,3 +84,68 @@ def run_gate(fp32_planner: Any, quant_planner: Any, make_source: Callable[[], So
         runs[name] = out_dir / name
     cmp = compare_runs(runs["fp32"], runs[precision], out_dir=out_dir / "compare")
     return decide(cmp, l2_bound=l2_bound, parse_drop=parse_drop)
+
+
+def _parse_rate(records: list[dict[str, Any]]) -> float | None:
+    planned = [r for r in records if r["status"] in ("ok", "parse_error")]
+    return sum(r["status"] == "ok" for r in planned) / len(planned) if planned else None
+
+
+def decide_robot(fp32: list[dict[str, Any]], quant: list[dict[str, Any]], *,
+                 l1_bound: float = DEFAULT_ACTION_L1_BOUND, parse_drop: float = DEFAULT_PARSE_DROP) -> GateResult:
+    """Pass or fail from two robot replays of the same samples (:func:`blockpilot.eval.robot_eval.replay_robot`
+    records, fp32 first): action L1 / max abs diff of the quantized chunks against the fp32 ones."""
+    import numpy as np
+
+    by_index = {r["index"]: r for r in quant}
+    pairs = [(a, by_index[a["index"]]) for a in fp32
+             if a.get("pred") is not None and by_index.get(a["index"], {}).get("pred") is not None]
+    reasons = []
+    l1 = worst = None
+    to_target: dict[str, float | None] = {"fp32": None, "quantized": None}
+    if pairs:
+        valid = np.stack([~np.asarray(a["pad"], bool) for a, _ in pairs])  # (n, K)
+        pa, pb = (np.stack([np.asarray(r["pred"], np.float64) for r in run]) for run in zip(*pairs, strict=True))
+        target = np.stack([np.asarray(a["target"], np.float64) for a, _ in pairs])
+        diff = np.abs(pb - pa)[valid]
+        l1, worst = float(diff.mean()), float(diff.max())
+        to_target = {"fp32": float(np.abs(pa - target)[valid].mean()),
+                     "quantized": float(np.abs(pb - target)[valid].mean())}
+        if l1 > l1_bound + 1e-9:
+            reasons.append(f"action L1 against fp32 is {l1:.4f}, over the {l1_bound:g} bound (max |diff| {worst:.4f})")
+    else:
+        reasons.append("no sample parsed in both runs: the action chunks cannot be compared")
+    ra, rb = _parse_rate(fp32), _parse_rate(quant)
+    if ra is None or rb is None:
+        reasons.append("no parse rate to compare (no sample was planned)")
+    elif rb < ra - parse_drop - 1e-12:
+        reasons.append(f"parse rate dropped from {ra:.2%} to {rb:.2%} (allowed drop {parse_drop:.2%})")
+
+    def cell(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    table = ("| metric | fp32 | quantized |\n|---|---|---|\n"
+             f"| action L1 vs recorded | {cell(to_target['fp32'])} | {cell(to_target['quantized'])} |\n"
+             f"| parse rate | {cell(ra)} | {cell(rb)} |\n"
+             f"| action L1 vs fp32 | - | {cell(l1)} |\n| max abs diff vs fp32 | - | {cell(worst)} |")
+    return GateResult(passed=not reasons, reasons=tuple(reasons), l2_3s_fp32=None, l2_3s_quant=None, l2_change=None,
+                      parse_rate_fp32=ra, parse_rate_quant=rb, samples=len(pairs), table=table,
+                      metric="action_l1_vs_fp32", action_l1_vs_fp32=l1, action_max_abs_diff_vs_fp32=worst,
+                      action_l1_vs_target=to_target)
+
+
+def run_robot_gate(fp32_planner: Any, quant_planner: Any, source: Any, out_dir: Path, *, precision: str,
+                   l1_bound: float = DEFAULT_ACTION_L1_BOUND, parse_drop: float = DEFAULT_PARSE_DROP,
+                   limit: int | None = None) -> GateResult:
+    """Replay the robot frames of ``source`` (a :class:`~blockpilot.calibration.robot.LeRobotCalibrationSource`)
+    through both planners into ``out_dir/fp32`` and ``out_dir/<precision>`` (each a robot eval run: results and
+    report) and decide with :func:`decide_robot`."""
+    from ..eval.robot_eval import replay_robot, write_robot_run
+    from ..eval.robot_metrics import robot_metrics
+
+    runs = []
+    for name, planner in (("fp32", fp32_planner), (precision, quant_planner)):
+        records, facts = replay_robot(planner, source.replay, limit=limit)
+        write_robot_run(out_dir / name, records, robot_metrics(records, facts))
+        runs.append(records)
+    return decide_robot(runs[0], runs[1], l1_bound=l1_bound, parse_drop=parse_drop)

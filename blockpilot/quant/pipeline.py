@@ -15,11 +15,13 @@ from typing import Any
 
 from ..calibration import build_calibration_set
 from ..calibration.loop import calibration_batches, make_forward_loop, planner_model
+from ..calibration.robot import check_calibration_matches
 from ..calibration.teacher import make_teacher_loop
 from ..eval.types import Source
 from ..runtime.plan_types import DecoderSettings
 from ..runtime.planner import Planner
 from ..runtime.sources import QUANTIZED_SUBDIR, open_planner
+from ..vla.schema_io import schema_to_dict
 from .apply import QuantReport, is_emulated, load_quantized, modelopt_version, quantize_model, save_quantized
 from .auto import auto_quantize_model
 from .recipes import Recipe, RecipeError, quantizable_modules
@@ -61,6 +63,7 @@ def quantize_planner(planner: Planner, recipe: Recipe, calib_source: Source, cal
     model = planner_model(planner)
     notes = check_recipe(recipe, target, allow_emulated=allow_emulated, module_names=model)
     calib = build_calibration_set(calib_source, calib_size, cache_dir=cache_dir)
+    check_calibration_matches(planner.schema, calib)  # driving scenes never calibrate an action-chunk model
     auto_result: dict[str, Any] | None = None
     loop_stats: dict[str, Any] | None = None
     if recipe.auto is not None:
@@ -103,7 +106,9 @@ def quantize_checkpoint(checkpoint: Path, recipe: Recipe, calib_source: Source, 
         planner, recipe, calib_source, calib_size, target=target, allow_emulated=allow_emulated,
         cache_dir=cache_dir, progress=progress, calib_mode=calib_mode)
     target_name = target if isinstance(target, str) else target.name
+    answers: Any = planner.schema  # recorded: open_planner answers in it (a --schema given here included)
     extra = {"recipe": recipe.to_dict(), "target": target_name, "target_notes": notes, "calibration": manifest,
-             "checkpoint": str(Path(checkpoint).resolve()), "auto_search": auto_result}
+             "checkpoint": str(Path(checkpoint).resolve()), "auto_search": auto_result,
+             "schema": schema_to_dict(answers)}
     saved = save_quantized(planner_model(planner), out_dir / QUANTIZED_DIR, report, extra=extra)
     return QuantizeOutcome(planner, report, notes, saved, manifest, auto_result, extra)

@@ -1,4 +1,4 @@
-"""``blockpilot ros``: run the planner, replay or recorder node, or score a recorded run.
+"""``blockpilot ros``: run the planner, arm, replay, LeRobot replay or recorder node, or score a recorded run.
 
 The argument definitions live here, free of ROS imports, so that ``blockpilot --help`` works without
 rclpy; the node modules' own ``main`` functions (the colcon entry points) use the same definitions.
@@ -28,6 +28,7 @@ from ..cli_common import (
 )
 
 PARAMS_RESOURCE = ("config", "planner.yaml")
+LEROBOT_IMAGE_TOPICS = ("/camera/scene/image_raw", "/camera/wrist/image_raw")  # third-person, wrist
 RECORDED_TOPICS = ("path_topic", "plan_json_topic", "diagnostics_topic", "odometry_topic")
 
 
@@ -80,6 +81,27 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     add_ros_args(parser)
 
 
+def add_lerobot_replay_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataroot", help="LeRobot dataset directory (meta/info.json, data/, ...)")
+    parser.add_argument("--episode", type=non_negative_int, default=0, help="episode index to play (default 0)")
+    parser.add_argument("--rate", type=non_negative_float, default=1.0,
+                        help="playback speed relative to the dataset's fps; 0: as fast as possible")
+    parser.add_argument("--cameras", nargs="+", default=(), help="dataset cameras to play, in topic order "
+                                                                 "(default: all, in the dataset's order)")
+    parser.add_argument("--image-topics", nargs="+", default=LEROBOT_IMAGE_TOPICS,
+                        help="sensor_msgs/Image topic of each camera, in order (default: third-person, wrist)")
+    parser.add_argument("--joint-state-topic", default="/joint_states")
+    parser.add_argument("--instruction-topic", default="/instruction")
+    parser.add_argument("--instruction", default="", help="publish this instead of the episode's task")
+    parser.add_argument("--ee-pose-topic", default="", help="also publish observation.ee_pose as PoseStamped here")
+    parser.add_argument("--wait-for-subscribers", type=non_negative_int, default=0,
+                        help="first wait until every topic has this many subscribers")
+    parser.add_argument("--wait-timeout", type=non_negative_float, default=30.0, help="seconds to wait for them")
+    parser.add_argument("--delay", type=non_negative_float, default=0.0,
+                        help="seconds to wait before the first message")
+    add_ros_args(parser)
+
+
 def add_record_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="rosbag2 directory to create (must not exist)")
     parser.add_argument("--duration", type=non_negative_float, default=0.0,
@@ -110,7 +132,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     planner.add_argument("--autostart", action=argparse.BooleanOptionalAction, default=True,
                          help="configure and activate at start (default on)")
     add_ros_args(planner)
+    arm = sub.add_parser("arm", help="the arm lifecycle node (images, joint states, instruction in; joint "
+                                     "trajectory or ee poses out)")
+    arm.add_argument("--params", required=True, help="ROS 2 params file with a blockpilot_arm section "
+                                                     "(checkpoint or bundle; see blockpilot.ros_nodes.arm_params)")
+    arm.add_argument("--autostart", action=argparse.BooleanOptionalAction, default=True,
+                     help="configure and activate at start (default on)")
+    add_ros_args(arm)
     add_replay_arguments(sub.add_parser("replay", help="play a rosbag2 MCAP onto its topics"))
+    add_lerobot_replay_arguments(sub.add_parser("lerobot-replay", help="play a LeRobot dataset episode as images, "
+                                                                       "joint states and instruction"))
     add_record_arguments(sub.add_parser("record", help="record planner outputs and odometry to a rosbag2 MCAP"))
     add_score_arguments(sub.add_parser("score", help="L2 of recorded paths against a source bag's odometry"))
     sub.add_parser("params", help="print the path of the shipped planner params YAML")
@@ -119,8 +150,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse before any node starts: the files each action reads or writes, named by their flags."""
     command = args.ros_command
-    if command == "planner" and args.params:
+    if command in ("planner", "arm") and args.params:
         existing_path("--params", args.params)
+    elif command == "lerobot-replay":
+        existing_path("DATAROOT", args.dataroot)
     elif command == "replay":
         existing_path("BAG", args.bag)
     elif command == "record":
@@ -148,8 +181,17 @@ def run(args: argparse.Namespace) -> int:
         params = args.params or str(default_params_file())
         return planner_main(["--params", params, "--autostart" if args.autostart else "--no-autostart",
                              *ros_args_of(args)])
+    if command == "arm":
+        from .arm_node import main as arm_main
+
+        return arm_main(["--params", args.params, "--autostart" if args.autostart else "--no-autostart",
+                         *ros_args_of(args)])
     result: dict[str, Any]
-    if command == "replay":
+    if command == "lerobot-replay":
+        from .lerobot_replay import run as lerobot_replay
+
+        result = lerobot_replay(args, ros_args_of(args)).to_dict()
+    elif command == "replay":
         from .replay_node import run as replay
 
         result = replay(args, ros_args_of(args)).to_dict()

@@ -24,7 +24,8 @@ OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.E
 LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
 
 # Outcome of a frame -> the level it reports. Input problems the robot may recover from by itself
-# (odometry late or not yet long enough, a plan too slow or unparsable) warn; broken data errs.
+# (odometry or joint states late or not yet there, a plan too slow or unparsable) warn; broken data errs
+# (a joint the model needs missing from the joint state among them).
 OUTCOME_LEVELS: dict[str, bytes] = {
     "planned": OK,
     "dropped_busy": OK,
@@ -35,13 +36,21 @@ OUTCOME_LEVELS: dict[str, bytes] = {
     "short_history": WARN,
     "parse_failure": WARN,
     "deadline_miss": WARN,
+    "no_instruction": WARN,
+    "no_joint_state": WARN,
+    "stale_joint_state": WARN,
+    "stale_camera": WARN,
     "nonfinite_odometry": ERROR,
+    "missing_joint": ERROR,
+    "malformed_joint_state": ERROR,
+    "nonfinite_joint_state": ERROR,
     "malformed_image": ERROR,
     "bad_observation": ERROR,
     "planner_error": ERROR,
     "internal_error": ERROR,
 }
-STALE_OUTCOMES = ("no_odometry", "stale_odometry", "short_history", "nonfinite_odometry")
+STALE_OUTCOMES = ("no_odometry", "stale_odometry", "short_history", "nonfinite_odometry", "no_joint_state",
+                  "stale_joint_state", "stale_camera")
 LATENCY_WINDOW = 100
 
 
@@ -55,6 +64,7 @@ class _State:
     odometry_refused: int = 0
     route_received: int = 0
     route_refused: int = 0
+    inputs: dict[str, list[int]] = field(default_factory=dict)  # input name -> [received, refused]
     level: bytes = OK
     message: str = "waiting for camera frames"
     last_stamp_ns: int | None = None
@@ -124,6 +134,15 @@ class PlannerDiagnostics:
                 self._s.route_refused += 1
                 self._s.level, self._s.message = WARN, message or "route command refused"
 
+    def input(self, name: str, ok: bool, message: str = "") -> None:
+        """Count one message of another input (``<name>_received``, ``<name>_refused``); a refusal warns."""
+        with self._lock:
+            counts = self._s.inputs.setdefault(name, [0, 0])
+            counts[0] += 1
+            if not ok:
+                counts[1] += 1
+                self._s.level, self._s.message = WARN, message or f"{name} refused"
+
     def counts(self) -> dict[str, int]:
         """``frames_received``, ``frames_<outcome>``, ``frames_waiting``, ``frames_in_flight`` and the
         odometry and route counters."""
@@ -133,6 +152,8 @@ class PlannerDiagnostics:
                    "frames_waiting": s.waiting, "frames_in_flight": s.in_flight,
                    "odometry_received": s.odometry_received, "odometry_refused": s.odometry_refused,
                    "route_received": s.route_received, "route_refused": s.route_refused}
+            for name, (received, refused) in s.inputs.items():
+                out[f"{name}_received"], out[f"{name}_refused"] = received, refused
         return out
 
     def values(self) -> dict[str, str]:

@@ -41,7 +41,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self, TypeVar
 
 from ..errors import BlockpilotError
 from ..runtime import backend as runtime_backends
@@ -83,6 +83,7 @@ PARAM_DESCRIPTIONS = {
 _NAME_TOKEN = r"[A-Za-z_][A-Za-z0-9_]*"
 _TOPIC = re.compile(rf"^(~/|/)?{_NAME_TOKEN}(/{_NAME_TOKEN})*$")
 _FRAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
+P = TypeVar("P", bound="ModelParams")
 
 
 class ParamsError(BlockpilotError, ValueError):
@@ -94,11 +95,31 @@ class ParamsError(BlockpilotError, ValueError):
         super().__init__(f"{where}{field}: {reason}")
 
 
+def need(cond: bool, name: str, reason: str) -> None:
+    """Raise :class:`ParamsError` on ``name`` unless ``cond``."""
+    if not cond:
+        raise ParamsError(name, reason)
+
+
+def check_topics(params: Any, names: Iterable[str], optional: Iterable[str] = ()) -> None:
+    """Every topic parameter in ``names`` is a valid ROS topic name (those in ``optional`` may be empty)."""
+    optional = set(optional)
+    for name in names:
+        topic = getattr(params, name)
+        if topic == "" and name in optional:
+            continue
+        need(bool(_TOPIC.match(topic)), name, f"{topic!r} is not a valid ROS topic name")
+
+
+def check_frame(params: Any, name: str) -> None:
+    value = getattr(params, name)
+    need(bool(_FRAME.match(value)), name, f"must be a frame id without a leading slash or spaces, got {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
-class PlannerParams:
-    """Everything the planner node reads. A value that is valid on its own but not with the others
-    (a checkpoint on onnxruntime, both a checkpoint and a bundle) is refused here; having neither a
-    checkpoint nor a bundle is allowed until configure (see :meth:`require_model`)."""
+class ModelParams:
+    """What every planning node reads to open its planner (checkpoint or bundle, backend, decoder) and its
+    deadline; each node's parameters extend it. Validated as :class:`PlannerParams` describes."""
 
     checkpoint: str = ""
     bundle: str = ""
@@ -110,30 +131,9 @@ class PlannerParams:
     decoder: str = "scaffold"
     rollouts: int = 4
     deadline_ms: float = 500.0
-    max_odom_age_ms: float = 250.0
-    default_route_command: str = "go straight"
-    output_frame: str = "base_link"
-    output_kind: str = "path"
-    image_topic: str = "/camera/front/image_raw"
-    compressed_image_topic: str = "/camera/front/image_raw/compressed"
-    odometry_topic: str = "/odom"
-    route_topic: str = "/route_command"
-    path_topic: str = "/blockpilot/plan/path"
-    pose_array_topic: str = "/blockpilot/plan/poses"
-    plan_json_topic: str = "/blockpilot/plan/json"
-    diagnostics_topic: str = "/diagnostics"
-    processing_time_topic: str = "/blockpilot/plan/processing_time_ms"
-    camera_queue_depth: int = 5
-    diagnostics_period_s: float = 1.0
-    use_sim_time: bool = False
 
     def __post_init__(self) -> None:
         self._check_types()
-
-        def need(cond: bool, name: str, reason: str) -> None:
-            if not cond:
-                raise ParamsError(name, reason)
-
         if self.checkpoint and self.bundle:
             raise ParamsError("checkpoint", f"give a checkpoint or a bundle, not both (bundle is {self.bundle!r})")
         need(not (self.trusted_keys and self.checkpoint), "trusted_keys", "checks a signed bundle; a checkpoint "
@@ -154,29 +154,16 @@ class PlannerParams:
         need(self.threads >= 1, "threads", f"must be at least 1, got {self.threads}")
         need(self.decoder in DECODERS, "decoder", f"must be one of {DECODERS}, got {self.decoder!r}")
         need(self.rollouts >= 1, "rollouts", f"must be at least 1, got {self.rollouts}")
-        for name in ("deadline_ms", "max_odom_age_ms", "diagnostics_period_s"):
-            value = getattr(self, name)
-            need(math.isfinite(value) and value > 0, name, f"must be a positive finite number, got {value}")
-        need(self.default_route_command in ROUTE_COMMANDS, "default_route_command",
-             f"must be one of {ROUTE_COMMANDS}, got {self.default_route_command!r}")
-        need(bool(_FRAME.match(self.output_frame)), "output_frame",
-             f"must be a frame id without a leading slash or spaces, got {self.output_frame!r}")
-        need(self.output_kind in OUTPUT_KINDS, "output_kind",
-             f"must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
-        need(self.camera_queue_depth >= 1, "camera_queue_depth", f"must be at least 1, got {self.camera_queue_depth}")
-        optional = {"image_topic", "compressed_image_topic"}
-        for name in (*optional, "odometry_topic", "route_topic", "plan_json_topic", "diagnostics_topic",
-                     "processing_time_topic", "path_topic", "pose_array_topic"):
-            topic = getattr(self, name)
-            if topic == "" and name in optional:
-                continue
-            need(bool(_TOPIC.match(topic)), name, f"{topic!r} is not a valid ROS topic name")
-        need(bool(self.image_topic or self.compressed_image_topic), "image_topic",
-             "image_topic and compressed_image_topic are both empty; the node needs a camera")
+        self._check_positive("deadline_ms")
         try:
             self.decoder_settings()
         except PlannerSetupError as exc:
             raise ParamsError("decoder", str(exc)) from None
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            need(math.isfinite(value) and value > 0, name, f"must be a positive finite number, got {value}")
 
     def _check_types(self) -> None:
         for f in fields(self):
@@ -200,7 +187,7 @@ class PlannerParams:
             return self.backend
         return "onnxruntime" if self.bundle else "torch"
 
-    def require_model(self) -> PlannerParams:
+    def require_model(self) -> Self:
         """``self`` if exactly one of checkpoint and bundle is set, else :class:`ParamsError`."""
         if not self.model_path:
             raise ParamsError("checkpoint", "set checkpoint (a local checkpoint directory) or bundle (a bundle "
@@ -219,15 +206,20 @@ class PlannerParams:
         return {"backend": self.resolved_backend, "decoder": self.decoder_settings(), "device": self.device,
                 "dtype": self.dtype, "kinds": ("checkpoint",), "flag": "checkpoint"}
 
+    def descriptions(self) -> Mapping[str, str]:
+        """One line per parameter, for the ROS parameter descriptors."""
+        return PARAM_DESCRIPTIONS
+
     def ros_parameters(self) -> list[tuple[str, Any, str]]:
         """``(name, value, description)`` of every parameter the node declares (not those rclpy declares)."""
-        return [(f.name, getattr(self, f.name), PARAM_DESCRIPTIONS.get(f.name, f.name.replace("_", " ")))
+        described = self.descriptions()
+        return [(f.name, getattr(self, f.name), described.get(f.name, f.name.replace("_", " ")))
                 for f in fields(self) if f.name not in ROS_NODE_PARAMETERS]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def with_changes(self, changes: Mapping[str, Any]) -> PlannerParams:
+    def with_changes(self, changes: Mapping[str, Any]) -> Self:
         """A validated copy with ``changes`` applied; unknown names raise :class:`ParamsError`."""
         known = {f.name for f in fields(self)}
         for name in changes:
@@ -237,14 +229,54 @@ class PlannerParams:
         listed = {"trusted_keys": ",".join(map(str, keys))} if isinstance(keys, (list, tuple)) else {}
         return replace(self, **{**dict(changes), **listed})
 
-    def with_ros_changes(self, parameters: Iterable[Any]) -> PlannerParams:
-        """:meth:`with_changes` from rclpy ``Parameter`` objects; names that are not planner parameters are ignored."""
+    def with_ros_changes(self, parameters: Iterable[Any]) -> Self:
+        """:meth:`with_changes` from rclpy ``Parameter`` objects; names that are not the node's parameters are
+        ignored."""
         known = {f.name for f in fields(self)}
         return self.with_changes({p.name: p.value for p in parameters if p.name in known})
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> PlannerParams:
+    def from_mapping(cls, values: Mapping[str, Any]) -> Self:
         return cls().with_changes(values)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerParams(ModelParams):
+    """Everything the planner node reads. A value that is valid on its own but not with the others
+    (a checkpoint on onnxruntime, both a checkpoint and a bundle) is refused here; having neither a
+    checkpoint nor a bundle is allowed until configure (see :meth:`require_model`)."""
+
+    max_odom_age_ms: float = 250.0
+    default_route_command: str = "go straight"
+    output_frame: str = "base_link"
+    output_kind: str = "path"
+    image_topic: str = "/camera/front/image_raw"
+    compressed_image_topic: str = "/camera/front/image_raw/compressed"
+    odometry_topic: str = "/odom"
+    route_topic: str = "/route_command"
+    path_topic: str = "/blockpilot/plan/path"
+    pose_array_topic: str = "/blockpilot/plan/poses"
+    plan_json_topic: str = "/blockpilot/plan/json"
+    diagnostics_topic: str = "/diagnostics"
+    processing_time_topic: str = "/blockpilot/plan/processing_time_ms"
+    camera_queue_depth: int = 5
+    diagnostics_period_s: float = 1.0
+    use_sim_time: bool = False
+
+    def __post_init__(self) -> None:
+        ModelParams.__post_init__(self)  # not super(): a slots dataclass is a new class object
+        self._check_positive("max_odom_age_ms", "diagnostics_period_s")
+        need(self.default_route_command in ROUTE_COMMANDS, "default_route_command",
+             f"must be one of {ROUTE_COMMANDS}, got {self.default_route_command!r}")
+        check_frame(self, "output_frame")
+        need(self.output_kind in OUTPUT_KINDS, "output_kind",
+             f"must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
+        need(self.camera_queue_depth >= 1, "camera_queue_depth", f"must be at least 1, got {self.camera_queue_depth}")
+        optional = ("image_topic", "compressed_image_topic")
+        check_topics(self, (*optional, "odometry_topic", "route_topic", "plan_json_topic", "diagnostics_topic",
+                            "processing_time_topic", "path_topic", "pose_array_topic"), optional)
+        need(bool(self.image_topic or self.compressed_image_topic), "image_topic",
+             "image_topic and compressed_image_topic are both empty; the node needs a camera")
 
 
 def _section(data: Any, node_name: str, source: str) -> dict[str, Any]:
@@ -267,9 +299,10 @@ def _section(data: Any, node_name: str, source: str) -> dict[str, Any]:
     return merged
 
 
-def load_params_file(path: str | Path, node_name: str = DEFAULT_NODE_NAME) -> PlannerParams:
-    """The validated parameters of ``node_name`` in the ROS 2 params file ``path``; the file must name
-    exactly one of checkpoint and bundle. Raises :class:`ParamsError` (a ValueError) naming the field."""
+def load_params_file(path: str | Path, node_name: str = DEFAULT_NODE_NAME,
+                     params_class: type[P] = PlannerParams) -> P:  # type: ignore[assignment]
+    """The validated parameters (a ``params_class``) of ``node_name`` in the ROS 2 params file ``path``; the file
+    must name exactly one of checkpoint and bundle. Raises :class:`ParamsError` (a ValueError) naming the field."""
     import yaml
 
     source = str(path)
@@ -283,6 +316,6 @@ def load_params_file(path: str | Path, node_name: str = DEFAULT_NODE_NAME) -> Pl
         raise ParamsError("<file>", f"not valid YAML: {exc}", source) from None
     values = _section(data, node_name, source)
     try:
-        return PlannerParams.from_mapping(values).require_model()
+        return params_class.from_mapping(values).require_model()
     except ParamsError as exc:
         raise ParamsError(exc.field, exc.reason, source) from None

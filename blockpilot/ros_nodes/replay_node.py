@@ -20,7 +20,7 @@ import argparse
 import importlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +157,30 @@ def _bag_reader(bag: Path) -> Any:
     return reader
 
 
+def sleep_until(node: Node, deadline: float) -> bool:
+    """Sleep until the monotonic ``deadline``; False if the node's context went down meanwhile."""
+    while (left := deadline - time.monotonic()) > 0:
+        if not node.context.ok():
+            return False
+        time.sleep(min(left, _POLL_S))
+    return bool(node.context.ok())
+
+
+def wait_for_subscribers(node: Node, publishers: dict[str, Any], need: int, timeout_s: float, delay_s: float) -> None:
+    """Block until every publisher (by topic) has ``need`` matched subscriptions, then ``delay_s`` more;
+    :class:`ReplayError` naming the topics still short after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while need and node.context.ok():
+        short = [topic for topic, pub in publishers.items() if pub.get_subscription_count() < need]
+        if not short:
+            break
+        if time.monotonic() > deadline:
+            raise ReplayError(f"after {timeout_s:g} s these topics have fewer than {need} subscribers: "
+                              f"{', '.join(short)}")
+        time.sleep(_POLL_S)
+    sleep_until(node, time.monotonic() + delay_s)
+
+
 class ReplayNode(Node):
     """Publishes one bag's messages as recorded. ROS parameters (``bag``, ``rate``, ``loops``,
     ``topics``, ``remap``, ``publish_clock``, ``wait_for_subscribers``, ``wait_timeout_s``, ``delay_s``,
@@ -209,26 +233,13 @@ class ReplayNode(Node):
         return bool(self.context.ok())
 
     def _sleep_until(self, deadline: float) -> bool:
-        """Sleep until the monotonic ``deadline``; False if the context went down meanwhile."""
-        while (left := deadline - time.monotonic()) > 0:
-            if not self._running():
-                return False
-            time.sleep(min(left, _POLL_S))
-        return self._running()
+        return sleep_until(self, deadline)
 
     def wait_for_subscribers(self) -> None:
         """Block until every publisher has ``wait_for_subscribers`` matched subscriptions, then ``delay_s``."""
-        need = self.options.wait_for_subscribers
-        deadline = time.monotonic() + self.options.wait_timeout_s
-        while need and self._running():
-            short = [self._out_topic[t] for t, p in self._topic_pubs.items() if p.get_subscription_count() < need]
-            if not short:
-                break
-            if time.monotonic() > deadline:
-                raise ReplayError(f"after {self.options.wait_timeout_s:g} s these topics have fewer than {need} "
-                                  f"subscribers: {', '.join(short)}")
-            time.sleep(_POLL_S)
-        self._sleep_until(time.monotonic() + self.options.delay_s)
+        o = self.options
+        wait_for_subscribers(self, {self._out_topic[t]: p for t, p in self._topic_pubs.items()},
+                             o.wait_for_subscribers, o.wait_timeout_s, o.delay_s)
 
     def play(self) -> ReplayReport:
         """Publish the bag ``loops`` times (0: forever) or until shutdown; the report is also ``self.report``."""
@@ -285,13 +296,20 @@ def options_from_args(args: argparse.Namespace) -> ReplayOptions:
 
 def run(args: argparse.Namespace, ros_args: Sequence[str] = ()) -> ReplayReport:
     """Init rclpy, play, shut down; Ctrl-C ends playback early and still returns the counts so far."""
-    import rclpy
-
     options = options_from_args(args)
     playback_topics(_resolve(args.bag), options)  # a bad bag or type fails before any DDS traffic
-    rclpy.init(args=["replay_node", *ros_args])
+    report: ReplayReport = play_with_rclpy("replay_node", lambda: ReplayNode(args.bag, options), ros_args)
+    return report
+
+
+def play_with_rclpy(program: str, make_node: Callable[[], Any], ros_args: Sequence[str] = ()) -> Any:
+    """Init rclpy, build a player node (``play()`` returns its ``report``), play, shut down; Ctrl-C ends playback
+    early and still returns the report so far."""
+    import rclpy
+
+    rclpy.init(args=[program, *ros_args])
     try:
-        node = ReplayNode(args.bag, options)
+        node = make_node()
         try:
             return node.play()
         except KeyboardInterrupt:

@@ -87,6 +87,25 @@ def _detect(root: Path) -> PlannerSource | None:
     return None
 
 
+def recorded_schema(map_file: Path) -> Any:
+    """The answer schema a quantize output records (``None``: it records none, plan in the checkpoint's own)."""
+    from ..vla.config import ConfigError
+    from ..vla.schema_io import schema_from_dict
+
+    try:
+        info = json.loads(map_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlannerSourceError(f"{map_file}: unreadable ({exc})") from exc
+    stored = info.get("schema") if isinstance(info, dict) else None
+    if stored is None:
+        return None
+    try:
+        return schema_from_dict(stored, f"{map_file}: schema") if isinstance(stored, dict) else \
+            schema_from_dict({}, f"{map_file}: schema")
+    except ConfigError as exc:
+        raise PlannerSourceError(str(exc)) from exc
+
+
 def _recorded_checkpoint(map_file: Path) -> Path:
     try:
         info = json.loads(map_file.read_text())
@@ -150,6 +169,8 @@ def open_planner(source: str | Path | PlannerSource, *, backend: str = "auto", d
             raise PlannerSourceError(f"{flag} {found.path}: a quantize output plans in float32 (its quantizers were "
                                      f"calibrated on the float32 model), not {dtype}")
         dtype = "float32"
+        if schema is None and found.quantized is not None:  # quantized for (quantize --schema), else its own
+            schema = recorded_schema(found.quantized / QUANTIZED_MAP)
     planner = Planner.from_checkpoint(found.checkpoint, decoder=decoder, schema=schema, backend=chosen,
                                       device=device, dtype=dtype, max_prompt_tokens=max_prompt_tokens,
                                       cameras=cameras, image_hw=image_hw)

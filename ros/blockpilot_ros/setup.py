@@ -24,12 +24,14 @@ setup(
     zip_safe=True,
     maintainer="blockpilot maintainers",
     maintainer_email="blockpilot@example.com",
-    description="ROS 2 nodes of blockpilot: planner (lifecycle), rosbag2 replay and recorder",
+    description="ROS 2 nodes of blockpilot: planner and arm (lifecycle), rosbag2 and LeRobot replay, recorder",
     license="Apache-2.0",
     entry_points={
         "console_scripts": [
             "planner_node = blockpilot.ros_nodes.planner_node:main",
+            "arm_node = blockpilot.ros_nodes.arm_node:main",
             "replay_node = blockpilot.ros_nodes.replay_node:main",
+            "lerobot_replay_node = blockpilot.ros_nodes.lerobot_replay:main",
             "recorder_node = blockpilot.ros_nodes.recorder_node:main",
         ],
     },

@@ -7,6 +7,8 @@ names the ``robot`` extra when it is missing.
 - :mod:`.gl` picks the offscreen OpenGL backend (``MUJOCO_GL``: EGL, else OSMesa) before MuJoCo loads.
 - :mod:`.types` the recorded episode (:class:`RobotEpisode`) and the replayed sample (:class:`RobotSample`).
 - :mod:`.so101` the SO-101 tasks and their scripted expert (:func:`run_expert_episode`).
+- :mod:`.closed_loop` closed-loop episodes of a chunk policy, with the expert and hold baselines
+  (:func:`run_closed_loop_episode`).
 - :mod:`.lerobot_lib` loads LeRobot's dataset class; :mod:`.lerobot_io` writes episodes as a LeRobot dataset and
   replays one (:class:`LeRobotReplaySource`).
 """

@@ -1,12 +1,13 @@
 """Closed-loop episodes in the SO-101 simulator: a policy answers action chunks, the environment runs them.
 
 Each step the runner asks the policy for a chunk (``(rows, 4)``: ``dx, dy, dz, grasp`` in the environment's own
-action units, :mod:`.types`), runs its rows one per control step (10 Hz), and asks again when they are used up,
-until the task's success check, the environment's own end (the block pushed out of the workspace) or the step
-limit. The policy sees what the recorded demonstrations hold (:func:`~.so101.run_expert_episode`): the episode's
-camera frames at the configured size, the six joint positions (gripper included) as ``state`` and the task's
-instruction (:class:`SimObservation`, shaped like the runtime's ``RobotObservation``; ``sim`` does not import the
-runtime, so :mod:`blockpilot.eval.robot_closed_loop` wraps a planner as a policy).
+action units, :mod:`.types`), runs its rows one per control step (10 Hz), each clipped to the action space first
+(counted), and asks again when they are used up, until the task's success check, the environment's own end (the
+block pushed out of the workspace) or the step limit. The policy sees what the recorded demonstrations hold
+(:func:`~.so101.run_expert_episode`): the episode's camera frames at the configured size, the six joint positions
+(gripper included) as ``state`` and the task's instruction (:class:`SimObservation`, shaped like the runtime's
+``RobotObservation``; ``sim`` may not import the runtime, so :mod:`blockpilot.eval.robot_closed_loop` wraps a
+planner as a policy). Seeds: training data comes from seeds below :data:`HELD_OUT_START`, evaluation from it on.
 
 Baselines: :class:`ExpertPolicy` (the task's scripted expert, one action per step: the upper bound; through this
 runner it takes exactly the actions of :func:`~.so101.run_expert_episode`) and :class:`HoldPolicy` (no motion,
@@ -31,6 +32,7 @@ from .so101 import ACTION_NAMES, ExpertConfig, SimSession
 from .types import RobotDataError
 
 ACTION_DIMS = len(ACTION_NAMES)
+HELD_OUT_START = 1_000_000  # seeds 0 .. 999_999 are for training data; held-out evaluation starts here
 STRIP_FRAMES = 6  # frames kept per episode (evenly spaced) when asked, for a report's strip
 
 
@@ -111,7 +113,8 @@ class HoldPolicy(_SimPolicy):
 @dataclass
 class ClosedLoopEpisode:
     """One episode's outcome. ``steps`` actions ran; ``time_to_success_s`` is ``steps / fps`` when it succeeded.
-    ``plan_ms``/``forwards`` hold one entry per time the policy was asked (``forwards`` only from a planner);
+    ``clipped_actions`` counts rows clipped to the action space (``dx, dy, dz`` in [-1, 1], grasp in [0, 1]) before
+    they ran. ``plan_ms``/``forwards`` hold one entry per time the policy was asked (``forwards`` only from a planner);
     ``error`` is why the episode stopped early (the policy raised), which counts as a failure."""
 
     seed: int
@@ -124,6 +127,7 @@ class ClosedLoopEpisode:
     arm_contacts: int
     knocked_off: bool
     final_distance_m: float
+    clipped_actions: int = 0
     plan_ms: list[float] = field(default_factory=list)
     forwards: list[int] = field(default_factory=list)
     error: str | None = None
@@ -140,7 +144,7 @@ class ClosedLoopEpisode:
                 "status": "ok" if self.error is None else "failed", "success": self.success, "steps": self.steps,
                 "time_to_success_s": self.time_to_success_s, "collisions": self.collisions,
                 "arm_contacts": self.arm_contacts, "knocked_off": self.knocked_off,
-                "final_distance_m": round(self.final_distance_m, 5),
+                "final_distance_m": round(self.final_distance_m, 5), "clipped_actions": self.clipped_actions,
                 "plan_ms": [round(v, 3) for v in self.plan_ms], "forwards": list(self.forwards), "error": self.error}
 
 
@@ -186,7 +190,8 @@ def run_closed_loop_episode(seed: int, policy: ChunkPolicy, config: ExpertConfig
         plan_ms: list[float] = []
         forwards: list[int] = []
         success = touching = knocked = False
-        steps = contacts = 0
+        steps = contacts = clipped = 0
+        low, high = (np.asarray(b, dtype=np.float64) for b in (sim.env.action_space.low, sim.env.action_space.high))
         error: str | None = None
         while steps < limit:
             if steps in keep:
@@ -204,7 +209,10 @@ def run_closed_loop_episode(seed: int, policy: ChunkPolicy, config: ExpertConfig
                 if measured:
                     forwards.append(measured[1])
                 queue = list(rows)
-            ran.append(queue.pop(0).astype(np.float32))
+            wanted = queue.pop(0)
+            row = np.clip(wanted, low, high)
+            clipped += bool((row != wanted).any())
+            ran.append(row.astype(np.float32))
             success, ended = sim.step(ran[-1])
             steps += 1
             now = sim.arm_touches_floor()
@@ -221,5 +229,6 @@ def run_closed_loop_episode(seed: int, policy: ChunkPolicy, config: ExpertConfig
         return ClosedLoopEpisode(
             seed=seed, policy=policy.name, task=config.task, success=bool(success), steps=steps, fps=sim.fps,
             collisions=int(contacts) + int(knocked), arm_contacts=int(contacts), knocked_off=bool(knocked),
+            clipped_actions=int(clipped),
             final_distance_m=sim.block_distance(), plan_ms=plan_ms, forwards=forwards, error=error, frames=frames,
             actions=np.asarray(ran, dtype=np.float32).reshape(-1, ACTION_DIMS))
