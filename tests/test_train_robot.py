@@ -122,3 +122,11 @@ def test_train_robot_writes_a_loadable_checkpoint_and_card(tmp_path: Path, monke
     assert json.loads((out / "train_log.json").read_text())["results"]["replay"]["model_l1"] == 0.1
     assert "reduction 50.0 %" in (out / "DATA_CARD.md").read_text()
     assert main(["train-robot", "--out", str(out), "--record", "replay"]) == 2
+
+
+def test_the_simulators_grasp_column_maps_onto_the_gripper_dim() -> None:
+    from blockpilot.eval.robot_eval import map_dims
+
+    info = {"features": {"action": {"shape": [4], "names": ["dx", "dy", "dz", "grasp"]}}}
+    dims = ActionChunkSchema.so101_ee().dims
+    assert map_dims(info, "action", dims, where="info.json").tolist() == [0, 1, 2, 3]

@@ -34,8 +34,13 @@ class RobotDimsError(EvalUsageError):
     """The dataset's state or action columns do not map onto the planner's schema; the message names the feature."""
 
 
+# Other names datasets give a schema dim: the SO-101 simulator's own action calls the gripper command ``grasp``.
+DIM_ALIASES = {"grasp": "gripper"}
+
+
 def _normalise(name: str) -> str:
-    return name[:-len(".pos")] if name.endswith(".pos") else name
+    name = name[:-len(".pos")] if name.endswith(".pos") else name
+    return DIM_ALIASES.get(name, name)
 
 
 def feature_names(feature: dict[str, Any]) -> list[str] | None:

@@ -19,14 +19,36 @@ class RecordError(BlockpilotError, ValueError):
     """A ``--record NAME=FILE`` that cannot be read; the message names the argument or the file."""
 
 
+POLICY_KEYS = ("episodes", "succeeded", "success_rate", "success_ci95", "mean_steps", "collisions_per_episode",
+               "mean_final_distance_m")
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    return value
+
+
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The headline of a measurement: ``eval --source lerobot``'s paired numbers, else the scalars and small
-    mappings of the file (per-episode lists are left out)."""
+    """The headline of a measurement: ``eval --source lerobot``'s paired numbers, ``eval --closed-loop``'s per-policy
+    success (its ``summary.json``), else the scalars of the file."""
     if isinstance(metrics.get("paired"), dict):
-        paired, counts = metrics["paired"], metrics.get("counts", {})
-        return {**paired, "parse_rate": counts.get("parse_rate"), "planned": counts.get("ok", 0) +
-                counts.get("parse_error", 0), "latency_ms": metrics.get("latency_ms")}
-    return {k: v for k, v in metrics.items() if not isinstance(v, list) and len(json.dumps(v)) <= 2000}
+        paired, counts, latency = metrics["paired"], metrics.get("counts", {}), metrics.get("latency_ms") or {}
+        return {**{k: _round(v) for k, v in paired.items()}, "parse_rate": counts.get("parse_rate"),
+                "planned": counts.get("ok", 0) + counts.get("parse_error", 0),
+                "latency_ms_p50": _round(latency.get("p50")), "latency_ms_p90": _round(latency.get("p90"))}
+    if isinstance(metrics.get("policies"), dict):
+        header = metrics.get("header", {})
+        seeds = header.get("seeds") or [None, None]
+        policies = {name: {**{k: _round(p.get(k)) for k in POLICY_KEYS},
+                           "plan_ms_p50": _round((p.get("plan_ms") or {}).get("p50"))}
+                    for name, p in metrics["policies"].items()}
+        return {"task": header.get("task"), "seeds": f"{seeds[0]}:{seeds[-1]}", "execute": header.get("execute"),
+                "image_size": header.get("image_size"), "decoder": (header.get("decoder") or {}).get("name"),
+                "policies": policies}
+    return {k: _round(v) for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
 def record_results(root: Path, records: Sequence[str]) -> dict[str, Any]:
@@ -67,6 +89,13 @@ def _result_lines(results: dict[str, Any]) -> list[str]:
                      f"action L1 model {replay.get('model_l1')} vs repeat-last-action {replay.get('baseline_l1')} "
                      f"(reduction {_pct(replay.get('l1_reduction'))}); gripper accuracy "
                      f"{_pct(replay.get('model_gripper_accuracy'))} vs {_pct(replay.get('baseline_gripper_accuracy'))}")
+    loop = results.get("closed_loop")
+    if loop:
+        rates = ", ".join(f"{name} {p['succeeded']}/{p['episodes']} ({_pct(p['success_rate'])})"
+                          for name, p in loop["policies"].items())
+        lines.append(f"- closed loop (`blockpilot eval --closed-loop`, task {loop['task']}, held-out seeds "
+                     f"`{loop['seeds']}`, {loop['execute']} chunk rows run per plan, {loop['decoder']} decoder): "
+                     f"success {rates}")
     for name, value in results.items():
         if name != "replay":
             lines.append(f"- {name.replace('_', ' ')}: {json.dumps(value)}")
