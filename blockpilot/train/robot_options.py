@@ -11,8 +11,8 @@ def add_robot_arguments(p: argparse.ArgumentParser) -> None:
     """The ``train-robot`` options, for the CLI's subcommand parser."""
     p.add_argument("--out", required=True, help="checkpoint directory to write (with --record: the one to update)")
     p.add_argument("--task", choices=ROBOT_TASKS, default="reach_close", help="SO-101 task of the expert rollouts")
-    p.add_argument("--steps", type=int, default=240)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -25,7 +25,7 @@ def add_robot_arguments(p: argparse.ArgumentParser) -> None:
                    help="std of the noise added to the executed dx, dy, dz of noisy rollouts (0: clean expert only)")
     p.add_argument("--dart-fraction", type=float, default=0.5, help="share of training rollouts run with noise")
     p.add_argument("--cache-dir", default="runs/cache/examples", help="rendered example cache ('' to disable)")
-    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-every", type=int, default=400)
     p.add_argument("--ar-weight", type=float, default=0.5, help="auxiliary causal loss weight")
     p.add_argument("--record", action="append", default=[], metavar="NAME=METRICS.json",
                    help="do not train: add a measured result to --out's train_log.json and DATA_CARD.md "
