@@ -35,6 +35,7 @@ class DriverParams:
     jerk_down: float = 10.0
     stop_wait_s: float = 1.0
     stop_margin: float = 1.0  # front bumper this far before a stop line when stopped
+    stop_speed: float = 0.3  # below this (m/s) near the line counts as stopped
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,7 +148,7 @@ class Traffic:
                 obstacles.append((s[p.leader] - lead.length / 2 - front, v[p.leader]))
             if not self.stop_done[i] and p.stop_s is not None:
                 to_line = p.stop_s - prm.stop_margin - front
-                if v[i] < 0.3 and to_line < 1.5:
+                if v[i] < prm.stop_speed and to_line < 1.5:
                     self.waited[i] += dt
                 self.stop_done[i] = self.waited[i] >= prm.stop_wait_s or to_line < -prm.stop_margin
                 if not self.stop_done[i]:
@@ -236,7 +237,7 @@ def track_on_path(path: Path, arc: FloatArray) -> Track:
     return Track(np.column_stack([xy, yaw, arc[:, 1], arc[:, 2]]))
 
 
-def _corners(track: Track, size: Size) -> FloatArray:
+def box_corners(track: Track, size: Size) -> FloatArray:
     c, s = np.cos(track.yaw), np.sin(track.yaw)
     fwd = np.stack([c, s], axis=1) * size[0] / 2
     left = np.stack([-s, c], axis=1) * size[1] / 2
@@ -246,7 +247,7 @@ def _corners(track: Track, size: Size) -> FloatArray:
 
 def overlap_steps(a: Track, size_a: Size, b: Track, size_b: Size) -> npt.NDArray[np.bool_]:
     """Boolean (T,) where the two footprints (oriented rectangles) overlap, by separating axes."""
-    ca, cb = _corners(a, size_a), _corners(b, size_b)
+    ca, cb = box_corners(a, size_a), box_corners(b, size_b)
     axes = np.concatenate([ca[:, 1:3] - ca[:, 0:2], cb[:, 1:3] - cb[:, 0:2]], axis=1)  # (T, 4, 2)
     pa = np.einsum("tkd,tad->tak", ca, axes)
     pb = np.einsum("tkd,tad->tak", cb, axes)

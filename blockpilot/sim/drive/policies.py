@@ -51,7 +51,9 @@ class ExpertPolicy:
         self.world = world
         spec = world.spec
         # The lead is given to the rollout as a predicted obstacle, not by index.
-        self._memory = Traffic([replace(spec.ego_plan, leader=None, desire_scale=None)], world.dt)
+        # CARLA's stop test wants the car below 0.1 m/s: the expert waits at the line from 0.05 m/s, not 0.3.
+        params = replace(spec.ego_plan.params, stop_speed=0.05)
+        self._memory = Traffic([replace(spec.ego_plan, leader=None, desire_scale=None, params=params)], world.dt)
         self._leads = [i for i, p in enumerate(spec.vehicle_plans) if p.path is spec.route]
         self._period = max(1, round(period_s / world.dt))
 
