@@ -1,4 +1,4 @@
-"""NAVSIM's PDM sub-scores and score, computed on a closed-loop episode (:class:`~blockpilot.sim.drive.episode.DriveLog`).
+"""NAVSIM's PDM sub-scores and score on a closed-loop episode (:class:`~blockpilot.sim.drive.episode.DriveLog`).
 
 Source: NAVSIM (Dauner et al., "NAVSIM: Data-Driven Non-Reactive Autonomous Vehicle Simulation and Benchmarking",
 NeurIPS 2024 Datasets and Benchmarks), whose definitions build on nuPlan's metrics (Caesar et al. 2021; Dauner et

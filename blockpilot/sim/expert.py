@@ -202,7 +202,7 @@ def gap_to_crossing(path: Path, center: FloatArray, half_length: float, front_s:
     return np.asarray(s_cw - depth / 2 - 1.0 - np.asarray(front_s, dtype=np.float64))
 
 
-def walk_speed(elapsed: FloatArray | float, speed: float) -> FloatArray:
+def walk_speed(elapsed: npt.ArrayLike, speed: float) -> FloatArray:
     """A walker's speed ``elapsed`` seconds after stepping out: up to ``speed`` over half a second."""
     return np.asarray(speed * np.clip(np.asarray(elapsed, dtype=np.float64) / 0.5, 0.0, 1.0))
 

@@ -14,7 +14,7 @@ scenes can be scored without a world.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -88,7 +88,7 @@ def run_episode(world: DriveWorld, policy: DrivePolicy, config: DriveConfig = Dr
         x, y, yaw, v, a = (float(u) for u in scene.ego.states[k + 1])
         world.step(EgoState(x, y, yaw, v, a))
     kappa = float(spec.route.curvature(world.route_progress()))
-    world.ego = EgoState(*world.ego.row(), steer=math.atan(config.limits.wheelbase * kappa))
+    world.ego = replace(world.ego, steer=math.atan(config.limits.wheelbase * kappa))
     ctrl = Controller(config.gains, config.limits)
     ctrl.set_plan(np.repeat(world.ego.xy[None], len(PLAN_TIMES_S), axis=0), np.array(PLAN_TIMES_S), world.time_s)
     period = max(1, round(config.plan_period_s / dt))

@@ -27,7 +27,7 @@ curved plan are tracked within bounds.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -178,7 +178,3 @@ class Controller:
         alpha = math.atan2(rel[1], rel[0]) - state.yaw
         return accel, math.atan2(2 * lim.wheelbase * math.sin(alpha), dist)
 
-
-def hold(state: EgoState) -> EgoState:
-    """The same pose, at rest."""
-    return replace(state, v=0.0, a=0.0)
