@@ -29,6 +29,8 @@ def runtime_observation(obs: DriveObservation, cameras: Sequence[CameraSpec] = (
 class PlannerDrivePolicy:
     """A :class:`~blockpilot.runtime.planner.Planner` (anything with its ``plan(Observation)``) driving."""
 
+    needs_images = True
+
     def __init__(self, planner: Any, name: str = "planner", cameras: Sequence[CameraSpec] = (FRONT_CAMERA,)) -> None:
         self.planner, self.name, self.cameras = planner, name, tuple(cameras)
         self.plan_ms: list[float] = []

@@ -14,6 +14,7 @@ scenes can be scored without a world.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -68,6 +69,8 @@ class DriveLog:
     stop_s: float | None = None
     plans: int = 0
     plan_failures: int = 0
+    plan_s: float = 0.0  # wall time inside the policy (not deterministic, not scored)
+    world_s: float = 0.0  # wall time of everything else: rendering, control, the world's steps
 
 
 def _valid(waypoints: FloatArray | None) -> bool:
@@ -93,9 +96,16 @@ def run_episode(world: DriveWorld, policy: DrivePolicy, config: DriveConfig = Dr
     ctrl.set_plan(np.repeat(world.ego.xy[None], len(PLAN_TIMES_S), axis=0), np.array(PLAN_TIMES_S), world.time_s)
     period = max(1, round(config.plan_period_s / dt))
     plans = failures = 0
+    plan_s = 0.0
+    started = time.perf_counter()
     for k in range(k0, k_end):
         if (k - k0) % period == 0:
-            answer = policy.plan(world.observation())
+            observation = world.observation()
+            if getattr(policy, "needs_images", False):
+                observation.images()  # rendered (and kept) here, so that it counts as the world's time
+            t0 = time.perf_counter()
+            answer = policy.plan(observation)
+            plan_s += time.perf_counter() - t0
             plans += 1
             if _valid(answer):
                 ctrl.set_plan(plan_to_world(np.asarray(answer), world.ego), np.array(PLAN_TIMES_S), world.time_s)
@@ -112,5 +122,6 @@ def run_episode(world: DriveWorld, policy: DrivePolicy, config: DriveConfig = Dr
         agent_kinds=tuple(a.kind for a in scene.agents), agent_sizes=tuple(a.size for a in scene.agents),
         road=scene.road, route=spec.route, start_step=k0, route_start_s=start_s,
         route_length=float(arc[max(k_end - grace, k0)] - arc[k0]), expert_progress=float(arc[k_end] - arc[k0]),
-        stop_s=scene.road.stop_line_s, plans=plans, plan_failures=failures,
+        stop_s=scene.road.stop_line_s, plans=plans, plan_failures=failures, plan_s=plan_s,
+        world_s=time.perf_counter() - started - plan_s,
     )

@@ -47,9 +47,14 @@ class DriveObservation:
     accel: float
     route_command: str
     render: Callable[[Sequence[CameraSpec]], dict[str, Image]] = field(repr=False)
+    _rendered: dict[tuple[CameraSpec, ...], dict[str, Image]] = field(default_factory=dict, repr=False)
 
     def images(self, cameras: Sequence[CameraSpec] = (FRONT_CAMERA,)) -> dict[str, Image]:
-        return self.render(cameras)
+        """The cameras' views of the live state, by camera name (rendered once per set of cameras)."""
+        key = tuple(cameras)
+        if key not in self._rendered:
+            self._rendered[key] = self.render(key)
+        return self._rendered[key]
 
 
 class DriveWorld:
