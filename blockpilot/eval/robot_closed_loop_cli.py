@@ -21,18 +21,23 @@ DEFAULT_SEEDS = f"{HELD_OUT_START}:{HELD_OUT_START + 20}"
 
 
 def add_closed_loop_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("closed loop (--closed-loop: the planner drives the SO-101 arm in MuJoCo)")
+    group = parser.add_argument_group("closed loop (--closed-loop: the planner drives the SO-101 arm in MuJoCo, or "
+                                      "with --world driving the car in the synthetic driving world)")
     group.add_argument("--closed-loop", action="store_true",
                        help="run the planner in the simulator instead of replaying a dataset")
+    group.add_argument("--world", default="robot", choices=["robot", "driving"],
+                       help="robot: the SO-101 arm (default); driving: the synthetic road world (NAVSIM and "
+                            "Bench2Drive scores, eval/drive_closed_loop.py)")
     group.add_argument("--task", default="pick_place", help="pick_place or reach_close (default: pick_place)")
-    group.add_argument("--seeds", default=DEFAULT_SEEDS,
-                       help=f"seed range A:B, B excluded (default {DEFAULT_SEEDS}: held out; training data uses "
-                            f"seeds below {HELD_OUT_START})")
+    group.add_argument("--seeds", default=None,
+                       help=f"seed range A:B, B excluded (default {DEFAULT_SEEDS}, or 1000000:1000020 with --world "
+                            f"driving: held out; training data uses seeds below them)")
     group.add_argument("--episodes", type=positive_int, default=None, help="run only the first N seeds of --seeds")
     group.add_argument("--execute", type=positive_int, default=None,
                        help="chunk rows run before replanning (default: the whole chunk)")
-    group.add_argument("--baselines", default="expert,hold",
-                       help="comma-separated baselines run beside the model: expert, hold, or none")
+    group.add_argument("--baselines", default=None,
+                       help="comma-separated baselines run beside the model: expert, hold (driving: expert, cv), "
+                            "or none (default: both)")
     group.add_argument("--max-steps", type=positive_int, default=None, help="episode step limit (default: the task's)")
     group.add_argument("--image-size", type=positive_int, default=128,
                        help="camera frame size in pixels (default 128, as the recorded demonstrations)")
@@ -69,10 +74,10 @@ def check_closed_loop_arguments(args: argparse.Namespace) -> tuple[Any, range, l
     if args.checkpoint and args.bundle:
         raise ClosedLoopUsageError("pass one of --checkpoint (torch) and --bundle (ONNX Runtime), not both")
     config = _config(args)
-    seeds = parse_seeds(args.seeds)
+    seeds = parse_seeds(args.seeds or DEFAULT_SEEDS)
     if args.episodes is not None:
         seeds = seeds[:args.episodes]
-    baselines = parse_baselines(args.baselines)
+    baselines = parse_baselines(args.baselines or ",".join(BASELINES))
     if not (args.checkpoint or args.bundle or baselines):
         raise ClosedLoopUsageError("--closed-loop needs --checkpoint or --bundle (or --baselines to run them alone)")
     if args.checkpoint:
@@ -110,6 +115,11 @@ def run_closed_loop_command(args: argparse.Namespace, *, restore_quantized: Rest
     """``blockpilot eval --closed-loop``: 1 when the planner errored on every episode, else 0."""
     import json
 
+    if args.world == "driving":
+        from .drive_closed_loop_cli import run_drive_command
+
+        return run_drive_command(args, restore_quantized=restore_quantized)
+
     from ..runtime.backend import BackendError
     from ..sim.robot.closed_loop import ExpertPolicy, HoldPolicy
     from .robot_closed_loop import (
@@ -133,8 +143,8 @@ def run_closed_loop_command(args: argparse.Namespace, *, restore_quantized: Rest
         raise ClosedLoopUsageError("--execute applies to a planner: pass --checkpoint or --bundle")
     policies += [{"expert": ExpertPolicy, "hold": HoldPolicy}[name]() for name in baselines]
     if seeds.start < HELD_OUT_START:
-        print(f"blockpilot eval: note: --seeds {args.seeds} reaches below {HELD_OUT_START}, into the seeds training "
-              "data is recorded from; these episodes are not held out", file=sys.stderr)
+        print(f"blockpilot eval: note: --seeds {args.seeds or DEFAULT_SEEDS} reaches below {HELD_OUT_START}, into the "
+              "seeds training data is recorded from; these episodes are not held out", file=sys.stderr)
     out = Path(args.out)
     summary = run_closed_loop(policies, seeds, config, out, header=header, overwrite=args.overwrite,
                               errors=(BackendError, PlanAnswerError),
