@@ -42,6 +42,10 @@ def test_baselines_resume_a_killed_run_without_losing_or_repeating_an_episode(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["policies"]["expert"]["episodes"] == 2
     assert summary["policies"]["expert"]["pdms"] > 0.9 and summary["policies"]["cv"]["episodes"] == 2
+    report = (out / "report.md").read_text()
+    assert "| expert | 2 |" in report and "| cv | 2 |" in report and (out / "plots" / "worst_bev.png").stat().st_size
+    assert sorted(p.name for p in (out / "trajectories").iterdir()) == sorted(
+        f"{p}-{s}.npz" for p in ("expert", "cv") for s in (SEED, SEED + 1))
     (out / "results.jsonl").write_text("".join(full[:3]) + full[3][:40])  # killed while writing the third episode
     rc, _, err = _cli(capsys, *argv)
     assert rc == 0, err

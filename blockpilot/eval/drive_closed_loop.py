@@ -8,7 +8,8 @@ infractions (:mod:`.closed_loop_b2d`), the collisions, plan counts and times. Th
 evaluator's does: the header must match (:data:`RESUME_KEYS`), a finished episode is not run again, a line cut short
 by a kill is dropped and run again. ``summary.json`` aggregates per policy: means of every sub-score and score,
 success rate with its Wilson 95 % interval, infractions per km over the distance driven, the plan latency and the
-closed-loop overhead (the world's time: rendering, control and stepping, over the plan time).
+closed-loop overhead (the world's time: rendering, control and stepping, over the plan time); the report
+(``report.md``, ``plots/worst_bev.png``) is :mod:`.drive_closed_loop_report`.
 
 Seeds: generated scenes from :data:`~blockpilot.eval.synthetic.HELDOUT_SEED_BASE` on are held out from training.
 """
@@ -30,6 +31,7 @@ from ..sim.drive.policies import ConstantVelocityPolicy, DrivePolicy, ExpertPoli
 from ..sim.drive.world import DriveWorld
 from .closed_loop_b2d import PENALTIES, driving_scores
 from .closed_loop_metrics import collisions, pdm_scores
+from .drive_closed_loop_report import save_trajectory, write_drive_report
 from .records import ResultsWriter
 from .robot_closed_loop import wilson_interval
 from .summary import percentiles_and_mean
@@ -110,9 +112,10 @@ def drive_summary(header: dict[str, Any], records: Sequence[dict[str, Any]], ord
 
 def run_drive(policies: Sequence[tuple[str, PolicyFactory]], seeds: Sequence[int], config: DriveConfig, out: Path, *,
               header: dict[str, Any], overwrite: bool = False, errors: tuple[type[BaseException], ...] = (),
-              on_episode: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              on_episode: Callable[[dict[str, Any]], None] | None = None, report: bool = True) -> dict[str, Any]:
     """Every (name, factory) policy on every seed into ``out/results.jsonl`` (resuming a run of the same
-    settings), then ``out/summary.json``; returns the summary. ``errors``: what a policy may raise that fails only its
+    settings), then ``out/summary.json`` and, with ``report``, the report
+    (:mod:`.drive_closed_loop_report`); returns the summary. ``errors``: what a policy may raise that fails only its
     episode."""
     from .evaluator import _check_resume
     from .records import read_results
@@ -129,16 +132,22 @@ def run_drive(policies: Sequence[tuple[str, PolicyFactory]], seeds: Sequence[int
                     continue
                 world = DriveWorld.from_seed(seed)
                 try:
-                    record = episode_record(name, seed, run_episode(world, factory(world), config), world)
+                    log = run_episode(world, factory(world), config)
                 except errors as exc:
                     record = failed_record(seed, name, exc)
+                else:
+                    save_trajectory(out, name, seed, log)  # the trajectory first: a record always has its own
+                    record = episode_record(name, seed, log, world)
                 writer.write(record)
                 if on_episode is not None:
                     on_episode(record)
     _, records = read_results(path)
     wanted = {f"{name}/{s}" for name, _ in policies for s in seeds}
-    summary = drive_summary(header, [r for r in records if r["sample_id"] in wanted], [n for n, _ in policies])
+    records = [r for r in records if r["sample_id"] in wanted]
+    summary = drive_summary(header, records, [n for n, _ in policies])
     atomic_write(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+    if report:
+        write_drive_report(summary, records, out)
     return summary
 
 
