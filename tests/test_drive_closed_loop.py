@@ -18,6 +18,7 @@ from blockpilot.eval.closed_loop_metrics import (
     ego_progress,
     no_at_fault_collisions,
     pdm_scores,
+    savgol,
     time_to_collision,
 )
 from blockpilot.eval.drive_policy import PlannerDrivePolicy
@@ -128,6 +129,13 @@ def test_harsh_braking_is_uncomfortable() -> None:
     assert comfort(_log(_drive(v))) == 0.0
     gentle = np.maximum(15.0 - 1.5 * np.clip(np.arange(101) * DT - 3.0, 0.0, None), 0.0)
     assert comfort(_log(_drive(gentle))) == 1.0
+
+
+def test_savitzky_golay_is_exact_on_a_quadratic() -> None:
+    t = np.arange(30) * DT
+    x = 3 * t**2 - 2 * t + 1
+    assert np.allclose(savgol(x, 7, 0, DT), x) and np.allclose(savgol(x, 7, 1, DT), 6 * t - 2)
+    assert np.allclose(savgol(x, 7, 2, DT), 6.0)
 
 
 def test_running_a_stop_line() -> None:

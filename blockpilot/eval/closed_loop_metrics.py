@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.signal import savgol_filter
 
 from ..sim.drive.episode import DriveLog
 from ..sim.drive.lanes import in_oncoming_lane, on_drivable, route_frenet
@@ -209,25 +208,41 @@ def time_to_collision(log: DriveLog) -> float:
     return 1.0
 
 
+def savgol(x: FloatArray, window: int, deriv: int, dt: float) -> FloatArray:
+    """Savitzky-Golay (1964) filtering with a quadratic: the ``deriv``-th derivative (0, 1 or 2) of the least-squares
+    quadratic through each ``window`` (odd) samples, at its centre; the first and last half windows are evaluated on
+    the first and last full window's fit (scipy's ``mode="interp"``)."""
+    half = window // 2
+    t = np.arange(-half, half + 1, dtype=np.float64)
+    fit = np.linalg.pinv(np.vander(t, 3, increasing=True))  # (3, window): samples -> c0, c1, c2
+    coef = np.lib.stride_tricks.sliding_window_view(x, window) @ fit.T  # (n - window + 1, 3)
+
+    def at(c: FloatArray, u: FloatArray) -> FloatArray:
+        c0, c1, c2 = (c[..., k:k + 1] for k in range(3))
+        value = (c0 + c1 * u + c2 * u**2, (c1 + 2 * c2 * u) / dt, 2 * c2 / dt**2 + 0 * u)[deriv]
+        return np.asarray(value)
+
+    body = at(coef, np.zeros(1))[:, 0]
+    head, tail = at(coef[:1], t[:half])[0], at(coef[-1:], t[half + 1:])[0]
+    return np.concatenate([head, body, tail])
+
+
 def comfort_signals(log: DriveLog, bounds: ComfortBounds = ComfortBounds()) -> dict[str, FloatArray]:
     """Longitudinal and lateral acceleration, jerks, yaw rate and acceleration of the driven ego, each filtered and
-    differentiated with a Savitzky-Golay filter (polynomial order 2) as nuPlan does."""
+    differentiated with a quadratic Savitzky-Golay filter (:func:`savgol`) as nuPlan does."""
     ego, dt = _driven(log), log.dt
     n = len(ego)
     window = min(max(3, round(bounds.savgol_window_s / dt) | 1), n if n % 2 else n - 1)
     if window < 3:
         zero = np.zeros(n)
         return {k: zero for k in ("lon_accel", "lat_accel", "yaw_rate", "yaw_accel", "lon_jerk", "mag_jerk")}
-
-    def deriv(x: FloatArray, order: int = 1) -> FloatArray:
-        return np.asarray(savgol_filter(x, window, 2, deriv=order, delta=dt, mode="interp"))
-
     yaw = np.unwrap(ego[:, 2])
-    yaw_rate = deriv(yaw)
-    lon = np.asarray(savgol_filter(ego[:, 4], window, 2, mode="interp"))
+    yaw_rate = savgol(yaw, window, 1, dt)
     lat = ego[:, 3] * yaw_rate
-    return {"lon_accel": lon, "lat_accel": lat, "yaw_rate": yaw_rate, "yaw_accel": deriv(yaw, 2),
-            "lon_jerk": deriv(ego[:, 4]), "mag_jerk": np.hypot(deriv(ego[:, 4]), deriv(lat))}
+    lon_jerk = savgol(ego[:, 4], window, 1, dt)
+    return {"lon_accel": savgol(ego[:, 4], window, 0, dt), "lat_accel": lat, "yaw_rate": yaw_rate,
+            "yaw_accel": savgol(yaw, window, 2, dt), "lon_jerk": lon_jerk,
+            "mag_jerk": np.hypot(lon_jerk, savgol(lat, window, 1, dt))}
 
 
 def comfort(log: DriveLog, bounds: ComfortBounds = ComfortBounds()) -> float:

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 from ..cli_common import UserError, existing_dir
 from ..sim.drive.episode import DriveConfig
 from .drive_closed_loop import BASELINES
+from .replay import driving_schema
 from .robot_closed_loop import ClosedLoopUsageError, parse_seeds
+from .robot_closed_loop_cli import open_closed_loop_planner
 from .synthetic import HELDOUT_SEED_BASE
 
 if TYPE_CHECKING:
@@ -77,28 +79,6 @@ def check_drive_arguments(args: argparse.Namespace) -> tuple[range, list[str], D
     return seeds, baselines, config
 
 
-def _planner(args: argparse.Namespace, restore_quantized: RestoreQuantized | None) -> tuple[Any, Any]:
-    """The planner and what :func:`~blockpilot.runtime.sources.detect_source` found."""
-    from ..runtime.plan_types import DecoderSettings
-    from ..runtime.sources import detect_source, open_planner
-    from .replay import driving_schema
-
-    flag = "--bundle" if args.bundle else "--checkpoint"
-    found = detect_source(args.bundle or args.checkpoint, flag=flag,
-                          kinds=("bundle",) if args.bundle else ("checkpoint", "quantized"))
-    schema = None if args.bundle else driving_schema(found.checkpoint or found.path, getattr(args, "schema", None))
-    if args.threads and not args.bundle:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    settings = DecoderSettings(name=args.decoder, threshold=args.threshold, rollouts=args.rollouts)
-    planner = open_planner(found, backend=args.backend, decoder=settings, device=args.device, dtype=args.dtype,
-                           max_prompt_tokens=args.max_prompt_tokens, schema=schema, cameras=1,
-                           threads=args.threads or 1, restore_quantized=restore_quantized, flag=flag,
-                           trusted_keys=args.trusted_keys)
-    return planner, found
-
-
 def run_drive_command(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None = None) -> int:
     """1 when the planner failed every episode, else 0."""
     from ..runtime.backend import BackendError
@@ -109,7 +89,7 @@ def run_drive_command(args: argparse.Namespace, *, restore_quantized: RestoreQua
     policies: list[tuple[str, Any]] = []
     header = drive_header(config, seeds)
     if args.checkpoint or args.bundle:
-        planner, found = _planner(args, restore_quantized)
+        planner, found = open_closed_loop_planner(args, restore_quantized, cameras=1, schema_of=driving_schema)
         policies.append(("model", lambda world: PlannerDrivePolicy(planner, name="model")))
         backend = found.default_backend if args.backend == "auto" else args.backend
         header = drive_header(config, seeds, model=str(Path(args.bundle or args.checkpoint).resolve()),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,25 +91,34 @@ def check_closed_loop_arguments(args: argparse.Namespace) -> tuple[Any, range, l
     return config, seeds, baselines
 
 
-def _planner(args: argparse.Namespace, config: Any, restore_quantized: RestoreQuantized | None) -> Any:
+def open_closed_loop_planner(args: argparse.Namespace, restore_quantized: RestoreQuantized | None, *,
+                             cameras: int, schema_of: Callable[[Any, str | None], Any]) -> tuple[Any, Any]:
+    """The planner of ``--checkpoint``/``--bundle`` for a closed loop (either world), and what
+    :func:`~blockpilot.runtime.sources.detect_source` found; ``schema_of(checkpoint, --schema)`` resolves the schema
+    of a checkpoint (a bundle decodes with its own)."""
     from ..runtime.plan_types import DecoderSettings
     from ..runtime.sources import detect_source, open_planner
-    from ..vla.schema_io import resolve_schema
 
     flag = "--bundle" if args.bundle else "--checkpoint"
     found = detect_source(args.bundle or args.checkpoint, flag=flag,
                           kinds=("bundle",) if args.bundle else ("checkpoint", "quantized"))
-    spec = getattr(args, "schema", None)
-    schema = None if args.bundle or spec is None else resolve_schema(found.checkpoint or found.path, spec)
+    schema = None if args.bundle else schema_of(found.checkpoint or found.path, getattr(args, "schema", None))
     if args.threads and not args.bundle:
         import torch
 
         torch.set_num_threads(args.threads)
     settings = DecoderSettings(name=args.decoder, threshold=args.threshold, rollouts=args.rollouts)
-    return open_planner(found, backend=args.backend, decoder=settings, device=args.device, dtype=args.dtype,
-                        max_prompt_tokens=args.max_prompt_tokens, schema=schema, cameras=len(config.cameras),
-                        threads=args.threads or 1, restore_quantized=restore_quantized, flag=flag,
-                        trusted_keys=args.trusted_keys)
+    planner = open_planner(found, backend=args.backend, decoder=settings, device=args.device, dtype=args.dtype,
+                           max_prompt_tokens=args.max_prompt_tokens, schema=schema, cameras=cameras,
+                           threads=args.threads or 1, restore_quantized=restore_quantized, flag=flag,
+                           trusted_keys=args.trusted_keys)
+    return planner, found
+
+
+def _robot_schema(checkpoint: Any, spec: str | None) -> Any:
+    from ..vla.schema_io import resolve_schema
+
+    return None if spec is None else resolve_schema(checkpoint, spec)
 
 
 def run_closed_loop_command(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None = None) -> int:
@@ -135,7 +145,8 @@ def run_closed_loop_command(args: argparse.Namespace, *, restore_quantized: Rest
     policies: list[Any] = []
     header = closed_loop_header(config, seeds, execute=args.execute, max_steps=args.max_steps)
     if args.checkpoint or args.bundle:
-        planner = _planner(args, config, restore_quantized)
+        planner = open_closed_loop_planner(args, restore_quantized, cameras=len(config.cameras),
+                                           schema_of=_robot_schema)[0]
         policies.append(PlannerPolicy(planner, args.execute))
         header = closed_loop_header(config, seeds, execute=args.execute, max_steps=args.max_steps, planner=planner,
                                     model=str(Path(args.bundle or args.checkpoint).resolve()), backend=args.backend)
