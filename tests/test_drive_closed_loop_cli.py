@@ -58,18 +58,21 @@ def test_baselines_resume_a_killed_run_without_losing_or_repeating_an_episode(
     assert rc == 2 and "results.jsonl" in err and "config" in err and "--overwrite" in err
 
 
-def test_the_shipped_model_drives(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "run"
-    rc, text, err = _cli(capsys, "--checkpoint", str(SHIPPED_MODEL), "--threads", "1", "--seeds",
-                         f"{SEED + 1}:{SEED + 2}", "--max-steps", "20", "--baselines", "none", "--json",
-                         "--out", str(out))
-    assert rc == 0, err
-    summary = json.loads(text)
-    model = summary["policies"]["model"]
-    assert model["episodes"] == 1 and model["failed"] == 0
-    assert summary["header"]["model"] == str(SHIPPED_MODEL.resolve()) and summary["header"]["backend"] == "torch"
-    record = json.loads((out / "results.jsonl").read_text().splitlines()[1])
+def test_the_shipped_model_drives_alike_from_its_checkpoint_and_its_bundle(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], shipped_bundle: Path) -> None:
+    records = {}
+    for flag, model, backend in (("--checkpoint", SHIPPED_MODEL, "torch"), ("--bundle", shipped_bundle, "onnxruntime")):
+        out = tmp_path / backend
+        rc, text, err = _cli(capsys, flag, str(model), "--threads", "1", "--seeds", f"{SEED + 1}:{SEED + 2}",
+                             "--max-steps", "20", "--baselines", "none", "--json", "--out", str(out))
+        assert rc == 0, err
+        summary = json.loads(text)
+        assert summary["policies"]["model"]["episodes"] == 1 and summary["policies"]["model"]["failed"] == 0
+        assert summary["header"]["model"] == str(model.resolve()) and summary["header"]["backend"] == backend
+        records[backend] = json.loads((out / "results.jsonl").read_text().splitlines()[1])
+    record = records["torch"]
     assert record["plans"] == 4 and record["plan_ms_mean"] > 0 and record["driving"]["driven_km"] > 0.005
+    assert _untimed(records["onnxruntime"]) == _untimed(record)  # the same plans, so the same drive
 
 
 @pytest.mark.parametrize(("argv", "flag"), [
