@@ -80,6 +80,7 @@ def test_the_shipped_model_drives_alike_from_its_checkpoint_and_its_bundle(
     (("--baselines", "expert,hold"), "--baselines"),
     (("--baselines", "none"), "--checkpoint"),
     (("--execute", "2"), "--execute"),
+    (("--cameras", "all"), "--cameras"),
     (("--max-steps", "500"), "--max-steps"),
     (("--source", "nuscenes", "--dataroot", "."), "--source"),
 ])

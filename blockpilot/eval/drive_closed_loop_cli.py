@@ -60,6 +60,8 @@ def check_drive_arguments(args: argparse.Namespace) -> tuple[range, list[str], D
         raise ClosedLoopUsageError("--source/--dataroot replay a dataset; --closed-loop runs the simulator: drop them")
     if args.execute is not None:
         raise ClosedLoopUsageError("--execute applies to --world robot (a driving plan is tracked until the next)")
+    if args.cameras:
+        raise ClosedLoopUsageError(f"--cameras {args.cameras}: the driving world renders the front camera only")
     config = drive_config(args.max_steps)
     if args.checkpoint and args.bundle:
         raise ClosedLoopUsageError("pass one of --checkpoint (torch) and --bundle (ONNX Runtime), not both")
