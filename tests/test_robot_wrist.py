@@ -75,7 +75,7 @@ def test_both_cameras_round_trip_through_a_lerobot_dataset(tmp_path: Path, to_gr
             np.testing.assert_array_equal(sample.images[name], episode.images[name][t])  # PNG: lossless
     wrist_only = LeRobotReplaySource(root, chunk=2, cameras=["wrist"])
     assert wrist_only.cameras == ("wrist",) and list(wrist_only[0].images) == ["wrist"]
-    with pytest.raises(RobotDataError, match="observation.images.wrist"):
+    with pytest.raises(RobotDataError, match=r"observation\.images\.wrist"):
         LeRobotReplaySource(root, cameras=["front", "side"])
 
 
