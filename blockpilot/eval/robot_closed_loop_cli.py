@@ -61,10 +61,26 @@ def _config(args: argparse.Namespace) -> Any:
 
     if args.task not in TASKS:
         raise ClosedLoopUsageError(f"--task {args.task!r}: not one of {', '.join(sorted(TASKS))}")
+    cameras = parse_sim_cameras(args.cameras)
     try:
-        return ExpertConfig(task=args.task, image_size=args.image_size, max_steps=args.max_steps)
+        return ExpertConfig(task=args.task, image_size=args.image_size, max_steps=args.max_steps, cameras=cameras)
     except RobotDataError as exc:
         raise ClosedLoopUsageError(f"--image-size {args.image_size}: {exc}") from None
+
+
+def parse_sim_cameras(text: str | None) -> tuple[str, ...]:
+    """``--cameras`` for the simulator: the cameras in prompt order (default front; ``all``: front, wrist)."""
+    from ..sim.robot.so101 import CAMERAS, DEFAULT_CAMERAS
+
+    if not text:
+        return DEFAULT_CAMERAS
+    if text.strip().lower() == "all":
+        return CAMERAS
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names) or set(names) - set(CAMERAS) or len(set(names)) != len(names):
+        raise ClosedLoopUsageError(f"--cameras {text!r}: with --closed-loop, each must be one of "
+                                   f"{', '.join(CAMERAS)} (once), or 'all'")
+    return names
 
 
 def check_closed_loop_arguments(args: argparse.Namespace) -> tuple[Any, range, list[str]]:

@@ -288,8 +288,8 @@ class ActionChunkSchema:
     @classmethod
     def so101_ee(cls) -> ActionChunkSchema:
         """The SO-101 simulator's own action: 8 steps of dx, dy, dz in [-1, 1] (the environment scales them by
-        its ``action_scale``, 0.025 m by default) and the gripper command (the environment's convention: 0 closed .. 1 open), at its 10 Hz;
-        the state is the six joint positions."""
+        its ``action_scale``, 0.025 m by default) and the gripper command (the environment's convention: 0 closed
+        .. 1 open), at its 10 Hz; the state is the six joint positions."""
         return cls(steps=8, dims=SO101_EE_DIMS, action="ee_delta", rate_hz=10.0, frac_digits=2,
                    state_dims=SO101_JOINTS)
 
