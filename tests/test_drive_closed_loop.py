@@ -27,7 +27,7 @@ from blockpilot.sim.drive.episode import DriveConfig, DriveLog, run_episode
 from blockpilot.sim.drive.policies import ConstantVelocityPolicy, ExpertPolicy
 from blockpilot.sim.drive.vehicle import Controller, EgoState, bicycle_step, plan_to_world
 from blockpilot.sim.drive.world import DriveWorld
-from blockpilot.sim.expert import DriverParams, VehiclePlan, overlap_steps
+from blockpilot.sim.expert import DriverParams, VehiclePlan, Walker, overlap_steps
 from blockpilot.sim.generator import CAR_SIZE, EGO_SIZE, WorldSpec
 from blockpilot.sim.path import Path
 from blockpilot.sim.render import render_camera
@@ -214,6 +214,41 @@ def test_idm_vehicle_brakes_for_the_ego() -> None:
     assert not overlap_steps(Track(ego), EGO_SIZE, Track(agents), CAR_SIZE).any()
     assert agents[-1, 3] < 0.1 and agents[-1, 0] < ego[-1, 0] - (EGO_SIZE[0] + CAR_SIZE[0]) / 2
     assert agents[:, 4].min() < -1.0  # it braked
+
+
+def _crossing_world(ego_x: float) -> DriveWorld:
+    """The straight road with a crossing at x = 50 and one walker who wants to cross from the start; the ego stands
+    at ``ego_x``."""
+    n = 200
+    center, across = np.array([50.0, W / 2]), np.array([0.0, 1.0])
+    walker = Walker(center - across * (W + 1.5), across, 2 * W + 3.5, 1.4, 0.0, center, W)
+    ped = Track(np.tile([50.0, -W, math.pi / 2, 0.0, 0.0], (n, 1)))
+    ego = np.tile([ego_x, 0.0, 0.0, 0.0, 0.0], (n, 1))
+    scene = Scene(8, "hand-built", DT, Track(ego), (Agent(1, "pedestrian", PED, ped),), ROAD, "go straight", EGO_SIZE)
+    plan = VehiclePlan(ROUTE, 0.0, 0.0, EGO_SIZE[0], np.full(ROUTE.s.shape, 12.0))
+    return DriveWorld(scene, WorldSpec(ROUTE, plan, (), (walker,), np.zeros((n, 3))))
+
+
+def test_a_pedestrian_waits_for_a_gap_in_front_of_the_ego() -> None:
+    far = _crossing_world(-80.0)
+    far.step(far.ego)
+    assert far.walk_t0[0] == 0.0  # nobody near: steps out at once
+    near = _crossing_world(20.0)  # 10 m/s, 30 m short of the crossing: could not stop comfortably
+    near.ego = EgoState(20.0, 0.0, 0.0, 10.0)
+    while near.ego.x < 53.0:  # until its rear is past the crossing (x = 48.5..51.5)
+        assert math.isinf(near.walk_t0[0])  # still waiting at the kerb
+        assert near.agent_states()[0, 1] < -W / 2 - 1.0
+        near.step(EgoState(near.ego.x + 10.0 * DT, 0.0, 0.0, 10.0))
+    for _ in range(20):
+        near.step(EgoState(near.ego.x + 10.0 * DT, 0.0, 0.0, 10.0))
+    assert 0 < near.walk_t0[0] < math.inf and near.agent_states()[0, 1] > -W / 2  # it went once the car had passed
+
+
+def test_the_route_command_turns_to_go_straight_after_the_turn() -> None:
+    world = DriveWorld.from_seed(1_000_003)  # turn left, driven through in the expert's 18 s
+    assert world.observation().route_command == "turn left"
+    run_episode(world, ExpertPolicy(world))
+    assert world.observation().route_command == "go straight"
 
 
 @pytest.fixture(scope="module")
