@@ -7,7 +7,8 @@ seed (:func:`blockpilot.sim.drive.episode.run_episode`). One JSON line per episo
 infractions (:mod:`.closed_loop_b2d`), the collisions, plan counts and times. The file resumes as the replay
 evaluator's does: the header must match (:data:`RESUME_KEYS`), a finished episode is not run again, a line cut short
 by a kill is dropped and run again. ``summary.json`` aggregates per policy: means of every sub-score and score,
-success rate with its Wilson 95 % interval, infractions per km over the distance driven, the plan latency and the
+success rate with its Wilson 95 % interval, infractions per km over the distance driven, the plan latency
+(percentiles over episodes of each episode's mean plan time) and the
 closed-loop overhead (the world's time: rendering, control and stepping, over the plan time); the report
 (``report.md``, ``plots/worst_bev.png``) is :mod:`.drive_closed_loop_report`.
 
