@@ -61,7 +61,8 @@ def test_max_steps_cuts_the_episode():
 
 
 @pytest.mark.parametrize("kwargs, field", [({"task": "stack"}, "task"), ({"render": "pretty"}, "render"),
-                                           ({"image_size": 8}, "image_size"), ({"cameras": ("wrist",)}, "cameras"),
+                                           ({"image_size": 8}, "image_size"), ({"cameras": ("top",)}, "cameras"),
+                                           ({"cameras": ()}, "cameras"), ({"cameras": ("wrist", "wrist")}, "cameras"),
                                            ({"max_steps": 0}, "max_steps")])
 def test_bad_expert_config_names_the_field(kwargs, field):
     with pytest.raises(RobotDataError, match=field):

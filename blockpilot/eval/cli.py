@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     nus.add_argument("--stride", type=positive_int, default=1, help="every n-th keyframe")
     parser.add_argument("--cameras", default=None,
                         help="comma-separated cameras in prompt order (default: CAM_FRONT / FRONT), or 'all': "
-                             "nuScenes' 6 or WOD-E2E's 8 in the documented order")
+                             "nuScenes' 6 or WOD-E2E's 8 in the documented order; with --closed-loop: front, "
+                             "wrist (default front)")
     from .robot_closed_loop_cli import add_closed_loop_arguments
 
     add_closed_loop_arguments(parser)
@@ -147,7 +148,8 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
     if robot:
         from .robot_eval import open_robot_source
 
-        source: Source = open_robot_source(args.dataroot)
+        cameras = None if not args.cameras or args.cameras == "all" else [c.strip() for c in args.cameras.split(",")]
+        source: Source = open_robot_source(args.dataroot, cameras=cameras)
     else:
         source = build_source(args)
     flag = "--bundle" if args.bundle else "--checkpoint"

@@ -176,6 +176,7 @@ def closed_loop_header(config: Any, seeds: range, *, execute: int | None = None,
     header: dict[str, Any] = {"kind": "closed_loop", "task": config.task, "model": model, "backend": backend,
                               "decoder": None, "schema": None, "execute": execute, "max_steps": max_steps,
                               "image_size": config.image_size, "render": config.render,
+                              "cameras": list(config.cameras),
                               "seeds": [seeds.start, seeds.stop], "held_out_start": HELD_OUT_START}
     if planner is not None:
         schema = planner.schema

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,18 +22,23 @@ DEFAULT_SEEDS = f"{HELD_OUT_START}:{HELD_OUT_START + 20}"
 
 
 def add_closed_loop_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("closed loop (--closed-loop: the planner drives the SO-101 arm in MuJoCo)")
+    group = parser.add_argument_group("closed loop (--closed-loop: the planner drives the SO-101 arm in MuJoCo, or "
+                                      "with --world driving the car in the synthetic driving world)")
     group.add_argument("--closed-loop", action="store_true",
                        help="run the planner in the simulator instead of replaying a dataset")
+    group.add_argument("--world", default="robot", choices=["robot", "driving"],
+                       help="robot: the SO-101 arm (default); driving: the synthetic road world (NAVSIM and "
+                            "Bench2Drive scores, eval/drive_closed_loop.py)")
     group.add_argument("--task", default="pick_place", help="pick_place or reach_close (default: pick_place)")
-    group.add_argument("--seeds", default=DEFAULT_SEEDS,
-                       help=f"seed range A:B, B excluded (default {DEFAULT_SEEDS}: held out; training data uses "
-                            f"seeds below {HELD_OUT_START})")
+    group.add_argument("--seeds", default=None,
+                       help=f"seed range A:B, B excluded (default {DEFAULT_SEEDS}, or 1000000:1000020 with --world "
+                            f"driving: held out; training data uses seeds below them)")
     group.add_argument("--episodes", type=positive_int, default=None, help="run only the first N seeds of --seeds")
     group.add_argument("--execute", type=positive_int, default=None,
                        help="chunk rows run before replanning (default: the whole chunk)")
-    group.add_argument("--baselines", default="expert,hold",
-                       help="comma-separated baselines run beside the model: expert, hold, or none")
+    group.add_argument("--baselines", default=None,
+                       help="comma-separated baselines run beside the model: expert, hold (driving: expert, cv), "
+                            "or none (default: both)")
     group.add_argument("--max-steps", type=positive_int, default=None, help="episode step limit (default: the task's)")
     group.add_argument("--image-size", type=positive_int, default=128,
                        help="camera frame size in pixels (default 128, as the recorded demonstrations)")
@@ -55,10 +61,26 @@ def _config(args: argparse.Namespace) -> Any:
 
     if args.task not in TASKS:
         raise ClosedLoopUsageError(f"--task {args.task!r}: not one of {', '.join(sorted(TASKS))}")
+    cameras = parse_sim_cameras(args.cameras)
     try:
-        return ExpertConfig(task=args.task, image_size=args.image_size, max_steps=args.max_steps)
+        return ExpertConfig(task=args.task, image_size=args.image_size, max_steps=args.max_steps, cameras=cameras)
     except RobotDataError as exc:
         raise ClosedLoopUsageError(f"--image-size {args.image_size}: {exc}") from None
+
+
+def parse_sim_cameras(text: str | None) -> tuple[str, ...]:
+    """``--cameras`` for the simulator: the cameras in prompt order (default front; ``all``: front, wrist)."""
+    from ..sim.robot.so101 import CAMERAS, DEFAULT_CAMERAS
+
+    if not text:
+        return DEFAULT_CAMERAS
+    if text.strip().lower() == "all":
+        return CAMERAS
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names) or set(names) - set(CAMERAS) or len(set(names)) != len(names):
+        raise ClosedLoopUsageError(f"--cameras {text!r}: with --closed-loop, each must be one of "
+                                   f"{', '.join(CAMERAS)} (once), or 'all'")
+    return names
 
 
 def check_closed_loop_arguments(args: argparse.Namespace) -> tuple[Any, range, list[str]]:
@@ -69,10 +91,10 @@ def check_closed_loop_arguments(args: argparse.Namespace) -> tuple[Any, range, l
     if args.checkpoint and args.bundle:
         raise ClosedLoopUsageError("pass one of --checkpoint (torch) and --bundle (ONNX Runtime), not both")
     config = _config(args)
-    seeds = parse_seeds(args.seeds)
+    seeds = parse_seeds(args.seeds or DEFAULT_SEEDS)
     if args.episodes is not None:
         seeds = seeds[:args.episodes]
-    baselines = parse_baselines(args.baselines)
+    baselines = parse_baselines(args.baselines or ",".join(BASELINES))
     if not (args.checkpoint or args.bundle or baselines):
         raise ClosedLoopUsageError("--closed-loop needs --checkpoint or --bundle (or --baselines to run them alone)")
     if args.checkpoint:
@@ -85,30 +107,44 @@ def check_closed_loop_arguments(args: argparse.Namespace) -> tuple[Any, range, l
     return config, seeds, baselines
 
 
-def _planner(args: argparse.Namespace, config: Any, restore_quantized: RestoreQuantized | None) -> Any:
+def open_closed_loop_planner(args: argparse.Namespace, restore_quantized: RestoreQuantized | None, *,
+                             cameras: int, schema_of: Callable[[Any, str | None], Any]) -> tuple[Any, Any]:
+    """The planner of ``--checkpoint``/``--bundle`` for a closed loop (either world), and what
+    :func:`~blockpilot.runtime.sources.detect_source` found; ``schema_of(checkpoint, --schema)`` resolves the schema
+    of a checkpoint (a bundle decodes with its own)."""
     from ..runtime.plan_types import DecoderSettings
     from ..runtime.sources import detect_source, open_planner
-    from ..vla.schema_io import resolve_schema
 
     flag = "--bundle" if args.bundle else "--checkpoint"
     found = detect_source(args.bundle or args.checkpoint, flag=flag,
                           kinds=("bundle",) if args.bundle else ("checkpoint", "quantized"))
-    spec = getattr(args, "schema", None)
-    schema = None if args.bundle or spec is None else resolve_schema(found.checkpoint or found.path, spec)
+    schema = None if args.bundle else schema_of(found.checkpoint or found.path, getattr(args, "schema", None))
     if args.threads and not args.bundle:
         import torch
 
         torch.set_num_threads(args.threads)
     settings = DecoderSettings(name=args.decoder, threshold=args.threshold, rollouts=args.rollouts)
-    return open_planner(found, backend=args.backend, decoder=settings, device=args.device, dtype=args.dtype,
-                        max_prompt_tokens=args.max_prompt_tokens, schema=schema, cameras=len(config.cameras),
-                        threads=args.threads or 1, restore_quantized=restore_quantized, flag=flag,
-                        trusted_keys=args.trusted_keys)
+    planner = open_planner(found, backend=args.backend, decoder=settings, device=args.device, dtype=args.dtype,
+                           max_prompt_tokens=args.max_prompt_tokens, schema=schema, cameras=cameras,
+                           threads=args.threads or 1, restore_quantized=restore_quantized, flag=flag,
+                           trusted_keys=args.trusted_keys)
+    return planner, found
+
+
+def _robot_schema(checkpoint: Any, spec: str | None) -> Any:
+    from ..vla.schema_io import resolve_schema
+
+    return None if spec is None else resolve_schema(checkpoint, spec)
 
 
 def run_closed_loop_command(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None = None) -> int:
     """``blockpilot eval --closed-loop``: 1 when the planner errored on every episode, else 0."""
     import json
+
+    if args.world == "driving":
+        from .drive_closed_loop_cli import run_drive_command
+
+        return run_drive_command(args, restore_quantized=restore_quantized)
 
     from ..runtime.backend import BackendError
     from ..sim.robot.closed_loop import ExpertPolicy, HoldPolicy
@@ -125,7 +161,8 @@ def run_closed_loop_command(args: argparse.Namespace, *, restore_quantized: Rest
     policies: list[Any] = []
     header = closed_loop_header(config, seeds, execute=args.execute, max_steps=args.max_steps)
     if args.checkpoint or args.bundle:
-        planner = _planner(args, config, restore_quantized)
+        planner = open_closed_loop_planner(args, restore_quantized, cameras=len(config.cameras),
+                                           schema_of=_robot_schema)[0]
         policies.append(PlannerPolicy(planner, args.execute))
         header = closed_loop_header(config, seeds, execute=args.execute, max_steps=args.max_steps, planner=planner,
                                     model=str(Path(args.bundle or args.checkpoint).resolve()), backend=args.backend)
@@ -133,8 +170,8 @@ def run_closed_loop_command(args: argparse.Namespace, *, restore_quantized: Rest
         raise ClosedLoopUsageError("--execute applies to a planner: pass --checkpoint or --bundle")
     policies += [{"expert": ExpertPolicy, "hold": HoldPolicy}[name]() for name in baselines]
     if seeds.start < HELD_OUT_START:
-        print(f"blockpilot eval: note: --seeds {args.seeds} reaches below {HELD_OUT_START}, into the seeds training "
-              "data is recorded from; these episodes are not held out", file=sys.stderr)
+        print(f"blockpilot eval: note: --seeds {args.seeds or DEFAULT_SEEDS} reaches below {HELD_OUT_START}, into the "
+              "seeds training data is recorded from; these episodes are not held out", file=sys.stderr)
     out = Path(args.out)
     summary = run_closed_loop(policies, seeds, config, out, header=header, overwrite=args.overwrite,
                               errors=(BackendError, PlanAnswerError),

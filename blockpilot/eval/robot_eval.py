@@ -162,12 +162,13 @@ def write_robot_run(out: Path, records: Sequence[dict[str, Any]], metrics: dict[
     return report
 
 
-def open_robot_source(dataroot: str | Path, chunk: int = 8, episodes: Sequence[int] | None = None) -> Any:
-    """The LeRobot dataset at ``dataroot`` (only ``episodes`` when given) as a replay source (its target chunks
-    ``chunk`` actions long)."""
+def open_robot_source(dataroot: str | Path, chunk: int = 8, episodes: Sequence[int] | None = None,
+                      cameras: Sequence[str] | None = None) -> Any:
+    """The LeRobot dataset at ``dataroot`` (only ``episodes`` when given; ``cameras``, in prompt order, default all
+    it records) as a replay source (its target chunks ``chunk`` actions long)."""
     from ..sim.robot.lerobot_io import LeRobotReplaySource
 
-    return LeRobotReplaySource(dataroot, chunk=chunk, episodes=episodes)
+    return LeRobotReplaySource(dataroot, chunk=chunk, episodes=episodes, cameras=cameras)
 
 
 def run_robot(planner: Any, source: Any, out: Path, *, limit: int | None = None, quiet: bool = False) -> int:
@@ -178,7 +179,7 @@ def run_robot(planner: Any, source: Any, out: Path, *, limit: int | None = None,
 
     check_robot_schema(planner.schema, "--schema")
     if source.chunk != planner.schema.steps:
-        source = open_robot_source(source.root, chunk=planner.schema.steps)
+        source = open_robot_source(source.root, chunk=planner.schema.steps, cameras=source.cameras)
     records, facts = replay_robot(planner, source, limit=limit)
     metrics = robot_metrics(records, facts)
     report = write_robot_run(out, records, metrics)

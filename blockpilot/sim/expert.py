@@ -35,6 +35,7 @@ class DriverParams:
     jerk_down: float = 10.0
     stop_wait_s: float = 1.0
     stop_margin: float = 1.0  # front bumper this far before a stop line when stopped
+    stop_speed: float = 0.3  # below this (m/s) near the line counts as stopped
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,32 +117,41 @@ def _blocked(c: Crossing, pos: FloatArray, vel: FloatArray) -> bool:
     return False
 
 
-def simulate(plans: Sequence[VehiclePlan], n_steps: int, dt: float, ped_xy: FloatArray | None = None,
-             ped_vel: FloatArray | None = None) -> FloatArray:
-    """Run every vehicle together; returns (vehicles, n_steps, 3): arc length, speed, accel.
-    Pedestrians are given as positions and velocities (P, n_steps, 2); they do not react."""
-    n = len(plans)
-    out = np.zeros((n, n_steps, 3))
-    s = np.array([p.s_init for p in plans], dtype=np.float64)
-    v = np.array([p.v_init for p in plans], dtype=np.float64)
-    a_prev = np.zeros(n)
-    waited = np.zeros(n)
-    stop_done = [p.stop_s is None for p in plans]
-    for t in range(n_steps):
+class Traffic:
+    """Every vehicle's IDM state, advanced one step at a time: :func:`simulate` runs it over a whole scene (open
+    loop) and the closed-loop world (:mod:`blockpilot.sim.drive.world`) steps it live, adding the ego as an
+    obstacle to the vehicles that have it ahead in their lane."""
+
+    def __init__(self, plans: Sequence[VehiclePlan], dt: float) -> None:
+        self.plans, self.dt = tuple(plans), dt
+        n = len(self.plans)
+        self.s = np.array([p.s_init for p in self.plans], dtype=np.float64)
+        self.v = np.array([p.v_init for p in self.plans], dtype=np.float64)
+        self.a_prev = np.zeros(n)
+        self.waited = np.zeros(n)
+        self.stop_done = [p.stop_s is None for p in self.plans]
+
+    def step(self, t: int, ped_xy: FloatArray | None = None, ped_vel: FloatArray | None = None,
+             extra: Sequence[Sequence[tuple[float, float]]] | None = None) -> FloatArray:
+        """Advance one step from step index ``t`` (for ``desire_scale``); pedestrians are positions and velocities
+        (P, 2) now; ``extra`` holds more (gap, speed) obstacles per vehicle. Returns (vehicles, 3): the arc
+        length and speed before the step and the acceleration applied."""
+        plans, dt, s, v = self.plans, self.dt, self.s, self.v
+        n = len(plans)
         acc = np.zeros(n)
         for i, p in enumerate(plans):
             prm = p.params
             front = s[i] + p.length / 2
-            obstacles: list[tuple[float, float]] = []
+            obstacles: list[tuple[float, float]] = list(extra[i]) if extra is not None else []
             if p.leader is not None:
                 lead = plans[p.leader]
                 obstacles.append((s[p.leader] - lead.length / 2 - front, v[p.leader]))
-            if not stop_done[i] and p.stop_s is not None:
+            if not self.stop_done[i] and p.stop_s is not None:
                 to_line = p.stop_s - prm.stop_margin - front
-                if v[i] < 0.3 and to_line < 1.5:
-                    waited[i] += dt
-                stop_done[i] = waited[i] >= prm.stop_wait_s or to_line < -prm.stop_margin
-                if not stop_done[i]:
+                if v[i] < prm.stop_speed and to_line < 1.5:
+                    self.waited[i] += dt
+                self.stop_done[i] = self.waited[i] >= prm.stop_wait_s or to_line < -prm.stop_margin
+                if not self.stop_done[i]:
                     obstacles.append((to_line + prm.min_gap, 0.0))
             for c in p.crossings:
                 # Stop short of the crossing; once past that point only a crawl can still stop.
@@ -150,13 +160,13 @@ def simulate(plans: Sequence[VehiclePlan], n_steps: int, dt: float, ped_xy: Floa
                     continue
                 idx = list(c.pedestrians)
                 can_stop = v[i] ** 2 / (2 * max(to_stop, 0.1)) <= prm.max_decel
-                if can_stop and _blocked(c, ped_xy[idx, t], ped_vel[idx, t]):
+                if can_stop and _blocked(c, ped_xy[idx], ped_vel[idx]):
                     obstacles.append((max(to_stop, 0.0) + prm.min_gap, 0.0))
             v0 = float(np.interp(s[i] + v[i] * prm.preview_s, p.path.s, p.speed_cap))
             if p.desire_scale is not None:
-                v0 *= float(p.desire_scale[t])
+                v0 *= float(p.desire_scale[min(t, len(p.desire_scale) - 1)])
             a = float(np.clip(_idm(v[i], v0, obstacles, prm), -prm.max_decel, prm.max_accel))
-            a = float(np.clip(a, a_prev[i] - prm.jerk_down * dt, a_prev[i] + prm.jerk_up * dt))
+            a = float(np.clip(a, self.a_prev[i] - prm.jerk_down * dt, self.a_prev[i] + prm.jerk_up * dt))
             if v[i] <= 1e-9 and a < 0:
                 a = 0.0
             acc[i] = a
@@ -164,10 +174,60 @@ def simulate(plans: Sequence[VehiclePlan], n_steps: int, dt: float, ped_xy: Floa
         stopped = v_next < 0
         acc[stopped] = -v[stopped] / dt
         v_next[stopped] = 0.0
-        out[:, t, 0], out[:, t, 1], out[:, t, 2] = s, v, acc
-        s = s + 0.5 * (v + v_next) * dt
-        v, a_prev = v_next, acc
+        out = np.column_stack([s, v, acc])
+        self.s = s + 0.5 * (v + v_next) * dt
+        self.v, self.a_prev = v_next, acc
+        return out
+
+
+def simulate(plans: Sequence[VehiclePlan], n_steps: int, dt: float, ped_xy: FloatArray | None = None,
+             ped_vel: FloatArray | None = None) -> FloatArray:
+    """Run every vehicle together; returns (vehicles, n_steps, 3): arc length, speed, accel.
+    Pedestrians are given as positions and velocities (P, n_steps, 2); they do not react."""
+    traffic = Traffic(plans, dt)
+    out = np.zeros((len(plans), n_steps, 3))
+    for t in range(n_steps):
+        now = (None, None) if ped_xy is None or ped_vel is None else (ped_xy[:, t], ped_vel[:, t])
+        out[:, t] = traffic.step(t, *now)
     return out
+
+
+def gap_to_crossing(path: Path, center: FloatArray, half_length: float, front_s: FloatArray | float,
+                    depth: float) -> FloatArray | None:
+    """Metres from a front bumper at arc length ``front_s`` on ``path`` to the stopping point before the crossing
+    at ``center``; None when the crossing does not span the path."""
+    s_cw, lateral = path.to_frenet(center)
+    if abs(lateral) > half_length + 2.0:
+        return None
+    return np.asarray(s_cw - depth / 2 - 1.0 - np.asarray(front_s, dtype=np.float64))
+
+
+def walk_speed(elapsed: npt.ArrayLike, speed: float) -> FloatArray:
+    """A walker's speed ``elapsed`` seconds after stepping out: up to ``speed`` over half a second."""
+    return np.asarray(speed * np.clip(np.asarray(elapsed, dtype=np.float64) / 0.5, 0.0, 1.0))
+
+
+@dataclass(frozen=True, eq=False)
+class Walker:
+    """A pedestrian who crosses the road: from ``start`` along the unit ``direction`` for ``distance`` metres at
+    ``speed`` (:func:`walk_speed`), not before ``wanted_s`` and only once every vehicle could stop for them
+    (:func:`safe_to_step_out`); ``center``/``half_length`` locate the crossing."""
+
+    start: FloatArray
+    direction: FloatArray
+    distance: float
+    speed: float
+    wanted_s: float
+    center: FloatArray
+    half_length: float
+
+
+def safe_to_step_out(gap: FloatArray | float, v: FloatArray | float, length: float,
+                     depth: float) -> npt.NDArray[np.bool_]:
+    """Whether a vehicle ``gap`` metres (front bumper to the stopping point before a crossing ``depth`` deep) away
+    at speed ``v`` could brake comfortably for someone stepping out now, or has already gone by it."""
+    gap_a, v_a = np.asarray(gap, dtype=np.float64), np.asarray(v, dtype=np.float64)
+    return np.asarray((gap_a >= v_a**2 / 4.0 + 3.0) | (gap_a < -(depth + length + 1.0)))
 
 
 def track_on_path(path: Path, arc: FloatArray) -> Track:
@@ -177,7 +237,7 @@ def track_on_path(path: Path, arc: FloatArray) -> Track:
     return Track(np.column_stack([xy, yaw, arc[:, 1], arc[:, 2]]))
 
 
-def _corners(track: Track, size: Size) -> FloatArray:
+def box_corners(track: Track, size: Size) -> FloatArray:
     c, s = np.cos(track.yaw), np.sin(track.yaw)
     fwd = np.stack([c, s], axis=1) * size[0] / 2
     left = np.stack([-s, c], axis=1) * size[1] / 2
@@ -187,7 +247,7 @@ def _corners(track: Track, size: Size) -> FloatArray:
 
 def overlap_steps(a: Track, size_a: Size, b: Track, size_b: Size) -> npt.NDArray[np.bool_]:
     """Boolean (T,) where the two footprints (oriented rectangles) overlap, by separating axes."""
-    ca, cb = _corners(a, size_a), _corners(b, size_b)
+    ca, cb = box_corners(a, size_a), box_corners(b, size_b)
     axes = np.concatenate([ca[:, 1:3] - ca[:, 0:2], cb[:, 1:3] - cb[:, 0:2]], axis=1)  # (T, 4, 2)
     pa = np.einsum("tkd,tad->tak", ca, axes)
     pb = np.einsum("tkd,tad->tak", cb, axes)

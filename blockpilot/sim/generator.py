@@ -11,12 +11,23 @@ the same seed gives the same arrays, byte for byte.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
 
-from blockpilot.sim.expert import Crossing, DriverParams, VehiclePlan, simulate, speed_envelope, track_on_path
+from blockpilot.sim.expert import (
+    Crossing,
+    DriverParams,
+    VehiclePlan,
+    Walker,
+    gap_to_crossing,
+    safe_to_step_out,
+    simulate,
+    speed_envelope,
+    track_on_path,
+    walk_speed,
+)
 from blockpilot.sim.path import Path, Segment
 from blockpilot.sim.types import Agent, FloatArray, Road, Scene, Track
 
@@ -180,11 +191,9 @@ def _safe_to_step_out(wk: _Walkway, plans: list[VehiclePlan], arcs: FloatArray) 
     someone stepping onto ``wk`` now, or has already gone by."""
     safe = np.ones(arcs.shape[1], dtype=bool)
     for plan, arc in zip(plans, arcs, strict=True):
-        s_cw, lateral = plan.path.to_frenet(wk.center)
-        if abs(lateral) > wk.half_length + 2.0:
-            continue
-        gap = s_cw - CROSSWALK_DEPTH / 2 - 1.0 - (arc[:, 0] + plan.length / 2)
-        safe &= (gap >= arc[:, 1] ** 2 / 4.0 + 3.0) | (gap < -(CROSSWALK_DEPTH + plan.length + 1.0))
+        gap = gap_to_crossing(plan.path, wk.center, wk.half_length, arc[:, 0] + plan.length / 2, CROSSWALK_DEPTH)
+        if gap is not None:
+            safe &= safe_to_step_out(gap, arc[:, 1], plan.length, CROSSWALK_DEPTH)
     return safe
 
 
@@ -194,13 +203,14 @@ def _with_crossings(lay: _Layout, plans: list[VehiclePlan]) -> list[VehiclePlan]
 
 
 def _pedestrians(rng: np.random.Generator, lay: _Layout, plans: list[VehiclePlan], arcs: FloatArray, ego: int,
-                 dt: float) -> tuple[list[FloatArray], list[VehiclePlan], FloatArray]:
+                 dt: float) -> tuple[list[FloatArray], list[Walker], list[VehiclePlan], FloatArray]:
     """Add walkers one at a time: each steps out when the ego is a little beyond IDM's desired
     gap from the crossing (so it brakes gently) and no vehicle, in a run with the walkers placed
-    so far, is too close to stop. Returns (T, 5) states, the plans with crossings, and the run."""
+    so far, is too close to stop. Returns (T, 5) states, who they are, the plans with crossings, and the run."""
     n_steps = arcs.shape[1]
     times = np.arange(n_steps) * dt
     tracks: list[FloatArray] = []
+    walkers: list[Walker] = []
     for wk in lay.walkways:
         s_cw = lay.ego.to_frenet(wk.center)[0]
         gap = s_cw - CROSSWALK_DEPTH / 2 - 1.0 - (arcs[ego, :, 0] + EGO_SIZE[0] / 2)
@@ -216,22 +226,50 @@ def _pedestrians(rng: np.random.Generator, lay: _Layout, plans: list[VehiclePlan
             wanted = t_go + 1.5 * j + float(rng.uniform(-0.5, 0.5))
             ok = np.nonzero(_safe_to_step_out(wk, plans, arcs) & (times >= wanted))[0]
             t0 = float(times[ok[0]]) if ok.size else math.inf  # no gap in traffic: they wait
-            speed = v_walk * np.clip((times - t0) / 0.5, 0.0, 1.0)
+            speed = walk_speed(times - t0, v_walk)
             dist = np.minimum(np.concatenate([[0.0], np.cumsum(0.5 * (speed[1:] + speed[:-1]) * dt)]), total)
             speed = np.gradient(dist, dt)
             xy = start + np.outer(dist, side * wk.across)
             yaw = np.full(n_steps, math.atan2(side * wk.across[1], side * wk.across[0]))
             wk.pedestrians.append(len(tracks))
+            walkers.append(Walker(start, side * wk.across, total, v_walk, wanted, wk.center, wk.half_length))
             tracks.append(np.column_stack([xy, yaw, speed, np.gradient(speed, dt)]))
             plans = _with_crossings(lay, plans)
             states = np.stack(tracks)
             heading = np.stack([np.cos(states[..., 2]), np.sin(states[..., 2])], axis=-1)
             arcs = simulate(plans, n_steps, dt, states[..., :2], heading * states[..., 3:4])
-    return tracks, plans, arcs
+    return tracks, walkers, plans, arcs
+
+
+@dataclass(frozen=True, eq=False)
+class WorldSpec:
+    """What a closed loop needs beyond the :class:`Scene`: the ego's route and IDM plan, the plan of every other
+    vehicle (in the order of the scene's vehicle and cyclist agents, ``leader`` indexing among them), every walker
+    (in the order of the pedestrian agents, which follow the vehicles) and the expert ego's run, (T, 3) arc length,
+    speed and acceleration along ``route``."""
+
+    route: Path
+    ego_plan: VehiclePlan
+    vehicle_plans: tuple[VehiclePlan, ...]
+    walkers: tuple[Walker, ...]
+    expert_arc: FloatArray
+    crosswalk_depth: float = CROSSWALK_DEPTH
 
 
 def generate_scene(seed: int, duration_s: float = 20.0, dt: float = 0.1) -> Scene:
     """One synthetic scene; the same seed (and duration, dt) gives bytes-equal arrays."""
+    return generate_world(seed, duration_s, dt)[0]
+
+
+def _others(plans: list[VehiclePlan], ego_index: int) -> tuple[VehiclePlan, ...]:
+    """Every plan but the ego's, leaders re-indexed (no vehicle follows the ego in a generated scene)."""
+    new = {old: k for k, old in enumerate(i for i in range(len(plans)) if i != ego_index)}
+    return tuple(replace(p, leader=None if p.leader is None else new[p.leader])
+                 for i, p in enumerate(plans) if i != ego_index)
+
+
+def generate_world(seed: int, duration_s: float = 20.0, dt: float = 0.1) -> tuple[Scene, WorldSpec]:
+    """:func:`generate_scene`'s scene and the plans it was simulated from (:class:`WorldSpec`)."""
     if duration_s <= 0 or dt <= 0:
         raise ValueError(f"duration_s and dt must be positive, got {duration_s}, {dt}")
     rng = np.random.default_rng(seed)
@@ -270,7 +308,7 @@ def generate_scene(seed: int, duration_s: float = 20.0, dt: float = 0.1) -> Scen
                                  leader=len(plans) - 1 if k else None))
         sizes.append(("vehicle", CAR_SIZE))
 
-    peds, plans, arcs = _pedestrians(rng, lay, plans, simulate(plans, n_steps, dt), ego_index, dt)
+    peds, walkers, plans, arcs = _pedestrians(rng, lay, plans, simulate(plans, n_steps, dt), ego_index, dt)
 
     agents = []
     others = [i for i in range(len(plans)) if i != ego_index]
@@ -294,5 +332,6 @@ def generate_scene(seed: int, duration_s: float = 20.0, dt: float = 0.1) -> Scen
     }
     if lay.turn is not None:
         meta["turn_start_s"], meta["turn_end_s"] = lay.turn
-    return Scene(seed, f"synthetic-{seed:06d}", dt, track_on_path(lay.ego, ego_arc), tuple(agents), road,
-                 lay.command, EGO_SIZE, meta)
+    scene = Scene(seed, f"synthetic-{seed:06d}", dt, track_on_path(lay.ego, ego_arc), tuple(agents), road,
+                  lay.command, EGO_SIZE, meta)
+    return scene, WorldSpec(lay.ego, plans[ego_index], _others(plans, ego_index), tuple(walkers), ego_arc)

@@ -145,10 +145,10 @@ def _clip_near(poly: FloatArray, near: float = 0.05) -> FloatArray:
     return np.array(out) if out else np.zeros((0, 3))
 
 
-def _boxes(scene: Scene, step: int, gmap: GroundMap) -> list[Prop]:
+def _boxes(scene: Scene, agent_states: FloatArray, gmap: GroundMap) -> list[Prop]:
     boxes = list(gmap.props)
-    for agent in scene.agents:
-        x, y, yaw, _, accel = agent.track.states[step]
+    for agent, state in zip(scene.agents, agent_states, strict=True):
+        x, y, yaw, _, accel = state
         colour = KIND_COLOURS.get(agent.kind, VEHICLE_COLOURS[agent.agent_id % len(VEHICLE_COLOURS)])
         rear = BRAKE_LIGHT if agent.kind == "vehicle" and accel < -1.0 else None
         boxes.append(Prop((float(x), float(y)), float(yaw), agent.size, 0.0, colour, rear))
@@ -157,12 +157,20 @@ def _boxes(scene: Scene, step: int, gmap: GroundMap) -> list[Prop]:
 
 def render_camera(scene: Scene, step: int, camera: CameraLike) -> Image:
     """The camera's view at ``step`` as an (H, W, 3) uint8 image."""
-    camera = _spec(camera)
     if not 0 <= step < scene.num_steps:
         raise ValueError(f"step {step} outside scene {scene.name} (0..{scene.num_steps - 1})")
+    agents = np.array([a.track.states[step] for a in scene.agents]).reshape(len(scene.agents), 5)
+    return render_state(scene, scene.ego.states[step, :3], agents, camera)
+
+
+def render_state(scene: Scene, ego_pose: FloatArray, agent_states: FloatArray, camera: CameraLike) -> Image:
+    """The camera's view from a live state: the ego at ``ego_pose`` (x, y, yaw) and the scene's agents, in order, at
+    ``agent_states`` (A, 5) rows of x, y, yaw, speed, accel, on the scene's ground map (the closed loop's
+    observation, :mod:`blockpilot.sim.drive.world`); :func:`render_camera` is this at one step of the scene."""
+    camera = _spec(camera)
     gmap = ground_map(scene)
     rays = _rays(camera)
-    ex, ey, eyaw = (float(v) for v in scene.ego.states[step, :3])
+    ex, ey, eyaw = (float(v) for v in ego_pose[:3])
     c, s = math.cos(eyaw), math.sin(eyaw)
     world = rays.offsets @ np.array([[c, s], [-s, c]]) + np.array([ex, ey])
     colour = _ground_colour(gmap, world) * rays.fade + HAZE * (1.0 - rays.fade)
@@ -171,7 +179,7 @@ def render_camera(scene: Scene, step: int, camera: CameraLike) -> Image:
 
     cam_pos = np.array([ex + c * camera.x - s * camera.y, ey + s * camera.x + c * camera.y, camera.z])
     world_to_optical = camera.optical_to_ego().T @ np.array([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]])
-    boxes = _boxes(scene, step, gmap)
+    boxes = _boxes(scene, agent_states, gmap)
     dist = [math.hypot(b.xy[0] - cam_pos[0], b.xy[1] - cam_pos[1]) for b in boxes]
     for i in np.argsort(dist)[::-1]:
         if dist[i] < MAX_RANGE:

@@ -120,17 +120,24 @@ def _image(tensor: Any) -> np.ndarray:
 
 class LeRobotReplaySource:
     """Every frame of a local LeRobot dataset as a :class:`RobotSample`, read with ``LeRobotDataset``; the target
-    chunk is the next ``chunk`` actions of the same episode (LeRobot's ``delta_timestamps``, padded at the end)."""
+    chunk is the next ``chunk`` actions of the same episode (LeRobot's ``delta_timestamps``, padded at the end).
+    ``cameras``: the recorded cameras a sample holds, in prompt order (default: all, in the dataset's order)."""
 
-    def __init__(self, root: str | Path, *, chunk: int = 8, episodes: Sequence[int] | None = None) -> None:
+    def __init__(self, root: str | Path, *, chunk: int = 8, episodes: Sequence[int] | None = None,
+                 cameras: Sequence[str] | None = None) -> None:
         if chunk < 1:
             raise RobotDataError(f"chunk must be at least 1, got {chunk}")
         self.root = Path(root)
         self.info = _read_info(self.root)
         self.fps = int(self.info["fps"])
         self.chunk = chunk
-        self.cameras = tuple(k[len(IMAGE_PREFIX):] for k, v in self.info["features"].items()
-                             if k.startswith(IMAGE_PREFIX) and v.get("dtype") in ("image", "video"))
+        self.recorded_cameras = tuple(k[len(IMAGE_PREFIX):] for k, v in self.info["features"].items()
+                                      if k.startswith(IMAGE_PREFIX) and v.get("dtype") in ("image", "video"))
+        self.cameras = self.recorded_cameras if cameras is None else tuple(cameras)
+        unknown = [name for name in self.cameras if name not in self.recorded_cameras]
+        if unknown or not self.cameras or len(set(self.cameras)) != len(self.cameras):
+            raise RobotDataError(f"cameras {list(self.cameras)}: {self.root} records "
+                                 f"{[IMAGE_PREFIX + c for c in self.recorded_cameras]}; pick from them, each once")
         dataset_class = lerobot_dataset_class()
         deltas = {ACTION: [k / self.fps for k in range(chunk)]}
         try:

