@@ -194,6 +194,11 @@ CASES: list[tuple[str, list[str], int, tuple[str, ...]]] = [
      ("--eval-seeds", "--train-seeds")),
     ("train-seeds-garbage", ["train-reference", "--out", "{root}/t4", "--train-seeds", "a:b"], 2, ("--train-seeds",)),
     ("train-out-is-file", ["train-reference", "--out", "{afile}"], 2, ("--out", "afile.txt")),
+    ("train-robot-dart-fraction", ["train-robot", "--out", "{root}/r1", "--dart-fraction", "2"], 2,
+     ("--dart-fraction",)),
+    ("train-robot-seeds-overlap", ["train-robot", "--out", "{root}/r2", "--train-seeds", "4", "--eval-seeds", "2"], 2,
+     ("--eval-seeds", "--train-seeds")),
+    ("train-robot-bad-record", ["train-robot", "--out", "{root}/r3", "--record", "replay"], 2, ("--record",)),
     ("demo-out-is-file", ["demo", "--out", "{afile}"], 2, ("--out", "afile.txt")),
     ("demo-image-size", ["demo", "--image-size", "8"], 2, ("--image-size",)),
 ]

@@ -54,6 +54,10 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 def record_results(root: Path, records: Sequence[str]) -> dict[str, Any]:
     """Add each ``NAME=METRICS.json`` of ``records`` under ``results`` in ``root/train_log.json`` and re-render
     ``root/DATA_CARD.md``; returns the results."""
+    for item in records:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise RecordError(f"--record {item!r}: expected NAME=METRICS.json (e.g. replay=runs/x/report/metrics.json)")
     log_path = root / LOG_FILE
     try:
         log = json.loads(log_path.read_text(encoding="utf-8"))
@@ -61,9 +65,7 @@ def record_results(root: Path, records: Sequence[str]) -> dict[str, Any]:
         raise RecordError(f"--out {root}: cannot read {LOG_FILE} ({exc}); train the model first") from None
     results = dict(log.get("results", {}))
     for item in records:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise RecordError(f"--record {item!r}: expected NAME=METRICS.json (e.g. replay=runs/x/report/metrics.json)")
+        name, _, path = item.partition("=")
         try:
             metrics = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
