@@ -146,6 +146,17 @@ def test_closed_loop_driving_on_ray_scores_as_in_one_process(cluster: None, tmp_
         p.name for p in (tmp_path / "one" / "trajectories").iterdir())
 
 
+def test_closed_loop_robot_baselines_on_ray_write_the_single_process_records(cluster: None, tmp_path: Path) -> None:
+    argv = ("--closed-loop", "--baselines", "expert,hold", "--episodes", "1", "--max-steps", "10")
+    assert _eval(*argv, "--out", str(tmp_path / "one")) == 0
+    assert _eval(*argv, "--out", str(tmp_path / "ray"), "--ray", "--ray-workers", "2") == 0
+    strip = [{k: v for k, v in r.items() if k != "plan_ms"} for r in _records(tmp_path / "ray")]
+    assert strip == [{k: v for k, v in r.items() if k != "plan_ms"} for r in _records(tmp_path / "one")]
+    assert len(strip) == 2 and (tmp_path / "ray" / "report.html").is_file()
+    assert sorted(p.name for p in (tmp_path / "ray" / "frames").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one" / "frames").iterdir())
+
+
 def test_ray_not_installed_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, dataroot: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed: importing it fails
