@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..cli_common import (
     UserError,
@@ -82,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .robot_closed_loop_cli import add_closed_loop_arguments
 
     add_closed_loop_arguments(parser)
+    from .ray_cli import add_ray_arguments
+
+    add_ray_arguments(parser)
     bag = parser.add_argument_group("rosbag2 (MCAP)")
     bag.add_argument("--image-topic", default="/camera/front/image_raw/compressed")
     bag.add_argument("--odom-topic", default="/odom")
@@ -136,6 +139,9 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
     if args.bundle and args.dtype != "auto":
         raise EvalUsageError(f"--dtype {args.dtype} applies to --checkpoint; a bundle runs in the dtype it was "
                              "exported in")
+    from .ray_cli import check_ray_arguments
+
+    check_ray_arguments(args)
     if args.closed_loop:
         from .robot_closed_loop_cli import run_closed_loop_command
 
@@ -146,6 +152,9 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
 
     robot = args.source in ROBOT_SOURCES
     if robot:
+        if args.ray:
+            raise EvalUsageError(f"--ray shards --source {', '.join(SOURCES)} and --closed-loop; --source "
+                                 f"{args.source} plans in one process")
         from .robot_eval import open_robot_source
 
         cameras = None if not args.cameras or args.cameras == "all" else [c.strip() for c in args.cameras.split(",")]
@@ -171,10 +180,16 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
     else:
         schema = driving_schema(found.checkpoint or model_path, spec)
     backend = getattr(args, "backend", "auto")
-    planner = open_planner(found, backend=backend, decoder=settings, device=args.device,
-                           dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens, schema=schema,
-                           cameras=len(getattr(source, "cameras", ("one",))), threads=args.threads or 1,
-                           restore_quantized=restore_quantized, flag=flag, trusted_keys=args.trusted_keys)
+    options = dict(backend=backend, decoder=settings, device=args.device, dtype=args.dtype,
+                   max_prompt_tokens=args.max_prompt_tokens, schema=schema,
+                   cameras=len(getattr(source, "cameras", ("one",))), threads=args.threads or 1,
+                   restore_quantized=restore_quantized, flag=flag, trusted_keys=args.trusted_keys)
+    if args.ray:
+        from .ray_cli import RaySession
+
+        with RaySession(args, found, options) as session:
+            return _replay(args, session.planner, source, found, map_samples=session.replay_mapper())
+    planner = open_planner(found, **options)
     if robot:
         from .robot_eval import run_robot
 
@@ -182,14 +197,21 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
         if args.json:
             print((Path(args.out) / "report" / "metrics.json").read_text(), end="")
         return code
-    header = run_header(source, model_path, planner)
+    return _replay(args, planner, source, found)
+
+
+def _replay(args: argparse.Namespace, planner: Any, source: Source, found: Any, map_samples: Any = None) -> int:
+    """The replay of ``source`` into ``--out`` (``map_samples``: planned on Ray workers), its report and exit code."""
+    backend = getattr(args, "backend", "auto")
+    header = run_header(source, found.path, planner)
     header["backend"] = found.default_backend if backend == "auto" else backend
     if not args.bundle:
         header["dtype"] = getattr(planner.backend, "dtype", None)  # what auto resolved to; a resume must match it
     if found.kind == "quantized":
         header["quantized"] = str(found.quantized.resolve()) if found.quantized else None
     code = evaluate_and_report(planner, source, Path(args.out), header=header, limit=args.limit,
-                               overwrite=args.overwrite, progress=not args.no_progress, quiet=args.json)
+                               overwrite=args.overwrite, progress=not args.no_progress, quiet=args.json,
+                               map_samples=map_samples)
     if args.json:
         from .evaluator import REPORT_DIR
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ BASELINES = {"expert": ExpertPolicy, "cv": lambda world: ConstantVelocityPolicy(
 SUB_SCORES = ("nc", "dac", "ddc", "ep", "ttc", "comfort", "pdms", "pdms_v1_0")
 
 PolicyFactory = Callable[[DriveWorld], DrivePolicy]
+EpisodeMapper = Callable[[Sequence[tuple[str, int]]], Iterable[tuple[dict[str, Any], DriveLog | None]]]
 
 
 def drive_header(config: DriveConfig, seeds: Sequence[int], *, model: str | None = None, backend: str | None = None,
@@ -71,6 +72,18 @@ def episode_record(name: str, seed: int, log: DriveLog, world: DriveWorld) -> di
 def failed_record(seed: int, policy: str, error: BaseException) -> dict[str, Any]:
     return {"sample_id": f"{policy}/{seed}", "status": "failed", "error": f"{type(error).__name__}: {error}",
             "policy": policy, "seed": seed}
+
+
+def drive_one(name: str, factory: PolicyFactory, seed: int, config: DriveConfig,
+              errors: tuple[type[BaseException], ...] = ()) -> tuple[dict[str, Any], DriveLog | None]:
+    """One episode of policy ``name`` (made by ``factory``) from ``seed``: its results line and its log (None when
+    the policy failed with one of ``errors``)."""
+    world = DriveWorld.from_seed(seed)
+    try:
+        log = run_episode(world, factory(world), config)
+    except errors as exc:
+        return failed_record(seed, name, exc), None
+    return episode_record(name, seed, log, world), log
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -113,11 +126,13 @@ def drive_summary(header: dict[str, Any], records: Sequence[dict[str, Any]], ord
 
 def run_drive(policies: Sequence[tuple[str, PolicyFactory]], seeds: Sequence[int], config: DriveConfig, out: Path, *,
               header: dict[str, Any], overwrite: bool = False, errors: tuple[type[BaseException], ...] = (),
-              on_episode: Callable[[dict[str, Any]], None] | None = None, report: bool = True) -> dict[str, Any]:
+              on_episode: Callable[[dict[str, Any]], None] | None = None, report: bool = True,
+              map_episodes: EpisodeMapper | None = None) -> dict[str, Any]:
     """Every (name, factory) policy on every seed into ``out/results.jsonl`` (resuming a run of the same
     settings), then ``out/summary.json`` and, with ``report``, the report
     (:mod:`.drive_closed_loop_report`); returns the summary. ``errors``: what a policy may raise that fails only its
-    episode."""
+    episode. ``map_episodes`` runs the (policy, seed) episodes still to run elsewhere (:mod:`.ray_pool`), yielding
+    :func:`drive_one`'s (record, log) in the order given; this process writes them."""
     from .evaluator import _check_resume
     from .records import read_results
 
@@ -126,22 +141,18 @@ def run_drive(policies: Sequence[tuple[str, PolicyFactory]], seeds: Sequence[int
     if overwrite and path.exists():
         path.unlink()
     done = _check_resume(path, header, keys=RESUME_KEYS) if path.exists() else set()
+    factories = dict(policies)
+    todo = [(name, seed) for seed in seeds for name, _ in policies if f"{name}/{seed}" not in done]
+    if map_episodes is None:
+        map_episodes = lambda jobs: (drive_one(name, factories[name], seed, config, errors)  # noqa: E731
+                                     for name, seed in jobs)
     with ResultsWriter(path, header=header) as writer:
-        for seed in seeds:
-            for name, factory in policies:
-                if f"{name}/{seed}" in done:
-                    continue
-                world = DriveWorld.from_seed(seed)
-                try:
-                    log = run_episode(world, factory(world), config)
-                except errors as exc:
-                    record = failed_record(seed, name, exc)
-                else:
-                    save_trajectory(out, name, seed, log)  # the trajectory first: a record always has its own
-                    record = episode_record(name, seed, log, world)
-                writer.write(record)
-                if on_episode is not None:
-                    on_episode(record)
+        for record, log in map_episodes(todo):
+            if log is not None:  # the trajectory first: a record always has its own
+                save_trajectory(out, record["policy"], record["seed"], log)
+            writer.write(record)
+            if on_episode is not None:
+                on_episode(record)
     _, records = read_results(path)
     wanted = {f"{name}/{s}" for name, _ in policies for s in seeds}
     records = [r for r in records if r["sample_id"] in wanted]

@@ -21,7 +21,7 @@ from ..sim.drive.episode import DriveConfig
 from .drive_closed_loop import BASELINES
 from .replay import driving_schema
 from .robot_closed_loop import ClosedLoopUsageError, parse_seeds
-from .robot_closed_loop_cli import open_closed_loop_planner
+from .robot_closed_loop_cli import open_closed_loop_planner, ray_session
 from .synthetic import HELDOUT_SEED_BASE
 
 if TYPE_CHECKING:
@@ -84,26 +84,33 @@ def check_drive_arguments(args: argparse.Namespace) -> tuple[range, list[str], D
 def run_drive_command(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None = None) -> int:
     """1 when the planner failed every episode, else 0."""
     from ..runtime.backend import BackendError
+    from ..runtime.sources import detect_source
     from .drive_closed_loop import drive_header, headline, progress_line, run_drive
     from .drive_policy import PlannerDrivePolicy
 
     seeds, baselines, config = check_drive_arguments(args)
-    policies: list[tuple[str, Any]] = []
-    header = drive_header(config, seeds)
-    if args.checkpoint or args.bundle:
-        planner, found = open_closed_loop_planner(args, restore_quantized, cameras=1, schema_of=driving_schema)
-        policies.append(("model", lambda world: PlannerDrivePolicy(planner, name="model")))
-        backend = found.default_backend if args.backend == "auto" else args.backend
-        header = drive_header(config, seeds, model=str(Path(args.bundle or args.checkpoint).resolve()),
-                              backend=backend, decoder=planner.settings.to_dict(),
-                              dtype=getattr(planner.backend, "dtype", None))
-    policies += [(name, BASELINES[name]) for name in baselines]
-    if seeds.start < HELDOUT_SEED_BASE:
-        print(f"blockpilot eval: note: --seeds {args.seeds} reaches below {HELDOUT_SEED_BASE}: those scenes are "
-              "training scenes, not held out", file=sys.stderr)
-    out = Path(args.out)
-    summary = run_drive(policies, seeds, config, out, header=header, overwrite=args.overwrite, errors=(BackendError,),
-                        on_episode=None if args.no_progress or args.json else progress_line)
+    with ray_session(args, restore_quantized, cameras=1, schema_of=driving_schema, errors=(BackendError,)) as session:
+        policies: list[tuple[str, Any]] = []
+        header = drive_header(config, seeds)
+        if args.checkpoint or args.bundle:
+            if session:
+                planner, found = session.planner, detect_source(args.bundle or args.checkpoint)
+            else:
+                planner, found = open_closed_loop_planner(args, restore_quantized, cameras=1,
+                                                          schema_of=driving_schema)
+            policies.append(("model", lambda world: PlannerDrivePolicy(planner, name="model")))
+            backend = found.default_backend if args.backend == "auto" else args.backend
+            header = drive_header(config, seeds, model=str(Path(args.bundle or args.checkpoint).resolve()),
+                                  backend=backend, decoder=planner.settings.to_dict(),
+                                  dtype=getattr(planner.backend, "dtype", None))
+        policies += [(name, BASELINES[name]) for name in baselines]
+        if seeds.start < HELDOUT_SEED_BASE:
+            print(f"blockpilot eval: note: --seeds {args.seeds} reaches below {HELDOUT_SEED_BASE}: those scenes are "
+                  "training scenes, not held out", file=sys.stderr)
+        out = Path(args.out)
+        summary = run_drive(policies, seeds, config, out, header=header, overwrite=args.overwrite,
+                            errors=(BackendError,), on_episode=None if args.no_progress or args.json else progress_line,
+                            map_episodes=session.drive_mapper(config) if session else None)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:

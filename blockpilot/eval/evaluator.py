@@ -240,13 +240,20 @@ def _check_resume(path: Path, header: dict[str, Any], keys: Sequence[str] = RESU
     return {r["sample_id"] for r in records}
 
 
-def run_evaluation(planner: PlannerLike, source: Source, out_dir: str | Path, *, header: dict[str, Any],
+# Turns the samples still to plan into their records, in the order given (the default plans them one by one here;
+# :mod:`blockpilot.eval.ray_pool` plans them on Ray workers). The records are written by the caller of the mapper.
+SampleMapper = Callable[[Iterable[EvalSample | SampleFailure]], Iterable[dict[str, Any]]]
+
+
+def run_evaluation(planner: PlannerLike | None, source: Source, out_dir: str | Path, *, header: dict[str, Any],
                    limit: int | None = None, overwrite: bool = False, progress: bool = True,
-                   on_record: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
+                   on_record: Callable[[dict[str, Any]], None] | None = None,
+                   map_samples: SampleMapper | None = None) -> RunSummary:
     """Evaluate every item of ``source`` (the first ``limit``) into ``out_dir/results.jsonl``.
 
     An existing results file for the same settings is resumed: finished samples are not planned
-    again. ``overwrite`` starts from scratch.
+    again. ``overwrite`` starts from scratch. ``map_samples`` plans the samples elsewhere (``planner`` is then
+    unused): it must yield one record per sample, in the order given; this process writes them all.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,18 +265,29 @@ def run_evaluation(planner: PlannerLike, source: Source, out_dir: str | Path, *,
     counts = {"ok": 0, "parse_error": 0, "failed": 0, "skipped": 0}
     bar = SampleProgress(total, enabled=progress)
     written = resumed = 0
-    with ResultsWriter(path, header=header) as writer, contextlib.closing(bar):
-        for index, item in enumerate(_limited(source, limit)):
+
+    def pending() -> Iterable[EvalSample | SampleFailure]:
+        nonlocal resumed
+        for item in _limited(source, limit):
             if item.sample_id in done:
                 resumed += 1
             else:
-                record = evaluate_sample(planner, item)
-                writer.write(record)
-                written += 1
-                counts[record["status"]] += 1
-                if on_record is not None:
-                    on_record(record)
-            bar.update(index + 1, counts)
+                yield item
+
+    if map_samples is None:
+        if planner is None:
+            raise ValueError("run_evaluation needs a planner or map_samples")
+        local: PlannerLike = planner
+        map_samples = lambda items: (evaluate_sample(local, item) for item in items)  # noqa: E731
+    with ResultsWriter(path, header=header) as writer, contextlib.closing(bar):
+        for record in map_samples(pending()):
+            writer.write(record)
+            written += 1
+            counts[record["status"]] += 1
+            if on_record is not None:
+                on_record(record)
+            bar.update(written + resumed, counts)
+        bar.update(written + resumed, counts)
     return RunSummary(results=path, total=total, resumed=resumed, written=written, counts=counts)
 
 

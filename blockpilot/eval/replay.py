@@ -79,13 +79,16 @@ def driving_schema(checkpoint: Path, spec: str | None) -> Any:
 
 
 def evaluate_and_report(planner: Any, source: Source, out: Path, *, header: dict[str, Any], limit: int | None = None,
-                        overwrite: bool = False, progress: bool = True, quiet: bool = False) -> int:
+                        overwrite: bool = False, progress: bool = True, quiet: bool = False,
+                        map_samples: Any = None) -> int:
+    """Replay ``source`` into ``out`` and write the report; ``map_samples``: plan elsewhere (e.g. on Ray workers,
+    :mod:`.ray_pool`; see :func:`~.evaluator.run_evaluation`). 1 when no sample could be planned on, else 0."""
     from .evaluator import REPORT_DIR, run_evaluation
     from .report import write_report
     from .summary import skipped_line
 
     summary = run_evaluation(planner, source, out, header=header, limit=limit, overwrite=overwrite,
-                             progress=progress)
+                             progress=progress, map_samples=map_samples)
     report = write_report(summary.results, out / REPORT_DIR)
     metrics = json.loads((report / "metrics.json").read_text())
     counts = metrics["counts"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,13 +185,26 @@ def closed_loop_header(config: Any, seeds: range, *, execute: int | None = None,
     return header
 
 
+def robot_one(policy: Any, seed: int, config: Any, keep_frames: bool,
+              errors: tuple[type[BaseException], ...] = ()) -> tuple[dict[str, Any], Any]:
+    """One episode of ``policy`` from ``seed``: its results line and its strip of frames (None unless
+    ``keep_frames``)."""
+    from ..sim.robot.closed_loop import run_closed_loop_episode
+
+    episode = run_closed_loop_episode(seed, policy, config, keep_frames=keep_frames, errors=errors)
+    return {"sample_id": f"{policy.name}/{seed}", **episode.to_record()}, episode.frames
+
+
 def run_closed_loop(policies: Sequence[Any], seeds: Sequence[int], config: Any, out: Path, *,
                     header: dict[str, Any], overwrite: bool = False, errors: tuple[type[BaseException], ...] = (),
-                    on_episode: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                    on_episode: Callable[[dict[str, Any]], None] | None = None,
+                    map_episodes: Callable[[Sequence[tuple[int, int]]], Iterable[tuple[dict[str, Any], Any]]]
+                    | None = None) -> dict[str, Any]:
     """Run every policy on every seed into ``out/results.jsonl`` (resuming a run of the same settings), then
     write ``out/summary.json`` and the report; returns the summary. The first policy's episodes keep a strip of
-    frames (``out/frames/``) for the report. ``errors``: what a policy may raise that fails only its episode."""
-    from ..sim.robot.closed_loop import run_closed_loop_episode
+    frames (``out/frames/``) for the report. ``errors``: what a policy may raise that fails only its episode.
+    ``map_episodes`` runs the (policy index, seed) episodes still to run elsewhere (:mod:`.ray_pool`), yielding
+    :func:`robot_one`'s (record, frames) in the order given; this process writes them."""
     from .evaluator import _check_resume
     from .records import read_results
     from .robot_closed_loop_report import write_closed_loop_report
@@ -201,19 +214,17 @@ def run_closed_loop(policies: Sequence[Any], seeds: Sequence[int], config: Any, 
     if overwrite and path.exists():
         path.unlink()
     done = _check_resume(path, header, keys=RESUME_KEYS) if path.exists() else set()
+    todo = [(k, seed) for seed in seeds for k, p in enumerate(policies) if f"{p.name}/{seed}" not in done]
+    if map_episodes is None:
+        map_episodes = lambda jobs: (robot_one(policies[k], seed, config, k == 0, errors)  # noqa: E731
+                                     for k, seed in jobs)
     with ResultsWriter(path, header=header) as writer:
-        for seed in seeds:
-            for k, policy in enumerate(policies):
-                sample_id = f"{policy.name}/{seed}"
-                if sample_id in done:
-                    continue
-                episode = run_closed_loop_episode(seed, policy, config, keep_frames=k == 0, errors=errors)
-                if episode.frames is not None:  # the strip first: a record always has its frames
-                    _save_strip(_strip_path(out, policy.name, seed), episode.frames)
-                record = {"sample_id": sample_id, **episode.to_record()}
-                writer.write(record)
-                if on_episode is not None:
-                    on_episode(record)
+        for record, frames in map_episodes(todo):
+            if frames is not None:  # the strip first: a record always has its frames
+                _save_strip(_strip_path(out, record["policy"], record["seed"]), frames)
+            writer.write(record)
+            if on_episode is not None:
+                on_episode(record)
     _, records = read_results(path)
     wanted = {f"{p.name}/{s}" for p in policies for s in seeds}
     records = [r for r in records if r["sample_id"] in wanted]

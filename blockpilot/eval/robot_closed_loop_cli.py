@@ -107,13 +107,14 @@ def check_closed_loop_arguments(args: argparse.Namespace) -> tuple[Any, range, l
     return config, seeds, baselines
 
 
-def open_closed_loop_planner(args: argparse.Namespace, restore_quantized: RestoreQuantized | None, *,
-                             cameras: int, schema_of: Callable[[Any, str | None], Any]) -> tuple[Any, Any]:
-    """The planner of ``--checkpoint``/``--bundle`` for a closed loop (either world), and what
-    :func:`~blockpilot.runtime.sources.detect_source` found; ``schema_of(checkpoint, --schema)`` resolves the schema
-    of a checkpoint (a bundle decodes with its own)."""
+def closed_loop_planner_options(args: argparse.Namespace, restore_quantized: RestoreQuantized | None, *,
+                                cameras: int, schema_of: Callable[[Any, str | None], Any]
+                                ) -> tuple[Any, dict[str, Any]]:
+    """What :func:`~blockpilot.runtime.sources.detect_source` found of ``--checkpoint``/``--bundle`` and the
+    :func:`~blockpilot.runtime.sources.open_planner` options for a closed loop (either world); ``schema_of(checkpoint,
+    --schema)`` resolves the schema of a checkpoint (a bundle decodes with its own)."""
     from ..runtime.plan_types import DecoderSettings
-    from ..runtime.sources import detect_source, open_planner
+    from ..runtime.sources import detect_source
 
     flag = "--bundle" if args.bundle else "--checkpoint"
     found = detect_source(args.bundle or args.checkpoint, flag=flag,
@@ -124,11 +125,35 @@ def open_closed_loop_planner(args: argparse.Namespace, restore_quantized: Restor
 
         torch.set_num_threads(args.threads)
     settings = DecoderSettings(name=args.decoder, threshold=args.threshold, rollouts=args.rollouts)
-    planner = open_planner(found, backend=args.backend, decoder=settings, device=args.device, dtype=args.dtype,
-                           max_prompt_tokens=args.max_prompt_tokens, schema=schema, cameras=cameras,
-                           threads=args.threads or 1, restore_quantized=restore_quantized, flag=flag,
-                           trusted_keys=args.trusted_keys)
-    return planner, found
+    return found, dict(backend=args.backend, decoder=settings, device=args.device, dtype=args.dtype,
+                       max_prompt_tokens=args.max_prompt_tokens, schema=schema, cameras=cameras,
+                       threads=args.threads or 1, restore_quantized=restore_quantized, flag=flag,
+                       trusted_keys=args.trusted_keys)
+
+
+def open_closed_loop_planner(args: argparse.Namespace, restore_quantized: RestoreQuantized | None, *,
+                             cameras: int, schema_of: Callable[[Any, str | None], Any]) -> tuple[Any, Any]:
+    """The planner of ``--checkpoint``/``--bundle`` for a closed loop (:func:`closed_loop_planner_options`), and what
+    :func:`~blockpilot.runtime.sources.detect_source` found."""
+    from ..runtime.sources import open_planner
+
+    found, options = closed_loop_planner_options(args, restore_quantized, cameras=cameras, schema_of=schema_of)
+    return open_planner(found, **options), found
+
+
+def ray_session(args: argparse.Namespace, restore_quantized: RestoreQuantized | None, *, cameras: int,
+                schema_of: Callable[[Any, str | None], Any], errors: tuple[type[BaseException], ...]) -> Any:
+    """With ``--ray``: a :class:`~.ray_cli.RaySession` of planner workers (baselines only without a model); else a
+    null context (None)."""
+    import contextlib
+
+    if not getattr(args, "ray", None):
+        return contextlib.nullcontext()
+    from .ray_cli import RaySession
+
+    found, options = (None, {}) if not (args.checkpoint or args.bundle) else closed_loop_planner_options(
+        args, restore_quantized, cameras=cameras, schema_of=schema_of)
+    return RaySession(args, found, options, errors)
 
 
 def _robot_schema(checkpoint: Any, spec: str | None) -> Any:
@@ -158,24 +183,29 @@ def run_closed_loop_command(args: argparse.Namespace, *, restore_quantized: Rest
     )
 
     config, seeds, baselines = check_closed_loop_arguments(args)
-    policies: list[Any] = []
-    header = closed_loop_header(config, seeds, execute=args.execute, max_steps=args.max_steps)
-    if args.checkpoint or args.bundle:
-        planner = open_closed_loop_planner(args, restore_quantized, cameras=len(config.cameras),
-                                           schema_of=_robot_schema)[0]
-        policies.append(PlannerPolicy(planner, args.execute))
-        header = closed_loop_header(config, seeds, execute=args.execute, max_steps=args.max_steps, planner=planner,
-                                    model=str(Path(args.bundle or args.checkpoint).resolve()), backend=args.backend)
-    elif args.execute is not None:
-        raise ClosedLoopUsageError("--execute applies to a planner: pass --checkpoint or --bundle")
-    policies += [{"expert": ExpertPolicy, "hold": HoldPolicy}[name]() for name in baselines]
-    if seeds.start < HELD_OUT_START:
-        print(f"blockpilot eval: note: --seeds {args.seeds or DEFAULT_SEEDS} reaches below {HELD_OUT_START}, into the "
-              "seeds training data is recorded from; these episodes are not held out", file=sys.stderr)
-    out = Path(args.out)
-    summary = run_closed_loop(policies, seeds, config, out, header=header, overwrite=args.overwrite,
-                              errors=(BackendError, PlanAnswerError),
-                              on_episode=None if args.no_progress or args.json else progress_line)
+    errors = (BackendError, PlanAnswerError)
+    with ray_session(args, restore_quantized, cameras=len(config.cameras), schema_of=_robot_schema,
+                     errors=errors) as session:
+        policies: list[Any] = []
+        header = closed_loop_header(config, seeds, execute=args.execute, max_steps=args.max_steps)
+        if args.checkpoint or args.bundle:
+            planner = session.planner if session else open_closed_loop_planner(
+                args, restore_quantized, cameras=len(config.cameras), schema_of=_robot_schema)[0]
+            policies.append(PlannerPolicy(planner, args.execute))
+            header = closed_loop_header(config, seeds, execute=args.execute, max_steps=args.max_steps,
+                                        planner=planner, model=str(Path(args.bundle or args.checkpoint).resolve()),
+                                        backend=args.backend)
+        elif args.execute is not None:
+            raise ClosedLoopUsageError("--execute applies to a planner: pass --checkpoint or --bundle")
+        policies += [{"expert": ExpertPolicy, "hold": HoldPolicy}[name]() for name in baselines]
+        if seeds.start < HELD_OUT_START:
+            print(f"blockpilot eval: note: --seeds {args.seeds or DEFAULT_SEEDS} reaches below {HELD_OUT_START}, into "
+                  "the seeds training data is recorded from; these episodes are not held out", file=sys.stderr)
+        out = Path(args.out)
+        mapper = session.robot_mapper([p.name for p in policies], config, args.execute) if session else None
+        summary = run_closed_loop(policies, seeds, config, out, header=header, overwrite=args.overwrite,
+                                  errors=errors, on_episode=None if args.no_progress or args.json else progress_line,
+                                  map_episodes=mapper)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
