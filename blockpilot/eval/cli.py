@@ -136,6 +136,8 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
     if args.bundle and args.dtype != "auto":
         raise EvalUsageError(f"--dtype {args.dtype} applies to --checkpoint; a bundle runs in the dtype it was "
                              "exported in")
+    if getattr(args, "compare_bundle", None) and not args.closed_loop:
+        raise EvalUsageError("--compare-bundle applies to --closed-loop --world driving")
     if args.closed_loop:
         from .robot_closed_loop_cli import run_closed_loop_command
 

@@ -39,7 +39,7 @@ from .summary import percentiles_and_mean
 from .synthetic import HELDOUT_SEED_BASE
 
 RESULTS_FILE, SUMMARY_FILE = "results.jsonl", "summary.json"
-RESUME_KEYS = ("kind", "world", "model", "backend", "decoder", "config")
+RESUME_KEYS = ("kind", "world", "model", "backend", "decoder", "config", "compare")
 BASELINES = {"expert": ExpertPolicy, "cv": lambda world: ConstantVelocityPolicy()}
 SUB_SCORES = ("nc", "dac", "ddc", "ep", "ttc", "comfort", "pdms", "pdms_v1_0")
 
@@ -113,11 +113,13 @@ def drive_summary(header: dict[str, Any], records: Sequence[dict[str, Any]], ord
 
 def run_drive(policies: Sequence[tuple[str, PolicyFactory]], seeds: Sequence[int], config: DriveConfig, out: Path, *,
               header: dict[str, Any], overwrite: bool = False, errors: tuple[type[BaseException], ...] = (),
-              on_episode: Callable[[dict[str, Any]], None] | None = None, report: bool = True) -> dict[str, Any]:
+              on_episode: Callable[[dict[str, Any]], None] | None = None, report: bool = True,
+              pair: tuple[str, str] | None = None) -> dict[str, Any]:
     """Every (name, factory) policy on every seed into ``out/results.jsonl`` (resuming a run of the same
     settings), then ``out/summary.json`` and, with ``report``, the report
     (:mod:`.drive_closed_loop_report`); returns the summary. ``errors``: what a policy may raise that fails only its
-    episode."""
+    episode; ``pair`` (reference, candidate): their paired differences go into the summary as ``paired``
+    (:mod:`.drive_compare`)."""
     from .evaluator import _check_resume
     from .records import read_results
 
@@ -146,6 +148,10 @@ def run_drive(policies: Sequence[tuple[str, PolicyFactory]], seeds: Sequence[int
     wanted = {f"{name}/{s}" for name, _ in policies for s in seeds}
     records = [r for r in records if r["sample_id"] in wanted]
     summary = drive_summary(header, records, [n for n, _ in policies])
+    if pair is not None:
+        from .drive_compare import paired_difference
+
+        summary["paired"] = paired_difference(records, *pair)
     atomic_write(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     if report:
         write_drive_report(summary, records, out)

@@ -75,16 +75,38 @@ def check_drive_arguments(args: argparse.Namespace) -> tuple[range, list[str], D
         existing_dir("--checkpoint", args.checkpoint)
     if args.bundle:
         existing_dir("--bundle", args.bundle, holding="manifest.json")
+    if args.compare_bundle:
+        if not (args.checkpoint or args.bundle):
+            raise ClosedLoopUsageError("--compare-bundle compares against the model: pass --checkpoint or --bundle")
+        existing_dir("--compare-bundle", args.compare_bundle)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out}: exists and is a file; give a directory")
     return seeds, baselines, config
 
 
+def open_compare_planner(args: argparse.Namespace, restore_quantized: RestoreQuantized | None) -> tuple[Any, str]:
+    """The ``--compare-bundle`` planner (bundle, quantize output or checkpoint, on its default backend) with the
+    decoder settings of the model, and its backend's name."""
+    from ..runtime.plan_types import DecoderSettings
+    from ..runtime.sources import detect_source, open_planner
+
+    found = detect_source(args.compare_bundle, flag="--compare-bundle")
+    schema = None if found.kind == "bundle" else driving_schema(found.checkpoint or found.path,
+                                                                getattr(args, "schema", None))
+    settings = DecoderSettings(name=args.decoder, threshold=args.threshold, rollouts=args.rollouts)
+    planner = open_planner(found, decoder=settings, schema=schema, cameras=1, threads=args.threads or 1,
+                           max_prompt_tokens=args.max_prompt_tokens,
+                           restore_quantized=restore_quantized, flag="--compare-bundle",
+                           trusted_keys=args.trusted_keys)
+    return planner, found.default_backend
+
+
 def run_drive_command(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None = None) -> int:
     """1 when the planner failed every episode, else 0."""
     from ..runtime.backend import BackendError
     from .drive_closed_loop import drive_header, headline, progress_line, run_drive
+    from .drive_compare import paired_text
     from .drive_policy import PlannerDrivePolicy
 
     seeds, baselines, config = check_drive_arguments(args)
@@ -97,17 +119,26 @@ def run_drive_command(args: argparse.Namespace, *, restore_quantized: RestoreQua
         header = drive_header(config, seeds, model=str(Path(args.bundle or args.checkpoint).resolve()),
                               backend=backend, decoder=planner.settings.to_dict(),
                               dtype=getattr(planner.backend, "dtype", None))
+    pair = None
+    if args.compare_bundle:
+        other, other_backend = open_compare_planner(args, restore_quantized)
+        policies.append(("compare", lambda world: PlannerDrivePolicy(other, name="compare")))
+        header["compare"] = {"model": str(Path(args.compare_bundle).resolve()), "backend": other_backend,
+                             "dtype": getattr(other.backend, "dtype", None)}
+        pair = ("model", "compare")
     policies += [(name, BASELINES[name]) for name in baselines]
     if seeds.start < HELDOUT_SEED_BASE:
         print(f"blockpilot eval: note: --seeds {args.seeds} reaches below {HELDOUT_SEED_BASE}: those scenes are "
               "training scenes, not held out", file=sys.stderr)
     out = Path(args.out)
     summary = run_drive(policies, seeds, config, out, header=header, overwrite=args.overwrite, errors=(BackendError,),
-                        on_episode=None if args.no_progress or args.json else progress_line)
+                        on_episode=None if args.no_progress or args.json else progress_line, pair=pair)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
         print(headline(summary))
+        if pair:
+            print(paired_text(summary["paired"]))
         print(f"results: {out / 'results.jsonl'}\nsummary: {out / 'summary.json'}")
     model = summary["policies"].get("model")
     if model and model["failed"] == model["episodes"]:
