@@ -10,7 +10,7 @@ by a kill is dropped and run again. ``summary.json`` aggregates per policy: mean
 success rate with its Wilson 95 % interval, infractions per km over the distance driven, the plan latency
 (percentiles over episodes of each episode's mean plan time) and the
 closed-loop overhead (the world's time: rendering, control and stepping, over the plan time); the report
-(``report.md``, ``plots/worst_bev.png``) is :mod:`.drive_closed_loop_report`.
+(``report.html`` and ``report.md`` with its plots) is :mod:`.drive_closed_loop_report`.
 
 Seeds: generated scenes from :data:`~blockpilot.eval.synthetic.HELDOUT_SEED_BASE` on are held out from training.
 """
