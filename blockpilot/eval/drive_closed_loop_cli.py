@@ -42,14 +42,15 @@ def parse_drive_baselines(text: str | None) -> list[str]:
     return names
 
 
-def drive_config(max_steps: int | None) -> DriveConfig:
-    """The episode settings; ``--max-steps``: world steps (0.1 s) the policy drives, at most the scene's rest."""
+def drive_config(max_steps: int | None, *, flag: str = "--max-steps") -> DriveConfig:
+    """The episode settings; ``max_steps`` (``flag``): world steps (0.1 s) the policy drives, at most the scene's
+    rest."""
     config = DriveConfig()
     if max_steps is None:
         return config
     most = round((config.end_s - config.start_s) / SCENE_DT)
     if max_steps > most:
-        raise ClosedLoopUsageError(f"--max-steps {max_steps}: a driving episode has at most {most} steps of "
+        raise ClosedLoopUsageError(f"{flag} {max_steps}: a driving episode has at most {most} steps of "
                                    f"{SCENE_DT} s after the {config.start_s} s warm-up")
     return replace(config, end_s=config.start_s + max_steps * SCENE_DT)
 
