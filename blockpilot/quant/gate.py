@@ -192,7 +192,8 @@ def closed_loop_table(paired: dict[str, Any]) -> str:
         cells = [("n/a" if p[k] is None else f"{p[k]:.3f}") for k in ("reference_mean", "candidate_mean")]
         diff = "n/a" if p["mean_diff"] is None else f"{p['mean_diff']:+.3f}"
         rows.append(f"| closed-loop {name} | {cells[0]} | {cells[1]} | {diff} ({ci}) |")
-    return "| metric | fp32 | quantized | paired difference (95 % CI) |\n|---|---|---|---|\n" + "\n".join(rows)
+    return (f"| metric | {paired['reference']} | {paired['candidate']} | paired difference (95 % CI) |\n"
+            "|---|---|---|---|\n" + "\n".join(rows))
 
 
 def with_closed_loop(result: GateResult | None, paired: dict[str, Any], *, pdms_bound: float = DEFAULT_PDMS_BOUND,
@@ -235,7 +236,7 @@ def run_closed_loop_gate(fp32_policy: Any, candidate_policy: Any, out_dir: Path,
 
 def _policy_factory(policy: Any, name: str) -> Any:
     """A planner becomes a factory of :class:`~blockpilot.eval.drive_policy.PlannerDrivePolicy`; a factory stays."""
-    if hasattr(policy, "plan"):
+    if hasattr(policy, "plan") and not isinstance(policy, type):  # a planner (a policy class is a factory)
         from ..eval.drive_policy import PlannerDrivePolicy
 
         return lambda world: PlannerDrivePolicy(policy, name=name)
