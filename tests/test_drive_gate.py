@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from blockpilot.cli import main
+from blockpilot.eval.drive_closed_loop_cli import drive_config
 from blockpilot.eval.drive_compare import bootstrap_mean_ci, paired_difference
 from blockpilot.eval.synthetic import HELDOUT_SEED_BASE
 from blockpilot.quant.gate import QualityGateError, finish_gate, run_closed_loop_gate, with_closed_loop
@@ -119,7 +120,7 @@ def test_closed_loop_gate_flags_are_refused_before_any_work(
 
 def test_the_gate_fails_a_build_that_drives_worse(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     paired = run_closed_loop_gate(ExpertPolicy, lambda world: StandStill(), tmp_path / "loop", episodes=2,
-                                  max_steps=20, candidate="stand-still")
+                                  config=drive_config(20), candidate="stand-still")
     assert paired["episodes"] == 2 and paired["pdms"]["mean_diff"] < -0.05
     assert with_closed_loop(None, paired, pdms_bound=0.99).passed  # a bound wider than the drop passes
     result = with_closed_loop(None, paired, pdms_bound=0.0)

@@ -25,6 +25,7 @@ def gate_dir_for(bundle: Path) -> Path:
 def run_export_gate(args: argparse.Namespace, bundle: Path) -> int:
     """Gate ``bundle`` against ``args.checkpoint`` in the closed loop; 0 when it passed, else
     :class:`~blockpilot.quant.gate.QualityGateError`."""
+    from ..eval.drive_closed_loop_cli import drive_config
     from ..eval.replay import driving_schema
     from ..quant.cli import closed_loop_line
     from ..runtime.sources import detect_source, open_planner
@@ -35,8 +36,9 @@ def run_export_gate(args: argparse.Namespace, bundle: Path) -> int:
                         kinds=("checkpoint",), flag="--checkpoint")
     candidate = open_planner(bundle, kinds=("bundle",), flag="--out")
     gate_dir = gate_dir_for(bundle)
+    config = drive_config(args.gate_max_steps, flag="--gate-max-steps")
     paired = run_closed_loop_gate(fp32, candidate, gate_dir / CLOSED_LOOP_DIR, episodes=args.gate_closed_loop,
-                                  max_steps=args.gate_max_steps, candidate="bundle",
+                                  config=config, candidate="bundle",
                                   progress=not (args.quiet or getattr(args, "json", False)))
     result = with_closed_loop(None, paired, pdms_bound=args.gate_pdms_bound, run_dir=gate_dir / CLOSED_LOOP_DIR)
     return finish_gate(result, gate_dir, closed_loop_line(paired, args.gate_pdms_bound),

@@ -235,9 +235,12 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"L2@3s {_metres(result.l2_3s_fp32)} -> {_metres(result.l2_3s_quant)} m on {result.samples} "
                      f"samples, bound {args.gate_bound:.0%}")
     if args.gate_closed_loop:
+        from ..eval.drive_closed_loop_cli import drive_config
+
+        config = drive_config(args.gate_max_steps, flag="--gate-max-steps")
         paired = run_closed_loop_gate(fp32, outcome.planner, gate_dir / CLOSED_LOOP_DIR,
-                                      episodes=args.gate_closed_loop, max_steps=args.gate_max_steps,
-                                      candidate=recipe.name, progress=progress)
+                                      episodes=args.gate_closed_loop, config=config, candidate=recipe.name,
+                                      progress=progress)
         result = with_closed_loop(result, paired, pdms_bound=args.gate_pdms_bound, run_dir=gate_dir / CLOSED_LOOP_DIR)
         lines.append(closed_loop_line(paired, args.gate_pdms_bound))
     assert result is not None

@@ -30,6 +30,7 @@ from ..errors import BlockpilotError
 from ..eval.compare import compare_runs, format_comparison
 from ..eval.replay import evaluate_and_report, run_header
 from ..eval.types import Source
+from ..sim.drive.episode import DriveConfig
 
 DEFAULT_L2_BOUND = 0.05
 DEFAULT_PARSE_DROP = 0.0
@@ -213,18 +214,17 @@ def with_closed_loop(result: GateResult | None, paired: dict[str, Any], *, pdms_
 
 
 def run_closed_loop_gate(fp32_policy: Any, candidate_policy: Any, out_dir: Path, *, episodes: int,
-                         max_steps: int | None = None, candidate: str = "quantized",
+                         config: DriveConfig | None = None, candidate: str = "quantized",
                          progress: bool = False) -> dict[str, Any]:
-    """Drive ``episodes`` held-out seeds with both policies (``(world) -> DrivePolicy`` factories, or planners)
-    into ``out_dir`` (a closed-loop run: results, summary, report; started afresh) and return their paired
-    differences, fp32 the reference."""
+    """Drive ``episodes`` held-out seeds (``config``: the episode settings) with both policies (planners, or
+    ``(world) -> DrivePolicy`` factories) into ``out_dir`` (a closed-loop run: results, summary, report; started
+    afresh) and return their paired differences, fp32 the reference."""
     from ..eval.drive_closed_loop import drive_header, progress_line, run_drive
-    from ..eval.drive_closed_loop_cli import drive_config
     from ..eval.synthetic import HELDOUT_SEED_BASE
     from ..runtime.backend import BackendError
 
     seeds = range(HELDOUT_SEED_BASE, HELDOUT_SEED_BASE + episodes)
-    config = drive_config(max_steps, flag="--gate-max-steps")
+    config = config or DriveConfig()
     policies = [("fp32", _policy_factory(fp32_policy, "fp32")),
                 (candidate, _policy_factory(candidate_policy, candidate))]
     summary = run_drive(policies, seeds, config, out_dir, header=drive_header(config, seeds), overwrite=True,
