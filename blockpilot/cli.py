@@ -75,10 +75,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     signer = load_signing_key(args.sign) if args.sign else None  # a bad key is refused before any work
     from .export.targets import check_export_request
-
-    targets = check_export_request(args.target, args.recipe)
     from .quant.cli import check_closed_loop_gate
 
+    targets = check_export_request(args.target, args.recipe)
     check_closed_loop_gate(args)
     require_extra("torch", "export", "export (tracing the checkpoint)")
     if args.recipe:
@@ -302,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "device); cpu: no engines (the ONNX Runtime graphs every bundle has); the names "
                              "`blockpilot quantize --target` takes")
     export.add_argument("--engine-precision", default="fp16", choices=["fp32", "fp16"], help="engine precision")
-    from .quant.cli import RECIPE_NAMES
+    from .quant.cli import RECIPE_NAMES, add_closed_loop_gate_arguments
 
     export.add_argument("--recipe", default=None, choices=RECIPE_NAMES,
                         help="quantize with modelopt first; each --target's precision gate must allow the recipe "
@@ -322,10 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TensorRT timing cache file, read and updated by every engine build (TensorRT proper)")
     export.add_argument("--sign", default=None, metavar="KEY",
                         help="sign the manifest with this Ed25519 private key (PKCS#8 PEM, from blockpilot keygen)")
-    from .quant.cli import add_closed_loop_gate_arguments
-
-    add_closed_loop_gate_arguments(export.add_argument_group("closed-loop quality gate (the bundle against the "
-                                                             "checkpoint, beside it in <out>-gate/)"))
+    add_closed_loop_gate_arguments(export.add_argument_group("closed-loop gate (bundle vs checkpoint, <out>-gate/)"))
     add_schema_option(export)
     add_json_option(export)
     export.set_defaults(func=_cmd_export)

@@ -83,11 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_closed_loop_gate_arguments(group: Any) -> None:
     """``--gate-closed-loop``, ``--gate-pdms-bound``, ``--gate-max-steps`` (``quantize`` and ``export``)."""
     group.add_argument("--gate-closed-loop", type=positive_int, default=None, metavar="EPISODES",
-                       help="also drive EPISODES held-out seeds of the synthetic driving world with fp32 and the "
-                            "quantized build; fail when the mean PDMS drops by more than --gate-pdms-bound")
-    group.add_argument("--gate-pdms-bound", type=bounded(float, 0.0, 1.0), default=0.05,
+                       help="drive EPISODES held-out seeds of the synthetic driving world with the fp32 model and "
+                            "the build (quantized model, bundle); fail when the build's mean PDMS is more than "
+                            "--gate-pdms-bound below fp32's")
+    group.add_argument("--gate-pdms-bound", type=bounded(float, 0.0, 1.0), default=0.05, metavar="B",
                        help="allowed drop of the closed-loop mean PDMS (0..1, default 0.05)")
-    group.add_argument("--gate-max-steps", type=positive_int, default=None,
+    group.add_argument("--gate-max-steps", type=positive_int, default=None, metavar="N",
                        help="closed-loop world steps (0.1 s) per episode after the warm-up (default: the whole "
                             "episode)")
 
