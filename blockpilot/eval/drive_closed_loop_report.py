@@ -55,8 +55,9 @@ def report_blocks(summary: dict[str, Any], records: Sequence[dict[str, Any]],
     compare = h.get("compare")
     blocks: list[Block] = [
         ("h1", TITLE),
-        ("p", f"Seeds {h['seeds'][0]}..{h['seeds'][1] - 1} (held out from {h['held_out_start']}); model "
-              f"{h['model'] or '(baselines only)'}, backend {h['backend'] or '-'}"
+        ("p", f"Seeds {h['seeds'][0]}..{h['seeds'][1] - 1} (held out from {h['held_out_start']}); "
+              + (f"model {h['model']}, backend {h['backend']}" if h["model"] else
+                 f"policies {', '.join(summary['policies'])}")
               + (f"; compare {compare['model']}, backend {compare['backend']}" if compare else "")
               + f". Episodes run {h['config']['start_s']}..{h['config']['end_s']} s, planning every "
                 f"{h['config']['plan_period_s']} s."),
