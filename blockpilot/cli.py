@@ -75,8 +75,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     signer = load_signing_key(args.sign) if args.sign else None  # a bad key is refused before any work
     from .export.targets import check_export_request
+    from .quant.cli import check_closed_loop_gate
 
     targets = check_export_request(args.target, args.recipe)
+    check_closed_loop_gate(args)
     require_extra("torch", "export", "export (tracing the checkpoint)")
     if args.recipe:
         require_extra("modelopt", "quant", f"export --recipe {args.recipe}")
@@ -91,6 +93,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
                             schema=args.schema, image_sizes=tuple(args.image_size or ()),
                             cameras=args.cameras, dtype=args.dtype, sign=signer)
     emit(args, dataclasses.asdict(summary), summary.table())
+    if args.gate_closed_loop:
+        from .export.gate_cli import run_export_gate
+
+        return run_export_gate(args, Path(args.out))
     return 0
 
 
@@ -216,10 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="blockpilot",
         description="Deploy block-diffusion vision-language-action models on robots and cars.",
-        epilog="exit status: 0 done; 1 a check failed (verify, eval, quantize --gate, bench) or eval compare "
-               "found nothing to compare; 2 bad input (one line on stderr names the flag or file); 3 plan's answer "
-               "did not parse; 130 interrupted. --json on any command that has it prints JSON on stdout instead "
-               "of text.",
+        epilog="exit status: 0 done; 1 a check failed (verify, eval, quantize --gate, export --gate-closed-loop, "
+               "bench) or eval compare found nothing to compare; 2 bad input (one line on stderr names the flag or "
+               "file); 3 plan's answer did not parse; 130 interrupted. --json on any command that has it prints "
+               "JSON on stdout instead of text.",
     )
     parser.add_argument("--version", action="version", version=f"blockpilot {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -284,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "device); cpu: no engines (the ONNX Runtime graphs every bundle has); the names "
                              "`blockpilot quantize --target` takes")
     export.add_argument("--engine-precision", default="fp16", choices=["fp32", "fp16"], help="engine precision")
-    from .quant.cli import RECIPE_NAMES
+    from .quant.cli import RECIPE_NAMES, add_closed_loop_gate_arguments
 
     export.add_argument("--recipe", default=None, choices=RECIPE_NAMES,
                         help="quantize with modelopt first; each --target's precision gate must allow the recipe "
@@ -304,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TensorRT timing cache file, read and updated by every engine build (TensorRT proper)")
     export.add_argument("--sign", default=None, metavar="KEY",
                         help="sign the manifest with this Ed25519 private key (PKCS#8 PEM, from blockpilot keygen)")
+    add_closed_loop_gate_arguments(export.add_argument_group("closed-loop gate (bundle vs checkpoint, <out>-gate/)"))
     add_schema_option(export)
     add_json_option(export)
     export.set_defaults(func=_cmd_export)

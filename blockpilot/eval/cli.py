@@ -142,6 +142,8 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
     from .ray_cli import check_ray_arguments
 
     check_ray_arguments(args)
+    if getattr(args, "compare_bundle", None) and not args.closed_loop:
+        raise EvalUsageError("--compare-bundle applies to --closed-loop --world driving")
     if args.closed_loop:
         from .robot_closed_loop_cli import run_closed_loop_command
 

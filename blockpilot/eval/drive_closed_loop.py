@@ -10,7 +10,7 @@ by a kill is dropped and run again. ``summary.json`` aggregates per policy: mean
 success rate with its Wilson 95 % interval, infractions per km over the distance driven, the plan latency
 (percentiles over episodes of each episode's mean plan time) and the
 closed-loop overhead (the world's time: rendering, control and stepping, over the plan time); the report
-(``report.md``, ``plots/worst_bev.png``) is :mod:`.drive_closed_loop_report`.
+(``report.html`` and ``report.md`` with its plots) is :mod:`.drive_closed_loop_report`.
 
 Seeds: generated scenes from :data:`~blockpilot.eval.synthetic.HELDOUT_SEED_BASE` on are held out from training.
 """
@@ -39,7 +39,7 @@ from .summary import percentiles_and_mean
 from .synthetic import HELDOUT_SEED_BASE
 
 RESULTS_FILE, SUMMARY_FILE = "results.jsonl", "summary.json"
-RESUME_KEYS = ("kind", "world", "model", "backend", "decoder", "config")
+RESUME_KEYS = ("kind", "world", "model", "backend", "decoder", "config", "compare")
 BASELINES = {"expert": ExpertPolicy, "cv": lambda world: ConstantVelocityPolicy()}
 SUB_SCORES = ("nc", "dac", "ddc", "ep", "ttc", "comfort", "pdms", "pdms_v1_0")
 
@@ -127,12 +127,14 @@ def drive_summary(header: dict[str, Any], records: Sequence[dict[str, Any]], ord
 def run_drive(policies: Sequence[tuple[str, PolicyFactory]], seeds: Sequence[int], config: DriveConfig, out: Path, *,
               header: dict[str, Any], overwrite: bool = False, errors: tuple[type[BaseException], ...] = (),
               on_episode: Callable[[dict[str, Any]], None] | None = None, report: bool = True,
-              map_episodes: EpisodeMapper | None = None) -> dict[str, Any]:
+              map_episodes: EpisodeMapper | None = None,
+              pair: tuple[str, str] | None = None) -> dict[str, Any]:
     """Every (name, factory) policy on every seed into ``out/results.jsonl`` (resuming a run of the same
     settings), then ``out/summary.json`` and, with ``report``, the report
     (:mod:`.drive_closed_loop_report`); returns the summary. ``errors``: what a policy may raise that fails only its
     episode. ``map_episodes`` runs the (policy, seed) episodes still to run elsewhere (:mod:`.ray_pool`), yielding
-    :func:`drive_one`'s (record, log) in the order given; this process writes them."""
+    :func:`drive_one`'s (record, log) in the order given; this process writes them. ``pair`` (reference,
+    candidate): their paired differences go into the summary as ``paired`` (:mod:`.drive_compare`)."""
     from .evaluator import _check_resume
     from .records import read_results
 
@@ -157,6 +159,10 @@ def run_drive(policies: Sequence[tuple[str, PolicyFactory]], seeds: Sequence[int
     wanted = {f"{name}/{s}" for name, _ in policies for s in seeds}
     records = [r for r in records if r["sample_id"] in wanted]
     summary = drive_summary(header, records, [n for n, _ in policies])
+    if pair is not None:
+        from .drive_compare import paired_difference
+
+        summary["paired"] = paired_difference(records, *pair)
     atomic_write(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     if report:
         write_drive_report(summary, records, out)

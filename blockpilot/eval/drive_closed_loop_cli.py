@@ -42,14 +42,15 @@ def parse_drive_baselines(text: str | None) -> list[str]:
     return names
 
 
-def drive_config(max_steps: int | None) -> DriveConfig:
-    """The episode settings; ``--max-steps``: world steps (0.1 s) the policy drives, at most the scene's rest."""
+def drive_config(max_steps: int | None, *, flag: str = "--max-steps") -> DriveConfig:
+    """The episode settings; ``max_steps`` (``flag``): world steps (0.1 s) the policy drives, at most the scene's
+    rest."""
     config = DriveConfig()
     if max_steps is None:
         return config
     most = round((config.end_s - config.start_s) / SCENE_DT)
     if max_steps > most:
-        raise ClosedLoopUsageError(f"--max-steps {max_steps}: a driving episode has at most {most} steps of "
+        raise ClosedLoopUsageError(f"{flag} {max_steps}: a driving episode has at most {most} steps of "
                                    f"{SCENE_DT} s after the {config.start_s} s warm-up")
     return replace(config, end_s=config.start_s + max_steps * SCENE_DT)
 
@@ -75,10 +76,34 @@ def check_drive_arguments(args: argparse.Namespace) -> tuple[range, list[str], D
         existing_dir("--checkpoint", args.checkpoint)
     if args.bundle:
         existing_dir("--bundle", args.bundle, holding="manifest.json")
+    if args.compare_bundle:
+        if not (args.checkpoint or args.bundle):
+            raise ClosedLoopUsageError("--compare-bundle compares against the model: pass --checkpoint or --bundle")
+        if getattr(args, "ray", None) is not None:
+            raise ClosedLoopUsageError("--compare-bundle runs in this process: drop --ray (a Ray worker opens one "
+                                       "planner)")
+        existing_dir("--compare-bundle", args.compare_bundle)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out}: exists and is a file; give a directory")
     return seeds, baselines, config
+
+
+def open_compare_planner(args: argparse.Namespace, restore_quantized: RestoreQuantized | None) -> tuple[Any, str]:
+    """The ``--compare-bundle`` planner (bundle, quantize output or checkpoint, on its default backend) with the
+    decoder settings of the model, and its backend's name."""
+    from ..runtime.plan_types import DecoderSettings
+    from ..runtime.sources import detect_source, open_planner
+
+    found = detect_source(args.compare_bundle, flag="--compare-bundle")
+    schema = None if found.kind == "bundle" else driving_schema(found.checkpoint or found.path,
+                                                                getattr(args, "schema", None))
+    settings = DecoderSettings(name=args.decoder, threshold=args.threshold, rollouts=args.rollouts)
+    planner = open_planner(found, decoder=settings, schema=schema, cameras=1, threads=args.threads or 1,
+                           max_prompt_tokens=args.max_prompt_tokens,
+                           restore_quantized=restore_quantized, flag="--compare-bundle",
+                           trusted_keys=args.trusted_keys)
+    return planner, found.default_backend
 
 
 def run_drive_command(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None = None) -> int:
@@ -86,6 +111,7 @@ def run_drive_command(args: argparse.Namespace, *, restore_quantized: RestoreQua
     from ..runtime.backend import BackendError
     from ..runtime.sources import detect_source
     from .drive_closed_loop import drive_header, headline, progress_line, run_drive
+    from .drive_compare import paired_text
     from .drive_policy import PlannerDrivePolicy
 
     seeds, baselines, config = check_drive_arguments(args)
@@ -103,6 +129,13 @@ def run_drive_command(args: argparse.Namespace, *, restore_quantized: RestoreQua
             header = drive_header(config, seeds, model=str(Path(args.bundle or args.checkpoint).resolve()),
                                   backend=backend, decoder=planner.settings.to_dict(),
                                   dtype=getattr(planner.backend, "dtype", None))
+        pair = None
+        if args.compare_bundle:
+            other, other_backend = open_compare_planner(args, restore_quantized)
+            policies.append(("compare", lambda world: PlannerDrivePolicy(other, name="compare")))
+            header["compare"] = {"model": str(Path(args.compare_bundle).resolve()), "backend": other_backend,
+                                 "dtype": getattr(other.backend, "dtype", None)}
+            pair = ("model", "compare")
         policies += [(name, BASELINES[name]) for name in baselines]
         if seeds.start < HELDOUT_SEED_BASE:
             print(f"blockpilot eval: note: --seeds {args.seeds} reaches below {HELDOUT_SEED_BASE}: those scenes are "
@@ -110,11 +143,13 @@ def run_drive_command(args: argparse.Namespace, *, restore_quantized: RestoreQua
         out = Path(args.out)
         summary = run_drive(policies, seeds, config, out, header=header, overwrite=args.overwrite,
                             errors=(BackendError,), on_episode=None if args.no_progress or args.json else progress_line,
-                            map_episodes=session.drive_mapper(config) if session else None)
+                            map_episodes=session.drive_mapper(config) if session else None, pair=pair)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
         print(headline(summary))
+        if pair:
+            print(paired_text(summary["paired"]))
         print(f"results: {out / 'results.jsonl'}\nsummary: {out / 'summary.json'}")
     model = summary["policies"].get("model")
     if model and model["failed"] == model["episodes"]:

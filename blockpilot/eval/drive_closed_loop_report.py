@@ -1,4 +1,6 @@
-"""The closed-loop driving report: ``report.md`` (every policy's scores side by side) and a bird's-eye strip of the
+"""The closed-loop driving report, in the replay report's look (:mod:`.report`'s blocks, rendered as ``report.html``
+and ``report.md``): every policy's scores side by side, the paired differences of a ``--compare-bundle`` run, the
+sub-score bars and score distributions (:mod:`.drive_plots`), a per-episode table and a bird's-eye strip of the
 first policy's worst episodes (``plots/worst_bev.png``), drawn from the trajectories the run keeps
 (``trajectories/<policy>-<seed>.npz``: the ego (T, 5), the agents (T, A, 5), the take-over step) over the lanes of the
 regenerated scene. matplotlib (the ``eval`` extra) is imported only to draw.
@@ -15,9 +17,13 @@ import numpy as np
 from ..atomic_io import atomic_open, atomic_write
 from ..sim.drive.episode import DriveLog
 from ..sim.generator import generate_scene
+from .drive_compare import PAIRED_SCORES
+from .drive_plots import write_drive_plots
 from .plots import AGENT, AGENT_OTHER, INK, MODEL, new_figure, rgb, save_png
+from .report import Block, to_html, to_markdown
 
-TRAJECTORIES_DIR, REPORT_FILE, BEV_FILE = "trajectories", "report.md", "worst_bev.png"
+TRAJECTORIES_DIR, REPORT_FILE, HTML_FILE, BEV_FILE = "trajectories", "report.md", "report.html", "worst_bev.png"
+TITLE = "Closed-loop driving"
 PANEL_PX = 420
 COLUMNS = (("PDMS", "pdms"), ("NC", "nc"), ("DAC", "dac"), ("DDC", "ddc"), ("EP", "ep"), ("TTC", "ttc"),
            ("C", "comfort"), ("RC", "route_completion"), ("DS", "driving_score"))
@@ -34,33 +40,66 @@ def save_trajectory(out: Path, policy: str, seed: int, log: DriveLog) -> None:
         np.savez_compressed(f, ego=log.ego, agents=log.agents, start_step=np.array(log.start_step))
 
 
-def _cell(value: Any) -> str:
-    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}"
 
 
-def report_markdown(summary: dict[str, Any]) -> str:
+def _three(value: float | None, sign: str = "") -> str:
+    return "n/a" if value is None else f"{value:{sign}.3f}"
+
+
+def report_blocks(summary: dict[str, Any], records: Sequence[dict[str, Any]],
+                  plots: dict[str, Path]) -> list[Block]:
+    """The report's content as the replay report's blocks (:func:`~blockpilot.eval.report.to_html`)."""
     h = summary["header"]
-    lines = ["# Closed-loop driving", "",
-             f"Seeds {h['seeds'][0]}..{h['seeds'][1] - 1} (held out from {h['held_out_start']}); model "
-             f"{h['model'] or '(baselines only)'}, backend {h['backend'] or '-'}. Episodes run "
-             f"{h['config']['start_s']}..{h['config']['end_s']} s, planning every {h['config']['plan_period_s']} s.",
-             "PDMS: NAVSIM v1.1 = NC x DAC x DDC x (5 EP + 5 TTC + 2 C) / 12; RC, DS: Bench2Drive / CARLA leaderboard.",
-             "", "| policy | episodes | " + " | ".join(c for c, _ in COLUMNS)
-             + " | success (95 % CI) | infractions/km | plan ms p50 | overhead/plan |",
-             "|---|---|" + "---|" * len(COLUMNS) + "---|---|---|---|"]
-    for name, s in summary["policies"].items():
-        ci = s["success_ci95"] or [0.0, 0.0]
-        success = f"{100 * (s['success_rate'] or 0):.0f} % ({100 * ci[0]:.0f}..{100 * ci[1]:.0f})"
-        lines.append(f"| {name} | {s['episodes']} | " + " | ".join(_cell(s[k]) for _, k in COLUMNS)
-                     + f" | {success} | {_cell(s['infractions_per_km'])} | {_cell(s['plan_ms']['p50'])} | "
-                       f"{_cell(s['overhead_vs_plan'])} |")
-    lines += ["", "Infractions (all episodes): " + "; ".join(
-        f"{name}: " + (", ".join(f"{k} {n}" for k, n in s["infractions"].items() if n) or "none")
-        for name, s in summary["policies"].items())]
+    compare = h.get("compare")
+    blocks: list[Block] = [
+        ("h1", TITLE),
+        ("p", f"Seeds {h['seeds'][0]}..{h['seeds'][1] - 1} (held out from {h['held_out_start']}); "
+              + (f"model {h['model']}, backend {h['backend']}" if h["model"] else
+                 f"policies {', '.join(summary['policies'])}")
+              + (f"; compare {compare['model']}, backend {compare['backend']}" if compare else "")
+              + f". Episodes run {h['config']['start_s']}..{h['config']['end_s']} s, planning every "
+                f"{h['config']['plan_period_s']} s."),
+        ("p", "PDMS: NAVSIM v1.1 = NC x DAC x DDC x (5 EP + 5 TTC + 2 C) / 12; RC, DS: Bench2Drive / CARLA "
+              "leaderboard. A failed episode scores 0."),
+        ("h2", "Policies"),
+        ("table", ["policy", "episodes", *(c for c, _ in COLUMNS), "success % (95 % CI)", "infractions/km",
+                   "plan ms p50", "overhead/plan", "failed"],
+         [[name, s["episodes"], *(s[k] for _, k in COLUMNS),
+           f"{_pct(s['success_rate'])} ({_pct((s['success_ci95'] or [None])[0])}.."
+           f"{_pct((s['success_ci95'] or [None, None])[1])})",
+           s["infractions_per_km"], s["plan_ms"]["p50"], s["overhead_vs_plan"], s["failed"]]
+          for name, s in summary["policies"].items()]),
+        ("p", "Infractions (all episodes): " + "; ".join(
+            f"{name}: " + (", ".join(f"{k} {n}" for k, n in s["infractions"].items() if n) or "none")
+            for name, s in summary["policies"].items()))]
+    paired = summary.get("paired")
+    if paired:
+        blocks += [("h2", f"Paired: {paired['candidate']} - {paired['reference']}"),
+                   ("table", ["score", "episodes", paired["reference"], paired["candidate"], "mean difference",
+                              "95 % CI low", "95 % CI high", "sd"],
+                    [[name, paired["episodes"], *(_three(v) for v in (p["reference_mean"], p["candidate_mean"])),
+                      *(_three(v, "+") for v in (p["mean_diff"], *(p["ci95"] or [None, None]))), _three(p["sd_diff"])]
+                     for name, p in ((k, paired[k]) for k, _, _ in PAIRED_SCORES)]),
+                   ("p", "Per seed, the candidate's score minus the reference's; the interval is a percentile "
+                         "bootstrap of the mean over the seeds (negative: the candidate drove worse).")]
+    blocks += [("img", "sub-scores per policy", f"plots/{plots['subscores'].name}"),
+               ("img", "PDMS and driving score per episode", f"plots/{plots['distribution'].name}")]
     if summary["worst"]:
         worst = ", ".join(f"{w['policy']} seed {w['seed']} (PDMS {w['pdms']:.2f})" for w in summary["worst"])
-        lines += ["", f"Worst episodes: {worst}.", "", f"![worst episodes](plots/{BEV_FILE})"]
-    return "\n".join(lines) + "\n"
+        blocks += [("h2", "Worst episodes"), ("p", f"{worst}.")]
+        if "bev" in plots:
+            blocks.append(("img", "worst episodes, bird's-eye view", f"plots/{plots['bev'].name}"))
+    rows = [[r["policy"], r["seed"], r["status"], r.get("layout"), r.get("route_command"),
+             *((r["pdm"][k] if k in r["pdm"] else r["driving"][k]) if r["status"] == "ok" else None
+               for _, k in COLUMNS),
+             r["driving"]["success"] if r["status"] == "ok" else False, len(r.get("collisions") or []),
+             r.get("plans"), r.get("error")] for r in records]
+    blocks += [("h2", f"Episodes ({len(records)})"),
+               ("table", ["policy", "seed", "status", "layout", "command", *(c for c, _ in COLUMNS), "success",
+                          "collisions", "plans", "error"], rows)]
+    return blocks
 
 
 def _panel(ax: Any, seed: int, data: Any, title: str) -> None:
@@ -86,7 +125,10 @@ def _panel(ax: Any, seed: int, data: Any, title: str) -> None:
 
 
 def write_drive_report(summary: dict[str, Any], records: Sequence[dict[str, Any]], out: Path) -> Path:
-    """``report.md`` and, when trajectories are there, ``plots/worst_bev.png``; returns the report's path."""
+    """``report.html`` and ``report.md`` (the same content), ``plots/subscores.png``,
+    ``plots/score_distribution.png`` and, when trajectories are there, ``plots/worst_bev.png``; every file written
+    atomically. Returns the HTML report's path."""
+    plots = write_drive_plots(summary, records, out / "plots")
     worst = [w for w in summary["worst"] if trajectory_path(out, w["policy"], w["seed"]).is_file()]
     if worst:
         figure = new_figure((PANEL_PX * len(worst), PANEL_PX + 20))
@@ -100,7 +142,9 @@ def write_drive_report(summary: dict[str, Any], records: Sequence[dict[str, Any]
                 _panel(ax, int(w["seed"]), data, f"{w['policy']} seed {w['seed']}: PDMS {w['pdms']:.2f}{what}")
         figure.tight_layout()
         (out / "plots").mkdir(parents=True, exist_ok=True)
-        save_png(figure, out / "plots" / BEV_FILE)
-    path = out / REPORT_FILE
-    atomic_write(path, report_markdown(summary))
+        plots["bev"] = save_png(figure, out / "plots" / BEV_FILE)
+    blocks = report_blocks(summary, records, plots)
+    atomic_write(out / REPORT_FILE, to_markdown(blocks))
+    path = out / HTML_FILE
+    atomic_write(path, to_html(blocks, TITLE))
     return path

@@ -40,6 +40,10 @@ def add_closed_loop_arguments(parser: argparse.ArgumentParser) -> None:
                        help="comma-separated baselines run beside the model: expert, hold (driving: expert, cv), "
                             "or none (default: both)")
     group.add_argument("--max-steps", type=positive_int, default=None, help="episode step limit (default: the task's)")
+    group.add_argument("--compare-bundle", default=None, metavar="SOURCE",
+                       help="--world driving: a second build (bundle, quantize output or checkpoint; backend auto) "
+                            "driven on the same seeds as policy 'compare', with paired PDMS / driving score "
+                            "differences against the model")
     group.add_argument("--image-size", type=positive_int, default=128,
                        help="camera frame size in pixels (default 128, as the recorded demonstrations)")
 
@@ -170,6 +174,8 @@ def run_closed_loop_command(args: argparse.Namespace, *, restore_quantized: Rest
         from .drive_closed_loop_cli import run_drive_command
 
         return run_drive_command(args, restore_quantized=restore_quantized)
+    if getattr(args, "compare_bundle", None):
+        raise ClosedLoopUsageError("--compare-bundle applies to --world driving")
 
     from ..runtime.backend import BackendError
     from ..sim.robot.closed_loop import ExpertPolicy, HoldPolicy

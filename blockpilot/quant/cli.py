@@ -1,5 +1,6 @@
 """``blockpilot quantize``: recipe -> target gate -> calibration -> modelopt -> saved model, with an
-optional sensitivity report and the replay quality gate against the full-precision model."""
+optional sensitivity report and the quality gate against the full-precision model (replay: ``--gate``; closed-loop
+driving: ``--gate-closed-loop``; either or both, one verdict in ``gate/gate.json``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from ..atomic_io import atomic_write
 from ..cli_common import (
     UserError,
+    bounded,
     existing_dir,
     existing_path,
     fraction,
@@ -68,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gate.add_argument("--gate-dataroot", default=None, help="dataset for --gate-source nuscenes/wod/mcap")
     gate.add_argument("--gate-scenes", type=positive_int, default=4, help="held-out generated scenes for synthetic")
     gate.add_argument("--gate-limit", type=positive_int, default=None, help="replay only the first N samples")
+    add_closed_loop_gate_arguments(gate)
     parser.add_argument("--decoder", default="scaffold", choices=["ar", "block", "scaffold"])
     parser.add_argument("--out", default=None, help="output dir (default runs/quant/<recipe>)")
     parser.add_argument("--quiet", action="store_true",
@@ -75,6 +78,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..vla.schema_io import add_schema_option
 
     add_schema_option(parser)
+
+
+def add_closed_loop_gate_arguments(group: Any) -> None:
+    """``--gate-closed-loop``, ``--gate-pdms-bound``, ``--gate-max-steps`` (``quantize`` and ``export``)."""
+    group.add_argument("--gate-closed-loop", type=positive_int, default=None, metavar="EPISODES",
+                       help="drive EPISODES held-out seeds of the synthetic driving world with the fp32 model and "
+                            "the build (quantized model, bundle); fail when the build's mean PDMS is more than "
+                            "--gate-pdms-bound below fp32's")
+    group.add_argument("--gate-pdms-bound", type=bounded(float, 0.0, 1.0), default=0.05, metavar="B",
+                       help="allowed drop of the closed-loop mean PDMS (0..1, default 0.05)")
+    group.add_argument("--gate-max-steps", type=positive_int, default=None, metavar="N",
+                       help="closed-loop world steps (0.1 s) per episode after the warm-up (default: the whole "
+                            "episode)")
+
+
+def check_closed_loop_gate(args: argparse.Namespace) -> None:
+    """The closed-loop gate flags, refused before any work, naming the flag."""
+    if args.gate_closed_loop is None:
+        for flag, value, default in (("--gate-pdms-bound", args.gate_pdms_bound, 0.05),
+                                     ("--gate-max-steps", args.gate_max_steps, None)):
+            if value != default:
+                raise UserError(f"{flag} goes with --gate-closed-loop EPISODES")
+        return
+    from ..eval.drive_closed_loop_cli import drive_config
+
+    drive_config(args.gate_max_steps, flag="--gate-max-steps")
 
 
 def _knobs(args: argparse.Namespace) -> dict[str, Any]:
@@ -138,6 +167,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         writable_target("--cache-dir", args.cache_dir, directory=True)
     if args.keep_sensitive and not args.sensitivity:
         raise UserError("--keep-sensitive goes with --sensitivity")
+    check_closed_loop_gate(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
     # bars on stderr while calibration and the gate replay run (a terminal only; stdout keeps its lines)
     progress = not (args.quiet or getattr(args, "json", False)) and is_terminal()
     calib_source = _source(args.calib_source, args.calib_dataroot, args.calib_scenes, "calib", schema)
+    if args.gate_closed_loop and isinstance(schema, ActionChunkSchema):
+        raise UserError("--gate-closed-loop drives the synthetic driving world: it gates a driving model, and this "
+                        "one answers in action chunks")
     gate_source = None  # robot frames, opened (or refused, naming --gate-source) before calibration runs
     if args.gate and (args.gate_source == "lerobot" or isinstance(schema, ActionChunkSchema)):
         gate_source = _source(args.gate_source, args.gate_dataroot, args.gate_scenes, "gate", schema)
@@ -180,9 +213,9 @@ def run(args: argparse.Namespace) -> int:
     if outcome.auto is not None:
         print(f"auto search   {outcome.auto['effective_bits']:.3f} effective bits (budget {outcome.auto['budget']})")
     print(f"saved         {out / QUANTIZED_DIR} (modelopt_state.pth, quantized_weights.pth, precision_map.json)")
-    if not args.gate:
+    if not (args.gate or args.gate_closed_loop):
         return 0
-    from .gate import run_gate
+    from .gate import CLOSED_LOOP_DIR, finish_gate, run_closed_loop_gate, run_gate, run_robot_gate, with_closed_loop
 
     gate_dir = out / "gate"
 
@@ -190,21 +223,42 @@ def run(args: argparse.Namespace) -> int:
         return _source(args.gate_source, args.gate_dataroot, args.gate_scenes, "gate", schema, gate_dir / "heldout")
 
     fp32 = load_planner(checkpoint, decoder, schema=schema)
-    if gate_source is not None:
-        return _robot_gate(args, fp32, outcome.planner, gate_source, gate_dir, recipe.name)
-    result = run_gate(fp32, outcome.planner, make, gate_dir, checkpoint=checkpoint, precision=recipe.name,
-                      l2_bound=args.gate_bound, parse_drop=args.gate_parse_drop, limit=args.gate_limit,
-                      progress=progress)
-    print(result.table)
-    atomic_write(gate_dir / "gate.json", json.dumps(result.to_dict(), indent=2) + "\n")
-    verdict = "PASSED" if result.passed else "FAILED: " + "; ".join(result.reasons)
-    def metres(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.3f}"
+    result, lines = None, []
+    if args.gate and gate_source is not None:
+        result = run_robot_gate(fp32, outcome.planner, gate_source, gate_dir, precision=recipe.name,
+                                l1_bound=args.gate_action_l1, parse_drop=args.gate_parse_drop, limit=args.gate_limit)
+        l1 = "n/a" if result.action_l1_vs_fp32 is None else f"{result.action_l1_vs_fp32:.4f}"
+        lines.append(f"action L1 vs fp32 {l1} on {result.samples} samples, bound {args.gate_action_l1:g}")
+    elif args.gate:
+        result = run_gate(fp32, outcome.planner, make, gate_dir, checkpoint=checkpoint, precision=recipe.name,
+                          l2_bound=args.gate_bound, parse_drop=args.gate_parse_drop, limit=args.gate_limit,
+                          progress=progress)
+        lines.append(f"L2@3s {_metres(result.l2_3s_fp32)} -> {_metres(result.l2_3s_quant)} m on {result.samples} "
+                     f"samples, bound {args.gate_bound:.0%}")
+    if args.gate_closed_loop:
+        from ..eval.drive_closed_loop_cli import drive_config
 
-    print(f"quality gate  {verdict} (L2@3s {metres(result.l2_3s_fp32)} -> {metres(result.l2_3s_quant)} m on "
-          f"{result.samples} samples, bound {args.gate_bound:.0%}; CPU latencies of fake-quantized models are not "
-          "deployment latencies)")
-    return 0 if result.passed else 1
+        config = drive_config(args.gate_max_steps, flag="--gate-max-steps")
+        paired = run_closed_loop_gate(fp32, outcome.planner, gate_dir / CLOSED_LOOP_DIR,
+                                      episodes=args.gate_closed_loop, config=config, candidate=recipe.name,
+                                      progress=progress)
+        result = with_closed_loop(result, paired, pdms_bound=args.gate_pdms_bound, run_dir=gate_dir / CLOSED_LOOP_DIR)
+        lines.append(closed_loop_line(paired, args.gate_pdms_bound))
+    assert result is not None
+    return finish_gate(result, gate_dir, "; ".join(lines) + "; CPU latencies of fake-quantized models are not "
+                                                            "deployment latencies")
+
+
+def closed_loop_line(paired: dict[str, Any], bound: float) -> str:
+    p = paired["pdms"]
+    if p["mean_diff"] is None:
+        return "closed loop: no paired episode"
+    return (f"closed-loop PDMS {p['reference_mean']:.3f} -> {p['candidate_mean']:.3f} on {paired['episodes']} "
+            f"episodes, allowed drop {bound:g}")
+
+
+def _metres(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _schema(checkpoint: Path, spec: str | None) -> Any:
@@ -221,20 +275,6 @@ def _schema(checkpoint: Path, spec: str | None) -> Any:
         raise UserError(f"--schema {spec}: quantize takes a driving or an action-chunk model (e.g. so101-ee), got "
                         f"{type(schema).__name__}")
     return schema
-
-
-def _robot_gate(args: argparse.Namespace, fp32: Any, quant: Any, source: Any, gate_dir: Path, precision: str) -> int:
-    from .gate import run_robot_gate
-
-    result = run_robot_gate(fp32, quant, source, gate_dir, precision=precision, l1_bound=args.gate_action_l1,
-                            parse_drop=args.gate_parse_drop, limit=args.gate_limit)
-    print(result.table)
-    atomic_write(gate_dir / "gate.json", json.dumps(result.to_dict(), indent=2) + "\n")
-    verdict = "PASSED" if result.passed else "FAILED: " + "; ".join(result.reasons)
-    l1 = "n/a" if result.action_l1_vs_fp32 is None else f"{result.action_l1_vs_fp32:.4f}"
-    print(f"quality gate  {verdict} (action L1 vs fp32 {l1} on {result.samples} samples, bound "
-          f"{args.gate_action_l1:g}; CPU latencies of fake-quantized models are not deployment latencies)")
-    return 0 if result.passed else 1
 
 
 def _loop_summary(stats: dict[str, Any] | None) -> str:

@@ -9,22 +9,40 @@ An action-chunk model is gated on robot frames (a LeRobot dataset, :func:`run_ro
 against the fp32 chunks on the samples both parsed, over the rows that are not padding: the mean absolute
 difference (action L1, in the schema's action units) must stay within a bound (default 0.05) and the parse rate
 must not drop; the largest absolute difference and both models' L1 against the recorded actions are reported.
+
+The closed loop is one more metric source for the same decision (``--gate-closed-loop EPISODES``,
+:func:`run_closed_loop_gate`): both planners drive the same held-out seeds of the synthetic driving world
+(:mod:`blockpilot.eval.drive_closed_loop`) and the quantized build fails when its mean PDMS falls more than a bound
+(default 0.05, PDMS in 0..1) below fp32's, paired per seed (:mod:`blockpilot.eval.drive_compare`).
+:func:`with_closed_loop` adds the closed loop's verdict to a replay result (or makes one on its own, for
+``export``), and :func:`finish_gate` writes ``gate.json``, prints the verdict and raises :class:`QualityGateError`
+(exit status 1) when the build failed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+from ..errors import BlockpilotError
 from ..eval.compare import compare_runs, format_comparison
 from ..eval.replay import evaluate_and_report, run_header
 from ..eval.types import Source
+from ..sim.drive.episode import DriveConfig
 
 DEFAULT_L2_BOUND = 0.05
 DEFAULT_PARSE_DROP = 0.0
 DEFAULT_ACTION_L1_BOUND = 0.05
+DEFAULT_PDMS_BOUND = 0.05
+CLOSED_LOOP_DIR = "closed_loop"
+
+
+class QualityGateError(BlockpilotError):
+    """The build failed its quality gate (``gate.json`` holds the numbers)."""
+
+    exit_code = 1  # a check failed, as ``verify`` and the replay gate
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,7 @@ class GateResult:
     action_l1_vs_fp32: float | None = None  # mean |quantized - fp32| over the compared chunk rows
     action_max_abs_diff_vs_fp32: float | None = None
     action_l1_vs_target: dict[str, float | None] | None = None  # {"fp32": .., "quantized": ..}
+    closed_loop: dict[str, Any] | None = None  # the paired closed-loop scores, the bound, the run directory
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,3 +168,95 @@ def run_robot_gate(fp32_planner: Any, quant_planner: Any, source: Any, out_dir: 
         write_robot_run(out_dir / name, records, robot_metrics(records, facts))
         runs.append(records)
     return decide_robot(runs[0], runs[1], l1_bound=l1_bound, parse_drop=parse_drop)
+
+
+def closed_loop_reasons(paired: dict[str, Any], pdms_bound: float) -> list[str]:
+    """Why the closed loop fails the candidate (:func:`~blockpilot.eval.drive_compare.paired_difference`, reference
+    fp32): its mean PDMS fell more than ``pdms_bound`` below the reference's, or no seed was driven by both."""
+    pdms = paired["pdms"]
+    if pdms["mean_diff"] is None:
+        return ["closed loop: no seed driven by both builds: PDMS cannot be compared"]
+    if -pdms["mean_diff"] > pdms_bound + 1e-9:  # exactly at the bound passes
+        ci = pdms["ci95"]
+        return [f"closed-loop PDMS fell {-pdms['mean_diff']:.3f} ({pdms['reference_mean']:.3f} -> "
+                f"{pdms['candidate_mean']:.3f} over {paired['episodes']} episodes"
+                + ("" if ci is None else f", 95 % CI of the difference {ci[0]:+.3f}..{ci[1]:+.3f}")
+                + f"), over the {pdms_bound:g} bound"]
+    return []
+
+
+def closed_loop_table(paired: dict[str, Any]) -> str:
+    rows = []
+    for name in ("pdms", "driving_score"):
+        p = paired[name]
+        ci = "n/a" if p["ci95"] is None else f"{p['ci95'][0]:+.3f}..{p['ci95'][1]:+.3f}"
+        cells = [("n/a" if p[k] is None else f"{p[k]:.3f}") for k in ("reference_mean", "candidate_mean")]
+        diff = "n/a" if p["mean_diff"] is None else f"{p['mean_diff']:+.3f}"
+        rows.append(f"| closed-loop {name} | {cells[0]} | {cells[1]} | {diff} ({ci}) |")
+    return (f"| metric | {paired['reference']} | {paired['candidate']} | paired difference (95 % CI) |\n"
+            "|---|---|---|---|\n" + "\n".join(rows))
+
+
+def with_closed_loop(result: GateResult | None, paired: dict[str, Any], *, pdms_bound: float = DEFAULT_PDMS_BOUND,
+                     run_dir: Path | None = None) -> GateResult:
+    """``result`` (a replay gate's, or None: the closed loop alone) with the closed loop's numbers and verdict."""
+    reasons = closed_loop_reasons(paired, pdms_bound)
+    record = {"pdms_bound": pdms_bound, "episodes": paired["episodes"], "seeds": paired["seeds"],
+              "pdms": paired["pdms"], "driving_score": paired["driving_score"],
+              "run": None if run_dir is None else str(run_dir), "passed": not reasons}
+    table = closed_loop_table(paired)
+    if result is None:
+        return GateResult(passed=not reasons, reasons=tuple(reasons), l2_3s_fp32=None, l2_3s_quant=None,
+                          l2_change=None, parse_rate_fp32=None, parse_rate_quant=None, samples=paired["episodes"],
+                          table=table, metric="closed_loop_pdms", closed_loop=record)
+    return replace(result, passed=result.passed and not reasons, reasons=(*result.reasons, *reasons),
+                   table=result.table + "\n\n" + table, closed_loop=record)
+
+
+def run_closed_loop_gate(fp32_policy: Any, candidate_policy: Any, out_dir: Path, *, episodes: int,
+                         config: DriveConfig | None = None, candidate: str = "quantized",
+                         progress: bool = False) -> dict[str, Any]:
+    """Drive ``episodes`` held-out seeds (``config``: the episode settings) with both policies (planners, or
+    ``(world) -> DrivePolicy`` factories) into ``out_dir`` (a closed-loop run: results, summary, report; started
+    afresh) and return their paired differences, fp32 the reference."""
+    from ..eval.drive_closed_loop import drive_header, progress_line, run_drive
+    from ..eval.synthetic import HELDOUT_SEED_BASE
+    from ..runtime.backend import BackendError
+
+    seeds = range(HELDOUT_SEED_BASE, HELDOUT_SEED_BASE + episodes)
+    config = config or DriveConfig()
+    policies = [("fp32", _policy_factory(fp32_policy, "fp32")),
+                (candidate, _policy_factory(candidate_policy, candidate))]
+    summary = run_drive(policies, seeds, config, out_dir, header=drive_header(config, seeds), overwrite=True,
+                        errors=(BackendError,), on_episode=progress_line if progress else None,
+                        pair=("fp32", candidate))
+    paired: dict[str, Any] = summary["paired"]
+    return paired
+
+
+def _policy_factory(policy: Any, name: str) -> Any:
+    """A planner becomes a factory of :class:`~blockpilot.eval.drive_policy.PlannerDrivePolicy`; a factory stays."""
+    if hasattr(policy, "plan") and not isinstance(policy, type):  # a planner (a policy class is a factory)
+        from ..eval.drive_policy import PlannerDrivePolicy
+
+        return lambda world: PlannerDrivePolicy(policy, name=name)
+    return policy
+
+
+def finish_gate(result: GateResult, gate_dir: Path, summary_line: str, *, stream: TextIO | None = None) -> int:
+    """Write ``gate_dir/gate.json``, print the table and the verdict (on ``stream``, default stdout); 0 when the
+    build passed, else :class:`QualityGateError` (exit status 1)."""
+    import json
+    import sys
+
+    from ..atomic_io import atomic_write
+
+    stream = stream or sys.stdout
+    print(result.table, file=stream)
+    gate_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(gate_dir / "gate.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    verdict = "PASSED" if result.passed else "FAILED: " + "; ".join(result.reasons)
+    print(f"quality gate  {verdict} ({summary_line})", file=stream)
+    if not result.passed:
+        raise QualityGateError(f"quality gate failed ({gate_dir / 'gate.json'}): " + "; ".join(result.reasons))
+    return 0
