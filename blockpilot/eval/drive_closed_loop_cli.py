@@ -16,12 +16,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..cli_common import UserError, existing_dir
+from ..cli_common import existing_dir
 from ..sim.drive.episode import DriveConfig
 from .drive_closed_loop import BASELINES
 from .replay import driving_schema
-from .robot_closed_loop import ClosedLoopUsageError, parse_seeds
-from .robot_closed_loop_cli import open_closed_loop_planner, ray_session
+from .robot_closed_loop import ClosedLoopUsageError
+from .robot_closed_loop_cli import check_closed_loop_common, open_closed_loop_planner, ray_session
 from .synthetic import HELDOUT_SEED_BASE
 
 if TYPE_CHECKING:
@@ -57,25 +57,13 @@ def drive_config(max_steps: int | None, *, flag: str = "--max-steps") -> DriveCo
 
 def check_drive_arguments(args: argparse.Namespace) -> tuple[range, list[str], DriveConfig]:
     """Refuse before any work, naming the flag; the seeds, the baselines and the episode settings."""
-    if args.source or args.dataroot:
-        raise ClosedLoopUsageError("--source/--dataroot replay a dataset; --closed-loop runs the simulator: drop them")
     if args.execute is not None:
         raise ClosedLoopUsageError("--execute applies to --world robot (a driving plan is tracked until the next)")
     if args.cameras:
         raise ClosedLoopUsageError(f"--cameras {args.cameras}: the driving world renders the front camera only")
     config = drive_config(args.max_steps)
-    if args.checkpoint and args.bundle:
-        raise ClosedLoopUsageError("pass one of --checkpoint (torch) and --bundle (ONNX Runtime), not both")
-    seeds = parse_seeds(args.seeds or DEFAULT_SEEDS)
-    if args.episodes is not None:
-        seeds = seeds[:args.episodes]
     baselines = parse_drive_baselines(args.baselines)
-    if not (args.checkpoint or args.bundle or baselines):
-        raise ClosedLoopUsageError("--closed-loop needs --checkpoint or --bundle (or --baselines to run them alone)")
-    if args.checkpoint:
-        existing_dir("--checkpoint", args.checkpoint)
-    if args.bundle:
-        existing_dir("--bundle", args.bundle, holding="manifest.json")
+    seeds = check_closed_loop_common(args, DEFAULT_SEEDS, baselines)
     if args.compare_bundle:
         if not (args.checkpoint or args.bundle):
             raise ClosedLoopUsageError("--compare-bundle compares against the model: pass --checkpoint or --bundle")
@@ -83,9 +71,6 @@ def check_drive_arguments(args: argparse.Namespace) -> tuple[range, list[str], D
             raise ClosedLoopUsageError("--compare-bundle runs in this process: drop --ray (a Ray worker opens one "
                                        "planner)")
         existing_dir("--compare-bundle", args.compare_bundle)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {args.out}: exists and is a file; give a directory")
     return seeds, baselines, config
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,18 +87,16 @@ def parse_sim_cameras(text: str | None) -> tuple[str, ...]:
     return names
 
 
-def check_closed_loop_arguments(args: argparse.Namespace) -> tuple[Any, range, list[str]]:
-    """Refuse before any work (each error names its flag); the env config, the seeds and the baselines."""
+def check_closed_loop_common(args: argparse.Namespace, default_seeds: str, baselines: Sequence[str]) -> range:
+    """What both worlds refuse before any work (each error names its flag); the seeds to run."""
     if args.source or args.dataroot:
         raise ClosedLoopUsageError("--source/--dataroot replay a dataset; --closed-loop runs the simulator: "
                                    "drop them")
     if args.checkpoint and args.bundle:
         raise ClosedLoopUsageError("pass one of --checkpoint (torch) and --bundle (ONNX Runtime), not both")
-    config = _config(args)
-    seeds = parse_seeds(args.seeds or DEFAULT_SEEDS)
+    seeds = parse_seeds(args.seeds or default_seeds)
     if args.episodes is not None:
         seeds = seeds[:args.episodes]
-    baselines = parse_baselines(args.baselines or ",".join(BASELINES))
     if not (args.checkpoint or args.bundle or baselines):
         raise ClosedLoopUsageError("--closed-loop needs --checkpoint or --bundle (or --baselines to run them alone)")
     if args.checkpoint:
@@ -108,7 +106,14 @@ def check_closed_loop_arguments(args: argparse.Namespace) -> tuple[Any, range, l
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out}: exists and is a file; give a directory")
-    return config, seeds, baselines
+    return seeds
+
+
+def check_closed_loop_arguments(args: argparse.Namespace) -> tuple[Any, range, list[str]]:
+    """Refuse before any work (each error names its flag); the env config, the seeds and the baselines."""
+    baselines = parse_baselines(args.baselines or ",".join(BASELINES))
+    seeds = check_closed_loop_common(args, DEFAULT_SEEDS, baselines)
+    return _config(args), seeds, baselines
 
 
 def closed_loop_planner_options(args: argparse.Namespace, restore_quantized: RestoreQuantized | None, *,
