@@ -216,7 +216,8 @@ def write_robot_card(root: Path) -> None:
         "(bf16) do not. The held-out results: the clean expert's episodes of the held-out seeds written as a LeRobot "
         "dataset (`blockpilot.sim.robot.lerobot_io.write_lerobot_dataset` of `run_expert_episode(seed, "
         f"ExpertConfig(task='{roll['task']}', image_size={roll['image_size']}))`), then `blockpilot eval --source "
-        "lerobot --dataroot DATASET --checkpoint DIR` and `blockpilot eval --closed-loop --checkpoint DIR --task "
+        "lerobot --dataroot DATASET --checkpoint DIR` and `blockpilot eval --closed-loop --checkpoint DIR --schema "
+        f"{log.get('schema_preset', 'so101-ee')} --task "
         f"{roll['task']} --seeds A:B --execute N --image-size {roll['image_size']}`, each recorded with "
         "`blockpilot train-robot --out DIR --record replay=EVAL/report/metrics.json --record "
         "closed_loop=CLOSED_LOOP/summary.json`.",
