@@ -17,6 +17,7 @@ from ..vla.reference_model import SHIPPED_ROBOT_MODEL
 
 TASK = "reach_close"  # the task the shipped robot model is trained on, and its frame size (its DATA_CARD.md)
 IMAGE_SIZE = 112
+EXECUTE = 4  # chunk rows run per plan: the card's documented closed-loop setting
 
 
 def robot_available() -> str | None:
@@ -77,8 +78,8 @@ def robot_summary(episodes: int, out_dir: Path) -> dict[str, object]:
         rows = "; ".join(" ".join(f"{v:+.2f}" for v in row) for row in plan.plan.actions[:3])
         print(f"robot chunk            first rows ({', '.join(plan.plan.dims)}): {rows}; ...")
     seeds = range(HELD_OUT_START, HELD_OUT_START + episodes)
-    policies = [PlannerPolicy(planners["scaffold"]), ExpertPolicy(), HoldPolicy()]
-    header = closed_loop_header(config, seeds, planner=planners["scaffold"], model=str(bundle_dir),
+    policies = [PlannerPolicy(planners["scaffold"], EXECUTE), ExpertPolicy(), HoldPolicy()]
+    header = closed_loop_header(config, seeds, execute=EXECUTE, planner=planners["scaffold"], model=str(bundle_dir),
                                 backend="onnxruntime")
     run_dir = out_dir / "robot-closed-loop"
     print(f"robot closed loop      {episodes} held-out seeds of {TASK} in MuJoCo (SO-101), model vs expert vs hold")
