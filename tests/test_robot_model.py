@@ -1,5 +1,6 @@
-"""The SO-101 manipulation model shipped in models/robot-so101: it loads through open_planner, plans a valid so101-ee
-chunk for a rendered simulator frame with scaffold and ar alike, and its data card states the train log's numbers."""
+"""The SO-101 manipulation model shipped in models/robot-so101: it loads through open_planner, plans a valid
+so101-ee-block chunk (state: the six joints and the block's offset from the gripper point) for a rendered simulator
+frame with scaffold and ar alike, and its data card states the train log's numbers."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from blockpilot.runtime.sources import open_planner
 from blockpilot.sim.robot.so101 import TASKS, ExpertConfig, run_expert_episode
 from blockpilot.vla.plans import ActionChunkSchema
 from blockpilot.vla.reference_model import SHIPPED_ROBOT_MODEL
+from blockpilot.vla.robot_state import compose_state
+from blockpilot.vla.schema_io import load_schema
 
 HELD_OUT_SEED = 1_000_000  # the first held-out episode of the data card
 
@@ -21,7 +24,12 @@ HELD_OUT_SEED = 1_000_000  # the first held-out episode of the data card
 @lru_cache(maxsize=1)
 def _first_frame() -> tuple[np.ndarray, np.ndarray]:
     episode = run_expert_episode(HELD_OUT_SEED, ExpertConfig(task="reach_close", image_size=112, max_steps=1))
-    return episode.images["front"][0], episode.joint_state[0].astype(np.float64)
+    schema = load_schema(SHIPPED_ROBOT_MODEL)
+    assert isinstance(schema, ActionChunkSchema)
+    joints = dict(zip(episode.joint_names, episode.joint_state[0].tolist(), strict=True))
+    state = compose_state(schema.state_dims, joints, environment_state=episode.environment_state[0],
+                          ee_pose=episode.ee_pose[0])
+    return episode.images["front"][0], state
 
 
 def _log() -> dict:
@@ -42,7 +50,8 @@ def test_shipped_robot_model_plans_a_sim_frame_with_scaffold_and_ar_alike() -> N
              for name in ("scaffold", "ar")}
     scaffold, ar = plans["scaffold"], plans["ar"]
     assert scaffold.error is None and scaffold.plan is not None
-    schema = ActionChunkSchema.so101_ee()
+    schema = ActionChunkSchema.so101_ee_block()
+    assert load_schema(SHIPPED_ROBOT_MODEL) == schema
     actions = np.asarray(scaffold.plan.actions)
     assert actions.shape == (schema.steps, len(schema.dims)) and np.isfinite(actions).all()
     assert np.abs(actions).max() <= 9.99
@@ -57,10 +66,15 @@ def test_data_card_states_the_train_log_numbers() -> None:
     assert json.dumps(metrics["final_eval"]) in card
     assert f"{metrics['steps']} steps x batch {metrics['batch']}" in card
     assert f"--train-seeds {log['train_seeds']} --eval-seeds {log['eval_seeds']}" in card
+    assert "--schema so101-ee-block" in card and "privileged simulator state" in card  # says what it reads
     replay = log["results"]["replay"]
     assert f"action L1 model {replay['model_l1']} vs repeat-last-action {replay['baseline_l1']}" in card
     for name, value in log["results"].items():
-        if name != "replay":
+        if "ablation_of" in value:  # another model's results: its replay reduction and closed-loop success
+            model = value["closed_loop"]["policies"]["model"]
+            assert f"reduction {100 * value['replay']['l1_reduction']:.1f} %); closed-loop success " \
+                   f"{model['succeeded']}/{model['episodes']}" in card, name
+        elif name != "replay":
             assert json.dumps(value) in card, name
 
 

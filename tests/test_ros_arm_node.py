@@ -284,3 +284,17 @@ def test_lerobot_replay_refuses_a_missing_episode_before_starting_ros(files: dic
     assert main([str(files["dataroot"]), "--episode", "3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lerobot_replay_node: error: --episode 3:") and "1 episode(s)" in err, err
+
+
+def test_a_model_reading_simulator_state_is_refused_at_configure_naming_the_dims() -> None:
+    from types import SimpleNamespace
+
+    from blockpilot.ros_nodes.arm_node import ArmNode
+
+    params = ArmParams(checkpoint="models/robot-so101")
+    node = SimpleNamespace(_output="joint_trajectory")
+    with pytest.raises(ParamsError, match="block_dx, block_dy, block_dz") as refused:
+        ArmNode._check_planner(node, SimpleNamespace(schema=ActionChunkSchema.so101_ee_block()), params)  # type: ignore[arg-type]
+    assert "JointState" in str(refused.value)
+    ArmNode._check_planner(node, SimpleNamespace(schema=ActionChunkSchema.so101_ee()), params)  # type: ignore[arg-type]
+    assert node._output == "pose_array"

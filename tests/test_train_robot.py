@@ -40,7 +40,8 @@ def fake_rollouts(seeds: Sequence[int], config: RolloutConfig, train: bool) -> I
         actions[-1] = 0.0
         yield Rollout(seed, INSTRUCTION, rng.integers(0, 256, (steps, 56, 56, 3), dtype=np.uint8),
                       rng.uniform(-1, 1, (steps, 6)).astype(np.float32), actions, True,
-                      train and noisy_episode(seed, config))
+                      train and noisy_episode(seed, config), rng.uniform(0.1, 0.3, (steps, 3)).astype(np.float32),
+                      rng.uniform(0.1, 0.3, (steps, 7)).astype(np.float32))
 
 
 def tiny_config(vocab: int, tokens) -> ModelConfig:  # type: ignore[no-untyped-def]
@@ -92,6 +93,25 @@ def test_examples_are_the_planner_prompt_and_the_chunk_and_are_cached(tmp_path: 
     np.testing.assert_array_equal(again.answers, examples.answers)
 
 
+def test_block_schema_prompts_carry_the_block_offset_and_are_cached_apart(tmp_path: Path) -> None:
+    from blockpilot.vla.prompt import robot_instruction
+
+    tokenizer, tokens = build_reference_tokenizer()
+    vision = reference_config(tokenizer.vocab_size, tokens).vision
+    assert vision is not None
+    schemas = [ActionChunkSchema.so101_ee(), ActionChunkSchema.so101_ee_block()]
+    sets = [build_robot_examples([4], tokenizer, build_scaffold(schema, tokenizer), vision, RolloutConfig(),
+                                 cache_dir=tmp_path, rollouts=fake_rollouts, log=lambda _: None) for schema in schemas]
+    assert len(list(tmp_path.glob("robot-examples-*.npz"))) == 2  # the schema is in the cache key
+    np.testing.assert_array_equal(sets[0].answers, sets[1].answers)  # same labels, longer prompts
+    episode = next(iter(fake_rollouts([4], RolloutConfig(), True)))
+    assert episode.environment_state is not None and episode.ee_pose is not None
+    offset = episode.environment_state[0] - episode.ee_pose[0, :3]
+    text = robot_instruction(INSTRUCTION, [*episode.joints[0], *offset], schemas[1].number)
+    assert text.split("Task: ")[1] in tokenizer.decode(sets[1].prompts[0].tolist())
+    assert text.split("Task: ")[1] not in tokenizer.decode(sets[0].prompts[0].tolist())
+
+
 def test_train_robot_writes_a_loadable_checkpoint_and_card(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import blockpilot.train.robot_data as robot_data
     import blockpilot.train.robot_trainer as robot_trainer
@@ -105,14 +125,15 @@ def test_train_robot_writes_a_loadable_checkpoint_and_card(tmp_path: Path, monke
     for name in ("config.json", "model.safetensors", "tokenizer.json", "blockpilot.json", "preprocessor_config.json",
                  "DATA_CARD.md", "train_log.json"):
         assert (out / name).is_file(), name
-    assert load_schema(out) == ActionChunkSchema.so101_ee()
+    assert load_schema(out) == ActionChunkSchema.so101_ee_block()  # the default --schema
     model = load_model(out)
     load_tokenizer(out, model.config)
     log = json.loads((out / "train_log.json").read_text())
     assert len(log["history"]) == 3 and log["evals"][-1]["step"] == 3
     assert "l1" in log["metrics"]["final_eval"] and log["train_stats"]["examples"] == 5
     card = (out / "DATA_CARD.md").read_text()
-    assert "blockpilot train-robot" in card and "--train-seeds 0:2" in card
+    assert "blockpilot train-robot" in card and "--train-seeds 0:2" in card and "--schema so101-ee-block" in card
+    assert "block_dx, block_dy, block_dz: the block's position minus the gripper point's" in card
 
     replay = tmp_path / "metrics.json"
     replay.write_text(json.dumps({"paired": {"samples": 7, "model_l1": 0.1, "baseline_l1": 0.2, "l1_reduction": 0.5,
@@ -122,6 +143,16 @@ def test_train_robot_writes_a_loadable_checkpoint_and_card(tmp_path: Path, monke
     assert json.loads((out / "train_log.json").read_text())["results"]["replay"]["model_l1"] == 0.1
     assert "reduction 50.0 %" in (out / "DATA_CARD.md").read_text()
     assert main(["train-robot", "--out", str(out), "--record", "replay"]) == 2
+
+    other = tmp_path / "image-only"  # another model's train log, recorded as an ablation
+    other.mkdir()
+    (other / "train_log.json").write_text(json.dumps({"metrics": {}, "schema_preset": "so101-ee", "results": {
+        "replay": {"model_l1": 0.29, "baseline_l1": 0.37, "l1_reduction": 0.222},
+        "closed_loop": {"execute": 8, "policies": {"model": {"succeeded": 0, "episodes": 32, "success_rate": 0.0}}}}}))
+    assert main(["train-robot", "--out", str(out), "--record", f"image_only={other / 'train_log.json'}"]) == 0
+    assert ("ablation `image_only` (schema `so101-ee`, same recipe, measured the same way): replay action L1 0.29 vs "
+            "repeat-last-action 0.37 (reduction 22.2 %); closed-loop success 0/32 (0.0 %, 8 rows per plan)"
+            in (out / "DATA_CARD.md").read_text())
 
 
 def test_the_simulators_grasp_column_maps_onto_the_gripper_dim() -> None:

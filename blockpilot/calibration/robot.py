@@ -55,7 +55,7 @@ class LeRobotCalibrationSource:
     robot = True
 
     def __init__(self, root: str | Path, schema: Any, *, flag: str = "--calib-dataroot") -> None:
-        from ..eval.robot_eval import ACTION_KEY, STATE_KEY, RobotDimsError, map_dims
+        from ..eval.robot_eval import ACTION_KEY, RobotDimsError, map_dims, state_mapping
         from ..sim.robot.lerobot_io import LeRobotReplaySource
         from ..sim.robot.types import RobotDataError
         from ..vla.plans import ActionChunkSchema
@@ -67,7 +67,7 @@ class LeRobotCalibrationSource:
         try:
             self.replay = LeRobotReplaySource(self.root, chunk=schema.steps)
             where = str(self.root / "meta" / "info.json")
-            self.state_map = map_dims(self.replay.info, STATE_KEY, schema.state_dims, where=where)
+            self.state = state_mapping(self.replay.info, schema.state_dims, where=where)
             action_map = map_dims(self.replay.info, ACTION_KEY, schema.dims, where=where)
         except (RobotDataError, RobotDimsError) as exc:
             raise CalibrationError(f"{flag} {root}: not a robot dataset this model can calibrate on: {exc}") from exc
@@ -85,10 +85,10 @@ class LeRobotCalibrationSource:
 
     def sample(self, index: int) -> RobotCalibrationSample:
         """Frame ``index`` as a calibration sample (raises what the dataset raises for a bad frame)."""
+        from ..eval.robot_eval import sample_state
+
         item = self.replay[index]
-        state = item.state.astype(np.float64)
-        if self.state_map is not None:
-            state = state[self.state_map]
+        state = sample_state(item, *self.state)
         return RobotCalibrationSample(
             f"{self.name}/{item.episode_index}/{item.frame_index}", self.name,
             tuple(item.images[c] for c in self.replay.cameras), item.instruction, state,

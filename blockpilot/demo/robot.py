@@ -18,6 +18,7 @@ from ..vla.reference_model import SHIPPED_ROBOT_MODEL
 
 TASK = "reach_close"  # the task the shipped robot model is trained on, and its frame size (its DATA_CARD.md)
 IMAGE_SIZE = 112
+EXECUTE = 4  # chunk rows run per plan: the card's documented closed-loop setting
 
 
 def robot_available() -> str | None:
@@ -31,13 +32,18 @@ def robot_available() -> str | None:
     return None
 
 
-def _first_observation(seed: int, config: Any) -> RobotObservation:
+def _first_observation(seed: int, config: Any, schema: ActionChunkSchema) -> RobotObservation:
     from ..sim.robot.so101 import run_expert_episode
+    from ..vla.robot_state import compose_state
 
     # One rendered frame of the held-out episode's start, as the closed loop will show it to the planner.
     first = run_expert_episode(seed, config.__class__(task=config.task, image_size=config.image_size, max_steps=1))
+    joints = first.joint_state[0].astype(float)
+    state = joints if not schema.state_dims else compose_state(
+        schema.state_dims, dict(zip(first.joint_names, joints.tolist(), strict=True)),
+        environment_state=first.environment_state[0], ee_pose=first.ee_pose[0], where=f"seed {seed}")
     return RobotObservation(images=[first.images[name][0] for name in config.cameras],
-                            instruction=first.instruction, state=first.joint_state[0].astype(float).tolist())
+                            instruction=first.instruction, state=state.tolist())
 
 
 def robot_summary(episodes: int, out_dir: Path) -> dict[str, object]:
@@ -61,7 +67,7 @@ def robot_summary(episodes: int, out_dir: Path) -> dict[str, object]:
           f"MB, {SHIPPED_ROBOT_MODEL.name} ({', '.join(schema.dims)} x {schema.steps} steps at {schema.rate_hz:g} Hz)")
     planners = {name: planner_from_bundle(bundle_dir, decoder=DecoderSettings(name=name))
                 for name in ("scaffold", "ar")}
-    observation = _first_observation(HELD_OUT_START, config)
+    observation = _first_observation(HELD_OUT_START, config, schema)
     plans = {name: planner.plan(observation) for name, planner in planners.items()}
     plan, ar = plans["scaffold"], plans["ar"]
     same = bool(np.array_equal(plan.tokens, ar.tokens))
@@ -72,8 +78,8 @@ def robot_summary(episodes: int, out_dir: Path) -> dict[str, object]:
         rows = "; ".join(" ".join(f"{v:+.2f}" for v in row) for row in plan.plan.actions[:3])
         print(f"robot chunk            first rows ({', '.join(plan.plan.dims)}): {rows}; ...")
     seeds = range(HELD_OUT_START, HELD_OUT_START + episodes)
-    policies = [PlannerPolicy(planners["scaffold"]), ExpertPolicy(), HoldPolicy()]
-    header = closed_loop_header(config, seeds, planner=planners["scaffold"], model=str(bundle_dir),
+    policies = [PlannerPolicy(planners["scaffold"], EXECUTE), ExpertPolicy(), HoldPolicy()]
+    header = closed_loop_header(config, seeds, execute=EXECUTE, planner=planners["scaffold"], model=str(bundle_dir),
                                 backend="onnxruntime")
     run_dir = out_dir / "robot-closed-loop"
     print(f"robot closed loop      {episodes} held-out seeds of {TASK} in MuJoCo (SO-101), model vs expert vs hold")

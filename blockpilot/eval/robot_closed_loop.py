@@ -34,7 +34,6 @@ __all__ = ["HELD_OUT_START", "ClosedLoopUsageError", "PlanAnswerError", "Planner
 
 RESULTS_FILE, SUMMARY_FILE, FRAMES_DIR = "results.jsonl", "summary.json", "frames"
 ENV_DIMS = ("dx", "dy", "dz", "gripper")  # the environment's action, in the so101-ee schema's names
-JOINT_DIMS = 6
 RESUME_KEYS = ("kind", "task", "model", "backend", "decoder", "schema", "execute", "max_steps", "image_size",
                "render")
 Z95 = 1.959963984540054
@@ -50,8 +49,10 @@ class PlanAnswerError(BlockpilotError, ValueError):
 
 def check_env_schema(schema: Any, flag: str) -> None:
     """Raise :class:`ClosedLoopUsageError` naming ``flag`` unless ``schema`` answers the environment's own action
-    (an action chunk of ``dx, dy, dz, gripper``) from at most the six joint positions."""
-    from ..vla.plans import ActionChunkSchema
+    (an action chunk of ``dx, dy, dz, gripper``) from state the simulator gives: the six joint positions, and dims
+    derived from its ``environment_state`` and ``ee_pose`` (:mod:`blockpilot.vla.robot_state`)."""
+    from ..vla.plans import SO101_JOINTS, ActionChunkSchema
+    from ..vla.robot_state import EE_POSE, ENV_STATE, JOINTS, unfillable_dims
 
     if not isinstance(schema, ActionChunkSchema):
         raise ClosedLoopUsageError(f"{flag}: the simulator runs action chunks of {', '.join(ENV_DIMS)}; this model "
@@ -59,9 +60,11 @@ def check_env_schema(schema: Any, flag: str) -> None:
     if tuple(schema.dims) != ENV_DIMS:
         raise ClosedLoopUsageError(f"{flag}: the schema's action dims {list(schema.dims)} do not fit the simulator's "
                                    f"{list(ENV_DIMS)} (use --schema so101-ee)")
-    if schema.state_dims and len(schema.state_dims) != JOINT_DIMS:
-        raise ClosedLoopUsageError(f"{flag}: the schema's state has {len(schema.state_dims)} dims; the simulator "
-                                   f"gives the {JOINT_DIMS} joint positions")
+    missing = unfillable_dims(schema.state_dims, {JOINTS, ENV_STATE, EE_POSE}, joints=SO101_JOINTS)
+    if missing:
+        raise ClosedLoopUsageError(f"{flag}: the schema's state dim(s) {', '.join(missing)} are not something the "
+                                   f"simulator gives (the joints {', '.join(SO101_JOINTS)}, or a dim derived from "
+                                   f"its environment_state and ee_pose)")
 
 
 class PlannerPolicy:
@@ -83,9 +86,15 @@ class PlannerPolicy:
 
     def act(self, observation: Any) -> npt.NDArray[np.float64]:
         from ..runtime.plan_types import RobotObservation
+        from ..vla.plans import SO101_JOINTS
+        from ..vla.robot_state import compose_state
 
+        dims = self.planner.schema.state_dims
+        state = observation.state if not dims else compose_state(
+            dims, dict(zip(SO101_JOINTS, np.asarray(observation.state).tolist(), strict=True)),
+            environment_state=observation.environment_state, ee_pose=observation.ee_pose, where="simulator observation")
         plan = self.planner.plan_robot(RobotObservation(images=observation.images, instruction=observation.instruction,
-                                                        state=observation.state, gripper=observation.gripper))
+                                                        state=state, gripper=observation.gripper))
         stages = plan.stats.stage_ms
         self.last_stats = (float(stages.get("total", sum(stages.values()))), int(plan.stats.forwards))
         if plan.plan is None:

@@ -1,9 +1,12 @@
 """Replay a LeRobot dataset through a manipulation planner (``blockpilot eval --source lerobot``).
 
 Each frame becomes a :class:`~blockpilot.runtime.plan_types.RobotObservation`: the dataset's ``observation.state``
-and ``action`` columns are mapped onto the schema's ``state_dims`` and ``dims`` by name (a trailing ``.pos`` is
-ignored; a feature without names maps by position when its size matches). A dataset whose dims cannot be mapped is
-refused before any planning with :class:`RobotDimsError`, naming the feature. One bad sample (unreadable frame,
+and ``action`` columns are mapped onto the schema's joint ``state_dims`` and ``dims`` by name (a trailing ``.pos``
+is ignored; a feature without names maps by position when its size matches); state dims derived from the
+simulator's state (``block_dx``, ...) are composed from ``observation.environment_state`` and
+``observation.ee_pose`` by :func:`~blockpilot.vla.robot_state.compose_state`, as training and the closed loop do.
+A dataset whose dims cannot be mapped is refused before any planning with :class:`RobotDimsError`, naming the
+feature. One bad sample (unreadable frame,
 refused observation, full cache) is recorded with its reason and the replay goes on, as the driving evaluator does.
 
 Scored beside the model: the **repeat-last-action** baseline, which repeats the episode's previous action for every
@@ -28,6 +31,8 @@ ROBOT_SOURCES = ("lerobot",)
 RESULTS_FILE = "results.jsonl"
 REPORT_DIR = "report"
 STATE_KEY, ACTION_KEY = "observation.state", "action"
+# The dataset features that fill the state dims derived from the simulator's state (vla.robot_state's sources).
+SOURCE_KEYS = {"environment_state": "observation.environment_state", "ee_pose": "observation.ee_pose"}
 
 
 class RobotDimsError(EvalUsageError):
@@ -69,6 +74,34 @@ def map_dims(info: dict[str, Any], key: str, wanted: Sequence[str], *, where: st
                          f"wants {len(wanted)}: {', '.join(wanted)}")
 
 
+def state_mapping(info: dict[str, Any], state_dims: Sequence[str], *,
+                  where: str) -> tuple[tuple[str, ...], list[str], npt.NDArray[np.int64] | None]:
+    """How a sample's state is composed: (the schema's dims, its joint dims, their ``observation.state`` columns).
+    Raises :class:`RobotDimsError` naming the feature the dataset lacks for a derived dim."""
+    from ..vla.robot_state import JOINTS, dim_sources, joint_dims
+
+    joints = joint_dims(state_dims)
+    lacking = [SOURCE_KEYS[s] for s in sorted(dim_sources(state_dims) - {JOINTS})
+               if SOURCE_KEYS[s] not in info["features"]]
+    if lacking:
+        raise RobotDimsError(f"{where}: the schema's state ({', '.join(state_dims)}) needs dataset feature(s) "
+                             f"{', '.join(map(repr, lacking))}, which the dataset does not have")
+    return tuple(state_dims), joints, map_dims(info, STATE_KEY, joints, where=where) if joints else None
+
+
+def sample_state(sample: Any, state_dims: Sequence[str], joint_names: Sequence[str],
+                 state_map: npt.NDArray[np.int64] | None) -> npt.NDArray[np.float64]:
+    """A replayed sample's state in the schema's ``state_dims`` (every ``observation.state`` column when it names
+    none)."""
+    from ..vla.robot_state import compose_state
+
+    if not state_dims:
+        return np.asarray(sample.state, dtype=np.float64)
+    joints = {} if state_map is None else dict(zip(joint_names, sample.state[state_map].tolist(), strict=True))
+    return compose_state(state_dims, joints, environment_state=sample.environment_state, ee_pose=sample.ee_pose,
+                         where=f"episode {sample.episode_index} frame {sample.frame_index}")
+
+
 def gripper_threshold(root: Path, info: dict[str, Any], action_map: npt.NDArray[np.int64],
                       dims: Sequence[str]) -> float | None:
     """The open/closed threshold of the schema's ``gripper`` dim: the midpoint of that action column's min and max
@@ -94,10 +127,11 @@ def replay_robot(planner: Any, source: Any, *, limit: int | None = None) -> tupl
     from ..runtime.backend import BackendError
     from ..runtime.plan_types import RobotObservation
     from ..sim.robot.types import RobotDataError
+    from ..vla.robot_state import StateSourceError
 
     schema = planner.schema
     where = str(source.root / "meta" / "info.json")
-    state_map = map_dims(source.info, STATE_KEY, getattr(schema, "state_dims", ()), where=where)
+    state_dims, joint_names, state_map = state_mapping(source.info, getattr(schema, "state_dims", ()), where=where)
     action_map = map_dims(source.info, ACTION_KEY, schema.dims, where=where)
     assert action_map is not None  # an action-chunk schema has dims
     threshold = gripper_threshold(source.root, source.info, action_map, schema.dims)
@@ -119,12 +153,12 @@ def replay_robot(planner: Any, source: Any, *, limit: int | None = None) -> tupl
         if last is not None:
             record["baseline"] = [last] * len(target)
         previous[episode] = target[0].tolist()
-        state = sample.state if state_map is None else sample.state[state_map]
-        observation = RobotObservation(images=[sample.images[c] for c in source.cameras],
-                                       instruction=sample.instruction, state=state.astype(np.float64))
         try:
+            state = sample_state(sample, state_dims, joint_names, state_map)
+            observation = RobotObservation(images=[sample.images[c] for c in source.cameras],
+                                           instruction=sample.instruction, state=state)
             plan = planner.plan_robot(observation)
-        except BackendError as exc:  # refused observation, prompt too long, full cache: counted, go on
+        except (BackendError, StateSourceError) as exc:  # refused observation, prompt too long, full cache: go on
             records.append(_failure(record, exc))
             continue
         record["stats"] = {"stage_ms": {k: round(float(v), 3) for k, v in plan.stats.stage_ms.items()}}

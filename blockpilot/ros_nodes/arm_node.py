@@ -33,6 +33,7 @@ from ..runtime.backend import BackendError
 from ..runtime.plan_types import RobotObservation
 from ..runtime.planner import Planner
 from ..vla.plans import ActionChunkPlan, ActionChunkSchema
+from ..vla.robot_state import DERIVED_STATE_DIMS
 from . import arm_conversions as arm
 from . import conversions as conv
 from .arm_params import DEFAULT_ARM_NODE_NAME, ArmParams
@@ -66,6 +67,12 @@ class ArmNode(PlanningNode):
             raise ParamsError("bundle" if params.bundle else "checkpoint",
                               f"{params.model_path} answers in a {type(schema).__name__} layout; the arm node plans "
                               "action chunks (a checkpoint or bundle with an action-chunk schema, e.g. so101-joints)")
+        derived = [d for d in schema.state_dims if d in DERIVED_STATE_DIMS]
+        if derived:  # the node fills the state from JointState alone: joint dims only
+            raise ParamsError("bundle" if params.bundle else "checkpoint",
+                              f"{params.model_path} reads state dim(s) {', '.join(derived)} (simulator state), which "
+                              "the arm node cannot fill from sensor_msgs/JointState; it plans with models whose "
+                              "state is joint positions only")
         wanted = OUTPUT_OF_ACTION[schema.action]
         if params.output_kind not in ("auto", wanted):
             raise ParamsError("output_kind", f"{params.output_kind!r} does not fit the model's {schema.action} "

@@ -34,6 +34,8 @@ def _round(value: Any) -> Any:
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     """The headline of a measurement: ``eval --source lerobot``'s paired numbers, ``eval --closed-loop``'s per-policy
     success (its ``summary.json``), else the scalars of the file."""
+    if isinstance(metrics.get("results"), dict) and isinstance(metrics.get("metrics"), dict):
+        return {"ablation_of": metrics.get("schema_preset", "so101-ee"), **metrics["results"]}  # another model's log
     if isinstance(metrics.get("paired"), dict):
         paired, counts, latency = metrics["paired"], metrics.get("counts", {}), metrics.get("latency_ms") or {}
         return {**{k: _round(v) for k, v in paired.items()}, "parse_rate": counts.get("parse_rate"),
@@ -101,9 +103,23 @@ def _result_lines(results: dict[str, Any]) -> list[str]:
                      f"`{loop['seeds']}`, {loop['execute']} chunk rows run per plan, {loop['decoder']} decoder): "
                      f"success {rates}")
     for name, value in results.items():
-        if name != "replay":
+        if isinstance(value, dict) and "ablation_of" in value:
+            lines.append(_ablation_line(name, value))
+        elif name != "replay":
             lines.append(f"- {name.replace('_', ' ')}: {json.dumps(value)}")
     return lines or ["- (no held-out measurement recorded yet: `blockpilot train-robot --out DIR --record ...`)"]
+
+
+def _ablation_line(name: str, results: dict[str, Any]) -> str:
+    """One line for another model's recorded results (``--record NAME=OTHER/train_log.json``): its schema, replay
+    L1 reduction and closed-loop success, measured as this model's."""
+    replay, loop = results.get("replay") or {}, results.get("closed_loop") or {}
+    model = (loop.get("policies") or {}).get("model") or {}
+    success = f"{model['succeeded']}/{model['episodes']}" if model else "n/a"
+    return (f"- ablation `{name}` (schema `{results['ablation_of']}`, same recipe, measured the same way): replay "
+            f"action L1 {replay.get('model_l1')} vs repeat-last-action {replay.get('baseline_l1')} (reduction "
+            f"{_pct(replay.get('l1_reduction'))}); closed-loop success {success} "
+            f"({_pct(model.get('success_rate'))}, {loop.get('execute')} rows per plan)")
 
 
 REPLAY_TARGET, CLOSED_LOOP_TARGET = 0.30, 0.50  # issue 18's bar: L1 reduction vs repeat-last-action, success
@@ -128,13 +144,25 @@ def _target_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _input_text(log: dict[str, Any]) -> str:
+    state = list(log.get("state_dims") or [])
+    text = "the instruction, the six joint positions (radians, gripper last)"
+    derived = [d for d in state if d.startswith("block_")]
+    if derived:
+        text += (f", then {', '.join(derived)}: the block's position minus the gripper point's, in metres, as the "
+                 "simulator reports both (privileged simulator state: LeRobot's `observation.environment_state` "
+                 "minus the position of `observation.ee_pose`; a real arm has no such reading)")
+    return text + " and the front camera frame"
+
+
 def write_robot_card(root: Path) -> None:
     """Render ``root/DATA_CARD.md`` from ``root/train_log.json``."""
     log = json.loads((root / LOG_FILE).read_text(encoding="utf-8"))
     metrics, rec, train, held = log["metrics"], log["recipe"], log["train_stats"], log["eval_stats"]
     roll, objective = rec["rollout"], rec["objective"]
     command = (f"blockpilot train-robot --out {root.as_posix() if not root.is_absolute() else root.name} "
-               f"--task {roll['task']} --steps {metrics['steps']} --batch {metrics['batch']} --lr {metrics['lr']} "
+               f"--task {roll['task']} --schema {log.get('schema_preset', 'so101-ee')} --steps {metrics['steps']} "
+               f"--batch {metrics['batch']} --lr {metrics['lr']} "
                f"--seed {metrics['seed']} --train-seeds {log['train_seeds']} --eval-seeds {log['eval_seeds']} "
                f"--dart-noise {roll['dart_noise']} --dart-fraction {roll['dart_fraction']} "
                f"--ar-weight {objective['ar_weight']} --eval-every {metrics['eval_every']} "
@@ -153,8 +181,7 @@ def write_robot_card(root: Path) -> None:
         f"{train['succeeded']} reached success, mean length {train['mean_episode_steps']} steps)",
         f"- held-out episodes: seeds `{log['eval_seeds']}` (clean expert, {held['examples']} examples scored during "
         "training); disjoint from training",
-        "- input (the planner's robot prompt): the instruction, the six joint positions (radians, gripper last) and "
-        "the front camera frame",
+        f"- input (the planner's robot prompt, schema `{log.get('schema_preset', 'so101-ee')}`): {_input_text(log)}",
         "- label: the next 8 expert actions as the `so101-ee` chunk (dx, dy, dz in action units of 0.025 m, "
         "gripper 1 open / 0 closed, 10 Hz); past the episode's end the chunk repeats the episode's last action "
         "(LeRobot's own padding; for a finished episode: hold still with the gripper closed)",
@@ -189,7 +216,8 @@ def write_robot_card(root: Path) -> None:
         "(bf16) do not. The held-out results: the clean expert's episodes of the held-out seeds written as a LeRobot "
         "dataset (`blockpilot.sim.robot.lerobot_io.write_lerobot_dataset` of `run_expert_episode(seed, "
         f"ExpertConfig(task='{roll['task']}', image_size={roll['image_size']}))`), then `blockpilot eval --source "
-        "lerobot --dataroot DATASET --checkpoint DIR` and `blockpilot eval --closed-loop --checkpoint DIR --task "
+        "lerobot --dataroot DATASET --checkpoint DIR` and `blockpilot eval --closed-loop --checkpoint DIR --schema "
+        f"{log.get('schema_preset', 'so101-ee')} --task "
         f"{roll['task']} --seeds A:B --execute N --image-size {roll['image_size']}`, each recorded with "
         "`blockpilot train-robot --out DIR --record replay=EVAL/report/metrics.json --record "
         "closed_loop=CLOSED_LOOP/summary.json`.",

@@ -3,7 +3,9 @@ and ``so101-ee`` action-chunk answers.
 
 Every step of an expert rollout is one example: the prompt is exactly what
 :meth:`~blockpilot.runtime.planner.Planner.plan_robot` sends (robot system prompt, the front camera's image
-placeholders, the instruction and the six joint positions), the answer the next ``steps`` actions of the episode
+placeholders, the instruction and the state the schema's ``state_dims`` name: the six joint positions, and for
+``so101-ee-block`` the block's offset from the gripper point, composed by :func:`~blockpilot.vla.robot_state.
+compose_state` as the closed loop and the replay compose it), the answer the next ``steps`` actions of the episode
 as the schema's scaffold, then the end token. Past the episode's end the chunk repeats the episode's last action
 (what LeRobot's own reader pads with, and for a finished ``reach_close`` episode the "hold still, gripper closed"
 action), so the model learns to stay put once it has closed on the block.
@@ -31,8 +33,9 @@ import numpy.typing as npt
 
 from ..vla.config import VisionConfig
 from ..vla.image_grid import image_token_count
-from ..vla.plans import ActionChunkPlan, ActionChunkSchema
+from ..vla.plans import SO101_JOINTS, ActionChunkPlan, ActionChunkSchema
 from ..vla.prompt import ROBOT_SYSTEM_PROMPT, robot_prompt_ids
+from ..vla.robot_state import compose_state
 from ..vla.scaffold import Scaffold
 from ..vla.schema_io import schema_to_dict
 from ..vla.tokenizer import Tokenizer
@@ -69,6 +72,8 @@ class Rollout:
     actions: npt.NDArray[np.float32]  # (T, 4) the expert's clean action (the label)
     succeeded: bool
     noisy: bool
+    environment_state: npt.NDArray[np.float32] | None = None  # (T, E) the block position first
+    ee_pose: npt.NDArray[np.float32] | None = None  # (T, 7) the gripper point, then its orientation
 
 
 RolloutFn = Callable[[Sequence[int], RolloutConfig, bool], Iterable[Rollout]]
@@ -81,39 +86,37 @@ def noisy_episode(seed: int, config: RolloutConfig) -> bool:
 
 def expert_rollouts(seeds: Sequence[int], config: RolloutConfig, train: bool) -> Iterable[Rollout]:
     """The scripted expert's rollouts of ``seeds`` in the SO-101 simulator (noisy ones only when ``train``)."""
-    from ..sim.robot.so101 import ExpertConfig, _Camera, _make
+    from ..sim.robot.so101 import ExpertConfig, SimSession
 
     expert_config = ExpertConfig(task=config.task, image_size=config.image_size)
     if not seeds:
         return
-    env, expert, succeeded = _make(expert_config, int(seeds[0]))
-    camera = _Camera(env, expert_config)
-    joint_ids = [env.model.joint(name).qposadr[0] for name in ("shoulder_pan", "shoulder_lift", "elbow_flex",
-                                                                 "wrist_flex", "wrist_roll", "gripper")]
+    sim = SimSession(expert_config, int(seeds[0]))
     try:
         for seed in seeds:
             noisy = train and noisy_episode(seed, config)
             rng = np.random.default_rng([seed, 2])
-            obs, _ = env.reset(seed=int(seed))
-            rows: dict[str, list[Any]] = {"images": [], "joints": [], "actions": []}
+            sim.reset(int(seed))
+            rows: dict[str, list[Any]] = {"images": [], "joints": [], "actions": [], "env": [], "ee": []}
             done = False
             for _ in range(config.noisy_max_steps if noisy else expert_config.spec.max_steps):
-                rows["images"].append(camera.frame(env.data, "front"))
-                rows["joints"].append(np.asarray(env.data.qpos[joint_ids], dtype=np.float32))
-                action = np.asarray(expert(obs), dtype=np.float32)
+                rows["images"].append(sim.frames()["front"])
+                rows["joints"].append(sim.joint_state())
+                rows["env"].append(sim.environment_state())
+                rows["ee"].append(sim.ee_pose())
+                action = sim.expert_action()
                 rows["actions"].append(action)
                 executed = action.copy()
                 if noisy:
                     executed[:3] = np.clip(executed[:3] + rng.normal(0.0, config.dart_noise, 3), -1.0, 1.0)
-                obs, _, terminated, truncated, info = env.step(executed)
-                done = bool(succeeded(obs, info))
-                if done or terminated or truncated:
+                done, ended = sim.step(executed)
+                if done or ended:
                     break
             yield Rollout(int(seed), expert_config.spec.instruction, np.stack(rows["images"]),
-                          np.stack(rows["joints"]), np.stack(rows["actions"]), done, noisy)
+                          np.stack(rows["joints"]), np.stack(rows["actions"]), done, noisy,
+                          np.stack(rows["env"]), np.stack(rows["ee"]))
     finally:
-        camera.close()
-        env.close()
+        sim.close()
 
 
 def action_chunks(actions: npt.NDArray[np.float32],
@@ -204,7 +207,11 @@ def build_robot_examples(seeds: Iterable[int], tokenizer: Tokenizer, scaffold: S
         chunks, pads = action_chunks(ep.actions, schema.steps)
         for t in range(len(ep.actions)):
             n_image = image_token_count(ep.images.shape[1], ep.images.shape[2], vision)
-            rows["prompts"].append(np.array(robot_prompt_ids(tokenizer, schema.number, ep.instruction, ep.joints[t],
+            state = ep.joints[t] if not schema.state_dims else compose_state(
+                schema.state_dims, dict(zip(SO101_JOINTS, ep.joints[t].tolist(), strict=True)),
+                environment_state=None if ep.environment_state is None else ep.environment_state[t],
+                ee_pose=None if ep.ee_pose is None else ep.ee_pose[t], where=f"rollout of seed {ep.seed}")
+            rows["prompts"].append(np.array(robot_prompt_ids(tokenizer, schema.number, ep.instruction, state,
                                                              [n_image]), dtype=np.int64))
             plan = ActionChunkPlan(chunks[t].astype(np.float64), schema.dims)
             rows["answers"].append(np.append(scaffold.encode_plan(plan), tokenizer.special.end).astype(np.int64))

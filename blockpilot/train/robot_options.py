@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 
 ROBOT_TASKS = ("reach_close", "pick_place")  # blockpilot.sim.robot.so101.TASKS, without loading MuJoCo
+ROBOT_SCHEMA_NAMES = ("so101-ee-block", "so101-ee")  # robot_trainer.ROBOT_SCHEMAS, without loading torch
 
 
 def add_robot_arguments(p: argparse.ArgumentParser) -> None:
     """The ``train-robot`` options, for the CLI's subcommand parser."""
     p.add_argument("--out", required=True, help="checkpoint directory to write (with --record: the one to update)")
     p.add_argument("--task", choices=ROBOT_TASKS, default="reach_close", help="SO-101 task of the expert rollouts")
+    p.add_argument("--schema", choices=ROBOT_SCHEMA_NAMES, default="so101-ee-block",
+                   help="answer schema: so101-ee-block (the prompt's state is the six joints and the block's offset "
+                        "from the gripper point, privileged simulator state) or so101-ee (the six joints only)")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")

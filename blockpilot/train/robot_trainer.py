@@ -10,6 +10,7 @@ repeat-last-action baseline, closed-loop success) are added to both by :func:`~.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -92,6 +93,9 @@ def evaluate_robot(model: VLAModel, examples: RobotExampleSet, scaffold: Scaffol
             "l1_repeat_last": float(np.mean(baseline)) if baseline else None, "parse_fail": parse_fail / n}
 
 
+ROBOT_SCHEMAS = {"so101-ee": ActionChunkSchema.so101_ee, "so101-ee-block": ActionChunkSchema.so101_ee_block}
+
+
 def train_robot(
     out_dir: str | Path,
     train_seeds: Sequence[int],
@@ -104,15 +108,17 @@ def train_robot(
     max_eval_examples: int = 128,
     objective: ObjectiveConfig | None = None,
     rollouts: RolloutFn | None = None,
+    schema: ActionChunkSchema | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train the SO-101 model on expert rollouts of ``train_seeds``; returns the run's metrics."""
+    """Train the SO-101 model on expert rollouts of ``train_seeds`` to answer ``schema`` (default ``so101-ee``:
+    the joints only); returns the run's metrics."""
     t_start = time.perf_counter()
     config = config or OptimConfig()
     rollout = rollout or RolloutConfig()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     objective = objective or ObjectiveConfig(section_weights=dict(ROBOT_SECTION_WEIGHTS))
-    schema = ActionChunkSchema.so101_ee()
+    schema = schema or ActionChunkSchema.so101_ee()
     eval_seeds = list(eval_seeds) if eval_seeds is not None else [ROBOT_EVAL_SEED_BASE + i for i in range(16)]
     if set(eval_seeds) & set(train_seeds):
         raise ValueError("eval_seeds overlap train_seeds; held-out episodes must be unseen")
@@ -125,6 +131,10 @@ def train_robot(
     layout = AnswerLayout(*answer_sections(scaffold))
     vision = model.config.vision
     assert vision is not None  # the reference model is a VLA
+    # AdamW imports torch._dynamo, which loads Triton and its own LLVM; loaded after the simulator's offscreen GL
+    # (Mesa llvmpipe, another LLVM) it segfaults, so it is loaded before any rollout is rendered.
+    importlib.import_module("torch._dynamo")
+
     t0 = time.perf_counter()
     train = build_robot_examples(train_seeds, tokenizer, scaffold, vision, rollout, train=True, cache_dir=cache_dir,
                                  rollouts=rollouts, log=log)
@@ -143,7 +153,8 @@ def train_robot(
                "eval_every": config.eval_every}
     run_recipe = {**recipe(objective, config, model.config.diffusion.block_size), "rollout": asdict(rollout)}
     provenance = {"train_seeds": _spec(train_seeds), "eval_seeds": _spec(eval_seeds), "train_stats": train.stats,
-                  "eval_stats": held_out.stats}
+                  "eval_stats": held_out.stats, "state_dims": list(schema.state_dims),
+                  "schema_preset": next((n for n, f in ROBOT_SCHEMAS.items() if f() == schema), "custom")}
     save_schema(root, schema, training={"recipe": run_recipe, "metrics": metrics, **provenance})
     atomic_write(root / "train_log.json", json.dumps({"metrics": metrics, "recipe": run_recipe, **provenance,
                                                        "history": result.history, "evals": result.evals},
@@ -180,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         train_robot(args.out, parse_seeds(args.train_seeds), config, args.device,
                     eval_seeds=parse_seeds(args.eval_seeds), rollout=rollout, cache_dir=args.cache_dir or None,
-                    objective=ObjectiveConfig(section_weights=dict(ROBOT_SECTION_WEIGHTS), ar_weight=args.ar_weight))
+                    objective=ObjectiveConfig(section_weights=dict(ROBOT_SECTION_WEIGHTS), ar_weight=args.ar_weight),
+                    schema=ROBOT_SCHEMAS[args.schema]())
     finally:
         torch.set_num_threads(threads)
     return 0

@@ -32,6 +32,9 @@ SO101_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wr
 EE_DELTA_DIMS = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
 # The SO-101 MuJoCo tasks' action (``lerobot-env-so101``): a Cartesian step of the gripper point and the grasp.
 SO101_EE_DIMS = ("dx", "dy", "dz", "gripper")
+# The block's position minus the gripper point's, metres (``vla/robot_state.py`` composes them from the simulator's
+# ``environment_state`` and ``ee_pose``, as LeRobot's ``observation.environment_state``).
+BLOCK_OFFSET_DIMS = ("block_dx", "block_dy", "block_dz")
 ACTION_KINDS = ("joint_targets", "ee_delta")
 FLAG_YES, FLAG_NO = "yes", "no"  # how the driving layout spells a critical-object flag
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -292,6 +295,14 @@ class ActionChunkSchema:
         .. 1 open), at its 10 Hz; the state is the six joint positions."""
         return cls(steps=8, dims=SO101_EE_DIMS, action="ee_delta", rate_hz=10.0, frac_digits=2,
                    state_dims=SO101_JOINTS)
+
+    @classmethod
+    def so101_ee_block(cls) -> ActionChunkSchema:
+        """:meth:`so101_ee` whose state also carries the block's offset from the gripper point (``block_dx,
+        block_dy, block_dz``, metres) after the six joints: privileged simulator state, as LeRobot's
+        ``observation.environment_state``."""
+        return cls(steps=8, dims=SO101_EE_DIMS, action="ee_delta", rate_hz=10.0, frac_digits=2,
+                   state_dims=SO101_JOINTS + BLOCK_OFFSET_DIMS)
 
     @property
     def number(self) -> FixedNumber:

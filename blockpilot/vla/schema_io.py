@@ -24,7 +24,7 @@ SCHEMA_FILE = "blockpilot.json"
 SCHEMA_PRESETS: dict[str, Any] = {
     "driving-nuscenes": DrivingSchema.nuscenes, "driving-wod": DrivingSchema.wod_e2e, "robot": RobotActionSchema,
     "so101-joints": ActionChunkSchema.so101_joints, "ee-delta": ActionChunkSchema.ee_delta,
-    "so101-ee": ActionChunkSchema.so101_ee,
+    "so101-ee": ActionChunkSchema.so101_ee, "so101-ee-block": ActionChunkSchema.so101_ee_block,
 }
 # The layouts a blockpilot.json (and a bundle's manifest) can hold, by their "kind".
 StoredSchema = DrivingSchema | RobotActionSchema | ActionChunkSchema

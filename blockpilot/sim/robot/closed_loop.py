@@ -5,9 +5,12 @@ action units, :mod:`.types`), runs its rows one per control step (10 Hz), each c
 (counted), and asks again when they are used up, until the task's success check, the environment's own end (the
 block pushed out of the workspace) or the step limit. The policy sees what the recorded demonstrations hold
 (:func:`~.so101.run_expert_episode`): the episode's camera frames at the configured size, the six joint positions
-(gripper included) as ``state`` and the task's instruction (:class:`SimObservation`, shaped like the runtime's
-``RobotObservation``; ``sim`` may not import the runtime, so :mod:`blockpilot.eval.robot_closed_loop` wraps a
-planner as a policy). Seeds: training data comes from seeds below :data:`HELD_OUT_START`, evaluation from it on.
+(gripper included) as ``state``, the task's instruction, and the simulator's ``environment_state`` (the block
+position) and ``ee_pose`` as the recorded dataset's ``observation.environment_state`` and ``observation.ee_pose``
+(privileged state a model's schema may name: :mod:`blockpilot.vla.robot_state`) (:class:`SimObservation`,
+shaped like the runtime's ``RobotObservation``; ``sim`` may not import the runtime, so
+:mod:`blockpilot.eval.robot_closed_loop` wraps a planner as a policy). Seeds: training data comes from seeds
+below :data:`HELD_OUT_START`, evaluation from it on.
 
 Baselines: :class:`ExpertPolicy` (the task's scripted expert, one action per step: the upper bound; through this
 runner it takes exactly the actions of :func:`~.so101.run_expert_episode`) and :class:`HoldPolicy` (no motion,
@@ -44,12 +47,17 @@ class PolicyError(RobotDataError):
 class SimObservation:
     """What a policy is given each time it is asked: ``images`` (one ``(H, W, 3)`` uint8 frame per configured
     camera, empty for a policy that declares ``needs_images = False``), the task's ``instruction`` and ``state``
-    (the six joint positions, radians, gripper last). Field for field a runtime ``RobotObservation``."""
+    (the six joint positions, radians, gripper last); the first four fields are a runtime ``RobotObservation``.
+    ``environment_state`` (the block position, then the goal's where the task has one) and ``ee_pose`` (the
+    gripper point, then its orientation quaternion w, x, y, z) are the simulator's own, as the dataset records
+    them."""
 
     images: list[npt.NDArray[np.uint8]]
     instruction: str
     state: npt.NDArray[np.float64]
     gripper: float | None = None
+    environment_state: npt.NDArray[np.float64] | None = None
+    ee_pose: npt.NDArray[np.float64] | None = None
 
 
 class ChunkPolicy(Protocol):
@@ -164,7 +172,9 @@ def check_chunk(chunk: Any, policy: str) -> npt.NDArray[np.float64]:
 
 def _observe(sim: SimSession, images: bool) -> SimObservation:
     frames = list(sim.frames().values()) if images else []
-    return SimObservation(images=frames, instruction=sim.instruction, state=sim.joint_state().astype(np.float64))
+    return SimObservation(images=frames, instruction=sim.instruction, state=sim.joint_state().astype(np.float64),
+                          environment_state=sim.environment_state().astype(np.float64),
+                          ee_pose=sim.ee_pose().astype(np.float64))
 
 
 def run_closed_loop_episode(seed: int, policy: ChunkPolicy, config: ExpertConfig | None = None, *,

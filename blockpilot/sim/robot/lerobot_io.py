@@ -162,7 +162,8 @@ class LeRobotReplaySource:
             images={name: _image(item[IMAGE_PREFIX + name]) for name in self.cameras},
             state=item[STATE].numpy().astype(np.float32), actions=item[ACTION].numpy().astype(np.float32),
             action_pad=item[f"{ACTION}_is_pad"].numpy().astype(bool),
-            ee_pose=item[EE_POSE].numpy().astype(np.float32) if EE_POSE in item else None)
+            ee_pose=item[EE_POSE].numpy().astype(np.float32) if EE_POSE in item else None,
+            environment_state=item[ENV_STATE].numpy().astype(np.float32) if ENV_STATE in item else None)
 
     def __iter__(self) -> Iterator[RobotSample]:
         for index in range(len(self)):

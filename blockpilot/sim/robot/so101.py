@@ -205,6 +205,12 @@ class SimSession:
         self._arm_bodies = frozenset(b for b in range(model.nbody) if _descends(model, b, shoulder))
         self.obs, _ = self.env.reset(seed=seed)
 
+    def reset(self, seed: int) -> None:
+        """Start the episode of ``seed`` in this session's environment (what a fresh session of ``seed`` sees,
+        without building the environment and the renderer again)."""
+        self.seed = seed
+        self.obs, _ = self.env.reset(seed=seed)
+
     @property
     def step_limit(self) -> int:
         return self.config.max_steps or self.config.spec.max_steps

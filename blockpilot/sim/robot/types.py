@@ -78,3 +78,4 @@ class RobotSample:
     actions: FloatArray  # (K, A)
     action_pad: npt.NDArray[np.bool_]  # (K,)
     ee_pose: FloatArray | None = None  # (7,) where the dataset has it
+    environment_state: FloatArray | None = None  # (E,) the block position first, where the dataset has it
