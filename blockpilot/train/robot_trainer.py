@@ -10,7 +10,6 @@ repeat-last-action baseline, closed-loop success) are added to both by :func:`~.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -131,10 +130,6 @@ def train_robot(
     layout = AnswerLayout(*answer_sections(scaffold))
     vision = model.config.vision
     assert vision is not None  # the reference model is a VLA
-    # AdamW imports torch._dynamo, which loads Triton and its own LLVM; loaded after the simulator's offscreen GL
-    # (Mesa llvmpipe, another LLVM) it segfaults, so it is loaded before any rollout is rendered.
-    importlib.import_module("torch._dynamo")
-
     t0 = time.perf_counter()
     train = build_robot_examples(train_seeds, tokenizer, scaffold, vision, rollout, train=True, cache_dir=cache_dir,
                                  rollouts=rollouts, log=log)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes.util
+import importlib
 import os
+import sys
 
 from blockpilot.errors import BlockpilotError
 
@@ -30,4 +32,13 @@ def choose_gl_backend() -> str:
         os.environ["MUJOCO_GL"] = chosen
     if chosen in ("egl", "osmesa"):
         os.environ.setdefault("PYOPENGL_PLATFORM", chosen)
+    _triton_llvm_first()
     return chosen
+
+
+def _triton_llvm_first() -> None:
+    """``torch._dynamo`` (imported by AdamW, ``torch.compile``) loads Triton and its own LLVM; imported after Mesa's
+    llvmpipe (another LLVM, loaded with the first offscreen context) the process segfaults (torch 2.13, Mesa here).
+    Where the process already uses torch, load it now, before MuJoCo renders anything."""
+    if "torch" in sys.modules:
+        importlib.import_module("torch._dynamo")
