@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,8 +23,10 @@ import torch
 from ..vla.loader import save_checkpoint
 from ..vla.model import VLAModel
 from ..vla.tokenizer import Tokenizer
-from .objective import AnswerLayout, TrainBatch, block_diffusion_loss, make_batch
+from .objective import AnswerLayout, TrainBatch, block_diffusion_loss, make_batch, maskable
 from .objective_config import ObjectiveConfig
+
+IntArray = npt.NDArray[np.int64]
 
 
 class Examples(Protocol):
@@ -162,3 +164,27 @@ def recipe(objective: ObjectiveConfig, config: OptimConfig, block_size: int) -> 
             "optimizer": {"name": "AdamW", "betas": [0.9, 0.95], "weight_decay": config.weight_decay,
                           "grad_clip": config.grad_clip, "schedule": "linear warmup + cosine to 0.1 x lr"},
             "block_size": block_size}
+
+
+def masked_answer_predictions(model: VLAModel, examples: Examples, answer_len: int, layout: AnswerLayout,
+                              objective: ObjectiveConfig, device: torch.device, batch: int,
+                              totals: dict[str, float]) -> Iterator[tuple[int, IntArray, IntArray]]:
+    """The held-out pass both trainers score: batches through the block-diffusion loss with every answer block
+    fully masked (one seeded view per example). Adds each batch's ``loss`` / ``diffusion`` / ``ar`` times its size
+    into ``totals``; yields each example's index, the answer positions predicted (below ``answer_len``) and the
+    predicted tokens there."""
+    block = model.config.diffusion.block_size
+    gen = torch.Generator().manual_seed(0)
+    for lo in range(0, len(examples.answers), batch):
+        idx = list(range(lo, min(lo + batch, len(examples.answers))))
+        tb = example_batch(examples, idx, layout, model, objective, device)
+        views = [[maskable(p, n, block)] for p, n in zip(tb.prompt_lens, tb.lengths, strict=True)]
+        with autocast(device):
+            parts = block_diffusion_loss(model, tb, objective, gen, views=views)
+        for key, value in (("loss", parts.total), ("diffusion", parts.diffusion), ("ar", parts.ar)):
+            totals[key] += float(value) * len(idx)
+        rows, slots, pred = parts.rows.cpu().numpy(), parts.slots.cpu().numpy(), parts.predicted.cpu().numpy()
+        for j, i in enumerate(idx):
+            pos = slots[rows == j] - tb.prompt_lens[j]
+            keep = pos < answer_len
+            yield i, pos[keep], pred[rows == j][keep]

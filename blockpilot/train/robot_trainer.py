@@ -28,8 +28,8 @@ from ..vla.reference_tokenizer import build_reference_tokenizer
 from ..vla.scaffold import Scaffold, build_scaffold
 from ..vla.schema_io import save_schema
 from .data import answer_sections
-from .loop import OptimConfig, autocast, example_batch, optimise, recipe, run_metrics, save_trained
-from .objective import AnswerLayout, block_diffusion_loss, maskable
+from .loop import OptimConfig, masked_answer_predictions, optimise, recipe, run_metrics, save_trained
+from .objective import AnswerLayout
 from .objective_config import ObjectiveConfig
 from .options import parse_seeds
 from .robot_card import write_robot_card
@@ -51,40 +51,27 @@ def evaluate_robot(model: VLAModel, examples: RobotExampleSet, scaffold: Scaffol
     share of answers unreadable.
     """
     model.eval()
-    block = model.config.diffusion.block_size
     totals = {"loss": 0.0, "diffusion": 0.0, "ar": 0.0}
     correct = counted = parse_fail = 0
     errors: list[float] = []
     baseline: list[float] = []
-    gen = torch.Generator().manual_seed(0)
-    for lo in range(0, len(examples), batch):
-        idx = list(range(lo, min(lo + batch, len(examples))))
-        tb = example_batch(examples, idx, layout, model, objective, device)
-        views = [[maskable(p, n, block)] for p, n in zip(tb.prompt_lens, tb.lengths, strict=True)]
-        with autocast(device):
-            parts = block_diffusion_loss(model, tb, objective, gen, views=views)
-        for key, value in (("loss", parts.total), ("diffusion", parts.diffusion), ("ar", parts.ar)):
-            totals[key] += float(value) * len(idx)
-        rows, slots, pred = parts.rows.cpu().numpy(), parts.slots.cpu().numpy(), parts.predicted.cpu().numpy()
-        for j, i in enumerate(idx):
-            pos = slots[rows == j] - tb.prompt_lens[j]
-            guess = pred[rows == j][pos < len(scaffold)]
-            pos = pos[pos < len(scaffold)]
-            values = ~scaffold.frozen[pos]
-            full = scaffold.token_ids.copy()
-            full[pos[values]] = guess[values]
-            correct += int((guess[values] == examples.answers[i][pos[values]]).sum())
-            counted += int(values.sum())
-            keep = ~examples.pad[i]
-            try:
-                chunk = scaffold.decode_plan(full).actions
-            except ValueError:
-                parse_fail += 1
-            else:
-                errors.append(float(np.abs(chunk - examples.actions[i])[keep].mean()))
-            if examples.frames[i] > 0 and i > 0 and examples.seeds[i - 1] == examples.seeds[i]:
-                previous = examples.actions[i - 1][0]
-                baseline.append(float(np.abs(examples.actions[i] - previous)[keep].mean()))
+    for i, pos, guess in masked_answer_predictions(model, examples, len(scaffold), layout, objective, device, batch,
+                                                   totals):
+        values = ~scaffold.frozen[pos]
+        full = scaffold.token_ids.copy()
+        full[pos[values]] = guess[values]
+        correct += int((guess[values] == examples.answers[i][pos[values]]).sum())
+        counted += int(values.sum())
+        keep = ~examples.pad[i]
+        try:
+            chunk = scaffold.decode_plan(full).actions
+        except ValueError:
+            parse_fail += 1
+        else:
+            errors.append(float(np.abs(chunk - examples.actions[i])[keep].mean()))
+        if examples.frames[i] > 0 and i > 0 and examples.seeds[i - 1] == examples.seeds[i]:
+            previous = examples.actions[i - 1][0]
+            baseline.append(float(np.abs(examples.actions[i] - previous)[keep].mean()))
     model.train()
     n = len(examples)
     return {**{k: v / n for k, v in totals.items()}, "acc_actions": correct / max(counted, 1),

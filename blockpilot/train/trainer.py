@@ -27,8 +27,8 @@ from ..vla.scaffold import Scaffold, build_scaffold
 from ..vla.schema_io import save_schema
 from .card import write_data_card
 from .data import CameraFn, ExampleSet, KeyframesFn, SceneFn, answer_sections, build_examples
-from .loop import OptimConfig, autocast, example_batch, optimise, recipe, run_metrics, save_trained
-from .objective import AnswerLayout, block_diffusion_loss, maskable
+from .loop import OptimConfig, masked_answer_predictions, optimise, recipe, run_metrics, save_trained
+from .objective import AnswerLayout
 from .objective_config import ObjectiveConfig
 from .options import EVAL_SEED_BASE, add_arguments, parse_seeds
 
@@ -44,42 +44,29 @@ def evaluate(model: VLAModel, examples: ExampleSet, scaffold: Scaffold[DrivingPl
     share unreadable); ``parse_fail``: share of answers unreadable with every slot predicted.
     """
     model.eval()
-    block = model.config.diffusion.block_size
     value_tokens = (layout.section_ids == layout.names.index("trajectory")) & ~layout.frozen
     sections = len(layout.names)
     totals = {"loss": 0.0, "diffusion": 0.0, "ar": 0.0}
     correct, counted = np.zeros(sections), np.zeros(sections)
     parse_fail = traj_fail = 0
     errors: list[float] = []
-    gen = torch.Generator().manual_seed(0)
-    for lo in range(0, len(examples), batch):
-        idx = list(range(lo, min(lo + batch, len(examples))))
-        tb = example_batch(examples, idx, layout, model, objective, device)
-        views = [[maskable(p, n, block)] for p, n in zip(tb.prompt_lens, tb.lengths, strict=True)]
-        with autocast(device):
-            parts = block_diffusion_loss(model, tb, objective, gen, views=views)
-        for key, value in (("loss", parts.total), ("diffusion", parts.diffusion), ("ar", parts.ar)):
-            totals[key] += float(value) * len(idx)
-        rows, slots, pred = parts.rows.cpu().numpy(), parts.slots.cpu().numpy(), parts.predicted.cpu().numpy()
-        for j, i in enumerate(idx):
-            pos = slots[rows == j] - tb.prompt_lens[j]
-            guess = pred[rows == j][pos < len(scaffold)]
-            pos = pos[pos < len(scaffold)]
-            answer = examples.answers[i][:len(scaffold)]
-            full = scaffold.token_ids.copy()  # every slot from the predictions
-            full[pos[~scaffold.frozen[pos]]] = guess[~scaffold.frozen[pos]]
-            traj_only = answer.copy()  # the trajectory from the predictions, the rest from the label
-            traj_only[pos[value_tokens[pos]]] = guess[value_tokens[pos]]
-            values = ~scaffold.frozen[pos]
-            section = layout.section_ids[pos][values]
-            correct += np.bincount(section, weights=guess[values] == answer[pos][values], minlength=sections)
-            counted += np.bincount(section, minlength=sections)
-            parse_fail += not _parses(scaffold, full)
-            if _parses(scaffold, traj_only):
-                waypoints = scaffold.decode_plan(traj_only).waypoints
-                errors.append(float(np.linalg.norm(waypoints - examples.waypoints[i], axis=1).mean()))
-            else:
-                traj_fail += 1
+    for i, pos, guess in masked_answer_predictions(model, examples, len(scaffold), layout, objective, device, batch,
+                                                   totals):
+        answer = examples.answers[i][:len(scaffold)]
+        full = scaffold.token_ids.copy()  # every slot from the predictions
+        full[pos[~scaffold.frozen[pos]]] = guess[~scaffold.frozen[pos]]
+        traj_only = answer.copy()  # the trajectory from the predictions, the rest from the label
+        traj_only[pos[value_tokens[pos]]] = guess[value_tokens[pos]]
+        values = ~scaffold.frozen[pos]
+        section = layout.section_ids[pos][values]
+        correct += np.bincount(section, weights=guess[values] == answer[pos][values], minlength=sections)
+        counted += np.bincount(section, minlength=sections)
+        parse_fail += not _parses(scaffold, full)
+        if _parses(scaffold, traj_only):
+            waypoints = scaffold.decode_plan(traj_only).waypoints
+            errors.append(float(np.linalg.norm(waypoints - examples.waypoints[i], axis=1).mean()))
+        else:
+            traj_fail += 1
     model.train()
     n = len(examples)
     accuracy = {f"acc_{name}": float(c / k) for name, c, k in zip(layout.names, correct, counted, strict=True) if k}
