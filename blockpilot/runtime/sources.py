@@ -87,16 +87,21 @@ def _detect(root: Path) -> PlannerSource | None:
     return None
 
 
+def _map_entry(map_file: Path, key: str) -> Any:
+    """``key`` of a quantize output's precision map (``None`` when absent); an unreadable map names the file."""
+    try:
+        info = json.loads(map_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlannerSourceError(f"{map_file}: unreadable ({exc})") from exc
+    return info.get(key) if isinstance(info, dict) else None
+
+
 def recorded_schema(map_file: Path) -> Any:
     """The answer schema a quantize output records (``None``: it records none, plan in the checkpoint's own)."""
     from ..vla.config import ConfigError
     from ..vla.schema_io import schema_from_dict
 
-    try:
-        info = json.loads(map_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PlannerSourceError(f"{map_file}: unreadable ({exc})") from exc
-    stored = info.get("schema") if isinstance(info, dict) else None
+    stored = _map_entry(map_file, "schema")
     if stored is None:
         return None
     try:
@@ -107,11 +112,7 @@ def recorded_schema(map_file: Path) -> Any:
 
 
 def _recorded_checkpoint(map_file: Path) -> Path:
-    try:
-        info = json.loads(map_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PlannerSourceError(f"{map_file}: unreadable ({exc})") from exc
-    recorded = info.get("checkpoint") if isinstance(info, dict) else None
+    recorded = _map_entry(map_file, "checkpoint")
     if not isinstance(recorded, str) or not recorded:
         raise PlannerSourceError(f"{map_file}: records no source checkpoint (written by an older quantize); "
                                  "quantize the checkpoint again")
