@@ -148,9 +148,10 @@ def _cmd_train_reference(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_robot(args: argparse.Namespace) -> int:
+    from .eval.robot_closed_loop import open_planner_policy
     from .train.commands import train_robot
 
-    return train_robot(args)
+    return train_robot(args, open_planner_policy)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:

@@ -30,7 +30,8 @@ from .records import ResultsWriter
 from .replay import EvalUsageError
 from .summary import percentiles_and_mean
 
-__all__ = ["HELD_OUT_START", "ClosedLoopUsageError", "PlanAnswerError", "PlannerPolicy", "run_closed_loop"]
+__all__ = ["HELD_OUT_START", "ClosedLoopUsageError", "PlanAnswerError", "PlannerPolicy", "open_planner_policy",
+           "run_closed_loop"]
 
 RESULTS_FILE, SUMMARY_FILE, FRAMES_DIR = "results.jsonl", "summary.json", "frames"
 ENV_DIMS = ("dx", "dy", "dz", "gripper")  # the environment's action, in the so101-ee schema's names
@@ -100,6 +101,17 @@ class PlannerPolicy:
         if plan.plan is None:
             raise PlanAnswerError(f"the answer did not parse: {plan.error}")
         return np.asarray(plan.plan.actions, dtype=np.float64)[:self.execute]
+
+
+def open_planner_policy(checkpoint: str, execute: int) -> PlannerPolicy:
+    """A robot checkpoint's planner (torch, float32, scaffold decoder, one thread) as a closed-loop policy running
+    ``execute`` rows per plan: the driver of ``train-robot --dagger``'s rollouts."""
+    from ..runtime.plan_types import DecoderSettings
+    from ..runtime.sources import open_planner
+
+    planner = open_planner(checkpoint, backend="torch", decoder=DecoderSettings(name="scaffold"),
+                           kinds=("checkpoint",), flag="--dagger")
+    return PlannerPolicy(planner, execute, name="dagger")
 
 
 def parse_seeds(text: str) -> range:
@@ -195,13 +207,29 @@ def closed_loop_header(config: Any, seeds: range, *, execute: int | None = None,
 
 
 def robot_one(policy: Any, seed: int, config: Any, keep_frames: bool,
-              errors: tuple[type[BaseException], ...] = ()) -> tuple[dict[str, Any], Any]:
+              errors: tuple[type[BaseException], ...] = (), sim: Any = None) -> tuple[dict[str, Any], Any]:
     """One episode of ``policy`` from ``seed``: its results line and its strip of frames (None unless
-    ``keep_frames``)."""
+    ``keep_frames``). ``sim``: a simulator session of ``config`` to reset rather than build one."""
     from ..sim.robot.closed_loop import run_closed_loop_episode
 
-    episode = run_closed_loop_episode(seed, policy, config, keep_frames=keep_frames, errors=errors)
+    episode = run_closed_loop_episode(seed, policy, config, keep_frames=keep_frames, errors=errors, sim=sim)
     return {"sample_id": f"{policy.name}/{seed}", **episode.to_record()}, episode.frames
+
+
+def _local_episodes(policies: Sequence[Any], jobs: Sequence[tuple[int, int]], config: Any,
+                    errors: tuple[type[BaseException], ...]) -> Iterable[tuple[dict[str, Any], Any]]:
+    """The episodes of ``jobs`` in this process, every one on one simulator session (building the environment
+    and its renderer costs over a second; a reset gives each episode exactly what a fresh session would)."""
+    from ..sim.robot.so101 import SimSession
+
+    sim = None
+    try:
+        for k, seed in jobs:
+            sim = sim or SimSession(config, seed)
+            yield robot_one(policies[k], seed, config, k == 0, errors, sim=sim)
+    finally:
+        if sim is not None:
+            sim.close()
 
 
 def run_closed_loop(policies: Sequence[Any], seeds: Sequence[int], config: Any, out: Path, *,
@@ -225,8 +253,7 @@ def run_closed_loop(policies: Sequence[Any], seeds: Sequence[int], config: Any, 
     done = _check_resume(path, header, keys=RESUME_KEYS) if path.exists() else set()
     todo = [(k, seed) for seed in seeds for k, p in enumerate(policies) if f"{p.name}/{seed}" not in done]
     if map_episodes is None:
-        map_episodes = lambda jobs: (robot_one(policies[k], seed, config, k == 0, errors)  # noqa: E731
-                                     for k, seed in jobs)
+        map_episodes = lambda jobs: _local_episodes(policies, jobs, config, errors)  # noqa: E731
     with ResultsWriter(path, header=header) as writer:
         for record, frames in map_episodes(todo):
             if frames is not None:  # the strip first: a record always has its frames

@@ -155,18 +155,48 @@ def _input_text(log: dict[str, Any]) -> str:
     return text + " and the front camera frame"
 
 
-def write_robot_card(root: Path) -> None:
-    """Render ``root/DATA_CARD.md`` from ``root/train_log.json``."""
-    log = json.loads((root / LOG_FILE).read_text(encoding="utf-8"))
-    metrics, rec, train, held = log["metrics"], log["recipe"], log["train_stats"], log["eval_stats"]
-    roll, objective = rec["rollout"], rec["objective"]
-    command = (f"blockpilot train-robot --out {root.as_posix() if not root.is_absolute() else root.name} "
+def reproduce_command(log: dict[str, Any], out: str) -> str:
+    """The ``train-robot`` command that trains the checkpoint of ``log`` (its ``train_log.json``) into ``out``."""
+    metrics, roll, objective = log["metrics"], log["recipe"]["rollout"], log["recipe"]["objective"]
+    command = (f"blockpilot train-robot --out {out} "
                f"--task {roll['task']} --schema {log.get('schema_preset', 'so101-ee')} --steps {metrics['steps']} "
                f"--batch {metrics['batch']} --lr {metrics['lr']} "
                f"--seed {metrics['seed']} --train-seeds {log['train_seeds']} --eval-seeds {log['eval_seeds']} "
                f"--dart-noise {roll['dart_noise']} --dart-fraction {roll['dart_fraction']} "
                f"--ar-weight {objective['ar_weight']} --eval-every {metrics['eval_every']} "
                f"--threads {metrics['threads']}")
+    if log.get("init"):
+        command += f" --init {log['init']['checkpoint']}"
+    dagger = log.get("dagger")
+    if dagger:
+        command += (f" --dagger {dagger['policy']} --dagger-seeds {dagger['seeds']} --dagger-execute "
+                    f"{dagger['execute']} --dagger-max-steps {dagger['max_steps']}")
+    return command
+
+
+def _dagger_lines(init: dict[str, Any] | None, dagger: dict[str, Any] | None) -> list[str]:
+    lines = []
+    if dagger:
+        stats = dagger["stats"]
+        lines.append(f"- DAgger (Ross et al. 2011): the model `{dagger['policy']}` (weights sha256 "
+                     f"{dagger['policy_sha256'][:16]}) drove the arm on seeds `{dagger['seeds']}`, as the closed loop "
+                     f"runs it ({dagger['execute']} chunk rows per plan, at most {dagger['max_steps']} steps): "
+                     f"{stats['episodes']} rollouts, {stats['examples']} examples, {stats['succeeded']} reached "
+                     "success; every visited state labelled with the expert's clean action there")
+    if init:
+        lines.append(f"- training went on from the weights of `{init['checkpoint']}` (sha256 {init['sha256'][:16]}), "
+                     "on the expert rollouts and the DAgger rollouts together")
+    return lines
+
+
+def write_robot_card(root: Path) -> None:
+    """Render ``root/DATA_CARD.md`` from ``root/train_log.json``."""
+    log = json.loads((root / LOG_FILE).read_text(encoding="utf-8"))
+    metrics, rec, train, held = log["metrics"], log["recipe"], log["train_stats"], log["eval_stats"]
+    roll, objective = rec["rollout"], rec["objective"]
+    init, dagger = log.get("init"), log.get("dagger")
+    commands = [*([init["command"]] if init and init.get("command") else []),
+                reproduce_command(log, root.as_posix() if not root.is_absolute() else root.name)]
     lines = [
         "# Data card: blockpilot SO-101 manipulation model",
         "",
@@ -188,6 +218,7 @@ def write_robot_card(root: Path) -> None:
         f"- DART: {_pct(roll['dart_fraction'])} of the training rollouts execute the expert's action plus Gaussian "
         f"noise of std {roll['dart_noise']} on dx, dy, dz (at most {roll['noisy_max_steps']} steps); the label is "
         "always the expert's clean action at the visited state",
+        *_dagger_lines(init, dagger),
         "",
         "## Recipe",
         f"- the reference architecture (Qwen2.5-VL-shaped block-diffusion VLA), {metrics['parameters_m']} M "
@@ -210,7 +241,7 @@ def write_robot_card(root: Path) -> None:
         "",
         "## Reproduce",
         "```",
-        command,
+        *commands,
         "```",
         "Runs on the CPU repeat bit for bit for the same seed, thread count, torch and simulator version; CUDA runs "
         "(bf16) do not. The held-out results: the clean expert's episodes of the held-out seeds written as a LeRobot "

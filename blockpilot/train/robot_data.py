@@ -97,26 +97,43 @@ def expert_rollouts(seeds: Sequence[int], config: RolloutConfig, train: bool) ->
             noisy = train and noisy_episode(seed, config)
             rng = np.random.default_rng([seed, 2])
             sim.reset(int(seed))
-            rows: dict[str, list[Any]] = {"images": [], "joints": [], "actions": [], "env": [], "ee": []}
+            rows = RolloutRecorder()
             done = False
             for _ in range(config.noisy_max_steps if noisy else expert_config.spec.max_steps):
-                rows["images"].append(sim.frames()["front"])
-                rows["joints"].append(sim.joint_state())
-                rows["env"].append(sim.environment_state())
-                rows["ee"].append(sim.ee_pose())
-                action = sim.expert_action()
-                rows["actions"].append(action)
+                action = rows(sim)
                 executed = action.copy()
                 if noisy:
                     executed[:3] = np.clip(executed[:3] + rng.normal(0.0, config.dart_noise, 3), -1.0, 1.0)
                 done, ended = sim.step(executed)
                 if done or ended:
                     break
-            yield Rollout(int(seed), expert_config.spec.instruction, np.stack(rows["images"]),
-                          np.stack(rows["joints"]), np.stack(rows["actions"]), done, noisy,
-                          np.stack(rows["env"]), np.stack(rows["ee"]))
+            yield rows.rollout(int(seed), expert_config.spec.instruction, done, noisy)
     finally:
         sim.close()
+
+
+class RolloutRecorder:
+    """The rows of one rollout as it runs: called with the simulator before each step, it keeps the front frame,
+    the joints, the block and gripper positions and the expert's clean action there (the label), and returns that
+    action. The expert rollouts execute it (with noise or not); the DAgger rollouts (:mod:`.robot_dagger`) execute
+    a trained policy's instead."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[Any]] = {"images": [], "joints": [], "actions": [], "env": [], "ee": []}
+
+    def __call__(self, sim: Any) -> npt.NDArray[np.float32]:
+        self.rows["images"].append(sim.frames()["front"])
+        self.rows["joints"].append(sim.joint_state())
+        self.rows["env"].append(sim.environment_state())
+        self.rows["ee"].append(sim.ee_pose())
+        action = np.asarray(sim.expert_action(), dtype=np.float32)
+        self.rows["actions"].append(action)
+        return action
+
+    def rollout(self, seed: int, instruction: str, succeeded: bool, noisy: bool) -> Rollout:
+        rows = self.rows
+        return Rollout(seed, instruction, np.stack(rows["images"]), np.stack(rows["joints"]),
+                       np.stack(rows["actions"]), succeeded, noisy, np.stack(rows["env"]), np.stack(rows["ee"]))
 
 
 def action_chunks(actions: npt.NDArray[np.float32],
@@ -152,6 +169,18 @@ class RobotExampleSet:
                                self.seeds[idx], self.frames[idx], self.actions[idx], self.pad[idx],
                                {**self.stats, "examples": count})
 
+    def __add__(self, other: RobotExampleSet) -> RobotExampleSet:
+        """Both sets, ``self``'s examples first; the stats of each kept under ``parts``."""
+        if self.images.shape[1:] != other.images.shape[1:]:
+            raise ValueError(f"frames of {self.images.shape[1:]} and {other.images.shape[1:]}: the two sets were "
+                             "rendered at different sizes")
+        parts = [*self.stats.get("parts", [self.stats]), *other.stats.get("parts", [other.stats])]
+        return RobotExampleSet(np.concatenate([self.images, other.images]), self.prompts + other.prompts,
+                               _stack_answers(self.answers, other.answers), np.concatenate([self.seeds, other.seeds]),
+                               np.concatenate([self.frames, other.frames]),
+                               np.concatenate([self.actions, other.actions]), np.concatenate([self.pad, other.pad]),
+                               {"examples": len(self) + len(other), "parts": parts})
+
     def save(self, path: Path) -> None:
         save_npz(path, self.prompts, images=self.images, answers=self.answers, seeds=self.seeds, frames=self.frames,
                  actions=self.actions, pad=self.pad, stats=np.array(json.dumps(self.stats)))
@@ -161,6 +190,12 @@ class RobotExampleSet:
         with np.load(path, allow_pickle=False) as z:
             return cls(images=z["images"], prompts=load_prompts(z), answers=z["answers"], seeds=z["seeds"],
                        frames=z["frames"], actions=z["actions"], pad=z["pad"], stats=json.loads(str(z["stats"])))
+
+
+def _stack_answers(a: IntArray, b: IntArray) -> IntArray:
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError(f"answers of {a.shape[1]} and {b.shape[1]} tokens: the two sets use different schemas")
+    return np.concatenate([a, b])
 
 
 def robot_cache_key(seeds: Sequence[int], scaffold: Scaffold[ActionChunkPlan], tokenizer: Tokenizer,
@@ -186,14 +221,16 @@ def _simulator_version() -> str:
 def build_robot_examples(seeds: Iterable[int], tokenizer: Tokenizer, scaffold: Scaffold[ActionChunkPlan],
                          vision: VisionConfig, config: RolloutConfig, *, train: bool = True,
                          cache_dir: str | Path | None = None, rollouts: RolloutFn | None = None,
-                         log: Callable[[str], None] = print) -> RobotExampleSet:
+                         source: str | None = None, log: Callable[[str], None] = print) -> RobotExampleSet:
     """Examples of every frame of the expert rollouts of ``seeds`` (DART noise only when ``train``), loaded from
-    the cache when present. ``rollouts`` replaces :func:`expert_rollouts` (tests)."""
+    the cache when present. ``rollouts`` replaces :func:`expert_rollouts` (DAgger's, tests); ``source`` names what
+    made the rollouts in the cache key and the stats (default: the simulator's version, or the function's name)."""
     seeds = [int(s) for s in seeds]
     schema = scaffold.schema
     if not isinstance(schema, ActionChunkSchema):
         raise TypeError("build_robot_examples needs an action-chunk schema scaffold")
-    source = _simulator_version() if rollouts is None else f"{rollouts.__module__}.{rollouts.__qualname__}"
+    if source is None:
+        source = _simulator_version() if rollouts is None else f"{rollouts.__module__}.{rollouts.__qualname__}"
     path = None
     if cache_dir is not None:
         key = robot_cache_key(seeds, scaffold, tokenizer, vision, config, train, source)
@@ -244,5 +281,5 @@ def build_robot_examples(seeds: Iterable[int], tokenizer: Tokenizer, scaffold: S
     return examples
 
 
-__all__ = ["RobotExampleSet", "Rollout", "RolloutConfig", "action_chunks", "build_robot_examples", "expert_rollouts",
-           "noisy_episode"]
+__all__ = ["RobotExampleSet", "Rollout", "RolloutConfig", "RolloutRecorder", "action_chunks", "build_robot_examples",
+           "expert_rollouts", "noisy_episode"]

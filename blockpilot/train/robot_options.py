@@ -31,6 +31,15 @@ def add_robot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default="runs/cache/examples", help="rendered example cache ('' to disable)")
     p.add_argument("--eval-every", type=int, default=400)
     p.add_argument("--ar-weight", type=float, default=0.5, help="auxiliary causal loss weight")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="go on training from this robot checkpoint's weights (same schema) instead of a fresh start")
+    p.add_argument("--dagger", default=None, metavar="CHECKPOINT",
+                   help="DAgger: add rollouts that this robot checkpoint drives in the simulator, every visited state "
+                        "labelled with the expert's action (usually the same checkpoint as --init)")
+    p.add_argument("--dagger-seeds", default=None, help="episode seeds of the DAgger rollouts (disjoint from "
+                                                         "--eval-seeds; fresh ones, e.g. 500:800)")
+    p.add_argument("--dagger-execute", type=int, default=4, help="chunk rows the DAgger policy runs per plan")
+    p.add_argument("--dagger-max-steps", type=int, default=40, help="step limit of a DAgger rollout")
     p.add_argument("--record", action="append", default=[], metavar="NAME=METRICS.json",
                    help="do not train: add a measured result to --out's train_log.json and DATA_CARD.md "
                         "(replay=<eval run>/report/metrics.json, closed_loop=<closed-loop metrics.json>, "

@@ -33,6 +33,7 @@ from .objective import AnswerLayout
 from .objective_config import ObjectiveConfig
 from .options import parse_seeds
 from .robot_card import write_robot_card
+from .robot_dagger import DaggerData, init_record, load_init, policy_rollouts
 from .robot_data import RobotExampleSet, RolloutConfig, RolloutFn, build_robot_examples
 
 ROBOT_EVAL_SEED_BASE = 1_000_000  # held-out episodes are drawn far from the training seeds
@@ -95,10 +96,13 @@ def train_robot(
     objective: ObjectiveConfig | None = None,
     rollouts: RolloutFn | None = None,
     schema: ActionChunkSchema | None = None,
+    init: str | Path | None = None,
+    dagger: DaggerData | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train the SO-101 model on expert rollouts of ``train_seeds`` to answer ``schema`` (default ``so101-ee``:
-    the joints only); returns the run's metrics."""
+    the joints only); returns the run's metrics. ``init``: start from that checkpoint's weights instead of a fresh
+    initialisation; ``dagger``: add the rollouts its policy drives, labelled by the expert (:mod:`.robot_dagger`)."""
     t_start = time.perf_counter()
     config = config or OptimConfig()
     rollout = rollout or RolloutConfig()
@@ -110,8 +114,11 @@ def train_robot(
         raise ValueError("eval_seeds overlap train_seeds; held-out episodes must be unseen")
     torch.manual_seed(config.seed)
     tokenizer, tokens = build_reference_tokenizer()
-    model = VLAModel(reference_config(tokenizer.vocab_size, tokens))
-    init_weights(model, seed=config.seed)
+    if init is None:
+        model = VLAModel(reference_config(tokenizer.vocab_size, tokens))
+        init_weights(model, seed=config.seed)
+    else:
+        model = load_init(init, tokenizer, schema)
     model.to(dev).train()
     scaffold = build_scaffold(schema, tokenizer)
     layout = AnswerLayout(*answer_sections(scaffold))
@@ -120,6 +127,13 @@ def train_robot(
     t0 = time.perf_counter()
     train = build_robot_examples(train_seeds, tokenizer, scaffold, vision, rollout, train=True, cache_dir=cache_dir,
                                  rollouts=rollouts, log=log)
+    provenance_dagger: dict[str, Any] = {}
+    if dagger is not None:
+        visited = build_robot_examples(dagger.seeds, tokenizer, scaffold, vision, rollout, cache_dir=cache_dir,
+                                       rollouts=policy_rollouts(dagger.policy, dagger.max_steps),
+                                       source=dagger.source, log=log)
+        provenance_dagger = {"dagger": {**dagger.describe(), "stats": visited.stats}}
+        train = train + visited
     held_out = build_robot_examples(eval_seeds, tokenizer, scaffold, vision, rollout, train=False,
                                     cache_dir=cache_dir, rollouts=rollouts, log=log)
     held_out = held_out if len(held_out) <= max_eval_examples else _first_episodes(held_out, max_eval_examples)
@@ -134,7 +148,9 @@ def train_robot(
                              data_s=data_s, t_start=t_start), "threads": torch.get_num_threads(),
                "eval_every": config.eval_every}
     run_recipe = {**recipe(objective, config, model.config.diffusion.block_size), "rollout": asdict(rollout)}
-    provenance = {"train_seeds": _spec(train_seeds), "eval_seeds": _spec(eval_seeds), "train_stats": train.stats,
+    expert_stats = train.stats["parts"][0] if "parts" in train.stats else train.stats
+    provenance = {"train_seeds": _spec(train_seeds), "eval_seeds": _spec(eval_seeds), "train_stats": expert_stats,
+                  **provenance_dagger, **({"init": init_record(init)} if init is not None else {}),
                   "eval_stats": held_out.stats, "state_dims": list(schema.state_dims),
                   "schema_preset": next((n for n, f in ROBOT_SCHEMAS.items() if f() == schema), "custom")}
     save_schema(root, schema, training={"recipe": run_recipe, "metrics": metrics, **provenance})
@@ -160,7 +176,7 @@ def _spec(seeds: Sequence[int]) -> str:
     return seed_spec(seeds)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, open_policy: Callable[[str, int], Any] | None = None) -> int:
     if args.record:
         from .robot_card import record_results
 
@@ -174,7 +190,16 @@ def run(args: argparse.Namespace) -> int:
         train_robot(args.out, parse_seeds(args.train_seeds), config, args.device,
                     eval_seeds=parse_seeds(args.eval_seeds), rollout=rollout, cache_dir=args.cache_dir or None,
                     objective=ObjectiveConfig(section_weights=dict(ROBOT_SECTION_WEIGHTS), ar_weight=args.ar_weight),
-                    schema=ROBOT_SCHEMAS[args.schema]())
+                    schema=ROBOT_SCHEMAS[args.schema](), init=args.init, dagger=_dagger(args, open_policy))
     finally:
         torch.set_num_threads(threads)
     return 0
+
+
+def _dagger(args: argparse.Namespace, open_policy: Callable[[str, int], Any] | None) -> DaggerData | None:
+    if not args.dagger:
+        return None
+    if open_policy is None:
+        raise ValueError("--dagger needs a policy opener (blockpilot's CLI passes the evaluator's)")
+    return DaggerData(open_policy(args.dagger, args.dagger_execute), args.dagger, tuple(parse_seeds(args.dagger_seeds)),
+                      args.dagger_execute, args.dagger_max_steps)

@@ -25,7 +25,8 @@ Deterministic for a seed: the seed places the block (and goal), physics and IK a
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -179,66 +180,83 @@ def _observe(sim: SimSession, images: bool) -> SimObservation:
 
 def run_closed_loop_episode(seed: int, policy: ChunkPolicy, config: ExpertConfig | None = None, *,
                             keep_frames: bool = False,
-                            errors: tuple[type[BaseException], ...] = (ValueError,)) -> ClosedLoopEpisode:
+                            errors: tuple[type[BaseException], ...] = (ValueError,),
+                            sim: SimSession | None = None,
+                            on_step: Callable[[SimSession], object] | None = None) -> ClosedLoopEpisode:
     """Run ``policy`` from ``seed`` in the task of ``config`` (its cameras, image size and step limit).
 
     An exception of a type in ``errors`` raised by the policy (and any :class:`PolicyError`) ends the episode as a
     failure with its message; anything else propagates. ``keep_frames``: keep :data:`STRIP_FRAMES` evenly spaced
-    frames of the first camera (rendered after the fact only where the policy did not need images)."""
+    frames of the first camera (rendered after the fact only where the policy did not need images). ``sim``: a
+    session of ``config`` (its step limit aside) to :meth:`~.so101.SimSession.reset` to ``seed`` instead of
+    building one (the caller closes it). ``on_step(sim)`` is called before each action runs (the DAgger recorder
+    reads the state there)."""
     config = config or ExpertConfig()
+    if sim is not None and replace(sim.config, max_steps=None) != replace(config, max_steps=None):
+        raise RobotDataError(f"the given simulator session runs {sim.config}, not {config}")
+    policy.reset(seed)
+    if sim is not None:
+        sim.reset(seed)
+        return _run(seed, policy, config, sim, keep_frames, errors, on_step)
+    with SimSession(config, seed) as own:
+        return _run(seed, policy, config, own, keep_frames, errors, on_step)
+
+
+def _run(seed: int, policy: ChunkPolicy, config: ExpertConfig, sim: SimSession, keep_frames: bool,
+         errors: tuple[type[BaseException], ...], on_step: Callable[[SimSession], object] | None) -> ClosedLoopEpisode:
     images = bool(getattr(policy, "needs_images", True))
     caught: tuple[type[BaseException], ...] = (PolicyError, *errors)
-    policy.reset(seed)
-    with SimSession(config, seed) as sim:
-        if isinstance(policy, _Attachable):
-            policy.attach(sim)
-        limit = sim.step_limit
-        keep = set(np.linspace(0, limit - 1, STRIP_FRAMES).round().astype(int).tolist()) if keep_frames else set()
-        kept: list[npt.NDArray[np.uint8]] = []
-        queue: list[npt.NDArray[np.float64]] = []
-        ran: list[npt.NDArray[np.float32]] = []
-        plan_ms: list[float] = []
-        forwards: list[int] = []
-        success = touching = knocked = False
-        steps = contacts = clipped = 0
-        low, high = (np.asarray(b, dtype=np.float64) for b in (sim.env.action_space.low, sim.env.action_space.high))
-        error: str | None = None
-        while steps < limit:
-            if steps in keep:
-                kept.append(sim.camera.frame(sim.env.data, config.cameras[0]))
-            if not queue:
-                observation = _observe(sim, images)
-                started = time.perf_counter()
-                try:
-                    rows = check_chunk(policy.act(observation), policy.name)
-                except caught as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-                    break
-                measured = getattr(policy, "last_stats", None)
-                plan_ms.append(measured[0] if measured else (time.perf_counter() - started) * 1e3)
-                if measured:
-                    forwards.append(measured[1])
-                queue = list(rows)
-            wanted = queue.pop(0)
-            row = np.clip(wanted, low, high)
-            clipped += bool((row != wanted).any())
-            ran.append(row.astype(np.float32))
-            success, ended = sim.step(ran[-1])
-            steps += 1
-            now = sim.arm_touches_floor()
-            contacts += now and not touching
-            touching = now
-            if success or ended:
-                knocked = ended and not success
+    if isinstance(policy, _Attachable):
+        policy.attach(sim)
+    limit = config.max_steps or config.spec.max_steps  # config's, which may differ from the session's
+    keep = set(np.linspace(0, limit - 1, STRIP_FRAMES).round().astype(int).tolist()) if keep_frames else set()
+    kept: list[npt.NDArray[np.uint8]] = []
+    queue: list[npt.NDArray[np.float64]] = []
+    ran: list[npt.NDArray[np.float32]] = []
+    plan_ms: list[float] = []
+    forwards: list[int] = []
+    success = touching = knocked = False
+    steps = contacts = clipped = 0
+    low, high = (np.asarray(b, dtype=np.float64) for b in (sim.env.action_space.low, sim.env.action_space.high))
+    error: str | None = None
+    while steps < limit:
+        if steps in keep:
+            kept.append(sim.camera.frame(sim.env.data, config.cameras[0]))
+        if not queue:
+            observation = _observe(sim, images)
+            started = time.perf_counter()
+            try:
+                rows = check_chunk(policy.act(observation), policy.name)
+            except caught as exc:
+                error = f"{type(exc).__name__}: {exc}"
                 break
-        frames = None
-        if keep_frames:
-            while len(kept) < STRIP_FRAMES:  # ended early: the last frame fills the strip
-                kept.append(sim.camera.frame(sim.env.data, config.cameras[0]))
-            frames = np.stack(kept[:STRIP_FRAMES])
-        return ClosedLoopEpisode(
-            seed=seed, policy=policy.name, task=config.task, success=bool(success), steps=steps, fps=sim.fps,
-            collisions=int(contacts) + int(knocked), arm_contacts=int(contacts), knocked_off=bool(knocked),
-            clipped_actions=int(clipped),
-            final_distance_m=sim.block_distance(), plan_ms=plan_ms, forwards=forwards, error=error, frames=frames,
-            actions=np.asarray(ran, dtype=np.float32).reshape(-1, ACTION_DIMS))
+            measured = getattr(policy, "last_stats", None)
+            plan_ms.append(measured[0] if measured else (time.perf_counter() - started) * 1e3)
+            if measured:
+                forwards.append(measured[1])
+            queue = list(rows)
+        if on_step is not None:
+            on_step(sim)
+        wanted = queue.pop(0)
+        row = np.clip(wanted, low, high)
+        clipped += bool((row != wanted).any())
+        ran.append(row.astype(np.float32))
+        success, ended = sim.step(ran[-1])
+        steps += 1
+        now = sim.arm_touches_floor()
+        contacts += now and not touching
+        touching = now
+        if success or ended:
+            knocked = ended and not success
+            break
+    frames = None
+    if keep_frames:
+        while len(kept) < STRIP_FRAMES:  # ended early: the last frame fills the strip
+            kept.append(sim.camera.frame(sim.env.data, config.cameras[0]))
+        frames = np.stack(kept[:STRIP_FRAMES])
+    return ClosedLoopEpisode(
+        seed=seed, policy=policy.name, task=config.task, success=bool(success), steps=steps, fps=sim.fps,
+        collisions=int(contacts) + int(knocked), arm_contacts=int(contacts), knocked_off=bool(knocked),
+        clipped_actions=int(clipped),
+        final_distance_m=sim.block_distance(), plan_ms=plan_ms, forwards=forwards, error=error, frames=frames,
+        actions=np.asarray(ran, dtype=np.float32).reshape(-1, ACTION_DIMS))
