@@ -57,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming results.jsonl")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's, one per core; where other work shares the cores, "
+                             "1: a small model planned on oversubscribed cores runs many times slower)")
     from ..vla.dtypes import add_dtype_option
 
     add_dtype_option(parser)  # with --checkpoint; a bundle runs in the dtype it was exported in
