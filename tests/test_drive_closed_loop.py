@@ -4,6 +4,7 @@ answers."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -338,6 +339,20 @@ def test_expert_drives_the_scene_it_was_generated_from(turn_episodes: dict[int, 
     assert np.array_equal(log.ego[: log.start_step + 1], scene.ego.states[: log.start_step + 1])
     assert np.hypot(*(log.ego[:, :2] - scene.ego.states[: len(log.ego), :2]).T).max() < 1.0
     assert log.plans == 36 and log.plan_failures == 0
+
+
+def test_the_comfort_limits_keep_the_expert_comfortable_and_safe() -> None:
+    """Seed 1000006: the expert starts braking at about 2 m/s² 0.5 s after the take-over. With the body's limits
+    only, that onset breaks nuPlan's jerk bound; with the controller's comfort limits it does not, and it still hits
+    nothing."""
+    config = DriveConfig(end_s=8.0)
+    logs = {}
+    body_only = ControllerGains(comfort_jerk=None, comfort_accel=None)
+    for name, gains in (("limited", ControllerGains()), ("body", body_only)):
+        world = DriveWorld.from_seed(1_000_006)
+        logs[name] = pdm_scores(run_episode(world, ExpertPolicy(world), replace(config, gains=gains)))
+    assert logs["body"].comfort == 0.0 and logs["limited"].comfort == 1.0
+    assert logs["limited"].nc == logs["limited"].ttc == 1.0
 
 
 def test_same_seed_same_trajectory_and_scores(turn_episodes: dict[int, dict[str, DriveLog]]) -> None:
