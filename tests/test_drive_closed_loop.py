@@ -4,6 +4,7 @@ answers."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,8 +12,10 @@ import pytest
 
 from blockpilot.eval.closed_loop_b2d import PENALTIES, driving_scores
 from blockpilot.eval.closed_loop_metrics import (
+    ComfortBounds,
     collisions,
     comfort,
+    comfort_signals,
     drivable_area_compliance,
     driving_direction_compliance,
     ego_progress,
@@ -25,7 +28,15 @@ from blockpilot.eval.drive_policy import PlannerDrivePolicy
 from blockpilot.sim.cameras import FRONT_CAMERA
 from blockpilot.sim.drive.episode import DriveConfig, DriveLog, run_episode
 from blockpilot.sim.drive.policies import ConstantVelocityPolicy, ExpertPolicy
-from blockpilot.sim.drive.vehicle import Controller, EgoState, bicycle_step, plan_to_world
+from blockpilot.sim.drive.vehicle import (
+    Controller,
+    ControllerGains,
+    EgoState,
+    bicycle_step,
+    limit_jerk,
+    plan_to_world,
+    required_decel,
+)
 from blockpilot.sim.drive.world import DriveWorld
 from blockpilot.sim.expert import DriverParams, VehiclePlan, Walker, overlap_steps
 from blockpilot.sim.generator import CAR_SIZE, EGO_SIZE, WorldSpec
@@ -151,8 +162,10 @@ def test_running_a_stop_line() -> None:
 
 
 # -- the controller ---------------------------------------------------------------------------------------------
-def _track(waypoint_fn: object, seconds: float = 8.0) -> tuple[list[EgoState], list[np.ndarray]]:
-    state, ctrl, states, plans = EgoState(0.0, 0.0, 0.0, 8.0), Controller(), [], []
+def _track(waypoint_fn: object, seconds: float = 8.0, ctrl: Controller | None = None,
+           speed: float = 8.0) -> tuple[list[EgoState], list[np.ndarray]]:
+    state, states, plans = EgoState(0.0, 0.0, 0.0, speed), [], []
+    ctrl = ctrl or Controller()
     times = np.array([0.0, *FUTURE_TIMES_S])
     for k in range(round(seconds / DT)):
         if k % 5 == 0:
@@ -193,6 +206,56 @@ def test_controller_tracks_a_curved_plan() -> None:
     off = [abs(float(np.hypot(*(s.xy - centre))) - radius) for s in states[20:]]
     assert max(off) < 0.3
     assert max(abs(s.v - speed) for s in states[20:]) < 0.3
+
+
+def _speed_plan(speed_at: object) -> object:
+    """Waypoints straight ahead along +x at ``speed_at(state)`` m/s (at 0: all where the car is, a stop)."""
+
+    def plan(state: EgoState) -> np.ndarray:
+        return np.column_stack([speed_at(state) * np.asarray(FUTURE_TIMES_S), np.zeros(6)])  # type: ignore[operator]
+    return plan
+
+
+def _states_log(states: list[EgoState]) -> DriveLog:
+    return _log(np.array([s.row() for s in states]))
+
+
+def test_a_plan_whose_speed_steps_down_is_tracked_within_the_comfort_jerk() -> None:
+    """10 m/s, then plans at 6 m/s from 2 s on: the commanded jerk limit keeps nuPlan's longitudinal jerk bound,
+    where the body's own limit (10 m/s³ braking) alone breaks it."""
+    step_down = _speed_plan(lambda s: 10.0 if s.x < 20.0 else 6.0)
+    limited, _ = _track(step_down, seconds=8.0, speed=10.0)
+    unlimited, _ = _track(step_down, seconds=8.0, speed=10.0, ctrl=Controller(ControllerGains(comfort_jerk=None)))
+    bound = ComfortBounds().max_abs_lon_jerk
+    assert np.abs(comfort_signals(_states_log(limited))["lon_jerk"]).max() < bound
+    assert comfort(_states_log(limited)) == 1.0
+    assert np.abs(comfort_signals(_states_log(unlimited))["lon_jerk"]).max() > bound
+    assert abs(limited[-1].v - 6.0) < 0.3  # and it still reaches the new speed
+
+
+def test_an_emergency_stop_is_not_jerk_limited() -> None:
+    """At 10 m/s, plans that say "stop here" from x = 20 m on ask for far more than the comfortable deceleration: the
+    car stops in the same distance as without the comfort jerk limit."""
+    stop = _speed_plan(lambda s: 10.0 if s.x < 20.0 else 0.0)
+    limited, _ = _track(stop, seconds=6.0, speed=10.0)
+    unlimited, _ = _track(stop, seconds=6.0, speed=10.0, ctrl=Controller(ControllerGains(comfort_jerk=None)))
+    assert limited[-1].v == 0.0 and unlimited[-1].v == 0.0
+    assert limited[-1].x == pytest.approx(unlimited[-1].x, abs=0.3)
+    assert min(s.a for s in limited) <= -7.9  # full braking, reached as fast as the body allows
+
+
+def test_limit_jerk() -> None:
+    gains = ControllerGains(comfort_jerk=3.0, comfort_accel=None, emergency_decel=4.0)
+    assert limit_jerk(2.0, 0.0, DT, gains) == pytest.approx(0.3)
+    assert limit_jerk(-2.0, 0.0, DT, gains) == pytest.approx(-0.3)
+    assert limit_jerk(0.1, 0.0, DT, gains) == 0.1
+    assert limit_jerk(-6.0, 0.0, DT, gains) == pytest.approx(-0.3)
+    assert limit_jerk(-6.0, 0.0, DT, gains, emergency=True) == -6.0  # the body's own limits apply
+    assert limit_jerk(-2.0, -6.0, DT, gains) == pytest.approx(-5.7)  # released gently
+    assert required_decel(10.0, 0.0, 10.0) == pytest.approx(5.0) and required_decel(10.0, 6.0, 32.0) == 1.0
+    assert required_decel(5.0, 6.0, 1.0) == 0.0
+    assert limit_jerk(-2.0, 0.0, DT, ControllerGains(comfort_jerk=None)) == -2.0
+    assert limit_jerk(2.9, 2.5, DT, ControllerGains(comfort_jerk=None, comfort_accel=2.0)) == 2.0
 
 
 # -- the world --------------------------------------------------------------------------------------------------
@@ -276,6 +339,20 @@ def test_expert_drives_the_scene_it_was_generated_from(turn_episodes: dict[int, 
     assert np.array_equal(log.ego[: log.start_step + 1], scene.ego.states[: log.start_step + 1])
     assert np.hypot(*(log.ego[:, :2] - scene.ego.states[: len(log.ego), :2]).T).max() < 1.0
     assert log.plans == 36 and log.plan_failures == 0
+
+
+def test_the_comfort_limits_keep_the_expert_comfortable_and_safe() -> None:
+    """Seed 1000006: the expert starts braking at about 2 m/s² 0.5 s after the take-over. With the body's limits
+    only, that onset breaks nuPlan's jerk bound; with the controller's comfort limits it does not, and it still hits
+    nothing."""
+    config = DriveConfig(end_s=8.0)
+    logs = {}
+    body_only = ControllerGains(comfort_jerk=None, comfort_accel=None)
+    for name, gains in (("limited", ControllerGains()), ("body", body_only)):
+        world = DriveWorld.from_seed(1_000_006)
+        logs[name] = pdm_scores(run_episode(world, ExpertPolicy(world), replace(config, gains=gains)))
+    assert logs["body"].comfort == 0.0 and logs["limited"].comfort == 1.0
+    assert logs["limited"].nc == logs["limited"].ttc == 1.0
 
 
 def test_same_seed_same_trajectory_and_scores(turn_episodes: dict[int, dict[str, DriveLog]]) -> None:

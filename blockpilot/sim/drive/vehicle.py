@@ -19,6 +19,17 @@ at every vertex).
   along-track lag, ``v_cmd = v_ref(tau) + k_pos (s_ref(tau) - s)``, tracked by a PI controller with the profile's
   acceleration as feed-forward, ``a = a_ref + kp (v_cmd - v) + ki * integral``, the integral clamped (anti-windup).
   Past the plan's 3 s (a planner that failed to answer) it holds the last waypoint: the car stops there.
+- Comfort: the commanded acceleration changes by at most :attr:`ControllerGains.comfort_jerk` per second from the one
+  applied now (:func:`limit_jerk`). A new plan's speed profile rarely starts at the car's own speed, and a learned
+  planner's profiles differ from plan to plan, so the PI command steps at every plan (every 0.5 s) and at the
+  take-over; the body alone would follow at up to 10 m/s³ when braking, over nuPlan's 4.13 m/s³ comfort bound. 2.5 m/s³
+  (the body's and the expert driver's jerk_up) leaves room for the Savitzky-Golay estimate the metric reads, which
+  overshoots at an episode's first samples (4.4 m/s³ there for a 3 m/s³ ramp that turns). Speeding up is capped at
+  :attr:`ControllerGains.comfort_accel` (nuPlan's bound is 2.40 m/s², the body's 3): speeding up is never urgent.
+  Never at safety's cost: when the plan needs more than :attr:`ControllerGains.emergency_decel` of constant braking to
+  get from the current speed to its final speed within its remaining length (:func:`required_decel`; a plan that
+  stops a few metres ahead, say), the command is not limited and the body's own limits apply, so an emergency stop
+  stops where it did without the limit. The same controller drives every policy (expert, baselines, planner).
 
 Gains (:class:`ControllerGains`) were set on the expert's plans in generated scenes: the tests check a straight and a
 curved plan are tracked within bounds.
@@ -56,6 +67,9 @@ class ControllerGains:
     ki: float = 0.1  # 1/s²
     integral_limit: float = 1.5  # m/s
     min_plan_length: float = 0.5  # m: a shorter plan is a stop, steering held straight
+    comfort_jerk: float | None = 2.5  # m/s³: the commanded acceleration's rate of change (None: the body's limits)
+    comfort_accel: float | None = 2.0  # m/s²: the most the controller speeds up with (None: the body's max_accel)
+    emergency_decel: float = 4.0  # m/s²: a plan that needs harder braking than this is not jerk-limited
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,25 @@ def bicycle_step(state: EgoState, accel: float, steer: float, dt: float,
     if v <= 0.0 and a < 0:
         a = 0.0  # at rest: brakes hold, nothing is accelerating
     return EgoState(x, y, math.atan2(math.sin(yaw), math.cos(yaw)), v, a, d)
+
+
+def required_decel(speed: float, end_speed: float, distance: float) -> float:
+    """The constant deceleration (m/s², >= 0) that brings ``speed`` down to ``end_speed`` within ``distance`` metres."""
+    if speed <= end_speed:
+        return 0.0
+    return (speed * speed - end_speed * end_speed) / (2 * max(distance, 1e-3))
+
+
+def limit_jerk(accel: float, applied: float, dt: float, gains: ControllerGains, emergency: bool = False) -> float:
+    """``accel`` at most ``gains.comfort_accel``, moved at most ``gains.comfort_jerk * dt`` from the acceleration
+    ``applied`` now; in an ``emergency`` (or with ``comfort_jerk`` None) not rate-limited: the body's own limits apply
+    (module docstring)."""
+    if gains.comfort_accel is not None:
+        accel = min(accel, gains.comfort_accel)
+    if gains.comfort_jerk is None or emergency:
+        return accel
+    step = gains.comfort_jerk * dt
+    return float(np.clip(accel, applied - step, applied + step))
 
 
 def plan_to_world(waypoints: FloatArray, origin: EgoState) -> FloatArray:
@@ -167,7 +200,10 @@ class Controller:
             v_cmd = 0.0
         err = v_cmd - state.v
         self._integral = float(np.clip(self._integral + err * dt, -g.integral_limit, g.integral_limit))
-        accel = a_ref + g.kp * err + g.ki * self._integral
+        tau = now_s - self._t0
+        end_speed = 0.0 if tau >= self._times[-1] else float(np.diff(self._s)[-1] / np.diff(self._times)[-1])
+        emergency = required_decel(state.v, end_speed, self._s[-1] - s_now) > g.emergency_decel
+        accel = limit_jerk(a_ref + g.kp * err + g.ki * self._integral, state.a, dt, g, emergency)
         if self._s[-1] < g.min_plan_length:
             return accel, 0.0
         rear = state.xy - lim.rear_to_center * np.array([math.cos(state.yaw), math.sin(state.yaw)])
