@@ -157,6 +157,45 @@ def test_closed_loop_robot_baselines_on_ray_write_the_single_process_records(clu
         p.name for p in (tmp_path / "one" / "frames").iterdir())
 
 
+@pytest.fixture(scope="module")
+def lerobot(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A random-init so101-joints checkpoint and a 2-episode LeRobot dataset written by our writer."""
+    from test_robot_eval import _episode
+
+    from blockpilot.sim.robot.lerobot_io import write_lerobot_dataset
+    from blockpilot.vla.plans import SO101_JOINTS
+    from blockpilot.vla.reference_model import write_reference_checkpoint
+
+    root = tmp_path_factory.mktemp("ray_lerobot")
+    return {"ckpt": write_reference_checkpoint(root / "ckpt"),
+            "data": write_lerobot_dataset([_episode(s, n, SO101_JOINTS) for s, n in ((0, 4), (1, 3))], root / "data")}
+
+
+def test_lerobot_replay_on_ray_writes_the_single_process_records_and_metrics(
+        cluster: None, lerobot: dict[str, Path], tmp_path: Path) -> None:
+    argv = ("--source", "lerobot", "--dataroot", str(lerobot["data"]), "--checkpoint", str(lerobot["ckpt"]),
+            "--schema", "so101-joints")
+    assert _eval(*argv, "--out", str(tmp_path / "one")) == 0
+    assert _eval(*argv, "--out", str(tmp_path / "ray"), "--ray", "--ray-workers", "2") == 0
+
+    def records(out: Path) -> list[dict[str, Any]]:
+        return [_untimed(json.loads(line)) for line in (out / "results.jsonl").read_text().splitlines()]
+
+    def metrics(out: Path) -> dict[str, Any]:
+        return {k: v for k, v in json.loads((out / "report" / "metrics.json").read_text()).items()
+                if k != "latency_ms"}
+
+    one, on_ray = records(tmp_path / "one"), records(tmp_path / "ray")
+    assert [(r["episode"], r["frame"]) for r in on_ray] == [(0, f) for f in range(4)] + [(1, f) for f in range(3)]
+    assert all(r["status"] == "ok" and len(r["pred"]) == 8 and "stage_ms" in json.loads(line)["stats"]
+               for r, line in zip(on_ray, (tmp_path / "ray" / "results.jsonl").read_text().splitlines(),
+                                  strict=True))
+    assert on_ray == one
+    assert metrics(tmp_path / "ray") == metrics(tmp_path / "one")
+    assert metrics(tmp_path / "ray")["counts"]["total"] == 7
+    assert (tmp_path / "ray" / "report" / "summary.md").is_file()
+
+
 def test_ray_not_installed_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, dataroot: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed: importing it fails
