@@ -71,7 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip transformers generate")
     parser.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false",
                         help="skip the ONNX Runtime plans on a CPU")
-    parser.add_argument("--checkpoint", default=None, help="the reference checkpoint (default: models/reference)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="the reference checkpoint (default: models/reference); a robot model (action-chunk "
+                             "schema, e.g. models/robot-so101) plans its robot prompt")
+    parser.add_argument("--cameras", type=positive_int, default=None,
+                        help="camera frames in a robot checkpoint's plan prompt (default 1; 2: third-person and wrist)")
     parser.add_argument("--fp8-per-channel", action="store_true",
                         help="fp8 weights with per-output-channel scales (row-wise scaled_mm) instead of per tensor")
     parser.add_argument("--image", default="504x896", type=_image,
@@ -96,7 +100,7 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
                         repeats=args.repeats, plan_repeats=args.plan_repeats, threads=threads or (1,),
                         kv_tokens=args.kv_tokens, block_tokens=args.block_tokens, decoders=decoders, hf=args.hf,
                         onnxruntime=args.onnxruntime, image=args.image,
-                        fp8_per_channel=args.fp8_per_channel, **extra)
+                        fp8_per_channel=args.fp8_per_channel, cameras=args.cameras, **extra)
 
 
 def _cell(value: Any, fmt: str = ".2f") -> str:
@@ -113,6 +117,14 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     body = ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
     return "\n".join([line, rule, *body])
+
+
+def _observation_line(described: dict[str, Any] | None) -> str:
+    """What the plans were made on (:func:`~.observations.bench_observation`'s description)."""
+    if not described or described["kind"] == "driving":
+        return "a driving keyframe, 1 camera"
+    return (f"a robot prompt: {described['cameras']} camera(s), {len(described['state_dims'])} state dims, answer "
+            f"{described['steps']} x {', '.join(described['dims'])} ({described['action']})")
 
 
 def format_report(report: Report) -> str:
@@ -139,7 +151,7 @@ def format_report(report: Report) -> str:
     if report.plans:
         target = s["cpu_target_ms"]
         out.append(f"Plans on the reference model through the Planner (p50 of {s['plan_repeats']}, prompt "
-                   f"{report.plans[0]['prompt_tokens']} tokens)" +
+                   f"{report.plans[0]['prompt_tokens']} tokens, {_observation_line(s.get('plan_observation'))})" +
                    (f"; the CPU target is p50 < {target:.0f} ms (the scaffold decoder is the default)"
                     if d["type"] == "cpu" else ""))
         rows = [[r["dtype"], r["backend"], _cell(r["threads"]), r["decoder"], _cell(r["p50_ms"], ".1f"),
