@@ -170,6 +170,13 @@ def robot_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ckpt
 
 
+@pytest.fixture(scope="module")
+def robot_bundle(robot_checkpoint: Path) -> Path:
+    from blockpilot.export.bundle_export import export_bundle
+
+    return export_bundle(robot_checkpoint, robot_checkpoint.parent / "bundle").bundle
+
+
 def _robot_bench(checkpoint: Path, out: Path, *extra: str) -> tuple[int, dict[str, Any], str]:
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
@@ -204,8 +211,47 @@ def test_a_robot_checkpoint_plans_its_robot_prompt(robot_checkpoint: Path, tmp_p
     (two_scaffold,) = [r for r in two["plans"] if r["decoder"] == "scaffold"]
     vision = load_model(robot_checkpoint).config.vision
     assert vision is not None
-    frame = load_image_policy(robot_checkpoint, vision).tokens(vision.window_size, vision.window_size)
+    frame = load_image_policy(robot_checkpoint, vision).tokens(*two["settings"]["plan_observation"]["image_hw"])
     assert frame > 0 and two_scaffold["prompt_tokens"] - one_prompt >= frame  # its frame, markers and words
+
+
+def test_a_robot_bundle_times_the_plans_of_its_own_graphs(robot_checkpoint: Path, robot_bundle: Path,
+                                                           tmp_path: Path) -> None:
+    bundle = robot_bundle
+    argv = ["bench", "--device", "cpu", "--plan-repeats", "1", "--threads", "1", "--decoders", "ar,scaffold"]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main([*argv, "--bundle", str(bundle), "--out", str(tmp_path / "bundle.json")]) == 0
+    report = json.loads((tmp_path / "bundle.json").read_text())
+    assert report["steps"] == report["ar"] == [] and report["failed"] == []
+    assert [(r["model"], r["backend"], r["dtype"], r["decoder"]) for r in report["plans"]] == [
+        ("bundle", "onnxruntime", "fp32", d) for d in ("ar", "scaffold")]
+    assert report["settings"]["plan_observation"]["kind"] == "action_chunk"
+    assert f"Plans on the bundle {bundle} on ONNX Runtime" in buffer.getvalue()
+    # the bundle's graphs plan what the checkpoint's own ONNX Runtime export plans: the same prompt and forwards
+    _, from_checkpoint, _ = _robot_bench(robot_checkpoint, tmp_path / "checkpoint.json")
+    ort = {r["decoder"]: r for r in from_checkpoint["plans"] if r["backend"] == "onnxruntime"}
+    for row in report["plans"]:
+        assert (row["prompt_tokens"], row["forwards"]) == (ort[row["decoder"]]["prompt_tokens"],
+                                                           ort[row["decoder"]]["forwards"])
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--models", "reference"], "--models"),
+    (["--checkpoint", "{ckpt}"], "--checkpoint"),
+    (["--device", "cuda"], "--device cuda"),
+    (["--decoders", "rollouts"], "--decoders rollouts"),
+])
+def test_bundle_with_model_flags_is_refused_naming_them(extra: list[str], needle: str, robot_checkpoint: Path,
+                                                        robot_bundle: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "b.json"
+    argv = ["bench", "--bundle", str(robot_bundle), "--out", str(out),
+            *(a.format(ckpt=robot_checkpoint) for a in extra)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
 
 
 def test_cameras_with_a_driving_checkpoint_is_refused_before_measuring(capsys: pytest.CaptureFixture[str],

@@ -38,6 +38,7 @@ from ..vla.reference_model import SHIPPED_MODEL
 from .estimate import VISION_SHAPES, plan_estimates, vision_ms
 from .measure import Bandwidth, device_name, measure_bandwidth, p50_ms
 from .models import DTYPES, MODELS, forward_bytes, hf_twin, random_model
+from .plan_rows import plan_row
 from .shapes import BenchError
 
 Log = Callable[[str], None]
@@ -64,6 +65,8 @@ class BenchOptions:
     fp8_per_channel: bool = False  # fp8 weight scales: per tensor (modelopt's FP8 default), or per output channel
     image: tuple[int, int] = (504, 896)  # (height, width) of the camera image of the plan estimates
     cameras: int | None = None  # frames in a robot checkpoint's plan prompt (None: 1); refused for driving
+    bundle: Path | None = None  # plans only, of this exported bundle on ONNX Runtime (no models, steps or AR)
+    trusted_keys: tuple[str, ...] = ()  # with bundle: it must be signed by one of these
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in MODELS]
@@ -215,6 +218,7 @@ def _plans_in(report: Report, opts: BenchOptions, dtype: str, device: torch.devi
               tmp: Path) -> None:
     from ..runtime.plan_types import DecoderSettings
     from ..runtime.planner import DEFAULT_MAX_PROMPT_TOKENS, Planner, cache_capacity
+    from ..vla.image_policy import load_image_policy
     from ..vla.loader import load_tokenizer
     from ..vla.scaffold import Scaffold, build_scaffold
     from ..vla.schema_io import load_schema
@@ -222,7 +226,9 @@ def _plans_in(report: Report, opts: BenchOptions, dtype: str, device: torch.devi
 
     tokenizer = load_tokenizer(opts.checkpoint, model.config)
     schema = load_schema(opts.checkpoint)
-    obs, described = bench_observation(opts.checkpoint, schema, model.config, opts.cameras)
+    vision = model.config.vision
+    policy = None if vision is None else load_image_policy(opts.checkpoint, vision)
+    obs, described = bench_observation(opts.checkpoint, schema, policy, opts.cameras)
     report.settings["plan_observation"] = described
     scaffold: Scaffold[Any] = build_scaffold(schema, tokenizer)
     answer = len(scaffold)
@@ -252,15 +258,8 @@ def _plans_in(report: Report, opts: BenchOptions, dtype: str, device: torch.devi
                     planner = Planner(runner, model.config, tokenizer, decoder=settings, schema=schema)
                 plan = planner.plan(obs)  # the warm-up; counts are deterministic
                 ms = p50_ms(_bound(planner.plan, obs), device, opts.plan_repeats, warmup=0)
-            row = {"model": "reference", "dtype": dtype, "backend": backend, "threads": threads, "decoder": decoder,
-                   "schema": described["kind"], "cameras": described["cameras"], "p50_ms": ms,
-                   "forwards": plan.stats.forwards, "prefill_forwards": plan.stats.prefill_forwards,
-                   "tokens": plan.stats.tokens,
-                   "tokens_per_forward": plan.stats.tokens_per_forward, "prompt_tokens": plan.stats.prompt_tokens,
-                   "parsed": plan.error is None}
-            if device.type == "cpu":
-                row["cpu_target_met"] = ms < opts.cpu_target_ms
-            report.plans.append(row)
+            report.plans.append(plan_row("reference", dtype, backend, threads, decoder, described, ms, plan,
+                                         opts.cpu_target_ms if device.type == "cpu" else None))
             log(f"  plan {backend:<11} {dtype:<5} threads={threads} {decoder:<9} {ms:9.1f} ms")
 
 
@@ -276,7 +275,7 @@ def run_bench(opts: BenchOptions, log: Log = print, progress: Callable[[Report],
         raise BenchError(f"--device must be auto, cuda or cpu, got {opts.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda asked for, but this torch build sees no CUDA device")
-    if "reference" in opts.models and opts.decoders:  # refused before any measurement
+    if "reference" in opts.models and opts.decoders and opts.bundle is None:  # refused before any measurement
         from ..vla.schema_io import load_schema
         from .observations import check_plan_observation
 
@@ -292,6 +291,13 @@ def run_bench(opts: BenchOptions, log: Log = print, progress: Callable[[Report],
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()} | {"dtypes": dtypes})
     log(f"blockpilot bench on {report.device['name']}: memory bandwidth {bandwidth.bytes_per_s / 1e9:.1f} GB/s "
         f"({bandwidth.method})")
+    if opts.bundle is not None:
+        from .plan_rows import bundle_plans
+
+        report.plans, report.settings["plan_observation"] = bundle_plans(
+            opts.bundle, threads=opts.threads, decoders=opts.decoders, cameras=opts.cameras,
+            repeats=opts.plan_repeats, cpu_target_ms=opts.cpu_target_ms, trusted_keys=opts.trusted_keys, log=log)
+        return report
     for name in opts.models:
         for dtype in dtypes:
             reason = _skip_reason(opts, name, dtype, device)
