@@ -164,7 +164,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     existing_dir("BUNDLE", args.bundle, holding="manifest.json")
     if args.checkpoint:
-        existing_dir("--checkpoint", args.checkpoint, holding="config.json")
+        existing_dir("--checkpoint", args.checkpoint)  # a checkpoint or a quantize output: verify_bundle tells
     if args.json_out:
         writable_target("--json-out", args.json_out)
     if args.dataroot:
@@ -172,7 +172,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .export.verify import verify_bundle
 
     report = verify_bundle(Path(args.bundle), args.checkpoint, samples=args.samples, tolerance=args.tolerance,
-                           backend=args.backend, trusted_keys=args.trusted_keys, dataroot=args.dataroot)
+                           backend=args.backend, trusted_keys=args.trusted_keys, dataroot=args.dataroot,
+                           restore_quantized=_restore_quantized)
     emit(args, report.to_dict(), report.text())
     return 0 if report.passed else 1
 
@@ -319,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check a bundle: its TensorRT engines against its ONNX graphs (Polygraphy, "
                                            "on a GPU), or its ONNX Runtime backend against the torch backend")
     verify.add_argument("bundle", help="bundle directory")
-    verify.add_argument("--checkpoint", default=None, help="reference checkpoint (default: the bundle's weights)")
+    verify.add_argument("--checkpoint", default=None,
+                        help="reference checkpoint, or the blockpilot quantize output an fp8 bundle was exported from "
+                             "(default: the bundle's weights)")
     verify.add_argument("--samples", type=positive_int, default=8, help="held-out observations to compare")
     verify.add_argument("--dataroot", default=None,
                         help="LeRobot dataset whose frames an action-chunk bundle is verified on (driving bundles "

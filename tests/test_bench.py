@@ -156,3 +156,108 @@ def test_gpu_check_script_names_files_that_exist() -> None:
     gpu_modules = {f"tests/{p.name}" for p in (root / "tests").glob("test_*.py") if marked.search(p.read_text())}
     assert "tests/test_cuda_backend.py" in gpu_modules
     assert gpu_modules <= named, "a module with GPU tests is missing from the script"
+
+
+@pytest.fixture(scope="module")
+def robot_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init reference model answering in the shipped robot model's schema (so101-ee-block)."""
+    from blockpilot.vla.plans import ActionChunkSchema
+    from blockpilot.vla.reference_model import write_reference_checkpoint
+    from blockpilot.vla.schema_io import save_schema
+
+    ckpt = write_reference_checkpoint(tmp_path_factory.mktemp("bench_robot") / "ckpt")
+    save_schema(ckpt, ActionChunkSchema.so101_ee_block())
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def robot_bundle(robot_checkpoint: Path) -> Path:
+    from blockpilot.export.bundle_export import export_bundle
+
+    return export_bundle(robot_checkpoint, robot_checkpoint.parent / "bundle").bundle
+
+
+def _robot_bench(checkpoint: Path, out: Path, *extra: str) -> tuple[int, dict[str, Any], str]:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        rc = main(["bench", "--models", "reference", "--dtypes", "fp32", "--device", "cpu", "--repeats", "1",
+                   "--plan-repeats", "1", "--threads", "1", "--no-transformers", "--decoders", "ar,scaffold",
+                   "--checkpoint", str(checkpoint), "--out", str(out), *extra])
+    return rc, json.loads(out.read_text()), buffer.getvalue()
+
+
+def test_a_robot_checkpoint_plans_its_robot_prompt(robot_checkpoint: Path, tmp_path: Path) -> None:
+    from blockpilot.vla.image_policy import load_image_policy
+    from blockpilot.vla.plans import ActionChunkSchema
+
+    schema = ActionChunkSchema.so101_ee_block()
+    rc, report, text = _robot_bench(robot_checkpoint, tmp_path / "one.json")
+    assert rc == 0 and report["failed"] == []
+    described = report["settings"]["plan_observation"]
+    assert described["kind"] == "action_chunk" and described["cameras"] == 1
+    assert described["state_dims"] == list(schema.state_dims) and described["dims"] == list(schema.dims)
+    assert {(r["backend"], r["decoder"]) for r in report["plans"]} == {
+        (b, d) for b in ("torch", "onnxruntime") for d in ("ar", "scaffold")}
+    for plan in report["plans"]:
+        assert plan["schema"] == "action_chunk" and plan["cameras"] == 1 and plan["parsed"] is not None
+        assert 1 <= plan["prefill_forwards"] < plan["forwards"] and plan["tokens_per_forward"] > 0
+    by = {(r["backend"], r["decoder"]): r for r in report["plans"]}
+    assert by["torch", "scaffold"]["forwards"] == by["onnxruntime", "scaffold"]["forwards"]
+    assert "a robot prompt: 1 camera(s), 9 state dims, answer 8 x dx, dy, dz, gripper (ee_delta)" in text
+    # a second camera (the wrist) adds its image tokens to the prompt
+    rc, two, _ = _robot_bench(robot_checkpoint, tmp_path / "two.json", "--cameras", "2", "--no-onnxruntime")
+    assert rc == 0 and two["settings"]["plan_observation"]["cameras"] == 2
+    one_prompt = by["torch", "scaffold"]["prompt_tokens"]
+    (two_scaffold,) = [r for r in two["plans"] if r["decoder"] == "scaffold"]
+    vision = load_model(robot_checkpoint).config.vision
+    assert vision is not None
+    frame = load_image_policy(robot_checkpoint, vision).tokens(*two["settings"]["plan_observation"]["image_hw"])
+    assert frame > 0 and two_scaffold["prompt_tokens"] - one_prompt >= frame  # its frame, markers and words
+
+
+def test_a_robot_bundle_times_the_plans_of_its_own_graphs(robot_checkpoint: Path, robot_bundle: Path,
+                                                           tmp_path: Path) -> None:
+    bundle = robot_bundle
+    argv = ["bench", "--device", "cpu", "--plan-repeats", "1", "--threads", "1", "--decoders", "ar,scaffold"]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main([*argv, "--bundle", str(bundle), "--out", str(tmp_path / "bundle.json")]) == 0
+    report = json.loads((tmp_path / "bundle.json").read_text())
+    assert report["steps"] == report["ar"] == [] and report["failed"] == []
+    assert [(r["model"], r["backend"], r["dtype"], r["decoder"]) for r in report["plans"]] == [
+        ("bundle", "onnxruntime", "fp32", d) for d in ("ar", "scaffold")]
+    assert report["settings"]["plan_observation"]["kind"] == "action_chunk"
+    assert f"Plans on the bundle {bundle} on ONNX Runtime" in buffer.getvalue()
+    # the bundle's graphs plan what the checkpoint's own ONNX Runtime export plans: the same prompt and forwards
+    _, from_checkpoint, _ = _robot_bench(robot_checkpoint, tmp_path / "checkpoint.json")
+    ort = {r["decoder"]: r for r in from_checkpoint["plans"] if r["backend"] == "onnxruntime"}
+    for row in report["plans"]:
+        assert (row["prompt_tokens"], row["forwards"]) == (ort[row["decoder"]]["prompt_tokens"],
+                                                           ort[row["decoder"]]["forwards"])
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--models", "reference"], "--models"),
+    (["--checkpoint", "{ckpt}"], "--checkpoint"),
+    (["--device", "cuda"], "--device cuda"),
+    (["--decoders", "rollouts"], "--decoders rollouts"),
+])
+def test_bundle_with_model_flags_is_refused_naming_them(extra: list[str], needle: str, robot_checkpoint: Path,
+                                                        robot_bundle: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "b.json"
+    argv = ["bench", "--bundle", str(robot_bundle), "--out", str(out),
+            *(a.format(ckpt=robot_checkpoint) for a in extra)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_cameras_with_a_driving_checkpoint_is_refused_before_measuring(capsys: pytest.CaptureFixture[str],
+                                                                      tmp_path: Path) -> None:
+    out = tmp_path / "b.json"
+    assert main(["bench", "--models", "reference", "--device", "cpu", "--cameras", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--cameras 2" in err and "robot checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

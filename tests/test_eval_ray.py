@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -155,6 +156,84 @@ def test_closed_loop_robot_baselines_on_ray_write_the_single_process_records(clu
     assert len(strip) == 2 and (tmp_path / "ray" / "report.html").is_file()
     assert sorted(p.name for p in (tmp_path / "ray" / "frames").iterdir()) == sorted(
         p.name for p in (tmp_path / "one" / "frames").iterdir())
+
+
+@pytest.fixture(scope="module")
+def lerobot(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A random-init so101-joints checkpoint and a 2-episode LeRobot dataset written by our writer."""
+    from test_robot_eval import _episode
+
+    from blockpilot.sim.robot.lerobot_io import write_lerobot_dataset
+    from blockpilot.vla.plans import SO101_JOINTS
+    from blockpilot.vla.reference_model import write_reference_checkpoint
+
+    root = tmp_path_factory.mktemp("ray_lerobot")
+    return {"ckpt": write_reference_checkpoint(root / "ckpt"),
+            "data": write_lerobot_dataset([_episode(s, n, SO101_JOINTS) for s, n in ((0, 4), (1, 3))], root / "data")}
+
+
+def _lerobot_argv(lerobot: dict[str, Path]) -> tuple[str, ...]:
+    return ("--source", "lerobot", "--dataroot", str(lerobot["data"]), "--checkpoint", str(lerobot["ckpt"]),
+            "--schema", "so101-joints")
+
+
+def _single_lerobot(lerobot: dict[str, Path], tmp_path: Path) -> Path:
+    """The single-process replay's results.jsonl."""
+    assert _eval(*_lerobot_argv(lerobot), "--out", str(tmp_path / "one")) == 0
+    return tmp_path / "one" / "results.jsonl"
+
+
+def test_lerobot_replay_on_ray_writes_the_single_process_records_and_metrics(
+        cluster: None, lerobot: dict[str, Path], tmp_path: Path) -> None:
+    _single_lerobot(lerobot, tmp_path)
+    assert _eval(*_lerobot_argv(lerobot), "--out", str(tmp_path / "ray"), "--ray", "--ray-workers", "2") == 0
+
+    def records(out: Path) -> list[dict[str, Any]]:
+        return [_untimed(json.loads(line)) for line in (out / "results.jsonl").read_text().splitlines()]
+
+    def metrics(out: Path) -> dict[str, Any]:
+        return {k: v for k, v in json.loads((out / "report" / "metrics.json").read_text()).items()
+                if k != "latency_ms"}
+
+    one, on_ray = records(tmp_path / "one"), records(tmp_path / "ray")
+    assert [(r["episode"], r["frame"]) for r in on_ray] == [(0, f) for f in range(4)] + [(1, f) for f in range(3)]
+    assert all(r["status"] == "ok" and len(r["pred"]) == 8 and "stage_ms" in json.loads(line)["stats"]
+               for r, line in zip(on_ray, (tmp_path / "ray" / "results.jsonl").read_text().splitlines(),
+                                  strict=True))
+    assert on_ray == one
+    assert metrics(tmp_path / "ray") == metrics(tmp_path / "one")
+    assert metrics(tmp_path / "ray")["counts"]["total"] == 7
+    assert (tmp_path / "ray" / "report" / "summary.md").is_file()
+
+
+def test_a_killed_worker_loses_no_lerobot_frame(cluster: None, lerobot: dict[str, Path], tmp_path: Path) -> None:
+    from blockpilot.eval.ray_pool import RayPlannerPool, robot_replay_mapper
+    from blockpilot.eval.ray_worker import WorkerSpec
+    from blockpilot.eval.robot_eval import open_robot_source, replay_robot
+    from blockpilot.runtime.plan_types import DecoderSettings
+    from blockpilot.runtime.sources import detect_source
+    from blockpilot.vla.plans import ActionChunkSchema
+
+    schema = ActionChunkSchema.so101_joints()
+    source = open_robot_source(lerobot["data"], chunk=schema.steps)
+    options = {"decoder": DecoderSettings(name="scaffold"), "schema": schema}
+    spec = WorkerSpec(detect_source(lerobot["ckpt"]), options, threads=1)
+    with RayPlannerPool(spec, 2) as pool:
+        victim = pool.pids()[0]
+        planned = robot_replay_mapper(pool)
+
+        def kill_after_the_first(observations: Any) -> Any:  # both workers hold a frame when the first answers
+            for n, answer in enumerate(planned(observations)):
+                if n == 0:
+                    os.kill(victim, signal.SIGKILL)
+                yield answer
+
+        records, _ = replay_robot(SimpleNamespace(schema=schema), source, map_plans=kill_after_the_first)
+        assert pool.deaths == 1 and victim not in pool.pids()
+    one = [_untimed(json.loads(line)) for line in
+           _single_lerobot(lerobot, tmp_path).read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(7))
+    assert [_untimed(r) for r in records] == one and all(r["status"] == "ok" for r in records)
 
 
 def test_ray_not_installed_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, dataroot: Path, tmp_path: Path,

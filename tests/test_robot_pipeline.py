@@ -93,10 +93,18 @@ def test_gate_fails_when_the_chunks_move_past_the_bound() -> None:
     assert any("over the 0.05 bound" in r for r in result.reasons) and any("parse rate" in r for r in result.reasons)
 
 
-def test_quantize_output_plans_in_its_recorded_schema_and_exports_to_an_fp8_bundle(
-        quantized: dict[str, Any], files: dict[str, Path]) -> None:
-    from blockpilot.calibration.robot import LeRobotCalibrationSource
+@pytest.fixture(scope="module")
+def fp8_bundle(quantized: dict[str, Any], files: dict[str, Path]) -> Path:
+    """The fp8 bundle exported from the quantize output (its restored quantizers, no recalibration)."""
     from blockpilot.export.bundle_export import export_bundle
+
+    with torch_threads(1):
+        return export_bundle(quantized["out"], files["root"] / "fp8-bundle").bundle
+
+
+def test_quantize_output_plans_in_its_recorded_schema_and_exports_to_an_fp8_bundle(
+        quantized: dict[str, Any], files: dict[str, Path], fp8_bundle: Path) -> None:
+    from blockpilot.calibration.robot import LeRobotCalibrationSource
     from blockpilot.quant.pipeline import load_planner
     from blockpilot.runtime.plan_types import DecoderSettings
     from blockpilot.runtime.sources import open_planner
@@ -104,8 +112,7 @@ def test_quantize_output_plans_in_its_recorded_schema_and_exports_to_an_fp8_bund
     obs = LeRobotCalibrationSource(files["dataset"], ActionChunkSchema.so101_ee()).sample(3).observation()
     with torch_threads(1):
         assert load_planner(quantized["out"], DecoderSettings(name="scaffold")).schema == ActionChunkSchema.so101_ee()
-        bundle = export_bundle(quantized["out"], files["root"] / "fp8-bundle").bundle
-        ort = open_planner(bundle, backend="onnxruntime", decoder=DecoderSettings(name="scaffold"))
+        ort = open_planner(fp8_bundle, backend="onnxruntime", decoder=DecoderSettings(name="scaffold"))
         plan = ort.plan_robot(obs)
     assert ort.schema == ActionChunkSchema.so101_ee() and plan.stats.image_tokens > 0
     assert plan.ok and plan.actions is not None and plan.actions.shape == (8, 4)
@@ -126,6 +133,31 @@ def test_verify_compares_a_robot_bundle_on_robot_samples(files: dict[str, Path],
     assert "LeRobot dataset" in report["samples_from"] and "actions  L1" in out
     assert main(["verify", str(bundle)]) == 2  # a robot bundle without robot samples: refused, naming the flag
     assert "--dataroot" in capsys.readouterr().err
+
+
+def test_verify_takes_the_quantize_output_an_fp8_bundle_came_from_as_its_reference(
+        quantized: dict[str, Any], files: dict[str, Path], fp8_bundle: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def verify(reference: Path, name: str) -> tuple[int, dict[str, Any], str]:
+        with torch_threads(1):
+            rc = main(["verify", str(fp8_bundle), "--checkpoint", str(reference), "--samples", "4", "--dataroot",
+                       str(files["dataset"]), "--json-out", str(tmp_path / name)])
+        return rc, json.loads((tmp_path / name).read_text()), capsys.readouterr().out
+
+    _, restored, text = verify(quantized["out"], "quantized.json")
+    assert restored["reference_kind"] == "quantized" and restored["reference"] == str(quantized["out"])
+    assert "quantize output's quantizers restored" in text and "actions  L1" in text
+    assert restored["samples"] == 4 and restored["action_l1"] is not None
+    _, fp32, _ = verify(files["ckpt"], "fp32.json")
+    assert fp32["reference_kind"] == "checkpoint" and fp32["samples"] == 4
+    # the fp8 graphs compute what the restored quantizers do: closer to them than to the float32 checkpoint (on
+    # these 4 frames of the random-init model: 3 vs 1 identical answers, action L1 0.21 vs 1.77)
+    assert restored["identical_plans"] > fp32["identical_plans"]
+    assert restored["action_l1"] < fp32["action_l1"]
+    assert restored["max_prefill_prob_diff"] < fp32["max_prefill_prob_diff"]
+    # neither a checkpoint nor a quantize output: refused naming the flag, before the bundle is read
+    assert main(["verify", str(fp8_bundle), "--checkpoint", str(tmp_path)]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, needle", [

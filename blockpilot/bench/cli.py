@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..atomic_io import atomic_write
-from ..cli_common import add_json_option, existing_dir, positive_int, writable_target
+from ..cli_common import UserError, add_json_option, add_trusted_key_option, existing_dir, positive_int, writable_target
 from ..errors import require_extra
 from .shapes import DTYPE_NAMES, MODELS
 
@@ -52,7 +52,7 @@ def _image(value: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", default=",".join(MODELS), type=lambda v: _names(v, MODELS, "--models"),
+    parser.add_argument("--models", default=None, type=lambda v: _names(v, MODELS, "--models"),
                         help="comma-separated: reference (the shipped checkpoint), 1.5b (Fast_dLLM_v2_1.5B shape), "
                              "3b (Fast-dDrive / Qwen2.5-VL-3B LM shape); the last two have random weights")
     parser.add_argument("--dtypes", default=None, type=lambda v: _names(v, DTYPE_NAMES, "--dtypes"),
@@ -71,7 +71,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip transformers generate")
     parser.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false",
                         help="skip the ONNX Runtime plans on a CPU")
-    parser.add_argument("--checkpoint", default=None, help="the reference checkpoint (default: models/reference)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="the reference checkpoint (default: models/reference); a robot model (action-chunk "
+                             "schema, e.g. models/robot-so101) plans its robot prompt")
+    parser.add_argument("--cameras", type=positive_int, default=None,
+                        help="camera frames in a robot checkpoint's plan prompt (default 1; 2: third-person and wrist)")
+    parser.add_argument("--bundle", default=None,
+                        help="an exported bundle (driving or robot): time its plans on ONNX Runtime, per --threads "
+                             "and --decoders, instead of the models' steps and plans")
+    add_trusted_key_option(parser)  # with --bundle
     parser.add_argument("--fp8-per-channel", action="store_true",
                         help="fp8 weights with per-output-channel scales (row-wise scaled_mm) instead of per tensor")
     parser.add_argument("--image", default="504x896", type=_image,
@@ -92,11 +100,14 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
     threads = tuple(int(t) for t in str(args.threads).split(",") if t.strip())
     decoders = tuple(d.strip() for d in str(args.decoders).split(",") if d.strip())
     extra: dict[str, Any] = {"checkpoint": Path(args.checkpoint)} if args.checkpoint else {}
-    return BenchOptions(models=args.models, dtypes=args.dtypes, device=args.device, allow_slow=args.allow_slow,
+    if args.bundle:
+        extra.update(bundle=Path(args.bundle), trusted_keys=tuple(str(k) for k in args.trusted_keys))
+    return BenchOptions(models=() if args.bundle else (args.models or MODELS), dtypes=args.dtypes,
+                        device="cpu" if args.bundle else args.device, allow_slow=args.allow_slow,
                         repeats=args.repeats, plan_repeats=args.plan_repeats, threads=threads or (1,),
                         kv_tokens=args.kv_tokens, block_tokens=args.block_tokens, decoders=decoders, hf=args.hf,
                         onnxruntime=args.onnxruntime, image=args.image,
-                        fp8_per_channel=args.fp8_per_channel, **extra)
+                        fp8_per_channel=args.fp8_per_channel, cameras=args.cameras, **extra)
 
 
 def _cell(value: Any, fmt: str = ".2f") -> str:
@@ -113,6 +124,14 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     body = ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
     return "\n".join([line, rule, *body])
+
+
+def _observation_line(described: dict[str, Any] | None) -> str:
+    """What the plans were made on (:func:`~.observations.bench_observation`'s description)."""
+    if not described or described["kind"] == "driving":
+        return "a driving keyframe, 1 camera"
+    return (f"a robot prompt: {described['cameras']} camera(s), {len(described['state_dims'])} state dims, answer "
+            f"{described['steps']} x {', '.join(described['dims'])} ({described['action']})")
 
 
 def format_report(report: Report) -> str:
@@ -138,8 +157,9 @@ def format_report(report: Report) -> str:
         out += [_table(["model", "dtype", "implementation", "threads", "ms/token", "x transformers"], rows), ""]
     if report.plans:
         target = s["cpu_target_ms"]
-        out.append(f"Plans on the reference model through the Planner (p50 of {s['plan_repeats']}, prompt "
-                   f"{report.plans[0]['prompt_tokens']} tokens)" +
+        planned = f"the bundle {s['bundle']} on ONNX Runtime" if s.get("bundle") else "the reference model"
+        out.append(f"Plans on {planned} through the Planner (p50 of {s['plan_repeats']}, prompt "
+                   f"{report.plans[0]['prompt_tokens']} tokens, {_observation_line(s.get('plan_observation'))})" +
                    (f"; the CPU target is p50 < {target:.0f} ms (the scaffold decoder is the default)"
                     if d["type"] == "cpu" else ""))
         rows = [[r["dtype"], r["backend"], _cell(r["threads"]), r["decoder"], _cell(r["p50_ms"], ".1f"),
@@ -172,6 +192,21 @@ def write_report(report: Report, path: str | Path) -> Path:
     return out
 
 
+def check_bundle_arguments(args: argparse.Namespace) -> None:
+    """``--bundle`` times plans only, on ONNX Runtime on the CPU: the model flags are refused, naming them."""
+    existing_dir("--bundle", args.bundle, holding="manifest.json")
+    given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--models", args.models),
+                                      ("--dtypes", args.dtypes), ("--allow-slow", args.allow_slow)) if value]
+    if given:
+        raise UserError(f"{', '.join(given)}: a bundle's plans are timed as it was exported; --bundle goes without "
+                        "the model flags (bench --checkpoint times a checkpoint's steps and plans)")
+    if args.device not in ("auto", "cpu"):
+        raise UserError(f"--device {args.device}: --bundle plans on ONNX Runtime on the CPU; time a bundle's "
+                        "TensorRT engines with blockpilot jetson bench or eval --bundle --backend tensorrt")
+    if not args.decoders.strip():
+        raise UserError("--decoders: --bundle times plans, give at least one decoder")
+
+
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "bench_command", None) == "scale":
         from .scale_cli import run as run_scale_command
@@ -179,6 +214,10 @@ def run(args: argparse.Namespace) -> int:
         return run_scale_command(args)
     if args.checkpoint:
         existing_dir("--checkpoint", args.checkpoint, holding="config.json")
+    if args.bundle:
+        check_bundle_arguments(args)
+    elif args.trusted_keys:
+        raise UserError("--trusted-key applies to --bundle")
     writable_target("--out", args.out)
     require_extra("torch", "torch", "bench")
     opts = options_from(args)

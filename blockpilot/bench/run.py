@@ -6,8 +6,10 @@ Per model and dtype: the p50 ms of one block step (``block_tokens`` tokens, a bi
 the forward must read (weights, and the KV slots it attends to) over the memory bandwidth measured at the start
 of the same run; the ratio is measured / roofline (1.0 = at the roofline). ``transformers`` ``generate`` (greedy,
 batch 1, the same prompt length) runs on a ``Qwen2ForCausalLM`` of the same shape; its ms per token is the time of
-``1 + new_tokens`` tokens minus that of 1, over ``new_tokens``. Then the reference model plans through the
-Planner with each decoder and backend (p50 ms per plan, forwards, tokens per forward).
+``1 + new_tokens`` tokens minus that of 1, over ``new_tokens``. Then the reference model (``checkpoint``) plans
+through the Planner with each decoder and backend (p50 ms per plan, forwards, tokens per forward), on the
+observation its answer schema calls for (:mod:`.observations`: a driving keyframe, or a robot model's prompt of
+camera frames, state and instruction).
 
 On a GPU the backends are ``torch`` (eager, on CUDA) and ``cuda`` (static cache, CUDA graphs, Triton); on a CPU
 ``torch`` and, for plans, ``onnxruntime``, each at every ``threads`` count. The 1.5B / 3B shapes are skipped on a
@@ -36,6 +38,7 @@ from ..vla.reference_model import SHIPPED_MODEL
 from .estimate import VISION_SHAPES, plan_estimates, vision_ms
 from .measure import Bandwidth, device_name, measure_bandwidth, p50_ms
 from .models import DTYPES, MODELS, forward_bytes, hf_twin, random_model
+from .plan_rows import plan_row
 from .shapes import BenchError
 
 Log = Callable[[str], None]
@@ -61,6 +64,9 @@ class BenchOptions:
     cpu_target_ms: float = 200.0
     fp8_per_channel: bool = False  # fp8 weight scales: per tensor (modelopt's FP8 default), or per output channel
     image: tuple[int, int] = (504, 896)  # (height, width) of the camera image of the plan estimates
+    cameras: int | None = None  # frames in a robot checkpoint's plan prompt (None: 1); refused for driving
+    bundle: Path | None = None  # plans only, of this exported bundle on ONNX Runtime (no models, steps or AR)
+    trusted_keys: tuple[str, ...] = ()  # with bundle: it must be signed by one of these
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in MODELS]
@@ -210,19 +216,22 @@ def _plans(report: Report, opts: BenchOptions, dtype: str, device: torch.device,
 
 def _plans_in(report: Report, opts: BenchOptions, dtype: str, device: torch.device, model: VLAModel, log: Log,
               tmp: Path) -> None:
-    from ..eval.synthetic import heldout_keyframes, observation
     from ..runtime.plan_types import DecoderSettings
     from ..runtime.planner import DEFAULT_MAX_PROMPT_TOKENS, Planner, cache_capacity
+    from ..vla.image_policy import load_image_policy
     from ..vla.loader import load_tokenizer
-    from ..vla.plans import DrivingSchema
-    from ..vla.scaffold import build_scaffold
+    from ..vla.scaffold import Scaffold, build_scaffold
     from ..vla.schema_io import load_schema
+    from .observations import bench_observation
 
     tokenizer = load_tokenizer(opts.checkpoint, model.config)
     schema = load_schema(opts.checkpoint)
-    assert isinstance(schema, DrivingSchema)
-    obs = observation(heldout_keyframes(1, stride=8)[1])
-    answer = len(build_scaffold(schema, tokenizer))
+    vision = model.config.vision
+    policy = None if vision is None else load_image_policy(opts.checkpoint, vision)
+    obs, described = bench_observation(opts.checkpoint, schema, policy, opts.cameras)
+    report.settings["plan_observation"] = described
+    scaffold: Scaffold[Any] = build_scaffold(schema, tokenizer)
+    answer = len(scaffold)
     resolved = DecoderSettings().filled(model.config.diffusion, answer)  # every decoder's budget: the scaffold's
     assert resolved.max_new_tokens is not None and resolved.block_size is not None
     capacity = cache_capacity(DEFAULT_MAX_PROMPT_TOKENS, resolved.max_new_tokens, resolved.block_size)
@@ -249,14 +258,8 @@ def _plans_in(report: Report, opts: BenchOptions, dtype: str, device: torch.devi
                     planner = Planner(runner, model.config, tokenizer, decoder=settings, schema=schema)
                 plan = planner.plan(obs)  # the warm-up; counts are deterministic
                 ms = p50_ms(_bound(planner.plan, obs), device, opts.plan_repeats, warmup=0)
-            row = {"model": "reference", "dtype": dtype, "backend": backend, "threads": threads, "decoder": decoder,
-                   "p50_ms": ms, "forwards": plan.stats.forwards,
-                   "prefill_forwards": plan.stats.prefill_forwards, "tokens": plan.stats.tokens,
-                   "tokens_per_forward": plan.stats.tokens_per_forward, "prompt_tokens": plan.stats.prompt_tokens,
-                   "parsed": plan.error is None}
-            if device.type == "cpu":
-                row["cpu_target_met"] = ms < opts.cpu_target_ms
-            report.plans.append(row)
+            report.plans.append(plan_row("reference", dtype, backend, threads, decoder, described, ms, plan,
+                                         opts.cpu_target_ms if device.type == "cpu" else None))
             log(f"  plan {backend:<11} {dtype:<5} threads={threads} {decoder:<9} {ms:9.1f} ms")
 
 
@@ -272,6 +275,11 @@ def run_bench(opts: BenchOptions, log: Log = print, progress: Callable[[Report],
         raise BenchError(f"--device must be auto, cuda or cpu, got {opts.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda asked for, but this torch build sees no CUDA device")
+    if "reference" in opts.models and opts.decoders and opts.bundle is None:  # refused before any measurement
+        from ..vla.schema_io import load_schema
+        from .observations import check_plan_observation
+
+        check_plan_observation(opts.checkpoint, load_schema(opts.checkpoint), opts.cameras)
     on_cuda = device.type == "cuda"
     dtypes = opts.dtypes or (("bf16", "fp8") if on_cuda else ("fp32", "bf16"))
     with _threads(device, max(opts.threads)):
@@ -283,6 +291,13 @@ def run_bench(opts: BenchOptions, log: Log = print, progress: Callable[[Report],
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()} | {"dtypes": dtypes})
     log(f"blockpilot bench on {report.device['name']}: memory bandwidth {bandwidth.bytes_per_s / 1e9:.1f} GB/s "
         f"({bandwidth.method})")
+    if opts.bundle is not None:
+        from .plan_rows import bundle_plans
+
+        report.plans, report.settings["plan_observation"] = bundle_plans(
+            opts.bundle, threads=opts.threads, decoders=opts.decoders, cameras=opts.cameras,
+            repeats=opts.plan_repeats, cpu_target_ms=opts.cpu_target_ms, trusted_keys=opts.trusted_keys, log=log)
+        return report
     for name in opts.models:
         for dtype in dtypes:
             reason = _skip_reason(opts, name, dtype, device)

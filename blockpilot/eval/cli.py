@@ -156,9 +156,6 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
 
     robot = args.source in ROBOT_SOURCES
     if robot:
-        if args.ray:
-            raise EvalUsageError(f"--ray shards --source {', '.join(SOURCES)} and --closed-loop; --source "
-                                 f"{args.source} plans in one process")
         from .robot_eval import open_robot_source
 
         cameras = None if not args.cameras or args.cameras == "all" else [c.strip() for c in args.cameras.split(",")]
@@ -192,16 +189,23 @@ def run(args: argparse.Namespace, *, restore_quantized: RestoreQuantized | None 
         from .ray_cli import RaySession
 
         with RaySession(args, found, options) as session:
+            if robot:
+                return _replay_robot(args, session.planner, source, map_plans=session.robot_replay_mapper())
             return _replay(args, session.planner, source, found, map_samples=session.replay_mapper())
     planner = open_planner(found, **options)
     if robot:
-        from .robot_eval import run_robot
-
-        code = run_robot(planner, source, Path(args.out), limit=args.limit, quiet=args.json)
-        if args.json:
-            print((Path(args.out) / "report" / "metrics.json").read_text(), end="")
-        return code
+        return _replay_robot(args, planner, source)
     return _replay(args, planner, source, found)
+
+
+def _replay_robot(args: argparse.Namespace, planner: Any, source: Source, map_plans: Any = None) -> int:
+    """The LeRobot replay of ``source`` into ``--out`` (``map_plans``: planned on Ray workers) and its exit code."""
+    from .robot_eval import run_robot
+
+    code = run_robot(planner, source, Path(args.out), limit=args.limit, quiet=args.json, map_plans=map_plans)
+    if args.json:
+        print((Path(args.out) / "report" / "metrics.json").read_text(), end="")
+    return code
 
 
 def _replay(args: argparse.Namespace, planner: Any, source: Source, found: Any, map_samples: Any = None) -> int:

@@ -21,6 +21,7 @@ from .ray_pool import (
     episode_mapper,
     replay_mapper,
     require_ray,
+    robot_replay_mapper,
 )
 from .ray_worker import WorkerSpec
 
@@ -68,6 +69,9 @@ class RaySession:
 
     def replay_mapper(self) -> Any:
         return replay_mapper(self.pool)
+
+    def robot_replay_mapper(self) -> Any:
+        return robot_replay_mapper(self.pool)
 
     def drive_mapper(self, config: Any) -> Any:
         from .drive_closed_loop import failed_record

@@ -163,6 +163,16 @@ def replay_mapper(pool: RayPlannerPool) -> Callable[[Iterable[Any]], Iterator[di
     return lambda items: pool.map("replay", ((item,) for item in items), lost)
 
 
+def robot_replay_mapper(pool: RayPlannerPool) -> Callable[[Iterable[Any]], Iterator[dict[str, Any]]]:
+    """``map_plans`` for :func:`~.robot_eval.replay_robot`: each LeRobot sample's observation planned on a worker."""
+
+    def lost(job: tuple[Any, ...], exc: BaseException) -> dict[str, Any]:
+        return {"status": "failed",
+                "error": f"WorkerDied: {MAX_TRIES} Ray workers died planning this sample ({type(exc).__name__})"}
+
+    return lambda observations: pool.map("robot_replay", ((o,) for o in observations), lost)
+
+
 def episode_mapper(pool: RayPlannerPool, method: str, args: Sequence[Any],
                    lost: Callable[[tuple[Any, ...], BaseException], Any]) -> Callable[[Iterable[tuple[Any, Any]]],
                                                                                      Iterator[Any]]:

@@ -54,6 +54,12 @@ class PlannerWorker:
 
         return evaluate_sample(self.planner, item)
 
+    def robot_replay(self, observation: Any) -> dict[str, Any]:
+        """What planning one LeRobot replay sample adds to its record (:func:`~.robot_eval.plan_answer`)."""
+        from .robot_eval import plan_answer
+
+        return plan_answer(self.planner, observation)
+
     def drive(self, name: str, seed: int, config: Any) -> tuple[dict[str, Any], Any]:
         """One closed-loop driving episode of policy ``name`` (``model`` or a baseline): (record, log)."""
         from .drive_closed_loop import BASELINES, PolicyFactory, drive_one

@@ -17,7 +17,8 @@ gripper rule are in :mod:`blockpilot.eval.robot_metrics`.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +122,33 @@ def _failure(record: dict[str, Any], exc: Exception) -> dict[str, Any]:
     return record
 
 
-def replay_robot(planner: Any, source: Any, *, limit: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def plan_answer(planner: Any, observation: Any) -> dict[str, Any]:
+    """What planning ``observation`` adds to its sample's record: the stage times and the predicted chunk, a parse
+    error, or the failure (refused observation, prompt too long, full cache). Runs where the planner is: in this
+    process, or on a Ray worker (:meth:`~.ray_worker.PlannerWorker.robot_replay`)."""
+    from ..runtime.backend import BackendError
+
+    try:
+        plan = planner.plan_robot(observation)
+    except BackendError as exc:
+        return _failure({}, exc)
+    answer: dict[str, Any] = {"stats": {"stage_ms": {k: round(float(v), 3) for k, v in plan.stats.stage_ms.items()}}}
+    if plan.plan is None:
+        answer.update(status="parse_error", error=str(plan.error))
+    else:
+        answer["pred"] = np.asarray(plan.plan.actions, dtype=np.float64).tolist()
+    return answer
+
+
+PlanMapper = Callable[[Iterable[Any]], Iterator[dict[str, Any]]]
+
+
+def replay_robot(planner: Any, source: Any, *, limit: int | None = None,
+                 map_plans: PlanMapper | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Plan every sample of ``source`` (a :class:`~blockpilot.sim.robot.lerobot_io.LeRobotReplaySource`) with
-    ``planner``; returns the per-sample records and the mapping facts (dims, gripper threshold)."""
+    ``planner`` (its ``schema`` at least); returns the per-sample records, in the dataset's order, and the mapping
+    facts (dims, gripper threshold). ``map_plans`` plans the observations elsewhere (on Ray workers, yielding
+    :func:`plan_answer`'s answers in the order given); the samples are read, and the records made, here."""
     from ..runtime.backend import BackendError
     from ..runtime.plan_types import RobotObservation
     from ..sim.robot.types import RobotDataError
@@ -135,38 +160,45 @@ def replay_robot(planner: Any, source: Any, *, limit: int | None = None) -> tupl
     action_map = map_dims(source.info, ACTION_KEY, schema.dims, where=where)
     assert action_map is not None  # an action-chunk schema has dims
     threshold = gripper_threshold(source.root, source.info, action_map, schema.dims)
-    records: list[dict[str, Any]] = []
     previous: dict[int, list[float]] = {}  # episode -> its last action seen (frames come in order)
     total = len(source) if limit is None else min(limit, len(source))
-    for index in range(total):
-        record: dict[str, Any] = {"index": index, "status": "ok", "error": None}
-        try:
-            sample = source[index]
-        except (RobotDataError, OSError, ValueError, KeyError) as exc:
-            records.append(_failure(record, exc))
-            continue
-        episode, frame = sample.episode_index, sample.frame_index
-        target = sample.actions[:, action_map].astype(np.float64)
-        record.update(episode=episode, frame=frame, target=target.tolist(), pad=sample.action_pad.tolist(),
-                      baseline=None, pred=None)
-        last = previous.get(episode) if frame > 0 else None
-        if last is not None:
-            record["baseline"] = [last] * len(target)
-        previous[episode] = target[0].tolist()
-        try:
-            state = sample_state(sample, state_dims, joint_names, state_map)
-            observation = RobotObservation(images=[sample.images[c] for c in source.cameras],
-                                           instruction=sample.instruction, state=state)
-            plan = planner.plan_robot(observation)
-        except (BackendError, StateSourceError) as exc:  # refused observation, prompt too long, full cache: go on
-            records.append(_failure(record, exc))
-            continue
-        record["stats"] = {"stage_ms": {k: round(float(v), 3) for k, v in plan.stats.stage_ms.items()}}
-        if plan.plan is None:
-            record.update(status="parse_error", error=str(plan.error))
-        else:
-            record["pred"] = np.asarray(plan.plan.actions, dtype=np.float64).tolist()
+    queue: deque[tuple[dict[str, Any], bool]] = deque()  # records in order; True: waiting for its plan
+
+    def observations() -> Iterator[Any]:
+        for index in range(total):
+            record: dict[str, Any] = {"index": index, "status": "ok", "error": None}
+            try:
+                sample = source[index]
+            except (RobotDataError, OSError, ValueError, KeyError) as exc:
+                queue.append((_failure(record, exc), False))
+                continue
+            episode, frame = sample.episode_index, sample.frame_index
+            target = sample.actions[:, action_map].astype(np.float64)
+            record.update(episode=episode, frame=frame, target=target.tolist(), pad=sample.action_pad.tolist(),
+                          baseline=None, pred=None)
+            last = previous.get(episode) if frame > 0 else None
+            if last is not None:
+                record["baseline"] = [last] * len(target)
+            previous[episode] = target[0].tolist()
+            try:
+                state = sample_state(sample, state_dims, joint_names, state_map)
+                observation = RobotObservation(images=[sample.images[c] for c in source.cameras],
+                                               instruction=sample.instruction, state=state)
+            except (BackendError, StateSourceError) as exc:  # a refused observation: recorded, and the replay goes on
+                queue.append((_failure(record, exc), False))
+                continue
+            queue.append((record, True))
+            yield observation
+
+    records: list[dict[str, Any]] = []
+    answers = map_plans(observations()) if map_plans else (plan_answer(planner, o) for o in observations())
+    for answer in answers:
+        while not queue[0][1]:
+            records.append(queue.popleft()[0])
+        record = queue.popleft()[0]
+        record.update(answer)
         records.append(record)
+    records.extend(record for record, _ in queue)
     facts = {"dims": list(schema.dims), "steps": int(schema.steps), "action": schema.action,
              "state_columns": None if state_map is None else state_map.tolist(),
              "action_columns": action_map.tolist(), "gripper_threshold": threshold}
@@ -205,8 +237,10 @@ def open_robot_source(dataroot: str | Path, chunk: int = 8, episodes: Sequence[i
     return LeRobotReplaySource(dataroot, chunk=chunk, episodes=episodes, cameras=cameras)
 
 
-def run_robot(planner: Any, source: Any, out: Path, *, limit: int | None = None, quiet: bool = False) -> int:
-    """Replay, score and write the run; 1 when no sample could be planned, else 0."""
+def run_robot(planner: Any, source: Any, out: Path, *, limit: int | None = None, quiet: bool = False,
+              map_plans: PlanMapper | None = None) -> int:
+    """Replay, score and write the run (``map_plans``: planned on Ray workers); 1 when no sample could be planned,
+    else 0."""
     import sys
 
     from .robot_metrics import headline, robot_metrics
@@ -214,7 +248,7 @@ def run_robot(planner: Any, source: Any, out: Path, *, limit: int | None = None,
     check_robot_schema(planner.schema, "--schema")
     if source.chunk != planner.schema.steps:
         source = open_robot_source(source.root, chunk=planner.schema.steps, cameras=source.cameras)
-    records, facts = replay_robot(planner, source, limit=limit)
+    records, facts = replay_robot(planner, source, limit=limit, map_plans=map_plans)
     metrics = robot_metrics(records, facts)
     report = write_robot_run(out, records, metrics)
     counts = metrics["counts"]

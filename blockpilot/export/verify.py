@@ -1,5 +1,6 @@
 """``blockpilot verify BUNDLE``: the bundle's ONNX Runtime backend against the torch backend on the
-same checkpoint, over observations chosen by the bundle's schema: held-out generated driving scenes for a
+same checkpoint (or on a ``blockpilot quantize`` output, its quantizers restored: the reference an fp8 bundle was
+exported from), over observations chosen by the bundle's schema: held-out generated driving scenes for a
 driving bundle, frames of a LeRobot dataset (``--dataroot``) for an action-chunk bundle. Reported, not
 hidden: per-plan answer equality, the prefill's top-1 agreement and the largest probability difference,
 and for an action-chunk bundle the action L1 and largest absolute difference between the two backends'
@@ -20,6 +21,7 @@ from ..runtime.backend import BUNDLE_BACKENDS
 from ..vla.plans import ActionChunkSchema
 
 if TYPE_CHECKING:
+    from ..runtime.sources import RestoreQuantized
     from .verify_trt import EngineVerifyReport
 
 DEFAULT_PROB_TOLERANCE = 1e-4
@@ -39,6 +41,7 @@ class VerifyReport:
     samples_from: str = "generated driving scenes"
     action_l1: float | None = None  # action-chunk bundles: mean |onnxruntime - torch| over the chunks' values
     action_max_abs_diff: float | None = None
+    reference_kind: str = "checkpoint"  # or "quantized": a quantize output, planned with its quantizers restored
 
     @property
     def passed(self) -> bool:
@@ -48,13 +51,17 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "backend": "onnxruntime", "reference_backend": "torch", "passed": self.passed}
 
+    @property
+    def reference_words(self) -> str:
+        return "torch" if self.reference_kind == "checkpoint" else "torch, quantize output's quantizers restored"
+
     def text(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
         note = f"tensorrt not compared: {self.note}\n" if self.note else ""
         actions = "" if self.action_l1 is None or self.action_max_abs_diff is None else (
             f"actions  L1 {self.action_l1:.2e}, max |diff| {self.action_max_abs_diff:.2e} between the backends' "
             "chunks\n")
-        return (f"verify   {self.bundle} (onnxruntime) against {self.reference} (torch)\n"
+        return (f"verify   {self.bundle} (onnxruntime) against {self.reference} ({self.reference_words})\n"
                 f"plans    {self.identical_plans}/{self.samples} identical answers (scaffold decoder)\n"
                 f"prefill  top-1 agreement {self.prefill_top1_agreement:.2%}, max |prob diff| "
                 f"{self.max_prefill_prob_diff:.2e} (tolerance {self.tolerance:.0e})\n{actions}"
@@ -67,22 +74,29 @@ ORT_GRAPH_FACTOR = 1.1  # ONNX Runtime's peak over the graph files' bytes (1.5B:
 def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, samples: int = 8,
                   tolerance: float = DEFAULT_PROB_TOLERANCE, backend: str = "auto",
                   trusted_keys: Sequence[str | Path] = (),
-                  dataroot: str | Path | None = None) -> VerifyReport | EngineVerifyReport:
+                  dataroot: str | Path | None = None,
+                  restore_quantized: RestoreQuantized | None = None) -> VerifyReport | EngineVerifyReport:
     """``backend="onnxruntime"``: compare the bundle on ONNX Runtime with the torch planner of ``checkpoint``
-    (default: the bundle's own ``model/`` when it was exported ``--with-weights``). ``"tensorrt"``: compare the
-    bundle's engines for this GPU with their ONNX graphs (:func:`blockpilot.export.verify_trt.verify_engines`;
-    raises :class:`~blockpilot.export.verify_trt.EngineVerifyError` where that cannot run). ``"auto"``: the
-    engines where they can run here, else ONNX Runtime against torch (the report says why). ``trusted_keys`` (public
-    key files): the bundle must be signed by one of them (:func:`blockpilot.runtime.bundle_planner.open_bundle`).
+    (default: the bundle's own ``model/`` when it was exported ``--with-weights``), which may be a quantize output:
+    its recorded checkpoint in float32 with its quantizers restored by ``restore_quantized`` (default
+    :func:`blockpilot.quant.apply.load_quantized`), the reference of the fp8 bundle exported from it.
+    ``"tensorrt"``: compare the bundle's engines for this GPU with their ONNX graphs
+    (:func:`blockpilot.export.verify_trt.verify_engines`; raises
+    :class:`~blockpilot.export.verify_trt.EngineVerifyError` where that cannot run). ``"auto"``: the engines where
+    they can run here, else ONNX Runtime against torch (the report says why). ``trusted_keys`` (public key files):
+    the bundle must be signed by one of them (:func:`blockpilot.runtime.bundle_planner.open_bundle`).
     ``dataroot``: the LeRobot dataset an action-chunk bundle is verified on (:func:`verify_observations`)."""
     from ..formats.bundle import BundleError
     from ..runtime.bundle_planner import open_bundle
     from ..runtime.plan_types import DecoderSettings, for_model
-    from ..runtime.sources import open_planner
+    from ..runtime.sources import PlannerSource, detect_source, open_planner
     from .verify_trt import EngineVerifyError, tensorrt_unavailable, verify_engines
 
     if backend not in VERIFY_BACKENDS:
         raise BundleError(f"verify backend {backend!r}: choose one of {', '.join(VERIFY_BACKENDS)}")
+    # before the bundle's hashes: a --checkpoint that is neither a checkpoint nor a quantize output is refused first
+    given = None if checkpoint is None else detect_source(checkpoint, kinds=("checkpoint", "quantized"),
+                                                          flag="--checkpoint")
     loaded = open_bundle(bundle, trusted_keys=trusted_keys)
     note = ""
     if backend != "onnxruntime":
@@ -93,24 +107,28 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, s
             raise EngineVerifyError(f"verify --backend tensorrt: {why}")
         note = why if loaded.engines() else ""
     reference = Path(checkpoint) if checkpoint is not None else loaded.path / "model"
-    if not any(reference.glob("*.safetensors")):
-        raise BundleError(f"{reference}: no weights to compare against; pass --checkpoint or export --with-weights")
+    found = given or PlannerSource("checkpoint", reference, reference)
+    weights = found.checkpoint or reference
+    if not any(weights.glob("*.safetensors")):
+        raise BundleError(f"{weights}: no weights to compare against; pass --checkpoint or export --with-weights")
+    if found.kind == "quantized" and restore_quantized is None:
+        from ..quant.apply import load_quantized as restore_quantized
     require_extra("torch", "torch", "verify on ONNX Runtime (against the torch planner)")
     from ..vla.memory_budget import check_fits
 
     # Both planners are held at once: refuse before either loads when the pair cannot fit.
     graphs = sum(f.stat().st_size for a in loaded.graphs("decomposed") for f in (loaded.path / a.path).parent.iterdir()
                  if f.name.startswith(Path(a.path).name))
-    check_fits(reference, ("load",), "float32", what="verify (ONNX Runtime against torch float32)",
+    check_fits(weights, ("load",), "float32", what="verify (ONNX Runtime against torch float32)",
                also=(int(graphs * ORT_GRAPH_FACTOR), "the bundle's ONNX Runtime session"))
     settings = DecoderSettings(name="scaffold")
     ort = open_planner(loaded.path, backend="onnxruntime", decoder=settings, kinds=("bundle",), flag="bundle",
                        trusted_keys=trusted_keys)
     observations, described = verify_observations(ort.schema, samples, dataroot)
     # The bundle's schema (it may have been exported with --schema), not the checkpoint's own.
-    torch_planner = open_planner(reference, backend="torch", decoder=settings, schema=ort.schema,
-                                 kinds=("checkpoint",), flag="--checkpoint",
-                                 cameras=max([1, *(len(o.images) for o in observations)]))
+    torch_planner = open_planner(found, backend="torch", decoder=settings, schema=ort.schema, flag="--checkpoint",
+                                 cameras=max([1, *(len(o.images) for o in observations)]),
+                                 restore_quantized=restore_quantized)
     identical, agree, worst, diffs = 0, [], 0.0, []
     for observation in observations:
         obs = for_model(_bundle_sized(observation, ort.image_policy), torch_planner.config)  # text-only: no camera
@@ -127,7 +145,7 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, *, s
     return VerifyReport(str(loaded.path), str(reference), len(observations), identical, float(np.mean(agree)), worst,
                         tolerance, note, described,
                         float(every.mean()) if robot and every.size else None,
-                        float(every.max()) if robot and every.size else None)
+                        float(every.max()) if robot and every.size else None, found.kind)
 
 
 def verify_observations(schema: Any, samples: int, dataroot: str | Path | None) -> tuple[list[Any], str]:
