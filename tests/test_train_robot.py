@@ -150,7 +150,7 @@ def test_train_robot_writes_a_loadable_checkpoint_and_card(tmp_path: Path, monke
         "replay": {"model_l1": 0.29, "baseline_l1": 0.37, "l1_reduction": 0.222},
         "closed_loop": {"execute": 8, "policies": {"model": {"succeeded": 0, "episodes": 32, "success_rate": 0.0}}}}}))
     assert main(["train-robot", "--out", str(out), "--record", f"image_only={other / 'train_log.json'}"]) == 0
-    assert ("ablation `image_only` (schema `so101-ee`, same recipe, measured the same way): replay action L1 0.29 vs "
+    assert ("ablation `image_only` (schema `so101-ee`, measured the same way): replay action L1 0.29 vs "
             "repeat-last-action 0.37 (reduction 22.2 %); closed-loop success 0/32 (0.0 %, 8 rows per plan)"
             in (out / "DATA_CARD.md").read_text())
 

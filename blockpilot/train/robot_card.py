@@ -116,7 +116,7 @@ def _ablation_line(name: str, results: dict[str, Any]) -> str:
     replay, loop = results.get("replay") or {}, results.get("closed_loop") or {}
     model = (loop.get("policies") or {}).get("model") or {}
     success = f"{model['succeeded']}/{model['episodes']}" if model else "n/a"
-    return (f"- ablation `{name}` (schema `{results['ablation_of']}`, same recipe, measured the same way): replay "
+    return (f"- ablation `{name}` (schema `{results['ablation_of']}`, measured the same way): replay "
             f"action L1 {replay.get('model_l1')} vs repeat-last-action {replay.get('baseline_l1')} (reduction "
             f"{_pct(replay.get('l1_reduction'))}); closed-loop success {success} "
             f"({_pct(model.get('success_rate'))}, {loop.get('execute')} rows per plan)")

@@ -129,7 +129,8 @@ def train_robot(
                                  rollouts=rollouts, log=log)
     provenance_dagger: dict[str, Any] = {}
     if dagger is not None:
-        visited = build_robot_examples(dagger.seeds, tokenizer, scaffold, vision, rollout, cache_dir=cache_dir,
+        visited = build_robot_examples(dagger.seeds, tokenizer, scaffold, vision, rollout, train=False,  # no DART
+                                       cache_dir=cache_dir,
                                        rollouts=policy_rollouts(dagger.policy, dagger.max_steps),
                                        source=dagger.source, log=log)
         provenance_dagger = {"dagger": {**dagger.describe(), "stats": visited.stats}}
