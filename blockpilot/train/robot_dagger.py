@@ -20,6 +20,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +61,20 @@ class DaggerData:
     execute: int
     max_steps: int = DAGGER_MAX_STEPS
 
+    @cached_property
+    def digest(self) -> str:
+        """The policy's weights' sha256, read once (the cache key and the train log both name it)."""
+        return weights_digest(self.checkpoint)
+
     @property
     def source(self) -> str:
         """What made the rollouts, for the example cache's key: the policy's weights and how it ran."""
-        return f"dagger:{weights_digest(self.checkpoint)}:execute={self.execute}:max_steps={self.max_steps}"
+        return f"dagger:{self.digest}:execute={self.execute}:max_steps={self.max_steps}"
 
     def describe(self) -> dict[str, Any]:
         from .card import seed_spec
 
-        return {"policy": display_path(self.checkpoint), "policy_sha256": weights_digest(self.checkpoint),
+        return {"policy": display_path(self.checkpoint), "policy_sha256": self.digest,
                 "seeds": seed_spec(list(self.seeds)), "execute": self.execute, "max_steps": self.max_steps}
 
 
